@@ -1,0 +1,39 @@
+"""fastbert: fused Triton and CUDA C++ kernels for BERT encoders, and a BERT that uses them.
+
+    import fastbert
+    out = fastbert.attention(q, k, v, key_padding_mask)          # (B, S, H, D)
+    y = fastbert.add_layer_norm(x, residual, weight, bias)
+    h = fastbert.linear_bias_gelu(x, weight, bias)
+
+Importing fastbert loads neither Triton, the CUDA extension nor transformers; each is loaded the
+first time something that needs it is used.
+"""
+import importlib
+
+from fastbert.ops import (BACKENDS, add_layer_norm, attention, get_backend, linear_bias_gelu,
+                          set_backend)
+
+__version__ = "0.1.0"
+
+# name -> module, imported on first access
+_LAZY = {
+    "BertConfig": "fastbert.model",
+    "BertModel": "fastbert.model",
+    "BertForPreTraining": "fastbert.heads",
+    "BertForMaskedLM": "fastbert.heads",
+    "BertForNextSentencePrediction": "fastbert.heads",
+    "BertForSequenceClassification": "fastbert.heads",
+    "BertForQuestionAnswering": "fastbert.heads",
+    "BertLMHeadModel": "fastbert.heads",
+    "patch_hf": "fastbert.hf",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastbert' has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "attention", "add_layer_norm", "linear_bias_gelu", "set_backend",
+           "get_backend", "__version__", *_LAZY]

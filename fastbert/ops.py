@@ -1,0 +1,501 @@
+"""The public fused ops: argument checks, backend choice, torch.library registration, autograd.
+
+This is the only module that knows there are several backends. Each backend is a module exposing
+the same six kernel entry points (see `fastbert/triton/__init__.py` and `fastbert/cuda.py`):
+
+    attention_forward(q, k, v, mask, causal, dropout_p, scale, seed) -> (out, lse)
+    attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
+                       deterministic) -> (dq, dk, dv)
+    add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed) -> (y, mean, rstd)
+    add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed)
+        -> (dx, dresidual, dweight, dbias)
+    linear_bias_gelu_forward(x, weight, bias, approximate) -> (out, pre)
+    linear_bias_gelu_backward(dout, x, weight, pre, approximate) -> (dx, dweight, dbias)
+
+plus `unsupported(op, **kw) -> str | None` saying why it cannot serve an input. Arguments reach
+them already checked: q/k/v (B, S, H, D) with unit last stride, mask bool (B, Sk) contiguous or
+None, x/residual 2-D contiguous (rows, hidden), seed a Python int.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastbert import reference
+
+BACKENDS = ("torch", "triton", "cuda")
+_CHOICES = BACKENDS + ("auto",)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _check_backend_name(op: str, name: str) -> str:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(f"{op}: argument 'backend' expected one of {_CHOICES}, got {name!r}")
+    return name
+
+
+_default_backend = _check_backend_name("FASTBERT_BACKEND", os.environ.get("FASTBERT_BACKEND", "auto"))
+
+
+def set_backend(name: str) -> None:
+    """Set the backend used when an op is called with backend="auto" (the default)."""
+    global _default_backend
+    _default_backend = _check_backend_name("set_backend", name)
+
+
+def get_backend() -> str:
+    return _default_backend
+
+
+# --------------------------------------------------------------------------------------------
+# backend modules and choice
+# --------------------------------------------------------------------------------------------
+
+class _TorchBackend:
+    """The reference math as a backend; dropout masks come from a torch.Generator seeded by `seed`."""
+
+    @staticmethod
+    def unsupported(op, **kw):
+        return None
+
+    @staticmethod
+    def _keep(seed, shape, p, device):
+        return reference.dropout_keep_mask(seed, shape, p, device) if p > 0.0 else None
+
+    @staticmethod
+    def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
+        keep = _TorchBackend._keep(seed, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
+                                   dropout_p, q.device)
+        return reference.attention_forward(q, k, v, mask, causal, dropout_p, scale, keep)
+
+    @staticmethod
+    def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
+                           deterministic):
+        keep = _TorchBackend._keep(seed, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
+                                   dropout_p, q.device)
+        return reference.attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p,
+                                            scale, keep)
+
+    @staticmethod
+    def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
+        keep = _TorchBackend._keep(seed, x.shape, dropout_p, x.device)
+        return reference.add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, keep)
+
+    @staticmethod
+    def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+        keep = _TorchBackend._keep(seed, x.shape, dropout_p, x.device)
+        return reference.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p,
+                                                 keep)
+
+    linear_bias_gelu_forward = staticmethod(reference.linear_bias_gelu_forward)
+    linear_bias_gelu_backward = staticmethod(reference.linear_bias_gelu_backward)
+
+
+_modules: dict = {}
+_load_errors: dict = {}
+
+
+def _backend_module(name: str):
+    """The backend module, or None (with the reason in _load_errors) when it cannot load here."""
+    if name in _modules:
+        return _modules[name]
+    module = None
+    try:
+        if name == "torch":
+            module = _TorchBackend
+        elif name == "triton":
+            import fastbert.triton as module  # noqa: F811
+        elif name == "cuda":
+            from fastbert import cuda as module  # noqa: F811
+            reason = module.unavailable_reason()
+            if reason is not None:
+                _load_errors[name] = reason
+                module = None
+    except ImportError as e:  # triton not installed, or the extension not built
+        _load_errors[name] = f"{type(e).__name__}: {e}"
+        module = None
+    _modules[name] = module
+    return module
+
+
+def _device_reason(name: str, device: torch.device) -> Optional[str]:
+    if name == "torch":
+        return None
+    if name == "triton":
+        if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            return None
+        return f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    if device.type != "cuda":
+        return f"the CUDA backend needs CUDA tensors, got {device}"
+    return None
+
+
+def _why_not(name: str, op: str, device: torch.device, kw: dict) -> Optional[str]:
+    reason = _device_reason(name, device)
+    if reason is not None:
+        return reason
+    module = _backend_module(name)
+    if module is None:
+        return f"backend {name!r} is not available here ({_load_errors.get(name, 'unknown reason')})"
+    return module.unsupported(op, **kw)
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, **kw) -> str:
+    """Pick the backend: a named one must serve the input or raise; "auto" takes the fastest that can."""
+    backend = _check_backend_name(op, backend)
+    if backend == "auto":
+        backend = _default_backend
+    if backend != "auto":
+        reason = _why_not(backend, op, device, kw)
+        if reason is not None:
+            raise ValueError(f"{op}: backend {backend!r} cannot serve this input: {reason}")
+        return backend
+    if device.type != "cuda":
+        return "torch"
+    for name in ("cuda", "triton"):  # fastest first
+        if _why_not(name, op, device, kw) is None:
+            return name
+    return "torch"
+
+
+def _draw_seed(dropout_p: float) -> Optional[Tensor]:
+    # From torch's default generator, so torch.manual_seed reproduces the dropout pattern.
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+
+
+def _seed_int(seed: Optional[Tensor]) -> int:
+    return int(seed.item()) if seed is not None else 0
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------
+
+def _expect_tensor(op: str, name: str, t) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: argument '{name}' expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _expect_float(op: str, name: str, t: Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{op}: argument '{name}' expected dtype float16, bfloat16 or float32, "
+                        f"got {t.dtype}")
+
+
+def _expect_same_device(op: str, ref_name: str, ref: Tensor, name: str, t: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: argument '{name}' expected to be on {ref.device} like "
+                         f"'{ref_name}', got {t.device}")
+
+
+def _expect_dropout(op: str, p) -> float:
+    if not isinstance(p, (int, float)) or not (0.0 <= float(p) < 1.0):
+        raise ValueError(f"{op}: argument 'dropout_p' expected a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
+                   dropout_p: float, scale: float, seed: Optional[Tensor], deterministic: bool,
+                   backend: str) -> Tuple[Tensor, Tensor]:
+    # `deterministic` only changes backward; forward carries it so setup_context can keep it.
+    out, lse = _backend_module(backend).attention_forward(q, k, v, mask, causal, dropout_p, scale,
+                                                          _seed_int(seed))
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, mask, causal, dropout_p, scale, seed, deterministic, backend):
+    b, sq, h, d = q.shape
+    return q.new_empty(b, sq, h, d), q.new_empty(b, h, sq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   mask: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
+                   seed: Optional[Tensor], deterministic: bool,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _backend_module(backend).attention_backward(
+        dout.contiguous(), q, k, v, out, lse, mask, causal, dropout_p, scale, _seed_int(seed),
+        deterministic)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed, deterministic, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, causal, dropout_p, scale, seed, deterministic, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+    ctx.deterministic, ctx.backend = deterministic, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_grad(ctx, dout, dlse):
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, ctx.causal, ctx.dropout_p,
+                                ctx.scale, seed, ctx.deterministic, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, *,
+              causal: bool = False, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+              deterministic: bool = False, backend: str = "auto") -> Tensor:
+    """Scaled-dot-product attention. q (B, Sq, H, D), k and v (B, Sk, H, D) -> (B, Sq, H, D).
+
+    key_padding_mask (B, Sk): True/nonzero marks a real token. causal: query i sees keys
+    j <= i + Sk - Sq. A query that sees no key returns zeros (and zero gradients).
+    """
+    op = "fastbert.attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _expect_tensor(op, name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{op}: argument '{name}' expected a 4-D tensor (B, S, H, D), "
+                             f"got shape {tuple(t.shape)}")
+        _expect_float(op, name, t)
+        _expect_same_device(op, "q", q, name, t)
+    if not (k.dtype == q.dtype and v.dtype == q.dtype):
+        raise TypeError(f"{op}: arguments 'q', 'k', 'v' expected one dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    if tuple(k.shape) != (b, sk, h, d) or tuple(v.shape) != (b, sk, h, d):
+        raise ValueError(f"{op}: arguments 'k' and 'v' expected shape (B={b}, Sk, H={h}, D={d}) "
+                         f"with one Sk, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: argument 'q' expected head dim 1..{MAX_HEAD_DIM}, got {d}")
+    if key_padding_mask is not None:
+        _expect_tensor(op, "key_padding_mask", key_padding_mask)
+        _expect_same_device(op, "q", q, "key_padding_mask", key_padding_mask)
+        if tuple(key_padding_mask.shape) != (b, sk):
+            raise ValueError(f"{op}: argument 'key_padding_mask' expected shape (B, Sk) = "
+                             f"({b}, {sk}), got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
+            raise TypeError(f"{op}: argument 'key_padding_mask' expected a bool or integer tensor "
+                            f"(True/nonzero = real token), got {key_padding_mask.dtype}")
+        key_padding_mask = (key_padding_mask != 0).contiguous()
+    dropout_p = _expect_dropout(op, dropout_p)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) \
+            or softmax_scale <= 0:
+        raise ValueError(f"{op}: argument 'softmax_scale' expected a finite positive float or "
+                         f"None, got {softmax_scale!r}")
+    cast = _autocast_dtype(q.device)
+    if cast is not None and q.dtype != cast:
+        q, k, v = q.to(cast), k.to(cast), v.to(cast)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    chosen = resolve_backend(op, backend, q.device, dtype=q.dtype, head_dim=d,
+                             dropout_p=dropout_p, causal=bool(causal),
+                             has_mask=key_padding_mask is not None)
+    out, _ = _attention_fwd(q, k, v, key_padding_mask, bool(causal), dropout_p,
+                            float(softmax_scale), _draw_seed(dropout_p),
+                            bool(deterministic), chosen)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# residual add + LayerNorm
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbert::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                        eps: float, dropout_p: float, seed: Optional[Tensor],
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    y, mean, rstd = _backend_module(backend).add_layer_norm_forward(
+        x, residual, weight, bias, eps, dropout_p, _seed_int(seed))
+    return y, mean, rstd
+
+
+@_add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, seed, backend):
+    rows = x.shape[0]
+    return (torch.empty_like(x), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastbert::add_layer_norm_bwd", mutates_args=())
+def _add_layer_norm_bwd(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
+                        mean: Tensor, rstd: Tensor, dropout_p: float, seed: Optional[Tensor],
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dres, dw, db = _backend_module(backend).add_layer_norm_backward(
+        dy.contiguous(), x, residual, weight, mean, rstd, dropout_p, _seed_int(seed))
+    # custom ops cannot return None; an empty tensor stands for "no residual"
+    return dx, (dres if dres is not None else x.new_empty(0)), dw, db
+
+
+@_add_layer_norm_bwd.register_fake
+def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, backend):
+    dres = torch.empty_like(residual) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), dres, torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, dropout_p, seed, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+    ctx.dropout_p, ctx.backend = dropout_p, backend
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_grad(ctx, dy, dmean, drstd):
+    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+    dx, dres, dw, db = _add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, ctx.dropout_p,
+                                           seed, ctx.backend)
+    return dx, (dres if residual is not None else None), dw, db, None, None, None, None
+
+
+_add_layer_norm_fwd.register_autograd(_add_layer_norm_grad, setup_context=_add_layer_norm_setup)
+
+
+def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                   eps: float = 1e-12, *, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """LayerNorm(dropout(x) + residual) over the last dim, statistics in fp32."""
+    op = "fastbert.add_layer_norm"
+    _expect_tensor(op, "x", x)
+    _expect_float(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: argument 'x' expected at least 1 dim with a non-empty last dim, "
+                         f"got shape {tuple(x.shape)}")
+    hidden = x.shape[-1]
+    cast = _autocast_dtype(x.device)
+    if residual is not None:
+        _expect_tensor(op, "residual", residual)
+        _expect_float(op, "residual", residual)
+        _expect_same_device(op, "x", x, "residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: argument 'residual' expected shape {tuple(x.shape)} like 'x', "
+                             f"got {tuple(residual.shape)}")
+        if cast is None and residual.dtype != x.dtype:
+            raise TypeError(f"{op}: argument 'residual' expected dtype {x.dtype} like 'x', got "
+                            f"{residual.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _expect_tensor(op, name, t)
+        _expect_float(op, name, t)
+        _expect_same_device(op, "x", x, name, t)
+        if tuple(t.shape) != (hidden,):
+            raise ValueError(f"{op}: argument '{name}' expected shape ({hidden},) matching the "
+                             f"last dim of 'x', got {tuple(t.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{op}: argument 'bias' expected dtype {weight.dtype} like 'weight', got "
+                        f"{bias.dtype}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{op}: argument 'eps' expected a positive float, got {eps!r}")
+    dropout_p = _expect_dropout(op, dropout_p)
+    if cast is not None:
+        x = x.to(cast)
+        residual = residual.to(cast) if residual is not None else None
+    chosen = resolve_backend(op, backend, x.device, dtype=x.dtype, hidden=hidden,
+                             dropout_p=dropout_p)
+    shape = x.shape
+    x2 = x.reshape(-1, hidden).contiguous()
+    r2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
+    y, _, _ = _add_layer_norm_fwd(x2, r2, weight.contiguous(), bias.contiguous(), float(eps),
+                                  dropout_p, _draw_seed(dropout_p), chosen)
+    return y.view(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# linear + bias + GELU
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbert::linear_bias_gelu_fwd", mutates_args=())
+def _linear_bias_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, approximate: str,
+                          backend: str) -> Tuple[Tensor, Tensor]:
+    out, pre = _backend_module(backend).linear_bias_gelu_forward(x, weight, bias, approximate)
+    return out, pre
+
+
+@_linear_bias_gelu_fwd.register_fake
+def _(x, weight, bias, approximate, backend):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("fastbert::linear_bias_gelu_bwd", mutates_args=())
+def _linear_bias_gelu_bwd(dout: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approximate: str,
+                          backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = _backend_module(backend).linear_bias_gelu_backward(
+        dout.contiguous(), x, weight, pre, approximate)
+    return dx, dw, db
+
+
+@_linear_bias_gelu_bwd.register_fake
+def _(dout, x, weight, pre, approximate, backend):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _linear_bias_gelu_setup(ctx, inputs, output):
+    x, weight, bias, approximate, backend = inputs
+    _, pre = output
+    ctx.save_for_backward(x, weight, pre)
+    ctx.approximate, ctx.backend = approximate, backend
+    ctx.mark_non_differentiable(pre)
+
+
+def _linear_bias_gelu_grad(ctx, dout, dpre):
+    x, weight, pre = ctx.saved_tensors
+    dx, dw, db = _linear_bias_gelu_bwd(dout, x, weight, pre, ctx.approximate, ctx.backend)
+    return dx, dw, db, None, None
+
+
+_linear_bias_gelu_fwd.register_autograd(_linear_bias_gelu_grad,
+                                        setup_context=_linear_bias_gelu_setup)
+
+
+def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: str = "none",
+                     backend: str = "auto") -> Tensor:
+    """gelu(x @ weight.T + bias), weight (N, K) as in nn.Linear; x (..., K) -> (..., N)."""
+    op = "fastbert.linear_bias_gelu"
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        _expect_tensor(op, name, t)
+        _expect_float(op, name, t)
+        _expect_same_device(op, "x", x, name, t)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: argument 'x' expected at least 1 dim (..., K), got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: argument 'weight' expected shape (N, K={x.shape[-1]}), got "
+                         f"{tuple(weight.shape)}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: argument 'bias' expected shape ({weight.shape[0]},), got "
+                         f"{tuple(bias.shape)}")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{op}: argument 'approximate' expected 'none' or 'tanh', got "
+                         f"{approximate!r}")
+    cast = _autocast_dtype(x.device)
+    if cast is not None:
+        x, weight, bias = x.to(cast), weight.to(cast), bias.to(cast)
+    elif not (weight.dtype == x.dtype and bias.dtype == x.dtype):
+        raise TypeError(f"{op}: arguments 'x', 'weight', 'bias' expected one dtype, got "
+                        f"{x.dtype}, {weight.dtype}, {bias.dtype}")
+    n, k = weight.shape
+    chosen = resolve_backend(op, backend, x.device, dtype=x.dtype, in_features=k, out_features=n)
+    lead = x.shape[:-1]
+    out, _ = _linear_bias_gelu_fwd(x.reshape(-1, k).contiguous(), weight.contiguous(),
+                                   bias.contiguous(), approximate, chosen)
+    return out.view(*lead, n)

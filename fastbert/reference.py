@@ -1,0 +1,205 @@
+"""Plain-PyTorch reference of every fastbert op, forward and explicit backward.
+
+These functions are the ground truth the Triton and CUDA kernels are validated against, and the
+"torch" backend runs them. Each forward returns what its kernels save for backward; each backward
+is written out by hand (not autograd) so the kernels' backward has a formula to match. The tests
+check these backward formulas against autograd and fp64 gradcheck.
+
+`upcast=True` computes in fp32 (as the kernels accumulate); `upcast=False` computes in the input
+dtype, which is the "plain PyTorch in the same dtype" run of the tolerance rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(t: Tensor, upcast: bool) -> torch.dtype:
+    if upcast and t.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return t.dtype
+
+
+def dropout_keep_mask(seed: int, shape, p: float, device) -> Tensor:
+    """Keep-mask for dropout, regenerated bit-identically from `seed` (forward and backward)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+def attention_visible(key_padding_mask: Optional[Tensor], causal: bool, b: int, sq: int, sk: int,
+                      device) -> Optional[Tensor]:
+    """(B, 1, Sq, Sk) bool: which keys each query may see, or None when all are visible."""
+    visible = None
+    if key_padding_mask is not None:
+        visible = key_padding_mask.bool().view(b, 1, 1, sk)
+    if causal:
+        i = torch.arange(sq, device=device).view(sq, 1)
+        j = torch.arange(sk, device=device).view(1, sk)
+        tri = (j <= i + (sk - sq)).view(1, 1, sq, sk)  # bottom-right aligned
+        visible = tri if visible is None else visible & tri
+    if visible is not None:
+        visible = visible.expand(b, 1, sq, sk)
+    return visible
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+                      causal: bool = False, dropout_p: float = 0.0,
+                      softmax_scale: Optional[float] = None, keep_mask: Optional[Tensor] = None,
+                      upcast: bool = True) -> Tuple[Tensor, Tensor]:
+    """Returns (out (B, Sq, H, D) in q.dtype, lse (B, H, Sq) fp32).
+
+    `keep_mask` (B, H, Sq, Sk) bool is the dropout keep pattern (required when dropout_p > 0).
+    A query that sees no key gets out = 0 and lse = +inf, so exp(s - lse) = 0 in backward.
+    """
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    dt = _compute_dtype(q, upcast)
+    qh, kh, vh = (t.transpose(1, 2).to(dt) for t in (q, k, v))  # (B, H, S, D)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)  # (B, H, Sq), -inf where nothing is visible
+    empty = torch.isneginf(lse)
+    lse = lse.masked_fill(empty, float("inf"))
+    probs = torch.exp(scores.float() - lse.unsqueeze(-1)).to(dt)
+    if dropout_p > 0.0:
+        probs = probs * keep_mask.to(dt) / (1.0 - dropout_p)
+    out = torch.matmul(probs, vh)  # (B, H, Sq, D)
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+                       dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                       keep_mask: Optional[Tensor] = None, upcast: bool = True
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention's backward: recompute P from lse, then dV, dP, dS = P * (dP - rowsum(dO*O))."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    dt = _compute_dtype(q, upcast)
+    qh, kh, vh, oh, doh = (t.transpose(1, 2).to(dt) for t in (q, k, v, out, dout))
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
+    visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
+    probs = torch.exp(scores - lse.unsqueeze(-1))  # lse = +inf on empty rows gives 0
+    if visible is not None:
+        probs = probs.masked_fill(~visible, 0.0)
+    probs = probs.to(dt)
+    dropped = probs
+    if dropout_p > 0.0:
+        dropped = probs * keep_mask.to(dt) / (1.0 - dropout_p)
+    dv = torch.matmul(dropped.transpose(-1, -2), doh)  # (B, H, Sk, D)
+    dprobs = torch.matmul(doh, vh.transpose(-1, -2))  # (B, H, Sq, Sk)
+    if dropout_p > 0.0:
+        dprobs = dprobs * keep_mask.to(dt) / (1.0 - dropout_p)
+    delta = (doh.float() * oh.float()).sum(-1, keepdim=True)  # (B, H, Sq, 1)
+    dscores = (probs.float() * (dprobs.float() - delta)).to(dt)
+    dq = torch.matmul(dscores, kh) * scale
+    dk = torch.matmul(dscores.transpose(-1, -2), qh) * scale
+    return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype),
+            dv.transpose(1, 2).to(v.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# residual add + LayerNorm
+# --------------------------------------------------------------------------------------------
+
+def _prenorm_sum(x: Tensor, residual: Optional[Tensor], dropout_p: float,
+                 keep_mask: Optional[Tensor], dt: torch.dtype) -> Tensor:
+    s = x.to(dt)
+    if dropout_p > 0.0:
+        s = s * keep_mask.to(dt) / (1.0 - dropout_p)
+    if residual is not None:
+        s = s + residual.to(dt)
+    return s
+
+
+def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                           eps: float = 1e-12, dropout_p: float = 0.0,
+                           keep_mask: Optional[Tensor] = None, upcast: bool = True
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm(dropout(x) + residual) over the last dim. Returns (y in x.dtype, mean, rstd),
+    mean and rstd fp32 of shape x.shape[:-1]."""
+    dt = _compute_dtype(x, upcast)
+    s = _prenorm_sum(x, residual, dropout_p, keep_mask, dt).float() if upcast else \
+        _prenorm_sum(x, residual, dropout_p, keep_mask, dt)
+    mean = s.mean(-1)
+    var = ((s - mean.unsqueeze(-1)) ** 2).mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (s - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    y = xhat * weight.to(s.dtype) + bias.to(s.dtype)
+    return y.to(x.dtype), mean.float(), rstd.float()
+
+
+def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
+                            mean: Tensor, rstd: Tensor, dropout_p: float = 0.0,
+                            keep_mask: Optional[Tensor] = None
+                            ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """Returns (dx, dresidual or None, dweight, dbias); the pre-norm sum is recomputed from x."""
+    s = _prenorm_sum(x, residual, dropout_p, keep_mask, torch.float32)
+    xhat = (s - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    g = dy.float()
+    rows = g.reshape(-1, g.shape[-1])
+    dweight = (rows * xhat.reshape(rows.shape)).sum(0)
+    dbias = rows.sum(0)
+    gw = g * weight.float()
+    ds = rstd.unsqueeze(-1) * (gw - gw.mean(-1, keepdim=True)
+                               - xhat * (gw * xhat).mean(-1, keepdim=True))
+    dx = ds
+    if dropout_p > 0.0:
+        dx = ds * keep_mask.float() / (1.0 - dropout_p)
+    dres = ds.to(residual.dtype) if residual is not None else None
+    return dx.to(x.dtype), dres, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# linear + bias + GELU
+# --------------------------------------------------------------------------------------------
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_grad(x: Tensor, approximate: str = "none") -> Tensor:
+    """d gelu(x) / dx."""
+    if approximate == "tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + x * pdf
+
+
+def linear_bias_gelu_forward(x: Tensor, weight: Tensor, bias: Tensor, approximate: str = "none",
+                             upcast: bool = True) -> Tuple[Tensor, Tensor]:
+    """gelu(x @ weight.T + bias). Returns (out, pre-activation), both in x.dtype."""
+    pre = torch.nn.functional.linear(x, weight, bias)  # (..., N); fp32 accumulation in GEMMs
+    act = gelu(pre.float() if upcast else pre, approximate)
+    return act.to(x.dtype), pre
+
+
+def linear_bias_gelu_backward(dout: Tensor, x: Tensor, weight: Tensor, pre: Tensor,
+                              approximate: str = "none") -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbias)."""
+    dpre = (dout.float() * gelu_grad(pre.float(), approximate)).to(x.dtype)
+    dpre2d = dpre.reshape(-1, dpre.shape[-1])  # (M, N)
+    x2d = x.reshape(-1, x.shape[-1])  # (M, K)
+    dx = torch.matmul(dpre, weight)
+    dweight = torch.matmul(dpre2d.t(), x2d)
+    dbias = dpre2d.float().sum(0)
+    return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)

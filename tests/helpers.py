@@ -1,0 +1,53 @@
+"""Shared test utilities: the tolerance rule, padding-mask generators, poisoned outputs."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Small absolute floor per dtype: the error a single rounding of the output can add.
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def assert_close_by_rule(kernel: Tensor, plain: Tensor, exact: Tensor, name: str = "",
+                         factor: float = 2.0, floor: float | None = None) -> None:
+    """FlashAttention's rule: |kernel - exact| <= factor * |plain - exact| + floor (max norms).
+
+    `kernel` is the op under test, `plain` the same math in plain PyTorch in the same dtype, and
+    `exact` an fp64 (or fp32) reference. The kernel may not be more than `factor` times worse than
+    what PyTorch itself achieves in that dtype.
+    """
+    exact = exact.double()
+    err_kernel = (kernel.double() - exact).abs().max().item()
+    err_plain = (plain.double() - exact).abs().max().item()
+    if floor is None:
+        floor = FLOOR[kernel.dtype]
+    bound = factor * err_plain + floor
+    assert not torch.isnan(kernel).any(), f"{name}: NaN in kernel output"
+    assert err_kernel <= bound, (f"{name}: kernel error {err_kernel:.3e} > {factor} x plain error "
+                                 f"{err_plain:.3e} + floor {floor:.1e}")
+
+
+def assert_fp32_close(kernel: Tensor, exact: Tensor, name: str = "", rtol: float = 1e-5,
+                      atol: float = 1e-5) -> None:
+    """fp32 kernels must match the reference to ~1e-5 relative."""
+    torch.testing.assert_close(kernel.double(), exact.double(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def random_padding_mask(batch: int, seqlen: int, device="cpu", mode: str = "random",
+                        generator: torch.Generator | None = None) -> Tensor:
+    """(B, S) bool, True = real token. Modes: "full" (no padding), "random" (lengths uniform in
+    [1, S]), "third" (lengths in [S/3, S]), "with_empty" (random, and row 0 fully padded)."""
+    if mode == "full":
+        return torch.ones(batch, seqlen, dtype=torch.bool, device=device)
+    low = 1 if mode in ("random", "with_empty") else max(1, seqlen // 3)
+    lengths = torch.randint(low, seqlen + 1, (batch,), generator=generator)
+    mask = torch.arange(seqlen).unsqueeze(0) < lengths.unsqueeze(1)
+    if mode == "with_empty":
+        mask[0] = False
+    return mask.to(device)
+
+
+def poison_(t: Tensor) -> Tensor:
+    """Fill with NaN so elements a kernel forgets to write show up."""
+    return t.fill_(float("nan"))
