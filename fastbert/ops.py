@@ -14,7 +14,8 @@ the same six kernel entry points (see `fastbert/triton/__init__.py` and `fastber
 
 plus `unsupported(op, **kw) -> str | None` saying why it cannot serve an input. Arguments reach
 them already checked: q/k/v (B, S, H, D) with unit last stride, mask bool (B, Sk) contiguous or
-None, x/residual 2-D contiguous (rows, hidden), seed a Python int.
+None, x/residual 2-D contiguous (rows, hidden), seed a Python int. Every tensor they return is
+contiguous (the fake implementations below promise that layout to torch.compile).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from fastbert import reference
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# float64 is accepted for gradcheck and served only by the torch backend.
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
 
@@ -142,6 +144,8 @@ def _why_not(name: str, op: str, device: torch.device, kw: dict) -> Optional[str
     module = _backend_module(name)
     if module is None:
         return f"backend {name!r} is not available here ({_load_errors.get(name, 'unknown reason')})"
+    if name != "torch" and kw.get("dtype") == torch.float64:
+        return "float64 runs only on the torch backend"
     return module.unsupported(op, **kw)
 
 
@@ -186,7 +190,8 @@ def _expect_tensor(op: str, name: str, t) -> Tensor:
 
 def _expect_float(op: str, name: str, t: Tensor) -> None:
     if t.dtype not in _FLOATS:
-        raise TypeError(f"{op}: argument '{name}' expected dtype float16, bfloat16 or float32, "
+        raise TypeError(f"{op}: argument '{name}' expected dtype float16, bfloat16, float32 (or float64 "
+                        f"on the torch backend), "
                         f"got {t.dtype}")
 
 
@@ -241,7 +246,7 @@ def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed, deterministic, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):

@@ -23,6 +23,11 @@ def _compute_dtype(t: Tensor, upcast: bool) -> torch.dtype:
     return t.dtype
 
 
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 when the inputs are fp64 (gradcheck)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def dropout_keep_mask(seed: int, shape, p: float, device) -> Tensor:
     """Keep-mask for dropout, regenerated bit-identically from `seed` (forward and backward)."""
     gen = torch.Generator(device=device)
@@ -68,14 +73,14 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
     visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)  # (B, H, Sq), -inf where nothing is visible
-    empty = torch.isneginf(lse)
-    lse = lse.masked_fill(empty, float("inf"))
-    probs = torch.exp(scores.float() - lse.unsqueeze(-1)).to(dt)
+    acc = _acc_dtype(q)
+    lse = torch.logsumexp(scores.to(acc), dim=-1)  # (B, H, Sq), -inf where nothing is visible
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    probs = torch.exp(scores.to(acc) - lse.unsqueeze(-1)).to(dt)
     if dropout_p > 0.0:
         probs = probs * keep_mask.to(dt) / (1.0 - dropout_p)
     out = torch.matmul(probs, vh)  # (B, H, Sq, D)
-    return out.transpose(1, 2).to(q.dtype), lse
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -83,13 +88,15 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                        keep_mask: Optional[Tensor] = None, upcast: bool = True
                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    """FlashAttention's backward: recompute P from lse, then dV, dP, dS = P * (dP - rowsum(dO*O))."""
+    """FlashAttention's backward: recompute P from lse, then dV, dP, dS = P * (dP - rowsum(dO*O)).
+    Returns contiguous (dq, dk, dv) in q.dtype."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     dt = _compute_dtype(q, upcast)
     qh, kh, vh, oh, doh = (t.transpose(1, 2).to(dt) for t in (q, k, v, out, dout))
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
+    acc = _acc_dtype(q)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * scale
     visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
     probs = torch.exp(scores - lse.unsqueeze(-1))  # lse = +inf on empty rows gives 0
     if visible is not None:
@@ -102,12 +109,11 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dprobs = torch.matmul(doh, vh.transpose(-1, -2))  # (B, H, Sq, Sk)
     if dropout_p > 0.0:
         dprobs = dprobs * keep_mask.to(dt) / (1.0 - dropout_p)
-    delta = (doh.float() * oh.float()).sum(-1, keepdim=True)  # (B, H, Sq, 1)
-    dscores = (probs.float() * (dprobs.float() - delta)).to(dt)
+    delta = (doh.to(acc) * oh.to(acc)).sum(-1, keepdim=True)  # (B, H, Sq, 1)
+    dscores = (probs.to(acc) * (dprobs.to(acc) - delta)).to(dt)
     dq = torch.matmul(dscores, kh) * scale
     dk = torch.matmul(dscores.transpose(-1, -2), qh) * scale
-    return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype),
-            dv.transpose(1, 2).to(v.dtype))
+    return tuple(g.transpose(1, 2).to(q.dtype).contiguous() for g in (dq, dk, dv))
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,15 +136,15 @@ def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor
                            ) -> Tuple[Tensor, Tensor, Tensor]:
     """LayerNorm(dropout(x) + residual) over the last dim. Returns (y in x.dtype, mean, rstd),
     mean and rstd fp32 of shape x.shape[:-1]."""
-    dt = _compute_dtype(x, upcast)
-    s = _prenorm_sum(x, residual, dropout_p, keep_mask, dt).float() if upcast else \
-        _prenorm_sum(x, residual, dropout_p, keep_mask, dt)
+    dt = _acc_dtype(x) if upcast else x.dtype
+    s = _prenorm_sum(x, residual, dropout_p, keep_mask, dt)
     mean = s.mean(-1)
     var = ((s - mean.unsqueeze(-1)) ** 2).mean(-1)
     rstd = torch.rsqrt(var + eps)
     xhat = (s - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     y = xhat * weight.to(s.dtype) + bias.to(s.dtype)
-    return y.to(x.dtype), mean.float(), rstd.float()
+    stat = _acc_dtype(x)
+    return y.to(x.dtype), mean.to(stat), rstd.to(stat)
 
 
 def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
@@ -146,19 +152,20 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
                             keep_mask: Optional[Tensor] = None
                             ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """Returns (dx, dresidual or None, dweight, dbias); the pre-norm sum is recomputed from x."""
-    s = _prenorm_sum(x, residual, dropout_p, keep_mask, torch.float32)
+    acc = _acc_dtype(x)
+    s = _prenorm_sum(x, residual, dropout_p, keep_mask, acc)
     xhat = (s - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    g = dy.float()
+    g = dy.to(acc)
     rows = g.reshape(-1, g.shape[-1])
     dweight = (rows * xhat.reshape(rows.shape)).sum(0)
     dbias = rows.sum(0)
-    gw = g * weight.float()
+    gw = g * weight.to(acc)
     ds = rstd.unsqueeze(-1) * (gw - gw.mean(-1, keepdim=True)
                                - xhat * (gw * xhat).mean(-1, keepdim=True))
     dx = ds
     if dropout_p > 0.0:
-        dx = ds * keep_mask.float() / (1.0 - dropout_p)
-    dres = ds.to(residual.dtype) if residual is not None else None
+        dx = ds * keep_mask.to(acc) / (1.0 - dropout_p)
+    dres = ds.to(residual.dtype, copy=True) if residual is not None else None  # never alias dx
     return dx.to(x.dtype), dres, dweight.to(weight.dtype), dbias.to(weight.dtype)
 
 
@@ -189,17 +196,18 @@ def linear_bias_gelu_forward(x: Tensor, weight: Tensor, bias: Tensor, approximat
                              upcast: bool = True) -> Tuple[Tensor, Tensor]:
     """gelu(x @ weight.T + bias). Returns (out, pre-activation), both in x.dtype."""
     pre = torch.nn.functional.linear(x, weight, bias)  # (..., N); fp32 accumulation in GEMMs
-    act = gelu(pre.float() if upcast else pre, approximate)
+    act = gelu(pre.to(_acc_dtype(pre)) if upcast else pre, approximate)
     return act.to(x.dtype), pre
 
 
 def linear_bias_gelu_backward(dout: Tensor, x: Tensor, weight: Tensor, pre: Tensor,
                               approximate: str = "none") -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight, dbias)."""
-    dpre = (dout.float() * gelu_grad(pre.float(), approximate)).to(x.dtype)
+    acc = _acc_dtype(pre)
+    dpre = (dout.to(acc) * gelu_grad(pre.to(acc), approximate)).to(x.dtype)
     dpre2d = dpre.reshape(-1, dpre.shape[-1])  # (M, N)
     x2d = x.reshape(-1, x.shape[-1])  # (M, K)
     dx = torch.matmul(dpre, weight)
     dweight = torch.matmul(dpre2d.t(), x2d)
-    dbias = dpre2d.float().sum(0)
+    dbias = dpre2d.to(acc).sum(0)
     return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)

@@ -1,0 +1,66 @@
+"""`python -m fastbert.info`: versions, which backends are built and which are usable here, devices."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect() -> dict:
+    """Everything `main` prints, as a dict (also used by the benchmarks' CSV metadata)."""
+    from fastbert import __version__, ops
+
+    info = {
+        "fastbert": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda or "none",
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "default_backend": ops.get_backend(),
+    }
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    backends = {}
+    for name in ops.BACKENDS:
+        reason = ops._why_not(name, "fastbert.attention", device,
+                              dict(dtype=torch.float16, head_dim=64, dropout_p=0.0, causal=False,
+                                   has_mask=True))
+        backends[name] = {"usable": reason is None, "reason": reason}
+    from fastbert import cuda
+    info["cuda_extension"] = cuda.extension_info()
+    info["backends"] = backends
+    return info
+
+
+def main() -> int:
+    info = collect()
+    print(f"fastbert {info['fastbert']}  (python {info['python']}, {sys.platform})")
+    print(f"torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
+          f"transformers {info['transformers']}")
+    print("devices: " + (", ".join(info["devices"]) or "no CUDA device (CPU only)"))
+    ext = info["cuda_extension"]
+    if ext.get("built"):
+        print(f"CUDA extension fastbert._C: built for {', '.join(ext.get('archs', []))} "
+              f"(CUDA {ext.get('cuda_version', '?')})")
+    else:
+        print(f"CUDA extension fastbert._C: not built ({ext.get('error')})")
+    print(f"default backend: {info['default_backend']}")
+    for name, b in info["backends"].items():
+        status = "usable here" if b["usable"] else f"not usable here: {b['reason']}"
+        print(f"  backend {name:6s} {status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

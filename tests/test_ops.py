@@ -1,0 +1,368 @@
+"""Tier 1: the ops layer on the torch backend — reference backward formulas, gradcheck, opcheck,
+torch.compile, validation errors and backend choice."""
+import math
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import ops, reference
+from tests.helpers import random_padding_mask
+
+f64 = torch.float64
+
+
+def _attn_inputs(b=2, sq=5, sk=7, h=3, d=8, dtype=f64, grad=True):
+    q, k, v = (torch.randn(b, s, h, d, dtype=dtype, requires_grad=grad) for s in (sq, sk, sk))
+    return q, k, v
+
+
+# --------------------------------------------------------------------------------------------
+# explicit backward formulas vs autograd of the reference forward
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(5, 5), (3, 7), (7, 3), (1, 6)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_attention_backward_formula_matches_autograd(causal, sq, sk, dropout_p):
+    q, k, v = _attn_inputs(sq=sq, sk=sk)
+    mask = random_padding_mask(2, sk, mode="with_empty")
+    keep = torch.rand(2, 3, sq, sk) >= dropout_p if dropout_p else None
+    out, lse = reference.attention_forward(q, k, v, mask, causal, dropout_p, None, keep)
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v), dout)
+    got = reference.attention_backward(dout, q, k, v, out.detach(), lse, mask, causal, dropout_p,
+                                       None, keep)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, msg=f"d{name}")
+    # the fully padded batch row gives zeros, finite lse = +inf, zero grads
+    assert torch.all(out[0] == 0) and torch.isposinf(lse[0]).all()
+    for g in got:
+        assert not torch.isnan(g).any()
+    assert torch.all(got[0][0] == 0)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_add_layer_norm_backward_formula_matches_autograd(with_residual, dropout_p):
+    x = torch.randn(6, 10, dtype=f64, requires_grad=True)
+    res = torch.randn(6, 10, dtype=f64, requires_grad=True) if with_residual else None
+    w = torch.randn(10, dtype=f64, requires_grad=True)
+    bias = torch.randn(10, dtype=f64, requires_grad=True)
+    keep = torch.rand(6, 10) >= dropout_p if dropout_p else None
+    y, mean, rstd = reference.add_layer_norm_forward(x, res, w, bias, 1e-5, dropout_p, keep)
+    dy = torch.randn_like(y)
+    inputs = [x, w, bias] + ([res] if with_residual else [])
+    want = torch.autograd.grad(y, inputs, dy)
+    dx, dres, dw, db = reference.add_layer_norm_backward(dy, x, res, w, mean, rstd, dropout_p,
+                                                         keep)
+    got = [dx, dw, db] + ([dres] if with_residual else [])
+    assert (dres is None) == (not with_residual)
+    for g, wnt in zip(got, want):
+        torch.testing.assert_close(g, wnt)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_bias_gelu_backward_formula_matches_autograd(approximate):
+    x = torch.randn(3, 4, 6, dtype=f64, requires_grad=True)
+    w = torch.randn(9, 6, dtype=f64, requires_grad=True)
+    bias = torch.randn(9, dtype=f64, requires_grad=True)
+    out, pre = reference.linear_bias_gelu_forward(x, w, bias, approximate)
+    torch.testing.assert_close(out, torch.nn.functional.gelu(x @ w.T + bias, approximate=approximate))
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad(out, (x, w, bias), dout)
+    got = reference.linear_bias_gelu_backward(dout, x, w, pre.detach(), approximate)
+    for g, wnt in zip(got, want):
+        torch.testing.assert_close(g, wnt)
+
+
+# --------------------------------------------------------------------------------------------
+# fp64 gradcheck through the public ops (custom op + registered autograd + explicit backward)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_attention_gradcheck(causal, dropout_p):
+    q, k, v = _attn_inputs(b=2, sq=3, sk=4, h=2, d=4)
+    mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.int32)
+
+    def fn(q, k, v):
+        torch.manual_seed(1)  # same dropout pattern on every call of gradcheck
+        return fastbert.attention(q, k, v, mask, causal=causal, dropout_p=dropout_p,
+                                  backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_layer_norm_gradcheck(with_residual):
+    x = torch.randn(4, 7, dtype=f64, requires_grad=True)
+    res = torch.randn(4, 7, dtype=f64, requires_grad=True) if with_residual else None
+    w = torch.randn(7, dtype=f64, requires_grad=True)
+    b = torch.randn(7, dtype=f64, requires_grad=True)
+
+    def fn(x, res, w, b):
+        torch.manual_seed(1)
+        return fastbert.add_layer_norm(x, res, w, b, 1e-5, dropout_p=0.3, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (x, res, w, b))
+
+
+def test_linear_bias_gelu_gradcheck():
+    x = torch.randn(2, 3, 5, dtype=f64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=f64, requires_grad=True)
+    b = torch.randn(4, dtype=f64, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: fastbert.linear_bias_gelu(x, w, b, approximate=approximate,
+                                                      backend="torch"), (x, w, b))
+
+
+# --------------------------------------------------------------------------------------------
+# the contract on the torch backend
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_attention_matches_sdpa_and_fully_padded_rows_are_zero(dtype):
+    b, s, h, d = 3, 9, 2, 16
+    q, k, v = (torch.randn(b, s, h, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = random_padding_mask(b, s, mode="with_empty")
+    out = fastbert.attention(q, k, v, mask, backend="torch")
+    out.float().sum().backward()
+    expect = torch.nn.functional.scaled_dot_product_attention(
+        *(t.detach().float().transpose(1, 2) for t in (q, k, v)),
+        attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[1:].float(), expect[1:], atol=tol, rtol=tol)
+    assert torch.all(out[0] == 0)
+    for t in (q, k, v):
+        assert not torch.isnan(t.grad).any() and torch.all(t.grad[0] == 0)
+
+
+def test_attention_causal_is_bottom_right_aligned():
+    q, k, v = _attn_inputs(b=1, sq=2, sk=5, h=1, d=4, grad=False)
+    out = fastbert.attention(q, k, v, causal=True, backend="torch")
+    # the last query sees every key, the first sees keys 0..3
+    full = fastbert.attention(q[:, 1:], k, v, backend="torch")
+    part = fastbert.attention(q[:, :1], k[:, :4], v[:, :4], backend="torch")
+    torch.testing.assert_close(out[:, 1:], full)
+    torch.testing.assert_close(out[:, :1], part)
+
+
+def test_attention_takes_packed_qkv_views():
+    b, s, h, d = 2, 6, 3, 8
+    qkv = torch.randn(b, s, 3, h, d, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    out = fastbert.attention(q, k, v, backend="torch")
+    ref = fastbert.attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="torch")
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+def test_attention_softmax_scale():
+    q, k, v = _attn_inputs(grad=False)
+    out = fastbert.attention(q, k, v, softmax_scale=0.5, backend="torch")
+    ref = fastbert.attention(q * (0.5 * math.sqrt(8)), k, v, backend="torch")
+    torch.testing.assert_close(out, ref)
+
+
+def test_dropout_reproducible_and_scaled():
+    q, k, v = _attn_inputs(b=2, sq=16, sk=16, h=2, d=16, dtype=torch.float32, grad=False)
+    torch.manual_seed(3)
+    a = fastbert.attention(q, k, v, dropout_p=0.5, backend="torch")
+    torch.manual_seed(3)
+    b = fastbert.attention(q, k, v, dropout_p=0.5, backend="torch")
+    c = fastbert.attention(q, k, v, dropout_p=0.5, backend="torch")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x = torch.ones(400, 100)
+    y = fastbert.add_layer_norm(x, torch.zeros_like(x), torch.ones(100), torch.zeros(100),
+                                dropout_p=0.3, backend="torch")
+    # LayerNorm of a {0, 1/0.7} row: check the keep rate through the fraction of high values
+    keep_rate = (y > 0).float().mean().item()
+    assert abs(keep_rate - 0.7) < 0.01
+
+
+def test_autocast_runs_ops_in_low_precision():
+    x = torch.randn(2, 4, 8)
+    w, b = torch.randn(16, 8), torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = fastbert.linear_bias_gelu(x, w, b, backend="torch")
+        y = fastbert.add_layer_norm(h, h.float(), torch.ones(16), torch.zeros(16), backend="torch")
+        q = torch.randn(2, 4, 2, 8)
+        o = fastbert.attention(q, q, q, backend="torch")
+    assert h.dtype == y.dtype == o.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------
+
+def test_opcheck_attention():
+    q, k, v = _attn_inputs(dtype=torch.float32)
+    mask = random_padding_mask(2, 7)
+    seed = torch.tensor([5])
+    for args in [(q, k, v, mask, True, 0.0, 0.3, None, False, "torch"),
+                 (q, k, v, None, False, 0.2, 0.3, seed, True, "torch")]:
+        torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, args)
+    out, lse = torch.ops.fastbert.attention_fwd(q, k, v, mask, True, 0.0, 0.3, None, False, "torch")
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                mask, True, 0.0, 0.3, None, False, "torch")
+    torch.library.opcheck(torch.ops.fastbert.attention_bwd.default, bwd_args)
+
+
+def test_opcheck_add_layer_norm():
+    x, r = torch.randn(5, 12, requires_grad=True), torch.randn(5, 12, requires_grad=True)
+    w, b = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
+    for args in [(x, r, w, b, 1e-5, 0.0, None, "torch"),
+                 (x, None, w, b, 1e-5, 0.1, torch.tensor([2]), "torch")]:
+        torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
+    y, mean, rstd = torch.ops.fastbert.add_layer_norm_fwd(x, r, w, b, 1e-5, 0.0, None, "torch")
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_bwd.default,
+                          (torch.randn(5, 12), x.detach(), r.detach(), w.detach(), mean, rstd, 0.0,
+                           None, "torch"))
+
+
+def test_opcheck_linear_bias_gelu():
+    x, w, b = (torch.randn(6, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True),
+               torch.randn(10, requires_grad=True))
+    torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_fwd.default,
+                          (x, w, b, "tanh", "torch"))
+    out, pre = torch.ops.fastbert.linear_bias_gelu_fwd(x, w, b, "none", "torch")
+    torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_bwd.default,
+                          (torch.randn(6, 10), x.detach(), w.detach(), pre, "none", "torch"))
+
+
+def test_torch_compile_fullgraph_ops():
+    torch._dynamo.reset()
+
+    def block(x, mask, w_qkv, w1, b1, ln_w, ln_b):
+        b, s, hid = x.shape
+        q, k, v = (x @ w_qkv.T).view(b, s, 3, 2, hid // 2).unbind(2)
+        a = fastbert.attention(q, k, v, mask).reshape(b, s, hid)
+        h = fastbert.add_layer_norm(a, x, ln_w, ln_b)
+        return fastbert.linear_bias_gelu(h, w1, b1)
+
+    args = (torch.randn(2, 5, 8, requires_grad=True), random_padding_mask(2, 5),
+            torch.randn(24, 8), torch.randn(16, 8), torch.randn(16), torch.ones(8), torch.zeros(8))
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    want = block(*args)
+    got = compiled(*args)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert args[0].grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# validation: every bad input raises before any kernel runs, naming op and argument
+# --------------------------------------------------------------------------------------------
+
+def _q(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+ATTN_BAD = [
+    (dict(q=_q(2, 5, 3)), ValueError, "'q' expected a 4-D"),
+    (dict(q=torch.ones(2, 5, 3, 8, dtype=torch.int32)), TypeError, "'q' expected dtype"),
+    (dict(k=_q(2, 5, 3, 8, dtype=torch.float16)), TypeError, "one dtype"),
+    (dict(k=_q(2, 5, 4, 8)), ValueError, "'k' and 'v' expected shape"),
+    (dict(v=_q(2, 6, 3, 8)), ValueError, "'k' and 'v' expected shape"),
+    (dict(q=_q(1, 2, 1, 300), k=_q(1, 2, 1, 300), v=_q(1, 2, 1, 300)), ValueError, "head dim"),
+    (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "'key_padding_mask' expected shape"),
+    (dict(key_padding_mask=torch.ones(2, 5)), TypeError, "bool or integer"),
+    (dict(key_padding_mask=[[1] * 5] * 2), TypeError, "'key_padding_mask' expected a torch.Tensor"),
+    (dict(dropout_p=1.0), ValueError, "'dropout_p'"),
+    (dict(dropout_p=-0.1), ValueError, "'dropout_p'"),
+    (dict(softmax_scale=float("nan")), ValueError, "'softmax_scale'"),
+    (dict(backend="flash"), ValueError, "'backend'"),
+    (dict(q="nope"), TypeError, "'q' expected a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("override,exc,text", ATTN_BAD)
+def test_attention_validation(override, exc, text):
+    args = dict(q=_q(2, 5, 3, 8), k=_q(2, 5, 3, 8), v=_q(2, 5, 3, 8), key_padding_mask=None)
+    args.update(override)
+    kwargs = {k: args.pop(k) for k in ("dropout_p", "softmax_scale", "backend") if k in args}
+    with pytest.raises(exc, match="fastbert.attention") as e:
+        fastbert.attention(**args, **kwargs)
+    assert text in str(e.value)
+
+
+LN_BAD = [
+    (dict(residual=_q(4, 9)), ValueError, "'residual' expected shape"),
+    (dict(residual=_q(4, 8, dtype=torch.float16)), TypeError, "'residual' expected dtype"),
+    (dict(weight=_q(9)), ValueError, "'weight' expected shape"),
+    (dict(bias=_q(8, dtype=torch.float16)), TypeError, "'bias' expected dtype"),
+    (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "'x' expected dtype"),
+    (dict(eps=0.0), ValueError, "'eps'"),
+    (dict(dropout_p=1.5), ValueError, "'dropout_p'"),
+    (dict(backend="cudnn"), ValueError, "'backend'"),
+]
+
+
+@pytest.mark.parametrize("override,exc,text", LN_BAD)
+def test_add_layer_norm_validation(override, exc, text):
+    args = dict(x=_q(4, 8), residual=_q(4, 8), weight=_q(8), bias=_q(8), eps=1e-5)
+    args.update(override)
+    kwargs = {k: args.pop(k) for k in ("dropout_p", "backend") if k in args}
+    with pytest.raises(exc, match="fastbert.add_layer_norm") as e:
+        fastbert.add_layer_norm(**args, **kwargs)
+    assert text in str(e.value)
+
+
+GELU_BAD = [
+    (dict(weight=_q(6, 5)), ValueError, "'weight' expected shape"),
+    (dict(weight=_q(6, 4, 1)), ValueError, "'weight' expected shape"),
+    (dict(bias=_q(5)), ValueError, "'bias' expected shape"),
+    (dict(bias=_q(6, dtype=torch.float16)), TypeError, "one dtype"),
+    (dict(approximate="fast"), ValueError, "'approximate'"),
+    (dict(backend=3), ValueError, "'backend'"),
+]
+
+
+@pytest.mark.parametrize("override,exc,text", GELU_BAD)
+def test_linear_bias_gelu_validation(override, exc, text):
+    args = dict(x=_q(3, 4), weight=_q(6, 4), bias=_q(6))
+    args.update(override)
+    kwargs = {k: args.pop(k) for k in ("approximate", "backend") if k in args}
+    with pytest.raises(exc, match="fastbert.linear_bias_gelu") as e:
+        fastbert.linear_bias_gelu(**args, **kwargs)
+    assert text in str(e.value)
+
+
+def test_mixed_devices_rejected():
+    q = _q(1, 2, 1, 4)
+    with pytest.raises(ValueError, match="'k' expected to be on cpu"):
+        fastbert.attention(q, q.to("meta"), q)
+
+
+# --------------------------------------------------------------------------------------------
+# backend choice
+# --------------------------------------------------------------------------------------------
+
+def test_auto_picks_torch_on_cpu_and_named_backends_explain_refusal():
+    assert ops.resolve_backend("fastbert.attention", "auto", torch.device("cpu")) == "torch"
+    for name in ("cuda", "triton"):
+        with pytest.raises(ValueError, match=f"backend '{name}' cannot serve this input"):
+            fastbert.attention(*_attn_inputs(dtype=torch.float32, grad=False), backend=name)
+
+
+def test_set_backend_and_env():
+    try:
+        fastbert.set_backend("torch")
+        assert fastbert.get_backend() == "torch"
+        with pytest.raises(ValueError, match="set_backend"):
+            fastbert.set_backend("tpu")
+    finally:
+        fastbert.set_backend("auto")
+    import os
+    import subprocess
+    import sys
+    code = "import fastbert; print(fastbert.get_backend())"
+    env = dict(os.environ, FASTBERT_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "torch", out.stderr
+    env["FASTBERT_BACKEND"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "FASTBERT_BACKEND" in out.stderr
