@@ -1,0 +1,269 @@
+"""BERT's pre-training and fine-tuning heads, with Hugging Face's class names, output fields, loss
+conventions (label -100 is ignored) and parameter names.
+
+Shapes: B batch, S sequence, C hidden size, V vocabulary.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastbert
+from fastbert.model import BertConfig, BertModel, BertPreTrainedModel, ModelOutput, init_weights
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# outputs (the fields of the transformers classes of the same name)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class BertForPreTrainingOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    prediction_logits: Tensor = None  # (B, S, V)
+    seq_relationship_logits: Tensor = None  # (B, 2)
+
+
+@dataclass
+class MaskedLMOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    logits: Tensor = None  # (B, S, V)
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    logits: Tensor = None  # (B, S, V)
+
+
+@dataclass
+class NextSentencePredictorOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    logits: Tensor = None  # (B, 2)
+
+
+@dataclass
+class SequenceClassifierOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    logits: Tensor = None  # (B, num_labels)
+
+
+@dataclass
+class QuestionAnsweringModelOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    start_logits: Tensor = None  # (B, S)
+    end_logits: Tensor = None  # (B, S)
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
+
+class BertLMPredictionHead(nn.Module):
+    """MLM head: dense + GELU + LayerNorm, then a decoder whose weight is the word embeddings."""
+
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        c = config.hidden_size
+        self.gelu_approximate = config.gelu_approximate
+        self.transform = nn.ModuleDict(dict(dense=nn.Linear(c, c),
+                                            LayerNorm=nn.LayerNorm(c, eps=config.layer_norm_eps)))
+        self.decoder = nn.Linear(c, config.vocab_size)
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+        self.decoder.weight = word_embeddings.weight  # tied
+        self.bias = self.decoder.bias  # HF names the decoder bias cls.predictions.bias too
+
+    def forward(self, x):  # (B, S, C) -> (B, S, V)
+        dense, norm = self.transform["dense"], self.transform["LayerNorm"]
+        x = fastbert.linear_bias_gelu(x, dense.weight, dense.bias, approximate=self.gelu_approximate)
+        x = fastbert.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
+        return self.decoder(x)
+
+
+def _linear(config: BertConfig, n_in: int, n_out: int) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out)
+    init_weights(layer, config.initializer_range)
+    return layer
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=ignore_index)
+
+
+# --------------------------------------------------------------------------------------------
+# the heads
+# --------------------------------------------------------------------------------------------
+
+class BertForPreTraining(BertPreTrainedModel):
+    """MLM + NSP. loss = MLM loss + NSP loss when both `labels` and `next_sentence_label` are given."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = nn.ModuleDict(dict(
+            predictions=BertLMPredictionHead(config, self.bert.embeddings.word_embeddings),
+            seq_relationship=_linear(config, config.hidden_size, 2)))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, next_sentence_label=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        prediction_logits = self.cls["predictions"](out.last_hidden_state)  # (B, S, V)
+        seq_relationship_logits = self.cls["seq_relationship"](out.pooler_output)  # (B, 2)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = (_cross_entropy(prediction_logits, labels)
+                    + _cross_entropy(seq_relationship_logits, next_sentence_label))
+        return BertForPreTrainingOutput(loss, prediction_logits, seq_relationship_logits)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = nn.ModuleDict(dict(
+            predictions=BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.cls["predictions"](out.last_hidden_state)  # (B, S, V)
+        loss = _cross_entropy(logits, labels) if labels is not None else None
+        return MaskedLMOutput(loss, logits)
+
+
+class BertForNextSentencePrediction(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = nn.ModuleDict(dict(seq_relationship=_linear(config, config.hidden_size, 2)))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.cls["seq_relationship"](out.pooler_output)  # (B, 2)
+        loss = _cross_entropy(logits, labels) if labels is not None else None
+        return NextSentencePredictorOutput(loss, logits)
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """Pooled [CLS] -> dropout -> linear. Loss as in HF: MSE when num_labels == 1 (regression),
+    cross-entropy for integer labels, BCE-with-logits for float multi-label targets
+    (config.problem_type, when set, decides)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        p = config.classifier_dropout
+        self.dropout = nn.Dropout(p if p is not None else config.hidden_dropout_prob)
+        self.classifier = _linear(config, config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            problem = self.config.problem_type
+            if problem is None:
+                if self.num_labels == 1:
+                    problem = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    problem = "single_label_classification"
+                else:
+                    problem = "multi_label_classification"
+            if problem == "regression":
+                if self.num_labels == 1:
+                    loss = F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+                else:
+                    loss = F.mse_loss(logits, labels.to(logits.dtype))
+            elif problem == "single_label_classification":
+                loss = _cross_entropy(logits, labels)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return SequenceClassifierOutput(loss, logits)
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """Per-token start/end logits. loss = mean of the start and end cross-entropies; positions
+    outside the sequence are clamped to S and ignored, as in HF."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = _linear(config, config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                start_positions=None, end_positions=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.qa_outputs(out.last_hidden_state)  # (B, S, num_labels)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            s = start_logits.shape[1]
+            start = start_positions.reshape(-1).clamp(0, s)
+            end = end_positions.reshape(-1).clamp(0, s)
+            loss = (_cross_entropy(start_logits, start, ignore_index=s)
+                    + _cross_entropy(end_logits, end, ignore_index=s)) / 2
+        return QuestionAnsweringModelOutput(loss, start_logits, end_logits)
+
+
+class BertLMHeadModel(BertPreTrainedModel):
+    """Left-to-right LM: causal attention, the MLM head as the LM head, shifted loss
+    (position i predicts labels[i + 1]), and greedy or sampled generation."""
+
+    def __init__(self, config: BertConfig):
+        # is_decoder makes transformers load our checkpoints as causal too
+        super().__init__(dataclasses.replace(config, is_decoder=True))
+        config = self.config
+        self.bert = BertModel(config, add_pooling_layer=False, causal=True)
+        self.cls = nn.ModuleDict(dict(
+            predictions=BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.cls["predictions"](out.last_hidden_state)  # (B, S, V)
+        loss = None
+        if labels is not None:
+            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, S): the next token
+            loss = _cross_entropy(logits, shifted)
+        return CausalLMOutput(loss, logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id: Optional[int] = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None):
+        """Append up to max_new_tokens tokens to input_ids (B, S), one per step, greedy or sampled
+        (temperature, top_k). A row that produced eos_token_id is finished and is padded with
+        config.pad_token_id (eos when unset); generation stops when every row is finished.
+        Each step re-runs the whole prefix (at most max_position_embeddings tokens)."""
+        if temperature <= 0:
+            raise ValueError(f"generate: argument 'temperature' expected > 0, got {temperature!r}")
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
+        ids = input_ids
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            context = ids[:, -self.config.max_position_embeddings:]
+            logits = self(context).logits[:, -1, :].float()  # (B, V)
+            if do_sample:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            else:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            if eos_token_id is not None:
+                next_id = next_id.masked_fill(finished.unsqueeze(1), pad)
+                finished |= next_id.squeeze(1) == eos_token_id
+            ids = torch.cat([ids, next_id], dim=1)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        return ids
