@@ -32,7 +32,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# the same constants as kernel-visible globals (Triton kernels may only read constexpr globals)
+LOG2E_K = tl.constexpr(LOG2E)
+LN2_K = tl.constexpr(0.6931471805599453)
 
 # Triton's interpreter computes bf16 tl.dot wrongly (numpy has no bf16, it multiplies the raw
 # bits), so under TRITON_INTERPRET=1 bf16 dot operands are upcast to fp32 first.
@@ -149,7 +151,7 @@ def _attn_fwd_kernel(
     acc = acc / l_safe[:, None]
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2_K)
     row_ok = offs_m < seqlen_q
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
               + offs_m[:, None] * stride_os + offs_d[None, :])
@@ -244,7 +246,7 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         # recompute P^T (N, M) from the saved log-sum-exp
         st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_DOT)
-        pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E_K)
         visible = _visible(offs_m, offs_n, Mask, off_b, seqlen_q, seqlen_k, IS_CAUSAL, HAS_MASK)
         pt = tl.where(tl.trans(visible), pt, 0.0)
         dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_DOT)
@@ -316,7 +318,7 @@ def _attn_bwd_dq_kernel(
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_DOT)
-        p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E)
+        p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E_K)
         visible = _visible(offs_m, cols, Mask, off_b, seqlen_q, seqlen_k, IS_CAUSAL, HAS_MASK)
         p = tl.where(visible, p, 0.0)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_DOT)
