@@ -1,0 +1,205 @@
+"""Hugging Face compatibility: checkpoint directories in and out, and patching transformers models.
+
+    model = fastbert.BertForMaskedLM.from_pretrained("path/to/hf_checkpoint")   # offline
+    model.save_pretrained("out")               # transformers.BertForMaskedLM.from_pretrained("out")
+    hf_model = fastbert.patch_hf(hf_model)     # a transformers BERT, now on fastbert's ops
+
+transformers is imported only inside patch_hf, so `import fastbert` stays light.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+import fastbert
+from fastbert.model import _GELU_APPROXIMATE, BertConfig
+
+# Checkpoint keys that are aliases of tied parameters (the MLM decoder is the word embeddings, its
+# bias is cls.predictions.bias): transformers may leave them out of the files it writes.
+_TIED_ALIASES = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+_BASE_MODULES = ("embeddings.", "encoder.", "pooler.")
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint I/O
+# --------------------------------------------------------------------------------------------
+
+def read_state_dict(path: str) -> dict:
+    """All tensors of a HF checkpoint directory: model.safetensors (single or sharded), else
+    pytorch_model.bin."""
+    from safetensors.torch import load_file
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(path, shard)))
+        return state
+    binary = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"from_pretrained: no model.safetensors, model.safetensors.index.json "
+                            f"or pytorch_model.bin in {path!r}")
+
+
+def _match_prefix(state: dict, model: nn.Module) -> dict:
+    """Translate between a bare BertModel checkpoint ("encoder.…") and a head checkpoint
+    ("bert.encoder.…"), whichever the model is, as transformers does."""
+    prefix = model.base_model_prefix + "."
+    model_has_prefix = hasattr(model, model.base_model_prefix)
+    ckpt_has_prefix = any(k.startswith(prefix) for k in state)
+    if model_has_prefix and not ckpt_has_prefix:
+        return {(prefix + k if k.startswith(_BASE_MODULES) else k): v for k, v in state.items()}
+    if not model_has_prefix and ckpt_has_prefix:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def _rename_legacy(key: str) -> str:
+    # the oldest BERT checkpoints name LayerNorm parameters gamma/beta
+    if key.endswith(".gamma"):
+        return key[:-len("gamma")] + "weight"
+    if key.endswith(".beta"):
+        return key[:-len("beta")] + "bias"
+    return key
+
+
+def load_pretrained(cls, path: str, **config_overrides):
+    """cls.from_pretrained: build cls from path/config.json (with overrides) and load the weights.
+    Weights the checkpoint lacks (a new head) keep their fresh initialisation, with a warning, as
+    in transformers; checkpoint entries the model has no place for are ignored, with a warning."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"from_pretrained: expected a checkpoint directory, got {path!r}")
+    model = cls(BertConfig.from_pretrained(path, **config_overrides))
+    state = {_rename_legacy(k): v for k, v in read_state_dict(path).items()}
+    missing, unexpected = model.load_state_dict(_match_prefix(state, model), strict=False)
+    missing = [k for k in missing if k not in _TIED_ALIASES]
+    unexpected = [k for k in unexpected if not k.endswith((".position_ids", ".token_type_ids"))]
+    if missing:
+        warnings.warn(f"{cls.__name__}.from_pretrained({path!r}): newly initialised (not in the "
+                      f"checkpoint): {missing}")
+    if unexpected:
+        warnings.warn(f"{cls.__name__}.from_pretrained({path!r}): ignored checkpoint entries: "
+                      f"{unexpected}")
+    return model
+
+
+def save_pretrained(model: nn.Module, path: str) -> None:
+    """Write config.json and model.safetensors in Hugging Face's format and key names."""
+    from safetensors.torch import save_file
+    config = model.config
+    config.extra["architectures"] = [type(model).__name__]
+    config.save_pretrained(path)
+    # safetensors refuses tensors that share memory: keep the first name of each tied parameter
+    # (transformers re-ties the rest) and copy the query/key/value slices out of the fused qkv.
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        tensors[name] = t.detach().contiguous().clone()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------------------------
+# patching transformers models in place
+# --------------------------------------------------------------------------------------------
+
+def _key_padding_mask(attention_mask):
+    """HF hands its attention modules an expanded mask: (B, 1, Sq, Sk) additive float (0 = visible)
+    or bool (True = visible), a 2-D (B, Sk) mask, or None. fastbert wants (B, Sk), True = real key.
+    The last query row sees every unpadded key even under a causal mask, so it is the padding mask."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, :]  # (B, Sk)
+        return row if row.dtype == torch.bool else row == 0
+    return attention_mask != 0
+
+
+def _self_attention_forward(self, hidden_states, attention_mask=None, cache=None,
+                            past_key_values=None, **kwargs):
+    """BertSelfAttention.forward (transformers >= 5 interface) on fastbert.attention."""
+    b, s, _ = hidden_states.shape
+    d = self.attention_head_size
+    q, k, v = (proj(hidden_states).view(b, s, -1, d)  # (B, S, nh, hd), no transposes needed
+               for proj in (self.query, self.key, self.value))
+    cache = cache if cache is not None else past_key_values
+    if cache is not None:
+        cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
+        # HF caches (B, nh, S, hd); transposed views go to fastbert.attention without copies
+        k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    out = fastbert.attention(q, k, v, _key_padding_mask(attention_mask),
+                             causal=bool(getattr(self, "is_causal", False)),
+                             dropout_p=self.dropout.p if self.training else 0.0,
+                             softmax_scale=getattr(self, "scaling", d ** -0.5))
+    return out.reshape(b, s, -1), None  # no attention weights: they are never materialised
+
+
+def _add_norm_forward(self, hidden_states, input_tensor):
+    """BertSelfOutput/BertOutput: LN(dropout(dense(h)) + residual), the add+dropout+LN fused."""
+    norm = self.LayerNorm
+    return fastbert.add_layer_norm(self.dense(hidden_states), input_tensor, norm.weight, norm.bias,
+                                   norm.eps, dropout_p=self.dropout.p if self.training else 0.0)
+
+
+def _intermediate_forward(self, hidden_states):
+    return fastbert.linear_bias_gelu(hidden_states, self.dense.weight, self.dense.bias,
+                                     approximate=self.fastbert_gelu_approximate)
+
+
+def _layer_norm_forward(self, x):
+    return fastbert.add_layer_norm(x, None, self.weight, self.bias, self.eps)
+
+
+_patched_classes: dict = {}
+
+
+def _patch(module: nn.Module, forward) -> None:
+    """Give `module` a subclass of its class whose forward is `forward` (parameters untouched)."""
+    base = type(module)
+    if base not in _patched_classes:
+        _patched_classes[base] = type(f"Fastbert{base.__name__}", (base,), {"forward": forward})
+    module.__class__ = _patched_classes[base]
+
+
+def patch_hf(model: nn.Module) -> nn.Module:
+    """Run a transformers BERT (BertModel or any Bert* head) on fastbert's ops, in place: its
+    self-attention on fastbert.attention, every residual+LayerNorm on fastbert.add_layer_norm, the
+    FFN's first Linear+GELU on fastbert.linear_bias_gelu. The Parameter objects stay the same, so
+    an optimizer made before patching keeps training the model. Returns the model.
+
+    The self-attention patch follows the transformers >= 5 module interface; on older versions the
+    attention is left as it is (with a warning) and the rest is patched."""
+    import inspect
+
+    from transformers.models.bert import modeling_bert as hf_bert
+
+    new_attention_api = "head_mask" not in inspect.signature(hf_bert.BertSelfAttention.forward).parameters
+    if not new_attention_api:
+        warnings.warn("patch_hf: this transformers version's BertSelfAttention has the pre-5.0 "
+                      "interface; its attention is left unpatched")
+    hidden_act = getattr(getattr(model, "config", None), "hidden_act", None)
+    approximate = _GELU_APPROXIMATE.get(hidden_act) if isinstance(hidden_act, str) else None
+    for module in model.modules():
+        kind = type(module)
+        if kind is hf_bert.BertSelfAttention and new_attention_api:
+            _patch(module, _self_attention_forward)
+        elif kind in (hf_bert.BertSelfOutput, hf_bert.BertOutput):
+            _patch(module, _add_norm_forward)
+        elif kind is hf_bert.BertIntermediate and approximate is not None:
+            module.fastbert_gelu_approximate = approximate
+            _patch(module, _intermediate_forward)
+        elif kind is nn.LayerNorm and module.elementwise_affine and module.bias is not None:
+            _patch(module, _layer_norm_forward)
+    return model
