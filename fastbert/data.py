@@ -88,7 +88,7 @@ class WordPieceTokenizer:
 
         trainer = BertWordPieceTokenizer(lowercase=lowercase)
         trainer.train([str(f) for f in files], vocab_size=vocab_size, min_frequency=min_frequency,
-                      special_tokens=list(cls.SPECIALS))
+                      special_tokens=list(cls.SPECIALS), show_progress=False)
         return cls(trainer._tokenizer)
 
     def save(self, directory) -> None:

@@ -285,7 +285,7 @@ class Trainer:
         random.seed(config.seed + self.rank)
         np.random.seed(config.seed + self.rank)
         if config.resume_from:
-            self._load_state(self._resolve_checkpoint(config.resume_from))
+            self._load_state(resolve_checkpoint(config.output_dir, config.resume_from))
 
     # ---- data ------------------------------------------------------------------------------
 
@@ -421,17 +421,6 @@ class Trainer:
             for old in sorted(_checkpoints(self.config.output_dir))[:-self.config.save_total_limit]:
                 _remove_tree(old[1])
 
-    def _resolve_checkpoint(self, where: str) -> Path:
-        if where == "latest":
-            found = _checkpoints(self.config.output_dir)
-            if not found:
-                raise FileNotFoundError(f"resume: no checkpoint-* directory in {self.config.output_dir}")
-            return max(found)[1]
-        path = Path(where)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"resume: {path} is not a checkpoint directory (no {STATE_FILE})")
-        return path
-
     def _load_state(self, directory: Path):
         """Restore everything but the weights (the caller loaded the model from `directory`)."""
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
@@ -459,6 +448,19 @@ class Trainer:
         path = Path(self.config.output_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.metrics, indent=2))
+
+
+def resolve_checkpoint(output_dir, where: str) -> Path:
+    """The checkpoint directory to resume: `where`, or the newest in `output_dir` if "latest"."""
+    if where == "latest":
+        found = _checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"resume: no checkpoint-* directory in {output_dir}")
+        return max(found)[1]
+    path = Path(where)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume: {path} is not a checkpoint directory (no {STATE_FILE})")
+    return path
 
 
 def _checkpoints(output_dir):

@@ -1,0 +1,486 @@
+"""The `fastbert` command: pre-train, fine-tune, evaluate, generate, benchmark, describe the install.
+
+    fastbert pretrain --train-files corpus.txt --output-dir runs/tiny --config tiny
+    fastbert finetune-classify --model CKPT --train data/ --eval-fraction 0.2 --output-dir runs/cls
+    fastbert finetune-qa --model CKPT --train train.json --eval dev.json --output-dir runs/qa
+    fastbert evaluate --model runs/cls --data test.csv
+    fastbert generate --model LM_CKPT --prompt "the cat" --max-new-tokens 20
+    fastbert bench --quick
+    fastbert info
+
+Every run writes <output-dir>/metrics.json. Problems with the user's files or arguments are
+reported as one line (file and line where it applies), not as a traceback; set FASTBERT_DEBUG=1
+to see the traceback anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import fastbert
+from fastbert import data as fbdata
+
+# Model sizes for pre-training from scratch (BERT's published shapes, plus two for experiments).
+PRESETS = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+# evaluate: which task a checkpoint's architecture is for
+TASK_OF_ARCHITECTURE = {"BertForPreTraining": "pretrain", "BertForSequenceClassification": "classify",
+                        "BertForQuestionAnswering": "qa"}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+
+def read_checkpoint_config(path) -> dict:
+    """config.json of a Hugging Face checkpoint directory, checked to be a BERT."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CLIError(f"checkpoint {path}: no such directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CLIError(f"checkpoint {path}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{config_file}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if config.get("model_type") != "bert":
+        raise CLIError(f"checkpoint {path} is a {config.get('model_type')!r} model; fastbert needs a "
+                       f"BERT checkpoint (model_type 'bert')")
+    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise CLIError(f"checkpoint {path}: no model.safetensors or pytorch_model.bin")
+    return config
+
+
+def load_model(class_name: str, path, **overrides):
+    cls = getattr(fastbert, class_name)
+    return cls.from_pretrained(str(path), **overrides)
+
+
+def load_tokenizer(path) -> fbdata.WordPieceTokenizer:
+    try:
+        return fbdata.WordPieceTokenizer.from_pretrained(path)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+def _train_config(args):
+    from fastbert.train import TrainConfig
+
+    return TrainConfig(output_dir=args.output_dir, epochs=args.epochs, max_steps=args.max_steps,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                       max_grad_norm=args.max_grad_norm, precision=args.precision, seed=args.seed,
+                       log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
+                       save_total_limit=args.save_total_limit, resume_from=args.resume,
+                       device=args.device, progress=not args.no_progress)
+
+
+def _resume_source(args, model_dir):
+    """The weights to start from: the checkpoint being resumed, else `model_dir`."""
+    from fastbert.train import resolve_checkpoint
+
+    if not args.resume:
+        return model_dir
+    try:
+        return resolve_checkpoint(args.output_dir, args.resume)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+
+
+def _run(trainer, args) -> int:
+    metrics = trainer.train()
+    if trainer.rank == 0:
+        final = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics["final"].items()}
+        print(f"done: {json.dumps(final)}  (train {metrics['train_wall_time_s']:.1f} s)")
+        print(f"model and metrics.json in {args.output_dir}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from fastbert.train import Trainer, pretraining_task
+
+    documents = fbdata.read_documents(args.train_files)
+    if args.model and not args.resume:
+        read_checkpoint_config(args.model)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif args.model:
+        tokenizer = load_tokenizer(args.model)
+    else:
+        tokenizer = fbdata.WordPieceTokenizer.train(args.train_files, vocab_size=args.vocab_size,
+                                                    lowercase=not args.cased)
+        print(f"trained a WordPiece vocabulary of {tokenizer.vocab_size} tokens on the training files")
+    tokenize = lambda docs: [[tokenizer.tokenize(s) for s in doc] for doc in docs]
+    rng = random.Random(args.seed)
+    if args.eval_files:
+        train_docs, eval_docs = documents, fbdata.read_documents(args.eval_files)
+    else:
+        train_docs, eval_docs = fbdata.split_holdout(documents, args.eval_fraction, args.seed)
+    train_examples = fbdata.build_nsp_examples(tokenize(train_docs), tokenizer, args.max_length, rng)
+    eval_examples = (fbdata.build_nsp_examples(tokenize(eval_docs), tokenizer, args.max_length, rng)
+                     if len(eval_docs) >= 2 else None)
+
+    source = _resume_source(args, args.model)
+    if source:
+        model = load_model("BertForPreTraining", source)
+    else:
+        model = fastbert.BertForPreTraining(_new_config(args, tokenizer))
+    task = pretraining_task(train_examples, tokenizer, eval_examples, args.mlm_probability)
+    return _run(Trainer(model, task, _train_config(args), tokenizer), args)
+
+
+def _new_config(args, tokenizer):
+    if args.config in PRESETS:
+        fields = dict(PRESETS[args.config])
+    else:
+        path = Path(args.config)
+        if not path.is_file():
+            raise CLIError(f"--config: {args.config!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        try:
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    fields.update(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                  max_position_embeddings=max(fields.get("max_position_embeddings", 512), args.max_length))
+    return fastbert.BertConfig(**fields)
+
+
+def _classification_rows(path, what):
+    try:
+        return fbdata.read_classification(path)
+    except FileNotFoundError as e:
+        raise CLIError(f"{what}: {e}") from None
+
+
+def _encode_rows(rows, tokenizer, label2id, max_length, path):
+    unknown = sorted({label for _, label in rows if label not in label2id})
+    if unknown:
+        raise CLIError(f"{path}: labels {unknown} are not among the model's labels {sorted(label2id)}")
+    examples = []
+    for text, label in rows:
+        example = tokenizer.encode(text, max_length=max_length)
+        example["labels"] = label2id[label]
+        examples.append(example)
+    return examples
+
+
+def cmd_finetune_classify(args) -> int:
+    from fastbert.train import Trainer, classification_task
+
+    config = read_checkpoint_config(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    train_rows = _classification_rows(args.train, "--train")
+    if args.eval:
+        eval_rows = _classification_rows(args.eval, "--eval")
+    else:
+        train_rows, eval_rows = fbdata.split_holdout(train_rows, args.eval_fraction, args.seed)
+    labels = sorted({label for _, label in train_rows})
+    if len(labels) < 2:
+        raise CLIError(f"{args.train}: found only the label(s) {labels}; classification needs at least two")
+    if (config.get("architectures") or [""])[0] == "BertForSequenceClassification":
+        old = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        if sorted(old) != labels:
+            raise CLIError(f"checkpoint {args.model} classifies {old}, the training data has {labels}; "
+                           f"start from the base model instead")
+        labels = old
+    label2id = {label: i for i, label in enumerate(labels)}
+    train_examples = _encode_rows(train_rows, tokenizer, label2id, args.max_length, args.train)
+    eval_examples = _encode_rows(eval_rows, tokenizer, label2id, args.max_length, args.eval or args.train) \
+        if eval_rows else None
+    print(f"{len(train_examples)} training and {len(eval_examples or [])} evaluation examples, "
+          f"{len(labels)} labels: {', '.join(labels)}")
+    model = load_model("BertForSequenceClassification", _resume_source(args, args.model),
+                       num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
+    task = classification_task(train_examples, tokenizer, labels, eval_examples)
+    return _run(Trainer(model, task, _train_config(args), tokenizer), args)
+
+
+def _squad(path, tokenizer, args):
+    try:
+        examples = fbdata.read_squad(path)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    features = fbdata.squad_features(examples, tokenizer, args.max_length, args.doc_stride, args.max_query_length)
+    return examples, features
+
+
+def cmd_finetune_qa(args) -> int:
+    from fastbert.train import Trainer, qa_task
+
+    read_checkpoint_config(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    _, train_features = _squad(args.train, tokenizer, args)
+    eval_examples, eval_features = _squad(args.eval, tokenizer, args) if args.eval else (None, None)
+    version_2 = args.version_2 or any(not ex.answers for ex in (eval_examples or []))
+    print(f"{len(train_features)} training windows" +
+          (f", {len(eval_examples)} evaluation questions ({len(eval_features)} windows)" if eval_examples else ""))
+    model = load_model("BertForQuestionAnswering", _resume_source(args, args.model))
+    task = qa_task(train_features, tokenizer, eval_examples, eval_features,
+                   max_answer_length=args.max_answer_length, version_2=version_2)
+    return _run(Trainer(model, task, _train_config(args), tokenizer), args)
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+    from fastbert import train as fbtrain
+
+    config = read_checkpoint_config(args.model)
+    architecture = (config.get("architectures") or ["?"])[0]
+    task_name = args.task or TASK_OF_ARCHITECTURE.get(architecture)
+    if task_name is None:
+        raise CLIError(f"checkpoint {args.model} is a {architecture}; evaluate knows "
+                       f"{', '.join(TASK_OF_ARCHITECTURE)} (or pass --task)")
+    class_name = {v: k for k, v in TASK_OF_ARCHITECTURE.items()}[task_name]
+    if architecture != class_name:
+        raise CLIError(f"checkpoint {args.model} is a {architecture}, but --task {task_name} needs a {class_name}")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if task_name == "classify":
+        label2id = {label: int(i) for label, i in config["label2id"].items()}
+        rows = _classification_rows(args.data, "--data")
+        examples = _encode_rows(rows, tokenizer, label2id, args.max_length, args.data)
+        task = fbtrain.classification_task([], tokenizer, sorted(label2id, key=label2id.get), examples,
+                                           args.batch_size)
+    elif task_name == "qa":
+        examples, features = _squad(args.data, tokenizer, args)
+        task = fbtrain.qa_task([], tokenizer, examples, features, args.batch_size, args.max_answer_length,
+                               version_2=args.version_2 or any(not ex.answers for ex in examples))
+    else:
+        docs = fbdata.read_documents(args.data if isinstance(args.data, list) else [args.data])
+        tokenized = [[tokenizer.tokenize(s) for s in doc] for doc in docs]
+        examples = fbdata.build_nsp_examples(tokenized, tokenizer, args.max_length, random.Random(args.seed))
+        task = fbtrain.pretraining_task([], tokenizer, examples, eval_batch_size=args.batch_size)
+    _, _, device = fbtrain.setup_distributed(args.device)
+    model = load_model(class_name, args.model).to(device).eval()
+    start = time.perf_counter()
+    metrics = task.evaluate(model, device)
+    result = {"task": task_name, "model": str(args.model), "data": str(args.data), "examples": len(examples),
+              "wall_time_s": time.perf_counter() - start, **metrics}
+    print(json.dumps(result, indent=2))
+    if args.metrics_file:
+        Path(args.metrics_file).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    config = read_checkpoint_config(args.model)
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture != "BertLMHeadModel" or not config.get("is_decoder"):
+        raise CLIError(f"checkpoint {args.model} is a {architecture} (is_decoder="
+                       f"{config.get('is_decoder', False)}); generate needs a causal language model "
+                       f"(BertLMHeadModel with is_decoder=true)")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model("BertLMHeadModel", args.model).to(device).eval()
+    # a causal LM continues the prompt: [CLS] prompt, no closing [SEP]
+    input_ids = torch.tensor([[tokenizer.cls_id] + tokenizer.tokenize(args.prompt)], device=device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(input_ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.sep_id,
+                                do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k)
+    seconds = time.perf_counter() - start
+    new_tokens = output[0, input_ids.shape[1]:].tolist()
+    print(tokenizer.decode(output[0].tolist()))
+    print(f"({len(new_tokens)} new tokens in {seconds:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import runpy
+
+    try:
+        import benchmarks  # noqa: F401  (the top-level package of a source checkout)
+    except ImportError:
+        raise CLIError("`fastbert bench` runs the benchmark suite, which lives in the source checkout "
+                       "(benchmarks/ next to fastbert/): run it from the repository root") from None
+    sys.argv = ["python -m benchmarks", *args.bench_args]
+    try:
+        runpy.run_module("benchmarks", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from fastbert import info
+
+    return info.main()
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------------------------
+
+def _add_training_flags(p):
+    g = p.add_argument_group("training")
+    g.add_argument("--output-dir", required=True, help="where the model, checkpoints and metrics.json go")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training data (default 3)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="global batch per micro-step, over all processes (default 32)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-steps accumulated per optimizer step (effective batch = batch-size x this)")
+    g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of AdamW (default 5e-5)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, not on biases/LayerNorm")
+    g.add_argument("--warmup-ratio", type=float, default=0.1,
+                   help="fraction of the steps with linear warmup; then linear decay to 0 (default 0.1)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast dtype (fp16 only on a GPU, with loss scaling; default fp32)")
+    g.add_argument("--seed", type=int, default=42, help="seed for data order, masking, splits and init")
+    g.add_argument("--log-every", type=int, default=10, help="steps between loss/throughput records")
+    g.add_argument("--eval-every", type=int, help="steps between evaluations (default: at the end)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints (default: at the end)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoint-* directories to keep")
+    g.add_argument("--resume", metavar="latest|DIR",
+                   help="continue a run exactly: 'latest' checkpoint in --output-dir, or a checkpoint dir")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_common_flags(p):
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"],
+                   help="fastbert kernel backend (default: auto, or $FASTBERT_BACKEND)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastbert", description="Train, evaluate and run BERT models on fastbert's fused kernels.",
+        epilog="Multi-GPU: torchrun --nproc-per-node N -m fastbert.cli <command> ... "
+               "(DDP; --batch-size stays the global batch).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="MLM + NSP pre-training from raw text",
+                       description="Pre-train BERT with masked-LM and next-sentence prediction. Text files: "
+                                   "one sentence per line, a blank line between documents.")
+    p.add_argument("--train-files", nargs="+", required=True, metavar="FILE", help="raw text files")
+    p.add_argument("--eval-files", nargs="+", metavar="FILE",
+                   help="held-out text files (default: hold out --eval-fraction of the documents)")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out when no --eval-files")
+    p.add_argument("--model", help="continue pre-training this checkpoint instead of starting from scratch")
+    p.add_argument("--config", default="tiny",
+                   help=f"size of a new model: a preset ({', '.join(PRESETS)}) or a config.json (default tiny)")
+    p.add_argument("--tokenizer", help="vocab.txt, tokenizer.json or a directory with either "
+                                       "(default: the --model's, else train a new one)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="size of a newly trained vocabulary")
+    p.add_argument("--cased", action="store_true", help="keep case when training a new vocabulary")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sentence pair (default 128)")
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens masked")
+    _add_training_flags(p)
+    _add_common_flags(p)
+    p.set_defaults(func=cmd_pretrain, lr=1e-4)
+
+    p = sub.add_parser("finetune-classify", help="fine-tune for sequence classification",
+                       description="Fine-tune a BERT checkpoint to classify texts; reports accuracy and macro-F1.")
+    p.add_argument("--model", required=True, help="Hugging Face BERT checkpoint directory to start from")
+    p.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    p.add_argument("--train", required=True,
+                   help="CSV/TSV with a header and text,label columns; JSONL of {\"text\", \"label\"}; "
+                        "or a directory with one folder of .txt files per class")
+    p.add_argument("--eval", help="evaluation data in the same formats (default: hold out --eval-fraction)")
+    p.add_argument("--eval-fraction", type=float, default=0.2, help="share of --train held out (default 0.2)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text, longer ones truncated")
+    _add_training_flags(p)
+    _add_common_flags(p)
+    p.set_defaults(func=cmd_finetune_classify)
+
+    p = sub.add_parser("finetune-qa", help="fine-tune for extractive QA (SQuAD v1.1 / v2.0)",
+                       description="Fine-tune a BERT checkpoint on SQuAD-format JSON; reports EM and F1.")
+    p.add_argument("--model", required=True, help="Hugging Face BERT checkpoint directory to start from")
+    p.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    p.add_argument("--train", required=True, help="SQuAD-format JSON for training")
+    p.add_argument("--eval", help="SQuAD-format JSON for evaluation")
+    _add_qa_flags(p)
+    _add_training_flags(p)
+    _add_common_flags(p)
+    p.set_defaults(func=cmd_finetune_qa, batch_size=12, lr=3e-5, epochs=2.0)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset",
+                       description="Evaluate a fine-tuned or pre-trained checkpoint; the task follows from "
+                                   "its architecture.")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    p.add_argument("--data", required=True, help="classification file/directory, SQuAD JSON, or text file")
+    p.add_argument("--task", choices=["classify", "qa", "pretrain"], help="check the checkpoint is for this task")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--metrics-file", help="also write the metrics to this JSON file")
+    p.add_argument("--seed", type=int, default=42, help="seed of the NSP pairs and masks (pretrain task)")
+    _add_qa_flags(p, max_length_default=None)
+    _add_common_flags(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="generate text with a causal LM checkpoint",
+                       description="Continue a prompt with a BertLMHeadModel, one token per step with a KV cache.")
+    p.add_argument("--model", required=True, help="BertLMHeadModel checkpoint directory (is_decoder=true)")
+    p.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (or at [SEP])")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature when sampling")
+    p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_common_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks)", add_help=False,
+                       description="Runs `python -m benchmarks` with the remaining arguments "
+                                   "(`fastbert bench --help` shows its flags). Needs the source checkout.")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("info", help="versions, built and usable backends, devices",
+                       description="Same as python -m fastbert.info.")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _add_qa_flags(p, max_length_default=384):
+    g = p.add_argument_group("question answering")
+    g.add_argument("--max-length", type=int, default=max_length_default or 384,
+                   help="tokens per window: [CLS] question [SEP] context [SEP] (default 384; "
+                        "for classification/pretrain evaluation the text length)")
+    g.add_argument("--doc-stride", type=int, default=128, help="context tokens between window starts")
+    g.add_argument("--max-query-length", type=int, default=64, help="question tokens kept")
+    g.add_argument("--max-answer-length", type=int, default=30, help="longest answer span, in tokens")
+    g.add_argument("--version-2", action="store_true",
+                   help="SQuAD v2: allow 'no answer' (on by default when the data has unanswerable questions)")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "backend", None):
+        fastbert.set_backend(args.backend)
+    try:
+        return args.func(args)
+    except (CLIError, fbdata.DataError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("FASTBERT_DEBUG"):
+            raise
+        print(f"fastbert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
