@@ -1,0 +1,358 @@
+"""Triton add+LayerNorm: kernels vs fastbert.reference (interpreter tier), ahead-of-time
+compilation of every launcher variant (compile tier), BERT shapes on a GPU (gpu tier).
+
+Also home of two helpers the Triton GEMM tests share: `load_triton_module` and `aot_compile`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import ops, reference
+from tests.helpers import assert_close_by_rule, assert_fp32_close
+
+triton = pytest.importorskip("triton")
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def load_triton_module(name: str) -> types.ModuleType:
+    """fastbert.triton.<name>; loaded straight from its file while the package's __init__ cannot
+    import yet (it imports every op's module, and another op may not have landed)."""
+    try:
+        return importlib.import_module(f"fastbert.triton.{name}")
+    except ImportError:
+        path = Path(fastbert.__file__).parent / "triton" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"_fastbert_triton_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # triton's @jit looks its module up while compiling
+        spec.loader.exec_module(module)
+        return module
+
+
+def triton_backend_for_ops(monkeypatch, **modules) -> None:
+    """Make ops.py's "triton" backend usable: the real fastbert.triton when it imports, otherwise
+    a stand-in exposing these kernel modules, so the public op + autograd path is still tested."""
+    try:
+        importlib.import_module("fastbert.triton")
+        return
+    except ImportError:
+        pass
+    stand_in = types.SimpleNamespace()
+    by_op = {}
+    for op_name, module in modules.items():
+        by_op[op_name] = module.unsupported
+        for attr in dir(module):
+            if attr.endswith("_forward") or attr.endswith("_backward"):
+                setattr(stand_in, attr, getattr(module, attr))
+    stand_in.unsupported = lambda op, **kw: by_op[op](**kw)
+    monkeypatch.setitem(ops._modules, "triton", stand_in)
+
+
+def aot_compile(kernel, signature: dict, constexprs: dict, capability: int, num_warps: int,
+                num_stages: int = 3):
+    """Compile a Triton kernel for CUDA sm_<capability> without a GPU; raises on a compile error.
+
+    `signature` maps runtime argument names to Triton types ("*fp16", "i32", ...), `constexprs`
+    the constexpr names to values. Triton >= 3.3 (3.6 and 3.9 included) takes both by name, with
+    constexprs also listed in the signature as "constexpr"; older releases keyed them by index.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):  # an autotuned kernel wraps it
+        fn = fn.fn
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        full = dict(signature, **{name: "constexpr" for name in constexprs})
+        src = ASTSource(fn, full, constexprs=constexprs)
+    else:
+        index = fn.arg_names.index
+        src = ASTSource(fn, {index(k): v for k, v in signature.items()},
+                        constants={index(k): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+ln = load_triton_module("layer_norm")
+
+
+def make_inputs(rows, hidden, dtype, with_residual, weight_dtype=torch.float32, device="cpu"):
+    x = torch.randn(rows, hidden, dtype=dtype, device=device)
+    residual = torch.randn(rows, hidden, dtype=dtype, device=device) if with_residual else None
+    weight = (1.0 + 0.5 * torch.randn(hidden, device=device)).to(weight_dtype)
+    bias = (0.5 * torch.randn(hidden, device=device)).to(weight_dtype)
+    dy = torch.randn(rows, hidden, dtype=dtype, device=device)
+    return x, residual, weight, bias, dy
+
+
+def exact_and_plain(x, residual, weight, bias, dy, eps, dropout_p=0.0, keep=None):
+    """fp64 reference (forward + explicit backward), and plain PyTorch autograd in x's dtype."""
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    y, mean, rstd = reference.add_layer_norm_forward(d(x), d(residual), d(weight), d(bias), eps,
+                                                     dropout_p, keep)
+    grads = reference.add_layer_norm_backward(d(dy), d(x), d(residual), d(weight), mean, rstd,
+                                              dropout_p, keep)
+    exact = {"y": y, "mean": mean, "rstd": rstd, "dx": grads[0], "dresidual": grads[1],
+             "dweight": grads[2], "dbias": grads[3]}
+
+    leaves = [t.detach().to(x.dtype).requires_grad_() if t is not None else None
+              for t in (x, residual, weight, bias)]
+    y_plain, _, _ = reference.add_layer_norm_forward(*leaves, eps, dropout_p, keep, upcast=False)
+    y_plain.backward(dy)
+    px, pres, pw, pb = leaves
+    plain = {"y": y_plain.detach(), "dx": px.grad, "dresidual": pres.grad if pres is not None
+             else None, "dweight": pw.grad, "dbias": pb.grad}
+    return exact, plain
+
+
+def run_kernels(x, residual, weight, bias, dy, eps, dropout_p=0.0, seed=0):
+    y, mean, rstd = ln.add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed)
+    dx, dres, dw, db = ln.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p,
+                                                  seed)
+    return {"y": y, "mean": mean, "rstd": rstd, "dx": dx, "dresidual": dres, "dweight": dw,
+            "dbias": db}
+
+
+def check(got, exact, plain, x, residual, weight):
+    assert got["y"].dtype == x.dtype and got["dx"].dtype == x.dtype
+    assert got["dweight"].dtype == weight.dtype and got["dbias"].dtype == weight.dtype
+    assert got["mean"].dtype == torch.float32 and got["rstd"].dtype == torch.float32
+    assert (got["dresidual"] is None) == (residual is None)
+    # statistics are computed in fp32 from the exact input values, whatever the input dtype
+    assert_fp32_close(got["mean"], exact["mean"], "mean")
+    assert_fp32_close(got["rstd"], exact["rstd"], "rstd", rtol=2e-5)
+    for name in ("y", "dx", "dresidual", "dweight", "dbias"):
+        if got[name] is None:
+            continue
+        assert got[name].shape == exact[name].shape, name
+        if got[name].dtype == torch.float32 and x.dtype == torch.float32:
+            # dweight/dbias sum over rows: allow their magnitude in the absolute tolerance
+            atol = 1e-5 * max(1.0, exact[name].abs().max().item())
+            assert_fp32_close(got[name], exact[name], name, atol=atol)
+        else:
+            assert_close_by_rule(got[name], plain[name], exact[name], name)
+
+
+# --------------------------------------------------------------------------------------------
+# interpreter tier
+# --------------------------------------------------------------------------------------------
+
+SHAPES = [(1, 16), (17, 40), (130, 768), (3, 5000), (2, 16384)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows,hidden", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_matches_reference(rows, hidden, dtype, with_residual):
+    x, residual, weight, bias, dy = make_inputs(rows, hidden, dtype, with_residual)
+    got = run_kernels(x, residual, weight, bias, dy, eps=1e-5)
+    exact, plain = exact_and_plain(x, residual, weight, bias, dy, eps=1e-5)
+    check(got, exact, plain, x, residual, weight)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_weight_in_input_dtype(dtype):
+    x, residual, weight, bias, dy = make_inputs(33, 96, dtype, True, weight_dtype=dtype)
+    got = run_kernels(x, residual, weight, bias, dy, eps=1e-12)
+    exact, plain = exact_and_plain(x, residual, weight, bias, dy, eps=1e-12)
+    check(got, exact, plain, x, residual, weight)
+
+
+@pytest.mark.interpreter
+def test_constant_rows_give_bias_not_nan():
+    # variance 0: y must be exactly the bias (xhat = 0), and gradients finite
+    x = torch.full((4, 64), 3.0)
+    _, _, weight, bias, dy = make_inputs(4, 64, torch.float32, False)
+    got = run_kernels(x, None, weight, bias, dy, eps=1e-12)
+    torch.testing.assert_close(got["y"], bias.expand(4, 64), rtol=0, atol=0)
+    for name in ("dx", "dweight", "dbias"):
+        assert torch.isfinite(got[name]).all(), name
+
+
+@pytest.mark.interpreter
+def test_zero_rows():
+    x, residual, weight, bias, _ = make_inputs(0, 32, torch.float16, True)
+    got = run_kernels(x, residual, weight, bias, torch.empty_like(x), eps=1e-5)
+    assert got["y"].shape == (0, 32) and got["mean"].shape == (0,)
+    assert torch.equal(got["dweight"], torch.zeros(32)) and torch.equal(got["dbias"], torch.zeros(32))
+
+
+def kept_elements(x, residual, weight, bias, dy, p, seed):
+    """The kernel's keep-mask, read off its own gradients: with a residual, d(sum)/dx is
+    dresidual / (1 - p) where kept and exactly 0 where dropped (dresidual is nonzero a.s.)."""
+    got = run_kernels(x, residual, weight, bias, dy, eps=1e-5, dropout_p=p, seed=seed)
+    assert (got["dresidual"] != 0).all()
+    return got["dx"] != 0, got
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seed", [7, 2 ** 40 + 12345])  # 32- and 64-bit seeds
+def test_dropout(dtype, seed):
+    rows, hidden, p = 64, 256, 0.3
+    x, residual, weight, bias, dy = make_inputs(rows, hidden, dtype, True)
+    keep, got = kept_elements(x, residual, weight, bias, dy, p, seed)
+
+    # keep rate: binomial with n = 16384, std ~0.0036; 5 sigma
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * ((p * (1 - p)) / keep.numel()) ** 0.5, rate
+
+    # forward used the same mask with 1/(1-p) scaling, and every gradient is consistent with it
+    exact, plain = exact_and_plain(x, residual, weight, bias, dy, 1e-5, p, keep)
+    check(got, exact, plain, x, residual, weight)
+
+    # same seed -> bitwise the same; another seed -> another mask
+    again = run_kernels(x, residual, weight, bias, dy, eps=1e-5, dropout_p=p, seed=seed)
+    for name in got:
+        assert torch.equal(got[name], again[name]), name
+    other_keep, _ = kept_elements(x, residual, weight, bias, dy, p, seed + 1)
+    assert not torch.equal(keep, other_keep)
+
+
+@pytest.mark.interpreter
+def test_dropout_without_residual():
+    rows, hidden, p, seed = 16, 128, 0.5, 99
+    x, residual, weight, bias, dy = make_inputs(rows, hidden, torch.float32, True)
+    keep, _ = kept_elements(x, residual, weight, bias, dy, p, seed)  # mask depends on seed only
+    got = run_kernels(x, None, weight, bias, dy, eps=1e-5, dropout_p=p, seed=seed)
+    exact, plain = exact_and_plain(x, None, weight, bias, dy, 1e-5, p, keep)
+    check(got, exact, plain, x, None, weight)
+
+
+@pytest.mark.interpreter
+def test_dweight_dbias_deterministic():
+    x, residual, weight, bias, dy = make_inputs(130, 200, torch.float16, True)
+    first = run_kernels(x, residual, weight, bias, dy, eps=1e-5)
+    second = run_kernels(x, residual, weight, bias, dy, eps=1e-5)
+    assert torch.equal(first["dweight"], second["dweight"])
+    assert torch.equal(first["dbias"], second["dbias"])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_op_autograd(monkeypatch, dtype):
+    triton_backend_for_ops(monkeypatch, **{"fastbert.add_layer_norm": ln})
+    x, residual, weight, bias, dy = make_inputs(18, 40, dtype, True)
+    x3, r3, dy3 = x.view(2, 9, 40), residual.view(2, 9, 40), dy.view(2, 9, 40)
+    leaves = [t.clone().requires_grad_() for t in (x3, r3, weight, bias)]
+    y = fastbert.add_layer_norm(*leaves, 1e-5, backend="triton")
+    y.backward(dy3)
+    got = {"y": y.detach().view(18, 40), "dx": leaves[0].grad.view(18, 40),
+           "dresidual": leaves[1].grad.view(18, 40), "dweight": leaves[2].grad,
+           "dbias": leaves[3].grad}
+    exact, plain = exact_and_plain(x, residual, weight, bias, dy, 1e-5)
+    for name, value in got.items():
+        if dtype == torch.float32:
+            assert_fp32_close(value, exact[name], name, atol=1e-5 * max(1.0, exact[name].abs().max().item()))
+        else:
+            assert_close_by_rule(value, plain[name], exact[name], name)
+
+
+@pytest.mark.interpreter
+def test_public_op_dropout_reproducible(monkeypatch):
+    triton_backend_for_ops(monkeypatch, **{"fastbert.add_layer_norm": ln})
+    x, residual, weight, bias, dy = make_inputs(32, 64, torch.float32, True)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        outs.append(fastbert.add_layer_norm(x, residual, weight, bias, dropout_p=0.2,
+                                            backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    no_dropout = fastbert.add_layer_norm(x, residual, weight, bias, backend="triton")
+    assert not torch.equal(outs[0], no_dropout)
+
+
+# --------------------------------------------------------------------------------------------
+# always: what the backend says it cannot serve
+# --------------------------------------------------------------------------------------------
+
+def test_unsupported_reasons():
+    assert ln.unsupported(torch.float16, 768, 0.1) is None
+    assert ln.unsupported(torch.float32, ln.MAX_HIDDEN, 0.0) is None
+    assert "hidden" in ln.unsupported(torch.float32, ln.MAX_HIDDEN + 1, 0.0)
+    assert "float64" in ln.unsupported(torch.float64, 768, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# compile tier: every variant the launchers produce, for sm_80 and sm_90
+# --------------------------------------------------------------------------------------------
+
+def _block_sizes():
+    return sorted({ln._row_config(h) for h in [2 ** i for i in range(15)]
+                   + [ln.MAX_HIDDEN]})  # every (BLOCK_N, num_warps) pair up to MAX_HIDDEN
+
+
+def _fwd_signature(dtype, weight_dtype, seed_type):
+    t, w = TRITON_TYPE[dtype], TRITON_TYPE[weight_dtype]
+    return {"X": f"*{t}", "RESIDUAL": f"*{t}", "W": f"*{w}", "B": f"*{w}", "Y": f"*{t}",
+            "MEAN": "*fp32", "RSTD": "*fp32", "hidden": "i32", "eps": "fp32",
+            "dropout_p": "fp32", "seed": seed_type}
+
+
+def _bwd_signature(dtype, weight_dtype, seed_type):
+    t, w = TRITON_TYPE[dtype], TRITON_TYPE[weight_dtype]
+    return {"DY": f"*{t}", "X": f"*{t}", "RESIDUAL": f"*{t}", "W": f"*{w}", "MEAN": "*fp32",
+            "RSTD": "*fp32", "DX": f"*{t}", "DRESIDUAL": f"*{t}", "DW_PARTIAL": "*fp32",
+            "DB_PARTIAL": "*fp32", "rows": "i32", "hidden": "i32", "rows_per_program": "i32",
+            "dropout_p": "fp32", "seed": seed_type}
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("capability", [80, 90])
+def test_compiles_ahead_of_time(capability):
+    kernels = [(ln._add_layer_norm_fwd_kernel, _fwd_signature),
+               (ln._add_layer_norm_bwd_kernel, _bwd_signature)]
+    # every dtype pairing and flag combination at BERT's row width ...
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for weight_dtype in sorted({dtype, torch.float32}, key=str):
+            for has_residual in (False, True):
+                for has_dropout in (False, True):
+                    seed_type = "i64" if has_dropout else "i32"
+                    block_n, num_warps = ln._row_config(768)
+                    for kernel, signature in kernels:
+                        aot_compile(kernel, signature(dtype, weight_dtype, seed_type),
+                                    {"HAS_RESIDUAL": has_residual, "HAS_DROPOUT": has_dropout,
+                                     "BLOCK_N": block_n}, capability, num_warps)
+    # ... and every row width the launcher can pick, with all features on
+    for block_n, num_warps in _block_sizes():
+        for kernel, signature in kernels:
+            aot_compile(kernel, signature(torch.bfloat16, torch.float32, "i64"),
+                        {"HAS_RESIDUAL": True, "HAS_DROPOUT": True, "BLOCK_N": block_n},
+                        capability, num_warps)
+
+
+# --------------------------------------------------------------------------------------------
+# gpu tier: BERT shapes
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [768, 1024])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_bert_shapes_gpu(hidden, dtype):
+    x, residual, weight, bias, dy = make_inputs(16384, hidden, dtype, True, device="cuda")
+    got = run_kernels(x, residual, weight, bias, dy, eps=1e-12)
+    exact, plain = exact_and_plain(x, residual, weight, bias, dy, eps=1e-12)
+    check(got, exact, plain, x, residual, weight)
+    again = run_kernels(x, residual, weight, bias, dy, eps=1e-12)
+    assert torch.equal(got["dweight"], again["dweight"]) and torch.equal(got["dbias"], again["dbias"])
+
+
+@pytest.mark.gpu
+def test_bert_dropout_gpu():
+    x, residual, weight, bias, dy = make_inputs(16384, 768, torch.bfloat16, True, device="cuda")
+    keep, got = kept_elements(x, residual, weight, bias, dy, 0.1, seed=2 ** 50 + 3)
+    assert abs(keep.float().mean().item() - 0.9) < 2e-3
+    exact, plain = exact_and_plain(x, residual, weight, bias, dy, 1e-5, 0.1, keep)
+    check(got, exact, plain, x, residual, weight)
