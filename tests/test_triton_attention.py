@@ -1,0 +1,419 @@
+"""Triton fused attention vs fastbert.reference, in three tiers.
+
+- interpreter: the kernels on CPU tensors under TRITON_INTERPRET=1 (small, odd shapes)
+  `TRITON_INTERPRET=1 python -m pytest -m interpreter tests/test_triton_attention.py`
+- compile: every kernel variant the launchers produce compiles ahead of time for sm_80 and sm_90
+- gpu: BERT-base/large shapes on a CUDA device
+
+Kernel-level checks import fastbert.triton.attention directly; the end-to-end checks go through
+fastbert.attention(..., backend="triton").
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import reference
+from fastbert.triton import attention as kernels
+from tests.helpers import assert_close_by_rule, assert_fp32_close, poison_, random_padding_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an element a kernel forgets to write
+    fails the comparison."""
+    monkeypatch.setattr(kernels, "_alloc",
+                        lambda shape, dtype, device: poison_(torch.empty(shape, dtype=dtype,
+                                                                         device=device)))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def make_qkv(b, sq, sk, h, d, dtype, packed=False, device=DEVICE):
+    """q (B, Sq, H, D), k, v (B, Sk, H, D); packed: strided views of one (B, S, 3, H, D) tensor."""
+    if packed:
+        assert sq == sk
+        qkv = torch.randn(b, sq, 3, h, d, dtype=dtype, device=device)
+        return qkv.unbind(2)
+    return tuple(torch.randn(b, s, h, d, dtype=dtype, device=device) for s in (sq, sk, sk))
+
+
+def no_key_visible(mask, causal, b, sq, sk, device):
+    """(B, 1, Sq) bool: queries that see no key at all."""
+    visible = reference.attention_visible(mask, causal, b, sq, sk, device)
+    if visible is None:
+        return torch.zeros(b, 1, sq, dtype=torch.bool, device=device)
+    return ~visible.any(-1)
+
+
+def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed, deterministic):
+    """Kernel forward and backward vs the fp64 reference, by the tolerance rule (fp32: ~1e-5)."""
+    q, k, v = make_qkv(b, sq, sk, h, d, dtype, packed)
+    mask = None if mask_mode is None else random_padding_mask(b, sk, q.device, mode=mask_mode)
+    scale = 1.0 / math.sqrt(d)
+    dout = torch.randn(b, sq, h, d, dtype=dtype, device=q.device)
+
+    out, lse = kernels.attention_forward(q, k, v, mask, causal, 0.0, scale, 0)
+    dq, dk, dv = kernels.attention_backward(dout, q, k, v, out, lse, mask, causal, 0.0, scale, 0,
+                                            deterministic)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    for g, t in ((dq, q), (dk, k), (dv, v)):
+        assert g.shape == t.shape and g.dtype == dtype and g.is_contiguous()
+
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+    exact_out, exact_lse = reference.attention_forward(q64, k64, v64, mask, causal, 0.0, scale)
+    exact_grads = reference.attention_backward(do64, q64, k64, v64, exact_out, exact_lse, mask,
+                                               causal, 0.0, scale)
+    # lse: fp32 from the same inputs, +inf exactly where a query sees no key
+    finite = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[~finite] == float("inf")).all()
+    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=1e-5, atol=1e-5)
+
+    names = ("out", "dq", "dk", "dv")
+    kernel_res = (out, dq, dk, dv)
+    exact_res = (exact_out,) + tuple(exact_grads)
+    if dtype == torch.float32:
+        for name, got, want in zip(names, kernel_res, exact_res):
+            assert_fp32_close(got, want, name)
+    else:
+        plain_out, plain_lse = reference.attention_forward(q, k, v, mask, causal, 0.0, scale,
+                                                           upcast=False)
+        plain_grads = reference.attention_backward(dout, q, k, v, plain_out, plain_lse, mask,
+                                                   causal, 0.0, scale, upcast=False)
+        for name, got, plain, want in zip(names, kernel_res, (plain_out,) + tuple(plain_grads),
+                                          exact_res):
+            assert_close_by_rule(got, plain, want, name)
+
+    # nothing visible -> exact zeros: queries that see no key, keys no query sees
+    empty_q = no_key_visible(mask, causal, b, sq, sk, q.device).transpose(1, 2)  # (B, Sq, 1)
+    assert (out.masked_select(empty_q.unsqueeze(-1)) == 0).all()
+    assert (dq.masked_select(empty_q.unsqueeze(-1)) == 0).all()
+    visible = reference.attention_visible(mask, causal, b, sq, sk, q.device)
+    if visible is not None:
+        unseen_k = ~visible.any(2).transpose(1, 2)  # (B, Sk, 1)
+        assert (dk.masked_select(unseen_k.unsqueeze(-1)) == 0).all()
+        assert (dv.masked_select(unseen_k.unsqueeze(-1)) == 0).all()
+    return out
+
+
+# (B, Sq, Sk, H, D, dtype, causal, mask mode, packed QKV, deterministic): S in {1, 17, 130},
+# D in {1, 16, 32, 40, 64, 80, 128, 256}, every dtype, Sq != Sk both ways with causal, padding
+# with a fully padded row, packed strided views, both dQ paths.
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+INTERPRETER_CASES = [
+    (2, 1, 1, 2, 16, F32, False, None, False, True),
+    (2, 17, 17, 1, 1, F32, True, "random", False, False),
+    (2, 17, 17, 2, 32, F16, False, "with_empty", True, False),
+    (1, 130, 130, 2, 64, BF16, True, "random", True, True),
+    (2, 17, 130, 1, 40, F32, True, "with_empty", False, False),
+    (2, 130, 17, 1, 80, F16, True, "third", False, True),
+    (1, 130, 130, 1, 128, F32, False, "random", True, True),
+    (2, 1, 130, 2, 128, BF16, True, "random", False, False),
+    (1, 17, 17, 1, 256, F16, False, None, False, True),
+    (2, 130, 130, 1, 16, BF16, False, "with_empty", False, False),
+]
+
+
+def _case_id(case):
+    b, sq, sk, h, d, dtype, causal, mode, packed, det = case
+    return (f"B{b}-Sq{sq}-Sk{sk}-H{h}-D{d}-{str(dtype)[6:]}" + ("-causal" if causal else "")
+            + (f"-{mode}" if mode else "") + ("-packed" if packed else "")
+            + ("-det" if det else "-atomic"))
+
+
+# --------------------------------------------------------------------------------------------
+# interpreter tier
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=_case_id)
+def test_forward_backward_vs_reference(case):
+    check_attention(*case)
+
+
+def recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed):
+    """The kernel's dropout keep-mask (B, H, Sq, Sk): with v = identity rows (Sk <= D), the output
+    row of query i is its dropped probability row, nonzero exactly where a visible key was kept."""
+    assert sk <= d
+    q, k, _ = make_qkv(b, sq, sk, h, d, dtype)
+    eye = torch.zeros(b, sk, h, d, dtype=dtype, device=q.device)
+    eye[:, torch.arange(sk), :, torch.arange(sk)] = 1.0
+    scale = 1.0 / math.sqrt(d)
+    out, _ = kernels.attention_forward(q, k, eye, mask, causal, p, scale, seed)
+    dropped = out[..., :sk].permute(0, 2, 1, 3)  # (B, H, Sq, Sk)
+    probs, _ = reference.attention_forward(q.double(), k.double(), eye.double(), mask, causal)
+    probs = probs[..., :sk].permute(0, 2, 1, 3)  # (B, H, Sq, Sk), the undropped probabilities
+    return dropped, probs
+
+
+@pytest.mark.interpreter
+def test_dropout_keep_rate_scaling_and_seed():
+    b, s, h, d, p = 2, 64, 2, 64, 0.3
+    dropped, probs = recover_keep(b, s, s, h, d, torch.float32, False, None, p, seed=1234)
+    keep = dropped != 0
+    rate = keep.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / keep.numel())
+    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    # kept probabilities are scaled by 1/(1-p), dropped ones are exactly 0
+    torch.testing.assert_close(dropped.double()[keep], probs[keep] / (1 - p), rtol=1e-5, atol=1e-6)
+    # the mask is not the same for every (batch, head) nor every query row
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    # same seed -> bitwise the same output; another seed -> another mask
+    torch.manual_seed(0)
+    again, _ = recover_keep(b, s, s, h, d, torch.float32, False, None, p, seed=1234)
+    torch.manual_seed(0)
+    same_inputs, _ = recover_keep(b, s, s, h, d, torch.float32, False, None, p, seed=1234)
+    torch.manual_seed(0)
+    other, _ = recover_keep(b, s, s, h, d, torch.float32, False, None, p, seed=99)
+    assert torch.equal(again, same_inputs)
+    assert not torch.equal(again != 0, other != 0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,causal,mask_mode,sq,deterministic,seed", [
+    (F32, False, None, 48, True, 7),
+    (F32, True, "with_empty", 20, False, 2 ** 40 + 3),  # a 64-bit seed, as ops.py draws them
+    (BF16, True, "random", 48, True, 11),
+])
+def test_dropout_backward_uses_forward_mask(dtype, causal, mask_mode, sq, deterministic, seed):
+    """Recover the kernel's keep-mask, then the kernel's forward and all three gradients on fresh
+    inputs with the same seed must match the reference given that mask."""
+    b, sk, h, d, p = 2, 48, 2, 64, 0.25
+    mask = None if mask_mode is None else random_padding_mask(b, sk, mode=mask_mode)
+    dropped, probs = recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed)
+    keep = (dropped != 0) | (probs == 0)  # where P = 0 the keep bit does not matter
+    q, k, v = make_qkv(b, sq, sk, h, d, dtype)
+    dout = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = kernels.attention_forward(q, k, v, mask, causal, p, scale, seed)
+    grads = kernels.attention_backward(dout, q, k, v, out, lse, mask, causal, p, scale, seed,
+                                       deterministic)
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+    e_out, e_lse = reference.attention_forward(q64, k64, v64, mask, causal, p, scale, keep)
+    e_grads = reference.attention_backward(do64, q64, k64, v64, e_out, e_lse, mask, causal, p,
+                                           scale, keep)
+    pl_out, pl_lse = reference.attention_forward(q, k, v, mask, causal, p, scale, keep,
+                                                 upcast=False)
+    pl_grads = reference.attention_backward(dout, q, k, v, pl_out, pl_lse, mask, causal, p, scale,
+                                            keep, upcast=False)
+    for name, got, plain, want in zip(("out", "dq", "dk", "dv"), (out,) + tuple(grads),
+                                      (pl_out,) + tuple(pl_grads), (e_out,) + tuple(e_grads)):
+        if dtype == torch.float32:
+            assert_fp32_close(got, want, name)
+        else:
+            assert_close_by_rule(got, plain, want, name)
+
+
+@pytest.mark.interpreter
+def test_deterministic_backward_is_bitwise_reproducible():
+    b, s, h, d = 2, 130, 2, 40
+    q, k, v = make_qkv(b, s, s, h, d, torch.float16, packed=True)
+    mask = random_padding_mask(b, s, mode="third")
+    dout = torch.randn_like(q)
+    out, lse = kernels.attention_forward(q, k, v, mask, True, 0.1, 0.125, 5)
+    first = kernels.attention_backward(dout, q, k, v, out, lse, mask, True, 0.1, 0.125, 5, True)
+    second = kernels.attention_backward(dout, q, k, v, out, lse, mask, True, 0.1, 0.125, 5, True)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.interpreter
+def test_end_to_end_through_fastbert_attention():
+    """The op with backend="triton" (autograd, validation, integer mask) vs backend="torch"."""
+    b, s, h, d = 2, 17, 2, 32
+    qkv = torch.randn(b, s, 3, h, d, requires_grad=True)
+    mask = random_padding_mask(b, s, mode="with_empty").to(torch.int64)
+    results = {}
+    for backend in ("triton", "torch"):
+        qkv.grad = None
+        q, k, v = qkv.unbind(2)
+        out = fastbert.attention(q, k, v, mask, causal=True, backend=backend)
+        out.backward(torch.ones_like(out))
+        results[backend] = (out.detach(), qkv.grad.clone())
+    assert_fp32_close(results["triton"][0], results["torch"][0], "out")
+    assert_fp32_close(results["triton"][1], results["torch"][1], "dqkv")
+    # dropout: torch.manual_seed reproduces forward and backward
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        qkv.grad = None
+        q, k, v = qkv.unbind(2)
+        out = fastbert.attention(q, k, v, mask, dropout_p=0.2, deterministic=True,
+                                 backend="triton")
+        out.sum().backward()
+        grads.append((out.detach(), qkv.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_unsupported_serves_every_contract_input():
+    for dtype, d, p, causal, has_mask in itertools.product(
+            (torch.float16, torch.bfloat16, torch.float32), (1, 17, 64, 200, 256), (0.0, 0.1),
+            (False, True), (False, True)):
+        assert kernels.unsupported(dtype=dtype, head_dim=d, dropout_p=p, causal=causal,
+                                   has_mask=has_mask) is None
+    assert "float64" in kernels.unsupported(dtype=torch.float64, head_dim=64)
+    assert "257" in kernels.unsupported(dtype=torch.float16, head_dim=257)
+
+
+def test_key_range():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert kernels.key_range(mask).tolist() == [[0, 2], [1, 4], [0, 0], [0, 4]]
+
+
+# --------------------------------------------------------------------------------------------
+# compile tier: ahead-of-time compilation for sm_80 and sm_90, no GPU needed
+# --------------------------------------------------------------------------------------------
+
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_DATA_PTRS = {"Q", "K", "V", "Out", "DOut", "DK", "DV"}
+_FP32_PTRS = {"Lse", "Delta"}
+_FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
+# Shared memory per block on the targets (A100 sm_80: 163 KiB, H100 sm_90: 227 KiB).
+_SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def _signature(fn, dtype, constexprs, has_mask, has_dropout, dq_dtype):
+    """The launcher's argument types, aligned (pointers and integers divisible by 16 where they
+    usually are), as a (signature, attrs) pair for ASTSource."""
+    sig, aligned = {}, []
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        if name in _DATA_PTRS:
+            sig[name] = "*" + _TRITON_TYPE[dtype]
+        elif name == "DQ":
+            sig[name] = "*" + _TRITON_TYPE[dq_dtype]
+        elif name in _FP32_PTRS:
+            sig[name] = "*fp32"
+        elif name == "Mask":
+            sig[name] = "*u8"
+        elif name == "KvRange":
+            sig[name] = "*i32"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64" if has_dropout else "i32"
+        else:
+            sig[name] = "i32"
+        if sig[name].startswith("*") or name.startswith("stride_") or name == "head_dim":
+            aligned.append(i)
+    return sig, aligned
+
+
+def _compile(fn, dtype, target, warps, stages, has_mask, has_dropout, dq_dtype=None, **consts):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not has_mask and "Mask" in fn.arg_names:
+        consts.update(Mask=None, KvRange=None)
+    if fn is kernels._attn_bwd_dkdv_kernel and not consts.get("DQ_ATOMIC"):
+        consts["DQ"] = None
+    sig, aligned = _signature(fn, dtype, consts, has_mask, has_dropout, dq_dtype or dtype)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    try:  # triton >= 3.3 (3.6, 3.9): constexprs keyed by argument name
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    except (AssertionError, TypeError, ValueError):  # keyed by (argument index,)
+        src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", target, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    assert compiled.metadata.shared <= _SMEM_LIMIT[target], (
+        f"{fn.__name__}: {compiled.metadata.shared} B shared memory > sm_{target} limit")
+
+
+def _compile_all_kernels(dtype, head_dim, target, causal, has_mask, has_dropout):
+    """Every kernel the launchers run for this input, with the launchers' own tile configs."""
+    bd = kernels.block_d(head_dim)
+    flags = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
+                 EXACT_DOT=dtype == torch.float32)  # never the interpreter-only bf16 upcast here
+    m, n, w, s = kernels.fwd_config(bd, dtype)
+    _compile(kernels._attn_fwd_kernel, dtype, target, w, s, has_mask, has_dropout, **flags,
+             BLOCK_M=m, BLOCK_N=n, BLOCK_D=bd)
+    _compile(kernels._attn_bwd_preprocess_kernel, dtype, target, 4, 1, False, False,
+             BLOCK_M=kernels.PREPROCESS_BLOCK_M, BLOCK_D=bd)
+    m, n, w, s = kernels.dkdv_config(bd, dtype)
+    for atomic in (True, False):
+        _compile(kernels._attn_bwd_dkdv_kernel, dtype, target, w, s, has_mask, has_dropout,
+                 dq_dtype=torch.float32, DQ_ATOMIC=atomic, **flags, BLOCK_M=m, BLOCK_N=n,
+                 BLOCK_D=bd)
+    m, n, w, s = kernels.dq_config(bd, dtype)
+    _compile(kernels._attn_bwd_dq_kernel, dtype, target, w, s, has_mask, has_dropout, **flags,
+             BLOCK_M=m, BLOCK_N=n, BLOCK_D=bd)
+
+
+# Every flag combination (causal x mask x dropout) at BERT's head dim 64, on both targets.
+@pytest.mark.compile
+@pytest.mark.parametrize("target", [80, 90])
+@pytest.mark.parametrize("causal,has_mask,has_dropout",
+                         list(itertools.product((False, True), repeat=3)))
+def test_compile_every_flag_combination(target, causal, has_mask, has_dropout):
+    _compile_all_kernels(torch.float16, 64, target, causal, has_mask, has_dropout)
+
+
+# Every dtype against every tile-config class (head dim padded to <= 64, 128, 256), all flags on
+# (the largest variant); 40 pads to 64 (masked head-dim loads), 16 is the smallest tile.
+@pytest.mark.compile
+@pytest.mark.parametrize("target", [80, 90])
+@pytest.mark.parametrize("dtype,head_dim", [
+    (F16, 16), (F16, 128), (F16, 256),
+    (BF16, 40), (BF16, 128), (BF16, 256),
+    (F32, 64), (F32, 80), (F32, 256),
+])
+def test_compile_dtypes_and_head_dims(target, dtype, head_dim):
+    _compile_all_kernels(dtype, head_dim, target, True, True, True)
+
+
+# --------------------------------------------------------------------------------------------
+# gpu tier
+# --------------------------------------------------------------------------------------------
+
+GPU_CASES = [  # BERT-base and BERT-large shapes
+    (8, 512, 512, 12, 64, F16, False, "third", True, False),
+    (8, 512, 512, 16, 64, BF16, False, "with_empty", True, True),
+    (8, 512, 512, 12, 64, BF16, True, None, False, False),
+    (8, 128, 512, 16, 64, F16, True, "random", False, True),
+    (2, 512, 512, 12, 64, F32, False, "random", False, True),
+    (2, 256, 256, 4, 128, F16, True, "random", False, False),
+    (2, 256, 256, 4, 256, BF16, False, "random", False, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_gpu_forward_backward_vs_reference(case):
+    check_attention(*case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_gpu_dropout_and_determinism(dtype):
+    b, s, h, d, p = 8, 64, 12, 64, 0.1
+    dropped, probs = recover_keep(b, s, s, h, d, dtype, False, None, p, seed=2 ** 50 + 1)
+    keep = dropped != 0
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+    torch.manual_seed(0)
+    q, k, v = make_qkv(8, 512, 512, 12, 64, dtype, packed=True)
+    mask = random_padding_mask(8, 512, q.device, mode="third")
+    dout = torch.randn_like(q)
+    out, lse = kernels.attention_forward(q, k, v, mask, False, p, 0.125, 17)
+    runs = [kernels.attention_backward(dout, q, k, v, out, lse, mask, False, p, 0.125, 17, True)
+            for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+    again, _ = kernels.attention_forward(q, k, v, mask, False, p, 0.125, 17)
+    assert torch.equal(out, again)
