@@ -162,7 +162,7 @@ def _new_config(args, tokenizer):
             raise CLIError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     fields.update(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
                   max_position_embeddings=max(fields.get("max_position_embeddings", 512), args.max_length))
-    return fastbert.BertConfig(**fields)
+    return fastbert.BertConfig.from_dict(fields)
 
 
 def _classification_rows(path, what):
@@ -210,7 +210,8 @@ def cmd_finetune_classify(args) -> int:
     print(f"{len(train_examples)} training and {len(eval_examples or [])} evaluation examples, "
           f"{len(labels)} labels: {', '.join(labels)}")
     model = load_model("BertForSequenceClassification", _resume_source(args, args.model),
-                       num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
+                       num_labels=len(labels), id2label={str(i): label for i, label in enumerate(labels)},
+                       label2id=label2id)
     task = classification_task(train_examples, tokenizer, labels, eval_examples)
     return _run(Trainer(model, task, _train_config(args), tokenizer), args)
 
