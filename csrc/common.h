@@ -1,0 +1,76 @@
+// Host-side helpers: errors that name the op, the device check, dtype codes.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace fastbert {
+
+// dtype codes shared with fastbert/cuda.py
+enum DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+
+inline void check_cuda(cudaError_t err, const char* op, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so later calls start clean
+    throw std::runtime_error(std::string(op) + ": CUDA error in " + what + ": " +
+                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+inline void check_arg(bool ok, const char* op, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(std::string(op) + ": " + msg);
+}
+
+// Called first by every launcher, so that calling into the extension on a machine without a
+// usable GPU raises a clear error instead of launching anything.
+inline void require_device(const char* op) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string(op) + ": no usable CUDA device (" +
+                             cudaGetErrorString(err) + ")");
+  }
+  if (count == 0) throw std::runtime_error(std::string(op) + ": no CUDA device found");
+}
+
+inline int sm_count(const char* op) {
+  int device = 0, count = 0;
+  check_cuda(cudaGetDevice(&device), op, "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), op,
+             "cudaDeviceGetAttribute");
+  return count;
+}
+
+inline void check_launch(const char* op, const char* kernel) {
+  check_cuda(cudaGetLastError(), op, kernel);
+}
+
+// Calls f(T{}) with T the element type of a 16-bit float code (attention).
+template <typename F> void dispatch_half(int code, const char* op, F&& f) {
+  switch (code) {
+    case kFloat16: f(__half{}); break;
+    case kBFloat16: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument(std::string(op) + ": dtype code " +
+                                         std::to_string(code) + " is not float16 or bfloat16");
+  }
+}
+
+// Calls f(T{}) with T the element type of a float code (fp16, bf16, fp32).
+template <typename F> void dispatch_float(int code, const char* op, F&& f) {
+  if (code == kFloat32) {
+    f(float{});
+  } else {
+    dispatch_half(code, op, f);
+  }
+}
+
+inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+template <typename T> T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+}  // namespace fastbert

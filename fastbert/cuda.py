@@ -1,0 +1,256 @@
+"""The CUDA C++ backend: loads the extension fastbert._C (if it was built) and turns tensors into
+data pointers, shapes, element strides, dtype codes and the current stream for it.
+
+The extension does not include or link torch; every output is allocated here. It implements the
+six entry points fixed in the docstring of fastbert/ops.py. Dropout is not implemented in these
+kernels: `unsupported` says so and "auto" then picks Triton. The attention backward has no atomics
+(separate dK/dV and dQ kernels), so it is deterministic whatever `deterministic` says.
+Importing this module never raises: without the extension or a GPU, `unavailable_reason()` says why.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from fastbert import _C
+    _import_error: Optional[str] = None
+except ImportError as e:  # not built (no nvcc at install time, or FASTBERT_BUILD_CUDA=0)
+    _C = None
+    _import_error = f"{type(e).__name__}: {e}"
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+ATTENTION_HEAD_DIMS = (32, 64, 128)
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+LAYER_NORM_MAX_HIDDEN = 4096  # the backward keeps 2 * hidden fp32 sums per row in shared memory
+
+
+# --------------------------------------------------------------------------------------------
+# what this backend can do here
+# --------------------------------------------------------------------------------------------
+
+def _built_archs() -> list:
+    return [a for a in _C.archs.split(",") if a] if _C is not None else []
+
+
+def _arch_runs_on(arch: str, capability: int) -> bool:
+    """Can code built for CMake arch `arch` ("80", "90a", "80-real", ...) run on sm_<capability>?"""
+    name, _, kind = arch.partition("-")
+    if name.endswith("a"):  # arch-specific features: that exact GPU only
+        return int(name[:-1]) == capability
+    built = int(name)
+    sass_fits = kind != "virtual" and built // 10 == capability // 10 and built <= capability
+    ptx_fits = kind != "real" and built <= capability  # the driver JIT-compiles the PTX
+    return sass_fits or ptx_fits
+
+
+def extension_info() -> dict:
+    """Whether fastbert._C was built, for which archs, against which CUDA (for fastbert.info)."""
+    if _C is None:
+        return {"built": False, "archs": [], "cuda_version": None, "error": _import_error}
+    major, minor = divmod(int(_C.cuda_version), 1000)
+    return {"built": True, "archs": _built_archs(), "cuda_version": f"{major}.{minor // 10}",
+            "error": None}
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the extension can run here; otherwise why not."""
+    if _C is None:
+        return f"the CUDA extension fastbert._C is not built ({_import_error})"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to torch"
+    major, minor = torch.cuda.get_device_capability()
+    capability = 10 * major + minor
+    if not any(_arch_runs_on(a, capability) for a in _built_archs()):
+        return (f"fastbert._C was built for archs {_C.archs}, which cannot run on this GPU "
+                f"(sm_{capability}); reinstall with FASTBERT_CUDA_ARCHS including {capability}")
+    return None
+
+
+def unsupported(op: str, **kw) -> Optional[str]:
+    """Why these kernels cannot serve an input (None when they can)."""
+    dtype, dropout_p = kw.get("dtype"), kw.get("dropout_p", 0.0)
+    if op == "fastbert.attention":
+        if dtype not in ATTENTION_DTYPES:
+            return f"the CUDA attention kernels take float16 or bfloat16, got {dtype}"
+        if kw.get("head_dim") not in ATTENTION_HEAD_DIMS:
+            return (f"the CUDA attention kernels support head dims {ATTENTION_HEAD_DIMS}, "
+                    f"got {kw.get('head_dim')}")
+    elif op == "fastbert.add_layer_norm":
+        if dtype not in _DTYPE_CODES:
+            return f"the CUDA LayerNorm kernels take float16, bfloat16 or float32, got {dtype}"
+        if kw.get("hidden", 0) > LAYER_NORM_MAX_HIDDEN:
+            return (f"the CUDA LayerNorm kernels support hidden sizes up to "
+                    f"{LAYER_NORM_MAX_HIDDEN}, got {kw.get('hidden')}")
+    elif op == "fastbert.linear_bias_gelu":
+        if dtype not in _DTYPE_CODES:
+            return f"the CUDA GELU kernels take float16, bfloat16 or float32, got {dtype}"
+    else:
+        return f"unknown op {op!r}"
+    if dropout_p > 0.0:
+        return "dropout is not implemented in the CUDA kernels (the Triton backend has it)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# tensors -> pointers
+# --------------------------------------------------------------------------------------------
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _bshd_strides(t: Tensor) -> tuple:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _vector_ready(t: Tensor) -> Tensor:
+    """The attention kernels load 16-byte vectors: 16-byte aligned rows (copy only if not)."""
+    elem = t.element_size()
+    aligned = t.data_ptr() % 16 == 0 and all(s * elem % 16 == 0 for s in t.stride()[:-1])
+    return t if aligned and t.stride(-1) == 1 else t.contiguous()
+
+
+def _no_dropout(op: str, dropout_p: float) -> None:
+    if dropout_p > 0.0:
+        raise ValueError(f"{op}: the CUDA backend does not implement dropout (got dropout_p="
+                         f"{dropout_p}); use backend='triton' or 'torch'")
+
+
+def _require_extension(op: str) -> None:
+    if _C is None:
+        raise RuntimeError(f"{op}: {unavailable_reason()}")
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
+    op = "fastbert.attention"
+    _require_extension(op)
+    _no_dropout(op, dropout_p)
+    b, sq, h, d = q.shape
+    q, k, v = (_vector_ready(t) for t in (q, k, v))
+    out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    with torch.cuda.device(q.device):
+        _C.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
+                             lse.data_ptr(), b, sq, k.shape[1], h, d, _bshd_strides(q),
+                             _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
+                             bool(causal), float(scale), _DTYPE_CODES[q.dtype], _stream(q))
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
+                       deterministic):
+    # Always deterministic: no atomics anywhere in the backward.
+    op = "fastbert.attention"
+    _require_extension(op)
+    _no_dropout(op, dropout_p)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    dout, q, k, v, out = (_vector_ready(t) for t in (dout, q, k, v, out))
+    dq = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, sk, h, d), dtype=q.dtype, device=q.device)
+    dv = torch.empty((b, sk, h, d), dtype=q.dtype, device=q.device)
+    delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    if b == 0 or h == 0:
+        return dq, dk, dv
+    with torch.cuda.device(q.device):
+        _C.attention_backward(dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                              out.data_ptr(), lse.contiguous().data_ptr(), _ptr(mask),
+                              dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
+                              b, sq, sk, h, d, _bshd_strides(dout), _bshd_strides(q),
+                              _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
+                              _bshd_strides(dq), _bshd_strides(dk), _bshd_strides(dv),
+                              bool(causal), float(scale), _DTYPE_CODES[q.dtype], _stream(q))
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# residual add + LayerNorm
+# --------------------------------------------------------------------------------------------
+
+def _kernel_weight(x: Tensor, weight: Tensor) -> Tensor:
+    # The kernels take weight/bias in x's dtype or in fp32; anything else goes through fp32.
+    return weight if weight.dtype in (x.dtype, torch.float32) else weight.float()
+
+
+def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
+    op = "fastbert.add_layer_norm"
+    _require_extension(op)
+    _no_dropout(op, dropout_p)
+    rows, hidden = x.shape
+    w, bias_k = _kernel_weight(x, weight), _kernel_weight(x, bias)
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _C.add_layer_norm_forward(x.data_ptr(), _ptr(residual), w.data_ptr(), bias_k.data_ptr(),
+                                  y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, hidden,
+                                  float(eps), _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype],
+                                  _stream(x))
+    return y, mean, rstd
+
+
+def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+    op = "fastbert.add_layer_norm"
+    _require_extension(op)
+    _no_dropout(op, dropout_p)
+    rows, hidden = x.shape
+    w = _kernel_weight(x, weight)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(x) if residual is not None else None
+    dweight = torch.empty(hidden, dtype=w.dtype, device=x.device)
+    dbias = torch.empty(hidden, dtype=w.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        parts = _C.add_layer_norm_backward_parts(rows, hidden)
+        partial = torch.empty((2, parts, hidden), dtype=torch.float32, device=x.device)
+        _C.add_layer_norm_backward(dy.data_ptr(), x.data_ptr(), _ptr(residual), w.data_ptr(),
+                                   mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), _ptr(dres),
+                                   partial.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), rows,
+                                   hidden, parts, _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype],
+                                   _stream(x))
+    return dx, dres, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# linear + bias + GELU: GEMMs in cuBLAS (through torch), bias/GELU epilogues in the extension
+# --------------------------------------------------------------------------------------------
+
+def linear_bias_gelu_forward(x, weight, bias, approximate):
+    op = "fastbert.linear_bias_gelu"
+    _require_extension(op)
+    m, n = x.shape[0], weight.shape[0]
+    pre = torch.matmul(x, weight.t())  # (M, N); the kernel adds the bias in place
+    out = torch.empty_like(pre)
+    with torch.cuda.device(x.device):
+        _C.bias_gelu_forward(pre.data_ptr(), bias.data_ptr(), pre.data_ptr(), out.data_ptr(), m,
+                             n, approximate == "tanh", _DTYPE_CODES[x.dtype], _stream(x))
+    return out, pre
+
+
+def linear_bias_gelu_backward(dout, x, weight, pre, approximate):
+    op = "fastbert.linear_bias_gelu"
+    _require_extension(op)
+    m, n = pre.shape
+    dpre = torch.empty_like(pre)
+    dbias = torch.empty(n, dtype=pre.dtype, device=pre.device)
+    with torch.cuda.device(x.device):
+        parts = _C.gelu_backward_parts(m, n)
+        partial = torch.empty((parts, n), dtype=torch.float32, device=x.device)
+        _C.gelu_backward(dout.data_ptr(), pre.data_ptr(), dpre.data_ptr(), partial.data_ptr(),
+                         dbias.data_ptr(), m, n, parts, approximate == "tanh",
+                         _DTYPE_CODES[pre.dtype], _stream(x))
+    dx = torch.matmul(dpre, weight)
+    dweight = dpre.t().matmul(x)
+    return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)
