@@ -98,6 +98,11 @@ def unsupported(op: str, **kw) -> Optional[str]:
 # tensors -> pointers
 # --------------------------------------------------------------------------------------------
 
+def _empty(shape, dtype, device) -> Tensor:
+    """Every buffer the kernels write (tests poison these to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _ptr(t: Optional[Tensor]) -> int:
     return t.data_ptr() if t is not None else 0
 
@@ -138,8 +143,8 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
     _no_dropout(op, dropout_p)
     b, sq, h, d = q.shape
     q, k, v = (_vector_ready(t) for t in (q, k, v))
-    out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    out = _empty((b, sq, h, d), q.dtype, q.device)
+    lse = _empty((b, h, sq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
     with torch.cuda.device(q.device):
@@ -159,10 +164,10 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
     b, sq, h, d = q.shape
     sk = k.shape[1]
     dout, q, k, v, out = (_vector_ready(t) for t in (dout, q, k, v, out))
-    dq = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((b, sk, h, d), dtype=q.dtype, device=q.device)
-    dv = torch.empty((b, sk, h, d), dtype=q.dtype, device=q.device)
-    delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    dq = _empty((b, sq, h, d), q.dtype, q.device)
+    dk = _empty((b, sk, h, d), q.dtype, q.device)
+    dv = _empty((b, sk, h, d), q.dtype, q.device)
+    delta = _empty((b, h, sq), torch.float32, q.device)
     if b == 0 or h == 0:
         return dq, dk, dv
     with torch.cuda.device(q.device):
@@ -191,9 +196,9 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
     _no_dropout(op, dropout_p)
     rows, hidden = x.shape
     w, bias_k = _kernel_weight(x, weight), _kernel_weight(x, bias)
-    y = torch.empty_like(x)
-    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    y = _empty(x.shape, x.dtype, x.device)
+    mean = _empty((rows,), torch.float32, x.device)
+    rstd = _empty((rows,), torch.float32, x.device)
     with torch.cuda.device(x.device):
         _C.add_layer_norm_forward(x.data_ptr(), _ptr(residual), w.data_ptr(), bias_k.data_ptr(),
                                   y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, hidden,
@@ -208,13 +213,13 @@ def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed
     _no_dropout(op, dropout_p)
     rows, hidden = x.shape
     w = _kernel_weight(x, weight)
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(x) if residual is not None else None
-    dweight = torch.empty(hidden, dtype=w.dtype, device=x.device)
-    dbias = torch.empty(hidden, dtype=w.dtype, device=x.device)
+    dx = _empty(x.shape, x.dtype, x.device)
+    dres = _empty(x.shape, x.dtype, x.device) if residual is not None else None
+    dweight = _empty((hidden,), w.dtype, x.device)
+    dbias = _empty((hidden,), w.dtype, x.device)
     with torch.cuda.device(x.device):
         parts = _C.add_layer_norm_backward_parts(rows, hidden)
-        partial = torch.empty((2, parts, hidden), dtype=torch.float32, device=x.device)
+        partial = _empty((2, parts, hidden), torch.float32, x.device)
         _C.add_layer_norm_backward(dy.data_ptr(), x.data_ptr(), _ptr(residual), w.data_ptr(),
                                    mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), _ptr(dres),
                                    partial.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), rows,
@@ -232,7 +237,7 @@ def linear_bias_gelu_forward(x, weight, bias, approximate):
     _require_extension(op)
     m, n = x.shape[0], weight.shape[0]
     pre = torch.matmul(x, weight.t())  # (M, N); the kernel adds the bias in place
-    out = torch.empty_like(pre)
+    out = _empty(pre.shape, pre.dtype, pre.device)
     with torch.cuda.device(x.device):
         _C.bias_gelu_forward(pre.data_ptr(), bias.data_ptr(), pre.data_ptr(), out.data_ptr(), m,
                              n, approximate == "tanh", _DTYPE_CODES[x.dtype], _stream(x))
@@ -243,11 +248,11 @@ def linear_bias_gelu_backward(dout, x, weight, pre, approximate):
     op = "fastbert.linear_bias_gelu"
     _require_extension(op)
     m, n = pre.shape
-    dpre = torch.empty_like(pre)
-    dbias = torch.empty(n, dtype=pre.dtype, device=pre.device)
+    dpre = _empty(pre.shape, pre.dtype, pre.device)
+    dbias = _empty((n,), pre.dtype, pre.device)
     with torch.cuda.device(x.device):
         parts = _C.gelu_backward_parts(m, n)
-        partial = torch.empty((parts, n), dtype=torch.float32, device=x.device)
+        partial = _empty((parts, n), torch.float32, x.device)
         _C.gelu_backward(dout.data_ptr(), pre.data_ptr(), dpre.data_ptr(), partial.data_ptr(),
                          dbias.data_ptr(), m, n, parts, approximate == "tanh",
                          _DTYPE_CODES[pre.dtype], _stream(x))

@@ -1,0 +1,436 @@
+"""The CUDA C++ backend (fastbert._C + fastbert/cuda.py) vs fastbert.reference.
+
+- always: `unsupported` / arch rules (pure Python).
+- compile: the extension was built by pip and imports without a GPU; calling a kernel without a
+  GPU raises a clean RuntimeError naming the op. `python -m pytest -m compile tests/test_cuda.py`
+- gpu: every op, forward and all gradients, by the tolerance rule (tests/helpers.py) against an
+  fp64 reference, odd shapes, padding masks with a fully padded row, causal with Sq != Sk,
+  packed-QKV views, determinism, the public ops with backend="cuda", and the whole BertModel.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import cuda as cuda_backend
+from fastbert import reference
+from tests.helpers import assert_close_by_rule, poison_, random_padding_mask
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    """Every buffer the backend hands to a kernel starts as NaN, so unwritten elements show."""
+    monkeypatch.setattr(cuda_backend, "_empty",
+                        lambda shape, dtype, device: poison_(torch.empty(shape, dtype=dtype,
+                                                                         device=device)))
+
+
+# --------------------------------------------------------------------------------------------
+# always: what the backend says it can serve
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op, kw, words", [
+    ("fastbert.attention", dict(dtype=torch.float32, head_dim=64, dropout_p=0.0), "float16"),
+    ("fastbert.attention", dict(dtype=torch.float16, head_dim=80, dropout_p=0.0), "head dims"),
+    ("fastbert.attention", dict(dtype=torch.bfloat16, head_dim=64, dropout_p=0.1), "dropout"),
+    ("fastbert.add_layer_norm", dict(dtype=torch.float16, hidden=8192, dropout_p=0.0), "4096"),
+    ("fastbert.add_layer_norm", dict(dtype=torch.float16, hidden=768, dropout_p=0.1), "dropout"),
+    ("fastbert.linear_bias_gelu", dict(dtype=torch.float64, in_features=8, out_features=8),
+     "float16"),
+])
+def test_unsupported_says_why(op, kw, words):
+    reason = cuda_backend.unsupported(op, **kw)
+    assert reason is not None and words in reason
+
+
+@pytest.mark.parametrize("op, kw", [
+    ("fastbert.attention", dict(dtype=torch.float16, head_dim=32, dropout_p=0.0, causal=True,
+                                has_mask=True)),
+    ("fastbert.attention", dict(dtype=torch.bfloat16, head_dim=128, dropout_p=0.0, causal=False,
+                                has_mask=False)),
+    ("fastbert.add_layer_norm", dict(dtype=torch.float32, hidden=4096, dropout_p=0.0)),
+    ("fastbert.linear_bias_gelu", dict(dtype=torch.bfloat16, in_features=768,
+                                       out_features=3072)),
+])
+def test_supported_inputs(op, kw):
+    assert cuda_backend.unsupported(op, **kw) is None
+
+
+def test_arch_rules():
+    runs = cuda_backend._arch_runs_on
+    assert runs("90a", 90) and not runs("90a", 100) and not runs("90a", 89)
+    assert runs("80", 80) and runs("80", 86) and runs("80", 90)  # SASS in-family, PTX above
+    assert runs("80-real", 86) and not runs("80-real", 90)
+    assert not runs("80", 75)
+
+
+# --------------------------------------------------------------------------------------------
+# compile: the extension built and imports here, without a GPU
+# --------------------------------------------------------------------------------------------
+
+def _require_built():
+    info = cuda_backend.extension_info()
+    if not info["built"]:
+        if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+            pytest.skip("nvcc is not installed, so pip skipped the CUDA extension")
+        pytest.fail(f"nvcc is installed but fastbert._C did not build or import: {info['error']}")
+    return info
+
+
+@pytest.mark.compile
+def test_extension_built_for_the_requested_archs():
+    info = _require_built()
+    import fastbert._C as ext
+
+    wanted = os.environ.get("FASTBERT_CUDA_ARCHS", "80;90a").split(";")
+    assert info["archs"] == wanted == ext.archs.split(",")
+    assert info["cuda_version"] and info["error"] is None
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_kernels_without_gpu_raise_clean_errors():
+    _require_built()
+    import fastbert._C as ext
+
+    zero3 = (0, 0, 0)
+    calls = {
+        "fastbert.attention": [
+            lambda: ext.attention_forward(0, 0, 0, 0, 0, 0, 1, 8, 8, 1, 64, zero3, zero3, zero3,
+                                          zero3, False, 0.125, 0, 0),
+            lambda: ext.attention_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 8, 8, 1, 64,
+                                           *([zero3] * 8), False, 0.125, 0, 0)],
+        "fastbert.add_layer_norm": [
+            lambda: ext.add_layer_norm_forward(0, 0, 0, 0, 0, 0, 0, 4, 8, 1e-5, 0, 0, 0),
+            lambda: ext.add_layer_norm_backward_parts(4, 8),
+            lambda: ext.add_layer_norm_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 1, 0, 0,
+                                                0)],
+        "fastbert.linear_bias_gelu": [
+            lambda: ext.bias_gelu_forward(0, 0, 0, 0, 4, 8, False, 0, 0),
+            lambda: ext.gelu_backward_parts(4, 8),
+            lambda: ext.gelu_backward(0, 0, 0, 0, 0, 4, 8, 1, False, 0, 0)],
+    }
+    for op, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(RuntimeError, match=op + ": no (usable )?CUDA device"):
+                fn()
+    reason = cuda_backend.unavailable_reason()
+    assert reason is not None and "no CUDA device" in reason
+
+
+# --------------------------------------------------------------------------------------------
+# gpu: attention
+# --------------------------------------------------------------------------------------------
+
+def make_qkv(b, sq, sk, h, d, dtype, packed=False):
+    """q (B, Sq, H, D), k, v (B, Sk, H, D); packed: strided views of one (B, S, 3, H, D) tensor."""
+    if packed:
+        assert sq == sk
+        return torch.randn(b, sq, 3, h, d, dtype=dtype, device="cuda").unbind(2)
+    return tuple(torch.randn(b, s, h, d, dtype=dtype, device="cuda") for s in (sq, sk, sk))
+
+
+def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed=False):
+    q, k, v = make_qkv(b, sq, sk, h, d, dtype, packed)
+    mask = None if mask_mode is None else random_padding_mask(b, sk, "cuda", mode=mask_mode)
+    scale = 1.0 / math.sqrt(d)
+    dout = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
+
+    out, lse = cuda_backend.attention_forward(q, k, v, mask, causal, 0.0, scale, 0)
+    dq, dk, dv = cuda_backend.attention_backward(dout, q, k, v, out, lse, mask, causal, 0.0,
+                                                 scale, 0, False)
+    assert out.shape == (b, sq, h, d) and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    for g, t in ((dq, q), (dk, k), (dv, v)):
+        assert g.shape == t.shape and g.dtype == dtype and g.is_contiguous()
+
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+    exact_out, exact_lse = reference.attention_forward(q64, k64, v64, mask, causal, 0.0, scale)
+    exact = reference.attention_backward(do64, q64, k64, v64, exact_out, exact_lse, mask, causal,
+                                         0.0, scale)
+    plain_out, plain_lse = reference.attention_forward(q, k, v, mask, causal, 0.0, scale,
+                                                       upcast=False)
+    plain = reference.attention_backward(dout, q, k, v, plain_out, plain_lse, mask, causal, 0.0,
+                                         scale, upcast=False)
+    tag = f"b{b} sq{sq} sk{sk} h{h} d{d} {dtype} causal={causal} mask={mask_mode}"
+    assert_close_by_rule(out, plain_out, exact_out, f"out [{tag}]")
+    for name, got, p, e in zip(("dq", "dk", "dv"), (dq, dk, dv), plain, exact):
+        assert_close_by_rule(got, p, e, f"{name} [{tag}]")
+
+    # lse: +inf exactly where a query sees no key, fp32-accurate elsewhere; zeros there
+    finite = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isfinite(lse), finite), tag
+    assert (lse[~finite] == float("inf")).all(), tag
+    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
+    empty_q = (~finite).transpose(1, 2)  # (B, Sq, H)
+    assert (out[empty_q] == 0).all() and (dq[empty_q] == 0).all(), tag
+
+
+ATTENTION_CASES = [
+    # b, sq, sk, h, causal, mask mode
+    (2, 128, 128, 3, False, None),
+    (2, 17, 17, 2, False, "with_empty"),  # fully padded row, one partial tile
+    (3, 130, 130, 2, False, "random"),    # tile boundary + 2
+    (1, 1, 1, 1, False, None),
+    (2, 77, 77, 2, True, "third"),
+    (2, 40, 100, 2, True, None),          # Sq < Sk: bottom-right aligned
+    (2, 100, 40, 2, True, "with_empty"),  # Sq > Sk: the first 60 queries see no key
+    (1, 1, 257, 2, True, "random"),       # one decoding step against a cache
+    (2, 65, 191, 2, False, "random"),     # Sq != Sk, not causal
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("d", cuda_backend.ATTENTION_HEAD_DIMS)
+@pytest.mark.parametrize("b, sq, sk, h, causal, mask_mode", ATTENTION_CASES)
+def test_attention_matches_reference(b, sq, sk, h, causal, mask_mode, d, dtype):
+    check_attention(b, sq, sk, h, d, dtype, causal, mask_mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_attention_bert_shapes(dtype):
+    check_attention(8, 512, 512, 12, 64, dtype, False, "third")
+    check_attention(2, 384, 384, 16, 128, dtype, True, "random")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", cuda_backend.ATTENTION_HEAD_DIMS)
+def test_attention_packed_qkv_views(d):
+    check_attention(2, 67, 67, 3, d, torch.float16, False, "random", packed=True)
+
+
+@pytest.mark.gpu
+def test_attention_is_deterministic():
+    q, k, v = make_qkv(2, 300, 300, 4, 64, torch.bfloat16)
+    mask = random_padding_mask(2, 300, "cuda")
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(3):
+        out, lse = cuda_backend.attention_forward(q, k, v, mask, False, 0.0, 0.125, 0)
+        runs.append((out, lse) + cuda_backend.attention_backward(
+            dout, q, k, v, out, lse, mask, False, 0.0, 0.125, 0, True))
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_public_attention_op_runs_these_kernels(dtype):
+    """fastbert.attention(backend="cuda") with packed views and autograd gives bit for bit what
+    the (separately validated) kernel entry points give."""
+    b, s, h, d = 2, 45, 4, 32
+    qkv = torch.randn(b, s, 3, h, d, dtype=dtype, device="cuda", requires_grad=True)
+    mask = random_padding_mask(b, s, "cuda", mode="with_empty")
+    dout = torch.randn(b, s, h, d, dtype=dtype, device="cuda")
+    q, k, v = qkv.unbind(2)
+    out = fastbert.attention(q, k, v, mask, causal=True, softmax_scale=0.2, backend="cuda")
+    out.backward(dout)
+
+    q, k, v = qkv.detach().unbind(2)
+    want_out, lse = cuda_backend.attention_forward(q, k, v, mask, True, 0.0, 0.2, 0)
+    grads = cuda_backend.attention_backward(dout, q, k, v, want_out, lse, mask, True, 0.0, 0.2,
+                                            0, False)
+    assert torch.equal(out, want_out)
+    assert torch.equal(qkv.grad, torch.stack(grads, dim=2))
+
+
+# --------------------------------------------------------------------------------------------
+# gpu: add_layer_norm
+# --------------------------------------------------------------------------------------------
+
+def check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual):
+    x = torch.randn(rows, hidden, dtype=dtype, device="cuda")
+    residual = torch.randn_like(x) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(weight_dtype)
+    bias = (0.1 * torch.randn(hidden, device="cuda")).to(weight_dtype)
+    dy = torch.randn_like(x)
+    eps = 1e-5
+
+    y, mean, rstd = cuda_backend.add_layer_norm_forward(x, residual, weight, bias, eps, 0.0, 0)
+    dx, dres, dw, db = cuda_backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd,
+                                                            0.0, 0)
+    assert y.dtype == dtype and dw.dtype == weight_dtype and db.dtype == weight_dtype
+    assert (dres is None) == (residual is None)
+
+    r64 = residual.double() if residual is not None else None
+    x64, w64, b64, dy64 = x.double(), weight.double(), bias.double(), dy.double()
+    ey, emean, erstd = reference.add_layer_norm_forward(x64, r64, w64, b64, eps)
+    edx, edres, edw, edb = reference.add_layer_norm_backward(dy64, x64, r64, w64, emean, erstd)
+    py, pmean, prstd = reference.add_layer_norm_forward(x, residual, weight, bias, eps,
+                                                        upcast=False)
+    pdx, pdres, pdw, pdb = reference.add_layer_norm_backward(dy, x, residual, weight, pmean,
+                                                             prstd)
+    tag = f"rows{rows} hidden{hidden} {dtype} weight {weight_dtype} residual={with_residual}"
+    torch.testing.assert_close(mean.double(), emean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), erstd, rtol=1e-4, atol=1e-5)
+    assert_close_by_rule(y, py, ey, f"y [{tag}]")
+    assert_close_by_rule(dx, pdx, edx, f"dx [{tag}]")
+    if residual is not None:
+        assert torch.equal(dres, dx) and dres.data_ptr() != dx.data_ptr()
+    assert_close_by_rule(dw, pdw, edw, f"dweight [{tag}]")
+    assert_close_by_rule(db, pdb, edb, f"dbias [{tag}]")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rows, hidden", [(1, 32), (37, 100), (300, 384), (64, 768),
+                                          (33, 1024), (20, 1536), (7, 4096), (9, 1030)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_layer_norm_matches_reference(rows, hidden, dtype, with_residual):
+    check_layer_norm(rows, hidden, dtype, dtype, with_residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("hidden", [768, 2048])
+def test_add_layer_norm_fp32_weight(dtype, hidden):
+    check_layer_norm(50, hidden, dtype, torch.float32, True)
+
+
+@pytest.mark.gpu
+def test_add_layer_norm_backward_is_deterministic():
+    x = torch.randn(4096, 768, dtype=torch.float16, device="cuda")
+    residual, dy = torch.randn_like(x), torch.randn_like(x)
+    weight = torch.randn(768, device="cuda")
+    bias = torch.randn(768, device="cuda")
+    _, mean, rstd = cuda_backend.add_layer_norm_forward(x, residual, weight, bias, 1e-12, 0.0, 0)
+    first = cuda_backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, 0.0, 0)
+    for _ in range(3):
+        again = cuda_backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, 0.0, 0)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_public_add_layer_norm_op_runs_these_kernels():
+    x = torch.randn(2, 9, 768, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    residual = torch.randn_like(x, requires_grad=True)
+    weight = torch.randn(768, device="cuda", requires_grad=True)
+    bias = torch.randn(768, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    y = fastbert.add_layer_norm(x, residual, weight, bias, 1e-12, backend="cuda")
+    y.backward(dy)
+
+    x2, r2, dy2 = (t.detach().reshape(18, 768) for t in (x, residual, dy))
+    want_y, mean, rstd = cuda_backend.add_layer_norm_forward(x2, r2, weight.detach(),
+                                                             bias.detach(), 1e-12, 0.0, 0)
+    want = cuda_backend.add_layer_norm_backward(dy2, x2, r2, weight.detach(), mean, rstd, 0.0, 0)
+    assert torch.equal(y.reshape(18, 768), want_y)
+    for got, w in zip((x.grad, residual.grad, weight.grad, bias.grad), want):
+        assert torch.equal(got.reshape(w.shape), w)
+
+
+# --------------------------------------------------------------------------------------------
+# gpu: linear + bias + GELU
+# --------------------------------------------------------------------------------------------
+
+def check_linear_gelu(m, k, n, dtype, approximate):
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    weight = (torch.randn(n, k, device="cuda") / math.sqrt(k)).to(dtype)
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    dout = torch.randn(m, n, dtype=dtype, device="cuda")
+
+    out, pre = cuda_backend.linear_bias_gelu_forward(x, weight, bias, approximate)
+    dx, dw, db = cuda_backend.linear_bias_gelu_backward(dout, x, weight, pre, approximate)
+    assert out.shape == (m, n) and out.dtype == dtype and pre.dtype == dtype
+
+    x64, w64, b64, do64 = x.double(), weight.double(), bias.double(), dout.double()
+    eout, epre = reference.linear_bias_gelu_forward(x64, w64, b64, approximate)
+    edx, edw, edb = reference.linear_bias_gelu_backward(do64, x64, w64, epre, approximate)
+    pout, ppre = reference.linear_bias_gelu_forward(x, weight, bias, approximate, upcast=False)
+    pdx, pdw, pdb = reference.linear_bias_gelu_backward(dout, x, weight, ppre, approximate)
+    tag = f"m{m} k{k} n{n} {dtype} {approximate}"
+    assert_close_by_rule(out, pout, eout, f"out [{tag}]")
+    assert_close_by_rule(dx, pdx, edx, f"dx [{tag}]")
+    assert_close_by_rule(dw, pdw, edw, f"dweight [{tag}]")
+    assert_close_by_rule(db, pdb, edb, f"dbias [{tag}]")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("m, k, n", [(1, 64, 96), (37, 48, 130), (256, 128, 333),
+                                     (512, 768, 3072)])
+def test_linear_bias_gelu_matches_reference(m, k, n, dtype, approximate):
+    check_linear_gelu(m, k, n, dtype, approximate)
+
+
+@pytest.mark.gpu
+def test_linear_bias_gelu_backward_is_deterministic():
+    x = torch.randn(2048, 256, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(1024, 256, dtype=torch.bfloat16, device="cuda") / 16
+    bias = torch.randn(1024, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn(2048, 1024, dtype=torch.bfloat16, device="cuda")
+    _, pre = cuda_backend.linear_bias_gelu_forward(x, weight, bias, "none")
+    first = cuda_backend.linear_bias_gelu_backward(dout, x, weight, pre, "none")
+    again = cuda_backend.linear_bias_gelu_backward(dout, x, weight, pre, "none")
+    assert torch.equal(first[2], again[2])  # dbias: the part the extension reduces
+
+
+@pytest.mark.gpu
+def test_public_linear_bias_gelu_op_runs_these_kernels():
+    x = torch.randn(3, 7, 64, dtype=torch.float16, device="cuda", requires_grad=True)
+    weight = (torch.randn(200, 64, device="cuda") / 8).half().requires_grad_()
+    bias = torch.randn(200, dtype=torch.float16, device="cuda", requires_grad=True)
+    dout = torch.randn(3, 7, 200, dtype=torch.float16, device="cuda")
+    out = fastbert.linear_bias_gelu(x, weight, bias, approximate="tanh", backend="cuda")
+    out.backward(dout)
+
+    x2, do2 = x.detach().reshape(21, 64), dout.reshape(21, 200)
+    want_out, pre = cuda_backend.linear_bias_gelu_forward(x2, weight.detach(), bias.detach(),
+                                                          "tanh")
+    want = cuda_backend.linear_bias_gelu_backward(do2, x2, weight.detach(), pre, "tanh")
+    assert torch.equal(out.reshape(21, 200), want_out)
+    for got, w in zip((x.grad, weight.grad, bias.grad), want):
+        assert torch.equal(got.reshape(w.shape), w)
+
+
+# --------------------------------------------------------------------------------------------
+# gpu: the whole model
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_bert_model_cuda_backend_matches_torch_backend(dtype):
+    from fastbert.model import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=1024,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertModel(config).cuda().eval()
+    ids = torch.randint(0, 512, (3, 70), device="cuda")
+    mask = random_padding_mask(3, 70, "cuda", mode="third")
+    results = {}
+    previous = fastbert.get_backend()
+    try:
+        for backend, dt in (("cuda", dtype), ("torch", dtype), ("torch", torch.float64)):
+            fastbert.set_backend(backend)
+            m = model.to(dt)
+            m.zero_grad(set_to_none=True)
+            hidden = m(ids, attention_mask=mask).last_hidden_state
+            hidden.float().pow(2).mean().backward()
+            grads = {n: p.grad.detach().clone() for n, p in m.named_parameters()
+                     if p.grad is not None}
+            results[(backend, dt)] = (hidden.detach().clone(), grads)
+    finally:
+        fastbert.set_backend(previous)
+    kernel, plain, exact = (results[("cuda", dtype)], results[("torch", dtype)],
+                            results[("torch", torch.float64)])
+    real = mask.unsqueeze(-1).expand_as(kernel[0])  # padded positions are not compared
+    assert_close_by_rule(kernel[0][real], plain[0][real], exact[0][real], "last_hidden_state",
+                         factor=3.0)
+    for name, g in kernel[1].items():
+        assert torch.isfinite(g).all(), name
+        assert_close_by_rule(g, plain[1][name], exact[1][name], f"grad {name}", factor=3.0,
+                             floor=2e-2 * exact[1][name].abs().max().item())
