@@ -1,0 +1,127 @@
+"""python -m benchmarks [--quick] [--only ops|model] [--out DIR]
+
+Times fastbert against what users run today, on this machine's device, side by side in one run,
+and writes <out>/<device>.csv, PNG plots and a table of ratios. See benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from benchmarks import harness, report
+from benchmarks.models import model_cases
+from benchmarks.suite import ceiling_cases, op_cases, sizes
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    p.add_argument("--quick", action="store_true", help="headline shapes only (a few minutes)")
+    p.add_argument("--tiny", action="store_true", help="toy shapes, seconds (a smoke test)")
+    p.add_argument("--only", choices=["ops", "model"], help="run only the op or the model benchmarks")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: benchmarks/results)")
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   help="default: cuda when a GPU is present, else cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="include the torch.compile baselines (default: on GPU yes, on CPU no)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); 1 is the steadier "
+                        "measurement on a machine shared with other jobs")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="stop starting new cases after this long; the rest are recorded as skipped")
+    return p.parse_args(argv)
+
+
+def plan(device: torch.device, cfg: dict, only: Optional[str]) -> List[harness.Case]:
+    """Ceilings first (every fraction needs them), the headline shapes next, the long sweep last."""
+    cases = ceiling_cases(device, cfg)
+    ops = op_cases(device, cfg) if only in (None, "ops") else {}
+    cases += ops.get("attention", []) + ops.get("add_layer_norm", []) + ops.get("linear_bias_gelu", [])
+    if only in (None, "model"):
+        cases += model_cases(device, cfg)
+    cases += ops.get("attention_sweep", [])
+    return cases
+
+
+def finalize(rows, ceilings):
+    out = list(rows)
+    harness.add_ceiling_fractions(out, ceilings)
+    return out + harness.speedup_rows(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here", file=sys.stderr)
+        return 2
+    preset = "tiny" if args.tiny else "quick" if args.quick else "full"
+    cfg = sizes(device, preset)
+    if args.compile is not None:
+        cfg["compile"] = args.compile
+    if device.type == "cuda":
+        # fair GEMMs: bf16 everywhere; TF32 would only matter for fp32 inputs
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    meta = harness.run_metadata(device, preset)
+    stem = harness.slug(meta["device"])
+    csv_path = os.path.join(args.out, f"{stem}.csv")
+    cases = plan(device, cfg, args.only)
+    print(f"fastbert benchmarks ({preset}) on {meta['device']}: {len(cases)} cases, "
+          f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}")
+    timing = {"full": harness.Timing(rounds=3, warmup_ms=25, rep_ms=100, cpu_min_s=1.0),
+              "quick": harness.Timing(rounds=2, warmup_ms=10, rep_ms=40, cpu_min_s=0.4),
+              "tiny": harness.Timing(rounds=2, warmup_ms=5, rep_ms=10, cpu_min_s=0.02)}[preset]
+
+    rows, ceilings, params = [], {}, {}
+    deadline = time.monotonic() + args.budget if args.budget else None
+    bar = tqdm(cases, unit="case", dynamic_ncols=True, mininterval=1.0)
+    for case in bar:
+        bar.set_postfix_str(f"{case.op} {case.mode} {case.shape}")
+        params[(case.op, case.mode, case.shape)] = case.params
+        if deadline is not None and time.monotonic() > deadline:
+            rows += [dict(op=case.op, provider=p, mode=case.mode, shape=case.shape, metric="status",
+                          value="skipped", note=f"time budget of {args.budget:.0f} s used up")
+                     for p in case.providers]
+            continue
+        case_rows = harness.run_case(case, device, timing)
+        rows += case_rows
+        if case.op == "ceiling":
+            for r in case_rows:
+                if r["metric"] in ("tflops", "gbps"):
+                    ceilings["gemm_tflops" if r["metric"] == "tflops" else "copy_gbps"] = r["value"]
+        harness.write_csv(csv_path, finalize(rows, ceilings), meta)  # partial results survive a kill
+    bar.close()
+
+    final = finalize(rows, ceilings)
+    harness.write_csv(csv_path, final, meta)
+    print(report.ratio_table(final))
+    try:
+        plots = report.plot_all(final, params, args.out, stem)
+    except ImportError as e:  # matplotlib is an optional (bench) dependency
+        plots = []
+        print(f"no plots: {e}")
+    print("\nwrote " + ", ".join([csv_path] + plots))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The alternatives a user would pick, as functions of the same inputs, and how to time them.
+
+Each op benchmark gives every provider the same input sets. `timed(forward, input_sets, mode)`
+turns a provider's forward into the function the harness times:
+  fwd      forward only, under no_grad (the inference path)
+  bwd      backward only: forwards are run once at setup, each call differentiates one graph again
+  fwd+bwd  forward, then the gradients of every input that requires grad
+Gradients come from torch.autograd.grad, so nothing accumulates into .grad between calls.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks.harness import Skipped, Unsupported, rotate
+
+InputSet = Tuple[tuple, Tensor]  # (forward arguments, output gradient)
+
+
+def _leaves(args) -> List[Tensor]:
+    return [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+
+
+def _forward_no_grad(forward, args):
+    with torch.no_grad():
+        return forward(*args)
+
+
+def _forward_backward(forward, args, dout):
+    # allow_unused: the GEMM-only floor ignores the bias it is handed
+    return torch.autograd.grad(forward(*args), _leaves(args), dout, allow_unused=True)
+
+
+def timed(forward: Callable[..., Tensor], input_sets: Sequence[InputSet], mode: str) -> Callable[[], Any]:
+    if mode == "fwd":
+        return rotate([functools.partial(_forward_no_grad, forward, args) for args, _ in input_sets])
+    if mode == "fwd+bwd":
+        return rotate([functools.partial(_forward_backward, forward, args, dout)
+                       for args, dout in input_sets])
+    if mode == "bwd":
+        calls = [functools.partial(torch.autograd.grad, forward(*args), _leaves(args), dout,
+                                   retain_graph=True, allow_unused=True)
+                 for args, dout in input_sets]
+        return rotate(calls)
+    raise ValueError(f"timed: argument 'mode' expected fwd, bwd or fwd+bwd, got {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# fastbert
+# --------------------------------------------------------------------------------------------
+
+def fastbert_backend_reason(backend: str) -> str | None:
+    """Why a fastbert backend cannot load at all here (the per-input check happens in the op)."""
+    if backend == "cuda":
+        try:
+            from fastbert import cuda
+        except ImportError as e:
+            return f"fastbert.cuda cannot be imported: {e}"
+        return cuda.unavailable_reason()
+    if backend == "triton":
+        try:
+            import fastbert.triton  # noqa: F401
+        except ImportError as e:
+            return f"fastbert.triton cannot be imported: {e}"
+    return None
+
+
+def require_fastbert(backend: str) -> None:
+    reason = fastbert_backend_reason(backend)
+    if reason is not None:
+        raise Unsupported(reason)
+
+
+# --------------------------------------------------------------------------------------------
+# attention: q, k, v (B, S, H, D), mask (B, S) bool True = real token, or None
+# --------------------------------------------------------------------------------------------
+
+def attention_fastbert(backend: str, causal: bool):
+    import fastbert
+    require_fastbert(backend)
+    return lambda q, k, v, mask: fastbert.attention(q, k, v, mask, causal=causal, backend=backend)
+
+
+def attention_sdpa(backend, causal: bool):
+    """torch SDPA pinned to one backend; gets (B, H, S, D) transposed views, as transformers does."""
+    from torch.nn.attention import sdpa_kernel
+
+    def forward(q, k, v, mask):
+        attn_mask = mask[:, None, None, :] if mask is not None else None
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2), attn_mask=attn_mask,
+                                                 is_causal=causal)
+        return out.transpose(1, 2)
+    return forward
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_hidden(sq: int, sk: int, device: torch.device) -> Tensor:
+    """(Sq, Sk) True where a key is in a query's future (bottom-right aligned), built once."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
+
+
+def attention_eager(causal: bool):
+    """Plain torch ops, as transformers' eager BERT attention: masked scores, softmax, PV."""
+    def forward(q, k, v, mask):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        if causal:
+            hidden = _causal_hidden(scores.shape[-2], scores.shape[-1], q.device)
+            scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        return (scores.softmax(-1) @ v).transpose(1, 2)
+    return forward
+
+
+def guard_score_memory(batch: int, heads: int, seqlen: int, elem_size: int, mode: str,
+                       device: torch.device) -> None:
+    """Skip S×S-materialising providers whose score matrices would not fit comfortably."""
+    copies = 1 if mode == "fwd" else 4  # scores, probs and their gradients are kept for backward
+    need = copies * batch * heads * seqlen * seqlen * elem_size
+    if device.type == "cuda":
+        budget = 0.4 * torch.cuda.get_device_properties(device).total_memory
+    else:
+        budget = 2 * 2 ** 30
+    if need > budget:
+        raise Skipped(f"would need ~{need / 2 ** 30:.0f} GiB for the SxS attention matrices")
+
+
+# --------------------------------------------------------------------------------------------
+# add + LayerNorm: x, residual (N, C); weight, bias (C,)
+# --------------------------------------------------------------------------------------------
+
+def add_layer_norm_fastbert(backend: str, eps: float):
+    import fastbert
+    require_fastbert(backend)
+    return lambda x, r, w, b: fastbert.add_layer_norm(x, r, w, b, eps, backend=backend)
+
+
+def add_layer_norm_eager(eps: float):
+    return lambda x, r, w, b: F.layer_norm(x + r, (x.shape[-1],), w, b, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# linear + bias + GELU: x (N, K), weight (M, K), bias (M,)
+# --------------------------------------------------------------------------------------------
+
+def linear_bias_gelu_fastbert(backend: str):
+    import fastbert
+    require_fastbert(backend)
+    return lambda x, w, b: fastbert.linear_bias_gelu(x, w, b, backend=backend)
+
+
+def linear_bias_gelu_eager():
+    return lambda x, w, b: F.gelu(F.linear(x, w, b))
+
+
+def gemm_only():
+    """The floor: the GEMM alone, no bias, no activation."""
+    return lambda x, w, b: x @ w.t()
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+_compile_configured = False
+
+
+def compiled(fn: Callable, enabled: bool, why_not: str) -> Callable:
+    """torch.compile(fn), with recompiles allowed for every shape the suite uses."""
+    global _compile_configured
+    if not enabled:
+        raise Skipped(why_not)
+    if not _compile_configured:
+        import torch._dynamo
+        # Past the limit dynamo silently falls back to eager, which would mislabel the timing.
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 1024)
+        _compile_configured = True
+    return torch.compile(fn, dynamic=False)

@@ -1,0 +1,167 @@
+"""The printed table of ratios and the PNG plots, both made from the CSV rows."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any, Dict, List
+
+from benchmarks.harness import is_fastbert
+
+OP_ORDER = ["attention", "add_layer_norm", "linear_bias_gelu", "model"]
+
+
+def _metric(rows, metric):
+    """{(op, mode, shape): {provider: value}} for one metric."""
+    out: Dict[tuple, Dict[str, Any]] = defaultdict(dict)
+    for r in rows:
+        if r["metric"] == metric:
+            out[(r["op"], r["mode"], r["shape"])][r["provider"]] = r["value"]
+    return out
+
+
+def ratio_table(rows: List[Dict[str, Any]]) -> str:
+    """Speedup of each fastbert provider over each baseline (baseline time / fastbert time)."""
+    times = _metric(rows, "time_ms")
+    lines = []
+    ceilings = {r["mode"]: r for r in rows if r["op"] == "ceiling" and r["metric"] in ("tflops", "gbps")}
+    if ceilings:
+        parts = [f"{r['mode']} {r['value']:.3g} {'TFLOP/s' if r['metric'] == 'tflops' else 'GB/s'}"
+                 f" ({r['shape']})" for r in ceilings.values()]
+        lines.append("measured ceilings: " + "; ".join(parts))
+    for op in OP_ORDER:
+        keys = [k for k in times if k[0] == op]
+        if not keys:
+            continue
+        baselines = list(dict.fromkeys(p for k in keys for p in times[k] if not is_fastbert(p)))
+        ours = list(dict.fromkeys(p for k in keys for p in times[k] if is_fastbert(p)))
+        if not ours:
+            lines.append(f"\n{op}: no fastbert provider was timed")
+            continue
+        label_w = max(len(f"{m} {s}") for _, m, s in keys) + 2
+        prov_w = max(len(p) for p in ours) + 2
+        cols = [max(len(b), 6) + 2 for b in baselines]
+        lines.append(f"\n{op}: speedup of fastbert over each baseline (>1 = fastbert faster)")
+        lines.append(" " * (label_w + prov_w) + "".join(f"{b:>{w}}" for b, w in zip(baselines, cols)))
+        for key in keys:
+            for p in ours:
+                if p not in times[key]:
+                    continue
+                cells = [f"{times[key][b] / times[key][p]:.2f}x" if b in times[key] else "-"
+                         for b in baselines]
+                lines.append(f"{key[1] + ' ' + key[2]:<{label_w}}{p:<{prov_w}}"
+                             + "".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+    not_timed: Dict[tuple, int] = defaultdict(int)
+    for r in rows:
+        if r["metric"] == "status" and r["value"] != "ok":
+            not_timed[(r["op"], r["provider"], r["value"], r.get("note", ""))] += 1
+    if not_timed:
+        lines.append("\nnot timed:")
+        for (op, provider, status, note), n in sorted(not_timed.items()):
+            lines.append(f"  {op} / {provider}: {status} in {n} case(s): {note}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+
+def _lines_plot(path, panels, ylabel, xlabel):
+    """panels: {title: {provider: [(x, y), ...]}} -> one subplot per panel, a line per provider."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    ncols = min(3, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels.items()):
+        for provider, points in sorted(series.items()):
+            points.sort()
+            style = "-o" if is_fastbert(provider) else "--o"
+            ax.plot([x for x, _ in points], [y for _, y in points], style, label=provider,
+                    linewidth=2.5 if is_fastbert(provider) else 1.2, markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars_plot(path, panels, ylabels):
+    """panels: {title: {shape: {provider: value}}} -> grouped bars, one group per shape."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    ncols = min(3, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), squeeze=False)
+    for ax, (title, groups) in zip(axes.flat, panels.items()):
+        providers = sorted({p for g in groups.values() for p in g})
+        width = 0.8 / max(1, len(providers))
+        for i, provider in enumerate(providers):
+            xs = [j + i * width for j in range(len(groups))]
+            ax.bar(xs, [g.get(provider, 0.0) for g in groups.values()], width, label=provider,
+                   hatch="" if is_fastbert(provider) else "//")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_xticklabels(list(groups), fontsize=7, rotation=15)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabels[title])
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_all(rows: List[Dict[str, Any]], params: Dict[tuple, dict], out_dir: str,
+             stem: str) -> List[str]:
+    """Write <stem>-attention.png (the sweep), -ops.png (op shapes), -model.png; return paths."""
+    written = []
+    tflops, gbps, tokens = (_metric(rows, m) for m in ("tflops", "gbps", "tokens_per_s"))
+
+    sweep: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    bars: Dict[str, Dict[str, Dict[str, float]]] = defaultdict(dict)
+    ylabels = {}
+    for key, by_provider in list(tflops.items()) + list(gbps.items()):
+        op, mode, shape = key
+        p = params.get(key, {})
+        if op == "attention" and p.get("sweep"):
+            variant = "" if p["variant"] == "none" else f", {p['variant']}"
+            title = f"attention {mode}, head dim {p['head_dim']}{variant}"
+            for provider, value in by_provider.items():
+                sweep[title][provider].append((p["seqlen"], value))
+        elif op in ("attention", "add_layer_norm", "linear_bias_gelu"):
+            title = f"{op} {mode}"
+            bars[title][shape] = by_provider
+            ylabels[title] = "GB/s" if key in gbps else "TFLOP/s"
+    if sweep:
+        path = os.path.join(out_dir, f"{stem}-attention.png")
+        _lines_plot(path, sweep, "TFLOP/s (real tokens)", "sequence length (tokens per step fixed)")
+        written.append(path)
+    if bars:
+        path = os.path.join(out_dir, f"{stem}-ops.png")
+        _bars_plot(path, bars, ylabels)
+        written.append(path)
+
+    models: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for key, by_provider in tokens.items():
+        p = params.get(key, {})
+        title = f"{p.get('model', key[2])} {'training step' if key[1] == 'train' else 'inference'}"
+        for provider, value in by_provider.items():
+            models[title][provider].append((p.get("seqlen", 0), value))
+    if models:
+        path = os.path.join(out_dir, f"{stem}-model.png")
+        _lines_plot(path, models, "real tokens / s", "sequence length")
+        written.append(path)
+    return written
