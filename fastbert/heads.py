@@ -196,6 +196,9 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     outside the sequence are clamped to S and ignored, as in HF."""
 
     def __init__(self, config: BertConfig):
+        if config.num_labels != 2:
+            raise ValueError(f"BertForQuestionAnswering: config.num_labels expected 2 (start and "
+                             f"end logits), got {config.num_labels}")
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)
         self.qa_outputs = _linear(config, config.hidden_size, config.num_labels)

@@ -59,7 +59,7 @@ def _match_prefix(state: dict, model: nn.Module) -> dict:
     if model_has_prefix and not ckpt_has_prefix:
         return {(prefix + k if k.startswith(_BASE_MODULES) else k): v for k, v in state.items()}
     if not model_has_prefix and ckpt_has_prefix:
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
     return state
 
 

@@ -61,6 +61,11 @@ def test_config_errors(kw, words):
         small_config(**kw)
 
 
+def test_question_answering_needs_two_labels():
+    with pytest.raises(ValueError, match="num_labels expected 2"):
+        BertForQuestionAnswering(small_config(num_labels=3))
+
+
 # --------------------------------------------------------------------------------------------
 # model structure
 # --------------------------------------------------------------------------------------------

