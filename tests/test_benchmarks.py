@@ -1,0 +1,148 @@
+"""Tier 1: the benchmark suite's CPU path end to end on toy shapes, and its counting formulas."""
+import csv
+import math
+import time
+
+import pytest
+import torch
+
+from benchmarks import counting, harness
+from benchmarks.__main__ import main, plan
+from benchmarks.suite import sizes
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP / byte formulas against values worked out by hand
+# --------------------------------------------------------------------------------------------
+
+def test_attention_flops_by_hand():
+    # 4 * B * S^2 * H * D = 4 * 32 * 512^2 * 12 * 64
+    assert counting.attention_flops(32, 512, 12, 64) == 25_769_803_776
+    assert counting.attention_flops(32, 512, 12, 64, mode="bwd") == 2.5 * 25_769_803_776
+    assert counting.attention_flops(32, 512, 12, 64, mode="fwd+bwd") == 3.5 * 25_769_803_776
+    assert counting.attention_flops(32, 512, 12, 64, causal=True) == 12_884_901_888
+    # padded: only real tokens count, lengths 2 and 3 -> 4 + 9 = 13 query-key pairs per head
+    assert counting.attention_flops(2, 8, 3, 5, lengths=[2, 3]) == 4 * 13 * 3 * 5
+
+
+def test_linear_flops_by_hand():
+    assert counting.linear_flops(16384, 768, 3072) == 77_309_411_328  # 2 * M * K * N
+    assert counting.linear_flops(16384, 768, 3072, mode="fwd+bwd") == 3 * 77_309_411_328
+
+
+def test_add_layer_norm_bytes_by_hand():
+    # rows 4, hidden 8, bf16: activations 64 B each, weight/bias 16 B each, mean+rstd 32 B
+    assert counting.add_layer_norm_bytes(4, 8, 2) == 3 * 64 + 2 * 16 + 32 == 256
+    assert counting.add_layer_norm_bytes(4, 8, 2, mode="bwd") == 5 * 64 + 3 * 16 + 32 == 400
+    assert counting.add_layer_norm_bytes(4, 8, 2, mode="fwd+bwd") == 656
+
+
+def test_bert_flops_by_hand():
+    # one layer, hidden 4, ffn 16, one sequence of 2 real tokens:
+    # dense 2 * 2 tokens * (4*16 + 2*4*16) = 768, attention 4 * 2^2 * 4 = 64
+    assert counting.bert_flops([2], layers=1, hidden=4, intermediate=16) == 832
+    assert counting.bert_flops([2], layers=1, hidden=4, intermediate=16,
+                               mode="fwd+bwd") == 3 * 768 + 3.5 * 64
+    assert counting.bert_flops([2, 2], layers=3, hidden=4, intermediate=16) == 3 * 2 * 832
+
+
+def test_copy_bytes_by_hand():
+    assert counting.copy_bytes(10, 4) == 80
+
+
+# --------------------------------------------------------------------------------------------
+# harness pieces
+# --------------------------------------------------------------------------------------------
+
+def test_slug():
+    assert harness.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert harness.slug("Intel(R) Xeon(R) Processor (1 threads)") == "intel-xeon-processor-1-threads"
+
+
+def _sleeper(ms):
+    return lambda: (lambda: time.sleep(ms / 1e3))
+
+
+def test_run_case_times_and_reports_failures():
+    def unsupported():
+        raise harness.Unsupported("needs a GPU")
+
+    def broken():
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    case = harness.Case("attention", "fwd", "toy", {"fast": _sleeper(2), "unsupported": unsupported,
+                                                    "broken": broken}, work={"flops": 4e9})
+    rows = harness.run_case(case, torch.device("cpu"), harness.Timing(rounds=2, cpu_min_s=0.02))
+    by = {(r["provider"], r["metric"]): r for r in rows}
+    assert by[("fast", "status")]["value"] == "ok"
+    assert 2.0 <= by[("fast", "time_ms")]["value"] < 50.0
+    assert by[("fast", "tflops")]["value"] == pytest.approx(4e9 / (by[("fast", "time_ms")]["value"] / 1e3) / 1e12)
+    assert by[("unsupported", "status")]["value"] == "unsupported"
+    assert by[("unsupported", "status")]["note"] == "needs a GPU"
+    assert by[("broken", "status")]["value"] == "failed"
+    assert by[("broken", "status")]["note"] == "RuntimeError: kernel exploded"
+
+
+def test_speedups_and_ceiling_fractions():
+    rows = [dict(op="attention", provider=p, mode="fwd", shape="s", metric="time_ms", value=t)
+            for p, t in (("fastbert-triton", 2.0), ("sdpa-flash", 3.0), ("torch-eager", 8.0))]
+    rows.append(dict(op="attention", provider="fastbert-triton", mode="fwd", shape="s",
+                     metric="tflops", value=500.0))
+    speedups = {r["metric"]: r["value"] for r in harness.speedup_rows(rows)}
+    assert speedups == {"speedup_vs:sdpa-flash": 1.5, "speedup_vs:torch-eager": 4.0}
+    harness.add_ceiling_fractions(rows, {"gemm_tflops": 800.0, "copy_gbps": 3000.0})
+    assert [r["value"] for r in rows if r["metric"] == "pct_gemm_peak"] == [62.5]
+
+
+def test_plan_only_ops_has_no_model_cases():
+    cfg = sizes(torch.device("cpu"), "tiny")
+    ops = {c.op for c in plan(torch.device("cpu"), cfg, "ops")}
+    assert ops == {"ceiling", "attention", "add_layer_norm", "linear_bias_gelu"}
+    assert {c.op for c in plan(torch.device("cpu"), cfg, "model")} == {"ceiling", "model"}
+
+
+# --------------------------------------------------------------------------------------------
+# the whole CPU path, toy shapes
+# --------------------------------------------------------------------------------------------
+
+def test_quick_cpu_suite_writes_csv_and_plots(tmp_path, capsys):
+    assert main(["--quick", "--tiny", "--threads", "1", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    [csv_path] = tmp_path.glob("*.csv")
+    with open(csv_path) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["op", "provider", "mode", "shape", "metric", "value", "note",
+                                     "device", "torch", "triton", "transformers", "fastbert",
+                                     "commit", "date", "suite"]
+        rows = list(reader)
+    assert {r["op"] for r in rows} == {"ceiling", "attention", "add_layer_norm",
+                                       "linear_bias_gelu", "model"}
+    assert all(r["torch"] == torch.__version__ and r["suite"] == "tiny" for r in rows)
+
+    def value(op, provider, metric, mode=None):
+        vals = [r["value"] for r in rows if (r["op"], r["provider"], r["metric"]) == (op, provider, metric)
+                and mode in (None, r["mode"])]
+        assert vals, f"no {metric} row for {op} / {provider}"
+        return vals
+
+    # every op and the model ran on fastbert's torch backend and on the baselines
+    for op, baseline in (("attention", "sdpa-math"), ("add_layer_norm", "torch-eager"),
+                         ("linear_bias_gelu", "torch-eager"), ("model", "transformers-sdpa")):
+        for provider in ("fastbert-torch", baseline):
+            assert set(value(op, provider, "status")) == {"ok"}
+            assert all(0 < float(v) < 1e4 for v in value(op, provider, "time_ms"))
+        assert all(float(v) > 0 for v in value(op, "fastbert-torch", f"speedup_vs:{baseline}"))
+    for mode in ("train", "infer"):
+        assert float(value("model", "patch_hf", "tokens_per_s", mode)[0]) > 0
+        assert math.isfinite(float(value("model", "fastbert-torch", "mfu_pct", mode)[0]))
+    assert float(value("add_layer_norm", "torch-eager", "pct_copy_bw")[0]) > 0
+    # unavailable providers are recorded with their reason, not dropped
+    assert set(value("attention", "sdpa-efficient", "status")) == {"unsupported"}
+    assert set(value("attention", "fastbert-triton", "status")) == {"unsupported"}
+    assert set(value("model", "transformers-sdpa+compile", "status")) == {"skipped"}
+    assert all(r["note"] for r in rows if r["metric"] == "status" and r["value"] != "ok")
+
+    assert len(list(tmp_path.glob("*.png"))) == 3
+    printed = capsys.readouterr().out
+    assert "speedup of fastbert over each baseline" in printed
+    assert "not timed:" in printed
