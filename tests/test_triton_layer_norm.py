@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import INTERPRET
 
 import fastbert
 from fastbert import ops, reference
@@ -23,6 +24,13 @@ triton = pytest.importorskip("triton")
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def rule_factor(dtype: torch.dtype) -> float:
+    """The tolerance rule's factor. The interpreter converts fp32 -> bf16 by truncation (measured
+    on triton 3.9: up to 1 ulp, twice a rounding's 0.5 ulp), so bf16 outputs get twice the usual
+    factor under TRITON_INTERPRET=1; compiled kernels round to nearest and keep the factor 2."""
+    return 4.0 if INTERPRET and dtype == torch.bfloat16 else 2.0
 
 
 def load_triton_module(name: str) -> types.ModuleType:
@@ -140,7 +148,8 @@ def check(got, exact, plain, x, residual, weight):
             atol = 1e-5 * max(1.0, exact[name].abs().max().item())
             assert_fp32_close(got[name], exact[name], name, atol=atol)
         else:
-            assert_close_by_rule(got[name], plain[name], exact[name], name)
+            assert_close_by_rule(got[name], plain[name], exact[name], name,
+                                 factor=rule_factor(got[name].dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +266,8 @@ def test_public_op_autograd(monkeypatch, dtype):
         if dtype == torch.float32:
             assert_fp32_close(value, exact[name], name, atol=1e-5 * max(1.0, exact[name].abs().max().item()))
         else:
-            assert_close_by_rule(value, plain[name], exact[name], name)
+            assert_close_by_rule(value, plain[name], exact[name], name,
+                                 factor=rule_factor(value.dtype))
 
 
 @pytest.mark.interpreter
