@@ -113,4 +113,4 @@ def model_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: 
 
 def model_cases(device: torch.device, cfg: dict) -> List[Case]:
     return [model_case(device, cfg, model, batch, seqlen, mode)
-            for model, batch, seqlen in cfg["models"] for mode in cfg["model_modes"]]
+            for model, batch, seqlen, modes in cfg["models"] for mode in modes]

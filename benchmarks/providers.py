@@ -120,12 +120,15 @@ def attention_eager(causal: bool):
 
 
 def guard_score_memory(batch: int, heads: int, seqlen: int, elem_size: int, mode: str,
-                       device: torch.device) -> None:
-    """Skip S×S-materialising providers whose score matrices would not fit comfortably."""
-    copies = 1 if mode == "fwd" else 4  # scores, probs and their gradients are kept for backward
+                       rotations: int, device: torch.device) -> None:
+    """Skip S×S-materialising providers whose score matrices would not fit comfortably (the
+    other providers of the case hold memory at the same time)."""
+    # fwd: one matrix at a time; fwd+bwd: scores, probs and their gradients; bwd: every rotated
+    # input set keeps its graph (scores and probs) alive, plus the gradients of one
+    copies = {"fwd": 1, "fwd+bwd": 4, "bwd": 2 * rotations + 2}[mode]
     need = copies * batch * heads * seqlen * seqlen * elem_size
     if device.type == "cuda":
-        budget = 0.4 * torch.cuda.get_device_properties(device).total_memory
+        budget = 0.25 * torch.cuda.get_device_properties(device).total_memory
     else:
         budget = 2 * 2 ** 30
     if need > budget:

@@ -65,6 +65,13 @@ def ratio_table(rows: List[Dict[str, Any]]) -> str:
 # plots
 # --------------------------------------------------------------------------------------------
 
+def _colors(panels_providers) -> Dict[str, Any]:
+    """One colour per provider, the same in every panel."""
+    import matplotlib.pyplot as plt
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    return {p: palette[i % len(palette)] for i, p in enumerate(sorted(set(panels_providers)))}
+
+
 def _lines_plot(path, panels, ylabel, xlabel):
     """panels: {title: {provider: [(x, y), ...]}} -> one subplot per panel, a line per provider."""
     import matplotlib
@@ -74,12 +81,14 @@ def _lines_plot(path, panels, ylabel, xlabel):
     n = len(panels)
     ncols = min(3, n)
     nrows = (n + ncols - 1) // ncols
+    colors = _colors(p for series in panels.values() for p in series)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
     for ax, (title, series) in zip(axes.flat, panels.items()):
         for provider, points in sorted(series.items()):
             points.sort()
             style = "-o" if is_fastbert(provider) else "--o"
             ax.plot([x for x, _ in points], [y for _, y in points], style, label=provider,
+                    color=colors[provider],
                     linewidth=2.5 if is_fastbert(provider) else 1.2, markersize=4)
         ax.set_xscale("log", base=2)
         ax.set_title(title, fontsize=10)
@@ -103,6 +112,7 @@ def _bars_plot(path, panels, ylabels):
     n = len(panels)
     ncols = min(3, n)
     nrows = (n + ncols - 1) // ncols
+    colors = _colors(p for groups in panels.values() for g in groups.values() for p in g)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), squeeze=False)
     for ax, (title, groups) in zip(axes.flat, panels.items()):
         providers = sorted({p for g in groups.values() for p in g})
@@ -110,7 +120,7 @@ def _bars_plot(path, panels, ylabels):
         for i, provider in enumerate(providers):
             xs = [j + i * width for j in range(len(groups))]
             ax.bar(xs, [g.get(provider, 0.0) for g in groups.values()], width, label=provider,
-                   hatch="" if is_fastbert(provider) else "//")
+                   color=colors[provider], hatch="" if is_fastbert(provider) else "//")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
         ax.set_xticklabels(list(groups), fontsize=7, rotation=15)
         ax.set_title(title, fontsize=10)
