@@ -15,6 +15,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 
 def find_nvcc():
@@ -73,8 +74,10 @@ reason = skip_reason()
 if reason is None:
     ext_modules, cmdclass = [CMakeExtension("fastbert._C")], {"build_ext": CMakeBuild}
 else:
-    print(f"fastbert: skipping the CUDA extension fastbert._C ({reason}); the torch and Triton "
-          f"backends still install", file=sys.stderr, flush=True)
+    # setup.py also runs for metadata queries; say it once, when something is being built
+    if BUILD_COMMANDS & set(sys.argv[1:]):
+        print(f"fastbert: skipping the CUDA extension fastbert._C ({reason}); the torch and Triton "
+              f"backends still install", file=sys.stderr, flush=True)
     ext_modules, cmdclass = [], {}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

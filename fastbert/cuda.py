@@ -112,14 +112,15 @@ def _stream(t: Tensor) -> int:
 
 
 def _bshd_strides(t: Tensor) -> tuple:
-    return t.stride(0), t.stride(1), t.stride(2)
+    # The stride of a size-1 dim is never used (its only index is 0) and may be anything.
+    return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(3))
 
 
 def _vector_ready(t: Tensor) -> Tensor:
     """The attention kernels load 16-byte vectors: 16-byte aligned rows (copy only if not)."""
     elem = t.element_size()
-    aligned = t.data_ptr() % 16 == 0 and all(s * elem % 16 == 0 for s in t.stride()[:-1])
-    return t if aligned and t.stride(-1) == 1 else t.contiguous()
+    aligned = t.data_ptr() % 16 == 0 and all(s * elem % 16 == 0 for s in _bshd_strides(t))
+    return t if aligned and t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _no_dropout(op: str, dropout_p: float) -> None:
