@@ -434,3 +434,59 @@ def test_bert_model_cuda_backend_matches_torch_backend(dtype):
         assert torch.isfinite(g).all(), name
         assert_close_by_rule(g, plain[1][name], exact[1][name], f"grad {name}", factor=3.0,
                              floor=2e-2 * exact[1][name].abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------
+# gpu: compute-sanitizer on small cases
+# --------------------------------------------------------------------------------------------
+
+SANITIZER_SCRIPT = """
+import torch
+from fastbert import cuda as cb
+torch.manual_seed(0)
+for dtype in (torch.float16, torch.bfloat16):
+    for d in (32, 64, 128):
+        for sq, sk, causal in ((70, 70, False), (33, 90, True), (90, 33, True)):
+            q = torch.randn(2, sq, 2, d, dtype=dtype, device="cuda")
+            k = torch.randn(2, sk, 2, d, dtype=dtype, device="cuda")
+            v = torch.randn_like(k)
+            mask = torch.arange(sk, device="cuda") < torch.tensor([[sk // 2], [0]], device="cuda")
+            out, lse = cb.attention_forward(q, k, v, mask, causal, 0.0, 0.1, 0)
+            cb.attention_backward(torch.randn_like(out), q, k, v, out, lse, mask, causal, 0.0,
+                                  0.1, 0, False)
+    for hidden in (100, 768, 2048):
+        x = torch.randn(9, hidden, dtype=dtype, device="cuda")
+        w = torch.randn(hidden, device="cuda")
+        y, mean, rstd = cb.add_layer_norm_forward(x, x.clone(), w, w.clone(), 1e-5, 0.0, 0)
+        cb.add_layer_norm_backward(torch.randn_like(y), x, x.clone(), w, mean, rstd, 0.0, 0)
+    x = torch.randn(13, 40, dtype=dtype, device="cuda")
+    w = torch.randn(72, 40, dtype=dtype, device="cuda")
+    out, pre = cb.linear_bias_gelu_forward(x, w, torch.randn(72, dtype=dtype, device="cuda"),
+                                           "none")
+    cb.linear_bias_gelu_backward(torch.randn_like(out), x, w, pre, "none")
+torch.cuda.synchronize()
+"""
+
+
+def _sanitizer():
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "compute-sanitizer")):
+            return os.path.join(home, "bin", "compute-sanitizer")
+    return shutil.which("compute-sanitizer")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_compute_sanitizer_is_clean(tool):
+    import subprocess
+    import sys
+
+    exe = _sanitizer()
+    if exe is None:
+        pytest.skip("compute-sanitizer is not installed")
+    # only fastbert's kernels are instrumented (torch's own kernels are not under test)
+    cmd = [exe, "--tool", tool, "--error-exitcode", "99", "--kernel-name", "kns=fastbert",
+           sys.executable, "-c", SANITIZER_SCRIPT]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
