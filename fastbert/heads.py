@@ -231,8 +231,8 @@ class BertLMHeadModel(BertPreTrainedModel):
             predictions=BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+                labels=None, past_key_values=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, past_key_values)
         logits = self.cls["predictions"](out.last_hidden_state)  # (B, S, V)
         loss = None
         if labels is not None:
@@ -242,19 +242,28 @@ class BertLMHeadModel(BertPreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, eos_token_id: Optional[int] = None,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None):
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                 use_cache: bool = True):
         """Append up to max_new_tokens tokens to input_ids (B, S), one per step, greedy or sampled
         (temperature, top_k). A row that produced eos_token_id is finished and is padded with
         config.pad_token_id (eos when unset); generation stops when every row is finished.
-        Each step re-runs the whole prefix (at most max_position_embeddings tokens)."""
+        With use_cache, each layer keeps its keys/values, so a step runs only the newest token
+        (attention with one query against the cache); once the sequence outgrows
+        max_position_embeddings the window slides and each step re-runs the last
+        max_position_embeddings tokens, as without the cache."""
         if temperature <= 0:
             raise ValueError(f"generate: argument 'temperature' expected > 0, got {temperature!r}")
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
         ids = input_ids
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        caches = [{} for _ in self.bert.encoder.layer] if use_cache else None
+        step_input = ids
         for _ in range(max_new_tokens):
-            context = ids[:, -self.config.max_position_embeddings:]
-            logits = self(context).logits[:, -1, :].float()  # (B, V)
+            if ids.shape[1] > self.config.max_position_embeddings:
+                caches = None  # positions shift as the window slides: cached keys no longer fit
+            if caches is None:
+                step_input = ids[:, -self.config.max_position_embeddings:]
+            logits = self(step_input, past_key_values=caches).logits[:, -1, :].float()  # (B, V)
             if do_sample:
                 logits = logits / temperature
                 if top_k is not None:
@@ -267,6 +276,7 @@ class BertLMHeadModel(BertPreTrainedModel):
                 next_id = next_id.masked_fill(finished.unsqueeze(1), pad)
                 finished |= next_id.squeeze(1) == eos_token_id
             ids = torch.cat([ids, next_id], dim=1)
+            step_input = next_id  # (B, 1): all the cache needs next
             if eos_token_id is not None and bool(finished.all()):
                 break
         return ids

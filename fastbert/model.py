@@ -192,13 +192,19 @@ class BertLayer(nn.Module):
         self._register_state_dict_hook(_layer_state_dict_to_hf)
         self._register_load_state_dict_pre_hook(_layer_state_dict_from_hf)
 
-    def forward(self, x, attention_mask=None):
+    def forward(self, x, attention_mask=None, kv_cache: Optional[dict] = None):
+        """kv_cache: a dict this layer keeps its keys/values in ("k", "v": (B, S_past, nh, hd)).
+        Given one, x holds only the new positions; they attend to the cached ones as well, and the
+        cache is extended. attention_mask then covers all S_past + S keys."""
         b, s, c = x.shape  # (B, S, C)
         training = self.training
         qkv = self.qkv(x).view(b, s, 3, self.n_head, self.head_dim)  # (B, S, 3, nh, hd)
         q, k, v = qkv.unbind(2)  # three (B, S, nh, hd) views of one GEMM output, no copies
-        # A KV cache would concatenate the cached keys/values to k, v here along dim 1 and pass
-        # the new token(s) as q: causal attention is bottom-right aligned, so Sq < Sk just works.
+        if kv_cache is not None:
+            # causal attention is bottom-right aligned, so the new queries (Sq < Sk) see the cache
+            if "k" in kv_cache:
+                k, v = torch.cat([kv_cache["k"], k], 1), torch.cat([kv_cache["v"], v], 1)
+            kv_cache["k"], kv_cache["v"] = k, v
         y = fastbert.attention(q, k, v, attention_mask, causal=self.causal,
                                dropout_p=self.attn_dropout if training else 0.0)
         y = y.view(b, s, c)  # (B, S, C)
@@ -281,12 +287,20 @@ class BertModel(BertPreTrainedModel):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
-        """input_ids (B, S); attention_mask (B, S) with 1/True for real tokens (HF convention)."""
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                past_key_values: Optional[list] = None):
+        """input_ids (B, S); attention_mask (B, S) with 1/True for real tokens (HF convention).
+        past_key_values: one dict per layer (start with empty ones), filled and extended by each
+        call, so a later call passes only the new tokens (see BertLayer; decoders only)."""
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
+        caches = past_key_values or [None] * len(self.encoder.layer)
+        first = caches[0] or {}
+        past = first["k"].shape[1] if "k" in first else 0  # positions already in the cache
+        if position_ids is None and past:
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, S, C)
-        for layer in self.encoder.layer:
-            x = layer(x, attention_mask)
+        for layer, cache in zip(self.encoder.layer, caches):
+            x = layer(x, attention_mask, cache)
         pooled = self.pooler(x) if self.pooler is not None else None  # (B, C)
         return BertModelOutput(last_hidden_state=x, pooler_output=pooled)
