@@ -32,9 +32,10 @@ def tokenizer(corpus):
 
 
 def tiny_config(tokenizer, dropout=0.1, **kw):
-    return fastbert.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                               hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **kw)
+    fields = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                  attention_probs_dropout_prob=dropout)
+    return fastbert.BertConfig(**{**fields, **kw})
 
 
 def nsp_examples(corpus, tokenizer, max_length=48):
@@ -186,7 +187,7 @@ def _ddp_worker(rank, world, port, output_dir, corpus, vocab_dir, queue):
     tokenizer = data.WordPieceTokenizer.from_pretrained(vocab_dir)
     metrics, _ = _pretrain_run(output_dir, corpus, tokenizer, dropout=0.0, max_steps=4)
     if rank == 0:
-        queue.put(losses(metrics))
+        queue.put((metrics["world_size"], losses(metrics)))
     torch.distributed.destroy_process_group()
 
 
@@ -201,5 +202,35 @@ def test_ddp_two_processes_equal_one(tmp_path, corpus, tokenizer):
     queue = ctx.Queue()
     mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), corpus, tmp_path / "tok", queue),
                        nprocs=2, start_method="spawn")
-    two = queue.get(timeout=10)
+    world, two = queue.get(timeout=10)
+    assert world == 2 and single["world_size"] == 1
     assert two == pytest.approx(losses(single), rel=1e-5)
+
+
+def test_generate_with_kv_cache_runs_one_query_per_step(monkeypatch, tokenizer):
+    """Greedy and sampled generation with the cache equal full recomputation, and after the
+    prompt every attention call has a single query against all cached keys."""
+    torch.manual_seed(0)
+    model = fastbert.BertLMHeadModel(tiny_config(tokenizer, dropout=0.0, max_position_embeddings=24)).eval()
+    prompt = torch.tensor([tokenizer.encode("the cat sat on", max_length=None)["input_ids"][:-1]] * 2)
+    shapes, attention = [], fastbert.attention
+
+    def recording_attention(q, k, v, *args, **kwargs):
+        shapes.append((q.shape[1], k.shape[1]))
+        return attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(fastbert, "attention", recording_attention)
+    cached = model.generate(prompt, max_new_tokens=8)
+    n_layers, s = model.config.num_hidden_layers, prompt.shape[1]
+    assert shapes == [(s, s)] * n_layers + [(1, s + i) for i in range(1, 8) for _ in range(n_layers)]
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=8, use_cache=False))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        sampled = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=5, temperature=0.8)
+        torch.manual_seed(seed)
+        assert torch.equal(sampled, model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=5,
+                                                   temperature=0.8, use_cache=False))
+    # past max_position_embeddings (24) the window slides, with or without the cache
+    long = model.generate(prompt, max_new_tokens=24 - s + 4)
+    assert long.shape[1] == 28
+    assert torch.equal(long, model.generate(prompt, max_new_tokens=24 - s + 4, use_cache=False))
