@@ -60,6 +60,21 @@ unsigned tiles(int64_t s) { return (unsigned)((s + attn::kBlockM - 1) / attn::kB
 
 }  // namespace
 
+void set_device(int device) {
+  check_cuda(cudaSetDevice(device), "fastbert.cuda", "cudaSetDevice");
+}
+
+std::string probe_device() {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaSuccess && count == 0) return "no CUDA device found";
+  cudaFuncAttributes attr;
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, attn::fwd_kernel<__half, 64>);
+  if (err == cudaSuccess) return "";
+  cudaGetLastError();
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                        uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                        Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st, bool causal,

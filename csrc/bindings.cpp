@@ -16,6 +16,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("dtype_codes") = py::dict(py::arg("float16") = 0, py::arg("bfloat16") = 1,
                                    py::arg("float32") = 2);
 
+  m.def("set_device", &fastbert::set_device);
+  m.def("probe_device", &fastbert::probe_device);
   m.def("attention_forward", &fastbert::attention_forward);
   m.def("attention_backward", &fastbert::attention_backward);
   m.def("add_layer_norm_forward", &fastbert::add_layer_norm_forward);

@@ -4,10 +4,19 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <string>
 
 namespace fastbert {
 
 using Strides3 = std::array<int64_t, 3>;  // (batch, seq, head) element strides of (B, S, H, D)
+
+// Makes `device` current for this extension's CUDA runtime (it is linked statically, so it
+// keeps its own notion of the current device next to torch's).
+void set_device(int device);
+
+// "" when this build's kernels can run on the current device, else the CUDA error that says
+// why (no device, driver older than the runtime, no kernel image for this GPU).
+std::string probe_device();
 
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                        uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,

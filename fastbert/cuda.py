@@ -9,6 +9,7 @@ Importing this module never raises: without the extension or a GPU, `unavailable
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -66,7 +67,17 @@ def unavailable_reason() -> Optional[str]:
     if not any(_arch_runs_on(a, capability) for a in _built_archs()):
         return (f"fastbert._C was built for archs {_C.archs}, which cannot run on this GPU "
                 f"(sm_{capability}); reinstall with FASTBERT_CUDA_ARCHS including {capability}")
+    device = torch.cuda.current_device()
+    if device not in _probed:
+        _C.set_device(device)
+        _probed[device] = _C.probe_device() or None
+    if _probed[device] is not None:
+        return (f"fastbert._C (CUDA {extension_info()['cuda_version']}) cannot run on this GPU: "
+                f"{_probed[device]}")
     return None
+
+
+_probed: dict = {}  # device index -> why the extension's kernels cannot load there, or None
 
 
 def unsupported(op: str, **kw) -> Optional[str]:
@@ -111,6 +122,15 @@ def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+@contextlib.contextmanager
+def _on_device(device: torch.device):
+    """torch's current device and the extension's (its CUDA runtime is linked statically and
+    keeps its own current device) both set to the tensors' device."""
+    with torch.cuda.device(device):
+        _C.set_device(torch.cuda.current_device())
+        yield
+
+
 def _bshd_strides(t: Tensor) -> tuple:
     # The stride of a size-1 dim is never used (its only index is 0) and may be anything.
     return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(3))
@@ -148,7 +168,7 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
     lse = _empty((b, h, sq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    with torch.cuda.device(q.device):
+    with _on_device(q.device):
         _C.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
                              lse.data_ptr(), b, sq, k.shape[1], h, d, _bshd_strides(q),
                              _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
@@ -171,7 +191,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
     delta = _empty((b, h, sq), torch.float32, q.device)
     if b == 0 or h == 0:
         return dq, dk, dv
-    with torch.cuda.device(q.device):
+    with _on_device(q.device):
         _C.attention_backward(dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                               out.data_ptr(), lse.contiguous().data_ptr(), _ptr(mask),
                               dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
@@ -200,7 +220,7 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
     y = _empty(x.shape, x.dtype, x.device)
     mean = _empty((rows,), torch.float32, x.device)
     rstd = _empty((rows,), torch.float32, x.device)
-    with torch.cuda.device(x.device):
+    with _on_device(x.device):
         _C.add_layer_norm_forward(x.data_ptr(), _ptr(residual), w.data_ptr(), bias_k.data_ptr(),
                                   y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, hidden,
                                   float(eps), _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype],
@@ -218,7 +238,7 @@ def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed
     dres = _empty(x.shape, x.dtype, x.device) if residual is not None else None
     dweight = _empty((hidden,), w.dtype, x.device)
     dbias = _empty((hidden,), w.dtype, x.device)
-    with torch.cuda.device(x.device):
+    with _on_device(x.device):
         parts = _C.add_layer_norm_backward_parts(rows, hidden)
         partial = _empty((2, parts, hidden), torch.float32, x.device)
         _C.add_layer_norm_backward(dy.data_ptr(), x.data_ptr(), _ptr(residual), w.data_ptr(),
@@ -239,7 +259,7 @@ def linear_bias_gelu_forward(x, weight, bias, approximate):
     m, n = x.shape[0], weight.shape[0]
     pre = torch.matmul(x, weight.t())  # (M, N); the kernel adds the bias in place
     out = _empty(pre.shape, pre.dtype, pre.device)
-    with torch.cuda.device(x.device):
+    with _on_device(x.device):
         _C.bias_gelu_forward(pre.data_ptr(), bias.data_ptr(), pre.data_ptr(), out.data_ptr(), m,
                              n, approximate == "tanh", _DTYPE_CODES[x.dtype], _stream(x))
     return out, pre
@@ -251,7 +271,7 @@ def linear_bias_gelu_backward(dout, x, weight, pre, approximate):
     m, n = pre.shape
     dpre = _empty(pre.shape, pre.dtype, pre.device)
     dbias = _empty((n,), pre.dtype, pre.device)
-    with torch.cuda.device(x.device):
+    with _on_device(x.device):
         parts = _C.gelu_backward_parts(m, n)
         partial = _empty((parts, n), torch.float32, x.device)
         _C.gelu_backward(dout.data_ptr(), pre.data_ptr(), dpre.data_ptr(), partial.data_ptr(),

@@ -26,6 +26,15 @@ ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @pytest.fixture(autouse=True)
+def _extension_runs_here(request):
+    """gpu tests need the built extension to run on this GPU; say plainly why when it cannot."""
+    if "gpu" in request.keywords and torch.cuda.is_available():
+        reason = cuda_backend.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"CUDA backend unusable on this GPU: {reason}")
+
+
+@pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
     """Every buffer the backend hands to a kernel starts as NaN, so unwritten elements show."""
     monkeypatch.setattr(cuda_backend, "_empty",
