@@ -27,15 +27,16 @@ HEADS = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSente
 B, S = 3, 11
 
 
-def hf_config(config: BertConfig, head: str):
+def hf_config(config: BertConfig, head: str, attn_implementation: str = "eager"):
     return transformers.BertConfig(**{**config.to_dict(), "is_decoder": head == "BertLMHeadModel"},
-                                   attn_implementation="eager")
+                                   attn_implementation=attn_implementation)
 
 
-def make_pair(head: str, config_name: str = "gelu", **overrides):
+def make_pair(head: str, config_name: str = "gelu", attn_implementation: str = "eager",
+              **overrides):
     """A transformers model with random weights and the fastbert model loaded from its state_dict."""
     config = BertConfig(**{**CONFIGS[config_name], **overrides})
-    hf_model = getattr(transformers, head)(hf_config(config, head)).eval()
+    hf_model = getattr(transformers, head)(hf_config(config, head, attn_implementation)).eval()
     randomize_(hf_model)
     ours = getattr(fastbert, head)(config).eval()
     ours.load_state_dict(hf_model.state_dict(), strict=True)
@@ -282,6 +283,20 @@ def test_patch_hf_keeps_parameters_and_outputs(head, monkeypatch):
     layers = hf_model.config.num_hidden_layers
     assert calls["attention"] == layers and calls["linear_bias_gelu"] == layers
     assert calls["add_layer_norm"] >= 2 * layers + 1  # per layer two, plus the embeddings
+
+
+@pytest.mark.parametrize("head", ["BertModel", "BertLMHeadModel"])
+def test_patch_hf_reads_sdpa_masks(head):
+    # transformers' default attention hands the layers boolean masks (or None), not additive ones
+    ours, hf_model = make_pair(head, attn_implementation="sdpa")
+    patched = fastbert.patch_hf(copy.deepcopy(hf_model))
+    inputs = make_inputs(ours.config, head)
+    for keep in (("input_ids", "attention_mask"), ("input_ids",)):
+        x = {k: inputs[k] for k in keep}
+        with torch.no_grad():
+            got, plain = patched(**x).to_tuple()[0], hf_model(**x).to_tuple()[0]
+            exact = copy.deepcopy(hf_model).double()(**x).to_tuple()[0]
+        assert_close_by_rule(got, plain, exact, name=f"{head} sdpa {keep}")
 
 
 def _counting(fn, calls, name):
