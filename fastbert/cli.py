@@ -311,8 +311,14 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     import runpy
 
+    # benchmarks/ sits next to fastbert/ in a source checkout (the editable install's root),
+    # or in the current directory; an installed wheel does not ship it
+    for root in (Path(fastbert.__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "__main__.py").is_file() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+            break
     try:
-        import benchmarks  # noqa: F401  (the top-level package of a source checkout)
+        import benchmarks  # noqa: F401
     except ImportError:
         raise CLIError("`fastbert bench` runs the benchmark suite, which lives in the source checkout "
                        "(benchmarks/ next to fastbert/): run it from the repository root") from None
@@ -471,7 +477,12 @@ def _add_qa_flags(p, max_length_default=384):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # bench hands every argument after it to python -m benchmarks, options included
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = unknown + args.bench_args
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "backend", None):
         fastbert.set_backend(args.backend)
     try:

@@ -1,0 +1,206 @@
+"""Tier 1: the `fastbert` command: help, end-to-end runs on a tiny model, clear errors."""
+import argparse
+import json
+import random
+import sys
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import cli, data
+
+WORDS = "the cat sat on a mat dog ran far away bird flew over tree house big small red blue green".split()
+TRAIN_FLAGS = ["--max-steps", "2", "--batch-size", "4", "--no-progress", "--log-every", "1"]
+
+
+def run(capsys, *argv):
+    """main(argv) -> (exit status, stdout, stderr)."""
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_clean_error(status, err, *fragments):
+    assert status == 2, err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("fastbert "), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A corpus, a tiny pre-trained checkpoint (via the CLI), classification and SQuAD files."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = random.Random(0)
+    docs = ["\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))) + " ."
+                      for _ in range(rng.randint(2, 5))) for _ in range(30)]
+    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    (root / "tiny.json").write_text(json.dumps(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, max_position_embeddings=64)))
+    with open(root / "cls.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(6)), "label": ["pos", "neg"][i % 2]}) + "\n")
+    paragraphs = []
+    for i in range(8):
+        place = rng.choice(["tree", "house", "mat"])
+        context = f"the cat sat on the {place} far away ."
+        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": "where sat the cat ?",
+                                                        "answers": [{"text": place, "answer_start": context.index(place)}]}]})
+    (root / "squad.json").write_text(json.dumps({"data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(workdir):
+    out = workdir / "pretrained"
+    status = cli.main(["pretrain", "--train-files", str(workdir / "corpus.txt"), "--config", str(workdir / "tiny.json"),
+                       "--vocab-size", "120", "--max-length", "32", "--output-dir", str(out), "--eval-fraction", "0.2",
+                       *TRAIN_FLAGS])
+    assert status == 0
+    return out
+
+
+def test_every_flag_has_help(capsys):
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {"pretrain", "finetune-classify", "finetune-qa", "evaluate", "generate",
+                                       "bench", "info"}
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"fastbert {name} {action.option_strings}: no help text"
+        if name != "bench":  # bench passes --help on to python -m benchmarks
+            with pytest.raises(SystemExit) as e:
+                cli.main([name, "--help"])
+            assert e.value.code == 0
+            assert "usage: fastbert " + name in capsys.readouterr().out
+
+
+def test_pretrain_writes_checkpoint_and_metrics(pretrained):
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    assert metrics["task"] == "pretrain" and metrics["final"]["step"] == 2
+    assert {"eval_loss", "eval_mlm_accuracy", "eval_nsp_accuracy"} <= set(metrics["final"])
+    assert [h["step"] for h in metrics["history"]] == [1, 2]
+    config = json.loads((pretrained / "config.json").read_text())
+    assert config["architectures"] == ["BertForPreTraining"] and config["hidden_size"] == 32
+    assert (pretrained / "vocab.txt").is_file() and (pretrained / "checkpoint-2" / "trainer_state.pt").is_file()
+
+
+def test_pretrain_resume_latest(capsys, workdir, pretrained):
+    status, out, _ = run(capsys, "pretrain", "--train-files", workdir / "corpus.txt", "--model", pretrained,
+                         "--max-length", "32", "--output-dir", pretrained, "--resume", "latest", "--max-steps", "3",
+                         "--batch-size", "4", "--no-progress", "--eval-fraction", "0.2")
+    # the run resumed from step 2; a different --max-steps changes only where it stops
+    assert status == 0, out
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["final"]["step"] == 3
+
+
+def test_finetune_classify_and_evaluate(capsys, workdir, pretrained):
+    out_dir = workdir / "cls"
+    status, out, err = run(capsys, "finetune-classify", "--model", pretrained, "--train", workdir / "cls.jsonl",
+                           "--eval-fraction", "0.25", "--max-length", "16", "--output-dir", out_dir, *TRAIN_FLAGS)
+    assert status == 0, err
+    assert "2 labels: neg, pos" in out
+    final = json.loads((out_dir / "metrics.json").read_text())["final"]
+    assert {"eval_accuracy", "eval_macro_f1"} <= set(final)
+    status, out, err = run(capsys, "evaluate", "--model", out_dir, "--data", workdir / "cls.jsonl",
+                           "--max-length", "16", "--metrics-file", workdir / "eval.json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["task"] == "classify" and result["examples"] == 24 and 0 <= result["eval_accuracy"] <= 1
+    assert json.loads((workdir / "eval.json").read_text()) == result
+    # an evaluation file with a label the model does not know
+    (workdir / "other.jsonl").write_text('{"text": "a cat", "label": "neutral"}\n')
+    status, _, err = run(capsys, "evaluate", "--model", out_dir, "--data", workdir / "other.jsonl")
+    assert_clean_error(status, err, "other.jsonl", "'neutral'")
+    # the wrong architecture for the task asked for
+    status, _, err = run(capsys, "evaluate", "--model", out_dir, "--data", workdir / "squad.json", "--task", "qa")
+    assert_clean_error(status, err, "BertForSequenceClassification", "--task qa")
+
+
+def test_finetune_qa_and_evaluate(capsys, workdir, pretrained):
+    out_dir = workdir / "qa"
+    status, out, err = run(capsys, "finetune-qa", "--model", pretrained, "--train", workdir / "squad.json",
+                           "--eval", workdir / "squad.json", "--max-length", "24", "--doc-stride", "8",
+                           "--output-dir", out_dir, *TRAIN_FLAGS)
+    assert status == 0, err
+    final = json.loads((out_dir / "metrics.json").read_text())["final"]
+    assert 0 <= final["eval_exact_match"] <= final["eval_f1"] <= 100
+    status, out, err = run(capsys, "evaluate", "--model", out_dir, "--data", workdir / "squad.json",
+                           "--max-length", "24", "--doc-stride", "8")
+    assert status == 0, err
+    assert json.loads(out)["eval_exact_match"] == pytest.approx(final["eval_exact_match"])
+
+
+def test_generate(capsys, workdir, pretrained):
+    tokenizer = data.WordPieceTokenizer.from_pretrained(pretrained)
+    lm_dir = workdir / "lm"
+    config = fastbert.BertConfig.from_pretrained(str(pretrained / "config.json"))
+    torch.manual_seed(0)
+    fastbert.BertLMHeadModel(config).save_pretrained(str(lm_dir))
+    tokenizer.save(lm_dir)
+    status, out, err = run(capsys, "generate", "--model", lm_dir, "--prompt", "the cat", "--max-new-tokens", "5")
+    assert status == 0, err
+    assert out.startswith("the cat") and "new tokens" in err
+    status, out, err = run(capsys, "generate", "--model", lm_dir, "--prompt", "the cat", "--max-new-tokens", "5",
+                           "--do-sample", "--top-k", "3", "--seed", "1")
+    assert status == 0, err
+    # a bidirectional pre-training checkpoint is not a language model
+    status, _, err = run(capsys, "generate", "--model", pretrained, "--prompt", "the cat")
+    assert_clean_error(status, err, "BertForPreTraining", "causal language model")
+
+
+@pytest.mark.parametrize("case", ["missing path", "malformed csv", "missing label", "one label", "not bert",
+                                  "no checkpoint", "resume nothing", "bad squad", "bad config"])
+def test_clear_errors(capsys, tmp_path, workdir, pretrained, case):
+    base = ["finetune-classify", "--model", pretrained, "--output-dir", tmp_path / "out", *TRAIN_FLAGS]
+    if case == "missing path":
+        status, _, err = run(capsys, *base, "--train", tmp_path / "nowhere.csv")
+        assert_clean_error(status, err, "nowhere.csv")
+    elif case == "malformed csv":
+        (tmp_path / "d.csv").write_text('text,label\n"a cat",pos\n"a dog",neg,extra\n')
+        status, _, err = run(capsys, *base, "--train", tmp_path / "d.csv")
+        assert_clean_error(status, err, "d.csv:3", "expected 2 fields")
+    elif case == "missing label":
+        (tmp_path / "d.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n')
+        status, _, err = run(capsys, *base, "--train", tmp_path / "d.jsonl")
+        assert_clean_error(status, err, "d.jsonl:2", 'missing "label"')
+    elif case == "one label":
+        (tmp_path / "d.jsonl").write_text('{"text": "a", "label": "x"}\n' * 8)
+        status, _, err = run(capsys, *base, "--train", tmp_path / "d.jsonl")
+        assert_clean_error(status, err, "at least two")
+    elif case == "not bert":
+        (tmp_path / "gpt").mkdir()
+        (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
+        status, _, err = run(capsys, "finetune-classify", "--model", tmp_path / "gpt", "--train", workdir / "cls.jsonl",
+                             "--output-dir", tmp_path / "out")
+        assert_clean_error(status, err, "'gpt2'", "BERT checkpoint")
+    elif case == "no checkpoint":
+        status, _, err = run(capsys, "evaluate", "--model", tmp_path / "none", "--data", workdir / "cls.jsonl")
+        assert_clean_error(status, err, "no such directory")
+    elif case == "resume nothing":
+        status, _, err = run(capsys, *base, "--train", workdir / "cls.jsonl", "--resume", "latest")
+        assert_clean_error(status, err, "no checkpoint-*")
+    elif case == "bad squad":
+        (tmp_path / "s.json").write_text('{"data": [\n  {"paragraphs": [}\n]}')
+        status, _, err = run(capsys, "finetune-qa", "--model", pretrained, "--train", tmp_path / "s.json",
+                             "--output-dir", tmp_path / "out")
+        assert_clean_error(status, err, "s.json:2", "malformed JSON")
+    elif case == "bad config":
+        status, _, err = run(capsys, "pretrain", "--train-files", workdir / "corpus.txt", "--config", "huge",
+                             "--output-dir", tmp_path / "out", *TRAIN_FLAGS)
+        assert_clean_error(status, err, "'huge'", "preset")
+
+
+def test_bench_outside_source_checkout(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "benchmarks", None)  # import fails as in an installed copy
+    status, _, err = run(capsys, "bench", "--quick")
+    assert_clean_error(status, err, "source checkout")
+
+
+def test_info(capsys):
+    status, out, _ = run(capsys, "info")
+    assert status == 0 and out.startswith("fastbert ") and "backend torch" in out
