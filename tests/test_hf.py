@@ -188,22 +188,24 @@ def test_save_pretrained_loads_in_transformers(head, tmp_path):
         assert torch.equal(v, ours.state_dict()[k]), k
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_from_pretrained_reads_transformers_checkpoints(fmt, tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "legacy_bin"])
+def test_from_pretrained_reads_transformers_checkpoints(fmt, tmp_path, recwarn):
     head = "BertForMaskedLM"
     ours, hf_model = make_pair(head)
     if fmt == "safetensors":
         hf_model.save_pretrained(str(tmp_path))
-    else:
-        _save_bin(hf_model, tmp_path)
+    else:  # the oldest checkpoints: LayerNorm gamma/beta and a stored position_ids buffer
+        state = hf_model.state_dict()
+        if fmt == "legacy_bin":
+            state = {k.replace("LayerNorm.weight", "LayerNorm.gamma")
+                      .replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in state.items()}
+            state["bert.embeddings.position_ids"] = torch.arange(32)[None]
+        hf_model.config.save_pretrained(str(tmp_path))
+        torch.save(state, os.path.join(tmp_path, "pytorch_model.bin"))
     loaded = fastbert.BertForMaskedLM.from_pretrained(str(tmp_path))
+    assert not [w for w in recwarn.list if "from_pretrained" in str(w.message)]
     for k, v in hf_model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-
-
-def _save_bin(hf_model, path):
-    hf_model.config.save_pretrained(str(path))
-    torch.save(hf_model.state_dict(), os.path.join(path, "pytorch_model.bin"))
 
 
 def test_from_pretrained_moves_between_base_and_head_checkpoints(tmp_path):
@@ -239,7 +241,7 @@ def minilm_dir():
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
-def test_all_minilm_l6_v2_matches_transformers(monkeypatch):
+def test_all_minilm_l6_v2_matches_transformers(monkeypatch, recwarn):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = minilm_dir()
     from tokenizers import Tokenizer
@@ -250,7 +252,8 @@ def test_all_minilm_l6_v2_matches_transformers(monkeypatch):
     ids = torch.tensor([e.ids for e in batch])
     mask = torch.tensor([e.attention_mask for e in batch])
     assert (mask == 0).any()  # the batch is padded
-    ours = fastbert.BertModel.from_pretrained(path).eval()
+    ours = fastbert.BertModel.from_pretrained(path).eval()  # the file also holds position_ids
+    assert not [w for w in recwarn.list if "from_pretrained" in str(w.message)]
     assert ours.config.hidden_size == 384 and ours.config.num_hidden_layers == 6
     hf_model = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
     with torch.no_grad():
