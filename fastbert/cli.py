@@ -117,7 +117,7 @@ def _run(trainer, args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from fastbert.train import Trainer, pretraining_task
+    from fastbert.train import Trainer, causal_lm_task, pretraining_task
 
     documents = fbdata.read_documents(args.train_files)
     if args.model and not args.resume:
@@ -136,17 +136,24 @@ def cmd_pretrain(args) -> int:
         train_docs, eval_docs = documents, fbdata.read_documents(args.eval_files)
     else:
         train_docs, eval_docs = fbdata.split_holdout(documents, args.eval_fraction, args.seed)
-    train_examples = fbdata.build_nsp_examples(tokenize(train_docs), tokenizer, args.max_length, rng)
-    eval_examples = (fbdata.build_nsp_examples(tokenize(eval_docs), tokenizer, args.max_length, rng)
-                     if len(eval_docs) >= 2 else None)
+    if args.objective == "clm":
+        class_name = "BertLMHeadModel"
+        train_examples = fbdata.build_lm_examples(tokenize(train_docs), tokenizer, args.max_length)
+        eval_examples = fbdata.build_lm_examples(tokenize(eval_docs), tokenizer, args.max_length) or None
+        make_task = lambda: causal_lm_task(train_examples, tokenizer, eval_examples)
+    else:
+        class_name = "BertForPreTraining"
+        train_examples = fbdata.build_nsp_examples(tokenize(train_docs), tokenizer, args.max_length, rng)
+        eval_examples = (fbdata.build_nsp_examples(tokenize(eval_docs), tokenizer, args.max_length, rng)
+                         if len(eval_docs) >= 2 else None)
+        make_task = lambda: pretraining_task(train_examples, tokenizer, eval_examples, args.mlm_probability)
 
     source = _resume_source(args, args.model)
     if source:
-        model = load_model("BertForPreTraining", source)
+        model = load_model(class_name, source)
     else:
-        model = fastbert.BertForPreTraining(_new_config(args, tokenizer))
-    task = pretraining_task(train_examples, tokenizer, eval_examples, args.mlm_probability)
-    return _run(Trainer(model, task, _train_config(args), tokenizer), args)
+        model = getattr(fastbert, class_name)(_new_config(args, tokenizer))
+    return _run(Trainer(model, make_task(), _train_config(args), tokenizer), args)
 
 
 def _new_config(args, tokenizer):
@@ -242,7 +249,6 @@ def cmd_finetune_qa(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import torch
     from fastbert import train as fbtrain
 
     config = read_checkpoint_config(args.model)
@@ -379,9 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
                "(DDP; --batch-size stays the global batch).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="MLM + NSP pre-training from raw text",
-                       description="Pre-train BERT with masked-LM and next-sentence prediction. Text files: "
-                                   "one sentence per line, a blank line between documents.")
+    p = sub.add_parser("pretrain", help="MLM + NSP (or causal LM) pre-training from raw text",
+                       description="Pre-train BERT with masked-LM and next-sentence prediction, or a causal "
+                                   "LM for `fastbert generate`. Text files: one sentence per line, a blank "
+                                   "line between documents.")
+    p.add_argument("--objective", choices=["mlm-nsp", "clm"], default="mlm-nsp",
+                   help="mlm-nsp: BERT's objectives (BertForPreTraining); clm: left-to-right language "
+                        "modelling (BertLMHeadModel, usable by `fastbert generate`)")
     p.add_argument("--train-files", nargs="+", required=True, metavar="FILE", help="raw text files")
     p.add_argument("--eval-files", nargs="+", metavar="FILE",
                    help="held-out text files (default: hold out --eval-fraction of the documents)")

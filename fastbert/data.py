@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import os
 import random
 import re
 import string
@@ -245,6 +244,21 @@ def build_nsp_examples(documents: List[List[List[int]]], tokenizer: WordPieceTok
             examples.append(example)
             # IsNext consumed B too; NotNext only A (B came from elsewhere)
             start = b_end if is_next else end
+    return examples
+
+
+def build_lm_examples(documents: List[List[List[int]]], tokenizer: WordPieceTokenizer,
+                      max_length: int) -> List[dict]:
+    """Causal LM training sequences: each document as `[CLS] sentences... [SEP]`, the whole
+    stream cut into pieces of `max_length` tokens (the last one shorter)."""
+    stream = []
+    for doc in documents:
+        stream += [tokenizer.cls_id] + [t for sentence in doc for t in sentence] + [tokenizer.sep_id]
+    examples = []
+    for i in range(0, len(stream), max_length):
+        ids = stream[i:i + max_length]
+        if len(ids) > 1:  # one token predicts nothing
+            examples.append({"input_ids": ids, "token_type_ids": [0] * len(ids), "attention_mask": [1] * len(ids)})
     return examples
 
 

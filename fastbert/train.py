@@ -155,6 +155,37 @@ def pretraining_task(train_examples, tokenizer, eval_examples=None, mlm_probabil
                 evaluate if eval_examples else None)
 
 
+def causal_lm_task(train_examples, tokenizer, eval_examples=None, eval_batch_size=32) -> Task:
+    """Left-to-right language modelling (BertLMHeadModel): position i predicts token i + 1."""
+    def make_batch(examples, seed):
+        batch = fbdata.collate(examples, tokenizer.pad_id)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, fbdata.IGNORE_INDEX)
+        return batch
+
+    def loss_sums(outputs, batch):
+        logits = outputs.logits[:, :-1].flatten(0, 1).float()
+        return [F.cross_entropy(logits, batch["labels"][:, 1:].flatten(), ignore_index=fbdata.IGNORE_INDEX,
+                                reduction="sum")]
+
+    def loss_counts(batch):
+        return [int((batch["labels"][:, 1:] != fbdata.IGNORE_INDEX).sum())]
+
+    @torch.no_grad()
+    def evaluate(model, device):
+        loss, correct, count = 0.0, 0, 0
+        for i in range(0, len(eval_examples), eval_batch_size):
+            batch = _to(make_batch(eval_examples[i:i + eval_batch_size], 0), device)
+            out = model(**_model_inputs(batch))
+            targets = batch["labels"][:, 1:]
+            loss += loss_sums(out, batch)[0].item()
+            correct += ((out.logits[:, :-1].argmax(-1) == targets) & (targets != fbdata.IGNORE_INDEX)).sum().item()
+            count += loss_counts(batch)[0]
+        return {"eval_loss": loss / count, "eval_perplexity": math.exp(min(loss / count, 50)),
+                "eval_next_token_accuracy": correct / count}
+
+    return Task("clm", train_examples, make_batch, loss_sums, loss_counts, evaluate if eval_examples else None)
+
+
 def classification_task(train_examples, tokenizer, label_names, eval_examples=None, eval_batch_size=64) -> Task:
     def make_batch(examples, seed):
         return fbdata.collate(examples, tokenizer.pad_id)

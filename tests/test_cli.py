@@ -5,10 +5,8 @@ import random
 import sys
 
 import pytest
-import torch
 
-import fastbert
-from fastbert import cli, data
+from fastbert import cli
 
 WORDS = "the cat sat on a mat dog ran far away bird flew over tree house big small red blue green".split()
 TRAIN_FLAGS = ["--max-steps", "2", "--batch-size", "4", "--no-progress", "--log-every", "1"]
@@ -135,13 +133,15 @@ def test_finetune_qa_and_evaluate(capsys, workdir, pretrained):
     assert json.loads(out)["eval_exact_match"] == pytest.approx(final["eval_exact_match"])
 
 
-def test_generate(capsys, workdir, pretrained):
-    tokenizer = data.WordPieceTokenizer.from_pretrained(pretrained)
+def test_causal_lm_pretrain_then_generate(capsys, workdir, pretrained):
     lm_dir = workdir / "lm"
-    config = fastbert.BertConfig.from_pretrained(str(pretrained / "config.json"))
-    torch.manual_seed(0)
-    fastbert.BertLMHeadModel(config).save_pretrained(str(lm_dir))
-    tokenizer.save(lm_dir)
+    status, _, err = run(capsys, "pretrain", "--objective", "clm", "--train-files", workdir / "corpus.txt",
+                         "--config", workdir / "tiny.json", "--tokenizer", pretrained, "--max-length", "32",
+                         "--output-dir", lm_dir, "--eval-fraction", "0.2", *TRAIN_FLAGS)
+    assert status == 0, err
+    metrics = json.loads((lm_dir / "metrics.json").read_text())
+    assert metrics["task"] == "clm" and metrics["final"]["eval_perplexity"] > 1
+    assert json.loads((lm_dir / "config.json").read_text())["architectures"] == ["BertLMHeadModel"]
     status, out, err = run(capsys, "generate", "--model", lm_dir, "--prompt", "the cat", "--max-new-tokens", "5")
     assert status == 0, err
     assert out.startswith("the cat") and "new tokens" in err

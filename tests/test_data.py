@@ -127,6 +127,14 @@ def test_nsp_pairs_half_is_next_and_b_from_the_right_place(tokenizer):
     assert abs(n_next - n / 2) < 5 * math.sqrt(n / 4), f"IsNext {n_next} of {n}"
 
 
+def test_lm_examples_cut_the_document_stream(tokenizer):
+    docs = [[[10, 11], [12]], [[20, 21, 22]]]
+    examples = data.build_lm_examples(docs, tokenizer, max_length=4)
+    c, s = tokenizer.cls_id, tokenizer.sep_id
+    assert [ex["input_ids"] for ex in examples] == [[c, 10, 11, 12], [s, c, 20, 21], [22, s]]
+    assert all(ex["attention_mask"] == [1] * len(ex["input_ids"]) for ex in examples)
+
+
 def test_read_documents(tmp_path):
     f = tmp_path / "c.txt"
     f.write_text("a one.\na two.\n\n\nb one.\n")
