@@ -36,7 +36,7 @@ PRESETS = {
 
 # evaluate: which task a checkpoint's architecture is for
 TASK_OF_ARCHITECTURE = {"BertForPreTraining": "pretrain", "BertForSequenceClassification": "classify",
-                        "BertForQuestionAnswering": "qa"}
+                        "BertForQuestionAnswering": "qa", "BertLMHeadModel": "clm"}
 
 
 class CLIError(Exception):
@@ -272,10 +272,14 @@ def cmd_evaluate(args) -> int:
         task = fbtrain.qa_task([], tokenizer, examples, features, args.batch_size, args.max_answer_length,
                                version_2=args.version_2 or any(not ex.answers for ex in examples))
     else:
-        docs = fbdata.read_documents(args.data if isinstance(args.data, list) else [args.data])
+        docs = fbdata.read_documents([args.data])
         tokenized = [[tokenizer.tokenize(s) for s in doc] for doc in docs]
-        examples = fbdata.build_nsp_examples(tokenized, tokenizer, args.max_length, random.Random(args.seed))
-        task = fbtrain.pretraining_task([], tokenizer, examples, eval_batch_size=args.batch_size)
+        if task_name == "clm":
+            examples = fbdata.build_lm_examples(tokenized, tokenizer, args.max_length)
+            task = fbtrain.causal_lm_task([], tokenizer, examples, eval_batch_size=args.batch_size)
+        else:
+            examples = fbdata.build_nsp_examples(tokenized, tokenizer, args.max_length, random.Random(args.seed))
+            task = fbtrain.pretraining_task([], tokenizer, examples, eval_batch_size=args.batch_size)
     _, _, device = fbtrain.setup_distributed(args.device)
     model = load_model(class_name, args.model).to(device).eval()
     start = time.perf_counter()
@@ -439,8 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "its architecture.")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--tokenizer", help="tokenizer (default: the one in --model)")
-    p.add_argument("--data", required=True, help="classification file/directory, SQuAD JSON, or text file")
-    p.add_argument("--task", choices=["classify", "qa", "pretrain"], help="check the checkpoint is for this task")
+    p.add_argument("--data", required=True,
+                   help="classification file/directory, SQuAD JSON, or a text file (pretrain, clm)")
+    p.add_argument("--task", choices=sorted(TASK_OF_ARCHITECTURE.values()),
+                   help="check the checkpoint is for this task (default: from its architecture)")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--metrics-file", help="also write the metrics to this JSON file")
     p.add_argument("--seed", type=int, default=42, help="seed of the NSP pairs and masks (pretrain task)")

@@ -142,6 +142,9 @@ def test_causal_lm_pretrain_then_generate(capsys, workdir, pretrained):
     metrics = json.loads((lm_dir / "metrics.json").read_text())
     assert metrics["task"] == "clm" and metrics["final"]["eval_perplexity"] > 1
     assert json.loads((lm_dir / "config.json").read_text())["architectures"] == ["BertLMHeadModel"]
+    status, out, err = run(capsys, "evaluate", "--model", lm_dir, "--data", workdir / "corpus.txt", "--max-length", "32")
+    assert status == 0, err
+    assert json.loads(out)["task"] == "clm" and json.loads(out)["eval_perplexity"] > 1
     status, out, err = run(capsys, "generate", "--model", lm_dir, "--prompt", "the cat", "--max-new-tokens", "5")
     assert status == 0, err
     assert out.startswith("the cat") and "new tokens" in err
