@@ -212,7 +212,7 @@ class BertLayer(nn.Module):
                                     self.attn_norm.eps,
                                     dropout_p=self.hidden_dropout if training else 0.0)
         f = fastbert.linear_bias_gelu(h, self.ffn_in.weight, self.ffn_in.bias,
-                                      approximate=self.gelu_approximate)  # (B, S, 4C)
+                                      approximate=self.gelu_approximate)  # (B, S, intermediate_size)
         return fastbert.add_layer_norm(self.ffn_out(f), h, self.ffn_norm.weight, self.ffn_norm.bias,
                                        self.ffn_norm.eps,
                                        dropout_p=self.hidden_dropout if training else 0.0)
@@ -255,7 +255,7 @@ class BertPooler(nn.Module):
 
 
 class BertPreTrainedModel(nn.Module):
-    """Common base: the config, Hugging Face checkpoint I/O (see fastbert/hf.py), initialisation."""
+    """Common base: the config and Hugging Face checkpoint I/O (see fastbert/hf.py)."""
 
     base_model_prefix = "bert"
 
