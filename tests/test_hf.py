@@ -336,3 +336,18 @@ def test_patch_hf_trains_with_an_optimizer_made_before_patching():
     changed = [k for k, v in hf_model.state_dict().items() if not torch.equal(v, before[k])]
     assert any("attention.self.query" in k for k in changed)
     assert any("intermediate.dense" in k for k in changed)
+
+
+def test_patch_hf_twice_is_once_and_compiles_fullgraph():
+    ours, hf_model = make_pair("BertForMaskedLM")
+    fastbert.patch_hf(fastbert.patch_hf(hf_model))
+    patched_kinds = sorted({type(m).__name__ for m in hf_model.modules()
+                            if type(m).__name__.startswith("Fastbert")})
+    assert patched_kinds == ["FastbertBertIntermediate", "FastbertBertOutput",
+                             "FastbertBertSelfAttention", "FastbertBertSelfOutput",
+                             "FastbertLayerNorm"]
+    assert not any(type(m).__name__.startswith("FastbertFastbert") for m in hf_model.modules())
+    torch._dynamo.reset()
+    compiled = torch.compile(hf_model, fullgraph=True, backend="aot_eager")
+    inputs = make_inputs(ours.config, "BertForMaskedLM")
+    torch.testing.assert_close(compiled(**inputs).loss, hf_model(**inputs).loss)
