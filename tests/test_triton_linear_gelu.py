@@ -151,15 +151,30 @@ def _bwd_signature(dtype):
             "M": "i32", "N": "i32", "rows_per_program": "i32"}
 
 
+# Opt-in shared memory per block: A100 (sm_80) and H100 (sm_90).
+SHARED_MEMORY = {80: 166912, 90: 232448}
+
+
+def test_shared_memory_pruning():
+    fp16 = lg.configs_that_fit(lg.GPU_CONFIGS, 2, SHARED_MEMORY[80])
+    fp32 = lg.configs_that_fit(lg.GPU_CONFIGS, 4, SHARED_MEMORY[80])
+    assert fp16 == lg.GPU_CONFIGS  # every 16-bit config fits an A100
+    assert 0 < len(fp32) < len(fp16)  # the big fp32 tiles do not
+    assert all(lg.pipeline_shared_memory(c, 4) <= SHARED_MEMORY[80] for c in fp32)
+    assert len(lg.configs_that_fit(lg.GPU_CONFIGS, 4, 1024)) == 1  # never none
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("capability", [80, 90])
 def test_compiles_ahead_of_time(capability):
     assert not lg.INTERPRET  # the compile tier sees the GPU autotune configs
     for dtype in DTYPES:
+        element_size = torch.empty(0, dtype=dtype).element_size()
+        fitting = lg.configs_that_fit(lg.GPU_CONFIGS, element_size, SHARED_MEMORY[capability])
         for approximate in APPROXIMATE:
             flags = lg.forward_constexprs(dtype, approximate)
             # the epilogue flag is independent of the tiles: all tiles with exact GELU, one with tanh
-            configs = lg.GPU_CONFIGS if approximate == "none" else lg.GPU_CONFIGS[:1]
+            configs = fitting if approximate == "none" else fitting[:1]
             for config in configs:
                 aot_compile(lg._linear_bias_gelu_fwd_kernel, _fwd_signature(dtype),
                             dict(flags, **config.kwargs), capability, config.num_warps,

@@ -31,12 +31,11 @@ def _config(block_m, block_n, block_k, stages, warps, group_m=8):
                           "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
 
 
-# Large 8-warp tiles suit Hopper (wgmma, 228 KB shared memory); the 4-warp, deeper-pipelined ones
-# suit Ampere (164 KB) and small or skinny problems. Configs that do not fit a device's shared
-# memory (e.g. large fp32 tiles) are dropped by the autotuner when it benchmarks them.
+# Large 8-warp tiles suit Hopper (wgmma, 227 KB shared memory); the 4-warp, deeper-pipelined ones
+# suit Ampere (163 KB) and small or skinny problems. Configs whose pipeline buffers do not fit a
+# device's shared memory (large fp32 tiles) are pruned before autotuning, see below.
 GPU_CONFIGS = [
     _config(128, 256, 64, stages=3, warps=8),
-    _config(256, 128, 64, stages=3, warps=8),
     _config(128, 128, 64, stages=4, warps=8),
     _config(128, 128, 32, stages=4, warps=4),
     _config(128, 64, 32, stages=4, warps=4),
@@ -47,6 +46,27 @@ GPU_CONFIGS = [
 # that odd test shapes still span several tiles and exercise the edge masks).
 INTERPRETER_CONFIGS = [_config(32, 32, 32, stages=1, warps=4, group_m=4)]
 CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
+
+
+def pipeline_shared_memory(config: triton.Config, element_size: int) -> int:
+    """Bytes of shared memory the main loop's pipeline holds: num_stages x and W.T tiles."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+
+
+def configs_that_fit(configs, element_size: int, shared_memory: int):
+    """The configs whose pipeline fits `shared_memory` bytes (at least the smallest one)."""
+    fitting = [c for c in configs if pipeline_shared_memory(c, element_size) <= shared_memory]
+    return fitting or [min(configs, key=lambda c: pipeline_shared_memory(c, element_size))]
+
+
+def _prune_to_shared_memory(configs, named_args, **kwargs):
+    # Compiling a config only to see it fail to launch costs seconds of autotuning per shape.
+    x = named_args["X"]
+    if x.device.type != "cuda":
+        return configs
+    properties = triton.runtime.driver.active.utils.get_device_properties(x.device.index)
+    return configs_that_fit(configs, x.element_size(), properties["max_shared_mem"])
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
@@ -76,7 +96,8 @@ def _gelu_grad(pre, APPROXIMATE_TANH: tl.constexpr):
         return cdf + pre * pdf
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=CONFIGS, key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_to_shared_memory})
 @triton.jit
 def _linear_bias_gelu_fwd_kernel(
     X, W, BIAS, OUT, PRE, M, N, K,
