@@ -1,4 +1,5 @@
 // Host launchers for attention (kernels/attention.cuh).
+#include <algorithm>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
@@ -73,6 +74,23 @@ std::string probe_device() {
   if (err == cudaSuccess) return "";
   cudaGetLastError();
   return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+int64_t attention_smem_bytes(int64_t D) {
+  int64_t bytes = 0;
+  dispatch_head_dim(D, [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    bytes = (int64_t)std::max(attn::FwdSmem<__half, kD>::bytes, attn::BwdSmem<__half, kD>::bytes);
+  });
+  return bytes;
+}
+
+int64_t max_smem_per_block() {
+  int device = 0, bytes = 0;
+  check_cuda(cudaGetDevice(&device), "fastbert.attention", "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "fastbert.attention", "cudaDeviceGetAttribute");
+  return bytes;
 }
 
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,

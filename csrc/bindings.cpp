@@ -18,6 +18,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("set_device", &fastbert::set_device);
   m.def("probe_device", &fastbert::probe_device);
+  m.def("attention_smem_bytes", &fastbert::attention_smem_bytes);
+  m.def("max_smem_per_block", &fastbert::max_smem_per_block);
   m.def("attention_forward", &fastbert::attention_forward);
   m.def("attention_backward", &fastbert::attention_backward);
   m.def("add_layer_norm_forward", &fastbert::add_layer_norm_forward);

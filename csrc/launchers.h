@@ -18,6 +18,11 @@ void set_device(int device);
 // why (no device, driver older than the runtime, no kernel image for this GPU).
 std::string probe_device();
 
+// Shared memory one attention block needs for head dim D (the larger of forward and backward),
+// and the most the current device allows a block to opt into.
+int64_t attention_smem_bytes(int64_t D);
+int64_t max_smem_per_block();
+
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                        uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                        Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st, bool causal,

@@ -89,6 +89,9 @@ def unsupported(op: str, **kw) -> Optional[str]:
         if kw.get("head_dim") not in ATTENTION_HEAD_DIMS:
             return (f"the CUDA attention kernels support head dims {ATTENTION_HEAD_DIMS}, "
                     f"got {kw.get('head_dim')}")
+        reason = _attention_smem_reason(kw["head_dim"])
+        if reason is not None:
+            return reason
     elif op == "fastbert.add_layer_norm":
         if dtype not in _DTYPE_CODES:
             return f"the CUDA LayerNorm kernels take float16, bfloat16 or float32, got {dtype}"
@@ -103,6 +106,24 @@ def unsupported(op: str, **kw) -> Optional[str]:
     if dropout_p > 0.0:
         return "dropout is not implemented in the CUDA kernels (the Triton backend has it)"
     return None
+
+
+_smem_reasons: dict = {}  # (device, head dim) -> reason or None
+
+
+def _attention_smem_reason(head_dim: int) -> Optional[str]:
+    """GPUs with less shared memory per block (e.g. sm_86/89: 99 KiB) cannot run head dim 128."""
+    if unavailable_reason() is not None:  # reported on its own
+        return None
+    device = torch.cuda.current_device()
+    key = (device, head_dim)
+    if key not in _smem_reasons:
+        _C.set_device(device)
+        need, have = _C.attention_smem_bytes(head_dim), _C.max_smem_per_block()
+        _smem_reasons[key] = None if need <= have else (
+            f"head dim {head_dim} needs {need} bytes of shared memory per block, this GPU "
+            f"allows {have}")
+    return _smem_reasons[key]
 
 
 # --------------------------------------------------------------------------------------------
