@@ -353,17 +353,17 @@ def cmd_info(args) -> int:
 def _add_training_flags(p):
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", required=True, help="where the model, checkpoints and metrics.json go")
-    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training data (default 3)")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training data (default %(default)s)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=32,
-                   help="global batch per micro-step, over all processes (default 32)")
+                   help="global batch per micro-step, over all processes (default %(default)s)")
     g.add_argument("--grad-accum", type=int, default=1,
                    help="micro-steps accumulated per optimizer step (effective batch = batch-size x this)")
-    g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of AdamW (default 5e-5)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, not on biases/LayerNorm")
+    g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of AdamW (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, not on biases/LayerNorm (default %(default)s)")
     g.add_argument("--warmup-ratio", type=float, default=0.1,
-                   help="fraction of the steps with linear warmup; then linear decay to 0 (default 0.1)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables")
+                   help="fraction of the steps with linear warmup; then linear decay to 0 (default %(default)s)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables (default %(default)s)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype (fp16 only on a GPU, with loss scaling; default fp32)")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, masking, splits and init")
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-files", nargs="+", required=True, metavar="FILE", help="raw text files")
     p.add_argument("--eval-files", nargs="+", metavar="FILE",
                    help="held-out text files (default: hold out --eval-fraction of the documents)")
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out when no --eval-files")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out when no --eval-files (default %(default)s)")
     p.add_argument("--model", help="continue pre-training this checkpoint instead of starting from scratch")
     p.add_argument("--config", default="tiny",
                    help=f"size of a new model: a preset ({', '.join(PRESETS)}) or a config.json (default tiny)")
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: the --model's, else train a new one)")
     p.add_argument("--vocab-size", type=int, default=8000, help="size of a newly trained vocabulary")
     p.add_argument("--cased", action="store_true", help="keep case when training a new vocabulary")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sentence pair (default 128)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per training sequence (default %(default)s)")
     p.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens masked")
     _add_training_flags(p)
     _add_common_flags(p)
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a directory with one folder of .txt files per class")
     p.add_argument("--eval", help="evaluation data in the same formats (default: hold out --eval-fraction)")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="share of --train held out (default 0.2)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per text, longer ones truncated")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text, longer ones truncated (default %(default)s)")
     _add_training_flags(p)
     _add_common_flags(p)
     p.set_defaults(func=cmd_finetune_classify)
