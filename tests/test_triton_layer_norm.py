@@ -284,6 +284,24 @@ def test_public_op_dropout_reproducible(monkeypatch):
     assert not torch.equal(outs[0], no_dropout)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_opcheck_and_compile(monkeypatch, with_residual):
+    triton_backend_for_ops(monkeypatch, **{"fastbert.add_layer_norm": ln})
+    x, residual, weight, bias, dy = make_inputs(6, 40, torch.float32, with_residual)
+    leaves = [t.clone().requires_grad_() if t is not None else None
+              for t in (x, residual, weight, bias)]
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default,
+                          (*leaves, 1e-5, 0.0, None, "triton"))
+    _, mean, rstd = ln.add_layer_norm_forward(x, residual, weight, bias, 1e-5, 0.0, 0)
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_bwd.default,
+                          (dy, x, residual, weight, mean, rstd, 0.0, None, "triton"))
+    compiled = torch.compile(lambda *a: fastbert.add_layer_norm(*a, 1e-5, backend="triton"),
+                             fullgraph=True, backend="eager")
+    expected = fastbert.add_layer_norm(x, residual, weight, bias, 1e-5, backend="torch")
+    assert_fp32_close(compiled(x, residual, weight, bias), expected, "compiled y")
+
+
 # --------------------------------------------------------------------------------------------
 # always: what the backend says it cannot serve
 # --------------------------------------------------------------------------------------------

@@ -119,6 +119,22 @@ def test_public_op_autograd(monkeypatch, dtype, approximate):
     check(got, exact, plain, x)
 
 
+@pytest.mark.interpreter
+def test_opcheck_and_compile(monkeypatch):
+    triton_backend_for_ops(monkeypatch, **{"fastbert.linear_bias_gelu": lg})
+    x, weight, bias, dout = make_inputs(6, 40, 24, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_fwd.default,
+                          (*leaves, "none", "triton"))
+    _, pre = lg.linear_bias_gelu_forward(x, weight, bias, "none")
+    torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_bwd.default,
+                          (dout, x, weight, pre, "none", "triton"))
+    compiled = torch.compile(lambda *a: fastbert.linear_bias_gelu(*a, backend="triton"),
+                             fullgraph=True, backend="eager")
+    expected = fastbert.linear_bias_gelu(x, weight, bias, backend="torch")
+    assert_fp32_close(compiled(x, weight, bias), expected, "compiled out")
+
+
 # --------------------------------------------------------------------------------------------
 # always: what the backend says it cannot serve
 # --------------------------------------------------------------------------------------------
