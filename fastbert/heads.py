@@ -223,10 +223,10 @@ class BertLMHeadModel(BertPreTrainedModel):
     (position i predicts labels[i + 1]), and greedy or sampled generation."""
 
     def __init__(self, config: BertConfig):
-        # is_decoder makes transformers load our checkpoints as causal too
+        # is_decoder: causal attention here, and in transformers when it loads our checkpoints
         super().__init__(dataclasses.replace(config, is_decoder=True))
         config = self.config
-        self.bert = BertModel(config, add_pooling_layer=False, causal=True)
+        self.bert = BertModel(config, add_pooling_layer=False)  # causal: config.is_decoder
         self.cls = nn.ModuleDict(dict(
             predictions=BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)))
 

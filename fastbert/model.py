@@ -277,13 +277,15 @@ class BertPreTrainedModel(nn.Module):
 
 
 class BertModel(BertPreTrainedModel):
-    """The encoder: embeddings, num_hidden_layers BertLayers, and (optionally) the pooler."""
+    """The encoder: embeddings, num_hidden_layers BertLayers, and (optionally) the pooler.
+    As in transformers, config.is_decoder makes the self-attention causal."""
 
-    def __init__(self, config: BertConfig, add_pooling_layer: bool = True, causal: bool = False):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
-            [BertLayer(config, causal=causal) for _ in range(config.num_hidden_layers)])))
+            [BertLayer(config, causal=config.is_decoder)
+             for _ in range(config.num_hidden_layers)])))
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(lambda m: init_weights(m, config.initializer_range))
 

@@ -28,7 +28,8 @@ B, S = 3, 11
 
 
 def hf_config(config: BertConfig, head: str, attn_implementation: str = "eager"):
-    return transformers.BertConfig(**{**config.to_dict(), "is_decoder": head == "BertLMHeadModel"},
+    is_decoder = config.is_decoder or head == "BertLMHeadModel"
+    return transformers.BertConfig(**{**config.to_dict(), "is_decoder": is_decoder},
                                    attn_implementation=attn_implementation)
 
 
@@ -136,6 +137,12 @@ def test_head_matches_transformers(head, config_name):
     ours, hf_model = make_pair(head, config_name)
     assert list(ours.state_dict()) == list(hf_model.state_dict())  # same keys, same order
     assert_agree(ours, hf_model, make_inputs(ours.config, head), head)
+
+
+def test_is_decoder_makes_the_base_model_causal_as_in_transformers():
+    ours, hf_model = make_pair("BertModel", is_decoder=True)
+    assert all(layer.causal for layer in ours.encoder.layer)
+    assert_agree(ours, hf_model, make_inputs(ours.config, "BertModel"), "BertModel")
 
 
 @pytest.mark.parametrize("num_labels, label_kind", [(1, "float"), (3, "int"), (3, "multi")])
