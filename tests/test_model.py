@@ -1,5 +1,6 @@
 """The model and heads on their own (no transformers): config, state-dict hooks, the fused QKV,
-dropout, padding, losses, generate, torch.compile. The comparison with transformers is test_hf.py."""
+dropout, padding, losses, generate, torch.compile, and the whole model on the Triton backend
+(interpreter and GPU tiers). The comparison with transformers is test_hf.py."""
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import fastbert
 from fastbert.heads import (BertForMaskedLM, BertForPreTraining, BertForQuestionAnswering,
                             BertForSequenceClassification, BertLMHeadModel)
 from fastbert.model import BertConfig, BertModel
-from tests.helpers import random_padding_mask
+from tests.helpers import assert_close_by_rule, random_padding_mask
 
 SMALL = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=128, max_position_embeddings=64)
@@ -269,3 +270,66 @@ def test_torch_compile_fullgraph_matches_eager(head):
     torch.testing.assert_close(got.to_tuple()[1], eager.to_tuple()[1])
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+# --------------------------------------------------------------------------------------------
+# the model on the kernel backends (the ops' own tests cover the kernels in depth)
+# --------------------------------------------------------------------------------------------
+
+def _run_on_backend(model, backend, dtype, inputs):
+    """Loss, logits and parameter grads of `model` cast to dtype, with every op on `backend`."""
+    previous = fastbert.get_backend()
+    try:
+        fastbert.set_backend(backend)
+        m = model.to(dtype)
+        m.zero_grad(set_to_none=True)
+        out = m(**inputs)
+        out.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+        return out.loss.detach(), out.to_tuple()[1].detach().clone(), grads
+    finally:
+        fastbert.set_backend(previous)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("head", [BertForPreTraining, BertLMHeadModel])
+def test_model_on_triton_interpreter_matches_torch_backend(head):
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = head(config).eval()
+    ids = torch.randint(1, 50, (2, 7))
+    inputs = dict(input_ids=ids, attention_mask=random_padding_mask(2, 7, mode="third"),
+                  labels=ids.clone())
+    if head is BertForPreTraining:
+        inputs["next_sentence_label"] = torch.tensor([0, 1])
+    kernel = _run_on_backend(model, "triton", torch.float32, inputs)
+    exact = _run_on_backend(model, "torch", torch.float32, inputs)
+    torch.testing.assert_close(kernel[0], exact[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel[1], exact[1], rtol=1e-5, atol=1e-5)
+    for name, g in kernel[2].items():
+        torch.testing.assert_close(g, exact[2][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head", [BertForPreTraining, BertLMHeadModel])
+def test_model_on_triton_gpu_by_tolerance_rule(head, dtype):
+    config = BertConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=1024, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = head(config).cuda().eval()
+    ids = torch.randint(1, 512, (3, 70), device="cuda")
+    inputs = dict(input_ids=ids, attention_mask=random_padding_mask(3, 70, "cuda", mode="third"),
+                  labels=ids.clone())
+    if head is BertForPreTraining:
+        inputs["next_sentence_label"] = torch.tensor([0, 1, 1], device="cuda")
+    kernel = _run_on_backend(model, "triton", dtype, inputs)
+    plain = _run_on_backend(model, "torch", dtype, inputs)
+    exact = _run_on_backend(model, "torch", torch.float64, inputs)
+    assert_close_by_rule(kernel[0], plain[0], exact[0], "loss", factor=3.0)
+    assert_close_by_rule(kernel[1], plain[1], exact[1], "logits", factor=3.0)
+    for name, g in kernel[2].items():
+        assert torch.isfinite(g).all(), name
+        assert_close_by_rule(g, plain[2][name], exact[2][name], f"grad {name}", factor=3.0,
+                             floor=2e-2 * exact[2][name].abs().max().item())
