@@ -224,7 +224,7 @@ class BertLMHeadModel(BertPreTrainedModel):
 
     def __init__(self, config: BertConfig):
         # is_decoder: causal attention here, and in transformers when it loads our checkpoints
-        super().__init__(dataclasses.replace(config, is_decoder=True))
+        super().__init__(dataclasses.replace(config, is_decoder=True, extra=dict(config.extra)))
         config = self.config
         self.bert = BertModel(config, add_pooling_layer=False)  # causal: config.is_decoder
         self.cls = nn.ModuleDict(dict(
