@@ -194,14 +194,19 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params<T> p) {
     __syncthreads();  // K/V tiles and score rows are reused next iteration
   }
 
-  if (qi < p.Sq) {
-    const float inv_l = l_run > 0.f ? 1.f / l_run : 0.f;
-    T* out = p.out + b * p.out_st.b + (int64_t)qi * p.out_st.s + h * p.out_st.h;
-    for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d)
-      out[d] = from_float<T>(o_row[d] * inv_l);
-    if (half == 0)
-      p.lse[((int64_t)b * p.H + h) * p.Sq + qi] =
-          l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : INFINITY;
+  // normalise this row in shared memory, then write the warp's rows with consecutive lanes on
+  // consecutive elements (coalesced)
+  const float inv_l = l_run > 0.f ? 1.f / l_run : 0.f;
+  for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) o_row[d] *= inv_l;
+  if (half == 0 && qi < p.Sq)
+    p.lse[((int64_t)b * p.H + h) * p.Sq + qi] =
+        l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : INFINITY;
+  __syncwarp();
+  T* out = p.out + b * p.out_st.b + h * p.out_st.h;
+  for (int i = lane; i < 16 * D; i += 32) {
+    const int r = warp * 16 + i / D, d = i % D;
+    if (m0 + r < p.Sq)
+      out[(int64_t)(m0 + r) * p.out_st.s + d] = from_float<T>(o_s[r * kOLd + d]);
   }
 }
 
