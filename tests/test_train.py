@@ -191,7 +191,6 @@ def _ddp_worker(rank, world, port, output_dir, corpus, vocab_dir, queue):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_equal_one(tmp_path, corpus, tokenizer):
     """2 gloo processes, each half of the global batch, give the losses of 1 process."""
     import torch.multiprocessing as mp
