@@ -501,6 +501,9 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "backend", None):
         fastbert.set_backend(args.backend)
+    if hasattr(args, "seed"):  # new weights (a fresh model or head) start the same on every run/rank
+        import torch
+        torch.manual_seed(args.seed)
     try:
         return args.func(args)
     except (CLIError, fbdata.DataError, FileNotFoundError, ValueError) as e:

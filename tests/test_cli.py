@@ -86,6 +86,17 @@ def test_pretrain_writes_checkpoint_and_metrics(pretrained):
     assert (pretrained / "vocab.txt").is_file() and (pretrained / "checkpoint-2" / "trainer_state.pt").is_file()
 
 
+def test_same_seed_same_run(workdir, pretrained, tmp_path):
+    """--seed fixes the new weights too, so two runs (or DDP ranks) start from the same model."""
+    runs = []
+    for name in ("a", "b"):
+        assert cli.main(["pretrain", "--train-files", str(workdir / "corpus.txt"), "--config", str(workdir / "tiny.json"),
+                         "--tokenizer", str(pretrained), "--max-length", "32", "--output-dir", str(tmp_path / name),
+                         "--seed", "3", *TRAIN_FLAGS]) == 0
+        runs.append([h["loss"] for h in json.loads((tmp_path / name / "metrics.json").read_text())["history"]])
+    assert runs[0] == runs[1]
+
+
 def test_pretrain_resume_latest(capsys, workdir, pretrained):
     status, out, _ = run(capsys, "pretrain", "--train-files", workdir / "corpus.txt", "--model", pretrained,
                          "--max-length", "32", "--output-dir", pretrained, "--resume", "latest", "--max-steps", "3",
