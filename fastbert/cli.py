@@ -62,8 +62,9 @@ def read_checkpoint_config(path) -> dict:
     if config.get("model_type") != "bert":
         raise CLIError(f"checkpoint {path} is a {config.get('model_type')!r} model; fastbert needs a "
                        f"BERT checkpoint (model_type 'bert')")
-    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
-        raise CLIError(f"checkpoint {path}: no model.safetensors or pytorch_model.bin")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if not any((path / f).is_file() for f in weights):
+        raise CLIError(f"checkpoint {path}: no weights ({', '.join(weights)})")
     return config
 
 
