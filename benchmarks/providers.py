@@ -181,11 +181,11 @@ def compiled(fn: Callable, enabled: bool, why_not: str) -> Callable:
     if not enabled:
         raise Skipped(why_not)
     if not _compile_configured:
-        import torch._dynamo
+        import torch._dynamo as dynamo
         # Past the limit dynamo silently falls back to eager, which would mislabel the timing.
         for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                      "accumulated_recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 1024)
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, 1024)
         _compile_configured = True
     return torch.compile(fn, dynamic=False)
