@@ -262,6 +262,7 @@ def cmd_evaluate(args) -> int:
     if architecture != class_name:
         raise CLIError(f"checkpoint {args.model} is a {architecture}, but --task {task_name} needs a {class_name}")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    args.max_length = args.max_length or (384 if task_name == "qa" else 128)
     if task_name == "classify":
         label2id = {label: int(i) for label, i in config["label2id"].items()}
         rows = _classification_rows(args.data, "--data")
@@ -451,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--metrics-file", help="also write the metrics to this JSON file")
     p.add_argument("--seed", type=int, default=42, help="seed of the NSP pairs and masks (pretrain task)")
-    _add_qa_flags(p, max_length_default=None)
+    _add_qa_flags(p, evaluate=True)
     _add_common_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -480,11 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_qa_flags(p, max_length_default=384):
+def _add_qa_flags(p, evaluate=False):
     g = p.add_argument_group("question answering")
-    g.add_argument("--max-length", type=int, default=max_length_default or 384,
-                   help="tokens per window: [CLS] question [SEP] context [SEP] (default 384; "
-                        "for classification/pretrain evaluation the text length)")
+    if evaluate:
+        g.add_argument("--max-length", type=int,
+                       help="tokens per QA window (default 384) or per text/sequence for the other tasks "
+                            "(default 128)")
+    else:
+        g.add_argument("--max-length", type=int, default=384,
+                       help="tokens per window: [CLS] question [SEP] context [SEP] (default %(default)s)")
     g.add_argument("--doc-stride", type=int, default=128, help="context tokens between window starts")
     g.add_argument("--max-query-length", type=int, default=64, help="question tokens kept")
     g.add_argument("--max-answer-length", type=int, default=30, help="longest answer span, in tokens")
