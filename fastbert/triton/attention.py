@@ -18,12 +18,13 @@ queries (forward, dQ) or keys (dK/dV) of one (batch, head).
   per-tile "all padding?" test it needs no mask loads for tiles it skips.
 - Dropout acts on the normalised probabilities with philox (`tl.rand`), keyed by the call's seed
   plus (batch * H + head) and the counter query * Sk + key, so backward regenerates the same mask.
+  The kernels do not specialise on the seed (it changes every call; specialising on its value
+  would only multiply compiled variants).
 - Constexpr flags IS_CAUSAL / HAS_MASK / HAS_DROPOUT compile each variant to the minimum. Head dims
   are padded to a power of two (at least 16, the smallest tl.dot) with masked loads and stores.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -89,7 +90,7 @@ def _dropout_keep(seed, off_bh, offs_m, offs_n, seqlen_k, dropout_p):
 # forward
 # --------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, Mask, KvRange,
     stride_qb, stride_qs, stride_qh,
@@ -187,7 +188,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(Delta + off_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, DK, DV, Mask, KvRange,
     stride_qb, stride_qs, stride_qh,
@@ -271,7 +272,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + kg_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, Mask, KvRange,
     stride_qb, stride_qs, stride_qh,
@@ -388,12 +389,12 @@ def _mask_args(mask: Optional[torch.Tensor]):
     return mask.view(torch.uint8), key_range(mask)
 
 
-def unsupported(dtype=None, head_dim=None, dropout_p=0.0, causal=False, has_mask=False,
-                **_) -> Optional[str]:
-    """Why these kernels cannot serve the input, or None."""
+def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, has_mask=False) -> Optional[str]:
+    """Why these kernels cannot serve the input, or None (every dropout, causal and mask setting
+    is served)."""
     if dtype not in _DTYPES:
         return f"the Triton attention kernels take float16, bfloat16, float32, got {dtype}"
-    if head_dim is None or not 1 <= head_dim <= MAX_HEAD_DIM:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
         return f"the Triton attention kernels take head dims 1..{MAX_HEAD_DIM}, got {head_dim}"
     return None
 
