@@ -360,17 +360,19 @@ def _compile(fn, dtype, target, warps, stages, has_mask, has_dropout, dq_dtype=N
 
 
 def _compile_all_kernels(dtype, head_dim, target, causal, has_mask, has_dropout,
-                         preprocess=True):
-    """Every kernel the launchers run for this input, with the launchers' own tile configs."""
+                         preprocess=True, **specialized):
+    """Every kernel the launchers run for this input, with the launchers' own tile configs.
+    `specialized`: integer arguments Triton turns into constants (it does so for the value 1)."""
     bd = kernels.block_d(head_dim)
     flags = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
-                 EXACT_DOT=dtype == torch.float32)  # never the interpreter-only bf16 upcast here
+                 EXACT_DOT=dtype == torch.float32,  # never the interpreter-only bf16 upcast here
+                 **specialized)
     m, n, w, s = kernels.fwd_config(bd, dtype)
     _compile(kernels._attn_fwd_kernel, dtype, target, w, s, has_mask, has_dropout, **flags,
              BLOCK_M=m, BLOCK_N=n, BLOCK_D=bd)
     if preprocess:  # flag-free: depends on dtype and head dim only
         _compile(kernels._attn_bwd_preprocess_kernel, dtype, target, 4, 1, False, False,
-                 BLOCK_M=kernels.PREPROCESS_BLOCK_M, BLOCK_D=bd)
+                 BLOCK_M=kernels.PREPROCESS_BLOCK_M, BLOCK_D=bd, **specialized)
     m, n, w, s = kernels.dkdv_config(bd, dtype)
     for atomic in (True, False):
         _compile(kernels._attn_bwd_dkdv_kernel, dtype, target, w, s, has_mask, has_dropout,
@@ -391,6 +393,13 @@ def _compile_all_kernels(dtype, head_dim, target, causal, has_mask, has_dropout,
 def test_compile_every_flag_combination(target, causal, has_mask, has_dropout):
     _compile_all_kernels(torch.float16, 64, target, causal, has_mask, has_dropout,
                          preprocess=False)
+
+
+# Decoding one token against a cache (Sq = 1) and a single head: Triton passes these ints as
+# constants, so loop bounds and index math fold differently.
+@pytest.mark.compile
+def test_compile_single_query_single_head():
+    _compile_all_kernels(torch.bfloat16, 64, 90, True, True, False, seqlen_q=1, n_heads=1)
 
 
 # Every dtype against every tile-config class it has (fp16 and bf16 share theirs: head dim padded
