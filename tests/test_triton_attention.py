@@ -294,6 +294,21 @@ def test_unsupported_serves_every_contract_input():
 def test_key_range():
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert kernels.key_range(mask).tolist() == [[0, 2], [1, 4], [0, 0], [0, 4]]
+    assert kernels.key_range(mask[:, :0]).tolist() == [[0, 0]] * 4
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("b,sq,sk", [(2, 0, 5), (2, 5, 0), (0, 5, 5)])
+def test_empty_sizes(b, sq, sk):
+    """Zero-length sequences or batch: no NaN, zeros where a query sees no key."""
+    q, k, v = make_qkv(b, sq, sk, 2, 16, torch.float32)
+    mask = torch.ones(b, sk, dtype=torch.bool)
+    out, lse = kernels.attention_forward(q, k, v, mask, True, 0.0, 0.25, 0)
+    grads = kernels.attention_backward(torch.randn_like(out), q, k, v, out, lse, mask, True, 0.0,
+                                       0.25, 0, True)
+    for t in (out,) + tuple(grads):
+        assert (t == 0).all()
+    assert (lse == float("inf")).all()
 
 
 # --------------------------------------------------------------------------------------------

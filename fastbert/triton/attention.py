@@ -377,6 +377,8 @@ PREPROCESS_BLOCK_M = 64
 def key_range(mask: torch.Tensor) -> torch.Tensor:
     """(B, Sk) bool -> (B, 2) int32 [first real key, last real key + 1]; (0, 0) when none."""
     sk = mask.shape[1]
+    if sk == 0:  # no keys at all (amax/amin reject an empty dim)
+        return torch.zeros(mask.shape[0], 2, dtype=torch.int32, device=mask.device)
     idx = torch.arange(sk, device=mask.device, dtype=torch.int32)
     last = torch.where(mask, idx + 1, 0).amax(1)
     first = torch.minimum(torch.where(mask, idx, sk).amin(1), last)
