@@ -2,7 +2,8 @@
 
 Layout: q (B, Sq, H, D), k and v (B, Sk, H, D) with any strides but a unit last one (they may be
 views of one packed (B, S, 3, H, D) projection, never copied). One program handles one tile of
-queries (forward, dQ) or keys (dK/dV) of one (batch, head).
+queries (forward, dQ) or keys (dK/dV) of one (batch, head): grid (tiles, H, B), so B * H is not
+bound by CUDA's 65535 limit on the grid's y and z.
 
 - Forward: online softmax over key tiles in base 2 (exp2 is one instruction; the scale carries
   log2(e)), fp32 accumulation, and the log-sum-exp saved per query (natural log, +inf for a query
@@ -105,9 +106,9 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // n_heads
-    off_h = off_bh % n_heads
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * n_heads + off_h
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -174,9 +175,9 @@ def _attn_bwd_preprocess_kernel(
 ):
     """delta = rowsum(dO * O) per query, fp32, (B, H, Sq)."""
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // n_heads
-    off_h = off_bh % n_heads
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * n_heads + off_h
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
@@ -204,9 +205,9 @@ def _attn_bwd_dkdv_kernel(
 ):
     """dK, dV for one key tile (and, with DQ_ATOMIC, its share of dQ added atomically)."""
     start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // n_heads
-    off_h = off_bh % n_heads
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * n_heads + off_h
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -287,9 +288,9 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ for one query tile, summing over key tiles in a fixed order (deterministic)."""
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // n_heads
-    off_h = off_bh % n_heads
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * n_heads + off_h
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -410,7 +411,7 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
     mask_u8, kv_range = _mask_args(mask)
     bd = block_d(d)
     block_m, block_n, warps, stages = fwd_config(bd, q.dtype)
-    grid = (triton.cdiv(sq, block_m), b * h)
+    grid = (triton.cdiv(sq, block_m), h, b)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, mask_u8, kv_range,
         q.stride(0), q.stride(1), q.stride(2),
@@ -440,7 +441,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
                    v.stride(0), v.stride(1), v.stride(2))
 
     delta = _alloc((b, h, sq), torch.float32, q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(sq, PREPROCESS_BLOCK_M), b * h)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(sq, PREPROCESS_BLOCK_M), h, b)](
         out, dout, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
@@ -458,7 +459,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
     do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
 
     block_m, block_n, warps, stages = dkdv_config(bd, q.dtype)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(sk, block_n), h, b)](
         q, k, v, dout, lse, delta, dq_acc, dk, dv, mask_u8, kv_range,
         *qkv_strides, *do_strides,
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -469,7 +470,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
     )
     if deterministic:
         block_m, block_n, warps, stages = dq_config(bd, q.dtype)
-        _attn_bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
+        _attn_bwd_dq_kernel[(triton.cdiv(sq, block_m), h, b)](
             q, k, v, dout, lse, delta, dq, mask_u8, kv_range,
             *qkv_strides, *do_strides,
             h, sq, sk, d,
