@@ -46,6 +46,7 @@ class Case:
     work: Dict[str, float] = field(default_factory=dict)   # flops / bytes / tokens per call
     params: Dict[str, Any] = field(default_factory=dict)   # numbers for plots (seqlen, ...)
     measure_memory: bool = False
+    gpu_rep_scale: float = 1.0  # longer do_bench repetition for cases whose calls take ~10+ ms
 
 
 @dataclass
@@ -136,11 +137,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round(fn: Callable[[], Any], device: torch.device, timing: Timing) -> float:
+def time_round(fn: Callable[[], Any], device: torch.device, timing: Timing,
+               gpu_rep_scale: float = 1.0) -> float:
     """Median time (ms) of one call, from one round of one provider."""
     if device.type == "cuda":
         from triton.testing import do_bench  # median of many launches, L2 flushed between them
-        return do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median")
+        return do_bench(fn, warmup=timing.warmup_ms, rep=int(timing.rep_ms * gpu_rep_scale),
+                        return_mode="median")
     from torch.utils.benchmark import Timer  # blocks of calls, enough to outlast timer noise
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=timing.cpu_min_s).median * 1e3
@@ -225,7 +228,7 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> List[Dict[str,
             if name in failed:
                 continue
             try:
-                samples[name].append(time_round(live[name], device, timing))
+                samples[name].append(time_round(live[name], device, timing, case.gpu_rep_scale))
             except Exception as e:
                 failed.add(name)
                 row(name, "status", "oom" if isinstance(e, torch.cuda.OutOfMemoryError)

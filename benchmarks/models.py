@@ -111,7 +111,8 @@ def model_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: 
                                 mode="fwd" if mode == "infer" else "fwd+bwd")
     return Case("model", mode, f"{model} B{batch} S{seqlen}", providers,
                 work={"flops": flops, "tokens": float(sum(lengths))},
-                params=dict(model=model, seqlen=seqlen), measure_memory=True)
+                params=dict(model=model, seqlen=seqlen), measure_memory=True,
+                gpu_rep_scale=8.0)  # a BERT step takes 10-100 ms: enough calls per round
 
 
 def model_cases(device: torch.device, cfg: dict) -> List[Case]:
