@@ -1,97 +1,20 @@
 """Triton add+LayerNorm: kernels vs fastbert.reference (interpreter tier), ahead-of-time
 compilation of every launcher variant (compile tier), BERT shapes on a GPU (gpu tier).
-
-Also home of two helpers the Triton GEMM tests share: `load_triton_module` and `aot_compile`.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
-import sys
-import types
-from pathlib import Path
-
 import pytest
 import torch
-from tests.conftest import INTERPRET
 
 import fastbert
-from fastbert import ops, reference
-from tests.helpers import assert_close_by_rule, assert_fp32_close
+from fastbert import reference
+from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, assert_fp32_close,
+                           rule_factor)
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
+from fastbert.triton import layer_norm as ln  # noqa: E402  (after importorskip)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def rule_factor(dtype: torch.dtype) -> float:
-    """The tolerance rule's factor. The interpreter converts fp32 -> bf16 by truncation (measured
-    on triton 3.9: up to 1 ulp, twice a rounding's 0.5 ulp), so bf16 outputs get twice the usual
-    factor under TRITON_INTERPRET=1; compiled kernels round to nearest and keep the factor 2."""
-    return 4.0 if INTERPRET and dtype == torch.bfloat16 else 2.0
-
-
-def load_triton_module(name: str) -> types.ModuleType:
-    """fastbert.triton.<name>; loaded straight from its file while the package's __init__ cannot
-    import yet (it imports every op's module, and another op may not have landed)."""
-    try:
-        return importlib.import_module(f"fastbert.triton.{name}")
-    except ImportError:
-        path = Path(fastbert.__file__).parent / "triton" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"_fastbert_triton_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # triton's @jit looks its module up while compiling
-        spec.loader.exec_module(module)
-        return module
-
-
-def triton_backend_for_ops(monkeypatch, **modules) -> None:
-    """Make ops.py's "triton" backend usable: the real fastbert.triton when it imports, otherwise
-    a stand-in exposing these kernel modules, so the public op + autograd path is still tested."""
-    try:
-        importlib.import_module("fastbert.triton")
-        return
-    except ImportError:
-        pass
-    stand_in = types.SimpleNamespace()
-    by_op = {}
-    for op_name, module in modules.items():
-        by_op[op_name] = module.unsupported
-        for attr in dir(module):
-            if attr.endswith("_forward") or attr.endswith("_backward"):
-                setattr(stand_in, attr, getattr(module, attr))
-    stand_in.unsupported = lambda op, **kw: by_op[op](**kw)
-    monkeypatch.setitem(ops._modules, "triton", stand_in)
-
-
-def aot_compile(kernel, signature: dict, constexprs: dict, capability: int, num_warps: int,
-                num_stages: int = 3):
-    """Compile a Triton kernel for CUDA sm_<capability> without a GPU; raises on a compile error.
-
-    `signature` maps runtime argument names to Triton types ("*fp16", "i32", ...), `constexprs`
-    the constexpr names to values. Triton >= 3.3 (3.6 and 3.9 included) takes both by name, with
-    constexprs also listed in the signature as "constexpr"; older releases keyed them by index.
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel
-    while not isinstance(fn, triton.runtime.JITFunction):  # an autotuned kernel wraps it
-        fn = fn.fn
-    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
-        full = dict(signature, **{name: "constexpr" for name in constexprs})
-        src = ASTSource(fn, full, constexprs=constexprs)
-    else:
-        index = fn.arg_names.index
-        src = ASTSource(fn, {index(k): v for k, v in signature.items()},
-                        constants={index(k): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-ln = load_triton_module("layer_norm")
 
 
 def make_inputs(rows, hidden, dtype, with_residual, weight_dtype=torch.float32, device="cpu"):
@@ -251,8 +174,7 @@ def test_dweight_dbias_deterministic():
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_public_op_autograd(monkeypatch, dtype):
-    triton_backend_for_ops(monkeypatch, **{"fastbert.add_layer_norm": ln})
+def test_public_op_autograd(dtype):
     x, residual, weight, bias, dy = make_inputs(18, 40, dtype, True)
     x3, r3, dy3 = x.view(2, 9, 40), residual.view(2, 9, 40), dy.view(2, 9, 40)
     leaves = [t.clone().requires_grad_() for t in (x3, r3, weight, bias)]
@@ -271,8 +193,7 @@ def test_public_op_autograd(monkeypatch, dtype):
 
 
 @pytest.mark.interpreter
-def test_public_op_dropout_reproducible(monkeypatch):
-    triton_backend_for_ops(monkeypatch, **{"fastbert.add_layer_norm": ln})
+def test_public_op_dropout_reproducible():
     x, residual, weight, bias, dy = make_inputs(32, 64, torch.float32, True)
     outs = []
     for _ in range(2):
@@ -286,8 +207,7 @@ def test_public_op_dropout_reproducible(monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_opcheck_and_compile(monkeypatch, with_residual):
-    triton_backend_for_ops(monkeypatch, **{"fastbert.add_layer_norm": ln})
+def test_opcheck_and_compile(with_residual):
     x, residual, weight, bias, dy = make_inputs(6, 40, torch.float32, with_residual)
     leaves = [t.clone().requires_grad_() if t is not None else None
               for t in (x, residual, weight, bias)]

@@ -7,12 +7,11 @@ import torch
 
 import fastbert
 from fastbert import reference
-from tests.helpers import assert_close_by_rule, assert_fp32_close
-from tests.test_triton_layer_norm import (TRITON_TYPE, aot_compile, load_triton_module,
-                                          rule_factor, triton_backend_for_ops)
+from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, assert_fp32_close,
+                           rule_factor)
 
 pytest.importorskip("triton")
-lg = load_triton_module("linear_gelu")
+from fastbert.triton import linear_gelu as lg  # noqa: E402  (after importorskip)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROXIMATE = ["none", "tanh"]
@@ -105,8 +104,7 @@ def test_large_pre_activations_stay_finite():
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("approximate", APPROXIMATE)
-def test_public_op_autograd(monkeypatch, dtype, approximate):
-    triton_backend_for_ops(monkeypatch, **{"fastbert.linear_bias_gelu": lg})
+def test_public_op_autograd(dtype, approximate):
     x, weight, bias, dout = make_inputs(18, 40, 24, dtype)
     leaves = [x.view(2, 9, 24).clone().requires_grad_(), weight.clone().requires_grad_(),
               bias.clone().requires_grad_()]
@@ -120,8 +118,7 @@ def test_public_op_autograd(monkeypatch, dtype, approximate):
 
 
 @pytest.mark.interpreter
-def test_opcheck_and_compile(monkeypatch):
-    triton_backend_for_ops(monkeypatch, **{"fastbert.linear_bias_gelu": lg})
+def test_opcheck_and_compile():
     x, weight, bias, dout = make_inputs(6, 40, 24, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_fwd.default,
