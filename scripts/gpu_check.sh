@@ -42,7 +42,7 @@ step() { echo; echo "== $* ($(date -u +%H:%M:%S) UTC, $(left) s left)"; }
 
 {
     step "gpu test tier: python -m pytest -m gpu -q"
-    timeout "$(limit 150)" python -m pytest -m gpu -q -p no:cacheprovider --durations=10
+    timeout "$(limit 150)" python -m pytest -m gpu -q -rs -p no:cacheprovider --durations=10
     echo "pytest exit status: $?"
 } > "$OUT/tests.txt" 2>&1
 
