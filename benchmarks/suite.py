@@ -33,6 +33,17 @@ BOTH = ["train", "infer"]
 
 def sizes(device: torch.device, preset: str) -> dict:
     """Shapes and settings for one run. Attention entries are (B, S, H, D, variant)."""
+    if preset == "tiny":  # a smoke test of every code path; bf16 on GPU (the CUDA kernels' dtypes)
+        return dict(
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, rotations=2,
+            compile=False,
+            attention_modes=["fwd+bwd"],
+            attention=[(2, 32, 2, 32, "mask")],
+            sweep=[(64 // s, s, 2, 32, "none") for s in (16, 32)],
+            layer_norm=[(64, 32)], linear_gelu=[(64, 32, 64)], op_modes=["fwd+bwd"],
+            models=[("bert-tiny", 2, 16, BOTH)],
+            gemm=(128, 128, 128), copy_numel=2 ** 16,
+        )
     if device.type == "cuda":
         sweep_s = [512, 2048, 8192] if preset == "quick" else [512, 1024, 2048, 4096, 8192, 16384]
         bert = [(32, 512, 12, 64, "none"), (32, 512, 12, 64, "mask"), (32, 512, 12, 64, "causal"),
@@ -55,16 +66,6 @@ def sizes(device: torch.device, preset: str) -> dict:
             models=[("bert-base", 32, 512, BOTH)] if preset == "quick" else
             [(m, b, s, BOTH) for m in ("bert-base", "bert-large") for b, s in ((128, 128), (32, 512))],
             gemm=(8192, 8192, 8192), copy_numel=2 ** 28,
-        )
-    if preset == "tiny":
-        return dict(
-            dtype=torch.float32, rotations=2, compile=False,
-            attention_modes=["fwd+bwd"],
-            attention=[(2, 32, 2, 16, "mask")],
-            sweep=[(64 // s, s, 2, 16, "none") for s in (16, 32)],
-            layer_norm=[(64, 32)], linear_gelu=[(64, 32, 64)], op_modes=["fwd+bwd"],
-            models=[("bert-tiny", 2, 16, BOTH)],
-            gemm=(128, 128, 128), copy_numel=2 ** 16,
         )
     return dict(
         dtype=torch.float32, rotations=2, compile=False,
