@@ -19,6 +19,10 @@ def _metric(rows, metric):
     return out
 
 
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"  # two significant digits even when tiny
+
+
 def ratio_table(rows: List[Dict[str, Any]]) -> str:
     """Speedup of each fastbert provider over each baseline (baseline time / fastbert time)."""
     times = _metric(rows, "time_ms")
@@ -46,7 +50,7 @@ def ratio_table(rows: List[Dict[str, Any]]) -> str:
             for p in ours:
                 if p not in times[key]:
                     continue
-                cells = [f"{times[key][b] / times[key][p]:.2f}x" if b in times[key] else "-"
+                cells = [_ratio(times[key][b] / times[key][p]) if b in times[key] else "-"
                          for b in baselines]
                 lines.append(f"{key[1] + ' ' + key[2]:<{label_w}}{p:<{prov_w}}"
                              + "".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
