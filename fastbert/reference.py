@@ -23,7 +23,7 @@ def _compute_dtype(t: Tensor, upcast: bool) -> torch.dtype:
     return t.dtype
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
+def acc_dtype(t: Tensor) -> torch.dtype:
     """Accumulation dtype: fp32, or fp64 when the inputs are fp64 (gradcheck)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -73,7 +73,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
     visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     lse = torch.logsumexp(scores.to(acc), dim=-1)  # (B, H, Sq), -inf where nothing is visible
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     probs = torch.exp(scores.to(acc) - lse.unsqueeze(-1)).to(dt)
@@ -95,7 +95,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     dt = _compute_dtype(q, upcast)
     qh, kh, vh, oh, doh = (t.transpose(1, 2).to(dt) for t in (q, k, v, out, dout))
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * scale
     visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
     probs = torch.exp(scores - lse.unsqueeze(-1))  # lse = +inf on empty rows gives 0
@@ -120,8 +120,9 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 # residual add + LayerNorm
 # --------------------------------------------------------------------------------------------
 
-def _prenorm_sum(x: Tensor, residual: Optional[Tensor], dropout_p: float,
-                 keep_mask: Optional[Tensor], dt: torch.dtype) -> Tensor:
+def prenorm_sum(x: Tensor, residual: Optional[Tensor], dropout_p: float,
+                keep_mask: Optional[Tensor], dt: torch.dtype) -> Tensor:
+    """dropout(x) + residual in dtype `dt`."""
     s = x.to(dt)
     if dropout_p > 0.0:
         s = s * keep_mask.to(dt) / (1.0 - dropout_p)
@@ -136,14 +137,14 @@ def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor
                            ) -> Tuple[Tensor, Tensor, Tensor]:
     """LayerNorm(dropout(x) + residual) over the last dim. Returns (y in x.dtype, mean, rstd),
     mean and rstd fp32 of shape x.shape[:-1]."""
-    dt = _acc_dtype(x) if upcast else x.dtype
-    s = _prenorm_sum(x, residual, dropout_p, keep_mask, dt)
+    dt = acc_dtype(x) if upcast else x.dtype
+    s = prenorm_sum(x, residual, dropout_p, keep_mask, dt)
     mean = s.mean(-1)
     var = ((s - mean.unsqueeze(-1)) ** 2).mean(-1)
     rstd = torch.rsqrt(var + eps)
     xhat = (s - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     y = xhat * weight.to(s.dtype) + bias.to(s.dtype)
-    stat = _acc_dtype(x)
+    stat = acc_dtype(x)
     return y.to(x.dtype), mean.to(stat), rstd.to(stat)
 
 
@@ -152,8 +153,8 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
                             keep_mask: Optional[Tensor] = None
                             ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """Returns (dx, dresidual or None, dweight, dbias); the pre-norm sum is recomputed from x."""
-    acc = _acc_dtype(x)
-    s = _prenorm_sum(x, residual, dropout_p, keep_mask, acc)
+    acc = acc_dtype(x)
+    s = prenorm_sum(x, residual, dropout_p, keep_mask, acc)
     xhat = (s - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     g = dy.to(acc)
     rows = g.reshape(-1, g.shape[-1])
@@ -196,18 +197,23 @@ def linear_bias_gelu_forward(x: Tensor, weight: Tensor, bias: Tensor, approximat
                              upcast: bool = True) -> Tuple[Tensor, Tensor]:
     """gelu(x @ weight.T + bias). Returns (out, pre-activation), both in x.dtype."""
     pre = torch.nn.functional.linear(x, weight, bias)  # (..., N); fp32 accumulation in GEMMs
-    act = gelu(pre.to(_acc_dtype(pre)) if upcast else pre, approximate)
+    act = gelu(pre.to(acc_dtype(pre)) if upcast else pre, approximate)
     return act.to(x.dtype), pre
 
 
 def linear_bias_gelu_backward(dout: Tensor, x: Tensor, weight: Tensor, pre: Tensor,
                               approximate: str = "none") -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight, dbias)."""
-    acc = _acc_dtype(pre)
+    acc = acc_dtype(pre)
     dpre = (dout.to(acc) * gelu_grad(pre.to(acc), approximate)).to(x.dtype)
+    return linear_backward(dpre, x, weight)
+
+
+def linear_backward(dpre: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of x @ weight.T + bias, given the gradient at its output."""
     dpre2d = dpre.reshape(-1, dpre.shape[-1])  # (M, N)
     x2d = x.reshape(-1, x.shape[-1])  # (M, K)
     dx = torch.matmul(dpre, weight)
     dweight = torch.matmul(dpre2d.t(), x2d)
-    dbias = dpre2d.to(acc).sum(0)
+    dbias = dpre2d.to(acc_dtype(dpre)).sum(0)
     return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)
