@@ -57,6 +57,19 @@ template <typename F> void dispatch_head_dim(int64_t D, F&& f) {
   }
 }
 
+// Calls f(std::bool_constant<dropout>): the kernels with dropout are separate instantiations.
+template <typename F> void dispatch_dropout(double p, F&& f) {
+  if (p > 0.0) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+void check_dropout(double p) {
+  check_arg(p >= 0.0 && p < 1.0, kOp, "dropout_p must be in [0, 1), got " + std::to_string(p));
+}
+
 unsigned tiles(int64_t s) { return (unsigned)((s + attn::kBlockM - 1) / attn::kBlockM); }
 
 }  // namespace
@@ -70,7 +83,7 @@ std::string probe_device() {
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err == cudaSuccess && count == 0) return "no CUDA device found";
   cudaFuncAttributes attr;
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, attn::fwd_kernel<__half, 64>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, attn::fwd_kernel<__half, 64, false>);
   if (err == cudaSuccess) return "";
   cudaGetLastError();
   return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
@@ -96,8 +109,10 @@ int64_t max_smem_per_block() {
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                        uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                        Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st, bool causal,
-                       double scale, int dtype, uintptr_t stream) {
+                       double scale, double dropout_p, uint64_t seed, int dtype,
+                       uintptr_t stream) {
   require_device(kOp);
+  check_dropout(dropout_p);
   check_common(B, Sq, Sk, H, D, {{"q", q}, {"k", k}, {"v", v}, {"out", out}},
                {{"q", q_st}, {"k", k_st}, {"v", v_st}, {"out", out_st}});
   if (Sq == 0) return;
@@ -117,10 +132,14 @@ void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, ui
     p.B = (int)B, p.H = (int)H, p.Sq = (int)Sq, p.Sk = (int)Sk;
     p.scale = (float)scale;
     p.causal = causal;
+    p.dropout = make_dropout(dropout_p, seed);
     dispatch_head_dim(D, [&](auto d) {
       constexpr int kD = decltype(d)::value;
-      launch(attn::fwd_kernel<T, kD>, dim3(tiles(Sq), (unsigned)H, (unsigned)B),
-             attn::FwdSmem<T, kD>::bytes, as_stream(stream), &p, "attention fwd_kernel");
+      dispatch_dropout(dropout_p, [&](auto drop) {
+        launch(attn::fwd_kernel<T, kD, decltype(drop)::value>,
+               dim3(tiles(Sq), (unsigned)H, (unsigned)B), attn::FwdSmem<T, kD>::bytes,
+               as_stream(stream), &p, "attention fwd_kernel");
+      });
     });
   });
 }
@@ -130,8 +149,10 @@ void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, u
                         uintptr_t delta, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                         Strides3 dout_st, Strides3 q_st, Strides3 k_st, Strides3 v_st,
                         Strides3 out_st, Strides3 dq_st, Strides3 dk_st, Strides3 dv_st,
-                        bool causal, double scale, int dtype, uintptr_t stream) {
+                        bool causal, double scale, double dropout_p, uint64_t seed, int dtype,
+                        uintptr_t stream) {
   require_device(kOp);
+  check_dropout(dropout_p);
   check_common(B, Sq, Sk, H, D,
                {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"out", out}, {"dq", dq},
                 {"dk", dk}, {"dv", dv}},
@@ -163,6 +184,7 @@ void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, u
     p.B = (int)B, p.H = (int)H, p.Sq = (int)Sq, p.Sk = (int)Sk;
     p.scale = (float)scale;
     p.causal = causal;
+    p.dropout = make_dropout(dropout_p, seed);
     cudaStream_t s = as_stream(stream);
     const int64_t rows = B * H * Sq;
     if (rows > 0) {
@@ -173,12 +195,15 @@ void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, u
     dispatch_head_dim(D, [&](auto d) {
       constexpr int kD = decltype(d)::value;
       const size_t smem = attn::BwdSmem<T, kD>::bytes;
-      if (Sk > 0)
-        launch(attn::bwd_dkdv_kernel<T, kD>, dim3(tiles(Sk), (unsigned)H, (unsigned)B), smem, s,
-               &p, "attention bwd_dkdv_kernel");
-      if (Sq > 0)
-        launch(attn::bwd_dq_kernel<T, kD>, dim3(tiles(Sq), (unsigned)H, (unsigned)B), smem, s,
-               &p, "attention bwd_dq_kernel");
+      dispatch_dropout(dropout_p, [&](auto drop) {
+        constexpr bool kDrop = decltype(drop)::value;
+        if (Sk > 0)
+          launch(attn::bwd_dkdv_kernel<T, kD, kDrop>, dim3(tiles(Sk), (unsigned)H, (unsigned)B),
+                 smem, s, &p, "attention bwd_dkdv_kernel");
+        if (Sq > 0)
+          launch(attn::bwd_dq_kernel<T, kD, kDrop>, dim3(tiles(Sq), (unsigned)H, (unsigned)B),
+                 smem, s, &p, "attention bwd_dq_kernel");
+      });
     });
   });
 }

@@ -1,5 +1,6 @@
 // Host launchers of the fastbert kernels. Pointers, shapes, element strides and the stream
-// come from Python (fastbert/cuda.py), which allocates every output. Each launcher checks its
+// come from Python (fastbert/cuda.py), which allocates every output. Dropout takes p in [0, 1)
+// and a 64-bit seed (the Philox key, kernels/philox.cuh); backward must get forward's seed. Each launcher checks its
 // arguments and every CUDA call, and throws an exception that names the op.
 #pragma once
 #include <array>
@@ -26,27 +27,29 @@ int64_t max_smem_per_block();
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                        uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                        Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st, bool causal,
-                       double scale, int dtype, uintptr_t stream);
+                       double scale, double dropout_p, uint64_t seed, int dtype,
+                       uintptr_t stream);
 
 void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                         uintptr_t lse, uintptr_t mask, uintptr_t dq, uintptr_t dk, uintptr_t dv,
                         uintptr_t delta, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                         Strides3 dout_st, Strides3 q_st, Strides3 k_st, Strides3 v_st,
                         Strides3 out_st, Strides3 dq_st, Strides3 dk_st, Strides3 dv_st,
-                        bool causal, double scale, int dtype, uintptr_t stream);
+                        bool causal, double scale, double dropout_p, uint64_t seed, int dtype,
+                        uintptr_t stream);
 
 void add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias,
                             uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t rows,
-                            int64_t hidden, double eps, int dtype, int weight_dtype,
-                            uintptr_t stream);
+                            int64_t hidden, double eps, double dropout_p, uint64_t seed,
+                            int dtype, int weight_dtype, uintptr_t stream);
 
 int64_t add_layer_norm_backward_parts(int64_t rows, int64_t hidden);
 
 void add_layer_norm_backward(uintptr_t dy, uintptr_t x, uintptr_t residual, uintptr_t weight,
                              uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dresidual,
                              uintptr_t partial, uintptr_t dweight, uintptr_t dbias, int64_t rows,
-                             int64_t hidden, int64_t parts, int dtype, int weight_dtype,
-                             uintptr_t stream);
+                             int64_t hidden, int64_t parts, double dropout_p, uint64_t seed,
+                             int dtype, int weight_dtype, uintptr_t stream);
 
 void bias_gelu_forward(uintptr_t acc, uintptr_t bias, uintptr_t pre, uintptr_t out, int64_t m,
                        int64_t n, bool tanh_approx, int dtype, uintptr_t stream);

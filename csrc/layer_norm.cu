@@ -44,14 +44,31 @@ void check_shapes(int64_t rows, int64_t hidden, int dtype, int weight_dtype) {
             "weight dtype must equal x's dtype or be float32");
 }
 
+void check_dropout(double p) {
+  check_arg(p >= 0.0 && p < 1.0, kOp, "dropout_p must be in [0, 1), got " + std::to_string(p));
+}
+
+// Runs kernel<dropout> (the dropout variants are separate instantiations).
+template <typename F> void dispatch_dropout(double p, F&& f) {
+  if (p > 0.0) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename T, typename W, int VEC>
 void launch_forward(const T* x, const T* residual, const W* weight, const W* bias, T* y,
                     float* mean, float* rstd, int64_t rows, int64_t hidden, float eps,
-                    cudaStream_t stream) {
+                    double dropout_p, uint64_t seed, cudaStream_t stream) {
   const Config cfg = choose_config(rows, hidden, VEC);
   const size_t smem = (cfg.block.y * hidden + 32) * sizeof(float);
-  add_layer_norm_fwd_kernel<T, W, VEC><<<(unsigned)cfg.row_groups, cfg.block, smem, stream>>>(
-      x, residual, weight, bias, y, mean, rstd, (int)rows, (int)hidden, eps);
+  const DropoutParams dropout = make_dropout(dropout_p, seed);
+  dispatch_dropout(dropout_p, [&](auto drop) {
+    add_layer_norm_fwd_kernel<T, W, VEC, decltype(drop)::value>
+        <<<(unsigned)cfg.row_groups, cfg.block, smem, stream>>>(
+            x, residual, weight, bias, y, mean, rstd, (int)rows, (int)hidden, eps, dropout);
+  });
   check_launch(kOp, "add_layer_norm_fwd_kernel");
 }
 
@@ -59,14 +76,18 @@ template <typename T, typename W, int VEC>
 void launch_backward(const T* dy, const T* x, const T* residual, const W* weight,
                      const float* mean, const float* rstd, T* dx, T* dresidual, float* partial,
                      W* dweight, W* dbias, int64_t rows, int64_t hidden, int64_t parts,
-                     cudaStream_t stream) {
+                     double dropout_p, uint64_t seed, cudaStream_t stream) {
   const Config cfg = choose_config(rows, hidden, VEC);
   const size_t smem = (2 * cfg.block.y * hidden + 32) * sizeof(float);
   float* partial_dw = partial;
   float* partial_db = partial + parts * hidden;
-  add_layer_norm_bwd_kernel<T, W, VEC><<<(unsigned)parts, cfg.block, smem, stream>>>(
-      dy, x, residual, weight, mean, rstd, dx, dresidual, partial_dw, partial_db, (int)rows,
-      (int)hidden);
+  const DropoutParams dropout = make_dropout(dropout_p, seed);
+  dispatch_dropout(dropout_p, [&](auto drop) {
+    add_layer_norm_bwd_kernel<T, W, VEC, decltype(drop)::value>
+        <<<(unsigned)parts, cfg.block, smem, stream>>>(dy, x, residual, weight, mean, rstd, dx,
+                                                       dresidual, partial_dw, partial_db,
+                                                       (int)rows, (int)hidden, dropout);
+  });
   check_launch(kOp, "add_layer_norm_bwd_kernel");
   const unsigned col_blocks = (unsigned)((hidden + 255) / 256);
   column_sum_kernel<W><<<col_blocks, 256, 0, stream>>>(partial_dw, (int)parts, (int)hidden,
@@ -93,10 +114,11 @@ template <typename F> void dispatch_types(int dtype, int weight_dtype, F&& f) {
 
 void add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias,
                             uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t rows,
-                            int64_t hidden, double eps, int dtype, int weight_dtype,
-                            uintptr_t stream) {
+                            int64_t hidden, double eps, double dropout_p, uint64_t seed,
+                            int dtype, int weight_dtype, uintptr_t stream) {
   require_device(kOp);
   check_shapes(rows, hidden, dtype, weight_dtype);
+  check_dropout(dropout_p);
   if (rows == 0) return;
   dispatch_types(dtype, weight_dtype, [&](auto t, auto w) {
     using T = decltype(t);
@@ -108,7 +130,7 @@ void add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, u
       launch_forward<T, W, V>(as_ptr<const T>(x), as_ptr<const T>(residual),
                               as_ptr<const W>(weight), as_ptr<const W>(bias), as_ptr<T>(y),
                               as_ptr<float>(mean), as_ptr<float>(rstd), rows, hidden,
-                              (float)eps, as_stream(stream));
+                              (float)eps, dropout_p, seed, as_stream(stream));
     };
     if (vectorised) {
       run(std::integral_constant<int, kVec>{});
@@ -129,10 +151,11 @@ int64_t add_layer_norm_backward_parts(int64_t rows, int64_t hidden) {
 void add_layer_norm_backward(uintptr_t dy, uintptr_t x, uintptr_t residual, uintptr_t weight,
                              uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dresidual,
                              uintptr_t partial, uintptr_t dweight, uintptr_t dbias, int64_t rows,
-                             int64_t hidden, int64_t parts, int dtype, int weight_dtype,
-                             uintptr_t stream) {
+                             int64_t hidden, int64_t parts, double dropout_p, uint64_t seed,
+                             int dtype, int weight_dtype, uintptr_t stream) {
   require_device(kOp);
   check_shapes(rows, hidden, dtype, weight_dtype);
+  check_dropout(dropout_p);
   check_arg(parts >= 1 && parts <= 65535, kOp,
             "partial-sum block count must be in [1, 65535], got " + std::to_string(parts));
   dispatch_types(dtype, weight_dtype, [&](auto t, auto w) {
@@ -147,7 +170,7 @@ void add_layer_norm_backward(uintptr_t dy, uintptr_t x, uintptr_t residual, uint
                                as_ptr<const float>(mean), as_ptr<const float>(rstd),
                                as_ptr<T>(dx), as_ptr<T>(dresidual), as_ptr<float>(partial),
                                as_ptr<W>(dweight), as_ptr<W>(dbias), rows, hidden, parts,
-                               as_stream(stream));
+                               dropout_p, seed, as_stream(stream));
     };
     if (vectorised) {
       run(std::integral_constant<int, kVec>{});

@@ -2,8 +2,10 @@
 data pointers, shapes, element strides, dtype codes and the current stream for it.
 
 The extension does not include or link torch; every output is allocated here. It implements the
-six entry points fixed in the docstring of fastbert/ops.py. Dropout is not implemented in these
-kernels: `unsupported` says so and "auto" then picks Triton. The attention backward has no atomics
+six entry points fixed in the docstring of fastbert/ops.py. Dropout runs inside the attention and
+LayerNorm kernels with a counter-based RNG (Philox-4x32-10 keyed by `seed`, kernels/philox.cuh), so
+backward regenerates forward's mask from the same seed; the masks differ from the Triton and torch
+backends' masks (each backend is consistent with itself). The attention backward has no atomics
 (separate dK/dV and dQ kernels), so it is deterministic whatever `deterministic` says.
 Importing this module never raises: without the extension or a GPU, `unavailable_reason()` says why.
 """
@@ -82,7 +84,7 @@ _probed: dict = {}  # device index -> why the extension's kernels cannot load th
 
 def unsupported(op: str, **kw) -> Optional[str]:
     """Why these kernels cannot serve an input (None when they can)."""
-    dtype, dropout_p = kw.get("dtype"), kw.get("dropout_p", 0.0)
+    dtype = kw.get("dtype")
     if op == "fastbert.attention":
         if dtype not in ATTENTION_DTYPES:
             return f"the CUDA attention kernels take float16 or bfloat16, got {dtype}"
@@ -103,8 +105,6 @@ def unsupported(op: str, **kw) -> Optional[str]:
             return f"the CUDA GELU kernels take float16, bfloat16 or float32, got {dtype}"
     else:
         return f"unknown op {op!r}"
-    if dropout_p > 0.0:
-        return "dropout is not implemented in the CUDA kernels (the Triton backend has it)"
     return None
 
 
@@ -164,12 +164,6 @@ def _vector_ready(t: Tensor) -> Tensor:
     return t if aligned and t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
-def _no_dropout(op: str, dropout_p: float) -> None:
-    if dropout_p > 0.0:
-        raise ValueError(f"{op}: the CUDA backend does not implement dropout (got dropout_p="
-                         f"{dropout_p}); use backend='triton' or 'torch'")
-
-
 def _require_extension(op: str) -> None:
     if _C is None:
         raise RuntimeError(f"{op}: {unavailable_reason()}")
@@ -182,7 +176,6 @@ def _require_extension(op: str) -> None:
 def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
     op = "fastbert.attention"
     _require_extension(op)
-    _no_dropout(op, dropout_p)
     b, sq, h, d = q.shape
     q, k, v = (_vector_ready(t) for t in (q, k, v))
     out = _empty((b, sq, h, d), q.dtype, q.device)
@@ -193,7 +186,8 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
         _C.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
                              lse.data_ptr(), b, sq, k.shape[1], h, d, _bshd_strides(q),
                              _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
-                             bool(causal), float(scale), _DTYPE_CODES[q.dtype], _stream(q))
+                             bool(causal), float(scale), float(dropout_p), int(seed),
+                             _DTYPE_CODES[q.dtype], _stream(q))
     return out, lse
 
 
@@ -202,7 +196,6 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
     # Always deterministic: no atomics anywhere in the backward.
     op = "fastbert.attention"
     _require_extension(op)
-    _no_dropout(op, dropout_p)
     b, sq, h, d = q.shape
     sk = k.shape[1]
     dout, q, k, v, out = (_vector_ready(t) for t in (dout, q, k, v, out))
@@ -219,7 +212,8 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
                               b, sq, sk, h, d, _bshd_strides(dout), _bshd_strides(q),
                               _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
                               _bshd_strides(dq), _bshd_strides(dk), _bshd_strides(dv),
-                              bool(causal), float(scale), _DTYPE_CODES[q.dtype], _stream(q))
+                              bool(causal), float(scale), float(dropout_p), int(seed),
+                              _DTYPE_CODES[q.dtype], _stream(q))
     return dq, dk, dv
 
 
@@ -235,7 +229,6 @@ def _kernel_weight(x: Tensor, weight: Tensor) -> Tensor:
 def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
     op = "fastbert.add_layer_norm"
     _require_extension(op)
-    _no_dropout(op, dropout_p)
     rows, hidden = x.shape
     w, bias_k = _kernel_weight(x, weight), _kernel_weight(x, bias)
     y = _empty(x.shape, x.dtype, x.device)
@@ -244,15 +237,14 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
     with _on_device(x.device):
         _C.add_layer_norm_forward(x.data_ptr(), _ptr(residual), w.data_ptr(), bias_k.data_ptr(),
                                   y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, hidden,
-                                  float(eps), _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype],
-                                  _stream(x))
+                                  float(eps), float(dropout_p), int(seed),
+                                  _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype], _stream(x))
     return y, mean, rstd
 
 
 def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed):
     op = "fastbert.add_layer_norm"
     _require_extension(op)
-    _no_dropout(op, dropout_p)
     rows, hidden = x.shape
     w = _kernel_weight(x, weight)
     dx = _empty(x.shape, x.dtype, x.device)
@@ -265,8 +257,8 @@ def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed
         _C.add_layer_norm_backward(dy.data_ptr(), x.data_ptr(), _ptr(residual), w.data_ptr(),
                                    mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), _ptr(dres),
                                    partial.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), rows,
-                                   hidden, parts, _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype],
-                                   _stream(x))
+                                   hidden, parts, float(dropout_p), int(seed),
+                                   _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype], _stream(x))
     return dx, dres, dweight.to(weight.dtype), dbias.to(weight.dtype)
 
 

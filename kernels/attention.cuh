@@ -8,11 +8,17 @@
 // mask, and (causal) j <= i + Sk - Sq. A query with no visible key gets out = 0, lse = +inf.
 // Backward is two kernels without atomics (dK/dV per key block, dQ per query block), so it is
 // always deterministic.
+//
+// Dropout (template flag kDropout, so the plain path compiles as before) acts on the normalised
+// probabilities: lse stays that of the undropped softmax, forward multiplies P by keep / (1 - p)
+// before P V, and backward regenerates the same mask (attention_keep below) for dV = P_drop^T dO
+// and dP_drop = keep / (1 - p) * dO V^T, with dS = P * (dP_drop - rowsum(dO * O)).
 #pragma once
 #include <mma.h>
 #include <stdint.h>
 
 #include "kernels/common.cuh"
+#include "kernels/philox.cuh"
 
 namespace fastbert {
 namespace attn {
@@ -49,7 +55,23 @@ template <typename T> struct Params {
   int B, H, Sq, Sk;
   float scale;
   bool causal;
+  DropoutParams dropout;  // used only by the kDropout kernels
 };
+
+// Dropout counter layout: element (b, h, query i, key j) uses word j % 4 of
+// philox4x32(counter = (j / 4, i, h, b), key = seed), so one call covers four adjacent keys.
+__device__ __forceinline__ Philox4 attention_random(const DropoutParams& d, int b, int h, int qi,
+                                                    int kj) {
+  return philox4x32((uint32_t)kj >> 2, (uint32_t)qi, (uint32_t)h, (uint32_t)b, d.key0, d.key1);
+}
+
+// Score columns handled per step: 4 with dropout (one Philox call), else 1 (the plain loop).
+template <bool kDropout> constexpr int kRandStep = kDropout ? 4 : 1;
+
+__device__ __forceinline__ bool attention_keep(const DropoutParams& d, int b, int h, int qi,
+                                               int kj) {
+  return attention_random(d, b, h, qi, kj).x[kj & 3] >= d.threshold;
+}
 
 template <int D> constexpr int tile_ld() { return D + 8; }  // fp16/bf16 tile rows, padded
 
@@ -111,7 +133,7 @@ template <typename T, int D> struct FwdSmem {
 };
 
 // grid (ceil(Sq / 64), H, B), block 128 threads.
-template <typename T, int D>
+template <typename T, int D, bool kDropout>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   using L = FwdSmem<T, D>;
@@ -164,10 +186,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params<T> p) {
     const bool none_yet = m_new == -INFINITY;  // no visible key so far: keep zeros, avoid NaN
     const float alpha = none_yet ? 1.f : exp2f(m_run - m_new);
     float row_sum = 0.f;
-    for (int j = half * 32; j < half * 32 + 32; ++j) {
-      const float pv = none_yet ? 0.f : exp2f(s_row[j] - m_new);
-      p_row[j] = from_float<T>(pv);
-      row_sum += pv;
+    for (int j = half * 32; j < half * 32 + 32; j += kRandStep<kDropout>) {
+      Philox4 rnd;  // with dropout: the words of keys n0 + j .. + 3 (n0 + j is a multiple of 4)
+      if constexpr (kDropout) rnd = attention_random(p.dropout, b, h, qi, n0 + j);
+#pragma unroll
+      for (int t = 0; t < kRandStep<kDropout>; ++t) {
+        float pv = none_yet ? 0.f : exp2f(s_row[j + t] - m_new);
+        row_sum += pv;  // the normaliser is that of the undropped probabilities
+        if constexpr (kDropout) pv = rnd.x[t] >= p.dropout.threshold ? pv : 0.f;
+        p_row[j + t] = from_float<T>(pv);
+      }
     }
     row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
     l_run = alpha * l_run + row_sum;
@@ -196,7 +224,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params<T> p) {
 
   // normalise this row in shared memory, then write the warp's rows with consecutive lanes on
   // consecutive elements (coalesced)
-  const float inv_l = l_run > 0.f ? 1.f / l_run : 0.f;
+  float inv_l = l_run > 0.f ? 1.f / l_run : 0.f;
+  if constexpr (kDropout) inv_l *= p.dropout.keep_scale;
   for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) o_row[d] *= inv_l;
   if (half == 0 && qi < p.Sq)
     p.lse[((int64_t)b * p.H + h) * p.Sq + qi] =
@@ -260,7 +289,7 @@ __device__ __forceinline__ void store_rows(FragC (&acc)[D / 16], float* stage, T
 
 // dK, dV for one block of 64 keys, looping over the query blocks that can see it.
 // grid (ceil(Sk / 64), H, B). Warp w accumulates dK, dV of keys n0 + 16w .. + 15 in fragments.
-template <typename T, int D>
+template <typename T, int D, bool kDropout>
 __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(const Params<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   using L = BwdSmem<T, D>;
@@ -316,9 +345,15 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(const Params<T> p) {
       const int qi = m0 + j;
       const bool visible = key_real && (!p.causal || kj <= qi + shift);
       const float pv = visible ? exp2f(st_s[row * kScoreLd + j] * scale_log2 - lse_s[j]) : 0.f;
-      const float ds = pv * (dpt_s[row * kScoreLd + j] - delta_s[j]);
-      pt_s[row * kProbLd + j] = from_float<T>(pv);
-      dst_s[row * kProbLd + j] = from_float<T>(ds);
+      float dpv = dpt_s[row * kScoreLd + j], p_used = pv;  // dP and P as dropout saw them
+      if constexpr (kDropout) {
+        // one Philox call per element here: this lane's row is a key, its columns queries
+        const float keep = attention_keep(p.dropout, b, h, qi, kj) ? p.dropout.keep_scale : 0.f;
+        dpv *= keep;
+        p_used *= keep;
+      }
+      pt_s[row * kProbLd + j] = from_float<T>(p_used);
+      dst_s[row * kProbLd + j] = from_float<T>(pv * (dpv - delta_s[j]));
     }
     __syncwarp();
     // dV[keys] += P^T dO, dK[keys] += dS^T Q (scale applied at the end)
@@ -349,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(const Params<T> p) {
 
 // dQ for one block of 64 queries, looping over the key blocks it can see.
 // grid (ceil(Sq / 64), H, B). Warp w accumulates dQ of queries m0 + 16w .. + 15 in fragments.
-template <typename T, int D>
+template <typename T, int D, bool kDropout>
 __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(const Params<T> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   using L = BwdSmem<T, D>;
@@ -390,10 +425,18 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(const Params<T> p) {
     rows_times_tile_t<T, D>(s_s + warp * 16 * kScoreLd, q_s + warp * 16 * tile_ld<D>(), k_s);
     rows_times_tile_t<T, D>(dp_s + warp * 16 * kScoreLd, do_s + warp * 16 * tile_ld<D>(), v_s);
     __syncwarp();
-    for (int j = half * 32; j < half * 32 + 32; ++j) {
-      const bool visible = key_visible(n0 + j, qi, mask, p.causal, p.Sk, shift);
-      const float pv = visible ? exp2f(s_s[row * kScoreLd + j] * scale_log2 - lse2) : 0.f;
-      ds_s[row * kProbLd + j] = from_float<T>(pv * (dp_s[row * kScoreLd + j] - delta));
+    for (int j = half * 32; j < half * 32 + 32; j += kRandStep<kDropout>) {
+      Philox4 rnd;  // as in the forward
+      if constexpr (kDropout) rnd = attention_random(p.dropout, b, h, qi, n0 + j);
+#pragma unroll
+      for (int t = 0; t < kRandStep<kDropout>; ++t) {
+        const bool visible = key_visible(n0 + j + t, qi, mask, p.causal, p.Sk, shift);
+        const float pv = visible ? exp2f(s_s[row * kScoreLd + j + t] * scale_log2 - lse2) : 0.f;
+        float dpv = dp_s[row * kScoreLd + j + t];
+        if constexpr (kDropout)
+          dpv = rnd.x[t] >= p.dropout.threshold ? dpv * p.dropout.keep_scale : 0.f;
+        ds_s[row * kProbLd + j + t] = from_float<T>(pv * (dpv - delta));
+      }
     }
     __syncwarp();
     // dQ[queries] += dS K (scale applied at the end)

@@ -4,10 +4,38 @@
 // (blockDim = (32, rows_per_block)), the whole block when it is large (blockDim = (threads, 1)).
 // Each thread owns the columns c = (threadIdx.x + i * blockDim.x) * VEC .. + VEC - 1, so the
 // per-row scratch in shared memory is only ever touched by the thread that owns those columns.
+//
+// Dropout on x (template flag kDropout, so the plain path compiles as before): the pre-norm sum is
+// x * keep / (1 - p) + residual; backward regenerates the mask and gives dx = ds * keep / (1 - p),
+// dresidual = ds.
 #pragma once
 #include "kernels/common.cuh"
+#include "kernels/philox.cuh"
 
 namespace fastbert {
+
+// Dropout counter layout: element e = row * hidden + col uses word e % 4 of
+// philox4x32(counter = (e / 4 low 32 bits, e / 4 high 32 bits, 0, 0), key = seed).
+// scale[i] = 1 / (1 - p) if element e0 + i is kept, else 0. With VEC a multiple of 4, e0 is too
+// (vectorised rows start at multiples of VEC), so one call serves four elements.
+template <int VEC>
+__device__ __forceinline__ void dropout_scales(const DropoutParams& d, uint64_t e0,
+                                               float (&scale)[VEC]) {
+  static_assert(VEC == 1 || VEC % 4 == 0, "vector width");
+  if constexpr (VEC == 1) {
+    const uint64_t g = e0 >> 2;
+    const Philox4 rnd = philox4x32((uint32_t)g, (uint32_t)(g >> 32), 0, 0, d.key0, d.key1);
+    scale[0] = rnd.x[e0 & 3] >= d.threshold ? d.keep_scale : 0.f;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      const uint64_t g = (e0 + i) >> 2;
+      const Philox4 rnd = philox4x32((uint32_t)g, (uint32_t)(g >> 32), 0, 0, d.key0, d.key1);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) scale[i + t] = rnd.x[t] >= d.threshold ? d.keep_scale : 0.f;
+    }
+  }
+}
 
 // Sum over the row group. Block mode (blockDim.x > 32) uses `red` (32 floats of shared memory);
 // every thread of the block must call it, and gets the full sum.
@@ -22,15 +50,15 @@ __device__ __forceinline__ float row_group_sum(float v, float* red) {
   return warp_sum(v);
 }
 
-// y = LayerNorm(x + residual) * weight + bias. Shared memory: blockDim.y * hidden floats (the
-// pre-norm sums, so x and residual are read once) + 32 floats for block reductions.
-template <typename T, typename W, int VEC>
+// y = LayerNorm(dropout(x) + residual) * weight + bias. Shared memory: blockDim.y * hidden floats
+// (the pre-norm sums, so x and residual are read once) + 32 floats for block reductions.
+template <typename T, typename W, int VEC, bool kDropout>
 __global__ void add_layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                           const W* __restrict__ weight,
                                           const W* __restrict__ bias, T* __restrict__ y,
                                           float* __restrict__ mean_out,
                                           float* __restrict__ rstd_out, int rows, int hidden,
-                                          float eps) {
+                                          float eps, const DropoutParams dropout) {
   extern __shared__ float ln_smem[];
   float* sums = ln_smem + threadIdx.y * hidden;
   float* red = ln_smem + blockDim.y * hidden;
@@ -43,9 +71,13 @@ __global__ void add_layer_norm_fwd_kernel(const T* __restrict__ x, const T* __re
     Vec<T, VEC> xv = load_vec<T, VEC>(x + offset + c);
     Vec<T, VEC> rv;
     if (residual) rv = load_vec<T, VEC>(residual + offset + c);
+    float keep[VEC];
+    if constexpr (kDropout) dropout_scales<VEC>(dropout, offset + c, keep);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      float s = to_float(xv.v[i]) + (residual ? to_float(rv.v[i]) : 0.f);
+      float s = to_float(xv.v[i]);
+      if constexpr (kDropout) s *= keep[i];
+      s += residual ? to_float(rv.v[i]) : 0.f;
       sums[c + i] = s;
       sum += s;
     }
@@ -75,18 +107,20 @@ __global__ void add_layer_norm_fwd_kernel(const T* __restrict__ x, const T* __re
   }
 }
 
-// dx = dresidual = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight.
+// ds = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight; dresidual = ds,
+// dx = ds (times keep / (1 - p) with dropout).
 // dweight/dbias: each block sums its rows (grid-stride, fixed order) into per-block partials
 // partial_dw/partial_db[blockIdx.x][hidden]; column_sum_kernel then adds the partials in a fixed
 // order, so the result is deterministic. Shared memory: 2 * blockDim.y * hidden + 32 floats.
-template <typename T, typename W, int VEC>
+template <typename T, typename W, int VEC, bool kDropout>
 __global__ void add_layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                           const T* __restrict__ residual,
                                           const W* __restrict__ weight,
                                           const float* __restrict__ mean,
                                           const float* __restrict__ rstd, T* __restrict__ dx,
                                           T* __restrict__ dresidual, float* __restrict__ partial_dw,
-                                          float* __restrict__ partial_db, int rows, int hidden) {
+                                          float* __restrict__ partial_db, int rows, int hidden,
+                                          const DropoutParams dropout) {
   extern __shared__ float ln_smem[];
   float* acc_dw = ln_smem + threadIdx.y * hidden;
   float* acc_db = ln_smem + (blockDim.y + threadIdx.y) * hidden;
@@ -108,9 +142,13 @@ __global__ void add_layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __r
       Vec<T, VEC> xv = load_vec<T, VEC>(x + offset + c);
       Vec<T, VEC> rv;
       if (residual) rv = load_vec<T, VEC>(residual + offset + c);
+      float keep[VEC];
+      if constexpr (kDropout) dropout_scales<VEC>(dropout, offset + c, keep);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        float s = to_float(xv.v[i]) + (residual ? to_float(rv.v[i]) : 0.f);
+        float s = to_float(xv.v[i]);
+        if constexpr (kDropout) s *= keep[i];
+        s += residual ? to_float(rv.v[i]) : 0.f;
         float xhat = (s - mu) * rs;
         float g = to_float(gv.v[i]);
         float gw = g * to_float(weight[c + i]);
@@ -127,16 +165,26 @@ __global__ void add_layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __r
       Vec<T, VEC> xv = load_vec<T, VEC>(x + offset + c);
       Vec<T, VEC> rv;
       if (residual) rv = load_vec<T, VEC>(residual + offset + c);
-      Vec<T, VEC> dv;
+      float keep[VEC];
+      if constexpr (kDropout) dropout_scales<VEC>(dropout, offset + c, keep);
+      Vec<T, VEC> dsv, dxv;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        float s = to_float(xv.v[i]) + (residual ? to_float(rv.v[i]) : 0.f);
+        float s = to_float(xv.v[i]);
+        if constexpr (kDropout) s *= keep[i];
+        s += residual ? to_float(rv.v[i]) : 0.f;
         float xhat = (s - mu) * rs;
         float gw = to_float(gv.v[i]) * to_float(weight[c + i]);
-        dv.v[i] = from_float<T>(rs * (gw - mean_g - xhat * mean_gx));
+        const float ds = rs * (gw - mean_g - xhat * mean_gx);
+        dsv.v[i] = from_float<T>(ds);
+        if constexpr (kDropout) {
+          dxv.v[i] = from_float<T>(ds * keep[i]);
+        } else {
+          dxv.v[i] = dsv.v[i];
+        }
       }
-      store_vec<T, VEC>(dx + offset + c, dv);
-      if (dresidual) store_vec<T, VEC>(dresidual + offset + c, dv);
+      store_vec<T, VEC>(dx + offset + c, dxv);
+      if (dresidual) store_vec<T, VEC>(dresidual + offset + c, dsv);
     }
   }
 

@@ -2,16 +2,26 @@
 
 - always: `unsupported` / arch rules (pure Python).
 - compile: the extension was built by pip and imports without a GPU; calling a kernel without a
-  GPU raises a clean RuntimeError naming the op. `python -m pytest -m compile tests/test_cuda.py`
+  GPU raises a clean RuntimeError naming the op; the Philox header, built for the host, gives
+  Random123's known answers. `python -m pytest -m compile tests/test_cuda.py`
 - gpu: every op, forward and all gradients, by the tolerance rule (tests/helpers.py) against an
   fp64 reference, odd shapes, padding masks with a fully padded row, causal with Sq != Sk,
   packed-QKV views, determinism, the public ops with backend="cuda", and the whole BertModel.
+  Dropout: the kernels' keep mask is read off their output (see attention_keep_mask and
+  layer_norm_keep_mask), then forward and every gradient are compared with the reference given
+  that mask; keep rate, 1 / (1 - p) scaling, same seed -> same bits, torch.manual_seed.
+  The dropout checks take the backend module and device as arguments, so their logic can be run
+  on CPU with fastbert.ops._TorchBackend in place of fastbert.cuda.
 """
 from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +29,10 @@ import torch
 import fastbert
 from fastbert import cuda as cuda_backend
 from fastbert import reference
+from fastbert import ops
 from tests.helpers import assert_close_by_rule, poison_, random_padding_mask
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,9 +62,7 @@ def _poisoned_outputs(monkeypatch):
 @pytest.mark.parametrize("op, kw, words", [
     ("fastbert.attention", dict(dtype=torch.float32, head_dim=64, dropout_p=0.0), "float16"),
     ("fastbert.attention", dict(dtype=torch.float16, head_dim=80, dropout_p=0.0), "head dims"),
-    ("fastbert.attention", dict(dtype=torch.bfloat16, head_dim=64, dropout_p=0.1), "dropout"),
     ("fastbert.add_layer_norm", dict(dtype=torch.float16, hidden=8192, dropout_p=0.0), "4096"),
-    ("fastbert.add_layer_norm", dict(dtype=torch.float16, hidden=768, dropout_p=0.1), "dropout"),
     ("fastbert.linear_bias_gelu", dict(dtype=torch.float64, in_features=8, out_features=8),
      "float16"),
 ])
@@ -65,7 +76,10 @@ def test_unsupported_says_why(op, kw, words):
                                 has_mask=True)),
     ("fastbert.attention", dict(dtype=torch.bfloat16, head_dim=128, dropout_p=0.0, causal=False,
                                 has_mask=False)),
+    ("fastbert.attention", dict(dtype=torch.bfloat16, head_dim=64, dropout_p=0.1, causal=False,
+                                has_mask=True)),
     ("fastbert.add_layer_norm", dict(dtype=torch.float32, hidden=4096, dropout_p=0.0)),
+    ("fastbert.add_layer_norm", dict(dtype=torch.float16, hidden=768, dropout_p=0.1)),
     ("fastbert.linear_bias_gelu", dict(dtype=torch.bfloat16, in_features=768,
                                        out_features=3072)),
 ])
@@ -114,14 +128,14 @@ def test_kernels_without_gpu_raise_clean_errors():
     calls = {
         "fastbert.attention": [
             lambda: ext.attention_forward(0, 0, 0, 0, 0, 0, 1, 8, 8, 1, 64, zero3, zero3, zero3,
-                                          zero3, False, 0.125, 0, 0),
+                                          zero3, False, 0.125, 0.1, 7, 0, 0),
             lambda: ext.attention_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 8, 8, 1, 64,
-                                           *([zero3] * 8), False, 0.125, 0, 0)],
+                                           *([zero3] * 8), False, 0.125, 0.1, 7, 0, 0)],
         "fastbert.add_layer_norm": [
-            lambda: ext.add_layer_norm_forward(0, 0, 0, 0, 0, 0, 0, 4, 8, 1e-5, 0, 0, 0),
+            lambda: ext.add_layer_norm_forward(0, 0, 0, 0, 0, 0, 0, 4, 8, 1e-5, 0.1, 7, 0, 0, 0),
             lambda: ext.add_layer_norm_backward_parts(4, 8),
-            lambda: ext.add_layer_norm_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 1, 0, 0,
-                                                0)],
+            lambda: ext.add_layer_norm_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 1, 0.1, 7,
+                                                0, 0, 0)],
         "fastbert.linear_bias_gelu": [
             lambda: ext.bias_gelu_forward(0, 0, 0, 0, 4, 8, False, 0, 0),
             lambda: ext.gelu_backward_parts(4, 8),
@@ -133,6 +147,82 @@ def test_kernels_without_gpu_raise_clean_errors():
                 fn()
     reason = cuda_backend.unavailable_reason()
     assert reason is not None and "no CUDA device" in reason
+
+
+# --------------------------------------------------------------------------------------------
+# compile: Philox-4x32-10 (kernels/philox.cuh) built for the host, against known answers
+# --------------------------------------------------------------------------------------------
+
+# Random123's kat_vectors for philox4x32_10: (counter, key) -> output
+PHILOX_KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),  # pi's digits
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def philox4x32_10(counter, key):
+    """Philox-4x32-10 in plain Python, written from the paper (Salmon et al., SC 2011)."""
+    mask = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for round_ in range(10):
+        if round_ > 0:
+            k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+    return c0, c1, c2, c3
+
+
+PHILOX_HOST_PROGRAM = r"""
+#include <cstdio>
+#include "kernels/philox.cuh"
+// stdin lines "c0 c1 c2 c3 k0 k1" (hex) -> "r0 r1 r2 r3"; then "p" lines -> dropout thresholds
+int main() {
+  unsigned c[4], k[2];
+  while (std::scanf("%x %x %x %x %x %x", &c[0], &c[1], &c[2], &c[3], &k[0], &k[1]) == 6) {
+    const fastbert::Philox4 r = fastbert::philox4x32(c[0], c[1], c[2], c[3], k[0], k[1]);
+    std::printf("%08x %08x %08x %08x\n", r.x[0], r.x[1], r.x[2], r.x[3]);
+  }
+  double p;
+  while (std::scanf(" p %lf", &p) == 1) std::printf("%u\n", fastbert::dropout_threshold(p));
+  return 0;
+}
+"""
+
+
+def test_python_philox_gives_the_known_answers():
+    for counter, key, want in PHILOX_KNOWN_ANSWERS:
+        assert philox4x32_10(counter, key) == want
+
+
+@pytest.mark.compile
+def test_philox_header_gives_known_answers(tmp_path):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    source = tmp_path / "philox_kat.cpp"
+    source.write_text(PHILOX_HOST_PROGRAM)
+    exe = tmp_path / "philox_kat"
+    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT}",
+                    str(source), "-o", str(exe)], check=True)
+    rng = random.Random(1234)
+    cases = [(c, k) for c, k, _ in PHILOX_KNOWN_ANSWERS] + [
+        (tuple(rng.getrandbits(32) for _ in range(4)), tuple(rng.getrandbits(32) for _ in range(2)))
+        for _ in range(300)]
+    probs = [0.0, 0.1, 0.5, 0.999, 1 - 2 ** -33]
+    stdin = "".join(" ".join(f"{x:x}" for x in c + k) + "\n" for c, k in cases)
+    stdin += "".join(f"p {p!r}\n" for p in probs)
+    run = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True)
+    lines = run.stdout.split("\n")
+    got = [tuple(int(w, 16) for w in line.split()) for line in lines[:len(cases)]]
+    for (counter, key, want), g in zip(PHILOX_KNOWN_ANSWERS, got):
+        assert g == want, (counter, key)
+    for (counter, key), g in zip(cases, got):
+        assert g == philox4x32_10(counter, key), (counter, key)
+    thresholds = [int(x) for x in lines[len(cases):len(cases) + len(probs)]]
+    assert thresholds == [min(round(p * 2 ** 32), 2 ** 32 - 1) for p in probs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +345,174 @@ def test_public_attention_op_runs_these_kernels(dtype):
 
 
 # --------------------------------------------------------------------------------------------
+# gpu: attention with dropout
+# --------------------------------------------------------------------------------------------
+
+def assert_keep_rate(keep, p, what):
+    """The fraction kept is 1 - p within 5 standard deviations of a binomial."""
+    n = keep.numel()
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-9, (what, rate, 1 - p, n)
+
+
+def attention_keep_mask(backend, device, b, sq, sk, h, d, dtype, causal, mask, p, seed, scale):
+    """The keep mask (B, H, Sq, Sk) a backend draws for `seed`, read off its output: with v rows
+    one-hot (v[b, j, h] = e_j, needs Sk <= D), out[b, i, h, :Sk] is the dropped probability row,
+    P * keep / (1 - p). Also checks that scaling. Masked-out keys (P = 0) count as kept."""
+    assert sk <= d
+    q = 0.5 * torch.randn(b, sq, h, d, dtype=dtype, device=device)  # P stays far from underflow
+    k = 0.5 * torch.randn(b, sk, h, d, dtype=dtype, device=device)
+    v = torch.eye(sk, d, dtype=dtype, device=device)[None, :, None, :].expand(b, sk, h, d)
+    out, _ = backend.attention_forward(q, k, v.contiguous(), mask, causal, p, scale, seed)
+    dropped = out.transpose(1, 2)[..., :sk].double()  # (B, H, Sq, Sk)
+    assert (out[..., sk:] == 0).all()
+    probs, _ = reference.attention_forward(q.double(), k.double(), torch.eye(sk, d).double()
+                                           .to(device)[None, :, None, :].expand(b, sk, h, d),
+                                           mask, causal, 0.0, scale)
+    probs = probs.transpose(1, 2)[..., :sk]
+    visible = probs > 0
+    keep = (dropped != 0) | ~visible
+    assert (dropped[~visible] == 0).all()
+    tol = 1e-2 if dtype == torch.float16 else 2e-2
+    torch.testing.assert_close(dropped, probs * keep / (1 - p), rtol=tol, atol=1e-4)
+    return keep, visible
+
+
+def check_attention_dropout(backend, device, b, sq, sk, h, d, dtype, causal, mask_mode, p,
+                            seed=20261124):
+    mask = None if mask_mode is None else random_padding_mask(b, sk, device, mode=mask_mode)
+    scale = 1.0 / math.sqrt(d)
+    keep, visible = attention_keep_mask(backend, device, b, sq, sk, h, d, dtype, causal, mask, p,
+                                        seed, scale)
+    assert_keep_rate(keep[visible], p, "attention")
+
+    # the same seed with fresh q, k, v draws the same mask: forward and every gradient by the rule
+    q, k, v = (torch.randn(b, s, h, d, dtype=dtype, device=device) for s in (sq, sk, sk))
+    dout = torch.randn(b, sq, h, d, dtype=dtype, device=device)
+    out, lse = backend.attention_forward(q, k, v, mask, causal, p, scale, seed)
+    grads = backend.attention_backward(dout, q, k, v, out, lse, mask, causal, p, scale, seed,
+                                       False)
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+    exact_out, exact_lse = reference.attention_forward(q64, k64, v64, mask, causal, p, scale,
+                                                       keep)
+    exact = reference.attention_backward(do64, q64, k64, v64, exact_out, exact_lse, mask, causal,
+                                         p, scale, keep)
+    plain_out, plain_lse = reference.attention_forward(q, k, v, mask, causal, p, scale, keep,
+                                                       upcast=False)
+    plain = reference.attention_backward(dout, q, k, v, plain_out, plain_lse, mask, causal, p,
+                                         scale, keep, upcast=False)
+    tag = f"b{b} sq{sq} sk{sk} h{h} d{d} {dtype} causal={causal} mask={mask_mode} p={p}"
+    assert_close_by_rule(out, plain_out, exact_out, f"out [{tag}]")
+    for name, got, pl, ex in zip(("dq", "dk", "dv"), grads, plain, exact):
+        assert_close_by_rule(got, pl, ex, f"{name} [{tag}]")
+    # lse is that of the undropped softmax
+    finite = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isfinite(lse), finite), tag
+    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
+
+    # same seed -> the same bits; another seed -> another mask
+    again = backend.attention_forward(q, k, v, mask, causal, p, scale, seed)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1]), tag
+    grads_again = backend.attention_backward(dout, q, k, v, out, lse, mask, causal, p, scale,
+                                             seed, False)
+    for g, g2 in zip(grads, grads_again):
+        assert torch.equal(g, g2), tag
+    other, _ = backend.attention_forward(q, k, v, mask, causal, p, scale, seed + 1)
+    assert not torch.equal(out, other), tag
+
+
+ATTENTION_DROPOUT_CASES = [
+    # b, sq, sk, h, d, causal, mask mode (Sk <= D, so the keep mask can be read off the output)
+    (2, 70, 64, 3, 64, False, "with_empty"),  # two query tiles, a fully padded batch row
+    (2, 130, 128, 2, 128, True, "random"),    # three query tiles, two key tiles
+    (3, 17, 32, 2, 32, False, None),
+    (2, 40, 29, 2, 32, True, "third"),        # Sq > Sk: early queries see no key
+    (1, 1, 61, 4, 64, True, None),            # one decoding step
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("b, sq, sk, h, d, causal, mask_mode", ATTENTION_DROPOUT_CASES)
+def test_attention_dropout_matches_reference_with_its_mask(b, sq, sk, h, d, causal, mask_mode,
+                                                           p, dtype):
+    check_attention_dropout(cuda_backend, "cuda", b, sq, sk, h, d, dtype, causal, mask_mode, p)
+
+
+@pytest.mark.gpu
+def test_attention_dropout_rate_at_bert_shape():
+    """Keep rate over a BERT-base-sized probability tensor, per (batch, head) slice too (a
+    counter layout that repeated across heads or batches would show up here as equal slices)."""
+    b, s, h, d, p = 4, 64, 12, 64, 0.1
+    keep, visible = attention_keep_mask(cuda_backend, "cuda", b, s, s, h, d, torch.float16,
+                                        False, None, p, 99, 0.125)
+    assert visible.all()
+    assert_keep_rate(keep, p, "attention, whole tensor")
+    slices = keep.reshape(b * h, s * s)
+    assert len({tuple(row.tolist()) for row in slices}) == b * h
+
+
+def check_public_op_dropout(device, backend_name, backend):
+    """fastbert.attention / add_layer_norm with dropout: torch.manual_seed reproduces forward and
+    backward bit for bit, and the op gives exactly what the kernel entry points give for the
+    seed it draws from torch's generator."""
+    b, s, h, d, p = 2, 45, 4, 32, 0.2
+    qkv = torch.randn(b, s, 3, h, d, dtype=torch.float16, device=device, requires_grad=True)
+    mask = random_padding_mask(b, s, device, mode="with_empty")
+    dout = torch.randn(b, s, h, d, dtype=torch.float16, device=device)
+
+    def run(torch_seed):
+        qkv.grad = None
+        torch.manual_seed(torch_seed)
+        q, k, v = qkv.unbind(2)
+        out = fastbert.attention(q, k, v, mask, dropout_p=p, softmax_scale=0.2,
+                                 backend=backend_name)
+        out.backward(dout)
+        return out.detach(), qkv.grad.clone()
+
+    first, again, other = run(5), run(5), run(6)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+    torch.manual_seed(5)
+    seed = int(ops._draw_seed(p).item())
+    q, k, v = qkv.detach().unbind(2)
+    want_out, lse = backend.attention_forward(q, k, v, mask, False, p, 0.2, seed)
+    grads = backend.attention_backward(dout, q, k, v, want_out, lse, mask, False, p, 0.2, seed,
+                                       False)
+    assert torch.equal(first[0], want_out)
+    assert torch.equal(first[1], torch.stack(grads, dim=2))
+
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16, device=device, requires_grad=True)
+    residual = torch.randn_like(x)
+    weight = torch.randn(256, device=device)
+    bias = torch.randn(256, device=device)
+
+    def run_ln(torch_seed):
+        x.grad = None
+        torch.manual_seed(torch_seed)
+        y = fastbert.add_layer_norm(x, residual, weight, bias, 1e-12, dropout_p=p,
+                                    backend=backend_name)
+        y.backward(torch.ones_like(y))
+        return y.detach(), x.grad.clone()
+
+    first, again, other = run_ln(5), run_ln(5), run_ln(6)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+    torch.manual_seed(5)
+    seed = int(ops._draw_seed(p).item())
+    want_y, _, _ = backend.add_layer_norm_forward(x.detach().reshape(15, 256),
+                                                  residual.reshape(15, 256), weight, bias, 1e-12,
+                                                  p, seed)
+    assert torch.equal(first[0].reshape(15, 256), want_y)
+
+
+@pytest.mark.gpu
+def test_public_ops_dropout_follow_torch_manual_seed():
+    check_public_op_dropout("cuda", "cuda", cuda_backend)
+
+
+# --------------------------------------------------------------------------------------------
 # gpu: add_layer_norm
 # --------------------------------------------------------------------------------------------
 
@@ -338,6 +596,75 @@ def test_public_add_layer_norm_op_runs_these_kernels():
     assert torch.equal(y.reshape(18, 768), want_y)
     for got, w in zip((x.grad, residual.grad, weight.grad, bias.grad), want):
         assert torch.equal(got.reshape(w.shape), w)
+
+
+def layer_norm_keep_mask(backend, device, rows, hidden, dtype, p, seed):
+    """The keep mask (rows, hidden) a backend draws for `seed`, read off its output: with x = 1,
+    no residual, weight 1 and bias 0 the pre-norm sum is 1 / (1 - p) where kept and 0 where
+    dropped, so y > 0 exactly where kept (when a row has both)."""
+    x = torch.ones(rows, hidden, dtype=dtype, device=device)
+    weight = torch.ones(hidden, dtype=dtype, device=device)
+    y, mean, _ = backend.add_layer_norm_forward(x, None, weight, torch.zeros_like(weight), 1e-5,
+                                                p, seed)
+    keep = y > 0
+    assert (keep.any(1) & ~keep.all(1)).all(), "a row kept or dropped everything: pick other sizes"
+    # the mean of the pre-norm sum is (fraction kept) / (1 - p): checks the 1 / (1 - p) scale
+    torch.testing.assert_close(mean.double(), keep.double().mean(1) / (1 - p), rtol=1e-5,
+                               atol=1e-6)
+    return keep
+
+
+def check_layer_norm_dropout(backend, device, rows, hidden, dtype, with_residual, p,
+                             seed=424242):
+    keep = layer_norm_keep_mask(backend, device, rows, hidden, dtype, p, seed)
+    assert_keep_rate(keep, p, "add_layer_norm")
+
+    x = torch.randn(rows, hidden, dtype=dtype, device=device)
+    residual = torch.randn_like(x) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+    bias = (0.1 * torch.randn(hidden, device=device)).to(dtype)
+    dy = torch.randn_like(x)
+    eps = 1e-5
+    y, mean, rstd = backend.add_layer_norm_forward(x, residual, weight, bias, eps, p, seed)
+    dx, dres, dw, db = backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, p, seed)
+
+    r64 = residual.double() if residual is not None else None
+    x64, w64, b64, dy64 = x.double(), weight.double(), bias.double(), dy.double()
+    ey, emean, erstd = reference.add_layer_norm_forward(x64, r64, w64, b64, eps, p, keep)
+    edx, edres, edw, edb = reference.add_layer_norm_backward(dy64, x64, r64, w64, emean, erstd,
+                                                             p, keep)
+    py, pmean, prstd = reference.add_layer_norm_forward(x, residual, weight, bias, eps, p, keep,
+                                                        upcast=False)
+    pdx, pdres, pdw, pdb = reference.add_layer_norm_backward(dy, x, residual, weight, pmean,
+                                                             prstd, p, keep)
+    tag = f"rows{rows} hidden{hidden} {dtype} residual={with_residual} p={p}"
+    torch.testing.assert_close(mean.double(), emean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), erstd, rtol=1e-4, atol=1e-5)
+    assert_close_by_rule(y, py, ey, f"y [{tag}]")
+    assert_close_by_rule(dx, pdx, edx, f"dx [{tag}]")
+    assert (dx[~keep] == 0).all(), tag  # backward regenerated forward's mask
+    if residual is not None:
+        assert_close_by_rule(dres, pdres, edres, f"dresidual [{tag}]")
+    assert_close_by_rule(dw, pdw, edw, f"dweight [{tag}]")
+    assert_close_by_rule(db, pdb, edb, f"dbias [{tag}]")
+
+    again = backend.add_layer_norm_forward(x, residual, weight, bias, eps, p, seed)
+    assert all(torch.equal(a, b) for a, b in zip((y, mean, rstd), again)), tag
+    grads_again = backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, p, seed)
+    assert all(torch.equal(a, b) for a, b in zip((dx, dw, db), grads_again[:1] + grads_again[2:]))
+    other = backend.add_layer_norm_forward(x, residual, weight, bias, eps, p, seed + 1)
+    assert not torch.equal(y, other[0]), tag
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rows, hidden", [(37, 100), (64, 768), (9, 1030), (7, 1536),
+                                          (5, 4096)])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_add_layer_norm_dropout_matches_reference_with_its_mask(rows, hidden, dtype,
+                                                                with_residual, p):
+    check_layer_norm_dropout(cuda_backend, "cuda", rows, hidden, dtype, with_residual, p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,14 +787,16 @@ for dtype in (torch.float16, torch.bfloat16):
             k = torch.randn(2, sk, 2, d, dtype=dtype, device="cuda")
             v = torch.randn_like(k)
             mask = torch.arange(sk, device="cuda") < torch.tensor([[sk // 2], [0]], device="cuda")
-            out, lse = cb.attention_forward(q, k, v, mask, causal, 0.0, 0.1, 0)
-            cb.attention_backward(torch.randn_like(out), q, k, v, out, lse, mask, causal, 0.0,
-                                  0.1, 0, False)
+            for p in (0.0, 0.2):
+                out, lse = cb.attention_forward(q, k, v, mask, causal, p, 0.1, 7)
+                cb.attention_backward(torch.randn_like(out), q, k, v, out, lse, mask, causal, p,
+                                      0.1, 7, False)
     for hidden in (100, 768, 2048):
         x = torch.randn(9, hidden, dtype=dtype, device="cuda")
         w = torch.randn(hidden, device="cuda")
-        y, mean, rstd = cb.add_layer_norm_forward(x, x.clone(), w, w.clone(), 1e-5, 0.0, 0)
-        cb.add_layer_norm_backward(torch.randn_like(y), x, x.clone(), w, mean, rstd, 0.0, 0)
+        for p in (0.0, 0.2):
+            y, mean, rstd = cb.add_layer_norm_forward(x, x.clone(), w, w.clone(), 1e-5, p, 7)
+            cb.add_layer_norm_backward(torch.randn_like(y), x, x.clone(), w, mean, rstd, p, 7)
     x = torch.randn(13, 40, dtype=dtype, device="cuda")
     w = torch.randn(72, 40, dtype=dtype, device="cuda")
     out, pre = cb.linear_bias_gelu_forward(x, w, torch.randn(72, dtype=dtype, device="cuda"),
