@@ -70,7 +70,34 @@ class _TorchBackend:
         return reference.dropout_keep_mask(seed, shape, p, device) if p > 0.0 else None
 
     @staticmethod
+    def _cpu_flash(q, dropout_p):
+        """ATen's fused CPU attention (2-3x the reference's speed) serves CPU inputs without
+        dropout; float64 stays on the reference, so gradcheck exercises the explicit formulas."""
+        return (q.device.type == "cpu" and dropout_p == 0.0 and q.dtype != torch.float64
+                and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+    @staticmethod
+    def _additive_mask(q, k, mask, causal):
+        """(B, 1, Sq|1, Sk) float mask (0 or -inf) for ATen, and (B, 1, Sq) rows that see no key."""
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        visible = reference.attention_visible(mask, causal, b, sq, sk, q.device)
+        if visible is None:
+            return None, None
+        additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+        return additive.masked_fill_(~visible, float("-inf")), ~visible.any(-1)
+
+    @staticmethod
     def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
+        if _TorchBackend._cpu_flash(q, dropout_p):
+            additive, empty = _TorchBackend._additive_mask(q, k, mask, causal)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=additive, scale=scale)
+            out = out.transpose(1, 2)  # (B, Sq, H, D)
+            lse = lse.contiguous()  # (B, H, Sq)
+            if empty is not None:  # the contract: zeros and lse = +inf where no key is visible
+                out = out.masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
+                lse = lse.masked_fill(empty, float("inf"))
+            return out.contiguous(), lse
         keep = _TorchBackend._keep(seed, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
                                    dropout_p, q.device)
         return reference.attention_forward(q, k, v, mask, causal, dropout_p, scale, keep)
@@ -78,6 +105,12 @@ class _TorchBackend:
     @staticmethod
     def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
                            deterministic):
+        if _TorchBackend._cpu_flash(q, dropout_p):
+            additive, _ = _TorchBackend._additive_mask(q, k, mask, causal)
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                *(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse, 0.0, False,
+                attn_mask=additive, scale=scale)
+            return tuple(g.transpose(1, 2).contiguous() for g in grads)
         keep = _TorchBackend._keep(seed, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
                                    dropout_p, q.device)
         return reference.attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p,

@@ -139,6 +139,30 @@ def test_attention_matches_sdpa_and_fully_padded_rows_are_zero(dtype):
         assert not torch.isnan(t.grad).any() and torch.all(t.grad[0] == 0)
 
 
+@pytest.mark.parametrize("causal,sq,sk", [(False, 9, 9), (True, 9, 9), (True, 4, 9), (True, 9, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_fast_cpu_path_matches_reference(causal, sq, sk, dtype):
+    """Without dropout, the torch backend runs ATen's fused CPU attention: hold it to the fp64
+    reference by the tolerance rule, empty rows (padding, causal with Sq > Sk) included."""
+    from tests.helpers import assert_close_by_rule
+    q = torch.randn(3, sq, 2, 16, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(3, sk, 2, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+    mask = random_padding_mask(3, sk, mode="with_empty")
+    out = fastbert.attention(q, k, v, mask, causal=causal, backend="torch")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    exact64 = [t.detach().double() for t in (q, k, v)]
+    exact_out, exact_lse = reference.attention_forward(*exact64, mask, causal)
+    exact = (exact_out,) + reference.attention_backward(dout.double(), *exact64, exact_out,
+                                                        exact_lse, mask, causal)
+    plain_in = [t.detach() for t in (q, k, v)]
+    plain_out, plain_lse = reference.attention_forward(*plain_in, mask, causal, upcast=False)
+    plain = (plain_out,) + reference.attention_backward(dout, *plain_in, plain_out, plain_lse,
+                                                        mask, causal, upcast=False)
+    for name, got, p, e in zip(("out", "dq", "dk", "dv"), (out,) + grads, plain, exact):
+        assert_close_by_rule(got, p, e, name)
+
+
 def test_attention_causal_is_bottom_right_aligned():
     q, k, v = _attn_inputs(b=1, sq=2, sk=5, h=1, d=4, grad=False)
     out = fastbert.attention(q, k, v, causal=True, backend="torch")
