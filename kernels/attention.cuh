@@ -11,7 +11,7 @@
 //
 // Dropout (template flag kDropout, so the plain path compiles as before) acts on the normalised
 // probabilities: lse stays that of the undropped softmax, forward multiplies P by keep / (1 - p)
-// before P V, and backward regenerates the same mask (attention_keep below) for dV = P_drop^T dO
+// before P V, and backward regenerates the same mask (attention_random below) for dV = P_drop^T dO
 // and dP_drop = keep / (1 - p) * dO V^T, with dS = P * (dP_drop - rowsum(dO * O)).
 #pragma once
 #include <mma.h>
@@ -68,9 +68,9 @@ __device__ __forceinline__ Philox4 attention_random(const DropoutParams& d, int 
 // Score columns handled per step: 4 with dropout (one Philox call), else 1 (the plain loop).
 template <bool kDropout> constexpr int kRandStep = kDropout ? 4 : 1;
 
-__device__ __forceinline__ bool attention_keep(const DropoutParams& d, int b, int h, int qi,
-                                               int kj) {
-  return attention_random(d, b, h, qi, kj).x[kj & 3] >= d.threshold;
+// r.x[i] for a run-time i, by selects (indexing the array would put it in local memory).
+__device__ __forceinline__ uint32_t philox_word(const Philox4& r, int i) {
+  return i == 0 ? r.x[0] : i == 1 ? r.x[1] : i == 2 ? r.x[2] : r.x[3];
 }
 
 template <int D> constexpr int tile_ld() { return D + 8; }  // fp16/bf16 tile rows, padded
@@ -341,19 +341,32 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(const Params<T> p) {
     rows_times_tile_t<T, D>(st_s + warp * 16 * kScoreLd, k_s + warp * 16 * tile_ld<D>(), q_s);
     rows_times_tile_t<T, D>(dpt_s + warp * 16 * kScoreLd, v_s + warp * 16 * tile_ld<D>(), do_s);
     __syncwarp();
-    for (int j = half * 32; j < half * 32 + 32; ++j) {
-      const int qi = m0 + j;
-      const bool visible = key_real && (!p.causal || kj <= qi + shift);
-      const float pv = visible ? exp2f(st_s[row * kScoreLd + j] * scale_log2 - lse_s[j]) : 0.f;
-      float dpv = dpt_s[row * kScoreLd + j], p_used = pv;  // dP and P as dropout saw them
-      if constexpr (kDropout) {
-        // one Philox call per element here: this lane's row is a key, its columns queries
-        const float keep = attention_keep(p.dropout, b, h, qi, kj) ? p.dropout.keep_scale : 0.f;
-        dpv *= keep;
-        p_used *= keep;
+    // With dropout, a lane's row is a key and its columns are queries, while one Philox call
+    // covers four keys of one query. The four lanes holding keys 4g .. 4g + 3 (lane bits 1-2 =
+    // kj & 3, same half) share the work: at columns j .. j + 3 the lane with kj & 3 == t draws
+    // the words of query j + t, and in round r each lane takes column j + u from lane u.
+    for (int j = half * 32; j < half * 32 + 32; j += kRandStep<kDropout>) {
+      Philox4 mine;
+      if constexpr (kDropout) mine = attention_random(p.dropout, b, h, m0 + j + (kj & 3), kj);
+#pragma unroll
+      for (int r = 0; r < kRandStep<kDropout>; ++r) {
+        const int u = kDropout ? (kj - r) & 3 : 0;  // every u once over the four rounds
+        const int jj = j + u, qi = m0 + jj;
+        const bool visible = key_real && (!p.causal || kj <= qi + shift);
+        const float pv =
+            visible ? exp2f(st_s[row * kScoreLd + jj] * scale_log2 - lse_s[jj]) : 0.f;
+        float dpv = dpt_s[row * kScoreLd + jj], p_used = pv;  // dP and P as dropout saw them
+        if constexpr (kDropout) {
+          // lane u sends word (u + r) & 3 = kj & 3 of this lane: (key kj, query qi)
+          const uint32_t sent = philox_word(mine, (kj + r) & 3);
+          const uint32_t word = __shfl_sync(0xffffffffu, sent, (lane & ~6) | (u << 1));
+          const float keep = word >= p.dropout.threshold ? p.dropout.keep_scale : 0.f;
+          dpv *= keep;
+          p_used *= keep;
+        }
+        pt_s[row * kProbLd + jj] = from_float<T>(p_used);
+        dst_s[row * kProbLd + jj] = from_float<T>(pv * (dpv - delta_s[jj]));
       }
-      pt_s[row * kProbLd + j] = from_float<T>(p_used);
-      dst_s[row * kProbLd + j] = from_float<T>(pv * (dpv - delta_s[j]));
     }
     __syncwarp();
     // dV[keys] += P^T dO, dK[keys] += dS^T Q (scale applied at the end)
