@@ -370,6 +370,11 @@ def _compile(fn, dtype, target, warps, stages, has_mask, has_dropout, dq_dtype=N
                         constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", target, 32),
                               options={"num_warps": warps, "num_stages": stages})
+    # The attrs format has changed across Triton releases; an ignored one would silently compile
+    # the unaligned (slower-path) variant instead of the one the launchers get on a GPU.
+    annotated = compiled.asm["ttir"].count("tt.divisibility = 16")
+    assert annotated == len(aligned), (
+        f"{fn.__name__}: {annotated} of {len(aligned)} alignment attributes reached the TTIR")
     assert compiled.metadata.shared <= _SMEM_LIMIT[target], (
         f"{fn.__name__}: {compiled.metadata.shared} B shared memory > sm_{target} limit")
 

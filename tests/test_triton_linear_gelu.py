@@ -189,9 +189,12 @@ def test_compiles_ahead_of_time(capability):
             # the epilogue flag is independent of the tiles: all tiles with exact GELU, one with tanh
             configs = fitting if approximate == "none" else fitting[:1]
             for config in configs:
-                aot_compile(lg._linear_bias_gelu_fwd_kernel, _fwd_signature(dtype),
-                            dict(flags, **config.kwargs), capability, config.num_warps,
-                            config.num_stages)
+                compiled = aot_compile(lg._linear_bias_gelu_fwd_kernel, _fwd_signature(dtype),
+                                       dict(flags, **config.kwargs), capability, config.num_warps,
+                                       config.num_stages)
+                # the pruning's estimate must keep out every config that could not launch
+                assert compiled.metadata.shared <= SHARED_MEMORY[capability], (
+                    f"{config}: {compiled.metadata.shared} B shared memory on sm_{capability}")
             aot_compile(lg._gelu_bwd_dbias_kernel, _bwd_signature(dtype),
                         {"APPROXIMATE_TANH": approximate == "tanh", "BLOCK_M": lg.BWD_BLOCK_M,
                          "BLOCK_N": lg.BWD_BLOCK_N}, capability, lg.BWD_NUM_WARPS)
