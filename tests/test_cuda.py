@@ -817,9 +817,6 @@ def _sanitizer():
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
 def test_compute_sanitizer_is_clean(tool):
-    import subprocess
-    import sys
-
     exe = _sanitizer()
     if exe is None:
         pytest.skip("compute-sanitizer is not installed")
