@@ -99,8 +99,8 @@ def model_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: 
         "transformers-sdpa": provider(lambda: _hf_model(model, device, dtype, "sdpa")),
         "transformers-sdpa+compile": provider(compiled_sdpa),
     }
-    # "auto" is what a user gets by default (the CUDA kernels where they serve the input, e.g.
-    # not dropout, Triton elsewhere); "triton" pins everything to the Triton kernels
+    # "auto" is what a user gets by default (the CUDA kernels where they serve the input, Triton
+    # elsewhere); "triton" pins everything to the Triton kernels
     for b in (["auto", "triton"] if device.type == "cuda" else ["torch"]):
         providers[f"fastbert-{b}"] = provider(functools.partial(fastbert_model, b), backend=b)
     providers["patch_hf"] = provider(patched, backend="auto")
