@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import datetime
 import gc
-import importlib.metadata
 import itertools
 import os
 import platform
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from fastbert.info import package_version
 
 COLUMNS = ["op", "provider", "mode", "shape", "metric", "value", "note", "device", "torch",
            "triton", "transformers", "fastbert", "commit", "date", "suite"]
@@ -93,13 +94,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def git_commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -119,8 +113,8 @@ def run_metadata(device: torch.device, suite: str) -> Dict[str, str]:
     return {
         "device": device_name(device),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
         "fastbert": fastbert.__version__,
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

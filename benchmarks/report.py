@@ -76,6 +76,17 @@ def _colors(panels_providers) -> Dict[str, Any]:
     return {p: palette[i % len(palette)] for i, p in enumerate(sorted(set(panels_providers)))}
 
 
+def _save(fig, axes, used: int, path) -> None:
+    """Hide the grid's unused panels, write the PNG, free the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _lines_plot(path, panels, ylabel, xlabel):
     """panels: {title: {provider: [(x, y), ...]}} -> one subplot per panel, a line per provider."""
     import matplotlib
@@ -100,11 +111,7 @@ def _lines_plot(path, panels, ylabel, xlabel):
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, n, path)
 
 
 def _bars_plot(path, panels, ylabels):
@@ -131,11 +138,7 @@ def _bars_plot(path, panels, ylabels):
         ax.set_ylabel(ylabels[title])
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, n, path)
 
 
 def plot_all(rows: List[Dict[str, Any]], params: Dict[tuple, dict], out_dir: str,

@@ -8,7 +8,8 @@ import sys
 import torch
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
+    """Installed version of a distribution, or "not installed"."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -24,8 +25,8 @@ def collect() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda or "none",
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],
         "default_backend": ops.get_backend(),
