@@ -66,13 +66,20 @@ def rule_factor(dtype: torch.dtype) -> float:
     return 4.0 if INTERPRET and dtype == torch.bfloat16 else 2.0
 
 
+def pointers(signature: dict) -> list:
+    """The pointer arguments of a Triton signature."""
+    return [name for name, ty in signature.items() if ty.startswith("*")]
+
+
 def aot_compile(kernel, signature: dict, constexprs: dict, capability: int, num_warps: int,
-                num_stages: int = 3):
+                num_stages: int = 3, aligned=()):
     """Compile a Triton kernel for CUDA sm_<capability> without a GPU; raises on a compile error.
 
     `signature` maps runtime argument names to Triton types ("*fp16", "i32", ...), `constexprs`
     the constexpr names to values. Triton >= 3.3 (3.6 and 3.9 included) takes both by name, with
     constexprs also listed in the signature as "constexpr"; older releases keyed them by index.
+    `aligned` names the arguments declared divisible by 16, as Triton's launcher specialises
+    pointers and integers on a GPU, so the variant compiled is the one that really runs there.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -81,12 +88,19 @@ def aot_compile(kernel, signature: dict, constexprs: dict, capability: int, num_
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # an autotuned kernel wraps it
         fn = fn.fn
+    index = fn.arg_names.index
+    attrs = {(index(name),): [["tt.divisibility", 16]] for name in aligned}
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
         full = dict(signature, **{name: "constexpr" for name in constexprs})
-        src = ASTSource(fn, full, constexprs=constexprs)
+        src = ASTSource(fn, full, constexprs=constexprs, attrs=attrs)
     else:
-        index = fn.arg_names.index
-        src = ASTSource(fn, {index(k): v for k, v in signature.items()},
+        src = ASTSource(fn, {index(k): v for k, v in signature.items()}, attrs=attrs,
                         constants={index(k): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    # The attrs format has changed across Triton releases; an ignored one would silently compile
+    # the unaligned variant instead of the one a GPU launches.
+    annotated = compiled.asm["ttir"].count("tt.divisibility = 16")
+    assert annotated == len(aligned), (
+        f"{fn.__name__}: {annotated} of {len(aligned)} alignment attributes reached the TTIR")
+    return compiled

@@ -20,7 +20,8 @@ import torch
 import fastbert
 from fastbert import reference
 from fastbert.triton import attention as kernels
-from tests.helpers import assert_close_by_rule, assert_fp32_close, poison_, random_padding_mask
+from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, assert_fp32_close,
+                           poison_, random_padding_mask)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -315,7 +316,6 @@ def test_empty_sizes(b, sq, sk):
 # compile tier: ahead-of-time compilation for sm_80 and sm_90, no GPU needed
 # --------------------------------------------------------------------------------------------
 
-_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DATA_PTRS = {"Q", "K", "V", "Out", "DOut", "DK", "DV"}
 _FP32_PTRS = {"Lse", "Delta"}
 _FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -324,17 +324,16 @@ _SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def _signature(fn, dtype, constexprs, has_mask, has_dropout, dq_dtype):
-    """The launcher's argument types, aligned (pointers and integers divisible by 16 where they
-    usually are), as a (signature, attrs) pair for ASTSource."""
+    """The launcher's runtime argument types, and the arguments divisible by 16 where they
+    usually are (pointers, strides, head dim)."""
     sig, aligned = {}, []
-    for i, name in enumerate(fn.arg_names):
+    for name in fn.arg_names:
         if name in constexprs:
-            sig[name] = "constexpr"
             continue
         if name in _DATA_PTRS:
-            sig[name] = "*" + _TRITON_TYPE[dtype]
+            sig[name] = "*" + TRITON_TYPE[dtype]
         elif name == "DQ":
-            sig[name] = "*" + _TRITON_TYPE[dq_dtype]
+            sig[name] = "*" + TRITON_TYPE[dq_dtype]
         elif name in _FP32_PTRS:
             sig[name] = "*fp32"
         elif name == "Mask":
@@ -348,33 +347,17 @@ def _signature(fn, dtype, constexprs, has_mask, has_dropout, dq_dtype):
         else:
             sig[name] = "i32"
         if sig[name].startswith("*") or name.startswith("stride_") or name == "head_dim":
-            aligned.append(i)
+            aligned.append(name)
     return sig, aligned
 
 
 def _compile(fn, dtype, target, warps, stages, has_mask, has_dropout, dq_dtype=None, **consts):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if not has_mask and "Mask" in fn.arg_names:
         consts.update(Mask=None, KvRange=None)
     if fn is kernels._attn_bwd_dkdv_kernel and not consts.get("DQ_ATOMIC"):
         consts["DQ"] = None
     sig, aligned = _signature(fn, dtype, consts, has_mask, has_dropout, dq_dtype or dtype)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    try:  # triton >= 3.3 (3.6, 3.9): constexprs keyed by argument name
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    except (AssertionError, TypeError, ValueError):  # keyed by (argument index,)
-        src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", target, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    # The attrs format has changed across Triton releases; an ignored one would silently compile
-    # the unaligned (slower-path) variant instead of the one the launchers get on a GPU.
-    annotated = compiled.asm["ttir"].count("tt.divisibility = 16")
-    assert annotated == len(aligned), (
-        f"{fn.__name__}: {annotated} of {len(aligned)} alignment attributes reached the TTIR")
+    compiled = aot_compile(fn, sig, consts, target, warps, stages, aligned=aligned)
     assert compiled.metadata.shared <= _SMEM_LIMIT[target], (
         f"{fn.__name__}: {compiled.metadata.shared} B shared memory > sm_{target} limit")
 

@@ -9,7 +9,7 @@ import torch
 import fastbert
 from fastbert import reference
 from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, assert_fp32_close,
-                           rule_factor)
+                           pointers, rule_factor)
 
 pytest.importorskip("triton")
 from fastbert.triton import layer_norm as ln  # noqa: E402  (after importorskip)
@@ -270,15 +270,18 @@ def test_compiles_ahead_of_time(capability):
                     seed_type = "i64" if has_dropout else "i32"
                     block_n, num_warps = ln._row_config(768)
                     for kernel, signature in kernels:
-                        aot_compile(kernel, signature(dtype, weight_dtype, seed_type),
+                        sig = signature(dtype, weight_dtype, seed_type)
+                        aot_compile(kernel, sig,
                                     {"HAS_RESIDUAL": has_residual, "HAS_DROPOUT": has_dropout,
-                                     "BLOCK_N": block_n}, capability, num_warps)
+                                     "BLOCK_N": block_n}, capability, num_warps,
+                                    aligned=pointers(sig) + ["hidden"])
     # ... and every row width the launcher can pick, with all features on
     for block_n, num_warps in _block_sizes():
         for kernel, signature in kernels:
-            aot_compile(kernel, signature(torch.bfloat16, torch.float32, "i64"),
+            sig = signature(torch.bfloat16, torch.float32, "i64")
+            aot_compile(kernel, sig,
                         {"HAS_RESIDUAL": True, "HAS_DROPOUT": True, "BLOCK_N": block_n},
-                        capability, num_warps)
+                        capability, num_warps, aligned=pointers(sig) + ["hidden"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import fastbert
 from fastbert import reference
 from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, assert_fp32_close,
-                           rule_factor)
+                           pointers, rule_factor)
 
 pytest.importorskip("triton")
 from fastbert.triton import linear_gelu as lg  # noqa: E402  (after importorskip)
@@ -189,15 +189,18 @@ def test_compiles_ahead_of_time(capability):
             # the epilogue flag is independent of the tiles: all tiles with exact GELU, one with tanh
             configs = fitting if approximate == "none" else fitting[:1]
             for config in configs:
-                compiled = aot_compile(lg._linear_bias_gelu_fwd_kernel, _fwd_signature(dtype),
+                sig = _fwd_signature(dtype)
+                compiled = aot_compile(lg._linear_bias_gelu_fwd_kernel, sig,
                                        dict(flags, **config.kwargs), capability, config.num_warps,
-                                       config.num_stages)
+                                       config.num_stages, aligned=pointers(sig) + ["M", "N", "K"])
                 # the pruning's estimate must keep out every config that could not launch
                 assert compiled.metadata.shared <= SHARED_MEMORY[capability], (
                     f"{config}: {compiled.metadata.shared} B shared memory on sm_{capability}")
-            aot_compile(lg._gelu_bwd_dbias_kernel, _bwd_signature(dtype),
+            sig = _bwd_signature(dtype)
+            aot_compile(lg._gelu_bwd_dbias_kernel, sig,
                         {"APPROXIMATE_TANH": approximate == "tanh", "BLOCK_M": lg.BWD_BLOCK_M,
-                         "BLOCK_N": lg.BWD_BLOCK_N}, capability, lg.BWD_NUM_WARPS)
+                         "BLOCK_N": lg.BWD_BLOCK_N}, capability, lg.BWD_NUM_WARPS,
+                        aligned=pointers(sig) + ["M", "N"])
 
 
 # --------------------------------------------------------------------------------------------
