@@ -106,6 +106,31 @@ int64_t max_smem_per_block() {
   return bytes;
 }
 
+// The fields forward and backward share: inputs, output, lse, sizes, scale, masking, dropout.
+template <typename T>
+attn::Params<T> common_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask,
+                              uintptr_t out, uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk,
+                              int64_t H, Strides3 q_st, Strides3 k_st, Strides3 v_st,
+                              Strides3 out_st, bool causal, double scale, double dropout_p,
+                              uint64_t seed) {
+  attn::Params<T> p{};
+  p.q = as_ptr<const T>(q);
+  p.k = as_ptr<const T>(k);
+  p.v = as_ptr<const T>(v);
+  p.mask = as_ptr<const uint8_t>(mask);
+  p.out = as_ptr<T>(out);
+  p.lse = as_ptr<float>(lse);
+  p.q_st = to_strides(q_st);
+  p.k_st = to_strides(k_st);
+  p.v_st = to_strides(v_st);
+  p.out_st = to_strides(out_st);
+  p.B = (int)B, p.H = (int)H, p.Sq = (int)Sq, p.Sk = (int)Sk;
+  p.scale = (float)scale;
+  p.causal = causal;
+  p.dropout = make_dropout(dropout_p, seed);
+  return p;
+}
+
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                        uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                        Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st, bool causal,
@@ -118,21 +143,8 @@ void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, ui
   if (Sq == 0) return;
   dispatch_half(dtype, kOp, [&](auto t) {
     using T = decltype(t);
-    attn::Params<T> p{};
-    p.q = as_ptr<const T>(q);
-    p.k = as_ptr<const T>(k);
-    p.v = as_ptr<const T>(v);
-    p.mask = as_ptr<const uint8_t>(mask);
-    p.out = as_ptr<T>(out);
-    p.lse = as_ptr<float>(lse);
-    p.q_st = to_strides(q_st);
-    p.k_st = to_strides(k_st);
-    p.v_st = to_strides(v_st);
-    p.out_st = to_strides(out_st);
-    p.B = (int)B, p.H = (int)H, p.Sq = (int)Sq, p.Sk = (int)Sk;
-    p.scale = (float)scale;
-    p.causal = causal;
-    p.dropout = make_dropout(dropout_p, seed);
+    const attn::Params<T> p = common_params<T>(q, k, v, mask, out, lse, B, Sq, Sk, H, q_st, k_st,
+                                               v_st, out_st, causal, scale, dropout_p, seed);
     dispatch_head_dim(D, [&](auto d) {
       constexpr int kD = decltype(d)::value;
       dispatch_dropout(dropout_p, [&](auto drop) {
@@ -161,30 +173,17 @@ void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, u
   if (Sq == 0 && Sk == 0) return;
   dispatch_half(dtype, kOp, [&](auto t) {
     using T = decltype(t);
-    attn::Params<T> p{};
-    p.q = as_ptr<const T>(q);
-    p.k = as_ptr<const T>(k);
-    p.v = as_ptr<const T>(v);
-    p.mask = as_ptr<const uint8_t>(mask);
-    p.out = as_ptr<T>(out);
-    p.lse = as_ptr<float>(lse);
+    attn::Params<T> p = common_params<T>(q, k, v, mask, out, lse, B, Sq, Sk, H, q_st, k_st, v_st,
+                                         out_st, causal, scale, dropout_p, seed);
     p.dout = as_ptr<const T>(dout);
     p.dq = as_ptr<T>(dq);
     p.dk = as_ptr<T>(dk);
     p.dv = as_ptr<T>(dv);
     p.delta = as_ptr<float>(delta);
-    p.q_st = to_strides(q_st);
-    p.k_st = to_strides(k_st);
-    p.v_st = to_strides(v_st);
-    p.out_st = to_strides(out_st);
     p.dout_st = to_strides(dout_st);
     p.dq_st = to_strides(dq_st);
     p.dk_st = to_strides(dk_st);
     p.dv_st = to_strides(dv_st);
-    p.B = (int)B, p.H = (int)H, p.Sq = (int)Sq, p.Sk = (int)Sk;
-    p.scale = (float)scale;
-    p.causal = causal;
-    p.dropout = make_dropout(dropout_p, seed);
     cudaStream_t s = as_stream(stream);
     const int64_t rows = B * H * Sq;
     if (rows > 0) {
