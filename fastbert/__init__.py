@@ -2,6 +2,7 @@
 
     import fastbert
     out = fastbert.attention(q, k, v, key_padding_mask)          # (B, S, H, D)
+    out = fastbert.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
     y = fastbert.add_layer_norm(x, residual, weight, bias)
     h = fastbert.linear_bias_gelu(x, weight, bias)
 
@@ -12,6 +13,7 @@ import importlib
 
 from fastbert.ops import (BACKENDS, add_layer_norm, attention, get_backend, linear_bias_gelu,
                           set_backend)
+from fastbert.varlen import attention_varlen
 
 __version__ = "0.1.0"
 
@@ -35,5 +37,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastbert' has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "attention", "add_layer_norm", "linear_bias_gelu", "set_backend",
+__all__ = ["BACKENDS", "attention", "attention_varlen", "add_layer_norm", "linear_bias_gelu", "set_backend",
            "get_backend", "__version__", *_LAZY]

@@ -10,7 +10,9 @@ Shapes: B batch, S sequence, C hidden size, nh heads, hd head dim (C = nh * hd).
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -18,9 +20,14 @@ import torch
 import torch.nn as nn
 
 import fastbert
+from fastbert.padding import (PackedBatch, first_tokens, gather_tokens, pack_mask,
+                              pack_position_ids, positions_in_sequence)
 
 # hidden_act -> linear_bias_gelu's `approximate`
 _GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+_POSITION_TYPES = ("absolute", "sinusoidal")
+# run-time choices, not properties of the checkpoint: never written to config.json
+_RUNTIME_FIELDS = ("unpad",)
 
 
 @dataclass
@@ -45,12 +52,14 @@ class BertConfig:
     classifier_dropout: Optional[float] = None
     num_labels: int = 2  # HF stores it as id2label, which to_dict() writes
     problem_type: Optional[str] = None
+    # Run every layer on the real tokens only (packed), not on padding. False: the padded path.
+    unpad: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.position_embedding_type != "absolute":
-            raise ValueError(f"BertConfig: position_embedding_type expected 'absolute' (the only one "
-                             f"fastbert implements), got {self.position_embedding_type!r}")
+        if self.position_embedding_type not in _POSITION_TYPES:
+            raise ValueError(f"BertConfig: position_embedding_type expected one of "
+                             f"{_POSITION_TYPES}, got {self.position_embedding_type!r}")
         if self.hidden_act not in _GELU_APPROXIMATE:
             raise ValueError(f"BertConfig: hidden_act expected one of {sorted(_GELU_APPROXIMATE)}, "
                              f"got {self.hidden_act!r}")
@@ -80,7 +89,8 @@ class BertConfig:
 
     def to_dict(self) -> dict:
         d = {**self.extra, "model_type": "bert"}
-        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        d.update({f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name not in ("extra", *_RUNTIME_FIELDS)})
         n = d.pop("num_labels")
         if len(d.get("id2label") or {}) != n:  # HF derives num_labels from id2label
             d["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
@@ -111,8 +121,9 @@ class ModelOutput:
 
 @dataclass
 class BertModelOutput(ModelOutput):
-    last_hidden_state: torch.Tensor = None  # (B, S, C)
+    last_hidden_state: torch.Tensor = None  # (B, S, C); (N, C) rows with return_packed
     pooler_output: Optional[torch.Tensor] = None  # (B, C)
+    packed: Optional[PackedBatch] = None  # with return_packed: maps rows to the (B, S) grid
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -136,24 +147,50 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         c = config.hidden_size
         self.word_embeddings = nn.Embedding(config.vocab_size, c, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, c)
+        if config.position_embedding_type == "sinusoidal":  # fixed, not a weight: never saved
+            self.position_embeddings = None
+            self.register_buffer("position_table", sinusoidal_table(
+                config.max_position_embeddings, c), persistent=False)
+        else:
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, c)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, c)
         self.LayerNorm = nn.LayerNorm(c, eps=config.layer_norm_eps)  # parameters only
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # Old HF checkpoints carry these buffers; they are derived from the config, not loaded.
         self._register_load_state_dict_pre_hook(_drop_buffers_from_checkpoint)
 
-    def forward(self, input_ids, token_type_ids=None, position_ids=None):
-        b, s = input_ids.shape
+    def forward(self, input_ids, token_type_ids=None, position_ids=None, max_position=None):
+        """input_ids (B, S), or (T,) packed tokens with their position_ids. max_position: a
+        bound on the positions known without a host sync (default S), for the sinusoidal table."""
         if position_ids is None:
+            s = input_ids.shape[-1]
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)  # (1, S)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-             + self.position_embeddings(position_ids))  # (B, S, C)
+             + self._positions(position_ids, max_position or input_ids.shape[-1]))  # (B, S, C)
         x = fastbert.add_layer_norm(x, None, self.LayerNorm.weight, self.LayerNorm.bias,
                                     self.LayerNorm.eps)
         return self.dropout(x)
+
+    def _positions(self, position_ids, bound: int):
+        if self.position_embeddings is not None:
+            return self.position_embeddings(position_ids)
+        if bound > self.position_table.shape[0]:  # longer than the table: extend it
+            self.position_table = sinusoidal_table(bound, self.position_table.shape[1]).to(
+                self.position_table.device)
+        return nn.functional.embedding(position_ids, self.position_table)
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """(n_positions, dim) fp32: PE(p, 2i) = sin(p / 10000^(2i/dim)), PE(p, 2i+1) = cos(...),
+    computed in fp64 (the original Transformer's fixed positional encoding)."""
+    pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(n_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])
+    return table.float()
 
 
 def _drop_buffers_from_checkpoint(state_dict, prefix, *args):
@@ -192,22 +229,29 @@ class BertLayer(nn.Module):
         self._register_state_dict_hook(_layer_state_dict_to_hf)
         self._register_load_state_dict_pre_hook(_layer_state_dict_from_hf)
 
-    def forward(self, x, attention_mask=None, kv_cache: Optional[dict] = None):
-        """kv_cache: a dict this layer keeps its keys/values in ("k", "v": (B, S_past, nh, hd)).
+    def forward(self, x, attention_mask=None, kv_cache: Optional[dict] = None,
+                packed: Optional[PackedBatch] = None):
+        """x (B, S, C) padded, or (T, C) packed real tokens with `packed` saying where each
+        sequence starts (then every op below sees real tokens only).
+        kv_cache: a dict this layer keeps its keys/values in ("k", "v": (B, S_past, nh, hd)).
         Given one, x holds only the new positions; they attend to the cached ones as well, and the
         cache is extended. attention_mask then covers all S_past + S keys."""
-        b, s, c = x.shape  # (B, S, C)
         training = self.training
-        qkv = self.qkv(x).view(b, s, 3, self.n_head, self.head_dim)  # (B, S, 3, nh, hd)
-        q, k, v = qkv.unbind(2)  # three (B, S, nh, hd) views of one GEMM output, no copies
-        if kv_cache is not None:
-            # causal attention is bottom-right aligned, so the new queries (Sq < Sk) see the cache
-            if "k" in kv_cache:
-                k, v = torch.cat([kv_cache["k"], k], 1), torch.cat([kv_cache["v"], v], 1)
-            kv_cache["k"], kv_cache["v"] = k, v
-        y = fastbert.attention(q, k, v, attention_mask, causal=self.causal,
-                               dropout_p=self.attn_dropout if training else 0.0)
-        y = y.view(b, s, c)  # (B, S, C)
+        dropout_p = self.attn_dropout if training else 0.0
+        qkv = self.qkv(x).view(*x.shape[:-1], 3, self.n_head, self.head_dim)  # (..., 3, nh, hd)
+        q, k, v = qkv.unbind(-3)  # three (..., nh, hd) views of one GEMM output, no copies
+        if packed is not None:  # (T, nh, hd)
+            y = fastbert.attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens,
+                                          packed.max_seqlen, packed.max_seqlen,
+                                          causal=self.causal, dropout_p=dropout_p)
+        else:  # (B, S, nh, hd)
+            if kv_cache is not None:
+                # causal attention is bottom-right aligned: the new queries (Sq < Sk) see the cache
+                if "k" in kv_cache:
+                    k, v = torch.cat([kv_cache["k"], k], 1), torch.cat([kv_cache["v"], v], 1)
+                kv_cache["k"], kv_cache["v"] = k, v
+            y = fastbert.attention(q, k, v, attention_mask, causal=self.causal, dropout_p=dropout_p)
+        y = y.flatten(-2)  # (..., C)
         h = fastbert.add_layer_norm(self.attn_out(y), x, self.attn_norm.weight, self.attn_norm.bias,
                                     self.attn_norm.eps,
                                     dropout_p=self.hidden_dropout if training else 0.0)
@@ -250,8 +294,8 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x):  # (B, S, C) -> (B, C), from the [CLS] token
-        return torch.tanh(self.dense(x[:, 0]))
+    def forward(self, first):  # (B, C), each sequence's [CLS] token -> (B, C)
+        return torch.tanh(self.dense(first))
 
 
 class BertPreTrainedModel(nn.Module):
@@ -290,10 +334,67 @@ class BertModel(BertPreTrainedModel):
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                past_key_values: Optional[list] = None):
+                past_key_values: Optional[list] = None, *, cu_seqlens=None,
+                max_seqlen: Optional[int] = None, unpad: Optional[bool] = None,
+                return_packed: bool = False):
         """input_ids (B, S); attention_mask (B, S) with 1/True for real tokens (HF convention).
+
+        Unpadded (config.unpad, or `unpad=`): the real tokens are packed once after the mask is
+        read (one host sync: their count) and every layer runs on (T, C); the output is repadded
+        to (B, S, C) with zeros at padding, or, with return_packed, left as (T, C) rows with
+        `out.packed` to map them back. Packed input as transformers' DataCollatorWithFlattening
+        makes it -- input_ids (1, T) with position_ids restarting at 0 per sequence -- is taken
+        as it is (one sync: the sequence count), and with explicit cu_seqlens (int32 (B + 1,))
+        and max_seqlen with no host sync at all; its output keeps the (1, T, C) shape.
         past_key_values: one dict per layer (start with empty ones), filled and extended by each
-        call, so a later call passes only the new tokens (see BertLayer; decoders only)."""
+        call, so a later call passes only the new tokens (see BertLayer; decoders only, padded)."""
+        packed = self._pack(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens,
+                            max_seqlen, self.config.unpad if unpad is None else unpad)
+        if packed is None:
+            x, pooled = self._forward_padded(input_ids, attention_mask, token_type_ids,
+                                             position_ids, past_key_values)
+            if return_packed:  # rows of the full grid
+                b, s = input_ids.shape
+                x, packed = x.reshape(b * s, -1), PackedBatch(None, s, None, b, s)
+            return BertModelOutput(last_hidden_state=x, pooler_output=pooled, packed=packed)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        total = packed.indices.numel() if packed.indices is not None else input_ids.numel()
+        if position_ids is None:
+            position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
+                input_ids) if packed.indices is not None
+                else positions_in_sequence(packed.cu_seqlens, total))
+        ids, types, pos = (packed.rows(t) for t in (input_ids, token_type_ids,
+                                                     position_ids.expand_as(input_ids)))  # (T,)
+        x = self.embeddings(ids, types, pos, max_position=input_ids.shape[-1])  # (T, C)
+        for layer in self.encoder.layer:
+            x = layer(x, packed=packed)
+        pooled = self.pooler(first_tokens(x, packed.cu_seqlens)) if self.pooler is not None \
+            else None  # (B, C)
+        if return_packed:
+            return BertModelOutput(last_hidden_state=x, pooler_output=pooled, packed=packed)
+        return BertModelOutput(last_hidden_state=packed.grid(x), pooler_output=pooled)
+
+    def _pack(self, input_ids, attention_mask, position_ids, past_key_values, cu_seqlens,
+              max_seqlen, unpad: bool) -> Optional[PackedBatch]:
+        """How to pack this batch, or None for the padded path."""
+        if cu_seqlens is not None:
+            if input_ids.dim() != 2 or input_ids.shape[0] != 1 or max_seqlen is None:
+                raise ValueError(f"BertModel: with 'cu_seqlens', expected input_ids of shape "
+                                 f"(1, T) and max_seqlen, got input_ids "
+                                 f"{tuple(input_ids.shape)} and max_seqlen={max_seqlen!r}")
+            t = input_ids.shape[1]
+            return PackedBatch(cu_seqlens.to(torch.int32), int(max_seqlen), batch=1, seqlen=t)
+        if not unpad or past_key_values is not None:
+            return None
+        if attention_mask is not None:
+            return pack_mask(attention_mask)
+        if position_ids is not None and input_ids.shape[0] == 1 and position_ids.numel() > 1:
+            return pack_position_ids(position_ids, self.config.max_position_embeddings)
+        return None  # no padding: the padded path computes on real tokens only already
+
+    def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids,
+                        past_key_values):
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
         caches = past_key_values or [None] * len(self.encoder.layer)
@@ -301,8 +402,9 @@ class BertModel(BertPreTrainedModel):
         past = first["k"].shape[1] if "k" in first else 0  # positions already in the cache
         if position_ids is None and past:
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
-        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, S, C)
+        x = self.embeddings(input_ids, token_type_ids, position_ids,
+                            max_position=past + input_ids.shape[1])  # (B, S, C)
         for layer, cache in zip(self.encoder.layer, caches):
             x = layer(x, attention_mask, cache)
-        pooled = self.pooler(x) if self.pooler is not None else None  # (B, C)
-        return BertModelOutput(last_hidden_state=x, pooler_output=pooled)
+        pooled = self.pooler(x[:, 0]) if self.pooler is not None else None  # (B, C)
+        return x, pooled

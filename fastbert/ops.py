@@ -11,11 +11,18 @@ the same six kernel entry points (see `fastbert/triton/__init__.py` and `fastber
         -> (dx, dresidual, dweight, dbias)
     linear_bias_gelu_forward(x, weight, bias, approximate) -> (out, pre)
     linear_bias_gelu_backward(dout, x, weight, pre, approximate) -> (dx, dweight, dbias)
+    attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             causal, dropout_p, scale, seed) -> (out, lse)
+    attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, causal, dropout_p, scale, seed, deterministic)
+        -> (dq, dk, dv)
 
 plus `unsupported(op, **kw) -> str | None` saying why it cannot serve an input. Arguments reach
 them already checked: q/k/v (B, S, H, D) with unit last stride, mask bool (B, Sk) contiguous or
-None, x/residual 2-D contiguous (rows, hidden), seed a Python int. Every tensor they return is
-contiguous (the fake implementations below promise that layout to torch.compile).
+None, x/residual 2-D contiguous (rows, hidden), seed a Python int; varlen q/k/v (total, H, D)
+with unit last stride, cu_seqlens int32 (B + 1,) contiguous, lse (H, total_q) (fastbert/varlen.py
+holds that op). Every tensor they return is contiguous (the fake implementations below promise
+that layout to torch.compile).
 """
 from __future__ import annotations
 

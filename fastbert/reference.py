@@ -58,10 +58,12 @@ def attention_visible(key_padding_mask: Optional[Tensor], causal: bool, b: int, 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
                       causal: bool = False, dropout_p: float = 0.0,
                       softmax_scale: Optional[float] = None, keep_mask: Optional[Tensor] = None,
-                      upcast: bool = True) -> Tuple[Tensor, Tensor]:
+                      upcast: bool = True, visible: Optional[Tensor] = None
+                      ) -> Tuple[Tensor, Tensor]:
     """Returns (out (B, Sq, H, D) in q.dtype, lse (B, H, Sq) fp32).
 
     `keep_mask` (B, H, Sq, Sk) bool is the dropout keep pattern (required when dropout_p > 0).
+    `visible` (B, 1, Sq, Sk) bool, when given, replaces the mask and causal arguments (varlen).
     A query that sees no key gets out = 0 and lse = +inf, so exp(s - lse) = 0 in backward.
     """
     b, sq, h, d = q.shape
@@ -70,7 +72,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
     dt = _compute_dtype(q, upcast)
     qh, kh, vh = (t.transpose(1, 2).to(dt) for t in (q, k, v))  # (B, H, S, D)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
-    visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
+    if visible is None:
+        visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     acc = acc_dtype(q)
@@ -86,8 +89,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        key_padding_mask: Optional[Tensor] = None, causal: bool = False,
                        dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-                       keep_mask: Optional[Tensor] = None, upcast: bool = True
-                       ) -> Tuple[Tensor, Tensor, Tensor]:
+                       keep_mask: Optional[Tensor] = None, upcast: bool = True,
+                       visible: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """FlashAttention's backward: recompute P from lse, then dV, dP, dS = P * (dP - rowsum(dO*O)).
     Returns contiguous (dq, dk, dv) in q.dtype."""
     b, sq, h, d = q.shape
@@ -97,7 +100,8 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     qh, kh, vh, oh, doh = (t.transpose(1, 2).to(dt) for t in (q, k, v, out, dout))
     acc = acc_dtype(q)
     scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * scale
-    visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
+    if visible is None:
+        visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
     probs = torch.exp(scores - lse.unsqueeze(-1))  # lse = +inf on empty rows gives 0
     if visible is not None:
         probs = probs.masked_fill(~visible, 0.0)

@@ -1,0 +1,95 @@
+"""Packing a padded batch into its real tokens and back: the unpadded model's bookkeeping.
+
+    packed = pack_mask(attention_mask)            # once per forward: indices, cu_seqlens, ...
+    x = gather_tokens(x_padded, packed.indices)   # (B, S, ...) -> (T, ...), real tokens only
+    y = scatter_tokens(x, packed)                 # (T, ...) -> (B, S, ...), zeros at padding
+
+Both directions are differentiable (index_select / index_copy). T is the number of real tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class PackedBatch:
+    """Where the real tokens of a (batch, seqlen) grid sit, computed once per forward and shared
+    by every layer (and by backward, through autograd's saved tensors)."""
+    cu_seqlens: Tensor  # (B + 1,) int32: sequence b is packed rows cu[b]:cu[b+1]
+    max_seqlen: int  # an upper bound of every length (no host sync needed to know it)
+    indices: Optional[Tensor] = None  # (T,) int64 flat index b * seqlen + s of each packed token
+    batch: int = 0  # the grid the caller sees: (B, S) padded input, or (1, T) packed input
+    seqlen: int = 0
+
+    def rows(self, t: Tensor) -> Tensor:
+        """(B, S, ...) in the caller's grid -> (N, ...) the rows the model computed on."""
+        flat = t.reshape(-1, *t.shape[2:])
+        return flat if self.indices is None else flat.index_select(0, self.indices)
+
+    def grid(self, t: Tensor) -> Tensor:
+        """(N, ...) computed rows -> (B, S, ...) the caller's grid, zeros at padding."""
+        if self.indices is None:
+            return t.view(self.batch, self.seqlen, *t.shape[1:])
+        return scatter_tokens(t, self)
+
+
+def pack_mask(attention_mask: Tensor) -> PackedBatch:
+    """(B, S) mask, nonzero = real token, any pattern (right or left padding, holes): the tokens of
+    row b, in order, become sequence b. One host sync: the number of real tokens."""
+    b, s = attention_mask.shape
+    real = attention_mask.bool()
+    lengths = real.sum(1, dtype=torch.int32)
+    cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    indices = torch.nonzero(real.flatten()).flatten()
+    return PackedBatch(cu_seqlens, s, indices, b, s)
+
+
+def pack_position_ids(position_ids: Tensor, max_position: int) -> PackedBatch:
+    """(1, T) position ids restarting at 0 per sequence, as transformers'
+    DataCollatorWithFlattening makes them. One host sync: the number of sequences."""
+    pos = position_ids.reshape(-1)
+    first = torch.arange(pos.numel(), device=pos.device) == 0  # a sequence starts at token 0
+    starts = torch.nonzero((pos == 0) | first).flatten().to(torch.int32)
+    total = torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)
+    return PackedBatch(torch.cat([starts, total]), min(pos.numel(), max_position),
+                       batch=1, seqlen=pos.numel())
+
+
+def positions_in_sequence(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(total,) int64: each packed token's position within its sequence, with no host sync."""
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+    return (tokens - cu_seqlens[seq]).long()
+
+
+def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
+    """(B, S, ...) -> (T, ...): the packed rows at flat indices."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+
+
+def scatter_tokens(x: Tensor, packed: PackedBatch) -> Tensor:
+    """(T, ...) -> (B, S, ...), zeros where the grid has padding."""
+    flat = x.new_zeros(packed.batch * packed.seqlen, *x.shape[1:])
+    return flat.index_copy(0, packed.indices, x).view(packed.batch, packed.seqlen, *x.shape[1:])
+
+
+def first_tokens(x: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """(T, C) packed -> (B, C): each sequence's first token (the [CLS]); zeros for an empty one."""
+    starts = cu_seqlens[:-1].long()
+    empty = (cu_seqlens[1:] == cu_seqlens[:-1]).unsqueeze(1)
+    first = x.index_select(0, starts.clamp(max=max(x.shape[0] - 1, 0))) if x.shape[0] else \
+        x.new_zeros(starts.numel(), *x.shape[1:])
+    return first.masked_fill(empty, 0.0)
+
+
+def varlen_to_padded_index(cu_seqlens: Tensor, total: int, max_seqlen: int) -> Tensor:
+    """(total,) int64: the flat index b * max_seqlen + s of each packed token, with no host sync
+    (for kernels that only take a padded layout)."""
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+    return seq * max_seqlen + (tokens - cu_seqlens[seq]).long()

@@ -1,0 +1,260 @@
+"""Variable-length (packed) attention: `fastbert.attention_varlen`, FlashAttention's
+`flash_attn_varlen_func` argument order, on every backend.
+
+q (total_q, H, D), k and v (total_k, H, D): the tokens of B sequences laid end to end, sequence b
+at rows cu_seqlens[b]:cu_seqlens[b + 1]. Nothing is computed on padding, and a length-0 sequence
+costs nothing. The Triton and CUDA backends run packed kernels (fastbert/triton/attention.py,
+fastbert/cuda.py); the torch backend scatters the tokens into a padded (B, max_seqlen) grid once
+and runs its dense path there (ATen's fused CPU attention), which measures faster on CPUs than
+per-sequence calls.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastbert import ops, reference
+from fastbert.padding import varlen_to_padded_index
+
+OP = "fastbert.attention_varlen"
+
+
+# --------------------------------------------------------------------------------------------
+# the torch backend: a padded view of the packed tokens
+# --------------------------------------------------------------------------------------------
+
+def _visible(cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool) -> Tensor:
+    """(B, 1, max_q, max_k) bool: which keys each query of each sequence may see."""
+    len_q = (cu_q[1:] - cu_q[:-1]).view(-1, 1, 1, 1)
+    len_k = (cu_k[1:] - cu_k[:-1]).view(-1, 1, 1, 1)
+    i = torch.arange(max_q, device=cu_q.device).view(1, 1, max_q, 1)
+    j = torch.arange(max_k, device=cu_q.device).view(1, 1, 1, max_k)
+    visible = (j < len_k) & (i < len_q)
+    if causal:  # bottom-right aligned within each sequence
+        visible = visible & (j <= i + (len_k - len_q))
+    return visible
+
+
+def _to_padded(t: Tensor, index: Tensor, batch: int, max_s: int) -> Tensor:
+    """(total, H, D) -> (B, max_s, H, D), zeros at padding."""
+    flat = t.new_zeros(batch * max_s, *t.shape[1:])
+    return flat.index_copy_(0, index, t).view(batch, max_s, *t.shape[1:])
+
+
+def _from_padded(t: Tensor, index: Tensor) -> Tensor:
+    """(B, max_s, H, D) -> (total, H, D)."""
+    return t.reshape(-1, *t.shape[2:]).index_select(0, index)
+
+
+class _TorchVarlen:
+    @staticmethod
+    def _layout(q, k, cu_q, cu_k, max_q, max_k):
+        batch = cu_q.numel() - 1
+        return (batch, varlen_to_padded_index(cu_q, q.shape[0], max_q),
+                varlen_to_padded_index(cu_k, k.shape[0], max_k))
+
+    @staticmethod
+    def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed):
+        batch, idx_q, idx_k = _TorchVarlen._layout(q, k, cu_q, cu_k, max_q, max_k)
+        qp = _to_padded(q, idx_q, batch, max_q)  # (B, max_q, H, D)
+        kp, vp = (_to_padded(t, idx_k, batch, max_k) for t in (k, v))
+        visible = _visible(cu_q, cu_k, max_q, max_k, causal)
+        h = q.shape[1]
+        if ops._TorchBackend._cpu_flash(q, dropout_p):
+            additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+            additive.masked_fill_(~visible, float("-inf"))
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(t.transpose(1, 2) for t in (qp, kp, vp)), attn_mask=additive, scale=scale)
+            out = out.transpose(1, 2)  # (B, max_q, H, D)
+        else:
+            keep = ops._TorchBackend._keep(seed, (batch, h, max_q, max_k), dropout_p, q.device)
+            out, lse = reference.attention_forward(qp, kp, vp, None, False, dropout_p, scale, keep,
+                                                   visible=visible)
+        out = _from_padded(out, idx_q)
+        lse = lse.transpose(0, 1).reshape(h, -1).index_select(1, idx_q)  # (H, total_q)
+        # the contract: zeros and lse = +inf for a query that sees no key
+        empty = ~visible.any(-1).view(batch, max_q).reshape(-1).index_select(0, idx_q)
+        out = out.masked_fill(empty.view(-1, 1, 1), 0.0)
+        lse = lse.masked_fill(empty.view(1, -1), float("inf"))
+        return out.contiguous(), lse.contiguous()
+
+    @staticmethod
+    def attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
+                                  dropout_p, scale, seed, deterministic):
+        batch, idx_q, idx_k = _TorchVarlen._layout(q, k, cu_q, cu_k, max_q, max_k)
+        h = q.shape[1]
+        qp, dop, op = (_to_padded(t, idx_q, batch, max_q) for t in (q, dout, out))
+        kp, vp = (_to_padded(t, idx_k, batch, max_k) for t in (k, v))
+        lse_p = lse.new_full((h, batch * max_q), float("inf")).index_copy_(1, idx_q, lse)
+        lse_p = lse_p.view(h, batch, max_q).transpose(0, 1).contiguous()  # (B, H, max_q)
+        visible = _visible(cu_q, cu_k, max_q, max_k, causal)
+        if ops._TorchBackend._cpu_flash(q, dropout_p):
+            additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+            additive.masked_fill_(~visible, float("-inf"))
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                *(t.transpose(1, 2) for t in (dop, qp, kp, vp, op)), lse_p, 0.0, False,
+                attn_mask=additive, scale=scale)
+            dq, dk, dv = (g.transpose(1, 2) for g in grads)
+        else:
+            keep = ops._TorchBackend._keep(seed, (batch, h, max_q, max_k), dropout_p, q.device)
+            dq, dk, dv = reference.attention_backward(dop, qp, kp, vp, op, lse_p, None, False,
+                                                      dropout_p, scale, keep, visible=visible)
+        return (_from_padded(dq, idx_q).contiguous(), _from_padded(dk, idx_k).contiguous(),
+                _from_padded(dv, idx_k).contiguous())
+
+    @staticmethod
+    def unsupported(op, **kw):
+        return None
+
+
+def _impl(backend: str):
+    return _TorchVarlen if backend == "torch" else ops._backend_module(backend)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops and autograd
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbert::attention_varlen_fwd", mutates_args=())
+def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                max_seqlen_q: int, max_seqlen_k: int, causal: bool, dropout_p: float, scale: float,
+                seed: Optional[Tensor], deterministic: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    out, lse = _impl(backend).attention_varlen_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, dropout_p, scale,
+        ops._seed_int(seed))
+    return out, lse
+
+
+@_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, dropout_p, scale,
+      seed, deterministic, backend):
+    total, h, d = q.shape
+    return q.new_empty(total, h, d), q.new_empty(h, total, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::attention_varlen_bwd", mutates_args=())
+def _varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                causal: bool, dropout_p: float, scale: float, seed: Optional[Tensor],
+                deterministic: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _impl(backend).attention_varlen_backward(
+        dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, causal, dropout_p, scale, ops._seed_int(seed), deterministic)
+    return dq, dk, dv
+
+
+@_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+      dropout_p, scale, seed, deterministic, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed, deterministic,
+     backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.args = (max_q, max_k, causal, dropout_p, scale)
+    ctx.deterministic, ctx.backend = deterministic, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _grad(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    max_q, max_k, causal, dropout_p, scale = ctx.args
+    dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, dropout_p,
+                             scale, seed, ctx.deterministic, ctx.backend)
+    return dq, dk, dv, *([None] * 10)
+
+
+_varlen_fwd.register_autograd(_grad, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# the public op
+# --------------------------------------------------------------------------------------------
+
+def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int, max_seqlen: int,
+                      max_name: str) -> None:
+    ops._expect_tensor(OP, name, cu)
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{OP}: argument '{name}' expected a 1-D tensor (B + 1,), got shape "
+                         f"{tuple(cu.shape)}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{OP}: argument '{name}' expected dtype torch.int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{OP}: argument '{name}' expected to be on {device} like 'q', got "
+                         f"{cu.device}")
+    if cu.device.type != "cpu":
+        return  # its values live on the device: reading them would cost a host sync
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or bool((lengths < 0).any()):
+        raise ValueError(f"{OP}: argument '{name}' expected to start at 0 and never decrease, "
+                         f"got {cu.tolist()}")
+    if int(cu[-1]) != total:
+        raise ValueError(f"{OP}: argument '{name}' expected its last entry to equal the number "
+                         f"of packed tokens ({total}), got {int(cu[-1])}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest > max_seqlen:
+        raise ValueError(f"{OP}: argument '{max_name}' expected >= the longest sequence "
+                         f"({longest}), got {max_seqlen}")
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                     deterministic: bool = False, backend: str = "auto") -> Tensor:
+    """Attention over packed sequences. q (total_q, H, D), k and v (total_k, H, D) -> (total_q, H, D).
+
+    cu_seqlens_* int32 (B + 1,): sequence b is rows cu[b]:cu[b + 1]. max_seqlen_* bound every
+    length (an upper bound is fine, e.g. the padded length: no host sync). causal: local query i
+    sees local keys j <= i + len_k - len_q. A query that sees no key returns zeros.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        ops._expect_tensor(OP, name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{OP}: argument '{name}' expected a 3-D tensor (total, H, D), got "
+                             f"shape {tuple(t.shape)}")
+        ops._expect_float(OP, name, t)
+        ops._expect_same_device(OP, "q", q, name, t)
+    if not (k.dtype == q.dtype and v.dtype == q.dtype):
+        raise TypeError(f"{OP}: arguments 'q', 'k', 'v' expected one dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    total_q, h, d = q.shape
+    total_k = k.shape[0]
+    if tuple(k.shape) != (total_k, h, d) or tuple(v.shape) != (total_k, h, d):
+        raise ValueError(f"{OP}: arguments 'k' and 'v' expected shape (total_k, H={h}, D={d}) "
+                         f"with one total_k, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not 1 <= d <= ops.MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: argument 'q' expected head dim 1..{ops.MAX_HEAD_DIM}, got {d}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{OP}: argument '{name}' expected a non-negative Python int, got "
+                             f"{m!r}")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, total_q, max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, total_k, max_seqlen_k, "max_seqlen_k")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"{OP}: arguments 'cu_seqlens_q' and 'cu_seqlens_k' expected one batch "
+                         f"size, got shapes {tuple(cu_seqlens_q.shape)} and "
+                         f"{tuple(cu_seqlens_k.shape)}")
+    dropout_p = ops._expect_dropout(OP, dropout_p)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) \
+            or softmax_scale <= 0:
+        raise ValueError(f"{OP}: argument 'softmax_scale' expected a finite positive float or "
+                         f"None, got {softmax_scale!r}")
+    cast = ops._autocast_dtype(q.device)
+    if cast is not None and q.dtype != cast:
+        q, k, v = q.to(cast), k.to(cast), v.to(cast)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    chosen = ops.resolve_backend(OP, backend, q.device, dtype=q.dtype, head_dim=d,
+                                 dropout_p=dropout_p, causal=bool(causal))
+    out, _ = _varlen_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                         int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
+                         float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic),
+                         chosen)
+    return out
