@@ -28,6 +28,7 @@ _LAZY = {
     "BertForQuestionAnswering": "fastbert.heads",
     "BertLMHeadModel": "fastbert.heads",
     "patch_hf": "fastbert.hf",
+    "SentenceEncoder": "fastbert.sentence",
 }
 
 
