@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 
 import torch
 from torch import Tensor
@@ -104,3 +105,85 @@ def aot_compile(kernel, signature: dict, constexprs: dict, capability: int, num_
     assert annotated == len(aligned), (
         f"{fn.__name__}: {annotated} of {len(aligned)} alignment attributes reached the TTIR")
     return compiled
+
+
+# --------------------------------------------------------------------------------------------
+# resources of compiled kernels, read from the cubin with the tools Triton ships
+# --------------------------------------------------------------------------------------------
+
+def nvidia_tool(name: str) -> str:
+    """Path of a CUDA binary Triton ships (ptxas, cuobjdump, nvdisasm)."""
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def ptxas_path(capability: int) -> str:
+    """The ptxas Triton itself runs for this target (3.9 uses its CUDA 13 `ptxas-blackwell` from
+    sm_90 on; older releases one ptxas for all)."""
+    from triton.backends.nvidia import compiler
+    get_ptxas = getattr(compiler, "get_ptxas", None)
+    if get_ptxas is None:
+        return nvidia_tool("ptxas")
+    tool = get_ptxas(capability) if inspect.signature(get_ptxas).parameters else get_ptxas()
+    return tool.path
+
+
+def ptxas_version(capability: int) -> str:
+    import subprocess
+    out = subprocess.run([ptxas_path(capability), "--version"], capture_output=True,
+                         text=True).stdout
+    match = re.search(r"release ([\d.]+)", out)
+    return match.group(1) if match else "unknown"
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """{"regs", "stack", "local", "static_shared"} per thread/block, from `cuobjdump -res-usage`."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    assert match, f"unexpected cuobjdump -res-usage output:\n{out}"
+    regs, stack, shared, local = map(int, match.groups())
+    return {"regs": regs, "stack": stack, "local": local, "static_shared": shared}
+
+
+def ptxas_spills(ptx: str, capability: int) -> dict:
+    """{"stack_frame", "spill_stores", "spill_loads"} in bytes from `ptxas -v` on the PTX, with the
+    flags Triton's own ptxas call uses (-lineinfo, and --regAllocOptLevel=2 where ptxas takes it)."""
+    import subprocess
+    import tempfile
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        base = [ptxas_path(capability), "-v", "-lineinfo", f"--gpu-name={arch}", src,
+                "-o", os.path.join(tmp, "kernel.cubin")]
+        run = subprocess.run(base[:1] + ["--regAllocOptLevel=2"] + base[1:],
+                             capture_output=True, text=True)
+        if run.returncode != 0:  # an older ptxas without the option
+            run = subprocess.run(base, capture_output=True, text=True, check=True)
+    log = run.stdout + run.stderr
+    match = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      log)
+    assert match, f"unexpected ptxas -v output:\n{log}"
+    frame, stores, loads = map(int, match.groups())
+    return {"stack_frame": frame, "spill_stores": stores, "spill_loads": loads}
+
+
+def resource_usage(compiled, capability: int) -> dict:
+    """Registers, stack, local memory, spill bytes and shared memory of a triton.compile result.
+
+    Spills live in local memory inside the stack frame, so a kernel with neither stack nor local
+    memory has none and ptxas is not run again; otherwise its spill bytes come from `ptxas -v`."""
+    usage = cubin_resources(compiled.asm["cubin"])
+    usage["spill_stores"] = usage["spill_loads"] = 0
+    if usage["stack"] or usage["local"]:
+        spills = ptxas_spills(compiled.asm["ptx"], capability)
+        usage["spill_stores"], usage["spill_loads"] = spills["spill_stores"], spills["spill_loads"]
+    usage["shared"] = compiled.metadata.shared  # bytes per block, dynamic included
+    return usage

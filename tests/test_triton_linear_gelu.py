@@ -90,6 +90,24 @@ def test_dbias_deterministic():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_pre_activation_without_gradient(dtype):
+    x, weight, bias, _ = make_inputs(17, 40, 33, dtype)
+    with_pre, pre = lg.linear_bias_gelu_forward(x, weight, bias, "none")
+    out, empty = lg.linear_bias_gelu_forward(x, weight, bias, "none", store_pre=False)
+    assert empty.shape == (0, 40) and empty.dtype == dtype and pre.shape == (17, 40)
+    assert torch.equal(out, with_pre)  # the same kernel math, one store fewer
+
+
+def test_autotune_key_is_a_row_bucket():
+    # the key holds a power-of-two bucket of M, not M itself: padded batch shapes share choices
+    assert "M" not in lg._linear_bias_gelu_fwd_kernel.keys
+    assert "M_BUCKET" in lg._linear_bias_gelu_fwd_kernel.keys
+    assert [lg.rows_bucket(m) for m in (0, 1, 3, 4096, 4097, 3 * 1000)] == [1, 1, 4, 4096, 8192,
+                                                                            4096]
+
+
+@pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # sigmoid's exp(-2u) -> inf -> 0
 def test_large_pre_activations_stay_finite():
     # |pre| ~ 100: erf/sigmoid saturate; GELU is ~x or ~0 and its gradient ~1 or ~0, never NaN
@@ -155,7 +173,7 @@ def test_one_config_under_interpreter_several_on_gpu():
 def _fwd_signature(dtype):
     t = TRITON_TYPE[dtype]
     return {"X": f"*{t}", "W": f"*{t}", "BIAS": f"*{t}", "OUT": f"*{t}", "PRE": f"*{t}",
-            "M": "i32", "N": "i32", "K": "i32"}
+            "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
 
 
 def _bwd_signature(dtype):
@@ -184,10 +202,11 @@ def test_compiles_ahead_of_time(capability):
     for dtype in DTYPES:
         element_size = torch.empty(0, dtype=dtype).element_size()
         fitting = lg.configs_that_fit(lg.GPU_CONFIGS, element_size, SHARED_MEMORY[capability])
-        for approximate in APPROXIMATE:
-            flags = lg.forward_constexprs(dtype, approximate)
-            # the epilogue flag is independent of the tiles: all tiles with exact GELU, one with tanh
-            configs = fitting if approximate == "none" else fitting[:1]
+        for approximate, store_pre in (("none", True), ("tanh", True), ("none", False)):
+            flags = lg.forward_constexprs(dtype, approximate, store_pre)
+            # the epilogue flags are independent of the tiles: all tiles with exact GELU, one with
+            # tanh, one without the pre-activation store
+            configs = fitting if approximate == "none" and store_pre else fitting[:1]
             for config in configs:
                 sig = _fwd_signature(dtype)
                 compiled = aot_compile(lg._linear_bias_gelu_fwd_kernel, sig,

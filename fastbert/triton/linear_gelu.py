@@ -3,7 +3,7 @@ dGELU + dbias for backward, and their launchers.
 
 Forward follows Triton tutorial 03 (matmul): (BLOCK_M, BLOCK_N) output tiles, grouped launch order
 so consecutive programs reuse the same weight columns from L2, fp32 accumulation. The epilogue adds
-the bias, applies GELU and writes both the activation and the pre-activation (backward needs it).
+the bias, applies GELU and writes the activation, and the pre-activation when backward will need it.
 
 Backward: one memory-bound Triton pass reads dout and pre once, writes dpre = dout * gelu'(pre)
 and per-program dbias partials (deterministic: fixed rows per program, one torch reduction). The
@@ -31,13 +31,14 @@ def _config(block_m, block_n, block_k, stages, warps, group_m=8):
                           "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
 
 
-# Large 8-warp tiles suit Hopper (wgmma, 227 KB shared memory); the 4-warp, deeper-pipelined ones
-# suit Ampere (163 KB) and small or skinny problems. Configs whose pipeline buffers do not fit a
-# device's shared memory (large fp32 tiles) are pruned before autotuning, see below.
+# The 8-warp 128x128 tile suits Hopper (wgmma, 227 KB shared memory); the 4-warp, deeper-pipelined
+# ones suit Ampere (163 KB) and small or skinny problems. Configs whose pipeline buffers do not fit a
+# device's shared memory (large fp32 tiles) are pruned before autotuning, see below. Left out on
+# purpose: 128x256x64 with 8 warps and 128x128x32 with 4 warps. Their fp32 accumulator plus the
+# two-output epilogue needs over 255 registers a thread: ptxas spills 0.7-0.9 KB per thread on sm_80
+# and sm_90 (tests/test_resources.py reads it from the compiled code and fails on any spill).
 GPU_CONFIGS = [
-    _config(128, 256, 64, stages=3, warps=8),
     _config(128, 128, 64, stages=4, warps=8),
-    _config(128, 128, 32, stages=4, warps=4),
     _config(128, 64, 32, stages=4, warps=4),
     _config(64, 128, 32, stages=4, warps=4),
     _config(64, 64, 32, stages=5, warps=2),
@@ -96,12 +97,20 @@ def _gelu_grad(pre, APPROXIMATE_TANH: tl.constexpr):
         return cdf + pre * pdf
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"],
+def rows_bucket(m: int) -> int:
+    """The autotuning key for M rows: the next power of two, so that a new padded batch shape (or
+    packed token count) reuses the choice made for its bucket instead of autotuning again."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+# M_BUCKET is read only by the autotuner (its key); never specialised, so it adds no variants.
+@triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune_to_shared_memory})
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _linear_bias_gelu_fwd_kernel(
-    X, W, BIAS, OUT, PRE, M, N, K,
-    APPROXIMATE_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    X, W, BIAS, OUT, PRE, M, N, K, M_BUCKET,
+    APPROXIMATE_TANH: tl.constexpr, STORE_PRE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped ordering: GROUP_M row-tiles are swept together, so their shared W tiles stay in L2.
@@ -143,7 +152,8 @@ def _linear_bias_gelu_fwd_kernel(
     out = _gelu(pre, APPROXIMATE_TANH)
     out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(PRE + out_offsets, pre.to(PRE.dtype.element_ty), mask=in_bounds)
+    if STORE_PRE:  # only backward reads it
+        tl.store(PRE + out_offsets, pre.to(PRE.dtype.element_ty), mask=in_bounds)
     tl.store(OUT + out_offsets, out.to(OUT.dtype.element_ty), mask=in_bounds)
 
 
@@ -192,30 +202,34 @@ def unsupported(dtype: torch.dtype, in_features: int, out_features: int) -> Opti
     return None
 
 
-def forward_constexprs(dtype: torch.dtype, approximate: str) -> dict:
+def forward_constexprs(dtype: torch.dtype, approximate: str, store_pre: bool = True) -> dict:
     """The constexpr flags the forward launcher passes for an input dtype (besides the tiles)."""
     return {
         "APPROXIMATE_TANH": approximate == "tanh",
+        "STORE_PRE": store_pre,
         # fp32 inputs: true fp32 products, as torch does with TF32 off (the fp32 ~1e-5 contract).
         "DOT_PRECISION": "ieee",
         "UPCAST_DOT": INTERPRET and dtype == torch.bfloat16,
     }
 
 
-def linear_bias_gelu_forward(x: Tensor, weight: Tensor, bias: Tensor, approximate: str
-                             ) -> Tuple[Tensor, Tensor]:
+def linear_bias_gelu_forward(x: Tensor, weight: Tensor, bias: Tensor, approximate: str,
+                             store_pre: bool = True) -> Tuple[Tensor, Tensor]:
+    """-> (out, pre), both (M, N). With store_pre=False (no gradient will be asked for) the
+    pre-activation is not written and `pre` is an empty (0, N) tensor: an M x N store saved."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    pre = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    pre = torch.empty(m if store_pre else 0, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out, pre
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _linear_bias_gelu_fwd_kernel[grid](x, weight, bias, out, pre, m, n, k,
-                                       **forward_constexprs(x.dtype, approximate))
+    _linear_bias_gelu_fwd_kernel[grid](x, weight, bias, out, pre if store_pre else out,
+                                       m, n, k, rows_bucket(m),
+                                       **forward_constexprs(x.dtype, approximate, store_pre))
     return out, pre
 
 
