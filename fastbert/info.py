@@ -41,7 +41,26 @@ def collect() -> dict:
     from fastbert import cuda
     info["cuda_extension"] = cuda.extension_info()
     info["backends"] = backends
+    info["auto_order"] = auto_order(device)
     return info
+
+
+def auto_order(device: torch.device) -> dict:
+    """{target: {op: [(backend, why)]}}: the order `auto` tries backends in on this device, and
+    on each GPU family when there is no GPU here (what a GPU run would do, and why)."""
+    from fastbert import backend_order
+
+    targets = {}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        targets[f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"] = (device, None)
+    else:
+        targets[f"this machine ({device.type})"] = (device, None)
+        for name, capability in (("sm_90 (Hopper) GPU", (9, 0)), ("sm_80 (Ampere) GPU", (8, 0))):
+            targets[name] = (torch.device("cuda"), capability)
+    return {name: {op: backend_order.order(op, dev, capability=capability)
+                   for op in backend_order.OPS}
+            for name, (dev, capability) in targets.items()}
 
 
 def main() -> int:
@@ -60,6 +79,12 @@ def main() -> int:
     for name, b in info["backends"].items():
         status = "usable here" if b["usable"] else f"not usable here: {b['reason']}"
         print(f"  backend {name:6s} {status}")
+    for target, ops in info["auto_order"].items():
+        print(f"auto tries, on {target}:")
+        for op, order in ops.items():
+            print(f"  {op}: {' > '.join(backend for backend, _ in order)}")
+            for backend, why in order:
+                print(f"    {backend}: {why}")
     return 0
 
 
