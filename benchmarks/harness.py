@@ -6,6 +6,11 @@ returns the function to time, or raises `Unsupported`. The harness probes every 
 (warm-up and compilation happen there, outside the timing), then times all of them in rounds,
 one provider after another, so a clock or thermal drift hits them all alike. Inputs are rotated
 inside each timed function (several input sets cycled), so no provider times on warm caches.
+
+Every ratio is computed round by round (each round times all providers back to back, so a busy
+spell hits both sides of a ratio alike) and reported as the median over rounds with its spread,
+the interquartile range over rounds relative to the median. A ratio whose spread is wider than
+UNSTABLE_PCT is marked unstable: the machine was too busy for that case to be trusted.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from fastbert.info import package_version
+
+# spread (IQR over rounds / median) above which a ratio is reported as unstable
+UNSTABLE_PCT = 10.0
 
 COLUMNS = ["op", "provider", "mode", "shape", "metric", "value", "note", "device", "torch",
            "triton", "transformers", "fastbert", "commit", "date", "suite"]
@@ -54,7 +62,7 @@ class Case:
 class Timing:
     """How long to time each provider per round: on GPU do_bench's warm-up and repetition time
     (ms); on CPU the least time torch.utils.benchmark spends measuring (s)."""
-    rounds: int = 3
+    rounds: int = 5
     warmup_ms: int = 25
     rep_ms: int = 100
     cpu_min_s: float = 0.5
@@ -156,6 +164,23 @@ def peak_memory_gib(fn: Callable[[], Any], device: torch.device) -> Optional[flo
 
 
 # --------------------------------------------------------------------------------------------
+# spread
+# --------------------------------------------------------------------------------------------
+
+def median_and_spread(values: Sequence[float]) -> tuple:
+    """(median, interquartile range as % of the median); one value has no spread (0)."""
+    med = statistics.median(values)
+    if len(values) < 2 or med == 0:
+        return med, 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return med, 100.0 * (q3 - q1) / abs(med)
+
+
+def is_unstable(spread_pct: float) -> bool:
+    return spread_pct > UNSTABLE_PCT
+
+
+# --------------------------------------------------------------------------------------------
 # running a case
 # --------------------------------------------------------------------------------------------
 
@@ -231,9 +256,10 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> List[Dict[str,
     for name in names:
         if name in failed:
             continue
-        ms = statistics.median(samples[name])
+        ms, spread = median_and_spread(samples[name])
         row(name, "status", "ok")
         row(name, "time_ms", ms)
+        row(name, "time_spread_pct", spread)
         seconds = ms / 1e3
         if "flops" in case.work:
             row(name, "tflops", case.work["flops"] / seconds / 1e12)
@@ -250,7 +276,40 @@ def run_case(case: Case, device: torch.device, timing: Timing) -> List[Dict[str,
                 row(name, "peak_mem_gib", mem)
     live.clear()
     _free(device)
+    timed = {name: samples[name] for name in names if name not in failed}
+    for r in speedups(timed, timing.rounds):
+        row(*r)
     return rows
+
+
+def speedups(samples: Dict[str, List[float]], rounds: int) -> List[tuple]:
+    """(provider, metric, value, note) rows: each fastbert provider's speedup over each baseline
+    (baseline time / fastbert time), the median of the per-round ratios, and its spread."""
+    out = []
+    for ours, t_ours in samples.items():
+        if not is_fastbert(ours):
+            continue
+        for base, t_base in samples.items():
+            if is_fastbert(base):
+                continue
+            ratios = [b / a for a, b in zip(t_ours, t_base)]  # rounds where both were timed
+            ratio, spread = median_and_spread(ratios)
+            note = (f"unstable: spread {spread:.0f}% over {len(ratios)} rounds"
+                    if is_unstable(spread) else "")
+            out.append((ours, f"speedup_vs:{base}", ratio, note))
+            out.append((ours, f"speedup_spread_pct_vs:{base}", spread, ""))
+    return out
+
+
+def unstable_speedups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The speedup rows marked unstable."""
+    return [r for r in rows if r["metric"].startswith("speedup_vs:") and r.get("note")]
+
+
+def worst_spread(rows: List[Dict[str, Any]]) -> float:
+    """The widest ratio spread in one case's rows (0 when it has no ratio)."""
+    return max((r["value"] for r in rows if r["metric"].startswith("speedup_spread_pct_vs:")),
+               default=0.0)
 
 
 def add_ceiling_fractions(rows: List[Dict[str, Any]], ceilings: Dict[str, float]) -> None:
@@ -266,24 +325,6 @@ def add_ceiling_fractions(rows: List[Dict[str, Any]], ceilings: Dict[str, float]
             extra.append({**r, "metric": "pct_copy_bw",
                           "value": 100 * r["value"] / ceilings["copy_gbps"]})
     rows.extend(extra)
-
-
-def speedup_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """For each case: every fastbert provider's speedup over every baseline (time ratio)."""
-    times: Dict[tuple, Dict[str, float]] = {}
-    for r in rows:
-        if r["metric"] == "time_ms" and r["op"] != "ceiling":
-            times.setdefault((r["op"], r["mode"], r["shape"]), {})[r["provider"]] = r["value"]
-    out = []
-    for (op, mode, shape), by_provider in times.items():
-        for ours, t_ours in by_provider.items():
-            if not is_fastbert(ours):
-                continue
-            for base, t_base in by_provider.items():
-                if not is_fastbert(base):
-                    out.append(dict(op=op, provider=ours, mode=mode, shape=shape,
-                                    metric=f"speedup_vs:{base}", value=t_base / t_ours))
-    return out
 
 
 def write_csv(path: str, rows: List[Dict[str, Any]], meta: Dict[str, str]) -> None:

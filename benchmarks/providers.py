@@ -168,6 +168,30 @@ def gemm_only():
     return lambda x, w, b: x @ w.t()
 
 
+def _require_onednn() -> None:
+    from fastbert import cpu
+    reason = cpu._private_ops_reason()
+    if reason is not None:
+        raise Unsupported(reason)
+
+
+def linear_onednn(gelu: str):
+    """oneDNN's inner product through fastbert.cpu (weights prepacked once, inference only):
+    gelu "post-op" fuses GELU into the GEMM, "separate" applies F.gelu after it, "none" is the
+    GEMM + bias alone (the oneDNN floor)."""
+    from fastbert import cpu
+    _require_onednn()
+
+    def forward(x, w, b):
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            raise Unsupported("oneDNN prepacked linear is an inference path (fwd only)")
+        if gelu == "post-op":
+            return cpu._run(x, w, b, "gelu", "none", None)
+        y = cpu._run(x, w, b, "none", "", None)
+        return F.gelu(y) if gelu == "separate" else y
+    return forward
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile
 # --------------------------------------------------------------------------------------------
@@ -189,3 +213,99 @@ def compiled(fn: Callable, enabled: bool, why_not: str) -> Callable:
                 setattr(dynamo.config, name, 1024)
         _compile_configured = True
     return torch.compile(fn, dynamic=False)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime: the engine CPU users deploy BERT on
+# --------------------------------------------------------------------------------------------
+
+class _Output:
+    def __init__(self, last_hidden_state: Tensor):
+        self.last_hidden_state = last_hidden_state
+
+
+class OnnxRuntimeBert(torch.nn.Module):
+    """A transformers BertModel exported once to ONNX (torch.onnx.export, at the first call's
+    inputs, batch and sequence axes dynamic) and run by ONNX Runtime's CPU execution provider with
+    every graph optimisation on (ORT_ENABLE_ALL), on torch's thread count. Called like the
+    transformers model: (input_ids=, attention_mask=) -> .last_hidden_state. Inference only."""
+
+    def __init__(self, hf_model: torch.nn.Module):
+        super().__init__()
+        try:
+            import onnxruntime  # noqa: F401
+            import onnx  # noqa: F401  (torch.onnx.export needs it)
+        except ImportError as e:
+            raise Unsupported(f"onnxruntime is not installed ({e}); pip install -e \".[bench]\"")
+        first = next(hf_model.parameters())
+        if first.device.type != "cpu" or first.dtype != torch.float32:
+            raise Unsupported("the ONNX Runtime baseline runs fp32 on CPU only")
+        self.hf_model = hf_model.eval()
+        self.session = None
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise Unsupported("ONNX Runtime is an inference engine (no training step)")
+        return super().train(False)
+
+    def _export(self, ids: Tensor, mask: Tensor) -> None:
+        import os
+        import tempfile
+        import warnings
+
+        import onnxruntime as ort
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask):
+                return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        # the exporter restores the wrapper's train flag afterwards: it must be eval already
+        wrapped = Wrapped(self.hf_model).eval()
+        axes = {0: "batch", 1: "seqlen"}
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporter deprecation and tracer warnings
+            path = os.path.join(tmp, "bert.onnx")
+            kwargs = dict(input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state"], opset_version=17,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                        "last_hidden_state": axes})
+            try:  # the TorchScript exporter: quick, and its graph is what ORT's fusions expect
+                torch.onnx.export(wrapped, (ids, mask), path, dynamo=False, **kwargs)
+            except TypeError:  # a torch without the dynamo argument
+                torch.onnx.export(wrapped, (ids, mask), path, **kwargs)
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            # idle workers would otherwise spin after each call, stealing the cores from the
+            # provider timed next (the providers of a case are interleaved)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        got = self._run(ids, mask)
+        with torch.inference_mode():
+            want = self.hf_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        real = mask.bool()
+        err = (got - want)[real].abs().max().item() if real.any() else 0.0
+        if not err <= 1e-3:
+            raise RuntimeError(f"ONNX Runtime output differs from the torch model by {err:.2e}")
+
+    def _run(self, ids: Tensor, mask: Tensor) -> Tensor:
+        out = self.session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        return torch.from_numpy(out)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> _Output:
+        ids = input_ids.to(torch.int64).contiguous()
+        mask = attention_mask.to(torch.int64).contiguous()
+        if self.session is None:
+            self._export(ids, mask)
+        return _Output(self._run(ids, mask))
+
+
+def onnxruntime_bert(hf_model: torch.nn.Module) -> OnnxRuntimeBert:
+    """The ONNX Runtime provider for a model case: build it from the transformers model the
+    other providers start from (same weights); raises Unsupported when it cannot run here."""
+    return OnnxRuntimeBert(hf_model)

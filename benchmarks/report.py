@@ -5,7 +5,7 @@ import os
 from collections import defaultdict
 from typing import Any, Dict, List
 
-from benchmarks.harness import is_fastbert
+from benchmarks.harness import UNSTABLE_PCT, is_fastbert
 
 OP_ORDER = ["attention", "add_layer_norm", "linear_bias_gelu", "model"]
 
@@ -23,15 +23,32 @@ def _ratio(x: float) -> str:
     return f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"  # two significant digits even when tiny
 
 
+def _cell(ratio: float, spread: float | None) -> str:
+    """'1.23x ±4%', with '!' when the spread marks the ratio unstable."""
+    if spread is None:
+        return _ratio(ratio)
+    return f"{_ratio(ratio)} ±{spread:.0f}%" + ("!" if spread > UNSTABLE_PCT else " ")
+
+
 def ratio_table(rows: List[Dict[str, Any]]) -> str:
-    """Speedup of each fastbert provider over each baseline (baseline time / fastbert time)."""
+    """Speedup of each fastbert provider over each baseline (baseline time / fastbert time), the
+    median over rounds with its spread (IQR over rounds, % of the median)."""
     times = _metric(rows, "time_ms")
+    speed: Dict[tuple, Dict[tuple, float]] = defaultdict(dict)
+    spread: Dict[tuple, Dict[tuple, float]] = defaultdict(dict)
+    for r in rows:
+        key = (r["op"], r["mode"], r["shape"])
+        if r["metric"].startswith("speedup_vs:"):
+            speed[key][(r["provider"], r["metric"].split(":", 1)[1])] = r["value"]
+        elif r["metric"].startswith("speedup_spread_pct_vs:"):
+            spread[key][(r["provider"], r["metric"].split(":", 1)[1])] = r["value"]
     lines = []
     ceilings = {r["mode"]: r for r in rows if r["op"] == "ceiling" and r["metric"] in ("tflops", "gbps")}
     if ceilings:
         parts = [f"{r['mode']} {r['value']:.3g} {'TFLOP/s' if r['metric'] == 'tflops' else 'GB/s'}"
                  f" ({r['shape']})" for r in ceilings.values()]
         lines.append("measured ceilings: " + "; ".join(parts))
+    unstable = total = 0
     for op in OP_ORDER:
         keys = [k for k in times if k[0] == op]
         if not keys:
@@ -43,17 +60,30 @@ def ratio_table(rows: List[Dict[str, Any]]) -> str:
             continue
         label_w = max(len(f"{m} {s}") for _, m, s in keys) + 2
         prov_w = max(len(p) for p in ours) + 2
-        cols = [max(len(b), 6) + 2 for b in baselines]
+        cols = [max(len(b), 13) + 2 for b in baselines]
         lines.append(f"\n{op}: speedup of fastbert over each baseline (>1 = fastbert faster)")
         lines.append(" " * (label_w + prov_w) + "".join(f"{b:>{w}}" for b, w in zip(baselines, cols)))
         for key in keys:
             for p in ours:
                 if p not in times[key]:
                     continue
-                cells = [_ratio(times[key][b] / times[key][p]) if b in times[key] else "-"
-                         for b in baselines]
+                cells = []
+                for b in baselines:
+                    if (p, b) in speed[key]:
+                        sp = spread[key].get((p, b))
+                        cells.append(_cell(speed[key][(p, b)], sp))
+                        total += 1
+                        unstable += sp is not None and sp > UNSTABLE_PCT
+                    elif b in times[key]:  # rows without per-round ratios: medians only
+                        cells.append(_cell(times[key][b] / times[key][p], None))
+                    else:
+                        cells.append("-")
                 lines.append(f"{key[1] + ' ' + key[2]:<{label_w}}{p:<{prov_w}}"
                              + "".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+    if total:
+        lines.append(f"\n±: spread of a ratio, the interquartile range of its per-round values as % "
+                     f"of the median; !: wider than {UNSTABLE_PCT:g} %, unstable (the machine was "
+                     f"busy): {unstable} of {total} ratios")
     not_timed: Dict[tuple, int] = defaultdict(int)
     for r in rows:
         if r["metric"] == "status" and r["value"] != "ok":

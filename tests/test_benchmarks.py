@@ -1,13 +1,14 @@
 """Tier 1: the benchmark suite's CPU path end to end on toy shapes, and its counting formulas."""
 import csv
 import math
+import os
 import time
 
 import pytest
 import torch
 
-from benchmarks import counting, harness
-from benchmarks.__main__ import main, plan
+from benchmarks import counting, harness, report
+from benchmarks.__main__ import DEFAULT_OUT, main, parse_args, plan, repeat_unstable
 from benchmarks.suite import sizes
 
 
@@ -83,15 +84,88 @@ def test_run_case_times_and_reports_failures():
     assert by[("broken", "status")]["note"] == "RuntimeError: kernel exploded"
 
 
-def test_speedups_and_ceiling_fractions():
-    rows = [dict(op="attention", provider=p, mode="fwd", shape="s", metric="time_ms", value=t)
-            for p, t in (("fastbert-triton", 2.0), ("sdpa-flash", 3.0), ("torch-eager", 8.0))]
-    rows.append(dict(op="attention", provider="fastbert-triton", mode="fwd", shape="s",
-                     metric="tflops", value=500.0))
-    speedups = {r["metric"]: r["value"] for r in harness.speedup_rows(rows)}
-    assert speedups == {"speedup_vs:sdpa-flash": 1.5, "speedup_vs:torch-eager": 4.0}
+def test_median_and_spread_by_hand():
+    # inclusive quartiles of 1..5 are 2 and 4: IQR 2 over the median 3
+    assert harness.median_and_spread([5.0, 1.0, 3.0, 2.0, 4.0]) == (3.0, pytest.approx(200 / 3))
+    assert harness.median_and_spread([2.0]) == (2.0, 0.0)
+    assert harness.median_and_spread([2.0, 2.0, 2.0]) == (2.0, 0.0)
+
+
+def test_speedups_are_per_round_ratios_with_spread():
+    # the baseline's rounds drift with the machine; fastbert's move alongside: the paired
+    # per-round ratios stay at 2 with no spread, though each provider's times spread widely
+    samples = {"fastbert-triton": [1.0, 2.0, 4.0], "sdpa-flash": [2.0, 4.0, 8.0],
+               "torch-eager": [3.0, 3.0, 12.0]}
+    rows = {(p, m): (v, note) for p, m, v, note in harness.speedups(samples, 3)}
+    assert rows[("fastbert-triton", "speedup_vs:sdpa-flash")] == (2.0, "")
+    assert rows[("fastbert-triton", "speedup_spread_pct_vs:sdpa-flash")][0] == 0.0
+    # ratios 3, 1.5, 3: median 3, inclusive quartiles 2.25 and 3 -> spread 25 %: unstable
+    value, note = rows[("fastbert-triton", "speedup_vs:torch-eager")]
+    assert value == 3.0 and note == "unstable: spread 25% over 3 rounds"
+    assert rows[("fastbert-triton", "speedup_spread_pct_vs:torch-eager")][0] == pytest.approx(25.0)
+    assert not any(p == "sdpa-flash" for p, _ in rows), "ratios are fastbert over baselines only"
+
+
+def test_ceiling_fractions():
+    rows = [dict(op="attention", provider="fastbert-triton", mode="fwd", shape="s",
+                 metric="tflops", value=500.0)]
     harness.add_ceiling_fractions(rows, {"gemm_tflops": 800.0, "copy_gbps": 3000.0})
     assert [r["value"] for r in rows if r["metric"] == "pct_gemm_peak"] == [62.5]
+
+
+def test_ratio_table_shows_spread_and_marks_unstable():
+    rows = [dict(op="attention", provider=p, mode="fwd", shape="s", metric="time_ms", value=t)
+            for p, t in (("fastbert-torch", 2.0), ("sdpa-math", 3.0), ("torch-eager", 8.0))]
+    rows += [dict(op="attention", provider="fastbert-torch", mode="fwd", shape="s", metric=m,
+                  value=v, note="") for m, v in (("speedup_vs:sdpa-math", 1.5),
+                                                 ("speedup_spread_pct_vs:sdpa-math", 3.2),
+                                                 ("speedup_vs:torch-eager", 4.0),
+                                                 ("speedup_spread_pct_vs:torch-eager", 18.0))]
+    table = report.ratio_table(rows)
+    assert "1.50x ±3% " in table and "4.00x ±18%!" in table
+    assert "unstable (the machine was busy): 1 of 2 ratios" in table
+
+
+def _scripted(times_ms):
+    """A provider whose successive timed rounds take the given times (time_round is patched to
+    return what the timed function returns)."""
+    it = iter(times_ms)
+    return lambda: (lambda: next(it))
+
+
+def test_unstable_cases_are_repeated_while_the_budget_lasts(monkeypatch):
+    monkeypatch.setattr(harness, "time_round", lambda fn, *args: fn())
+    # each run: the probe call, then 4 rounds
+    steady = harness.Case("attention", "fwd", "steady", {
+        "fastbert-x": _scripted([0] + [1, 1, 1, 1] * 3), "base": _scripted([0] + [2, 2, 2, 2] * 3)})
+    # a busy spell in round 3 of the first run: ratios 2, 2, 2/3, 2 -> spread 17 %
+    shaky = harness.Case("attention", "fwd", "shaky", {
+        "fastbert-x": _scripted([0, 1, 1, 3, 1, 0, 1, 1, 1, 1]),
+        "base": _scripted([0, 2, 2, 2, 2, 0, 2, 2, 2, 2])})
+    timing, cpu = harness.Timing(rounds=4), torch.device("cpu")
+    cases = [steady, shaky]
+    case_rows = [harness.run_case(c, cpu, timing) for c in cases]
+    assert [bool(harness.unstable_speedups(rows)) for rows in case_rows] == [False, True]
+    [marked] = harness.unstable_speedups(case_rows[1])
+    assert marked["value"] == 2.0 and marked["note"] == "unstable: spread 17% over 4 rounds"
+    saves = []
+    # a deadline already passed: nothing is repeated
+    assert repeat_unstable(cases, case_rows, cpu, timing, 2, time.monotonic() - 1,
+                           lambda: saves.append(1)) == 0
+    # the shaky case runs once more, steady this time, and that run is kept
+    assert repeat_unstable(cases, case_rows, cpu, timing, 2, None, lambda: saves.append(1)) == 1
+    assert saves == [1]
+    assert not harness.unstable_speedups(case_rows[1])
+    assert {r["note"] for r in case_rows[1] if r["metric"] == "status"} == {"steadiest of 2 runs"}
+    assert harness.worst_spread(case_rows[1]) == 0.0
+
+
+def test_default_out_is_outside_the_package_source():
+    benchmarks_dir = os.path.dirname(os.path.abspath(harness.__file__))
+    repo = os.path.dirname(benchmarks_dir)
+    assert parse_args([]).out == DEFAULT_OUT
+    assert not os.path.abspath(DEFAULT_OUT).startswith(repo + os.sep)
+    assert parse_args(["--out", "benchmarks/results"]).out == "benchmarks/results"
 
 
 def test_plan_only_ops_has_no_model_cases():
@@ -132,6 +206,9 @@ def test_quick_cpu_suite_writes_csv_and_plots(tmp_path, capsys):
             assert set(value(op, provider, "status")) == {"ok"}
             assert all(0 < float(v) < 1e4 for v in value(op, provider, "time_ms"))
         assert all(float(v) > 0 for v in value(op, "fastbert-torch", f"speedup_vs:{baseline}"))
+        assert all(float(v) >= 0 for v in value(op, "fastbert-torch",
+                                                 f"speedup_spread_pct_vs:{baseline}"))
+        assert all(float(v) >= 0 for v in value(op, "fastbert-torch", "time_spread_pct"))
     for mode in ("train", "infer"):
         assert float(value("model", "patch_hf", "tokens_per_s", mode)[0]) > 0
         assert math.isfinite(float(value("model", "fastbert-torch", "mfu_pct", mode)[0]))
@@ -145,4 +222,5 @@ def test_quick_cpu_suite_writes_csv_and_plots(tmp_path, capsys):
     assert len(list(tmp_path.glob("*.png"))) == 3
     printed = capsys.readouterr().out
     assert "speedup of fastbert over each baseline" in printed
+    assert "±: spread of a ratio" in printed
     assert "not timed:" in printed
