@@ -1,6 +1,11 @@
 """BERT's pre-training and fine-tuning heads, with Hugging Face's class names, output fields, loss
 conventions (label -100 is ignored) and parameter names.
 
+The heads work on the rows the encoder computed (real tokens only when it runs unpadded) and put
+per-token outputs back on the caller's (B, S) grid, zeros at padding. The MLM and LM heads, given
+labels and `return_logits=False`, run the vocabulary decoder only where a label is set (15 % of
+tokens in pre-training): the loss is the same, the largest GEMM of the step shrinks ~7x.
+
 Shapes: B batch, S sequence, C hidden size, V vocabulary.
 """
 from __future__ import annotations
@@ -97,6 +102,20 @@ def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
                            ignore_index=ignore_index)
 
 
+def _token_logits(head: nn.Module, out, labels: Optional[Tensor], return_logits: bool):
+    """(logits on the (B, S) grid or None, loss or None) of a per-token vocabulary head over the
+    encoder's rows `out.last_hidden_state` (N, C). Without logits wanted, only labelled rows run."""
+    rows, packed = out.last_hidden_state, out.packed
+    row_labels = packed.rows(labels) if labels is not None else None  # (N,)
+    if row_labels is not None and not return_logits:
+        chosen = torch.nonzero(row_labels != -100).flatten()  # one host sync: the label count
+        return None, _cross_entropy(head(rows.index_select(0, chosen)),
+                                    row_labels.index_select(0, chosen))
+    logits = head(rows)  # (N, V)
+    loss = _cross_entropy(logits, row_labels) if row_labels is not None else None
+    return packed.grid(logits), loss
+
+
 # --------------------------------------------------------------------------------------------
 # the heads
 # --------------------------------------------------------------------------------------------
@@ -112,14 +131,18 @@ class BertForPreTraining(BertPreTrainedModel):
             seq_relationship=_linear(config, config.hidden_size, 2)))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, next_sentence_label=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
-        prediction_logits = self.cls["predictions"](out.last_hidden_state)  # (B, S, V)
+                labels=None, next_sentence_label=None, return_logits: bool = True, **packing):
+        """return_logits=False: no prediction_logits, the MLM head runs at labelled positions
+        only (the loss is unchanged). packing: cu_seqlens/max_seqlen/unpad, see BertModel."""
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        return_packed=True, **packing)
         seq_relationship_logits = self.cls["seq_relationship"](out.pooler_output)  # (B, 2)
+        mlm_labels = labels if next_sentence_label is not None else None
+        prediction_logits, mlm_loss = _token_logits(self.cls["predictions"], out, mlm_labels,
+                                                    return_logits)  # (B, S, V)
         loss = None
-        if labels is not None and next_sentence_label is not None:
-            loss = (_cross_entropy(prediction_logits, labels)
-                    + _cross_entropy(seq_relationship_logits, next_sentence_label))
+        if mlm_loss is not None:
+            loss = mlm_loss + _cross_entropy(seq_relationship_logits, next_sentence_label)
         return BertForPreTrainingOutput(loss, prediction_logits, seq_relationship_logits)
 
 
@@ -131,11 +154,11 @@ class BertForMaskedLM(BertPreTrainedModel):
             predictions=BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
-        logits = self.cls["predictions"](out.last_hidden_state)  # (B, S, V)
-        loss = _cross_entropy(logits, labels) if labels is not None else None
-        return MaskedLMOutput(loss, logits)
+                labels=None, return_logits: bool = True, **packing):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        return_packed=True, **packing)
+        logits, loss = _token_logits(self.cls["predictions"], out, labels, return_logits)
+        return MaskedLMOutput(loss, logits)  # logits (B, S, V)
 
 
 class BertForNextSentencePrediction(BertPreTrainedModel):
@@ -145,8 +168,9 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         self.cls = nn.ModuleDict(dict(seq_relationship=_linear(config, config.hidden_size, 2)))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+                labels=None, **packing):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        return_packed=True, **packing)
         logits = self.cls["seq_relationship"](out.pooler_output)  # (B, 2)
         loss = _cross_entropy(logits, labels) if labels is not None else None
         return NextSentencePredictorOutput(loss, logits)
@@ -166,8 +190,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.classifier = _linear(config, config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+                labels=None, **packing):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        return_packed=True, **packing)
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -204,9 +229,10 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.qa_outputs = _linear(config, config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                start_positions=None, end_positions=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
-        logits = self.qa_outputs(out.last_hidden_state)  # (B, S, num_labels)
+                start_positions=None, end_positions=None, **packing):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        return_packed=True, **packing)
+        logits = out.packed.grid(self.qa_outputs(out.last_hidden_state))  # (B, S, num_labels)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -231,14 +257,14 @@ class BertLMHeadModel(BertPreTrainedModel):
             predictions=BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, past_key_values=None):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, past_key_values)
-        logits = self.cls["predictions"](out.last_hidden_state)  # (B, S, V)
-        loss = None
-        if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, S): the next token
-            loss = _cross_entropy(logits, shifted)
-        return CausalLMOutput(loss, logits)
+                labels=None, past_key_values=None, return_logits: bool = True, **packing):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, past_key_values,
+                        return_packed=True, **packing)
+        # packed input (1, T): the collator's labels are -100 at each sequence's first token, so
+        # the shift never predicts across a sequence boundary
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:] if labels is not None else None
+        logits, loss = _token_logits(self.cls["predictions"], out, shifted, return_logits)
+        return CausalLMOutput(loss, logits)  # logits (B, S, V)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, eos_token_id: Optional[int] = None,

@@ -298,6 +298,14 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(first))
 
 
+def _can_pack_data_dependent() -> bool:
+    """Packing a padded batch makes the token count a data-dependent shape: torch.compile traces
+    it only when told to capture such ops; otherwise the compiled model runs padded."""
+    if not torch.compiler.is_compiling():
+        return True
+    return bool(torch._dynamo.config.capture_dynamic_output_shape_ops)
+
+
 class BertPreTrainedModel(nn.Module):
     """Common base: the config and Hugging Face checkpoint I/O (see fastbert/hf.py)."""
 
@@ -385,7 +393,7 @@ class BertModel(BertPreTrainedModel):
                                  f"{tuple(input_ids.shape)} and max_seqlen={max_seqlen!r}")
             t = input_ids.shape[1]
             return PackedBatch(cu_seqlens.to(torch.int32), int(max_seqlen), batch=1, seqlen=t)
-        if not unpad or past_key_values is not None:
+        if not unpad or past_key_values is not None or not _can_pack_data_dependent():
             return None
         if attention_mask is not None:
             return pack_mask(attention_mask)

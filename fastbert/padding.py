@@ -82,9 +82,8 @@ def first_tokens(x: Tensor, cu_seqlens: Tensor) -> Tensor:
     """(T, C) packed -> (B, C): each sequence's first token (the [CLS]); zeros for an empty one."""
     starts = cu_seqlens[:-1].long()
     empty = (cu_seqlens[1:] == cu_seqlens[:-1]).unsqueeze(1)
-    first = x.index_select(0, starts.clamp(max=max(x.shape[0] - 1, 0))) if x.shape[0] else \
-        x.new_zeros(starts.numel(), *x.shape[1:])
-    return first.masked_fill(empty, 0.0)
+    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # an empty last sequence reads row T
+    return padded.index_select(0, starts).masked_fill(empty, 0.0)
 
 
 def varlen_to_padded_index(cu_seqlens: Tensor, total: int, max_seqlen: int) -> Tensor:

@@ -83,15 +83,21 @@ def make_inputs(config: BertConfig, head: str, num_labels: int = 2, label_kind: 
     return inputs
 
 
+PER_TOKEN = ("last_hidden_state", "logits", "prediction_logits", "start_logits", "end_logits")
+
+
 def run(model, inputs, head):
-    """Forward + backward; returns (tensor outputs by field name, grads by HF parameter name)."""
+    """Forward + backward; returns (tensor outputs by field name, grads by HF parameter name).
+    Per-token outputs are compared at real tokens only: what a model computes at padding is not
+    an output (fastbert's unpadded path gives zeros there, transformers computes on padding)."""
     model.zero_grad()
     out = model(**inputs)
+    real = inputs["attention_mask"].bool()
     if head == "BertModel":  # no loss: backprop a fixed random projection of both outputs
         g = torch.Generator().manual_seed(1)
-        loss = (out.last_hidden_state * torch.randn(out.last_hidden_state.shape, generator=g,
-                                                    dtype=out.last_hidden_state.dtype)).sum() \
-            + out.pooler_output.sum()
+        weights = torch.randn(out.last_hidden_state.shape, generator=g,
+                              dtype=out.last_hidden_state.dtype) * real.unsqueeze(-1)
+        loss = (out.last_hidden_state * weights).sum() + out.pooler_output.sum()
         fields = dict(last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output)
     else:
         loss = out.loss
@@ -99,6 +105,8 @@ def run(model, inputs, head):
                                                 "seq_relationship_logits", "start_logits",
                                                 "end_logits") if getattr(out, k, None) is not None}
     loss.backward()
+    fields = {k: (v[real] if k in PER_TOKEN and v.dim() >= 2 and v.shape[:2] == real.shape else v)
+              for k, v in fields.items()}
     return {k: v.detach() for k, v in fields.items()}, grads_by_hf_name(model)
 
 
@@ -131,12 +139,18 @@ def assert_agree(ours, hf_model, inputs, head, check_grads=True):
 # every head vs transformers
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("unpad", [True, False])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("head", HEADS)
-def test_head_matches_transformers(head, config_name):
-    ours, hf_model = make_pair(head, config_name)
+def test_head_matches_transformers(head, config_name, unpad):
+    ours, hf_model = make_pair(head, config_name, unpad=unpad)
     assert list(ours.state_dict()) == list(hf_model.state_dict())  # same keys, same order
-    assert_agree(ours, hf_model, make_inputs(ours.config, head), head)
+    inputs = make_inputs(ours.config, head)
+    if head == "BertForQuestionAnswering" and unpad:
+        # transformers' span loss normalises over padding positions too (logits computed on
+        # padding tokens): the loss and its gradients agree on batches without padding
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    assert_agree(ours, hf_model, inputs, head)
 
 
 def test_is_decoder_makes_the_base_model_causal_as_in_transformers():
@@ -187,8 +201,10 @@ def test_save_pretrained_loads_in_transformers(head, tmp_path):
     got = ours(**inputs).to_tuple()
     plain = loaded.eval()(**inputs).to_tuple()
     exact = copy.deepcopy(loaded).double()(**inputs).to_tuple()
-    for i, g in enumerate(got):  # our fields first, in transformers' order
-        assert_close_by_rule(g, plain[i], exact[i], name=f"{head} output {i}")
+    real = inputs["attention_mask"].bool()
+    for i, g in enumerate(got):  # our fields first, in transformers' order; real tokens only
+        pick = (lambda t: t[real]) if g.shape[:2] == real.shape else (lambda t: t)
+        assert_close_by_rule(pick(g), pick(plain[i]), pick(exact[i]), name=f"{head} output {i}")
     again = getattr(fastbert, head).from_pretrained(str(tmp_path))
     assert again.config.to_dict() == ours.config.to_dict()
     for k, v in again.state_dict().items():
@@ -267,9 +283,11 @@ def test_all_minilm_l6_v2_matches_transformers(monkeypatch, recwarn):
         got = ours(ids, attention_mask=mask)
         plain = hf_model(input_ids=ids, attention_mask=mask)
         exact = copy.deepcopy(hf_model).double()(input_ids=ids, attention_mask=mask)
-    for name in ("last_hidden_state", "pooler_output"):
-        assert_close_by_rule(getattr(got, name), getattr(plain, name), getattr(exact, name),
-                             name=f"MiniLM {name}")
+    real = mask.bool()  # hidden states at real tokens (fastbert's are zero at padding)
+    assert_close_by_rule(got.last_hidden_state[real], plain.last_hidden_state[real],
+                         exact.last_hidden_state[real], name="MiniLM last_hidden_state")
+    assert_close_by_rule(got.pooler_output, plain.pooler_output, exact.pooler_output,
+                         name="MiniLM pooler_output")
 
 
 # --------------------------------------------------------------------------------------------
