@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -457,3 +458,17 @@ def load_embeddings(path) -> Tuple[torch.Tensor, List[str], List[int]]:
         raise ValueError(f"embeddings {path}: {embeddings.shape[0]} rows, but {rows} lists "
                          f"{len(records)} texts")
     return embeddings, [r["text"] for r in records], [r["line"] for r in records]
+
+
+# a sentence ends after . ! or ? (and closing quotes/brackets) where an upper-case letter, a digit
+# or an opening quote follows
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def split_sentences(text: str) -> List[str]:
+    """A plain rule-based splitter for news-like text: paragraphs at line breaks, then sentences
+    at _SENTENCE_END. Not a linguistic tokenizer (abbreviations such as "Dr. No" split)."""
+    out = []
+    for paragraph in text.splitlines():
+        out += [s.strip() for s in _SENTENCE_END.split(paragraph) if s.strip()]
+    return out
