@@ -38,10 +38,10 @@ def _hf_model(model, device, dtype, attn_implementation):
     return hf
 
 
-def _fastbert_model(model, device, dtype):
+def _fastbert_model(model, device, dtype, unpad=True):
     import fastbert
     with torch.device(device):
-        fb = fastbert.BertModel(fastbert.BertConfig(**MODELS[model])).to(dtype)
+        fb = fastbert.BertModel(fastbert.BertConfig(**MODELS[model], unpad=unpad)).to(dtype)
     fb.load_state_dict(_reference_weights(model, device, dtype))
     return fb
 
@@ -86,9 +86,13 @@ def model_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: 
                           "compiling takes minutes; pass --compile)")
         return torch.compile(_hf_model(model, device, dtype, "sdpa"))
 
-    def fastbert_model(backend):
+    def fastbert_model(backend, unpad=True):
         require_fastbert(backend)
-        return _fastbert_model(model, device, dtype)
+        return _fastbert_model(model, device, dtype, unpad)
+
+    def onnxruntime():
+        from benchmarks.providers import onnxruntime_bert
+        return onnxruntime_bert(_hf_model(model, device, dtype, "eager"))
 
     def patched():
         import fastbert
@@ -101,17 +105,24 @@ def model_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: 
     }
     # "auto" is what a user gets by default (the CUDA kernels where they serve the input, Triton
     # elsewhere); "triton" pins everything to the Triton kernels
+    # fastbert runs unpadded (real tokens only); "-padded" is the same model computing on padding
     for b in (["auto", "triton"] if device.type == "cuda" else ["torch"]):
         providers[f"fastbert-{b}"] = provider(functools.partial(fastbert_model, b), backend=b)
+        providers[f"fastbert-{b}-padded"] = provider(
+            functools.partial(fastbert_model, b, unpad=False), backend=b)
     providers["patch_hf"] = provider(patched, backend="auto")
+    if device.type == "cpu" and mode == "infer":
+        providers["onnxruntime"] = provider(onnxruntime)
 
     layers = MODELS[model]
     flops = counting.bert_flops(lengths, layers=layers["num_hidden_layers"], hidden=hidden,
                                 intermediate=layers["intermediate_size"],
                                 mode="fwd" if mode == "infer" else "fwd+bwd")
+    padding = 1.0 - sum(lengths) / (batch * seqlen)
     return Case("model", mode, f"{model} B{batch} S{seqlen}", providers,
                 work={"flops": flops, "tokens": float(sum(lengths))},
-                params=dict(model=model, seqlen=seqlen), measure_memory=True,
+                params=dict(model=model, seqlen=seqlen, padding=round(padding, 3)),
+                measure_memory=True,
                 gpu_rep_scale=8.0)  # a BERT step takes 10-100 ms: enough calls per round
 
 

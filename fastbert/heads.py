@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastbert
-from fastbert.model import BertConfig, BertModel, BertPreTrainedModel, ModelOutput, init_weights
+from fastbert.model import (BertConfig, BertModel, BertPreTrainedModel, ModelOutput, init_weights,
+                            linear)
 
 Tensor = torch.Tensor
 
@@ -88,7 +89,7 @@ class BertLMPredictionHead(nn.Module):
         dense, norm = self.transform["dense"], self.transform["LayerNorm"]
         x = fastbert.linear_bias_gelu(x, dense.weight, dense.bias, approximate=self.gelu_approximate)
         x = fastbert.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
-        return self.decoder(x)
+        return linear(x, self.decoder)
 
 
 def _linear(config: BertConfig, n_in: int, n_out: int) -> nn.Linear:

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 import fastbert
-from fastbert.model import _GELU_APPROXIMATE, BertConfig
+from fastbert.model import _GELU_APPROXIMATE, BertConfig, _can_pack_data_dependent
+from fastbert.padding import pack_mask
 
 # Checkpoint keys that are aliases of tied parameters (the MLM decoder is the word embeddings, its
 # bias is cls.predictions.bias): transformers may leave them out of the files it writes.
@@ -162,6 +163,45 @@ def _layer_norm_forward(self, x):
     return fastbert.add_layer_norm(x, None, self.weight, self.bias, self.eps)
 
 
+def _packed_layer(layer, x, packed):
+    """One transformers BertLayer on packed real tokens x (T, C), through its own (patched)
+    submodules: projections, attention_varlen, add+LayerNorm, FFN."""
+    sa = layer.attention.self
+    t, d = x.shape[0], sa.attention_head_size
+    q, k, v = (proj(x).view(t, -1, d) for proj in (sa.query, sa.key, sa.value))  # (T, nh, hd)
+    y = fastbert.attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens,
+                                  packed.max_seqlen, packed.max_seqlen,
+                                  causal=bool(getattr(sa, "is_causal", False)),
+                                  dropout_p=sa.dropout.p if sa.training else 0.0,
+                                  softmax_scale=getattr(sa, "scaling", d ** -0.5))
+    h = layer.attention.output(y.reshape(t, -1), x)  # (T, C)
+    return layer.output(layer.intermediate(h), h)
+
+
+def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                     encoder_attention_mask=None, cache=None, use_cache=None, **kwargs):
+    """BertEncoder.forward, unpadded: the real tokens are packed once (from the mask the model
+    hands its layers), every layer runs on them, and the output is repadded with zeros. What
+    the packed path does not cover (a cache, cross-attention, per-layer outputs requested, no
+    padding at all) runs the original, padded loop over the patched layers."""
+    cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+    wants_layers = any(kwargs.get(f, getattr(self.config, f, False))
+                       for f in ("output_hidden_states", "output_attentions"))
+    mask = _key_padding_mask(attention_mask)
+    if (mask is None or cache is not None or use_cache or encoder_hidden_states is not None
+            or wants_layers or mask.shape != hidden_states.shape[:2]
+            or not _can_pack_data_dependent()):
+        return type(self).__mro__[1].forward(
+            self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+            cache=cache, use_cache=use_cache, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+    packed = pack_mask(mask)
+    x = packed.rows(hidden_states)  # (T, C)
+    for layer in self.layer:
+        x = _packed_layer(layer, x, packed)
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=packed.grid(x))
+
+
 _patched_classes: dict = {}
 
 
@@ -173,11 +213,17 @@ def _patch(module: nn.Module, forward) -> None:
     module.__class__ = _patched_classes[base]
 
 
-def patch_hf(model: nn.Module) -> nn.Module:
+def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
     """Run a transformers BERT (BertModel or any Bert* head) on fastbert's ops, in place: its
     self-attention on fastbert.attention, every residual+LayerNorm on fastbert.add_layer_norm, the
     FFN's first Linear+GELU on fastbert.linear_bias_gelu. The Parameter objects stay the same, so
     an optimizer made before patching keeps training the model. Returns the model.
+
+    unpad: the encoder runs on the real tokens only (packed once per forward, attention by
+    fastbert.attention_varlen) and repads its output with zeros, so hidden states at padding
+    positions are zeros instead of values computed from padding tokens; outputs at real tokens
+    are unchanged. (A span-QA loss, which transformers normalises over every position padding
+    included, then sees the classifier's bias at padding.)
 
     The self-attention patch follows the transformers >= 5 module interface; on older versions the
     attention is left as it is (with a warning) and the rest is patched."""
@@ -202,4 +248,6 @@ def patch_hf(model: nn.Module) -> nn.Module:
             _patch(module, _intermediate_forward)
         elif kind is nn.LayerNorm and module.elementwise_affine and module.bias is not None:
             _patch(module, _layer_norm_forward)
+        elif kind is hf_bert.BertEncoder and new_attention_api and unpad:
+            _patch(module, _encoder_forward)
     return model

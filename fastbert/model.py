@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import fastbert
+from fastbert import cpu
 from fastbert.padding import (PackedBatch, first_tokens, gather_tokens, pack_mask,
                               pack_position_ids, positions_in_sequence)
 
@@ -124,6 +125,15 @@ class BertModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor = None  # (B, S, C); (N, C) rows with return_packed
     pooler_output: Optional[torch.Tensor] = None  # (B, C)
     packed: Optional[PackedBatch] = None  # with return_packed: maps rows to the (B, S) grid
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x); CPU inference takes oneDNN's GEMM on a prepacked weight (fastbert/cpu.py: ~2x
+    MKL's F.linear on AMD CPUs)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if cpu.should_use(x2, layer.weight, layer.bias):
+        return cpu.linear(x2, layer.weight, layer.bias).view(*x.shape[:-1], -1)
+    return layer(x)
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -238,8 +248,8 @@ class BertLayer(nn.Module):
         cache is extended. attention_mask then covers all S_past + S keys."""
         training = self.training
         dropout_p = self.attn_dropout if training else 0.0
-        qkv = self.qkv(x).view(*x.shape[:-1], 3, self.n_head, self.head_dim)  # (..., 3, nh, hd)
-        q, k, v = qkv.unbind(-3)  # three (..., nh, hd) views of one GEMM output, no copies
+        qkv = linear(x, self.qkv).view(*x.shape[:-1], 3, self.n_head, self.head_dim)
+        q, k, v = qkv.unbind(-3)  # (..., 3, nh, hd) -> three (..., nh, hd) views, no copies
         if packed is not None:  # (T, nh, hd)
             y = fastbert.attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens,
                                           packed.max_seqlen, packed.max_seqlen,
@@ -252,13 +262,13 @@ class BertLayer(nn.Module):
                 kv_cache["k"], kv_cache["v"] = k, v
             y = fastbert.attention(q, k, v, attention_mask, causal=self.causal, dropout_p=dropout_p)
         y = y.flatten(-2)  # (..., C)
-        h = fastbert.add_layer_norm(self.attn_out(y), x, self.attn_norm.weight, self.attn_norm.bias,
-                                    self.attn_norm.eps,
+        h = fastbert.add_layer_norm(linear(y, self.attn_out), x, self.attn_norm.weight,
+                                    self.attn_norm.bias, self.attn_norm.eps,
                                     dropout_p=self.hidden_dropout if training else 0.0)
         f = fastbert.linear_bias_gelu(h, self.ffn_in.weight, self.ffn_in.bias,
                                       approximate=self.gelu_approximate)  # (B, S, intermediate_size)
-        return fastbert.add_layer_norm(self.ffn_out(f), h, self.ffn_norm.weight, self.ffn_norm.bias,
-                                       self.ffn_norm.eps,
+        return fastbert.add_layer_norm(linear(f, self.ffn_out), h, self.ffn_norm.weight,
+                                       self.ffn_norm.bias, self.ffn_norm.eps,
                                        dropout_p=self.hidden_dropout if training else 0.0)
 
 
@@ -295,7 +305,7 @@ class BertPooler(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, first):  # (B, C), each sequence's [CLS] token -> (B, C)
-        return torch.tanh(self.dense(first))
+        return torch.tanh(linear(first, self.dense))
 
 
 def _can_pack_data_dependent() -> bool:

@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastbert import reference
+from fastbert import cpu, reference
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
@@ -562,6 +562,9 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
     n, k = weight.shape
     chosen = resolve_backend(op, backend, x.device, dtype=x.dtype, in_features=k, out_features=n)
     lead = x.shape[:-1]
+    if chosen == "torch" and cpu.should_use(x.reshape(-1, k), weight, bias):
+        # CPU inference: oneDNN GEMM on a prepacked weight with GELU as its post-op
+        return cpu.linear_gelu(x.reshape(-1, k), weight, bias, approximate).view(*lead, n)
     out, _ = _linear_bias_gelu_fwd(x.reshape(-1, k).contiguous(), weight.contiguous(),
                                    bias.contiguous(), approximate, chosen)
     return out.view(*lead, n)

@@ -296,20 +296,28 @@ def test_all_minilm_l6_v2_matches_transformers(monkeypatch, recwarn):
 
 @pytest.mark.parametrize("head", ["BertModel", "BertForPreTraining", "BertLMHeadModel",
                                   "BertForQuestionAnswering"])
-def test_patch_hf_keeps_parameters_and_outputs(head, monkeypatch):
+@pytest.mark.parametrize("unpad", [True, False])
+def test_patch_hf_keeps_parameters_and_outputs(head, unpad, monkeypatch):
     config_name = "gelu_new" if head == "BertForQuestionAnswering" else "gelu"
     _, hf_model = make_pair(head, config_name)
     patched = copy.deepcopy(hf_model)
     params = {n: p for n, p in patched.named_parameters()}
-    assert fastbert.patch_hf(patched) is patched
+    assert fastbert.patch_hf(patched, unpad=unpad) is patched
     assert all(params[n] is p for n, p in patched.named_parameters())  # same Parameter objects
-    calls = {"attention": 0, "add_layer_norm": 0, "linear_bias_gelu": 0}
+    calls = {"attention": 0, "attention_varlen": 0, "add_layer_norm": 0, "linear_bias_gelu": 0}
     for op in calls:
         real = getattr(fastbert, op)
         monkeypatch.setattr(fastbert, op, _counting(real, calls, op))
-    assert_agree(patched, hf_model, make_inputs(BertConfig(**CONFIGS[config_name]), head), head)
+    inputs = make_inputs(BertConfig(**CONFIGS[config_name]), head)
+    if head == "BertForQuestionAnswering" and unpad:  # see test_head_matches_transformers
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    assert_agree(patched, hf_model, inputs, head)
     layers = hf_model.config.num_hidden_layers
-    assert calls["attention"] == layers and calls["linear_bias_gelu"] == layers
+    # unpadded, every layer runs the packed attention (a batch without padding stays padded)
+    packed = unpad and not bool(inputs["attention_mask"].all())
+    assert calls["attention_varlen" if packed else "attention"] == layers
+    assert calls["attention" if packed else "attention_varlen"] == 0
+    assert calls["linear_bias_gelu"] == layers
     assert calls["add_layer_norm"] >= 2 * layers + 1  # per layer two, plus the embeddings
 
 
@@ -324,7 +332,8 @@ def test_patch_hf_reads_sdpa_masks(head):
         with torch.no_grad():
             got, plain = patched(**x).to_tuple()[0], hf_model(**x).to_tuple()[0]
             exact = copy.deepcopy(hf_model).double()(**x).to_tuple()[0]
-        assert_close_by_rule(got, plain, exact, name=f"{head} sdpa {keep}")
+        real = x["attention_mask"].bool() if "attention_mask" in x else slice(None)
+        assert_close_by_rule(got[real], plain[real], exact[real], name=f"{head} sdpa {keep}")
 
 
 def _counting(fn, calls, name):
@@ -368,7 +377,7 @@ def test_patch_hf_twice_is_once_and_compiles_fullgraph():
     fastbert.patch_hf(fastbert.patch_hf(hf_model))
     patched_kinds = sorted({type(m).__name__ for m in hf_model.modules()
                             if type(m).__name__.startswith("Fastbert")})
-    assert patched_kinds == ["FastbertBertIntermediate", "FastbertBertOutput",
+    assert patched_kinds == ["FastbertBertEncoder", "FastbertBertIntermediate", "FastbertBertOutput",
                              "FastbertBertSelfAttention", "FastbertBertSelfOutput",
                              "FastbertLayerNorm"]
     assert not any(type(m).__name__.startswith("FastbertFastbert") for m in hf_model.modules())
