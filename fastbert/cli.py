@@ -5,6 +5,8 @@
     fastbert finetune-qa --model CKPT --train train.json --eval dev.json --output-dir runs/qa
     fastbert evaluate --model runs/cls --data test.csv
     fastbert generate --model LM_CKPT --prompt "the cat" --max-new-tokens 20
+    fastbert embed --model ST_CKPT --input sentences.txt --output emb.npy
+    fastbert search --model ST_CKPT --corpus emb.npy --query "interest rates" --top-k 5
     fastbert bench --quick
     fastbert info
 
@@ -320,6 +322,72 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _sentence_encoder(args):
+    import torch
+    from fastbert.sentence import SentenceEncoder
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return SentenceEncoder.from_pretrained(args.model, device=device,
+                                           dtype=None if args.dtype == "fp32" else args.dtype)
+
+
+def cmd_embed(args) -> int:
+    from fastbert import sentence
+
+    output = Path(args.output)
+    if output.suffix not in sentence.EMBEDDING_SUFFIXES:
+        raise CLIError(f"--output {output}: expected a .npy or .safetensors file")
+    rows_file = sentence.rows_path(output)
+    if rows_file.resolve() == Path(args.input).resolve():
+        raise CLIError(f"--output {output}: its rows file {rows_file} would overwrite --input")
+    texts, lines = sentence.read_texts(args.input, args.column)
+    encoder = _sentence_encoder(args)
+    start = time.perf_counter()
+    embeddings = encoder.encode(texts, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                                normalize=args.normalize, show_progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    normalized = encoder.normalize if args.normalize is None else args.normalize
+    sentence.save_embeddings(output, embeddings, texts, lines,
+                             meta={"model": args.model, "input": args.input, "pooling": encoder.pooling,
+                                   "normalized": normalized})
+    print(f"{len(texts)} texts -> {embeddings.shape[1]}-dim embeddings in {seconds:.2f} s "
+          f"({len(texts) / seconds:.1f} texts/s on {encoder.device}, pooling {encoder.pooling}, "
+          f"normalized {normalized})")
+    print(f"wrote {output} and {rows_file} (row i: input line and text)")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from fastbert import sentence
+
+    corpus = Path(args.corpus)
+    if args.top_k < 1:
+        raise CLIError(f"--top-k expected a positive number, got {args.top_k}")
+    saved = corpus.suffix in sentence.EMBEDDING_SUFFIXES
+    if saved:  # embeddings from `fastbert embed`: read before the model loads, fail fast
+        embeddings, texts, lines = sentence.load_embeddings(corpus)
+    else:
+        texts, lines = sentence.read_texts(corpus, args.column)
+    encoder = _sentence_encoder(args)
+    if saved and embeddings.shape[1] != encoder.dim:
+        raise CLIError(f"--corpus {corpus} holds {embeddings.shape[1]}-dim embeddings, but --model "
+                       f"{args.model} makes {encoder.dim}-dim ones: embed the corpus with this model")
+    if not saved:
+        embeddings = encoder.encode(texts, show_progress=not args.no_progress)
+    results = encoder.search(args.query, embeddings, top_k=args.top_k)
+    hits = [{"query": q, "hits": [{"rank": r + 1, "score": round(score, 6), "row": i, "line": lines[i],
+                                   "text": texts[i]} for r, (i, score) in enumerate(ranked)]}
+            for q, ranked in zip(args.query, results)]
+    if args.json:
+        print(json.dumps(hits, indent=2, ensure_ascii=False))
+        return 0
+    for entry in hits:
+        print(f"query: {entry['query']}")
+        for hit in entry["hits"]:
+            print(f"  {hit['rank']:>3}. {hit['score']:.4f}  line {hit['line']}: {hit['text']}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import runpy
 
@@ -382,6 +450,14 @@ def _add_common_flags(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--backend", choices=["auto", "torch", "triton", "cuda"],
                    help="fastbert kernel backend (default: auto, or $FASTBERT_BACKEND)")
+
+
+def _add_embedding_flags(p):
+    p.add_argument("--column", help="the text column of a .csv/.tsv or key of a .jsonl (default: text)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="model precision (bf16/fp16 only on a GPU; default fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,6 +544,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_common_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("embed", help="sentence embeddings of a file of texts",
+                       description="Encode texts with a sentence-transformers or BERT checkpoint and save "
+                                   "the embeddings (.npy or .safetensors) and, next to them, "
+                                   "<output>.rows.jsonl: the input line and text of every row.")
+    p.add_argument("--model", required=True, help="sentence-transformers folder or BERT checkpoint directory")
+    p.add_argument("--input", required=True,
+                   help=".txt (one text per line), .csv/.tsv with a header, or .jsonl (see --column)")
+    p.add_argument("--output", required=True, help=".npy or .safetensors file to write")
+    _add_embedding_flags(p)
+    p.add_argument("--batch-size", type=int, default=128, help="most texts per batch (default %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="most padded tokens per batch (default %(default)s)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalize the embeddings (default: as the checkpoint says)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("search", help="semantic search over a corpus of texts",
+                       description="Rank the texts of a corpus by cosine similarity to each query (exact, "
+                                   "chunked). The corpus is a text file (encoded now) or embeddings saved "
+                                   "by `fastbert embed` (reused).")
+    p.add_argument("--model", required=True, help="sentence-transformers folder or BERT checkpoint directory")
+    p.add_argument("--corpus", required=True,
+                   help="texts (.txt, .csv, .tsv, .jsonl) or saved embeddings (.npy, .safetensors)")
+    p.add_argument("--query", required=True, action="append", help="query text (repeat for several)")
+    p.add_argument("--top-k", type=int, default=5, help="results per query (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_embedding_flags(p)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks)", add_help=False,
                        description="Runs `python -m benchmarks` with the remaining arguments "
