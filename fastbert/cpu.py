@@ -1,11 +1,11 @@
-"""CPU inference GEMMs through oneDNN: weights prepacked once, bias and GELU (and a residual add)
-fused into the GEMM as oneDNN post-ops.
+"""CPU inference GEMMs through oneDNN, with bias (and optionally GELU and a residual add) fused
+into the GEMM, weights prepacked where that pays.
 
-`F.linear` on CPU goes to MKL, which on AMD CPUs runs far below what the same cores reach through
-oneDNN (the engine ONNX Runtime and torch's inductor use). torch ships oneDNN's inner product as
-private ops (`torch.ops.mkldnn._linear_pointwise`, `torch.ops.mkldnn._reorder_linear_weight`);
-this module calls them for inference (no autograd graph), and falls back to the public
-`F.linear` / `F.gelu` whenever they are missing, refuse an input, or fail once.
+`F.linear` on CPU goes to MKL, which on AMD CPUs runs below what the same cores reach through
+oneDNN (the engine torch's inductor uses on CPU). torch ships oneDNN's inner product as private
+ops (`torch.ops.mkldnn._linear_pointwise`, `torch.ops.mkldnn._reorder_linear_weight`); this
+module calls them for inference (no autograd graph), and falls back to the public `F.linear` /
+`F.gelu` whenever they are missing, refuse an input, or fail once.
 
     from fastbert import cpu
     if cpu.should_use(x, weight, bias):        # x (rows, K) on CPU, nothing needs a gradient
@@ -14,9 +14,10 @@ this module calls them for inference (no autograd graph), and falls back to the 
         z = cpu.linear_add(x, weight, bias, residual)   # x @ weight.T + bias + residual
     print(cpu.describe())                      # which CPU path is active and why
 
-Prepacked weights live in a small cache keyed by the weight tensor's identity and invalidated when
-its storage, shape or version counter (bumped by every in-place write, e.g. `load_state_dict` or
-an optimizer step) changes; the cache holds the weight only weakly, so models are freed as usual.
+Prepacked weights (bf16 mode, or PREPACK_FP32) live in a small cache keyed by the weight tensor's
+identity and invalidated when its storage, shape or version counter (bumped by every in-place
+write, e.g. `load_state_dict` or an optimizer step) changes; the cache holds the weight only
+weakly, so models are freed as usual.
 
 bf16 mode (`set_bf16(True)`, opt-in): fp32 activations are rounded to bf16 for each GEMM and
 multiplied with a cached bf16 copy of the weight (fp32 accumulation inside oneDNN); outputs come
@@ -39,9 +40,17 @@ from torch import Tensor
 # least recently used is dropped and repacked when it is needed again.
 CACHE_SIZE = 256
 
-# Chosen by measurement on the development CPU (benchmarks/README.md, "CPU inference GEMMs"):
-# whether GELU runs as a oneDNN post-op inside the GEMM or as ATen's vectorised F.gelu after it.
-GELU_POST_OP = True
+# Chosen by measurement on the development CPU (AVX2 AMD EPYC; benchmarks/README.md, "CPU
+# inference GEMMs"), where oneDNN's GEMM ran 1.1-1.2x MKL's at 2 threads but its post-ops lost:
+# - fp32 weights prepacked into oneDNN's blocked layout ran no faster than the plain weight (its
+#   brgemm kernel blocks the plain layout on the fly), so fp32 GEMMs take the weight as it is and
+#   need no second copy; bf16 mode always packs (its bf16 weight copy is cached anyway).
+# - GELU as a oneDNN post-op was slower than ATen's vectorised F.gelu after the GEMM (erf 0.85x,
+#   tanh 0.8x of the separate pass), and the residual add as a binary post-op was no faster than
+#   a separate add_.
+PREPACK_FP32 = False
+GELU_POST_OP = False
+RESIDUAL_POST_OP = False
 
 _enabled = True
 _bf16 = False
@@ -189,8 +198,8 @@ def _probe(key: str, dtype: torch.dtype) -> Optional[str]:
     exact = _reference_epilogue(F.linear(x.double(), w.double(), b.double()), attr, algorithm,
                                 r.double())
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), x.shape[0])
-        got = _onednn(x.to(dtype), packed, b.to(dtype), attr, algorithm, r.to(dtype))
+        got = _onednn(x.to(dtype), _onednn_weight(w, dtype, x.shape[0]), b.to(dtype), attr,
+                      algorithm, r.to(dtype))
     except Exception as e:  # any failure means: do not use this variant here
         return f"torch.ops.mkldnn._linear_pointwise({attr!r}) failed: {type(e).__name__}: {e}"
     tol = 1e-4 if dtype == torch.float32 else 5e-2
@@ -264,6 +273,13 @@ def packed_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return tensor
+
+
+def _onednn_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
+    """The weight as the oneDNN op takes it: plain fp32, or packed (cached) where that pays."""
+    if dtype == torch.float32 and weight.dtype == torch.float32 and not PREPACK_FP32:
+        return weight.detach().contiguous()
+    return packed_weight(weight, dtype, rows_hint)
 
 
 def clear_cache() -> None:
@@ -367,7 +383,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], attr: str, algorithm
             return F.gelu(_run(x, weight, bias, "none", "", None), approximate=algorithm)
         return _fallback(x, weight, bias, attr, algorithm, residual, dtype)
     try:
-        packed = packed_weight(weight, dtype, x.shape[0])
+        packed = _onednn_weight(weight, dtype, x.shape[0])
         b = bias.to(dtype) if bias is not None else None
         r = residual.to(dtype).contiguous() if residual is not None else None
         y = _onednn(x.to(dtype).contiguous(), packed, b, attr, algorithm, r)
@@ -419,6 +435,8 @@ def linear_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tens
         raise TypeError(f"fastbert.cpu.linear_add: argument 'residual' expected a Tensor, "
                         f"got {type(residual).__name__}")
     _check("fastbert.cpu.linear_add", x, weight, bias, residual)
+    if not RESIDUAL_POST_OP:
+        return _run(x, weight, bias, "none", "", None).add_(residual)
     return _run(x, weight, bias, "add", "", residual)
 
 
@@ -432,9 +450,12 @@ def describe() -> str:
         reason = _variant_reason("none", "", _compute_dtype(torch.empty(0)))
     if reason is not None:
         return f"CPU inference GEMMs ({mode}): F.linear (MKL), because {reason}"
+    weights = "prepacked weights" if (PREPACK_FP32 or _bf16) else "plain weights"
     gelu = "GELU as oneDNN post-op" if GELU_POST_OP else "GELU by F.gelu after the GEMM"
+    add = "residual add as oneDNN post-op" if RESIDUAL_POST_OP else "residual add after the GEMM"
     ok, why = bf16_support()
     bf16 = ("bf16 mode on" if _bf16 else "bf16 mode available (fastbert.cpu.set_bf16(True))") \
         if ok else f"bf16 mode not offered: {why}"
-    return (f"CPU inference GEMMs ({mode}): oneDNN with prepacked weights, {gelu}, residual add "
-            f"fused (no-grad CPU inputs; training keeps F.linear); {bf16}")
+    return (f"CPU inference GEMMs ({mode}): oneDNN inner product on {weights}, {gelu}, {add} "
+            f"(choices measured on an AVX2 CPU; no-grad CPU inputs only, training keeps "
+            f"F.linear); {bf16}")

@@ -14,11 +14,11 @@ from tests.helpers import assert_close_by_rule
 @pytest.fixture(autouse=True)
 def fresh_state():
     """Every test starts with the module's defaults, no probe results and an empty cache."""
-    saved = (cpu._enabled, cpu._bf16, cpu.GELU_POST_OP)
+    saved = (cpu._enabled, cpu._bf16, cpu.GELU_POST_OP, cpu.RESIDUAL_POST_OP, cpu.PREPACK_FP32)
     cpu._op_state.clear()
     cpu.clear_cache()
     yield
-    cpu._enabled, cpu._bf16, cpu.GELU_POST_OP = saved
+    (cpu._enabled, cpu._bf16, cpu.GELU_POST_OP, cpu.RESIDUAL_POST_OP, cpu.PREPACK_FP32) = saved
     cpu._op_state.clear()
     cpu.clear_cache()
     cpu._missing_ops.cache_clear()
@@ -78,8 +78,11 @@ def _onednn_calls(monkeypatch):
 @pytest.mark.parametrize("epilogue", ["linear", "none", "tanh", "add"])
 @pytest.mark.parametrize("rows,k,n", [(1, 64, 48), (37, 96, 200), (300, 256, 1024), (130, 1024, 256)])
 @pytest.mark.parametrize("post_op", [True, False])
-def test_matches_fp64_reference_by_rule(epilogue, rows, k, n, post_op, monkeypatch):
-    cpu.GELU_POST_OP = post_op
+@pytest.mark.parametrize("prepack", [True, False])
+def test_matches_fp64_reference_by_rule(epilogue, rows, k, n, post_op, prepack, monkeypatch):
+    """Every variant (epilogue as a oneDNN post-op or after the GEMM, weight prepacked or plain)."""
+    cpu.GELU_POST_OP = cpu.RESIDUAL_POST_OP = post_op
+    cpu.PREPACK_FP32 = prepack
     calls = _onednn_calls(monkeypatch)
     x, w, b, r = _inputs(rows, k, n, seed=rows + k + n)
     with torch.no_grad():
@@ -89,12 +92,15 @@ def test_matches_fp64_reference_by_rule(epilogue, rows, k, n, post_op, monkeypat
     assert out.dtype == torch.float32 and out.shape == (rows, n)
     assert_close_by_rule(out, plain, _exact(x, w, b, epilogue, r), f"{epilogue} {rows}x{k}->{n}")
     assert calls, "the oneDNN op was not used"
-    expected = {"linear": "none", "add": "add"}.get(epilogue, "gelu" if post_op else "none")
+    expected = "none" if epilogue == "linear" or not post_op else \
+        ("add" if epilogue == "add" else "gelu")
     assert calls[-1] == expected
+    assert cpu.cache_size() == (1 if prepack else 0)
 
 
 def test_packed_weight_serves_other_row_counts():
     """A weight packed for one row count (the first call's) serves every later one."""
+    cpu.PREPACK_FP32 = True
     x, w, b, _ = _inputs(512, 128, 384, seed=3)
     with torch.no_grad():
         cpu.linear_gelu(x, w, b)
@@ -129,7 +135,9 @@ def test_noncontiguous_input():
 # the prepacked-weight cache
 # --------------------------------------------------------------------------------------------
 
-def test_cache_follows_in_place_weight_changes():
+@pytest.mark.parametrize("prepack", [True, False])
+def test_cache_follows_in_place_weight_changes(prepack):
+    cpu.PREPACK_FP32 = prepack
     x, w, b, _ = _inputs(16, 64, 32, seed=6)
     with torch.no_grad():
         first = cpu.linear(x, w, b)
@@ -139,10 +147,11 @@ def test_cache_follows_in_place_weight_changes():
         w.copy_(torch.randn_like(w))
         third = cpu.linear(x, w, b)
         assert_close_by_rule(third, F.linear(x, w, b), _exact(x, w, b, "linear"), "after copy_")
-    assert cpu.cache_size() == 1
+    assert cpu.cache_size() == (1 if prepack else 0)
 
 
 def test_cache_follows_replaced_weight_and_frees_it():
+    cpu.PREPACK_FP32 = True
     lin = torch.nn.Linear(64, 48)
     x = torch.randn(10, 64)
     with torch.no_grad():
@@ -162,6 +171,7 @@ def test_cache_follows_replaced_weight_and_frees_it():
 
 
 def test_cache_is_bounded(monkeypatch):
+    cpu.PREPACK_FP32 = True
     monkeypatch.setattr(cpu, "CACHE_SIZE", 3)
     weights = [torch.randn(8, 16) for _ in range(5)]
     x = torch.randn(4, 16)
@@ -173,6 +183,7 @@ def test_cache_is_bounded(monkeypatch):
 
 def test_inference_tensor_weight_is_not_cached():
     """Inference tensors have no version counter, so in-place writes could not be seen."""
+    cpu.PREPACK_FP32 = True
     with torch.inference_mode():
         w = torch.randn(24, 32)
         x = torch.randn(5, 32)
@@ -248,13 +259,15 @@ def test_fallback_after_the_private_op_fails_once(monkeypatch):
 
 
 def test_probe_rejects_a_wrong_private_op(monkeypatch):
+    cpu.GELU_POST_OP = True
     real = cpu._onednn
     monkeypatch.setattr(cpu, "_onednn", lambda *a: real(*a) * 1.01)
     x, w, b, _ = _inputs(12, 40, 16, seed=10)
     with torch.no_grad():
         out = cpu.linear_gelu(x, w, b)
     assert_close_by_rule(out, F.gelu(F.linear(x, w, b)), _exact(x, w, b, "none"), "wrong op")
-    assert "disagrees with F.linear" in cpu._op_state[("gelu:none", torch.float32)]
+    for variant in ("gelu:none", "none:"):  # the post-op, then the plain GEMM it falls back to
+        assert "disagrees with F.linear" in cpu._op_state[(variant, torch.float32)]
 
 
 def test_bad_input_names_op_and_argument():
