@@ -65,7 +65,7 @@ def test_every_flag_has_help(capsys):
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(subparsers.choices) == {"pretrain", "finetune-classify", "finetune-qa", "evaluate", "generate",
-                                       "bench", "info"}
+                                       "embed", "search", "bench", "info"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"fastbert {name} {action.option_strings}: no help text"
