@@ -19,9 +19,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_device", &fastbert::set_device);
   m.def("probe_device", &fastbert::probe_device);
   m.def("attention_smem_bytes", &fastbert::attention_smem_bytes);
+  m.def("attention_tile_info", &fastbert::attention_tile_info);
   m.def("max_smem_per_block", &fastbert::max_smem_per_block);
   m.def("attention_forward", &fastbert::attention_forward);
   m.def("attention_backward", &fastbert::attention_backward);
+  m.def("attention_varlen_forward", &fastbert::attention_varlen_forward);
+  m.def("attention_varlen_backward", &fastbert::attention_varlen_backward);
   m.def("add_layer_norm_forward", &fastbert::add_layer_norm_forward);
   m.def("add_layer_norm_backward_parts", &fastbert::add_layer_norm_backward_parts);
   m.def("add_layer_norm_backward", &fastbert::add_layer_norm_backward);

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -26,23 +27,31 @@ inline void check_arg(bool ok, const char* op, const std::string& msg) {
 }
 
 // Called first by every launcher, so that calling into the extension on a machine without a
-// usable GPU raises a clear error instead of launching anything.
+// usable GPU raises a clear error instead of launching anything. The answer cannot change within
+// a process, so the driver is asked once (not per launch).
 inline void require_device(const char* op) {
-  int count = 0;
-  cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string(op) + ": no usable CUDA device (" +
-                             cudaGetErrorString(err) + ")");
-  }
-  if (count == 0) throw std::runtime_error(std::string(op) + ": no CUDA device found");
+  static const std::string why = [] {
+    int count = 0;
+    const cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return std::string("no usable CUDA device (") + cudaGetErrorString(err) + ")";
+    }
+    return count == 0 ? std::string("no CUDA device found") : std::string();
+  }();
+  if (!why.empty()) throw std::runtime_error(std::string(op) + ": " + why);
 }
 
+// Multiprocessor count of the current device, asked once per device.
 inline int sm_count(const char* op) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};  // 0 = not asked yet
   int device = 0, count = 0;
   check_cuda(cudaGetDevice(&device), op, "cudaGetDevice");
+  if (device < kMaxDevices && counts[device] > 0) return counts[device];
   check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), op,
              "cudaDeviceGetAttribute");
+  if (device < kMaxDevices) counts[device] = count;
   return count;
 }
 

@@ -5,8 +5,10 @@ The extension does not include or link torch; every output is allocated here. It
 six entry points fixed in the docstring of fastbert/ops.py. Dropout runs inside the attention and
 LayerNorm kernels with a counter-based RNG (Philox-4x32-10 keyed by `seed`, kernels/philox.cuh), so
 backward regenerates forward's mask from the same seed; the masks differ from the Triton and torch
-backends' masks (each backend is consistent with itself). The attention backward has no atomics
-(separate dK/dV and dQ kernels), so it is deterministic whatever `deterministic` says.
+backends' masks (each backend is consistent with itself). The attention backward adds dQ with
+fp32 atomics (one kernel over key blocks, then a conversion); `deterministic=True` (or
+torch.use_deterministic_algorithms(True)) runs a separate dQ kernel instead, without atomics.
+Attention also serves packed sequences (attention_varlen_*, the contract in fastbert/varlen.py).
 Importing this module never raises: without the extension or a GPU, `unavailable_reason()` says why.
 """
 from __future__ import annotations
@@ -85,7 +87,7 @@ _probed: dict = {}  # device index -> why the extension's kernels cannot load th
 def unsupported(op: str, **kw) -> Optional[str]:
     """Why these kernels cannot serve an input (None when they can)."""
     dtype = kw.get("dtype")
-    if op == "fastbert.attention":
+    if op in ("fastbert.attention", "fastbert.attention_varlen"):
         if dtype not in ATTENTION_DTYPES:
             return f"the CUDA attention kernels take float16 or bfloat16, got {dtype}"
         if kw.get("head_dim") not in ATTENTION_HEAD_DIMS:
@@ -153,8 +155,11 @@ def _on_device(device: torch.device):
 
 
 def _bshd_strides(t: Tensor) -> tuple:
-    # The stride of a size-1 dim is never used (its only index is 0) and may be anything.
-    return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(3))
+    """(batch, row, head) element strides of (B, S, H, D), or (0, row, head) of packed (total, H, D).
+    The stride of a size-1 dim is never used (its only index is 0) and may be anything."""
+    lead = t.dim() - 3  # 1 for (B, S, H, D), 0 for (total, H, D)
+    strides = tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(t.dim() - 1))
+    return (0,) * (1 - lead) + strides
 
 
 def _vector_ready(t: Tensor) -> Tensor:
@@ -162,6 +167,10 @@ def _vector_ready(t: Tensor) -> Tensor:
     elem = t.element_size()
     aligned = t.data_ptr() % 16 == 0 and all(s * elem % 16 == 0 for s in _bshd_strides(t))
     return t if aligned and t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _deterministic(requested: bool) -> bool:
+    return bool(requested) or torch.are_deterministic_algorithms_enabled()
 
 
 def _require_extension(op: str) -> None:
@@ -193,7 +202,6 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
 
 def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
                        deterministic):
-    # Always deterministic: no atomics anywhere in the backward.
     op = "fastbert.attention"
     _require_extension(op)
     b, sq, h, d = q.shape
@@ -203,17 +211,72 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
     dk = _empty((b, sk, h, d), q.dtype, q.device)
     dv = _empty((b, sk, h, d), q.dtype, q.device)
     delta = _empty((b, h, sq), torch.float32, q.device)
+    # fp32 dQ accumulator for the atomic path, zeroed by the delta kernel
+    acc = None if _deterministic(deterministic) else _empty((b, sq, h, d), torch.float32, q.device)
     if b == 0 or h == 0:
         return dq, dk, dv
     with _on_device(q.device):
         _C.attention_backward(dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                               out.data_ptr(), lse.contiguous().data_ptr(), _ptr(mask),
                               dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
-                              b, sq, sk, h, d, _bshd_strides(dout), _bshd_strides(q),
+                              _ptr(acc), b, sq, sk, h, d, _bshd_strides(dout), _bshd_strides(q),
                               _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
                               _bshd_strides(dq), _bshd_strides(dk), _bshd_strides(dv),
                               bool(causal), float(scale), float(dropout_p), int(seed),
                               _DTYPE_CODES[q.dtype], _stream(q))
+    return dq, dk, dv
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             causal, dropout_p, scale, seed):
+    op = "fastbert.attention_varlen"
+    _require_extension(op)
+    total_q, h, d = q.shape
+    batch = cu_seqlens_q.numel() - 1
+    q, k, v = (_vector_ready(t) for t in (q, k, v))
+    out = _empty((total_q, h, d), q.dtype, q.device)
+    lse = _empty((h, total_q), torch.float32, q.device)
+    if out.numel() == 0 or batch == 0:
+        return out, lse
+    with _on_device(q.device):
+        _C.attention_varlen_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                    cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(),
+                                    out.data_ptr(), lse.data_ptr(), batch, total_q,
+                                    int(max_seqlen_q), int(max_seqlen_k), h, d, _bshd_strides(q),
+                                    _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
+                                    bool(causal), float(scale), float(dropout_p), int(seed),
+                                    _DTYPE_CODES[q.dtype], _stream(q))
+    return out, lse
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, causal, dropout_p, scale, seed, deterministic):
+    op = "fastbert.attention_varlen"
+    _require_extension(op)
+    total_q, h, d = q.shape
+    total_k = k.shape[0]
+    batch = cu_seqlens_q.numel() - 1
+    dout, q, k, v, out = (_vector_ready(t) for t in (dout, q, k, v, out))
+    dq = _empty((total_q, h, d), q.dtype, q.device)
+    dk = _empty((total_k, h, d), q.dtype, q.device)
+    dv = _empty((total_k, h, d), q.dtype, q.device)
+    delta = _empty((h, total_q), torch.float32, q.device)
+    acc = None if _deterministic(deterministic) else _empty((total_q, h, d), torch.float32,
+                                                            q.device)
+    if batch == 0 or h == 0 or (total_q == 0 and total_k == 0):
+        return dq, dk, dv
+    with _on_device(q.device):
+        _C.attention_varlen_backward(dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                     out.data_ptr(), lse.contiguous().data_ptr(),
+                                     cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(),
+                                     dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                     delta.data_ptr(), _ptr(acc), batch, total_q,
+                                     int(max_seqlen_q), int(max_seqlen_k), h, d,
+                                     _bshd_strides(dout), _bshd_strides(q), _bshd_strides(k),
+                                     _bshd_strides(v), _bshd_strides(out), _bshd_strides(dq),
+                                     _bshd_strides(dk), _bshd_strides(dv), bool(causal),
+                                     float(scale), float(dropout_p), int(seed),
+                                     _DTYPE_CODES[q.dtype], _stream(q))
     return dq, dk, dv
 
 
