@@ -1,13 +1,17 @@
 """Triton backend: one module per op (kernels + launchers); ops.py registers and dispatches them."""
 from fastbert.triton.attention import attention_backward, attention_forward
+from fastbert.triton.attention_varlen import (attention_varlen_backward,
+                                              attention_varlen_forward)
 from fastbert.triton.layer_norm import add_layer_norm_backward, add_layer_norm_forward
 from fastbert.triton.linear_gelu import linear_bias_gelu_backward, linear_bias_gelu_forward
 from fastbert.triton import attention as _attention
+from fastbert.triton import attention_varlen as _attention_varlen
 from fastbert.triton import layer_norm as _layer_norm
 from fastbert.triton import linear_gelu as _linear_gelu
 
 _UNSUPPORTED = {
     "fastbert.attention": _attention.unsupported,
+    "fastbert.attention_varlen": _attention_varlen.unsupported,
     "fastbert.add_layer_norm": _layer_norm.unsupported,
     "fastbert.linear_bias_gelu": _linear_gelu.unsupported,
 }
@@ -18,6 +22,6 @@ def unsupported(op: str, **kw):
     return _UNSUPPORTED[op](**kw)
 
 
-__all__ = ["attention_forward", "attention_backward", "add_layer_norm_forward",
-           "add_layer_norm_backward", "linear_bias_gelu_forward", "linear_bias_gelu_backward",
-           "unsupported"]
+__all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
+           "attention_varlen_backward", "add_layer_norm_forward", "add_layer_norm_backward",
+           "linear_bias_gelu_forward", "linear_bias_gelu_backward", "unsupported"]

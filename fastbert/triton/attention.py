@@ -1,9 +1,12 @@
-"""Fused scaled-dot-product attention in Triton, FlashAttention-2 style: kernels and launchers.
+"""Fused scaled-dot-product attention in Triton, FlashAttention-2 style: kernels and the launchers
+of the padded (dense) layout; attention_varlen.py launches the same kernels on packed sequences.
 
-Layout: q (B, Sq, H, D), k and v (B, Sk, H, D) with any strides but a unit last one (they may be
-views of one packed (B, S, 3, H, D) projection, never copied). One program handles one tile of
-queries (forward, dQ) or keys (dK/dV) of one (batch, head): grid (tiles, H, B), so B * H is not
-bound by CUDA's 65535 limit on the grid's y and z.
+Layouts: dense q (B, Sq, H, D), k and v (B, Sk, H, D); varlen (IS_VARLEN) q (total_q, H, D), k and
+v (total_k, H, D) with sequence b at rows cu_seqlens[b]:cu_seqlens[b + 1]. Any strides but a unit
+last one (views of one packed QKV projection, never copied). One program handles one tile of
+queries (forward, dQ) or keys (dK/dV) of one (sequence, head): grid (tiles, H, B), so B * H is not
+bound by CUDA's 65535 limit on the grid's y and z. Varlen grids cover max_seqlen; a program whose
+tile starts past its own sequence's end returns at once, and key loops cover only its sequence.
 
 - Forward: online softmax over key tiles in base 2 (exp2 is one instruction; the scale carries
   log2(e)), fp32 accumulation, and the log-sum-exp saved per query (natural log, +inf for a query
@@ -11,22 +14,29 @@ bound by CUDA's 65535 limit on the grid's y and z.
 - Backward: a preprocess computes delta = rowsum(dO * O); one kernel per key tile recomputes
   P = exp(S - lse) and accumulates dV = P^T dO and dK = dS^T Q, where dS = P * (dP - delta).
   dQ either goes out from that same kernel by fp32 atomics (fast, order-dependent) or, with
-  deterministic=True, from a second pass over query tiles with no atomics (bitwise reproducible).
-- Skipped work: the launcher reduces the key-padding mask to a per-batch range of real keys
-  [first, last + 1]; key tiles outside it (right or left padding, the common cases) and tiles
-  entirely above the causal diagonal are never visited. Holes inside the range are masked
-  element-wise. The range costs two tiny reductions on the (B, Sk) mask per launch, and unlike a
-  per-tile "all padding?" test it needs no mask loads for tiles it skips.
+  deterministic=True or torch.use_deterministic_algorithms(True), from a second pass over query
+  tiles with no atomics (bitwise reproducible).
+- Skipped work: the key-padding mask is reduced on the device to a per-batch range of real keys
+  [first, last + 1] (one small kernel, cached for the mask tensor until it is modified, so
+  backward reuses forward's); key tiles outside it (right or left padding, the common cases) and
+  tiles entirely above the causal diagonal are never visited. Holes inside the range are masked
+  element-wise.
 - Dropout acts on the normalised probabilities with philox (`tl.rand`), keyed by the call's seed
-  plus (batch * H + head) and the counter query * Sk + key, so backward regenerates the same mask.
-  The kernels do not specialise on the seed (it changes every call; specialising on its value
-  would only multiply compiled variants).
-- Constexpr flags IS_CAUSAL / HAS_MASK / HAS_DROPOUT compile each variant to the minimum. Head dims
-  are padded to a power of two (at least 16, the smallest tl.dot) with masked loads and stores.
+  plus (batch * H + head) and the counter query * Sk + key (varlen: local query * max_seqlen_k +
+  local key), so backward regenerates the same mask. The kernels do not specialise on the seed
+  (it changes every call; specialising on its value would only multiply compiled variants).
+- Constexpr flags IS_CAUSAL / HAS_MASK / HAS_DROPOUT / IS_VARLEN compile each variant to the
+  minimum. Head dims are padded to a power of two (at least 16, the smallest tl.dot) with masked
+  loads and stores.
+- Launches run on the tensors' device (a guard when it is not the current one); tile configs are
+  chosen per GPU architecture (sm_80 / sm_90), sized so that no variant spills registers.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -56,6 +66,33 @@ def _dot(a, b, acc, EXACT_DOT: tl.constexpr):
 
 
 @triton.jit
+def _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first query row, first key row, query count, key count) of sequence off_b. Dense: the
+    rows start at the batch stride, so (0, 0, Sq, Sk); varlen: read from cu_seqlens."""
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqQ + off_b)
+        len_q = tl.load(CuSeqQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqK + off_b)
+        len_k = tl.load(CuSeqK + off_b + 1) - k_start
+    else:
+        q_start = 0
+        len_q = seqlen_q
+        k_start = 0
+        len_k = seqlen_k
+    return q_start, k_start, len_q, len_k
+
+
+@triton.jit
+def _rows(Base, off_b, row_start, stride_b, IS_VARLEN: tl.constexpr):
+    """Base pointer of sequence off_b: batch stride (dense) or first row (varlen; stride_b is
+    then the row stride)."""
+    if IS_VARLEN:
+        return Base + row_start.to(tl.int64) * stride_b
+    else:
+        return Base + off_b.to(tl.int64) * stride_b
+
+
+@triton.jit
 def _key_range(KvRange, off_b, seqlen_k, HAS_MASK: tl.constexpr):
     """[lo, hi): the keys of batch off_b that may be real (all of them without a mask)."""
     if HAS_MASK:
@@ -68,23 +105,62 @@ def _key_range(KvRange, off_b, seqlen_k, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, Mask, off_b, seqlen_q, seqlen_k,
+def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
              IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(M, N) bool: which keys offs_n the queries offs_m may see."""
-    visible = (offs_n[None, :] < seqlen_k) & (offs_m[:, None] >= 0)
+    """Which keys cols_n the queries rows_m may see, in their broadcast shape: (M, 1) and (1, N)
+    give (M, N); (1, M) and (N, 1) give the transposed tile directly (no layout conversion)."""
+    visible = (cols_n < seqlen_k) & (rows_m >= 0)
     if HAS_MASK:
-        real = tl.load(Mask + off_b * seqlen_k + offs_n, mask=offs_n < seqlen_k, other=0)
-        visible = visible & (real[None, :] != 0)
+        real = tl.load(Mask + off_b * seqlen_k + cols_n, mask=cols_n < seqlen_k, other=0)
+        visible = visible & (real != 0)
     if IS_CAUSAL:  # bottom-right aligned: query i sees keys j <= i + Sk - Sq
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
+        visible = visible & (cols_n <= rows_m + (seqlen_k - seqlen_q))
     return visible
 
 
 @triton.jit
-def _dropout_keep(seed, off_bh, offs_m, offs_n, seqlen_k, dropout_p):
-    """(M, N) bool keep-mask, the same for the same (seed, batch*head, query, key)."""
-    counters = offs_m[:, None] * seqlen_k + offs_n[None, :]
-    return tl.rand(seed + off_bh, counters) >= dropout_p
+def _uniform(bits):
+    """uint32 random bits -> uniform float in [0, 1) (the top 24 bits, exact in fp32)."""
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _dropout_keep(seed, off_bh, start_m, cols, row_stride, dropout_p, BLOCK_M: tl.constexpr,
+                  KEYS_FIRST: tl.constexpr):
+    """Keep-mask of queries start_m + [0, BLOCK_M) x keys `cols`, the same for the same
+    (seed, batch*head, query, key): (M, N), or (N, M) with KEYS_FIRST (dK/dV's transposed tile).
+    One philox call gives 4 words, used by 4 consecutive queries (start_m is a multiple of 4):
+    a quarter of the generator's work and registers. Counter: (query // 4) * row_stride + key,
+    row_stride = Sk (dense) or max_seqlen_k (varlen)."""
+    groups = start_m // 4 + tl.arange(0, BLOCK_M // 4)
+    if KEYS_FIRST:
+        r0, r1, r2, r3 = tl.randint4x(seed + off_bh, cols[:, None] + groups[None, :] * row_stride)
+        # (N, M/4, 2, 2) -> (N, M): query 4 * group + 2 * a + b takes word 2 * a + b
+        bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (cols.shape[0], BLOCK_M))
+    else:
+        r0, r1, r2, r3 = tl.randint4x(seed + off_bh, groups[:, None] * row_stride + cols[None, :])
+        words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (M/4, N, 2, 2)
+        bits = tl.reshape(tl.permute(words, (0, 2, 3, 1)), (BLOCK_M, cols.shape[0]))
+    return _uniform(bits) >= dropout_p
+
+
+@triton.jit
+def _key_range_kernel(Mask, KvRange, seqlen_k, BLOCK: tl.constexpr):
+    """KvRange[b] = [first real key, last real key + 1] of mask row b; (0, 0) when none."""
+    off_b = tl.program_id(0)
+    cols0 = tl.arange(0, BLOCK)
+    first = tl.full([BLOCK], seqlen_k, tl.int32)
+    last = tl.zeros([BLOCK], tl.int32)
+    row = Mask + off_b.to(tl.int64) * seqlen_k
+    for start in range(0, seqlen_k, BLOCK):
+        cols = start + cols0
+        real = tl.load(row + cols, mask=cols < seqlen_k, other=0) != 0
+        first = tl.minimum(first, tl.where(real, cols, seqlen_k))
+        last = tl.maximum(last, tl.where(real, cols + 1, 0))
+    hi = tl.max(last, 0)
+    lo = tl.minimum(tl.min(first, 0), hi)
+    tl.store(KvRange + off_b * 2, lo)
+    tl.store(KvRange + off_b * 2 + 1, hi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,36 +169,43 @@ def _dropout_keep(seed, off_bh, offs_m, offs_n, seqlen_k, dropout_p):
 
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, KvRange,
+    Q, K, V, Out, Lse, Mask, KvRange, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    n_heads, seqlen_q, seqlen_k, head_dim,
+    stride_lb, stride_lh,  # lse: (B, H, Sq) dense, (H, total_q) varlen (stride_lb unused)
+    n_heads, seqlen_q, seqlen_k, head_dim,  # varlen: seqlen_* are the max_seqlen bounds
     qk_scale,  # softmax scale * log2(e)
     dropout_p, seed,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EXACT_DOT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, EXACT_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_bh = off_b * n_heads + off_h
+    q_start, k_start, len_q, len_k = _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k,
+                                               IS_VARLEN)
+    if IS_VARLEN:
+        if start_m * BLOCK_M >= len_q:  # the grid covers max_seqlen_q; this sequence is shorter
+            return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
+    row_ok = offs_m < len_q
 
-    q_ptrs = (Q + off_b.to(tl.int64) * stride_qb + off_h * stride_qh
-              + offs_m[:, None] * stride_qs + offs_d[None, :])
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & d_ok[None, :], other=0.0)
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_h * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_h * stride_vh
+    q_base = _rows(Q, off_b, q_start, stride_qb, IS_VARLEN) + off_h * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = _rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh
+    v_base = _rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
 
-    lo, hi = _key_range(KvRange, off_b, seqlen_k, HAS_MASK)
+    lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
     if IS_CAUSAL:  # the block's last query sees keys below min(Sq, end of block) + Sk - Sq
-        hi = tl.minimum(hi, tl.minimum(seqlen_q, (start_m + 1) * BLOCK_M) + seqlen_k - seqlen_q)
+        hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
     lo = (lo // BLOCK_N) * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
@@ -130,10 +213,11 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < seqlen_k) & d_ok[None, :]
+        kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_DOT) * qk_scale
-        visible = _visible(offs_m, cols, Mask, off_b, seqlen_q, seqlen_k, IS_CAUSAL, HAS_MASK)
+        visible = _visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k, IS_CAUSAL,
+                           HAS_MASK)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
@@ -143,7 +227,9 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:  # normalise with every probability, then drop (1/(1-p) applied at the end)
-            p = tl.where(_dropout_keep(seed, off_bh, offs_m, cols, seqlen_k, dropout_p), p, 0.0)
+            keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
+                                 BLOCK_M, False)
+            p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = _dot(p.to(v.dtype), v, acc, EXACT_DOT)
         m_i = m_new
@@ -154,11 +240,11 @@ def _attn_fwd_kernel(
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2_K)
-    row_ok = offs_m < seqlen_q
-    o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
-              + offs_m[:, None] * stride_os + offs_d[None, :])
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + off_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+    o_base = _rows(Out, off_b, q_start, stride_ob, IS_VARLEN) + off_h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    lse_base = Lse + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
+    tl.store(lse_base + offs_m, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +259,8 @@ def _attn_bwd_preprocess_kernel(
     n_heads, seqlen_q, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) per query, fp32, (B, H, Sq)."""
+    """delta = rowsum(dO * O) per query, fp32, (B, H, Sq). Varlen runs it as one batch of
+    total_q rows: its (1, H, total_q) is the varlen (H, total_q) layout."""
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -191,16 +278,17 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, DK, DV, Mask, KvRange,
+    Q, K, V, DOut, Lse, Delta, DQ, DK, DV, Mask, KvRange, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh,  # dout, dq (same contiguous layout)
     stride_kgb, stride_kgs, stride_kgh,  # dk, dv (same contiguous layout)
+    stride_lb, stride_lh,  # lse and delta (same layout)
     n_heads, seqlen_q, seqlen_k, head_dim,
     sm_scale, qk_scale, dropout_p, seed,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, EXACT_DOT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, EXACT_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV for one key tile (and, with DQ_ATOMIC, its share of dQ added atomically)."""
@@ -208,38 +296,44 @@ def _attn_bwd_dkdv_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_bh = off_b * n_heads + off_h
+    q_start, k_start, len_q, len_k = _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k,
+                                               IS_VARLEN)
+    if IS_VARLEN:
+        if start_n * BLOCK_N >= len_k:
+            return
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
-    kv_mask = (offs_n[:, None] < seqlen_k) & d_ok[None, :]
-    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_h * stride_kh
+    kv_mask = (offs_n[:, None] < len_k) & d_ok[None, :]
+    k = tl.load(_rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh
                 + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_h * stride_vh
+    v = tl.load(_rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
                 + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h * stride_qh
-    do_base = DOut + off_b.to(tl.int64) * stride_db + off_h * stride_dh
-    lse_base = Lse + off_bh.to(tl.int64) * seqlen_q
-    delta_base = Delta + off_bh.to(tl.int64) * seqlen_q
+    q_base = _rows(Q, off_b, q_start, stride_qb, IS_VARLEN) + off_h * stride_qh
+    do_base = _rows(DOut, off_b, q_start, stride_db, IS_VARLEN) + off_h * stride_dh
+    lse_offset = off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
+    lse_base = Lse + lse_offset
+    delta_base = Delta + lse_offset
 
     # Query tiles to visit: all, less those entirely before the causal diagonal; none when this
     # key tile lies outside the batch's range of real keys (its dK, dV are zero).
     lo = 0
-    hi = seqlen_q
+    hi = len_q
     if IS_CAUSAL:  # key j is seen by queries i >= j - (Sk - Sq)
-        lo = tl.maximum(start_n * BLOCK_N - (seqlen_k - seqlen_q), 0)
+        lo = tl.maximum(start_n * BLOCK_N - (len_k - len_q), 0)
         lo = (lo // BLOCK_M) * BLOCK_M
     if HAS_MASK:
-        key_lo, key_hi = _key_range(KvRange, off_b, seqlen_k, HAS_MASK)
+        key_lo, key_hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
         live = (start_n * BLOCK_N < key_hi) & ((start_n + 1) * BLOCK_N > key_lo)
-        hi = tl.where(live, seqlen_q, 0)
+        hi = tl.where(live, len_q, 0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        row_ok = offs_m < seqlen_q
+        row_ok = offs_m < len_q
         qo_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qo_mask, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], mask=qo_mask,
@@ -249,41 +343,47 @@ def _attn_bwd_dkdv_kernel(
         # recompute P^T (N, M) from the saved log-sum-exp
         st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_DOT)
         pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E_K)
-        visible = _visible(offs_m, offs_n, Mask, off_b, seqlen_q, seqlen_k, IS_CAUSAL, HAS_MASK)
-        pt = tl.where(tl.trans(visible), pt, 0.0)
+        visible = _visible(offs_m[None, :], offs_n[:, None], Mask, off_b, len_q, len_k,
+                           IS_CAUSAL, HAS_MASK)
+        pt = tl.where(visible, pt, 0.0)
         dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), EXACT_DOT)
         if HAS_DROPOUT:
-            keep = tl.trans(_dropout_keep(seed, off_bh, offs_m, offs_n, seqlen_k, dropout_p))
-            drop_scale = 1.0 / (1.0 - dropout_p)
-            dv = _dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, EXACT_DOT)
-            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+            keep = _dropout_keep(seed, off_bh, start_m, offs_n, seqlen_k, dropout_p, BLOCK_M,
+                                 True)
+            # dV = (P * keep)^T dO / (1 - p): the scale goes on at the end
+            dv = _dot(tl.where(keep, pt, 0.0).to(do.dtype), do, dv, EXACT_DOT)
+            dpt = tl.where(keep, dpt * (1.0 / (1.0 - dropout_p)), 0.0)
         else:
             dv = _dot(pt.to(do.dtype), do, dv, EXACT_DOT)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk = _dot(dst, q, dk, EXACT_DOT)
         if DQ_ATOMIC:
-            dq_base = DQ + off_b.to(tl.int64) * stride_db + off_h * stride_dh
+            dq_base = _rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + off_h * stride_dh
             dq = _dot(tl.trans(dst), k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_DOT)
             tl.atomic_add(dq_base + offs_m[:, None] * stride_ds + offs_d[None, :], dq * sm_scale,
-                          mask=qo_mask)
+                          mask=qo_mask, sem="relaxed")  # a sum: no ordering needed
 
-    kg_offs = off_b.to(tl.int64) * stride_kgb + off_h * stride_kgh + offs_n[:, None] * stride_kgs \
-        + offs_d[None, :]
-    tl.store(DK + kg_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kg_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    kg_offs = off_h * stride_kgh + offs_n[:, None] * stride_kgs + offs_d[None, :]
+    tl.store(_rows(DK, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    if HAS_DROPOUT:
+        dv = dv * (1.0 / (1.0 - dropout_p))
+    tl.store(_rows(DV, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, Mask, KvRange,
+    Q, K, V, DOut, Lse, Delta, DQ, Mask, KvRange, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh,  # dout, dq (same contiguous layout)
+    stride_lb, stride_lh,  # lse and delta (same layout)
     n_heads, seqlen_q, seqlen_k, head_dim,
     sm_scale, qk_scale, dropout_p, seed,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EXACT_DOT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, EXACT_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ for one query tile, summing over key tiles in a fixed order (deterministic)."""
@@ -291,45 +391,54 @@ def _attn_bwd_dq_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_bh = off_b * n_heads + off_h
+    q_start, k_start, len_q, len_k = _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k,
+                                               IS_VARLEN)
+    if IS_VARLEN:
+        if start_m * BLOCK_M >= len_q:
+            return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    row_ok = offs_m < seqlen_q
+    row_ok = offs_m < len_q
     qo_mask = row_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h * stride_qh
+    q = tl.load(_rows(Q, off_b, q_start, stride_qb, IS_VARLEN) + off_h * stride_qh
                 + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qo_mask, other=0.0)
-    do_offs = off_b.to(tl.int64) * stride_db + off_h * stride_dh + offs_m[:, None] * stride_ds \
-        + offs_d[None, :]
-    do = tl.load(DOut + do_offs, mask=qo_mask, other=0.0)
-    lse = tl.load(Lse + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_h * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_h * stride_vh
+    do_offs = off_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :]
+    do = tl.load(_rows(DOut, off_b, q_start, stride_db, IS_VARLEN) + do_offs, mask=qo_mask,
+                 other=0.0)
+    lse_offset = off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
+    lse = tl.load(Lse + lse_offset + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + lse_offset + offs_m, mask=row_ok, other=0.0)
+    k_base = _rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh
+    v_base = _rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
 
-    lo, hi = _key_range(KvRange, off_b, seqlen_k, HAS_MASK)
+    lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
     if IS_CAUSAL:
-        hi = tl.minimum(hi, tl.minimum(seqlen_q, (start_m + 1) * BLOCK_M) + seqlen_k - seqlen_q)
+        hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
     lo = (lo // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols[:, None] < seqlen_k) & d_ok[None, :]
+        kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_DOT)
         p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E_K)
-        visible = _visible(offs_m, cols, Mask, off_b, seqlen_q, seqlen_k, IS_CAUSAL, HAS_MASK)
+        visible = _visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k, IS_CAUSAL,
+                           HAS_MASK)
         p = tl.where(visible, p, 0.0)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_DOT)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, off_bh, offs_m, cols, seqlen_k, dropout_p)
+            keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
+                                 BLOCK_M, False)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = _dot(ds, k, dq, EXACT_DOT)
-    tl.store(DQ + do_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qo_mask)
+    tl.store(_rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + do_offs,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qo_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,40 +459,76 @@ def exact_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16)
 
 
-# Tile shapes per kernel, head dim (padded) and element size; (BLOCK_M, BLOCK_N, num_warps,
-# num_stages). Shaped after Triton's fused-attention tutorial for Ampere/Hopper: the forward and
-# dQ keep a tall query tile in registers, dK/dV a tall key tile; fp32 and wide heads get smaller
-# tiles so registers and shared memory suffice.
-def fwd_config(bd: int, dtype: torch.dtype):
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def arch(device: torch.device) -> int:
+    """The GPU architecture the configs are chosen for (80 = sm_80, 90 = sm_90, ...); the
+    interpreter (CPU tensors) runs the newest configs."""
+    return _capability(device.index) if device.type == "cuda" else 90
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: switch to the tensors' one when it differs."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def use_deterministic(deterministic: bool) -> bool:
+    return deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+# Tile shapes per kernel, head dim (padded), element size and architecture; (BLOCK_M, BLOCK_N,
+# num_warps, num_stages). The forward and dQ keep a tall query tile in registers, dK/dV a tall key
+# tile; fp32 and wide heads get smaller tiles so registers and shared memory suffice. Sized from
+# the register/spill counts ptxas reports for sm_80 and sm_90 (the compile tier checks them).
+def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     return (128, 64, 4, 3) if bd <= 64 else (128, 64, 8, 3) if bd <= 128 else (64, 32, 8, 2)
 
 
-def dkdv_config(bd: int, dtype: torch.dtype):
+def dkdv_config(bd: int, dtype: torch.dtype, arch: int = 90):
     if dtype == torch.float32:
         return (32, 64, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     return (32, 128, 4, 3) if bd <= 64 else (32, 64, 8, 3) if bd <= 128 else (16, 32, 8, 2)
 
 
-def dq_config(bd: int, dtype: torch.dtype):
+def dq_config(bd: int, dtype: torch.dtype, arch: int = 90):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     return (128, 32, 4, 3) if bd <= 64 else (64, 32, 8, 3) if bd <= 128 else (32, 32, 8, 2)
 
 
 PREPROCESS_BLOCK_M = 64
+KEY_RANGE_BLOCK = 256
+
+# The last mask reduced and its key ranges: (weak reference to the mask, its version, ranges).
+# Backward gets the mask forward saved, and a model may pass one mask to every layer, so the
+# reduction runs once per mask instead of once per launch. The version counter catches in-place
+# edits; inference tensors have none and are not cached.
+_key_range_cache: Optional[tuple] = None
 
 
 def key_range(mask: torch.Tensor) -> torch.Tensor:
     """(B, Sk) bool -> (B, 2) int32 [first real key, last real key + 1]; (0, 0) when none."""
-    sk = mask.shape[1]
-    if sk == 0:  # no keys at all (amax/amin reject an empty dim)
-        return torch.zeros(mask.shape[0], 2, dtype=torch.int32, device=mask.device)
-    idx = torch.arange(sk, device=mask.device, dtype=torch.int32)
-    last = torch.where(mask, idx + 1, 0).amax(1)
-    first = torch.minimum(torch.where(mask, idx, sk).amin(1), last)
-    return torch.stack([first, last], 1).to(torch.int32).contiguous()
+    global _key_range_cache
+    cached = _key_range_cache
+    versioned = not mask.is_inference()
+    if versioned and cached is not None and cached[0]() is mask and cached[1] == mask._version:
+        return cached[2]
+    b, sk = mask.shape
+    ranges = torch.empty(b, 2, dtype=torch.int32, device=mask.device)
+    if b > 0:
+        with on_device(mask.device):
+            _key_range_kernel[(b,)](mask.view(torch.uint8), ranges, sk, BLOCK=KEY_RANGE_BLOCK)
+    if versioned:
+        _key_range_cache = (weakref.ref(mask), mask._version, ranges)
+    return ranges
 
 
 def _mask_args(mask: Optional[torch.Tensor]):
@@ -394,12 +539,17 @@ def _mask_args(mask: Optional[torch.Tensor]):
 
 def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, has_mask=False) -> Optional[str]:
     """Why these kernels cannot serve the input, or None (every dropout, causal and mask setting
-    is served)."""
+    is served, and varlen as well)."""
     if dtype not in _DTYPES:
         return f"the Triton attention kernels take float16, bfloat16, float32, got {dtype}"
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         return f"the Triton attention kernels take head dims 1..{MAX_HEAD_DIM}, got {head_dim}"
     return None
+
+
+def flags(causal, dropout_p, dtype, has_mask=False, varlen=False) -> dict:
+    return dict(IS_CAUSAL=bool(causal), HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
+                IS_VARLEN=varlen, EXACT_DOT=exact_dot(dtype))
 
 
 def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
@@ -408,76 +558,91 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
     sk = k.shape[1]
     out = _alloc((b, sq, h, d), q.dtype, q.device)
     lse = _alloc((b, h, sq), torch.float32, q.device)
-    mask_u8, kv_range = _mask_args(mask)
+    with on_device(q.device):
+        mask_u8, kv_range = _mask_args(mask)
+        bd = block_d(d)
+        block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device))
+        _attn_fwd_kernel[(triton.cdiv(sq, block_m), h, b)](
+            q, k, v, out, lse, mask_u8, kv_range, None, None,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            h, sq, sk, d,
+            scale * LOG2E, float(dropout_p), int(seed),
+            **flags(causal, dropout_p, q.dtype, has_mask=mask is not None),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        )
+    return out, lse
+
+
+def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batch, seqlen_q,
+                    seqlen_k, lse_strides, causal, dropout_p, scale, seed, deterministic):
+    """The backward kernels for both layouts (dense: cu_q = cu_k = None; varlen: q, k, v, dout,
+    out are (total, H, D), seqlen_* the max_seqlen bounds). -> (dq, dk, dv)."""
+    varlen = cu_q is not None
+    h, d = q.shape[-2], q.shape[-1]
     bd = block_d(d)
-    block_m, block_n, warps, stages = fwd_config(bd, q.dtype)
-    grid = (triton.cdiv(sq, block_m), h, b)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, mask_u8, kv_range,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        h, sq, sk, d,
-        scale * LOG2E, float(dropout_p), int(seed),
-        IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-        EXACT_DOT=exact_dot(q.dtype),
+    gpu = arch(q.device)
+    kernel_flags = flags(causal, dropout_p, q.dtype, has_mask=mask_u8 is not None, varlen=varlen)
+    # varlen rows start at cu_seqlens: the "batch stride" argument is then the row stride
+    row_dim = 0 if varlen else 1
+    qkv_strides = tuple(s for t in (q, k, v) for s in (t.stride(0), t.stride(row_dim), t.stride(-2)))
+    do_strides = (dout.stride(0), dout.stride(row_dim), dout.stride(-2))
+
+    # delta = rowsum(dO * O): per row, so varlen runs it as one batch of total_q rows
+    delta = _alloc(lse.shape, torch.float32, q.device)
+    pre_rows = out.shape[0] if varlen else seqlen_q
+    pre_batch = 1 if varlen else batch
+    pre_strides = ((0,) + tuple(out.stride()[:2]), (0,) + tuple(dout.stride()[:2])) if varlen \
+        else (tuple(out.stride()[:3]), tuple(dout.stride()[:3]))
+    _attn_bwd_preprocess_kernel[(triton.cdiv(pre_rows, PREPROCESS_BLOCK_M), h, pre_batch)](
+        out, dout, delta, *pre_strides[0], *pre_strides[1],
+        h, pre_rows, d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd,
+    )
+
+    dk = _alloc(k.shape, k.dtype, k.device)
+    dv = _alloc(v.shape, v.dtype, v.device)
+    if deterministic:
+        dq = _alloc(q.shape, q.dtype, q.device)
+        dq_acc = None
+    else:
+        dq = None
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kg_strides = (dk.stride(0), dk.stride(row_dim), dk.stride(-2))
+
+    block_m, block_n, warps, stages = dkdv_config(bd, q.dtype, gpu)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, block_n), h, batch)](
+        q, k, v, dout, lse, delta, dq_acc, dk, dv, mask_u8, kv_range, cu_q, cu_k,
+        *qkv_strides, *do_strides, *kg_strides, *lse_strides,
+        h, seqlen_q, seqlen_k, d,
+        scale, scale * LOG2E, float(dropout_p), int(seed),
+        DQ_ATOMIC=not deterministic, **kernel_flags,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
-    return out, lse
+    if deterministic:
+        block_m, block_n, warps, stages = dq_config(bd, q.dtype, gpu)
+        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, block_m), h, batch)](
+            q, k, v, dout, lse, delta, dq, mask_u8, kv_range, cu_q, cu_k,
+            *qkv_strides, *do_strides, *lse_strides,
+            h, seqlen_q, seqlen_k, d,
+            scale, scale * LOG2E, float(dropout_p), int(seed),
+            **kernel_flags,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        )
+    else:
+        dq = dq_acc.to(q.dtype)
+    return dq, dk, dv
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
                        deterministic):
     """-> (dq, dk, dv), contiguous, in the shapes and dtypes of q, k, v."""
     b, sq, h, d = q.shape
-    sk = k.shape[1]
     dout = dout.contiguous()  # ops.py passes it contiguous; dQ shares its layout and strides
-    mask_u8, kv_range = _mask_args(mask)
-    bd = block_d(d)
-    flags = dict(IS_CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0.0,
-                 EXACT_DOT=exact_dot(q.dtype))
-    qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2))
-
-    delta = _alloc((b, h, sq), torch.float32, q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(sq, PREPROCESS_BLOCK_M), h, b)](
-        out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        h, sq, d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd,
-    )
-
-    dk = _alloc((b, sk, h, d), k.dtype, k.device)
-    dv = _alloc((b, sk, h, d), v.dtype, v.device)
-    if deterministic:
-        dq = _alloc((b, sq, h, d), q.dtype, q.device)
-        dq_acc = None
-    else:
-        dq = None
-        dq_acc = torch.zeros((b, sq, h, d), dtype=torch.float32, device=q.device)
-    do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
-
-    block_m, block_n, warps, stages = dkdv_config(bd, q.dtype)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(sk, block_n), h, b)](
-        q, k, v, dout, lse, delta, dq_acc, dk, dv, mask_u8, kv_range,
-        *qkv_strides, *do_strides,
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        h, sq, sk, d,
-        scale, scale * LOG2E, float(dropout_p), int(seed),
-        DQ_ATOMIC=not deterministic, **flags,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, num_warps=warps, num_stages=stages,
-    )
-    if deterministic:
-        block_m, block_n, warps, stages = dq_config(bd, q.dtype)
-        _attn_bwd_dq_kernel[(triton.cdiv(sq, block_m), h, b)](
-            q, k, v, dout, lse, delta, dq, mask_u8, kv_range,
-            *qkv_strides, *do_strides,
-            h, sq, sk, d,
-            scale, scale * LOG2E, float(dropout_p), int(seed),
-            **flags,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, num_warps=warps, num_stages=stages,
-        )
-    else:
-        dq = dq_acc.to(q.dtype)
-    return dq, dk, dv
+    with on_device(q.device):
+        mask_u8, kv_range = _mask_args(mask)
+        return launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, None, None, b, sq,
+                               k.shape[1], (lse.stride(0), lse.stride(1)), causal, dropout_p,
+                               scale, seed, use_deterministic(deterministic))
