@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--only ops|model] [--out DIR]
+"""python -m benchmarks [--quick] [--only ops|model|embeddings] [--out DIR]
 
 Times fastbert against what users run today, on this machine's device, side by side in one run,
 and writes <out>/<device>.csv, PNG plots and a table of ratios with their spread. See
@@ -14,7 +14,8 @@ from typing import List, Optional
 
 import torch
 
-from benchmarks import harness, report
+from benchmarks import harness, host_overhead, report
+from benchmarks.embeddings import embedding_cases, sentence_count
 from benchmarks.models import model_cases
 from benchmarks.suite import ceiling_cases, op_cases, sizes
 
@@ -28,7 +29,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
     p.add_argument("--quick", action="store_true", help="headline shapes only (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="toy shapes, seconds (a smoke test)")
-    p.add_argument("--only", choices=["ops", "model"], help="run only the op or the model benchmarks")
+    p.add_argument("--only", choices=["ops", "model", "embeddings"],
+                   help="run only the op, the model or the sentence-embedding benchmarks")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"output folder (default: {DEFAULT_OUT}; the committed results are "
                         f"written only with --out benchmarks/results)")
@@ -55,6 +57,8 @@ def plan(device: torch.device, cfg: dict, only: Optional[str]) -> List[harness.C
     cases += ops.get("attention", []) + ops.get("add_layer_norm", []) + ops.get("linear_bias_gelu", [])
     if only in (None, "model"):
         cases += model_cases(device, cfg)
+    if only in (None, "embeddings"):
+        cases += embedding_cases(device, cfg)
     cases += ops.get("attention_sweep", [])
     return cases
 
@@ -109,6 +113,7 @@ def run(args) -> int:
         return 2
     preset = "tiny" if args.tiny else "quick" if args.quick else "full"
     cfg = sizes(device, preset)
+    cfg["embedding_sentences"] = sentence_count(device, preset)
     if args.compile is not None:
         cfg["compile"] = args.compile
     if device.type == "cuda":
@@ -160,6 +165,11 @@ def run(args) -> int:
               f"them again (up to {args.repeats} more runs each)")
         repeat_unstable(cases, case_rows, device, timing, args.repeats, deadline, save)
     rows = all_rows()
+    if preset != "tiny" and args.only in (None, "ops") and (deadline is None
+                                                            or time.monotonic() < deadline):
+        host = host_overhead.run_in_subprocess(device)  # its own process: see its docstring
+        print(host_overhead.summary(host))
+        rows += host
 
     final = finalize(rows, ceilings)
     harness.write_csv(csv_path, final, meta)
