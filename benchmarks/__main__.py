@@ -16,7 +16,6 @@ import torch
 
 from benchmarks import harness, host_overhead, report
 from benchmarks.embeddings import embedding_cases, sentence_count
-from benchmarks.embeddings import embedding_cases, sentence_count
 from benchmarks.models import model_cases
 from benchmarks.suite import ceiling_cases, op_cases, sizes
 
