@@ -86,19 +86,20 @@ def _pooling_from_config(path: Path) -> str:
     return modes[0]
 
 
-def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], mode: str) -> torch.Tensor:
-    """(B, S, C) token vectors -> (B, C) in fp32. Padding positions (mask 0) never contribute.
-    attention_mask None means every position is a real token."""
-    hidden = hidden.float()
+def pool(rows: torch.Tensor, lengths: torch.Tensor, mode: str) -> torch.Tensor:
+    """(T, C) packed token vectors of B sequences laid end to end, `lengths` (B,) int64 (each >= 1)
+    -> (B, C) in fp32. Only real tokens exist in the packed rows, so padding never contributes."""
+    rows = rows.float()
+    batch, dim = lengths.numel(), rows.shape[1]
     if mode == "cls":
-        return hidden[:, 0]
-    if attention_mask is None:
-        return hidden.mean(1) if mode == "mean" else hidden.amax(1)
-    keep = attention_mask.bool()[..., None]  # (B, S, 1)
+        starts = torch.cumsum(lengths, 0) - lengths
+        return rows.index_select(0, starts)
+    sequence = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths)  # (T,)
     if mode == "mean":
-        return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return rows.new_zeros(batch, dim).index_add_(0, sequence, rows) / lengths[:, None]
     if mode == "max":
-        return hidden.masked_fill(~keep, float("-inf")).amax(1)
+        return rows.new_full((batch, dim), float("-inf")).scatter_reduce_(
+            0, sequence[:, None].expand(-1, dim), rows, "amax")
     raise ValueError(f"pool: mode expected one of {list(POOLING_MODES)}, got {mode!r}")
 
 
@@ -236,7 +237,8 @@ class SentenceEncoder:
                convert_to_numpy: bool = False):
         """(N, C) fp32 embeddings (on the CPU) of `texts`, in their order; a single string gives
         (C,). Texts are sorted by length and batched by at most `batch_size` texts and
-        `max_batch_tokens` padded tokens. normalize: L2-normalize (default: the checkpoint's).
+        `max_batch_tokens` tokens (counted as texts x the longest: the attention of a batch
+        costs that much on backends that run it on a padded grid). normalize: L2-normalize (default: the checkpoint's).
         show_progress: a tqdm bar (default: from 1024 texts, on a terminal)."""
         single = isinstance(texts, str)
         texts = _check_texts(texts, "SentenceEncoder.encode: texts")
@@ -256,9 +258,7 @@ class SentenceEncoder:
         try:
             with torch.inference_mode():
                 for batch in batches:
-                    input_ids, attention_mask = self._pad([ids[i] for i in batch], device)
-                    hidden = self.model(input_ids, attention_mask=attention_mask).last_hidden_state
-                    out[torch.tensor(batch, device=device)] = pool(hidden, attention_mask, self.pooling)
+                    out[torch.tensor(batch, device=device)] = self._embed_batch([ids[i] for i in batch])
                     if bar is not None:
                         bar.update(len(batch))
         finally:
@@ -271,18 +271,16 @@ class SentenceEncoder:
             out = out[0]
         return out.numpy() if convert_to_numpy else out
 
-    def _pad(self, rows: List[List[int]], device):
-        """(B, S) ids padded to the longest row, and the attention mask (None when no row is
-        padded: then the model needs no mask at all)."""
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, :len(r)] = torch.tensor(r)
-        if all(len(r) == length for r in rows):
-            return input_ids.to(device), None
+    def _embed_batch(self, rows: List[List[int]]) -> torch.Tensor:
+        """(B, C) pooled fp32 vectors of B token-id lists. The model gets them packed end to end
+        (input_ids (1, T) with cu_seqlens), so no work is spent on padding."""
+        device = self.device
         lengths = torch.tensor([len(r) for r in rows])
-        attention_mask = torch.arange(length)[None] < lengths[:, None]
-        return input_ids.to(device), attention_mask.to(device)
+        input_ids = torch.tensor([[t for r in rows for t in r]], device=device)  # (1, T)
+        cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(device, torch.int32)
+        out = self.model(input_ids, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()),
+                         return_packed=True)
+        return pool(out.last_hidden_state, lengths.to(device), self.pooling)  # rows (T, C)
 
     # ----------------------------------------------------------------------------------------
     # comparing

@@ -93,7 +93,7 @@ def test_unnormalized_and_numpy_outputs(minilm, mixed_sentences, st_reference):
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "cls"])
 def test_pooling_ignores_padding(minilm, mixed_sentences, pooling):
-    """Each text alone (no padding at all) gives what it gives inside a padded batch."""
+    """Each text alone gives what it gives inside a batch, and what the padded model gives."""
     encoder = SentenceEncoder(minilm.model, minilm.tokenizer, pooling=pooling, normalize=False,
                               max_length=minilm.max_length)
     texts = mixed_sentences[:12]
@@ -105,15 +105,25 @@ def test_pooling_ignores_padding(minilm, mixed_sentences, pooling):
     by_hand = {"mean": hidden.mean(0), "max": hidden.amax(0), "cls": hidden[0]}[pooling]
     torch.testing.assert_close(alone[0], by_hand)
     torch.testing.assert_close(batched, alone, atol=2e-5, rtol=1e-4)
+    # the padded model with its attention mask, pooled over the real tokens by hand
+    ids = [torch.tensor(x) for x in encoder.tokenize(texts)]
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
+    with torch.inference_mode():
+        hidden = encoder.model(torch.nn.utils.rnn.pad_sequence(ids, batch_first=True),
+                               attention_mask=mask, unpad=False).last_hidden_state
+    by_mask = torch.stack([{"mean": h[:n].mean(0), "max": h[:n].amax(0), "cls": h[0]}[pooling]
+                           for h, n in zip(hidden, mask.sum(1))])
+    torch.testing.assert_close(batched, by_mask, atol=2e-5, rtol=1e-4)
 
 
-def test_pool_masks_padding_and_handles_a_row_without_tokens():
-    hidden = torch.randn(2, 4, 3)
-    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
-    mean = sentence.pool(hidden, mask, "mean")
-    torch.testing.assert_close(mean[0], hidden[0, :2].mean(0))
-    assert torch.equal(mean[1], torch.zeros(3))  # no NaN from 0 / 0
-    torch.testing.assert_close(sentence.pool(hidden, mask, "max")[0], hidden[0, :2].amax(0))
+def test_pool_reduces_each_packed_sequence():
+    rows, lengths = torch.randn(6, 3), torch.tensor([2, 1, 3])
+    parts = rows.split(lengths.tolist())
+    torch.testing.assert_close(sentence.pool(rows, lengths, "mean"), torch.stack([p.mean(0) for p in parts]))
+    torch.testing.assert_close(sentence.pool(rows, lengths, "max"), torch.stack([p.amax(0) for p in parts]))
+    torch.testing.assert_close(sentence.pool(rows, lengths, "cls"), torch.stack([p[0] for p in parts]))
+    with pytest.raises(ValueError, match="pool: mode expected one of"):
+        sentence.pool(rows, lengths, "median")
 
 
 def test_batches_by_budget_sorts_and_respects_limits():
