@@ -1,53 +1,112 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the CUDA extension, print what is usable, run the gpu test tier,
-# run compute-sanitizer (memcheck, racecheck) on a small case, run the benchmarks. Everything lands
-# flat in OUTDIR: log.txt (build, info, benchmark output), tests.txt, sanitizer.txt, <device>.csv
-# and three PNGs.
+# One call on a GPU machine, sized for 7 minutes on an H100/H200 (GPU_CHECK_SECONDS, default 400),
+# most valuable results first, so that a run cut short still reports them:
+#   1. device and versions                               (seconds)
+#   2. CUDA extension build for this GPU's arch only, all cores, in the background;
+#      meanwhile the Triton gpu tests (they need no extension)
+#   3. fastbert.info, then the remaining gpu tests (CUDA backend, model)
+#   4. the quick benchmarks -> <device>.csv (written case by case) and the host-overhead numbers
+#   5. compute-sanitizer memcheck (then racecheck, time allowing) on a small case
+#   6. a summary that fits one screen (also in summary.txt)
+# Every stage runs under `timeout`, capped by the time left. Everything lands flat in OUTDIR:
+# summary.txt, log.txt (device, build, info, benchmarks), tests.txt, sanitizer.txt, <device>.csv
+# and the benchmark PNGs (8 files at most: what a device call brings back).
 #
-#   scripts/gpu_check.sh OUTDIR          # the quick benchmark suite; about 9 minutes in all
-#   scripts/gpu_check.sh OUTDIR full     # the full suite (give it more time: GPU_CHECK_SECONDS)
-#
-# Each step has a time limit so that a hang in one still leaves the others' logs; the benchmark
-# step gets whatever time is left and stops starting new cases before it runs out.
+#   scripts/gpu_check.sh OUTDIR          # quick benchmark suite
+#   scripts/gpu_check.sh OUTDIR full     # full suite (give it more time: GPU_CHECK_SECONDS)
 set -uo pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [full]}
 SUITE=--quick
 [[ "${2:-}" == "full" ]] && SUITE=""
-TOTAL=${GPU_CHECK_SECONDS:-540}
+TOTAL=${GPU_CHECK_SECONDS:-400}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-LOG=$OUT/log.txt
+LOG=$OUT/log.txt TESTS=$OUT/tests.txt SAN=$OUT/sanitizer.txt SUMMARY=$OUT/summary.txt
+: > "$LOG"; : > "$TESTS"; : > "$SAN"
 START=$SECONDS
+PY=$(command -v python3 || command -v python)
+export PYTHONUNBUFFERED=1
+NPROC=$(nproc 2>/dev/null || echo 4)
 
 left() { echo $(( TOTAL - (SECONDS - START) )); }
-limit() { local want=$1 l; l=$(left); (( l - 60 < want )) && want=$(( l - 60 )); (( want < 10 )) && want=10; echo "$want"; }
+# limit WANT [RESERVE]: at most WANT seconds, leaving RESERVE (default 20) for what follows
+limit() { local want=$1 reserve=${2:-20} l; l=$(( $(left) - reserve )); (( l < want )) && want=$l; (( want < 5 )) && want=5; echo "$want"; }
 step() { echo; echo "== $* ($(date -u +%H:%M:%S) UTC, $(left) s left)"; }
+declare -A STAGE_S STAGE_RC
+run_stage() {  # run_stage NAME SECONDS cmd...: timed, its exit status kept for the summary
+    local name=$1 secs=$2 t0=$SECONDS; shift 2
+    timeout --kill-after=5 "$secs" "$@"
+    STAGE_RC[$name]=$?
+    STAGE_S[$name]=$(( SECONDS - t0 ))
+    (( STAGE_RC[$name] == 124 || STAGE_RC[$name] == 137 )) && echo "!! $name stopped at its ${secs} s limit"
+    progress "$name exit ${STAGE_RC[$name]} after ${STAGE_S[$name]} s"
+    return 0
+}
+# one line per stage on the terminal as it ends, for a run cut short before the summary
+progress() { echo "[gpu_check $(( SECONDS - START )) s] $*" >&3; }
+exec 3>&1
 
+# ---- 1. device ---------------------------------------------------------------------------
 {
     step "device"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__); print('cuda available:', torch.cuda.is_available())"
+} >> "$LOG" 2>&1
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA GPU is visible to torch here; nothing to check (see $LOG)" | tee "$SUMMARY"
+    tail -n 5 "$LOG"
+    exit 2
+fi
+CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
+[[ -z "$CAP" ]] && CAP=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+ARCH=$CAP; [[ "$CAP" == 90 ]] && ARCH=90a  # wgmma needs the arch-specific target
 
-    step "build (pip install --no-build-isolation -e .; the machine has no package registry)"
-    timeout "$(limit 240)" pip install --no-build-isolation --no-deps -e . > "$OUT/build.tmp" 2>&1
-    echo "build exit status: $?"
-    tail -n 60 "$OUT/build.tmp"
-    rm -f "$OUT/build.tmp"
-
-    step "python -m fastbert.info"
-    timeout 60 python -m fastbert.info
-} > "$LOG" 2>&1
+# ---- 2. build in the background, Triton gpu tests meanwhile -------------------------------
+BUILD_T0=$SECONDS
+( FASTBERT_CUDA_ARCHS=$ARCH CMAKE_BUILD_PARALLEL_LEVEL=$NPROC MAX_JOBS=$NPROC \
+      timeout --kill-after=5 "$(limit 200 180)" "$PY" setup.py build_ext --inplace > "$OUT/build.tmp" 2>&1
+  echo $? > "$OUT/build.rc" ) &
+BUILD_PID=$!
 
 {
-    step "gpu test tier: python -m pytest -m gpu -q"
-    timeout "$(limit 150)" python -m pytest -m gpu -q -rs -p no:cacheprovider --durations=10
-    echo "pytest exit status: $?"
-} > "$OUT/tests.txt" 2>&1
+    step "gpu tests, Triton backend (while the extension builds): pytest -m gpu tests/test_triton_*.py"
+    run_stage triton_tests "$(limit 150 170)" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
+        --tb=short --durations=5 tests/test_triton_*.py
+    echo "pytest exit status: ${STAGE_RC[triton_tests]}"
+} >> "$TESTS" 2>&1
 
-# A small case with odd sizes (partial tiles everywhere) on the CUDA backend, or on Triton when the
-# extension is not usable, forward and backward of every op.
+wait "$BUILD_PID"
+STAGE_RC[build]=$(cat "$OUT/build.rc" 2>/dev/null || echo 1)
+STAGE_S[build]=$(( SECONDS - BUILD_T0 ))
+progress "build exit ${STAGE_RC[build]} after ${STAGE_S[build]} s"
+{
+    step "build: FASTBERT_CUDA_ARCHS=$ARCH setup.py build_ext --inplace (-j $NPROC): exit ${STAGE_RC[build]}, ${STAGE_S[build]} s"
+    tail -n 40 "$OUT/build.tmp"
+    rm -f "$OUT/build.tmp" "$OUT/build.rc"
+    step "python -m fastbert.info"
+    run_stage info "$(limit 60 150)" "$PY" -m fastbert.info
+} >> "$LOG" 2>&1
+
+# ---- 3. the other gpu tests (CUDA backend, model, ops) -------------------------------------
+{
+    step "gpu tests, the rest: pytest -m gpu (not the Triton files)"
+    run_stage gpu_tests "$(limit 120 140)" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
+        --tb=short --durations=5 --ignore-glob='tests/test_triton_*.py' tests
+    echo "pytest exit status: ${STAGE_RC[gpu_tests]}"
+} >> "$TESTS" 2>&1
+
+# ---- 4. quick benchmarks (CSV written case by case, so a cut run keeps what it measured) ----
+{
+    BUDGET=$(( $(left) - 90 ))
+    (( BUDGET < 30 )) && BUDGET=30
+    step "python -m benchmarks $SUITE --out OUTDIR --budget $BUDGET"
+    run_stage benchmarks "$(( BUDGET + 45 ))" "$PY" -m benchmarks $SUITE --out "$OUT" --budget "$BUDGET"
+    echo "benchmarks exit status: ${STAGE_RC[benchmarks]}"
+} >> "$LOG" 2>&1
+
+# ---- 5. compute-sanitizer on a small case: odd sizes, partial tiles, every op fwd + bwd --------
 SANITIZE_PY=$(mktemp /tmp/fastbert_sanitize.XXXXXX.py)
 cat > "$SANITIZE_PY" <<'EOF'
 import torch
@@ -55,25 +114,26 @@ import fastbert
 from fastbert import cuda
 
 reason = cuda.unavailable_reason()
-backend = "cuda" if reason is None else "triton"
-print(f"backend {backend}" + ("" if reason is None else f" (cuda unusable: {reason})"))
+backends = ["triton"] + (["cuda"] if reason is None else [])
+print(f"backends {backends}" + ("" if reason is None else f" (cuda unusable: {reason})"))
 torch.manual_seed(0)
 dev, dt = "cuda", torch.bfloat16
 b, s, h, d = 2, 70, 3, 64
 q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
 mask = torch.arange(s, device=dev)[None, :] < torch.tensor([s, 33], device=dev)[:, None]
-for kw in (dict(), dict(causal=True), dict(dropout_p=0.1)):
-    out = fastbert.attention(q, k, v, mask, backend=backend, **kw)
-    out.backward(torch.randn_like(out))
 x, r = (torch.randn(37, 96, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
 w = torch.randn(96, device=dev, dtype=dt, requires_grad=True)
 bias = torch.randn(96, device=dev, dtype=dt, requires_grad=True)
-y = fastbert.add_layer_norm(x, r, w, bias, dropout_p=0.1, backend=backend)
-y.backward(torch.randn_like(y))
 w2 = torch.randn(200, 96, device=dev, dtype=dt, requires_grad=True)
 b2 = torch.randn(200, device=dev, dtype=dt, requires_grad=True)
-z = fastbert.linear_bias_gelu(x, w2, b2, backend=backend)
-z.backward(torch.randn_like(z))
+for backend in backends:
+    for kw in (dict(), dict(causal=True), dict(dropout_p=0.1)):
+        out = fastbert.attention(q, k, v, mask, backend=backend, **kw)
+        out.backward(torch.randn_like(out))
+    y = fastbert.add_layer_norm(x, r, w, bias, dropout_p=0.1, backend=backend)
+    y.backward(torch.randn_like(y))
+    z = fastbert.linear_bias_gelu(x, w2, b2, backend=backend)
+    z.backward(torch.randn_like(z))
 torch.cuda.synchronize()
 print("sanitizer case finished")
 EOF
@@ -83,26 +143,46 @@ SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sani
         echo "compute-sanitizer not found: not run"
     else
         for tool in memcheck racecheck; do
+            (( $(left) < 25 )) && { echo "compute-sanitizer $tool: not run, no time left"; continue; }
             step "compute-sanitizer --tool $tool"
-            timeout "$(limit 90)" "$SANITIZER" --tool "$tool" --print-limit 20 --error-exitcode 3 \
-                python "$SANITIZE_PY"
-            echo "compute-sanitizer $tool exit status: $? (0 = clean, 3 = errors found, 124 = timed out)"
+            run_stage "sanitizer_$tool" "$(limit 90 10)" "$SANITIZER" --tool "$tool" --print-limit 20 \
+                --error-exitcode 3 "$PY" "$SANITIZE_PY"
+            echo "compute-sanitizer $tool exit status: ${STAGE_RC[sanitizer_$tool]} (0 = clean, 3 = errors found, 124 = timed out)"
         done
     fi
-} > "$OUT/sanitizer.txt" 2>&1
+} >> "$SAN" 2>&1
 rm -f "$SANITIZE_PY"
 
+# ---- 6. summary: one screen --------------------------------------------------------------
 {
-    BUDGET=$(( $(left) - 45 ))
-    (( BUDGET < 30 )) && BUDGET=30
-    step "python -m benchmarks $SUITE --out OUTDIR --budget $BUDGET"
-    timeout "$(( BUDGET + 30 ))" python -m benchmarks $SUITE --out "$OUT" --budget "$BUDGET"
-    echo "benchmarks exit status: $?"
-    step "done"
-} >> "$LOG" 2>&1
-
-# the summary, for whoever reads only this call's output
-ls -l "$OUT"
-tail -n 3 "$OUT/tests.txt"
-grep -E "^backend|ERROR SUMMARY|exit status|not found" "$OUT/sanitizer.txt"
-sed -n '/^measured ceilings/,$p' "$LOG" | tail -n 120
+    echo "== gpu_check summary ($(( SECONDS - START )) s of $TOTAL s)"
+    sed -n '/== device/,/cuda available/p' "$LOG" | grep -v "^==" | grep -v "^$" | head -n 4
+    for s in build triton_tests info gpu_tests benchmarks sanitizer_memcheck sanitizer_racecheck; do
+        [[ -n "${STAGE_RC[$s]:-}" ]] && printf '%-20s exit %-3s %4s s\n' "$s" "${STAGE_RC[$s]}" "${STAGE_S[$s]}"
+    done
+    echo "-- tests (tests.txt)"
+    grep -E "^(FAILED|ERROR) " "$TESTS" | cut -c1-160 | head -n 10
+    grep -E "(passed|failed|skipped|error|no tests ran).* in [0-9.]+s" "$TESTS" | cut -c1-160
+    echo "-- benchmarks (log.txt; CSV in OUTDIR)"
+    "$PY" - "$OUT" <<'EOF' 2>&1 | head -n 18
+import csv, glob, sys
+from collections import defaultdict
+files = [f for f in glob.glob(sys.argv[1] + "/*.csv")]
+if not files:
+    print("no CSV written"); sys.exit()
+times = defaultdict(dict)
+for row in csv.DictReader(open(files[0])):
+    if row["metric"] == "time_ms" and row["mode"] in ("fwd+bwd", "train", "infer"):
+        times[(row["op"], row["mode"], row["shape"])][row["provider"]] = float(row["value"])
+print(f"{files[0].split('/')[-1]}, training and inference: ms (fastbert-triton / fastbert-cuda | best other)")
+for (op, mode, shape), t in list(times.items())[:16]:
+    ours = " / ".join(f"{t[p]:.3g}" if p in t else "-" for p in ("fastbert-triton", "fastbert-cuda"))
+    others = {p: v for p, v in t.items() if not p.startswith("fastbert")}
+    best = min(others, key=others.get) if others else None
+    print(f"  {op} {mode} {shape}: {ours} | " + (f"{others[best]:.3g} {best}" if best else "-"))
+EOF
+    grep -A5 "^host overhead per layer" "$LOG" | cut -c1-160
+    echo "-- sanitizer (sanitizer.txt)"
+    grep -E "^backends|ERROR SUMMARY|exit status|not found|not run" "$SAN" | cut -c1-160
+} > "$SUMMARY" 2>&1
+cat "$SUMMARY"
