@@ -1,8 +1,9 @@
 """Triton variable-length (packed) attention vs fastbert.reference applied per sequence.
 
-- interpreter: `TRITON_INTERPRET=1 python -m pytest -m interpreter tests/test_triton_attention_varlen.py`
-  (odd lengths 0, 1, 17, 130 mixed in one batch, causal and not, head dims 16..64, every dtype)
-- compile: the varlen kernel variants compile ahead of time for sm_80 and sm_90, without spills
+- interpreter: the kernels on CPU tensors under TRITON_INTERPRET=1 (`TRITON_INTERPRET=1 python -m
+  pytest -m interpreter tests/test_triton_attention_varlen.py`): lengths 0, 1, 17, 130 mixed in one
+  batch, causal and not, head dims 16..64, every dtype, dropout, both dQ paths
+- compile: the varlen kernel variants compile ahead of time for sm_80 and sm_90
 
 Kernel-level checks call fastbert.triton.attention_varlen directly, with the arguments ops.py
 passes after validation (q, k, v (total, H, D) with unit last stride, int32 cu_seqlens).

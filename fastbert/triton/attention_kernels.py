@@ -1,0 +1,444 @@
+"""Fused scaled-dot-product attention in Triton, FlashAttention-2 style: the kernels.
+attention.py launches them on the padded (dense) layout, attention_varlen.py on packed sequences.
+
+Layouts: dense q (B, Sq, H, D), k and v (B, Sk, H, D); varlen (IS_VARLEN) q (total_q, H, D), k and
+v (total_k, H, D) with sequence b at rows cu_seqlens[b]:cu_seqlens[b + 1]. Any strides but a unit
+last one (views of one packed QKV projection, never copied). One program handles one tile of
+queries (forward, dQ) or keys (dK/dV) of one (sequence, head): grid (tiles, H, B), so B * H is not
+bound by CUDA's 65535 limit on the grid's y and z. Varlen grids cover max_seqlen; a program whose
+tile starts past its own sequence's end returns at once, and key loops cover only its sequence.
+
+- Forward: online softmax over key tiles in base 2 (exp2 is one instruction; the scale carries
+  log2(e)), fp32 accumulation, and the log-sum-exp saved per query (natural log, +inf for a query
+  that sees no key, whose output is 0).
+- Backward: a preprocess computes delta = rowsum(dO * O); one kernel per key tile recomputes
+  P = exp(S - lse) and accumulates dV = P^T dO and dK = dS^T Q, where dS = P * (dP - delta).
+  dQ either goes out from that same kernel by fp32 atomics (fast, order-dependent) or, with
+  deterministic=True or torch.use_deterministic_algorithms(True), from a second pass over query
+  tiles with no atomics (bitwise reproducible).
+- Skipped work: the key-padding mask is reduced on the device to a per-batch range of real keys
+  [first, last + 1] (one small kernel, cached for the mask tensor until it is modified, so
+  backward reuses forward's); key tiles outside it (right or left padding, the common cases) and
+  tiles entirely above the causal diagonal are never visited. Holes inside the range are masked
+  element-wise.
+- Dropout acts on the normalised probabilities with philox (`tl.rand`), keyed by the call's seed
+  plus (batch * H + head) and the counter query * Sk + key (varlen: local query * max_seqlen_k +
+  local key), so backward regenerates the same mask. The kernels do not specialise on the seed
+  (it changes every call; specialising on its value would only multiply compiled variants).
+- Constexpr flags IS_CAUSAL / HAS_MASK / HAS_DROPOUT / IS_VARLEN compile each variant to the
+  minimum. Head dims are padded to a power of two (at least 16, the smallest tl.dot) with masked
+  loads and stores.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# the same constants as kernel-visible globals (Triton kernels may only read constexpr globals)
+LOG2E_K = tl.constexpr(LOG2E)
+LN2_K = tl.constexpr(0.6931471805599453)
+
+# Triton's interpreter computes bf16 tl.dot wrongly (numpy has no bf16, it multiplies the raw
+# bits), so under TRITON_INTERPRET=1 bf16 dot operands are upcast to fp32 first.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _dot(a, b, acc, EXACT_DOT: tl.constexpr):
+    """acc + a @ b in fp32. EXACT_DOT: multiply in fp32 with IEEE precision (fp32 inputs, where
+    TF32 would miss the 1e-5 target, and bf16 in the interpreter, see _INTERPRET)."""
+    if EXACT_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mm(a, b, EXACT_DOT: tl.constexpr):
+    """a @ b in fp32, from no accumulator (the MMA starts from zero; no zero tile to write)."""
+    if EXACT_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first query row, first key row, query count, key count) of sequence off_b. Dense: the
+    rows start at the batch stride, so (0, 0, Sq, Sk); varlen: read from cu_seqlens."""
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqQ + off_b)
+        len_q = tl.load(CuSeqQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqK + off_b)
+        len_k = tl.load(CuSeqK + off_b + 1) - k_start
+    else:
+        q_start = 0
+        len_q = seqlen_q
+        k_start = 0
+        len_k = seqlen_k
+    return q_start, k_start, len_q, len_k
+
+
+@triton.jit
+def _rows(Base, off_b, row_start, stride_b, IS_VARLEN: tl.constexpr):
+    """Base pointer of sequence off_b: batch stride (dense) or first row (varlen; stride_b is
+    then the row stride)."""
+    if IS_VARLEN:
+        return Base + row_start.to(tl.int64) * stride_b
+    else:
+        return Base + off_b.to(tl.int64) * stride_b
+
+
+@triton.jit
+def _key_range(KvRange, off_b, seqlen_k, HAS_MASK: tl.constexpr):
+    """[lo, hi): the keys of batch off_b that may be real (all of them without a mask)."""
+    if HAS_MASK:
+        lo = tl.load(KvRange + off_b * 2)
+        hi = tl.load(KvRange + off_b * 2 + 1)
+    else:
+        lo = 0
+        hi = seqlen_k
+    return lo, hi
+
+
+@triton.jit
+def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
+             IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Which keys cols_n the queries rows_m may see, in their broadcast shape: (M, 1) and (1, N)
+    give (M, N); (1, M) and (N, 1) give the transposed tile directly (no layout conversion)."""
+    visible = (cols_n < seqlen_k) & (rows_m >= 0)
+    if HAS_MASK:
+        real = tl.load(Mask + off_b * seqlen_k + cols_n, mask=cols_n < seqlen_k, other=0)
+        visible = visible & (real != 0)
+    if IS_CAUSAL:  # bottom-right aligned: query i sees keys j <= i + Sk - Sq
+        visible = visible & (cols_n <= rows_m + (seqlen_k - seqlen_q))
+    return visible
+
+
+@triton.jit
+def _uniform(bits):
+    """uint32 random bits -> uniform float in [0, 1) (the top 24 bits, exact in fp32)."""
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _dropout_keep(seed, off_bh, start_m, cols, row_stride, dropout_p, BLOCK_M: tl.constexpr,
+                  KEYS_FIRST: tl.constexpr):
+    """Keep-mask of queries start_m + [0, BLOCK_M) x keys `cols`, the same for the same
+    (seed, batch*head, query, key): (M, N), or (N, M) with KEYS_FIRST (dK/dV's transposed tile).
+    One philox call gives 4 words, used by 4 consecutive queries (start_m is a multiple of 4):
+    a quarter of the generator's work and registers. Counter: (query // 4) * row_stride + key,
+    row_stride = Sk (dense) or max_seqlen_k (varlen)."""
+    groups = start_m // 4 + tl.arange(0, BLOCK_M // 4)
+    if KEYS_FIRST:
+        r0, r1, r2, r3 = tl.randint4x(seed + off_bh, cols[:, None] + groups[None, :] * row_stride)
+        # (N, M/4, 2, 2) -> (N, M): query 4 * group + 2 * a + b takes word 2 * a + b
+        bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (cols.shape[0], BLOCK_M))
+    else:
+        r0, r1, r2, r3 = tl.randint4x(seed + off_bh, groups[:, None] * row_stride + cols[None, :])
+        words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (M/4, N, 2, 2)
+        bits = tl.reshape(tl.permute(words, (0, 2, 3, 1)), (BLOCK_M, cols.shape[0]))
+    return _uniform(bits) >= dropout_p
+
+
+@triton.jit
+def _key_range_kernel(Mask, KvRange, seqlen_k, BLOCK: tl.constexpr):
+    """KvRange[b] = [first real key, last real key + 1] of mask row b; (0, 0) when none."""
+    off_b = tl.program_id(0)
+    cols0 = tl.arange(0, BLOCK)
+    first = tl.full([BLOCK], seqlen_k, tl.int32)
+    last = tl.zeros([BLOCK], tl.int32)
+    row = Mask + off_b.to(tl.int64) * seqlen_k
+    for start in range(0, seqlen_k, BLOCK):
+        cols = start + cols0
+        real = tl.load(row + cols, mask=cols < seqlen_k, other=0) != 0
+        first = tl.minimum(first, tl.where(real, cols, seqlen_k))
+        last = tl.maximum(last, tl.where(real, cols + 1, 0))
+    hi = tl.max(last, 0)
+    lo = tl.minimum(tl.min(first, 0), hi)
+    tl.store(KvRange + off_b * 2, lo)
+    tl.store(KvRange + off_b * 2 + 1, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, Mask, KvRange, CuSeqQ, CuSeqK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,  # lse: (B, H, Sq) dense, (H, total_q) varlen (stride_lb unused)
+    n_heads, seqlen_q, seqlen_k, head_dim,  # varlen: seqlen_* are the max_seqlen bounds
+    qk_scale,  # softmax scale * log2(e)
+    dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, EXACT_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * n_heads + off_h
+    q_start, k_start, len_q, len_k = _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k,
+                                               IS_VARLEN)
+    if IS_VARLEN:
+        if start_m * BLOCK_M >= len_q:  # the grid covers max_seqlen_q; this sequence is shorter
+            return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    row_ok = offs_m < len_q
+
+    q_base = _rows(Q, off_b, q_start, stride_qb, IS_VARLEN) + off_h * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = _rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh
+    v_base = _rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
+
+    lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
+    if IS_CAUSAL:  # the block's last query sees keys below min(Sq, end of block) + Sk - Sq
+        hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mm(q, tl.trans(k), EXACT_DOT) * qk_scale
+        visible = _visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k, IS_CAUSAL,
+                           HAS_MASK)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:  # normalise with every probability, then drop (1/(1-p) applied at the end)
+            keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
+                                 BLOCK_M, False)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc, EXACT_DOT)
+        m_i = m_new
+
+    empty = l_i == 0.0  # the query sees no key: out = 0, lse = +inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2_K)
+    o_base = _rows(Out, off_b, q_start, stride_ob, IS_VARLEN) + off_h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    lse_base = Lse + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
+    tl.store(lse_base + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DOut, Delta,
+    stride_ob, stride_os, stride_oh,
+    stride_db, stride_ds, stride_dh,
+    n_heads, seqlen_q, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O) per query, fp32, (B, H, Sq). Varlen runs it as one batch of
+    total_q rows: its (1, H, total_q) is the varlen (H, total_q) layout."""
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * n_heads + off_h
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    o = tl.load(Out + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
+                + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + off_b.to(tl.int64) * stride_db + off_h * stride_dh
+                 + offs_m[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + off_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, DK, DV, Mask, KvRange, CuSeqQ, CuSeqK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh,  # dout, dq (same contiguous layout)
+    stride_kgb, stride_kgs, stride_kgh,  # dk, dv (same contiguous layout)
+    stride_lb, stride_lh,  # lse and delta (same layout)
+    n_heads, seqlen_q, seqlen_k, head_dim,
+    sm_scale, qk_scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, EXACT_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV for one key tile (and, with DQ_ATOMIC, its share of dQ added atomically)."""
+    start_n = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * n_heads + off_h
+    q_start, k_start, len_q, len_k = _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k,
+                                               IS_VARLEN)
+    if IS_VARLEN:
+        if start_n * BLOCK_N >= len_k:
+            return
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+
+    kv_mask = (offs_n[:, None] < len_k) & d_ok[None, :]
+    k = tl.load(_rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh
+                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(_rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
+                + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    q_base = _rows(Q, off_b, q_start, stride_qb, IS_VARLEN) + off_h * stride_qh
+    do_base = _rows(DOut, off_b, q_start, stride_db, IS_VARLEN) + off_h * stride_dh
+    lse_offset = off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
+    lse_base = Lse + lse_offset
+    delta_base = Delta + lse_offset
+
+    # Query tiles to visit: all, less those entirely before the causal diagonal; none when this
+    # key tile lies outside the batch's range of real keys (its dK, dV are zero).
+    lo = 0
+    hi = len_q
+    if IS_CAUSAL:  # key j is seen by queries i >= j - (Sk - Sq)
+        lo = tl.maximum(start_n * BLOCK_N - (len_k - len_q), 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_MASK:
+        key_lo, key_hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
+        live = (start_n * BLOCK_N < key_hi) & ((start_n + 1) * BLOCK_N > key_lo)
+        hi = tl.where(live, len_q, 0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < len_q
+        qo_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qo_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], mask=qo_mask,
+                     other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # +inf makes P = 0
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        # recompute P^T (N, M) from the saved log-sum-exp
+        st = _mm(k, tl.trans(q), EXACT_DOT)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E_K)
+        visible = _visible(offs_m[None, :], offs_n[:, None], Mask, off_b, len_q, len_k,
+                           IS_CAUSAL, HAS_MASK)
+        pt = tl.where(visible, pt, 0.0)
+        dpt = _mm(v, tl.trans(do), EXACT_DOT)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, off_bh, start_m, offs_n, seqlen_k, dropout_p, BLOCK_M,
+                                 True)
+            # dV = (P * keep)^T dO / (1 - p): the scale goes on at the end
+            dv = _dot(tl.where(keep, pt, 0.0).to(do.dtype), do, dv, EXACT_DOT)
+            dpt = tl.where(keep, dpt * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            dv = _dot(pt.to(do.dtype), do, dv, EXACT_DOT)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = _dot(dst, q, dk, EXACT_DOT)
+        if DQ_ATOMIC:
+            dq_base = _rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + off_h * stride_dh
+            dq = _mm(tl.trans(dst), k, EXACT_DOT)
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_ds + offs_d[None, :], dq * sm_scale,
+                          mask=qo_mask, sem="relaxed")  # a sum: no ordering needed
+
+    kg_offs = off_h * stride_kgh + offs_n[:, None] * stride_kgs + offs_d[None, :]
+    tl.store(_rows(DK, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    if HAS_DROPOUT:
+        dv = dv * (1.0 / (1.0 - dropout_p))
+    tl.store(_rows(DV, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, Mask, KvRange, CuSeqQ, CuSeqK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh,  # dout, dq (same contiguous layout)
+    stride_lb, stride_lh,  # lse and delta (same layout)
+    n_heads, seqlen_q, seqlen_k, head_dim,
+    sm_scale, qk_scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, EXACT_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ for one query tile, summing over key tiles in a fixed order (deterministic)."""
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_bh = off_b * n_heads + off_h
+    q_start, k_start, len_q, len_k = _sequence(CuSeqQ, CuSeqK, off_b, seqlen_q, seqlen_k,
+                                               IS_VARLEN)
+    if IS_VARLEN:
+        if start_m * BLOCK_M >= len_q:
+            return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    row_ok = offs_m < len_q
+    qo_mask = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(_rows(Q, off_b, q_start, stride_qb, IS_VARLEN) + off_h * stride_qh
+                + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qo_mask, other=0.0)
+    do_offs = off_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :]
+    do = tl.load(_rows(DOut, off_b, q_start, stride_db, IS_VARLEN) + do_offs, mask=qo_mask,
+                 other=0.0)
+    lse_offset = off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
+    lse = tl.load(Lse + lse_offset + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + lse_offset + offs_m, mask=row_ok, other=0.0)
+    k_base = _rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh
+    v_base = _rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
+
+    lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mm(q, tl.trans(k), EXACT_DOT)
+        p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E_K)
+        visible = _visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k, IS_CAUSAL,
+                           HAS_MASK)
+        p = tl.where(visible, p, 0.0)
+        dp = _mm(do, tl.trans(v), EXACT_DOT)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
+                                 BLOCK_M, False)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = _dot(ds, k, dq, EXACT_DOT)
+    tl.store(_rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + do_offs,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qo_mask)
