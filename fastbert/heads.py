@@ -32,20 +32,25 @@ Tensor = torch.Tensor
 @dataclass
 class BertForPreTrainingOutput(ModelOutput):
     loss: Optional[Tensor] = None
-    prediction_logits: Tensor = None  # (B, S, V)
+    prediction_logits: Tensor = None  # (B, S, V); None with return_logits=False
     seq_relationship_logits: Tensor = None  # (B, 2)
+    # with return_logits=False: (M, V) logits at the M labelled positions, in row-major order
+    # (labels[labels != -100] are their targets)
+    labelled_logits: Optional[Tensor] = None
 
 
 @dataclass
 class MaskedLMOutput(ModelOutput):
     loss: Optional[Tensor] = None
-    logits: Tensor = None  # (B, S, V)
+    logits: Tensor = None  # (B, S, V); None with return_logits=False
+    labelled_logits: Optional[Tensor] = None  # (M, V), see BertForPreTrainingOutput
 
 
 @dataclass
 class CausalLMOutput(ModelOutput):
     loss: Optional[Tensor] = None
-    logits: Tensor = None  # (B, S, V)
+    logits: Tensor = None  # (B, S, V); None with return_logits=False
+    labelled_logits: Optional[Tensor] = None  # (M, V) where the shifted labels are set
 
 
 @dataclass
@@ -104,17 +109,18 @@ def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
 
 
 def _token_logits(head: nn.Module, out, labels: Optional[Tensor], return_logits: bool):
-    """(logits on the (B, S) grid or None, loss or None) of a per-token vocabulary head over the
-    encoder's rows `out.last_hidden_state` (N, C). Without logits wanted, only labelled rows run."""
+    """(logits on the (B, S) grid or None, loss or None, labelled-row logits or None) of a
+    per-token vocabulary head over the encoder's rows `out.last_hidden_state` (N, C). Without
+    logits wanted (and labels given), the head runs on the labelled rows only."""
     rows, packed = out.last_hidden_state, out.packed
     row_labels = packed.rows(labels) if labels is not None else None  # (N,)
     if row_labels is not None and not return_logits:
         chosen = torch.nonzero(row_labels != -100).flatten()  # one host sync: the label count
-        return None, _cross_entropy(head(rows.index_select(0, chosen)),
-                                    row_labels.index_select(0, chosen))
+        labelled = head(rows.index_select(0, chosen))  # (M, V)
+        return None, _cross_entropy(labelled, row_labels.index_select(0, chosen)), labelled
     logits = head(rows)  # (N, V)
     loss = _cross_entropy(logits, row_labels) if row_labels is not None else None
-    return packed.grid(logits), loss
+    return packed.grid(logits), loss, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,13 +144,12 @@ class BertForPreTraining(BertPreTrainedModel):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         return_packed=True, **packing)
         seq_relationship_logits = self.cls["seq_relationship"](out.pooler_output)  # (B, 2)
-        mlm_labels = labels if next_sentence_label is not None else None
-        prediction_logits, mlm_loss = _token_logits(self.cls["predictions"], out, mlm_labels,
-                                                    return_logits)  # (B, S, V)
+        prediction_logits, mlm_loss, labelled = _token_logits(self.cls["predictions"], out, labels,
+                                                              return_logits)  # (B, S, V)
         loss = None
-        if mlm_loss is not None:
+        if mlm_loss is not None and next_sentence_label is not None:
             loss = mlm_loss + _cross_entropy(seq_relationship_logits, next_sentence_label)
-        return BertForPreTrainingOutput(loss, prediction_logits, seq_relationship_logits)
+        return BertForPreTrainingOutput(loss, prediction_logits, seq_relationship_logits, labelled)
 
 
 class BertForMaskedLM(BertPreTrainedModel):
@@ -158,8 +163,8 @@ class BertForMaskedLM(BertPreTrainedModel):
                 labels=None, return_logits: bool = True, **packing):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         return_packed=True, **packing)
-        logits, loss = _token_logits(self.cls["predictions"], out, labels, return_logits)
-        return MaskedLMOutput(loss, logits)  # logits (B, S, V)
+        logits, loss, labelled = _token_logits(self.cls["predictions"], out, labels, return_logits)
+        return MaskedLMOutput(loss, logits, labelled)  # logits (B, S, V)
 
 
 class BertForNextSentencePrediction(BertPreTrainedModel):
@@ -264,8 +269,8 @@ class BertLMHeadModel(BertPreTrainedModel):
         # packed input (1, T): the collator's labels are -100 at each sequence's first token, so
         # the shift never predicts across a sequence boundary
         shifted = F.pad(labels, (0, 1), value=-100)[:, 1:] if labels is not None else None
-        logits, loss = _token_logits(self.cls["predictions"], out, shifted, return_logits)
-        return CausalLMOutput(loss, logits)  # logits (B, S, V)
+        logits, loss, labelled = _token_logits(self.cls["predictions"], out, shifted, return_logits)
+        return CausalLMOutput(loss, logits, labelled)  # logits (B, S, V)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, eos_token_id: Optional[int] = None,

@@ -104,10 +104,27 @@ class Task:
     loss_sums: Callable
     loss_counts: Callable
     evaluate: Optional[Callable] = None
+    train_inputs: Optional[Callable] = None  # batch -> model kwargs in training (default: the ids)
 
 
 def _model_inputs(batch):
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _labelled_inputs(batch):
+    """Training inputs of the LM tasks: with the labels and return_logits=False the vocabulary
+    decoder runs at labelled positions only (15 % of tokens in MLM) and gives those logits."""
+    return {**_model_inputs(batch), "labels": batch["labels"], "return_logits": False}
+
+
+def _lm_logits(outputs, targets):
+    """(M, V) logits at the labelled positions and their (M,) targets, from full or labelled
+    logits (the labels are -100 wherever the model has no output to give)."""
+    chosen = targets != fbdata.IGNORE_INDEX
+    logits = outputs.labelled_logits if getattr(outputs, "labelled_logits", None) is not None \
+        else (outputs.prediction_logits if hasattr(outputs, "prediction_logits")
+              else outputs.logits)[chosen]
+    return logits.float(), targets[chosen]
 
 
 def pretraining_task(train_examples, tokenizer, eval_examples=None, mlm_probability=0.15,
@@ -121,8 +138,7 @@ def pretraining_task(train_examples, tokenizer, eval_examples=None, mlm_probabil
         return batch
 
     def loss_sums(outputs, batch):
-        mlm = F.cross_entropy(outputs.prediction_logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                              ignore_index=fbdata.IGNORE_INDEX, reduction="sum")
+        mlm = F.cross_entropy(*_lm_logits(outputs, batch["labels"]), reduction="sum")
         nsp = F.cross_entropy(outputs.seq_relationship_logits.float(), batch["next_sentence_label"],
                               reduction="sum")
         return [mlm, nsp]
@@ -135,13 +151,13 @@ def pretraining_task(train_examples, tokenizer, eval_examples=None, mlm_probabil
         sums = dict(mlm_loss=0.0, nsp_loss=0.0, mlm_correct=0, masked=0, nsp_correct=0, rows=0)
         for i in range(0, len(eval_examples), eval_batch_size):
             batch = _to(make_batch(eval_examples[i:i + eval_batch_size], seed=i), device)
-            out = model(**_model_inputs(batch))
+            out = model(**_labelled_inputs(batch))
             mlm, nsp = loss_sums(out, batch)
             n_masked, n_rows = loss_counts(batch)
-            chosen = batch["labels"] != fbdata.IGNORE_INDEX
+            logits, targets = _lm_logits(out, batch["labels"])
             sums["mlm_loss"] += mlm.item()
             sums["nsp_loss"] += nsp.item()
-            sums["mlm_correct"] += (out.prediction_logits.argmax(-1)[chosen] == batch["labels"][chosen]).sum().item()
+            sums["mlm_correct"] += (logits.argmax(-1) == targets).sum().item()
             sums["masked"] += n_masked
             sums["nsp_correct"] += (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum().item()
             sums["rows"] += n_rows
@@ -152,7 +168,7 @@ def pretraining_task(train_examples, tokenizer, eval_examples=None, mlm_probabil
                 "eval_nsp_accuracy": sums["nsp_correct"] / sums["rows"]}
 
     return Task("pretrain", train_examples, make_batch, loss_sums, loss_counts,
-                evaluate if eval_examples else None)
+                evaluate if eval_examples else None, _labelled_inputs)
 
 
 def causal_lm_task(train_examples, tokenizer, eval_examples=None, eval_batch_size=32) -> Task:
@@ -162,10 +178,11 @@ def causal_lm_task(train_examples, tokenizer, eval_examples=None, eval_batch_siz
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, fbdata.IGNORE_INDEX)
         return batch
 
+    def shifted(batch):  # (B, S): position i predicts token i + 1
+        return F.pad(batch["labels"], (0, 1), value=fbdata.IGNORE_INDEX)[:, 1:]
+
     def loss_sums(outputs, batch):
-        logits = outputs.logits[:, :-1].flatten(0, 1).float()
-        return [F.cross_entropy(logits, batch["labels"][:, 1:].flatten(), ignore_index=fbdata.IGNORE_INDEX,
-                                reduction="sum")]
+        return [F.cross_entropy(*_lm_logits(outputs, shifted(batch)), reduction="sum")]
 
     def loss_counts(batch):
         return [int((batch["labels"][:, 1:] != fbdata.IGNORE_INDEX).sum())]
@@ -175,15 +192,16 @@ def causal_lm_task(train_examples, tokenizer, eval_examples=None, eval_batch_siz
         loss, correct, count = 0.0, 0, 0
         for i in range(0, len(eval_examples), eval_batch_size):
             batch = _to(make_batch(eval_examples[i:i + eval_batch_size], 0), device)
-            out = model(**_model_inputs(batch))
-            targets = batch["labels"][:, 1:]
+            out = model(**_labelled_inputs(batch))
+            logits, targets = _lm_logits(out, shifted(batch))
             loss += loss_sums(out, batch)[0].item()
-            correct += ((out.logits[:, :-1].argmax(-1) == targets) & (targets != fbdata.IGNORE_INDEX)).sum().item()
+            correct += (logits.argmax(-1) == targets).sum().item()
             count += loss_counts(batch)[0]
         return {"eval_loss": loss / count, "eval_perplexity": math.exp(min(loss / count, 50)),
                 "eval_next_token_accuracy": correct / count}
 
-    return Task("clm", train_examples, make_batch, loss_sums, loss_counts, evaluate if eval_examples else None)
+    return Task("clm", train_examples, make_batch, loss_sums, loss_counts,
+                evaluate if eval_examples else None, _labelled_inputs)
 
 
 def classification_task(train_examples, tokenizer, label_names, eval_examples=None, eval_batch_size=64) -> Task:
@@ -362,7 +380,7 @@ class Trainer:
                     if self.world > 1 and not last:
                         stack.enter_context(self.ddp_model.no_sync())
                     with self._autocast():
-                        outputs = self.ddp_model(**_model_inputs(batch))
+                        outputs = self.ddp_model(**(self.task.train_inputs or _model_inputs)(batch))
                     sums = self.task.loss_sums(outputs, batch)
                     loss = sum(s / max(c, 1) for s, c in zip(sums, counts)) / cfg.grad_accum
                     # this rank's share of the global mean; DDP divides the summed gradients by world

@@ -58,6 +58,9 @@ class _TorchVarlen:
 
     @staticmethod
     def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed):
+        if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
+            return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
+                    q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
         batch, idx_q, idx_k = _TorchVarlen._layout(q, k, cu_q, cu_k, max_q, max_k)
         qp = _to_padded(q, idx_q, batch, max_q)  # (B, max_q, H, D)
         kp, vp = (_to_padded(t, idx_k, batch, max_k) for t in (k, v))
@@ -84,6 +87,8 @@ class _TorchVarlen:
     @staticmethod
     def attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
                                   dropout_p, scale, seed, deterministic):
+        if q.shape[0] == 0 or k.shape[0] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         batch, idx_q, idx_k = _TorchVarlen._layout(q, k, cu_q, cu_k, max_q, max_k)
         h = q.shape[1]
         qp, dop, op = (_to_padded(t, idx_q, batch, max_q) for t in (q, dout, out))
