@@ -238,8 +238,9 @@ class SentenceEncoder:
         """(N, C) fp32 embeddings (on the CPU) of `texts`, in their order; a single string gives
         (C,). Texts are sorted by length and batched by at most `batch_size` texts and
         `max_batch_tokens` tokens (counted as texts x the longest: the attention of a batch
-        costs that much on backends that run it on a padded grid). normalize: L2-normalize (default: the checkpoint's).
-        show_progress: a tqdm bar (default: from 1024 texts, on a terminal)."""
+        costs that much on backends that run it on a padded grid). normalize: L2-normalize
+        (default: as the checkpoint says). show_progress: a tqdm bar (default: from 1024 texts,
+        on a terminal)."""
         single = isinstance(texts, str)
         texts = _check_texts(texts, "SentenceEncoder.encode: texts")
         for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
@@ -287,8 +288,8 @@ class SentenceEncoder:
     # ----------------------------------------------------------------------------------------
 
     def _embeddings(self, x, what: str) -> torch.Tensor:
-        if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and isinstance(x[0], str)):
-            return self.encode(list(x) if not isinstance(x, str) else x, normalize=True)
+        if isinstance(x, str) or (isinstance(x, (list, tuple)) and (not x or isinstance(x[0], str))):
+            return self.encode(x, normalize=True)  # texts (encode refuses an empty list)
         return _as_matrix(x, what)
 
     def similarity(self, a, b) -> torch.Tensor:

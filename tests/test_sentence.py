@@ -226,6 +226,8 @@ def test_bad_texts_are_refused(minilm):
         minilm.search(torch.randn(2, 384), torch.randn(5, 8))
     with pytest.raises(ValueError, match="corpus_embeddings: expected at least one embedding"):
         minilm.search(torch.randn(2, 384), torch.randn(0, 384))
+    with pytest.raises(ValueError, match="texts: expected at least one text, got an empty list"):
+        minilm.search([], torch.randn(5, 384))
     with pytest.raises(ValueError, match="top_k expected a positive int, got 0"):
         minilm.search(torch.randn(2, 384), torch.randn(5, 384), top_k=0)
 
