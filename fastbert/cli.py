@@ -170,6 +170,8 @@ def _new_config(args, tokenizer):
             fields = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise CLIError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if getattr(args, "position_embedding", None):
+        fields["position_embedding_type"] = args.position_embedding
     fields.update(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
                   max_position_embeddings=max(fields.get("max_position_embeddings", 512), args.max_length))
     return fastbert.BertConfig.from_dict(fields)
@@ -487,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cased", action="store_true", help="keep case when training a new vocabulary")
     p.add_argument("--max-length", type=int, default=128, help="tokens per training sequence (default %(default)s)")
     p.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens masked")
+    p.add_argument("--position-embedding", choices=["absolute", "sinusoidal"],
+                   help="positions of a new model: learned (BERT's 'absolute') or the original "
+                        "Transformer's fixed sinusoids (default: the --config's, else absolute)")
     _add_training_flags(p)
     _add_common_flags(p)
     p.set_defaults(func=cmd_pretrain, lr=1e-4)

@@ -97,6 +97,10 @@ def save_pretrained(model: nn.Module, path: str) -> None:
     """Write config.json and model.safetensors in Hugging Face's format and key names."""
     from safetensors.torch import save_file
     config = model.config
+    if config.position_embedding_type == "sinusoidal":
+        warnings.warn(f"save_pretrained({path!r}): position_embedding_type='sinusoidal' is "
+                      f"fastbert's own (a fixed table, not a weight): fastbert loads this "
+                      f"checkpoint, transformers cannot")
     config.extra["architectures"] = [type(model).__name__]
     config.save_pretrained(path)
     # safetensors refuses tensors that share memory: keep the first name of each tied parameter

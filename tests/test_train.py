@@ -60,10 +60,11 @@ def losses(metrics):
     return [h["loss"] for h in metrics["history"]]
 
 
-def test_pretraining_lowers_the_loss(tmp_path, corpus, tokenizer):
+@pytest.mark.parametrize("positions", ["absolute", "sinusoidal"])
+def test_pretraining_lowers_the_loss(tmp_path, corpus, tokenizer, positions):
     examples = nsp_examples(corpus, tokenizer)
     torch.manual_seed(0)
-    model = fastbert.BertForPreTraining(tiny_config(tokenizer))
+    model = fastbert.BertForPreTraining(tiny_config(tokenizer, position_embedding_type=positions))
     task = train.pretraining_task(examples, tokenizer, eval_examples=examples[:32])
     config = train.TrainConfig(output_dir=str(tmp_path), max_steps=24, batch_size=8, lr=5e-3,
                                warmup_ratio=0.1, log_every=5, progress=False)
