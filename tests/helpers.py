@@ -1,4 +1,5 @@
-"""Shared test utilities: the tolerance rule, padding-mask generators, poisoned outputs."""
+"""Shared test utilities: the tolerance rule, padding-mask generators, poisoned outputs,
+ahead-of-time compilation and the resources (registers, spills, stack) of compiled kernels."""
 from __future__ import annotations
 
 import inspect
@@ -187,3 +188,14 @@ def resource_usage(compiled, capability: int) -> dict:
         usage["spill_stores"], usage["spill_loads"] = spills["spill_stores"], spills["spill_loads"]
     usage["shared"] = compiled.metadata.shared  # bytes per block, dynamic included
     return usage
+
+
+def compile_resources(module: str, kernel: str, signature: dict, constexprs: dict,
+                      capability: int, num_warps: int, num_stages: int, aligned=()) -> dict:
+    """aot_compile `module.kernel` and return its resource_usage: a picklable, top-level entry
+    point, so a process pool can compile variants in parallel."""
+    import importlib
+    fn = getattr(importlib.import_module(module), kernel)
+    compiled = aot_compile(fn, signature, constexprs, capability, num_warps, num_stages,
+                           aligned=aligned)
+    return resource_usage(compiled, capability)
