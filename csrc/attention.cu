@@ -185,10 +185,11 @@ void set_device(int device) {
   check_cuda(cudaSetDevice(device), "fastbert.cuda", "cudaSetDevice");
 }
 
-std::string probe_device() {
+std::string probe_device(int device) {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err == cudaSuccess && count == 0) return "no CUDA device found";
+  if (err == cudaSuccess) err = cudaSetDevice(device);
   cudaFuncAttributes attr;
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, attn::fwd_kernel<__half, 64, false>);
   if (err == cudaSuccess) return "";
@@ -210,8 +211,8 @@ int64_t attention_smem_bytes(int64_t D) {
   int64_t bytes = 0;
   dispatch_head_dim(kOp, D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
-    bytes = (int64_t)std::max({attn::FwdTraits<kD, false>::kSmemBytes, attn::BwdTraits<kD>::kSmemBytes,
-                               attn::DqTraits<kD>::kSmemBytes});
+    bytes = (int64_t)std::max({attn::FwdTraits<kD, false>::kSmemBytes,
+                               attn::BwdTraits<kD>::kSmemBytes, attn::DqTraits<kD>::kSmemBytes});
   });
   return bytes;
 }

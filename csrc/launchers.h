@@ -16,9 +16,9 @@ using Strides3 = std::array<int64_t, 3>;  // (batch, seq, head) element strides 
 // keeps its own notion of the current device next to torch's).
 void set_device(int device);
 
-// "" when this build's kernels can run on the current device, else the CUDA error that says
-// why (no device, driver older than the runtime, no kernel image for this GPU).
-std::string probe_device();
+// "" when this build's kernels can run on `device` (made current), else the CUDA error that says
+// why (no device, driver older than the runtime, no kernel image for this GPU). Never throws.
+std::string probe_device(int device);
 
 // Shared memory one attention block needs for head dim D (the larger of forward and backward),
 // and the most the current device allows a block to opt into.

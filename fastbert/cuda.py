@@ -73,8 +73,7 @@ def unavailable_reason() -> Optional[str]:
                 f"(sm_{capability}); reinstall with FASTBERT_CUDA_ARCHS including {capability}")
     device = torch.cuda.current_device()
     if device not in _probed:
-        _C.set_device(device)
-        _probed[device] = _C.probe_device() or None
+        _probed[device] = _C.probe_device(device) or None
     if _probed[device] is not None:
         return (f"fastbert._C (CUDA {extension_info()['cuda_version']}) cannot run on this GPU: "
                 f"{_probed[device]}")
@@ -155,7 +154,7 @@ def _on_device(device: torch.device):
 
 
 def _bshd_strides(t: Tensor) -> tuple:
-    """(batch, row, head) element strides of (B, S, H, D), or (0, row, head) of packed (total, H, D).
+    """(batch, row, head) element strides of (B, S, H, D), or (0, row, head) of (total, H, D).
     The stride of a size-1 dim is never used (its only index is 0) and may be anything."""
     lead = t.dim() - 3  # 1 for (B, S, H, D), 0 for (total, H, D)
     strides = tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(t.dim() - 1))

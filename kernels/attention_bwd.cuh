@@ -77,8 +77,12 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 2) dkdv_kernel(const P
   T* k_s = reinterpret_cast<T*>(smem);
   T* v_s = k_s + kBlockN * kLd;
   T* ds_s = reinterpret_cast<T*>(smem + Tr::kDs);
-  auto q_tile = [&](int stage) { return reinterpret_cast<T*>(smem + Tr::kStage0 + stage * Tr::kStageBytes); };
-  auto stats = [&](int stage) { return reinterpret_cast<float*>(q_tile(stage) + 2 * kBlockM * kLd); };
+  auto q_tile = [&](int stage) {  // Q, then dO, then lse and delta of one stage
+    return reinterpret_cast<T*>(smem + Tr::kStage0 + stage * Tr::kStageBytes);
+  };
+  auto stats = [&](int stage) {
+    return reinterpret_cast<float*>(q_tile(stage) + 2 * kBlockM * kLd);
+  };
 
   const int h = blockIdx.y, b = blockIdx.z;
   const Seq seq = sequence(p, b);
@@ -225,7 +229,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 2) dkdv_kernel(const P
         const int r = warp * 16 + (lane >> 2);
 #pragma unroll
         for (int f = 2 * kt; f < 2 * kt + 2; ++f) {
-          *reinterpret_cast<uint32_t*>(ds_s + r * kDsLd + f * 8 + 2 * c) = pack2<T>(dp[f][0], dp[f][1]);
+          *reinterpret_cast<uint32_t*>(ds_s + r * kDsLd + f * 8 + 2 * c) =
+              pack2<T>(dp[f][0], dp[f][1]);
           *reinterpret_cast<uint32_t*>(ds_s + (r + 8) * kDsLd + f * 8 + 2 * c) =
               pack2<T>(dp[f][2], dp[f][3]);
         }

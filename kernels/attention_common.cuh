@@ -83,7 +83,8 @@ __device__ __forceinline__ void load_rows_async(T* dst, const T* src, int64_t st
   }
 }
 
-// Visible keys of the tile n0 .. n0 + 63 (padding mask and sequence end only), bit j for key n0 + j;
+// Visible keys of the tile n0 .. n0 + 63 (padding mask and sequence end only), bit j for key
+// n0 + j;
 // every lane of the warp gets the same mask.
 __device__ __forceinline__ uint64_t key_bits(const uint8_t* mask, int n0, int Sk) {
   const int left = Sk - n0;

@@ -1,9 +1,10 @@
 // Attention forward, FlashAttention-2 style: one block per (query tile, head, sequence), 16 query
-// rows per warp (8 warps, 128 queries; 4 warps at D = 128). K/V tiles stream through two shared-memory stages filled by
-// cp.async (tile t + 1 loads while tile t is computed). Per tile and warp: S = Q K^T in C
-// fragments, masking only on tiles that need it (padding / sequence end from a 64-bit key mask,
-// causal only on tiles crossing the diagonal), online softmax with quad shuffles, then the S
-// fragments re-packed as the A operand of O += P V. O stays in registers until the epilogue.
+// rows per warp (8 warps, 128 queries; 4 warps at D = 128). K/V tiles stream through two
+// shared-memory stages filled by cp.async (tile t + 1 loads while tile t is computed). Per tile
+// and warp: S = Q K^T in C fragments, masking only on tiles that need it (padding / sequence end
+// from a 64-bit key mask, causal only on tiles crossing the diagonal), online softmax with quad
+// shuffles, then the S fragments re-packed as the A operand of O += P V. O stays in registers
+// until the epilogue.
 #pragma once
 #include "kernels/attention_common.cuh"
 
@@ -24,7 +25,8 @@ template <int D, bool kDropout> struct FwdTraits {
 };
 
 template <typename T, int D, bool kDropout>
-__global__ void __launch_bounds__(FwdTraits<D, kDropout>::kThreads, 2) fwd_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(FwdTraits<D, kDropout>::kThreads, 2)
+fwd_kernel(const Params<T> p) {
   using Tr = FwdTraits<D, kDropout>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kLd = Tr::kLd;
   constexpr int kNF = kBlockN / 8;  // key fragments per tile

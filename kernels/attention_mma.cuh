@@ -9,9 +9,10 @@
 //     a[2] = A[g][2c+8, 2c+9], a[3] = A[g+8][2c+8, 2c+9].
 //   B (16 x 8, "col": B[k][n]), 2 regs: b[0] = B[2c, 2c+1][g], b[1] = B[2c+8, 2c+9][g].
 //   C (16 x 8, fp32), 4 floats: c[0..1] = C[g][2c, 2c+1], c[2..3] = C[g+8][2c, 2c+1].
-// The lower 16 bits of a register hold the element with the smaller column (A) or row (B) index.
+// The low 16 bits of a register hold the element with the smaller column (A) or row (B) index.
 // ldmatrix.x4: lanes 8i .. 8i+7 give the row addresses of 8x8 matrix i (16 bytes per row); result
-// register i gets matrix i with lane l holding M[l/4][2(l%4), +1], or with .trans M[2(l%4), +1][l/4].
+// register i gets matrix i with lane l holding M[l/4][2(l%4), +1], or with .trans
+// M[2(l%4), +1][l/4].
 // So one C fragment pair (two adjacent 8-column fragments of S = row g's 16 keys) re-packed to
 // 16-bit is exactly the A fragment of a 16-deep k step: S and P never leave registers.
 #pragma once

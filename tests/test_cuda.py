@@ -3,10 +3,17 @@
 - always: `unsupported` / arch rules (pure Python).
 - compile: the extension was built by pip and imports without a GPU; calling a kernel without a
   GPU raises a clean RuntimeError naming the op; the Philox header, built for the host, gives
-  Random123's known answers. `python -m pytest -m compile tests/test_cuda.py`
+  Random123's known answers; the attention kernels' fragment offsets (built for the host) replayed
+  through a model of ldmatrix / mma.m16n8k16 give exact products; their SASS (cuobjdump) has
+  HMMA in the theoretical count per tile, LDSM and LDGSTS for fp16 and bf16, no generic loads, no
+  local memory, and allows >= 2 blocks per SM on A100 / H100.
+  `python -m pytest -m compile tests/test_cuda.py`
 - gpu: every op, forward and all gradients, by the tolerance rule (tests/helpers.py) against an
   fp64 reference, odd shapes, padding masks with a fully padded row, causal with Sq != Sk,
-  packed-QKV views, determinism, the public ops with backend="cuda", and the whole BertModel.
+  packed-QKV views, both attention dQ paths (atomic, deterministic), packed varlen attention with
+  empty sequences, determinism, the public ops with backend="cuda", and the whole BertModel.
+  With a GPU present, a built extension that cannot run there fails the gpu tests (unless
+  FASTBERT_ALLOW_CUDA_SKIP=1).
   Dropout: the kernels' keep mask is read off their output (see attention_keep_mask and
   layer_norm_keep_mask), then forward and every gradient are compared with the reference given
   that mask; keep rate, 1 / (1 - p) scaling, same seed -> same bits, torch.manual_seed.
@@ -705,19 +712,19 @@ def test_public_attention_op_runs_these_kernels(dtype):
 # gpu: packed (varlen) attention
 # --------------------------------------------------------------------------------------------
 
-def _cu(lengths):
-    return torch.tensor([0] + list(lengths), device="cuda").cumsum(0).to(torch.int32)
+def _cu(lengths, device="cuda"):
+    return torch.tensor([0] + list(lengths), device=device).cumsum(0).to(torch.int32)
 
 
-def _packed_qkv(lens_q, lens_k, h, d, dtype, scale_by=1.0):
+def _packed_qkv(lens_q, lens_k, h, d, dtype, scale_by=1.0, device="cuda"):
     """q (total_q, H, D), k, v (total_k, H, D) as strided views of packed tensors, as a model
     passes them (never copied)."""
     total_q, total_k = sum(lens_q), sum(lens_k)
     if list(lens_q) == list(lens_k):
-        q, k, v = (scale_by * torch.randn(total_q, 3, h, d, dtype=dtype, device="cuda")).unbind(1)
+        q, k, v = (scale_by * torch.randn(total_q, 3, h, d, dtype=dtype, device=device)).unbind(1)
     else:
-        q = scale_by * torch.randn(total_q, h, d, dtype=dtype, device="cuda")
-        k, v = (scale_by * torch.randn(total_k, 2, h, d, dtype=dtype, device="cuda")).unbind(1)
+        q = scale_by * torch.randn(total_q, h, d, dtype=dtype, device=device)
+        k, v = (scale_by * torch.randn(total_k, 2, h, d, dtype=dtype, device=device)).unbind(1)
     return q, k, v
 
 
@@ -740,16 +747,17 @@ def varlen_reference(q, k, v, dout, lens_q, lens_k, causal, p, scale, keeps, upc
     return out, lse, (dq, dk, dv)
 
 
-def varlen_keep_masks(lens_q, lens_k, h, d, dtype, causal, p, seed, scale):
+def varlen_keep_masks(backend, device, lens_q, lens_k, h, d, dtype, causal, p, seed, scale,
+                      slack):
     """The kernels' keep masks per sequence (1, H, Sq_b, Sk_b), read off the output with one-hot
     value rows (as attention_keep_mask does for the dense op; needs every Sk_b <= D)."""
     assert max(lens_k) <= d
-    q, k, _ = _packed_qkv(lens_q, lens_k, h, d, dtype, scale_by=0.5)
-    v = torch.cat([torch.eye(lk, d, dtype=dtype, device="cuda")[:, None, :].expand(lk, h, d)
+    q, k, _ = _packed_qkv(lens_q, lens_k, h, d, dtype, scale_by=0.5, device=device)
+    v = torch.cat([torch.eye(lk, d, dtype=dtype, device=device)[:, None, :].expand(lk, h, d)
                    for lk in lens_k])
-    out, _ = cuda_backend.attention_varlen_forward(q, k, v, _cu(lens_q), _cu(lens_k),
-                                                   max(lens_q), max(lens_k), causal, p, scale,
-                                                   seed)
+    out, _ = backend.attention_varlen_forward(q, k, v, _cu(lens_q, device), _cu(lens_k, device),
+                                              max(lens_q) + slack, max(lens_k) + slack, causal,
+                                              p, scale, seed)
     probs, _, _ = varlen_reference(q.double(), k.double(), v.double(), q.double(), lens_q,
                                    lens_k, causal, 0.0, scale, None, upcast=True)
     keeps, qa = [], 0
@@ -766,19 +774,23 @@ def varlen_keep_masks(lens_q, lens_k, h, d, dtype, causal, p, seed, scale):
     return keeps
 
 
-def check_attention_varlen(lens_q, lens_k, h, d, dtype, causal, p=0.0, slack=0, seed=17):
+def check_attention_varlen(lens_q, lens_k, h, d, dtype, causal, p=0.0, slack=0, seed=17,
+                           backend=cuda_backend, device="cuda"):
+    """Packed attention against the per-sequence dense reference, forward and every gradient by
+    the rule, both dQ paths; with dropout, given the mask read off the backend's output."""
     scale = 1.0 / math.sqrt(d)
-    keeps = varlen_keep_masks(lens_q, lens_k, h, d, dtype, causal, p, seed, scale) if p else None
-    q, k, v = _packed_qkv(lens_q, lens_k, h, d, dtype)
-    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    keeps = varlen_keep_masks(backend, device, lens_q, lens_k, h, d, dtype, causal, p, seed,
+                              scale, slack) if p else None
+    q, k, v = _packed_qkv(lens_q, lens_k, h, d, dtype, device=device)
+    cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
     max_q, max_k = max(lens_q) + slack, max(lens_k) + slack  # upper bounds are fine
-    dout = torch.randn(sum(lens_q), h, d, dtype=dtype, device="cuda")
-    out, lse = cuda_backend.attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, p,
-                                                     scale, seed)
-    grads = cuda_backend.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q,
-                                                   max_k, causal, p, scale, seed, False)
-    grads_det = cuda_backend.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q,
-                                                       max_k, causal, p, scale, seed, True)
+    dout = torch.randn(sum(lens_q), h, d, dtype=dtype, device=device)
+    out, lse = backend.attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, p,
+                                                scale, seed)
+    grads = backend.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                              causal, p, scale, seed, False)
+    grads_det = backend.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q,
+                                                  max_k, causal, p, scale, seed, True)
     assert out.shape == q.shape and out.is_contiguous() and lse.shape == (h, sum(lens_q))
     for g, t in zip(grads, (q, k, v)):
         assert g.shape == t.shape and g.dtype == dtype and g.is_contiguous()
@@ -823,6 +835,16 @@ def test_attention_varlen_matches_reference(lens_q, lens_k, h, causal, d, dtype)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_varlen_dropout_matches_reference_with_its_mask(causal, dtype):
     check_attention_varlen([17, 0, 64, 40], [64, 5, 33, 40], 2, 64, dtype, causal, p=0.3)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_varlen_checker_passes_the_torch_backend_on_cpu(p):
+    """The varlen checks above, run on CPU against the torch backend (fastbert/varlen.py), so
+    that their own logic is exercised without a GPU."""
+    from fastbert.varlen import _TorchVarlen
+
+    check_attention_varlen([17, 0, 40, 5], [30, 5, 31, 0], 2, 32, torch.bfloat16, True, p=p,
+                           slack=2, backend=_TorchVarlen, device="cpu")
 
 
 @pytest.mark.gpu
