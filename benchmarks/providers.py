@@ -281,9 +281,10 @@ class OnnxRuntimeBert(torch.nn.Module):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.intra_op_num_threads = torch.get_num_threads()
             options.inter_op_num_threads = 1
-            # idle workers would otherwise spin after each call, stealing the cores from the
-            # provider timed next (the providers of a case are interleaved)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # the same wait policy as torch's OpenMP workers (python -m benchmarks sets PASSIVE):
+            # spinning idle workers would steal the cores from the provider timed next
+            spin = os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE"
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
             self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         got = self._run(ids, mask)
         with torch.inference_mode():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import threading
 import weakref
 from typing import Callable, Optional, Tuple
@@ -458,4 +459,12 @@ def describe() -> str:
         if ok else f"bf16 mode not offered: {why}"
     return (f"CPU inference GEMMs ({mode}): oneDNN inner product on {weights}, {gelu}, {add} "
             f"(choices measured on an AVX2 CPU; no-grad CPU inputs only, training keeps "
-            f"F.linear); {bf16}")
+            f"F.linear); {bf16}; {_wait_policy()}")
+
+
+def _wait_policy() -> str:
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    if policy:
+        return f"OMP_WAIT_POLICY={policy}"
+    return ("OpenMP workers spin-wait (OMP_WAIT_POLICY unset; on a CPU shared with other jobs "
+            "set OMP_WAIT_POLICY=PASSIVE before starting Python)")
