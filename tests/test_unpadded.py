@@ -195,3 +195,31 @@ def test_sinusoidal_positions_reach_the_output():
                                           emb.LayerNorm.eps)
     torch.testing.assert_close(got, want)
     assert math.isclose(float(emb.position_table[3, 0]), math.sin(3.0), rel_tol=1e-6)
+
+
+@pytest.mark.gpu
+def test_host_syncs_per_forward_on_gpu():
+    """Explicit cu_seqlens: no host sync at all; a padded batch: one (the real-token count)."""
+    model = BertForMaskedLM(BertConfig(**SMALL)).cuda().eval()
+    ids, mask = batch()
+    packed_ids, _ = flattened(ids, mask)
+    cu = torch.tensor([0, 9, 13, 14, 21], dtype=torch.int32, device="cuda")
+    ids, mask, packed_ids = ids.cuda(), mask.cuda(), packed_ids.cuda()
+    with torch.no_grad():
+        model(packed_ids, cu_seqlens=cu, max_seqlen=9)  # warm-up: kernels compiled, tuned
+        model(ids, mask)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as packed_syncs:
+                warnings.simplefilter("always")
+                model(packed_ids, cu_seqlens=cu, max_seqlen=9)
+            with warnings.catch_warnings(record=True) as padded_syncs:
+                warnings.simplefilter("always")
+                model(ids, mask)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    def syncs(records):
+        return [str(w.message) for w in records if "synchroniz" in str(w.message)]
+    assert syncs(packed_syncs) == []
+    assert len(syncs(padded_syncs)) <= 1, syncs(padded_syncs)
