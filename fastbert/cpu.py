@@ -254,19 +254,18 @@ def _drop(key):
         _cache.pop(key, None)
 
 
-def packed_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
-    """The weight reordered into oneDNN's blocked layout in `dtype`, from the cache when valid."""
+def _cached(weight: Tensor, kind: tuple, make: Callable[[Tensor], Tensor]) -> Tensor:
+    """make(weight) from the cache when the weight is unchanged since it was made."""
     signature = _signature(weight)
     if signature is None:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous(), rows_hint)
-    key = (id(weight), dtype)
+        return make(weight)
+    key = (id(weight),) + kind
     with _lock:
         entry = _cache.get(key)
         if entry is not None and entry.ref() is weight and entry.signature == signature:
             _cache.move_to_end(key)
             return entry.tensor
-    tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(),
-                                                     rows_hint)
+    tensor = make(weight.detach())
     ref = weakref.ref(weight, lambda _, key=key: _drop(key))
     with _lock:
         _cache[key] = _Packed(ref, signature, tensor)
@@ -274,6 +273,12 @@ def packed_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return tensor
+
+
+def packed_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
+    """The weight reordered into oneDNN's blocked layout in `dtype`, from the cache when valid."""
+    return _cached(weight, ("packed", dtype), lambda w: torch.ops.mkldnn._reorder_linear_weight(
+        w.to(dtype).contiguous(), rows_hint))
 
 
 def _onednn_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
@@ -360,18 +365,9 @@ def _fallback(x: Tensor, weight: Tensor, bias: Optional[Tensor], attr: str, algo
     return y.to(x.dtype)
 
 
-_converted_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _converted(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    signature = _signature(weight)
-    hit = _converted_cache.get(weight) if signature is not None else None
-    if hit is not None and hit[0] == (signature, dtype):
-        return hit[1]
-    w = weight.detach().to(dtype)
-    if signature is not None:
-        _converted_cache[weight] = ((signature, dtype), w)
-    return w
+    """The weight in `dtype` (plain layout), from the cache when valid."""
+    return _cached(weight, ("plain", dtype), lambda w: w.to(dtype).contiguous())
 
 
 def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], attr: str, algorithm: str,
