@@ -42,6 +42,8 @@ def collect() -> dict:
     info["cuda_extension"] = cuda.extension_info()
     info["backends"] = backends
     info["auto_order"] = auto_order(device)
+    from fastbert import cpu
+    info["cpu_inference"] = cpu.describe()
     return info
 
 
@@ -79,6 +81,7 @@ def main() -> int:
     for name, b in info["backends"].items():
         status = "usable here" if b["usable"] else f"not usable here: {b['reason']}"
         print(f"  backend {name:6s} {status}")
+    print(info["cpu_inference"])
     for target, ops in info["auto_order"].items():
         print(f"auto tries, on {target}:")
         for op, order in ops.items():

@@ -222,10 +222,22 @@ def resolve_backend(op: str, backend: str, device: torch.device, **kw) -> str:
         return backend
     if device.type != "cuda":
         return "torch"
-    for name in ("cuda", "triton"):  # fastest first
+    for name in _auto_order(op, device):  # fastest first, by measurement or static analysis
         if _why_not(name, op, device, kw) is None:
             return name
     return "torch"
+
+
+_orders: dict = {}
+
+
+def _auto_order(op: str, device: torch.device) -> Tuple[str, ...]:
+    """The backends `auto` tries for op on device, cached per (op, device) after the first call."""
+    key = (op, device.index)
+    if key not in _orders:
+        from fastbert import backend_order
+        _orders[key] = tuple(name for name, _ in backend_order.order(op, device))
+    return _orders[key]
 
 
 def _draw_seed(dropout_p: float) -> Optional[Tensor]:
