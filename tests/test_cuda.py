@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -586,19 +587,19 @@ def test_attention_blocks_per_sm(attention_sass):
 # gpu: attention
 # --------------------------------------------------------------------------------------------
 
-def make_qkv(b, sq, sk, h, d, dtype, packed=False):
+def make_qkv(b, sq, sk, h, d, dtype, packed=False, device="cuda"):
     """q (B, Sq, H, D), k, v (B, Sk, H, D); packed: strided views of one (B, S, 3, H, D) tensor."""
     if packed:
         assert sq == sk
-        return torch.randn(b, sq, 3, h, d, dtype=dtype, device="cuda").unbind(2)
-    return tuple(torch.randn(b, s, h, d, dtype=dtype, device="cuda") for s in (sq, sk, sk))
+        return torch.randn(b, sq, 3, h, d, dtype=dtype, device=device).unbind(2)
+    return tuple(torch.randn(b, s, h, d, dtype=dtype, device=device) for s in (sq, sk, sk))
 
 
-def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed=False):
-    q, k, v = make_qkv(b, sq, sk, h, d, dtype, packed)
-    mask = None if mask_mode is None else random_padding_mask(b, sk, "cuda", mode=mask_mode)
+def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed=False, device="cuda"):
+    q, k, v = make_qkv(b, sq, sk, h, d, dtype, packed, device)
+    mask = None if mask_mode is None else random_padding_mask(b, sk, device, mode=mask_mode)
     scale = 1.0 / math.sqrt(d)
-    dout = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
+    dout = torch.randn(b, sq, h, d, dtype=dtype, device=device)
 
     out, lse = cuda_backend.attention_forward(q, k, v, mask, causal, 0.0, scale, 0)
     dq, dk, dv = cuda_backend.attention_backward(dout, q, k, v, out, lse, mask, causal, 0.0,
@@ -889,6 +890,74 @@ def test_public_attention_varlen_op_runs_these_kernels(dtype):
                                                    0.0, 0.2, 0, True)
     assert torch.equal(out, want)
     assert torch.equal(qkv.grad, torch.stack(grads, dim=1))
+
+
+# --------------------------------------------------------------------------------------------
+# compile: the real attention kernels run on CPU under a host emulation of the warp primitives
+# (tests/cuda_emulation.cpp), through fastbert/cuda.py, by the same checks as the gpu tier
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def emulated_backend(tmp_path_factory):
+    from tests import cuda_emulation
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    include = cuda_emulation.cuda_include_dir()
+    if compiler is None or include is None:
+        pytest.skip("needs a host C++ compiler and the CUDA headers")
+    lib = cuda_emulation.build(tmp_path_factory.mktemp("emulation"), compiler, include)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(cuda_backend, "_C", cuda_emulation.EmuC(lib))
+    patch.setattr(cuda_backend, "_on_device", lambda device: contextlib.nullcontext())
+    patch.setattr(cuda_backend, "_stream", lambda t: 0)
+    yield cuda_backend
+    patch.undo()
+
+
+EMULATED_DENSE_CASES = [
+    # b, sq, sk, h, d, dtype, causal, mask mode
+    (2, 17, 17, 1, 32, torch.float16, False, "with_empty"),
+    (1, 130, 130, 1, 64, torch.bfloat16, False, "random"),
+    (2, 40, 100, 1, 128, torch.float16, True, None),
+    (2, 100, 40, 1, 64, torch.bfloat16, True, "with_empty"),
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("b, sq, sk, h, d, dtype, causal, mask_mode", EMULATED_DENSE_CASES)
+def test_emulated_attention_matches_reference(emulated_backend, b, sq, sk, h, d, dtype, causal,
+                                              mask_mode):
+    torch.manual_seed(sq * 1000 + sk)
+    check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, device="cpu")
+
+
+EMULATED_VARLEN_CASES = [
+    # lens_q, lens_k, h, d, dtype, causal, dropout p
+    ([5, 0, 64, 129, 1], [5, 0, 64, 129, 1], 1, 64, torch.float16, True, 0.0),
+    ([33, 70, 0, 3], [50, 20, 9, 0], 1, 128, torch.bfloat16, True, 0.0),
+    ([17, 0, 64, 40], [64, 5, 33, 40], 1, 64, torch.float16, True, 0.3),
+    ([17, 0, 40], [30, 5, 31], 1, 32, torch.bfloat16, False, 0.5),
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("lens_q, lens_k, h, d, dtype, causal, p", EMULATED_VARLEN_CASES)
+def test_emulated_attention_varlen_matches_reference(emulated_backend, lens_q, lens_k, h, d,
+                                                     dtype, causal, p):
+    torch.manual_seed(len(lens_q) * 100 + d)
+    check_attention_varlen(lens_q, lens_k, h, d, dtype, causal, p=p, slack=3 if causal else 0,
+                           backend=emulated_backend, device="cpu")
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("b, sq, sk, h, d, dtype, causal, mask_mode, p", [
+    (2, 70, 64, 1, 64, torch.bfloat16, False, "with_empty", 0.1),
+    (2, 40, 29, 2, 32, torch.float16, True, "third", 0.5),
+])
+def test_emulated_attention_dropout_matches_reference(emulated_backend, b, sq, sk, h, d, dtype,
+                                                      causal, mask_mode, p):
+    torch.manual_seed(7)
+    check_attention_dropout(emulated_backend, "cpu", b, sq, sk, h, d, dtype, causal, mask_mode, p)
 
 
 # --------------------------------------------------------------------------------------------
