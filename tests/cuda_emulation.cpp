@@ -37,10 +37,17 @@
 #define FASTBERT_HOST_EMULATION
 
 namespace emu {
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes;
+  bool valid;
+};
 struct Fiber {
   ucontext_t ctx;
   bool done = false;
   std::unique_ptr<char[]> stack;
+  std::vector<Copy> pending;  // cp.async copies issued and not yet waited for
 };
 struct Warp {
   int count = 0, gen = 0;
@@ -213,14 +220,20 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   emu::warp_barrier();
 }
 
+// cp.async lands only at the issuing thread's wait, so a read before wait + barrier sees stale data.
 inline void cp_async_16(void* dst, const void* src, bool valid) {
-  if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+  emu::current->pending.push_back({dst, src, 16, valid});
 }
 inline void cp_async_4(void* dst, const void* src, bool valid) {
-  if (valid) std::memcpy(dst, src, 4); else std::memset(dst, 0, 4);
+  emu::current->pending.push_back({dst, src, 4, valid});
 }
 inline void cp_async_commit() {}
-inline void cp_async_wait_all() {}
+inline void cp_async_wait_all() {
+  for (const emu::Copy& c : emu::current->pending) {
+    if (c.valid) std::memcpy(c.dst, c.src, c.bytes); else std::memset(c.dst, 0, c.bytes);
+  }
+  emu::current->pending.clear();
+}
 }  // namespace attn
 }  // namespace fastbert
 
@@ -243,6 +256,7 @@ void launch(void (*kernel)(P), dim3 grid, int threads, const P& p) {
       for (unsigned x = 0; x < grid.x; ++x) {
         Block block;
         block.threads = threads;
+        std::memset(fastbert::attn::smem, 0xff, sizeof(fastbert::attn::smem));  // NaN if unwritten
         std::vector<Warp> warp_state(threads / 32);
         std::vector<Fiber> fibers(threads);
         for (auto& f : fibers) {
@@ -253,9 +267,13 @@ void launch(void (*kernel)(P), dim3 grid, int threads, const P& p) {
           f.ctx.uc_link = &scheduler;
           makecontext(&f.ctx, fiber_main, 0);
         }
-        for (bool running = true; running;) {
+        // The order fibers run in changes every round (a missing barrier then shows as a wrong
+        // result more often than with one fixed order).
+        unsigned round = 0;
+        for (bool running = true; running; ++round) {
           running = false;
-          for (int t = 0; t < threads; ++t) {
+          for (int i = 0; i < threads; ++i) {
+            const int t = round % 2 ? threads - 1 - i : (i * 37 + round) % threads;
             if (fibers[t].done) continue;
             running = true;
             current = &fibers[t];
