@@ -6,7 +6,9 @@
   Random123's known answers; the attention kernels' fragment offsets (built for the host) replayed
   through a model of ldmatrix / mma.m16n8k16 give exact products; their SASS (cuobjdump) has
   HMMA in the theoretical count per tile, LDSM and LDGSTS for fp16 and bf16, no generic loads, no
-  local memory, and allows >= 2 blocks per SM on A100 / H100.
+  local memory, and allows >= 2 blocks per SM on A100 / H100; and the kernels themselves run on
+  CPU under a host emulation of the warp primitives (tests/cuda_emulation.cpp) through
+  fastbert/cuda.py, checked by the gpu tier's own check functions.
   `python -m pytest -m compile tests/test_cuda.py`
 - gpu: every op, forward and all gradients, by the tolerance rule (tests/helpers.py) against an
   fp64 reference, odd shapes, padding masks with a fully padded row, causal with Sq != Sk,
@@ -915,20 +917,22 @@ def emulated_backend(tmp_path_factory):
 
 
 EMULATED_DENSE_CASES = [
-    # b, sq, sk, h, d, dtype, causal, mask mode
-    (2, 17, 17, 1, 32, torch.float16, False, "with_empty"),
-    (1, 130, 130, 1, 64, torch.bfloat16, False, "random"),
-    (2, 40, 100, 1, 128, torch.float16, True, None),
-    (2, 100, 40, 1, 64, torch.bfloat16, True, "with_empty"),
+    # b, sq, sk, h, d, dtype, causal, mask mode, packed q/k/v views
+    (2, 17, 17, 1, 32, torch.float16, False, "with_empty", False),
+    (1, 130, 130, 1, 64, torch.bfloat16, False, "random", False),
+    (2, 40, 100, 1, 128, torch.float16, True, None, False),
+    (2, 100, 40, 1, 64, torch.bfloat16, True, "with_empty", False),
+    (2, 33, 33, 2, 32, torch.bfloat16, True, "third", True),
 ]
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("b, sq, sk, h, d, dtype, causal, mask_mode", EMULATED_DENSE_CASES)
+@pytest.mark.parametrize("b, sq, sk, h, d, dtype, causal, mask_mode, packed",
+                         EMULATED_DENSE_CASES)
 def test_emulated_attention_matches_reference(emulated_backend, b, sq, sk, h, d, dtype, causal,
-                                              mask_mode):
+                                              mask_mode, packed):
     torch.manual_seed(sq * 1000 + sk)
-    check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, device="cpu")
+    check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed, device="cpu")
 
 
 EMULATED_VARLEN_CASES = [
