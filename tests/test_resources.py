@@ -408,8 +408,8 @@ def markdown_table() -> str:
             entry["cells"][(row.capability, row.dtype)] = usage[variant]
         for (kernel, what), entry in grouped.items():
             cells = entry["cells"]
-            shared = " / ".join(str(max((u["shared"] for (c, _), u in cells.items() if c == cap),
-                                        default=0) // 1024) for cap in CAPABILITIES)
+            shared = " / ".join(str(max(on_cap) // 1024) if on_cap else "-" for on_cap in (
+                [u["shared"] for (c, _), u in cells.items() if c == cap] for cap in CAPABILITIES))
             lines.append(f"| {kernel.strip('_')} | {what} | {', '.join(entry['models'])} | "
                          + " | ".join(_cell(cells.get(col)) for col in columns)
                          + f" | {shared} |")
