@@ -957,6 +957,7 @@ def test_emulated_attention_varlen_matches_reference(emulated_backend, lens_q, l
 @pytest.mark.parametrize("b, sq, sk, h, d, dtype, causal, mask_mode, p", [
     (2, 70, 64, 1, 64, torch.bfloat16, False, "with_empty", 0.1),
     (2, 40, 29, 2, 32, torch.float16, True, "third", 0.5),
+    (1, 50, 100, 1, 128, torch.float16, True, "random", 0.2),
 ])
 def test_emulated_attention_dropout_matches_reference(emulated_backend, b, sq, sk, h, d, dtype,
                                                       causal, mask_mode, p):
