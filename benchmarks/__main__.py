@@ -25,6 +25,7 @@ import torch
 from benchmarks import harness, host_overhead, report
 from benchmarks.embeddings import embedding_cases, sentence_count
 from benchmarks.models import model_cases
+from benchmarks.providers import cpu_gemm_cases
 from benchmarks.suite import ceiling_cases, op_cases, sizes
 
 # Outside the package source, so a run never overwrites the committed results in
@@ -37,8 +38,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
     p.add_argument("--quick", action="store_true", help="headline shapes only (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="toy shapes, seconds (a smoke test)")
-    p.add_argument("--only", choices=["ops", "model", "embeddings"],
-                   help="run only the op, the model or the sentence-embedding benchmarks")
+    p.add_argument("--only", choices=["ops", "model", "embeddings", "cpu-gemm"],
+                   help="run only the op, the model or the sentence-embedding benchmarks, or the "
+                        "CPU inference GEMM variants of fastbert/cpu.py")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"output folder (default: {DEFAULT_OUT}; the committed results are "
                         f"written only with --out benchmarks/results)")
@@ -65,6 +67,8 @@ def plan(device: torch.device, cfg: dict, only: Optional[str]) -> List[harness.C
     cases += ops.get("attention", []) + ops.get("add_layer_norm", []) + ops.get("linear_bias_gelu", [])
     if only in (None, "model"):
         cases += model_cases(device, cfg)
+    if only == "cpu-gemm":  # the CPU inference GEMM choices of fastbert/cpu.py, on request only
+        cases += cpu_gemm_cases(device)
     if only in (None, "embeddings"):
         cases += embedding_cases(device, cfg)
     cases += ops.get("attention_sweep", [])

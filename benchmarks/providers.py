@@ -215,6 +215,70 @@ def compiled(fn: Callable, enabled: bool, why_not: str) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def cpu_gemm_cases(device: torch.device, rows: int = 1024) -> list:
+    """The CPU inference GEMM choices of fastbert/cpu.py, timed side by side at BERT-base's four
+    projections (rows tokens): MKL's F.linear against oneDNN on the prepacked and on the plain
+    weight, and GELU / residual add as oneDNN post-ops against a separate pass after the GEMM.
+    `python -m benchmarks --only cpu-gemm`."""
+    from benchmarks.harness import Case
+    from fastbert import cpu
+
+    if device.type != "cpu":
+        return []
+    run = cpu._run
+
+    def variants(k, n):
+        prepacked = functools.partial(_with_prepack, True)
+        plain = functools.partial(_with_prepack, False)
+        linear = {"F.linear": lambda x, w, b, r: F.linear(x, w, b),
+                  "fastbert-onednn-prepacked": prepacked(lambda x, w, b, r: run(x, w, b, "none", "", None)),
+                  "fastbert-onednn-plain": plain(lambda x, w, b, r: run(x, w, b, "none", "", None))}
+        if n > k:  # FFN in: GELU epilogue
+            return linear, "gelu", {
+                "F.gelu(F.linear)": lambda x, w, b, r: F.gelu(F.linear(x, w, b)),
+                "fastbert-onednn+gelu-post-op": plain(lambda x, w, b, r: run(x, w, b, "gelu", "none", None)),
+                "fastbert-onednn,F.gelu": plain(lambda x, w, b, r: F.gelu(run(x, w, b, "none", "", None)))}
+        return linear, "residual", {
+            "F.linear+r": lambda x, w, b, r: F.linear(x, w, b) + r,
+            "fastbert-onednn+add-post-op": plain(lambda x, w, b, r: run(x, w, b, "add", "", r)),
+            "fastbert-onednn,add_": plain(lambda x, w, b, r: run(x, w, b, "none", "", None).add_(r))}
+
+    cases = []
+    for k, n in ((768, 2304), (768, 768), (768, 3072), (3072, 768)):
+        g = torch.Generator().manual_seed(k + n)
+        w = torch.randn(n, k, generator=g) * k ** -0.5
+        b = torch.randn(n, generator=g)
+        sets = [(torch.randn(rows, k, generator=g), w, b, torch.randn(rows, n, generator=g))
+                for _ in range(2)]
+        linear, epilogue, fused = variants(k, n)
+        for label, forwards in (("linear", linear), (f"linear+{epilogue}", fused)):
+            providers = {name: functools.partial(_gemm_setup, f, sets) for name, f in forwards.items()}
+            cases.append(Case(label, "fwd", f"{rows}x{k}->{n}", providers,
+                              work={"flops": 2.0 * rows * k * n}))
+    return cases
+
+
+def _with_prepack(prepack: bool, forward):
+    from fastbert import cpu
+
+    def call(*args):
+        saved, cpu.PREPACK_FP32 = cpu.PREPACK_FP32, prepack
+        try:
+            return forward(*args)
+        finally:
+            cpu.PREPACK_FP32 = saved
+    return call
+
+
+def _gemm_setup(forward, sets):
+    _require_onednn()
+
+    def call(args):
+        with torch.no_grad():
+            return forward(*args)
+    return rotate([functools.partial(call, s) for s in sets])
+
+
 # --------------------------------------------------------------------------------------------
 # ONNX Runtime: the engine CPU users deploy BERT on
 # --------------------------------------------------------------------------------------------
