@@ -504,15 +504,19 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
 
 @torch.library.custom_op("fastbert::linear_bias_gelu_fwd", mutates_args=())
 def _linear_bias_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, approximate: str,
-                          backend: str) -> Tuple[Tensor, Tensor]:
+                          store_pre: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """store_pre=False (no gradient will be asked for): pre comes back empty, (0, N)."""
+    if backend == "triton":  # its GEMM epilogue skips the store
+        return _backend_module(backend).linear_bias_gelu_forward(x, weight, bias, approximate,
+                                                                 store_pre)
     out, pre = _backend_module(backend).linear_bias_gelu_forward(x, weight, bias, approximate)
-    return out, pre
+    return out, (pre if store_pre else pre.new_empty(0, pre.shape[1]))
 
 
 @_linear_bias_gelu_fwd.register_fake
-def _(x, weight, bias, approximate, backend):
-    shape = (x.shape[0], weight.shape[0])
-    return x.new_empty(shape), x.new_empty(shape)
+def _(x, weight, bias, approximate, store_pre, backend):
+    m, n = x.shape[0], weight.shape[0]
+    return x.new_empty(m, n), x.new_empty(m if store_pre else 0, n)
 
 
 @torch.library.custom_op("fastbert::linear_bias_gelu_bwd", mutates_args=())
@@ -529,7 +533,7 @@ def _(dout, x, weight, pre, approximate, backend):
 
 
 def _linear_bias_gelu_setup(ctx, inputs, output):
-    x, weight, bias, approximate, backend = inputs
+    x, weight, bias, approximate, store_pre, backend = inputs
     _, pre = output
     ctx.save_for_backward(x, weight, pre)
     ctx.approximate, ctx.backend = approximate, backend
@@ -539,7 +543,7 @@ def _linear_bias_gelu_setup(ctx, inputs, output):
 def _linear_bias_gelu_grad(ctx, dout, dpre):
     x, weight, pre = ctx.saved_tensors
     dx, dw, db = _linear_bias_gelu_bwd(dout, x, weight, pre, ctx.approximate, ctx.backend)
-    return dx, dw, db, None, None
+    return dx, dw, db, None, None, None
 
 
 _linear_bias_gelu_fwd.register_autograd(_linear_bias_gelu_grad,
@@ -577,6 +581,8 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
     if chosen == "torch" and cpu.should_use(x.reshape(-1, k), weight, bias):
         # CPU inference: oneDNN GEMM on a prepacked weight with GELU as its post-op
         return cpu.linear_gelu(x.reshape(-1, k), weight, bias, approximate).view(*lead, n)
+    store_pre = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or bias.requires_grad)
     out, _ = _linear_bias_gelu_fwd(x.reshape(-1, k).contiguous(), weight.contiguous(),
-                                   bias.contiguous(), approximate, chosen)
+                                   bias.contiguous(), approximate, store_pre, chosen)
     return out.view(*lead, n)

@@ -251,10 +251,34 @@ def test_opcheck_linear_bias_gelu():
     x, w, b = (torch.randn(6, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True),
                torch.randn(10, requires_grad=True))
     torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_fwd.default,
-                          (x, w, b, "tanh", "torch"))
-    out, pre = torch.ops.fastbert.linear_bias_gelu_fwd(x, w, b, "none", "torch")
+                          (x, w, b, "tanh", True, "torch"))
+    # without the pre-activation there is no backward: the inputs need no grad then
+    torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_fwd.default,
+                          (x.detach(), w.detach(), b.detach(), "tanh", False, "torch"))
+    out, pre = torch.ops.fastbert.linear_bias_gelu_fwd(x, w, b, "none", True, "torch")
     torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_bwd.default,
                           (torch.randn(6, 10), x.detach(), w.detach(), pre, "none", "torch"))
+
+
+def test_linear_bias_gelu_keeps_no_pre_activation_without_grad(monkeypatch):
+    seen = []
+    real = torch.ops.fastbert.linear_bias_gelu_fwd
+
+    def spy(x, w, b, approximate, store_pre, backend):
+        out, pre = real(x, w, b, approximate, store_pre, backend)
+        seen.append((store_pre, tuple(pre.shape)))
+        return out, pre
+
+    from fastbert import ops
+    monkeypatch.setattr(ops, "_linear_bias_gelu_fwd", spy)
+    monkeypatch.setattr(ops.cpu, "should_use", lambda *a: False)  # the custom op, not oneDNN
+    x, w, b = torch.randn(6, 8), torch.randn(10, 8, requires_grad=True), torch.randn(10)
+    with torch.no_grad():
+        fastbert.linear_bias_gelu(x, w, b)
+    fastbert.linear_bias_gelu(x, w.detach(), b)
+    fastbert.linear_bias_gelu(x, w, b).sum().backward()
+    assert seen == [(False, (0, 10)), (False, (0, 10)), (True, (6, 10))]
+    assert w.grad is not None
 
 
 def test_torch_compile_fullgraph_ops():
