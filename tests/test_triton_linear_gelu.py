@@ -140,7 +140,7 @@ def test_opcheck_and_compile():
     x, weight, bias, dout = make_inputs(6, 40, 24, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_fwd.default,
-                          (*leaves, "none", "triton"))
+                          (*leaves, "none", True, "triton"))
     _, pre = lg.linear_bias_gelu_forward(x, weight, bias, "none")
     torch.library.opcheck(torch.ops.fastbert.linear_bias_gelu_bwd.default,
                           (dout, x, weight, pre, "none", "triton"))
