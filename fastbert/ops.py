@@ -329,9 +329,12 @@ def _attention_setup(ctx, inputs, output):
     ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
     ctx.deterministic, ctx.backend = deterministic, backend
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
 def _attention_grad(ctx, dout, dlse):
+    if dout is None:
+        return (None,) * 10
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, ctx.causal, ctx.dropout_p,
                                 ctx.scale, seed, ctx.deterministic, ctx.backend)
@@ -439,9 +442,12 @@ def _add_layer_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
     ctx.dropout_p, ctx.backend = dropout_p, backend
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and rstd
 
 
 def _add_layer_norm_grad(ctx, dy, dmean, drstd):
+    if dy is None:
+        return (None,) * 8
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
     dx, dres, dw, db = _add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, ctx.dropout_p,
                                            seed, ctx.backend)
@@ -538,9 +544,12 @@ def _linear_bias_gelu_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, pre)
     ctx.approximate, ctx.backend = approximate, backend
     ctx.mark_non_differentiable(pre)
+    ctx.set_materialize_grads(False)  # no zero-filled (M, N) gradient for the pre-activation
 
 
 def _linear_bias_gelu_grad(ctx, dout, dpre):
+    if dout is None:
+        return (None,) * 6
     x, weight, pre = ctx.saved_tensors
     dx, dw, db = _linear_bias_gelu_bwd(dout, x, weight, pre, ctx.approximate, ctx.backend)
     return dx, dw, db, None, None, None

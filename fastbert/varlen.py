@@ -165,9 +165,12 @@ def _setup(ctx, inputs, output):
     ctx.args = (max_q, max_k, causal, dropout_p, scale)
     ctx.deterministic, ctx.backend = deterministic, backend
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
 def _grad(ctx, dout, dlse):
+    if dout is None:
+        return (None,) * 13
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, causal, dropout_p, scale = ctx.args
     dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, dropout_p,
