@@ -152,6 +152,20 @@ def test_patched_matches_transformers_unpadded(arch, head, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+def test_profiler_sees_fastbert_ops_forward_and_backward(arch):
+    head = "ForMaskedLM"
+    model = fastbert.patch_hf(make_model(arch, head).train())
+    inputs = make_inputs(model, head)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(**inputs).loss.backward()
+    seen = {e.name for e in prof.events() if e.name.startswith("fastbert::")}
+    expected = {f"fastbert::{op}_{way}" for op in ("attention_varlen", "add_layer_norm",
+                                                  "linear_bias_gelu") for way in ("fwd", "bwd")}
+    assert expected <= seen, seen
+    assert "fastbert::attention_fwd" not in seen  # a padded batch: every layer ran packed
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_patched_padded_path_matches_transformers(arch, monkeypatch):
     head = "ForTokenClassification"
     hf_model = make_model(arch, head)
