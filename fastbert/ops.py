@@ -344,6 +344,24 @@ def _attention_grad(ctx, dout, dlse):
 _attention_fwd.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
+def _softmax_scale(op: str, softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) \
+            or softmax_scale <= 0:
+        raise ValueError(f"{op}: argument 'softmax_scale' expected a finite positive float or "
+                         f"None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _attention_operands(q: Tensor, k: Tensor, v: Tensor):
+    """q, k, v in autocast's dtype (when it is on), each with a unit last stride."""
+    cast = _autocast_dtype(q.device)
+    if cast is not None and q.dtype != cast:
+        q, k, v = q.to(cast), k.to(cast), v.to(cast)
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, *,
               causal: bool = False, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
               deterministic: bool = False, backend: str = "auto") -> Tensor:
@@ -381,16 +399,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
                             f"(True/nonzero = real token), got {key_padding_mask.dtype}")
         key_padding_mask = (key_padding_mask != 0).contiguous()
     dropout_p = _expect_dropout(op, dropout_p)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
-    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) \
-            or softmax_scale <= 0:
-        raise ValueError(f"{op}: argument 'softmax_scale' expected a finite positive float or "
-                         f"None, got {softmax_scale!r}")
-    cast = _autocast_dtype(q.device)
-    if cast is not None and q.dtype != cast:
-        q, k, v = q.to(cast), k.to(cast), v.to(cast)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    softmax_scale = _softmax_scale(op, softmax_scale, d)
+    q, k, v = _attention_operands(q, k, v)
     chosen = resolve_backend(op, backend, q.device, dtype=q.dtype, head_dim=d,
                              dropout_p=dropout_p, causal=bool(causal),
                              has_mask=key_padding_mask is not None)

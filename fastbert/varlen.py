@@ -10,7 +10,6 @@ per-sequence calls.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -249,16 +248,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"size, got shapes {tuple(cu_seqlens_q.shape)} and "
                          f"{tuple(cu_seqlens_k.shape)}")
     dropout_p = ops._expect_dropout(OP, dropout_p)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
-    elif not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) \
-            or softmax_scale <= 0:
-        raise ValueError(f"{OP}: argument 'softmax_scale' expected a finite positive float or "
-                         f"None, got {softmax_scale!r}")
-    cast = ops._autocast_dtype(q.device)
-    if cast is not None and q.dtype != cast:
-        q, k, v = q.to(cast), k.to(cast), v.to(cast)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    softmax_scale = ops._softmax_scale(OP, softmax_scale, d)
+    q, k, v = ops._attention_operands(q, k, v)
     chosen = ops.resolve_backend(OP, backend, q.device, dtype=q.dtype, head_dim=d,
                                  dropout_p=dropout_p, causal=bool(causal))
     out, _ = _varlen_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
