@@ -310,6 +310,34 @@ def test_unsupported_varlen():
 
 
 # --------------------------------------------------------------------------------------------
+# gpu tier
+# --------------------------------------------------------------------------------------------
+
+# BERT-base/large shapes, packed: lengths spread over (0, 512], one empty, one single token
+GPU_LENGTHS = (512, 300, 1, 0, 129, 64, 511, 200)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,h,causal,deterministic", [
+    (F16, 12, False, False), (BF16, 16, False, True), (BF16, 12, True, False),
+    (F32, 4, False, True),
+], ids=["f16", "bf16-det", "bf16-causal", "f32-det"])
+def test_gpu_varlen_vs_reference(dtype, h, causal, deterministic):
+    check_varlen(GPU_LENGTHS, GPU_LENGTHS, h, 64, dtype, causal, True, deterministic)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_dropout_repeatable():
+    lens = GPU_LENGTHS
+    q, k, v = make_varlen(lens, lens, 12, 64, BF16, packed=True)
+    dout = torch.randn(q.shape, dtype=q.dtype, device=q.device)
+    runs = [run_kernels(q, k, v, dout, lens, lens, False, 0.1, 0.125, 2 ** 50 + 1, True)
+            for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------------------------
 # compile tier
 # --------------------------------------------------------------------------------------------
 
