@@ -85,6 +85,23 @@ def attention_fastbert(backend: str, causal: bool):
     return lambda q, k, v, mask: fastbert.attention(q, k, v, mask, causal=causal, backend=backend)
 
 
+def attention_varlen_fastbert(backend: str, causal: bool):
+    import fastbert
+    require_fastbert(backend)
+    return lambda q, k, v, cu, max_s: fastbert.attention_varlen(q, k, v, cu, cu, max_s, max_s,
+                                                                causal=causal, backend=backend)
+
+
+def attention_varlen_flash_attn(causal: bool):
+    """FlashAttention's own varlen kernel, where the flash_attn package is installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise Unsupported(f"flash_attn is not installed ({e})")
+    return lambda q, k, v, cu, max_s: flash_attn_varlen_func(q, k, v, cu, cu, max_s, max_s,
+                                                             causal=causal)
+
+
 def attention_sdpa(backend, causal: bool):
     """torch SDPA pinned to one backend; gets (B, H, S, D) transposed views, as transformers does."""
     from torch.nn.attention import sdpa_kernel

@@ -44,7 +44,7 @@ def sizes(device: torch.device, preset: str) -> dict:
             attention=[(2, 32, 2, 32, "mask")],
             sweep=[(64 // s, s, 2, 32, "none") for s in (16, 32)],
             layer_norm=[(64, 32)], linear_gelu=[(64, 32, 64)], op_modes=["fwd+bwd"],
-            models=[("bert-tiny", 2, 16, BOTH)],
+            models=[("bert-tiny", 2, 16, BOTH)], pretraining=[("bert-tiny", 2, 16)],
             gemm=(128, 128, 128), copy_numel=2 ** 16,
         )
     if device.type == "cuda":
@@ -68,6 +68,7 @@ def sizes(device: torch.device, preset: str) -> dict:
             # (model, B, S, modes): 16k tokens per step at S=128 and S=512
             models=[("bert-base", 32, 512, BOTH)] if preset == "quick" else
             [(m, b, s, BOTH) for m in ("bert-base", "bert-large") for b, s in ((128, 128), (32, 512))],
+            pretraining=[("bert-base", 32, 512)],
             gemm=(8192, 8192, 8192), copy_numel=2 ** 28,
         )
     return dict(
@@ -82,6 +83,7 @@ def sizes(device: torch.device, preset: str) -> dict:
         models=[("bert-base-2l", 8, 128, BOTH)]
         + [("bert-mini", 8, s, BOTH) for s in (64, 128, 256)]
         + [("bert-base", 8, 128, ["infer"] if preset == "quick" else BOTH)],
+        pretraining=[("bert-base-2l", 8, 128)],
         gemm=(1024, 1024, 1024), copy_numel=2 ** 24,
     )
 
@@ -170,6 +172,23 @@ def attention_case(device, cfg, batch, seqlen, heads, head_dim, variant, mode, s
         providers[f"sdpa-{label}"] = provider(functools.partial(P.attention_sdpa, backend, causal),
                                               guard=label == "math")
     providers["torch-eager"] = provider(functools.partial(P.attention_eager, causal), guard=True)
+    if masked:  # the same real tokens packed: fastbert.attention_varlen (and FlashAttention's)
+        def packed_inputs():
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                              device=device)
+            shape_packed = (sum(lengths), heads, head_dim)
+            return [((*(_randn(shape_packed, dtype, device, g, grad) for _ in range(3)), cu,
+                      seqlen), _randn(shape_packed, dtype, device, g))
+                    for _ in range(cfg["rotations"])]
+
+        def varlen_provider(make_forward):
+            return lambda: P.timed(make_forward(), packed_inputs(), mode)
+
+        for b in fastbert_backends(device):
+            providers[f"fastbert-varlen-{b}"] = varlen_provider(
+                functools.partial(P.attention_varlen_fastbert, b, causal))
+        providers["flash_attn-varlen"] = varlen_provider(
+            functools.partial(P.attention_varlen_flash_attn, causal))
 
     shape = f"B{batch} S{seqlen} H{heads} D{head_dim}" + ("" if variant == "none" else f" {variant}")
     flops = counting.attention_flops(batch, seqlen, heads, head_dim, causal=causal, mode=mode,
