@@ -168,9 +168,8 @@ def bf16_enabled() -> bool:
 # the oneDNN ops, checked once against F.linear before first use
 # --------------------------------------------------------------------------------------------
 
-# attr -> None (not probed yet), "" (works), or the reason it does not
+# ("attr:algorithm", dtype) -> None when the variant works here, else why not (probed once)
 _op_state: dict = {}
-_op_dtype_state: dict = {}
 
 
 def _onednn(x: Tensor, packed: Tensor, bias: Optional[Tensor], attr: str, algorithm: str,
@@ -391,7 +390,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], attr: str, algorithm
 
 
 def _check(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-           residual: Optional[Tensor] = None, rows_cols: Optional[tuple] = None) -> None:
+           residual: Optional[Tensor] = None) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: argument '{name}' expected a Tensor, got {type(t).__name__}")
