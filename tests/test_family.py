@@ -246,6 +246,16 @@ def test_patch_twice_is_once():
     assert type(model.electra.embeddings_project) is nn.Linear  # a plain Linear, left alone
 
 
+def test_distilbert_compiles_fullgraph():
+    # DistilBERT's Transformer takes (hidden_states, attention_mask, **kwargs): the encoder patch's
+    # padded fallback (taken under torch.compile) must pass them through as they came
+    model = fastbert.patch_hf(make_model("distilbert", "ForMaskedLM"))
+    inputs = make_inputs(model, "ForMaskedLM")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(**inputs).loss, model(**inputs).loss)
+
+
 # --------------------------------------------------------------------------------------------
 # refusals: nothing patched
 # --------------------------------------------------------------------------------------------
