@@ -251,6 +251,16 @@ def _seed_int(seed: Optional[Tensor]) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
+def _inference(*tensors: Optional[Tensor]) -> bool:
+    """No autograd graph to record, plain tensors, no torch.compile tracing: the public ops then
+    call the backend directly. The custom op's dispatch costs several times a small op's own
+    work on a CPU (and is host time a GPU waits for)."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is Tensor and not (grad and t.requires_grad)) for t in tensors)
+
+
 # --------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------
@@ -404,6 +414,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     chosen = resolve_backend(op, backend, q.device, dtype=q.dtype, head_dim=d,
                              dropout_p=dropout_p, causal=bool(causal),
                              has_mask=key_padding_mask is not None)
+    if _inference(q, k, v):
+        return _backend_module(chosen).attention_forward(
+            q, k, v, key_padding_mask, bool(causal), dropout_p, softmax_scale,
+            _seed_int(_draw_seed(dropout_p)))[0]
     out, _ = _attention_fwd(q, k, v, key_padding_mask, bool(causal), dropout_p,
                             float(softmax_scale), _draw_seed(dropout_p),
                             bool(deterministic), chosen)
@@ -509,8 +523,13 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     shape = x.shape
     x2 = x.reshape(-1, hidden).contiguous()
     r2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
-    y, _, _ = _add_layer_norm_fwd(x2, r2, weight.contiguous(), bias.contiguous(), float(eps),
-                                  dropout_p, _draw_seed(dropout_p), chosen)
+    if _inference(x2, r2, weight, bias):
+        y = _backend_module(chosen).add_layer_norm_forward(
+            x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
+            _seed_int(_draw_seed(dropout_p)))[0]
+    else:
+        y, _, _ = _add_layer_norm_fwd(x2, r2, weight.contiguous(), bias.contiguous(), float(eps),
+                                      dropout_p, _draw_seed(dropout_p), chosen)
     return y.view(shape)
 
 
@@ -518,15 +537,19 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
 # linear + bias + GELU
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastbert::linear_bias_gelu_fwd", mutates_args=())
-def _linear_bias_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, approximate: str,
-                          store_pre: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def _linear_bias_gelu_forward(x, weight, bias, approximate, store_pre, backend):
     """store_pre=False (no gradient will be asked for): pre comes back empty, (0, N)."""
     if backend == "triton":  # its GEMM epilogue skips the store
         return _backend_module(backend).linear_bias_gelu_forward(x, weight, bias, approximate,
                                                                  store_pre)
     out, pre = _backend_module(backend).linear_bias_gelu_forward(x, weight, bias, approximate)
     return out, (pre if store_pre else pre.new_empty(0, pre.shape[1]))
+
+
+@torch.library.custom_op("fastbert::linear_bias_gelu_fwd", mutates_args=())
+def _linear_bias_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, approximate: str,
+                          store_pre: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    return _linear_bias_gelu_forward(x, weight, bias, approximate, store_pre, backend)
 
 
 @_linear_bias_gelu_fwd.register_fake
@@ -600,8 +623,11 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
     if chosen == "torch" and cpu.should_use(x.reshape(-1, k), weight, bias):
         # CPU inference: oneDNN GEMM on a prepacked weight with GELU as its post-op
         return cpu.linear_gelu(x.reshape(-1, k), weight, bias, approximate).view(*lead, n)
-    store_pre = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or bias.requires_grad)
-    out, _ = _linear_bias_gelu_fwd(x.reshape(-1, k).contiguous(), weight.contiguous(),
-                                   bias.contiguous(), approximate, store_pre, chosen)
+    x2 = x.reshape(-1, k).contiguous()
+    if _inference(x2, weight, bias):
+        out, _ = _linear_bias_gelu_forward(x2, weight.contiguous(), bias.contiguous(),
+                                           approximate, False, chosen)
+    else:
+        out, _ = _linear_bias_gelu_fwd(x2, weight.contiguous(), bias.contiguous(), approximate,
+                                       True, chosen)
     return out.view(*lead, n)

@@ -252,8 +252,12 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     q, k, v = ops._attention_operands(q, k, v)
     chosen = ops.resolve_backend(OP, backend, q.device, dtype=q.dtype, head_dim=d,
                                  dropout_p=dropout_p, causal=bool(causal))
-    out, _ = _varlen_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                         int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
-                         float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic),
-                         chosen)
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if ops._inference(q, k, v):  # no autograd: skip the custom op's dispatch
+        return _impl(chosen).attention_varlen_forward(
+            q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
+            softmax_scale, ops._seed_int(ops._draw_seed(dropout_p)))[0]
+    out, _ = _varlen_fwd(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
+                         dropout_p, float(softmax_scale), ops._draw_seed(dropout_p),
+                         bool(deterministic), chosen)
     return out

@@ -261,17 +261,17 @@ def test_opcheck_linear_bias_gelu():
 
 
 def test_linear_bias_gelu_keeps_no_pre_activation_without_grad(monkeypatch):
+    from fastbert import ops
     seen = []
-    real = torch.ops.fastbert.linear_bias_gelu_fwd
+    real = ops._linear_bias_gelu_forward
 
     def spy(x, w, b, approximate, store_pre, backend):
         out, pre = real(x, w, b, approximate, store_pre, backend)
         seen.append((store_pre, tuple(pre.shape)))
         return out, pre
 
-    from fastbert import ops
-    monkeypatch.setattr(ops, "_linear_bias_gelu_fwd", spy)
-    monkeypatch.setattr(ops.cpu, "should_use", lambda *a: False)  # the custom op, not oneDNN
+    monkeypatch.setattr(ops, "_linear_bias_gelu_forward", spy)
+    monkeypatch.setattr(ops.cpu, "should_use", lambda *a: False)  # not the oneDNN path
     x, w, b = torch.randn(6, 8), torch.randn(10, 8, requires_grad=True), torch.randn(10)
     with torch.no_grad():
         fastbert.linear_bias_gelu(x, w, b)
@@ -279,6 +279,22 @@ def test_linear_bias_gelu_keeps_no_pre_activation_without_grad(monkeypatch):
     fastbert.linear_bias_gelu(x, w, b).sum().backward()
     assert seen == [(False, (0, 10)), (False, (0, 10)), (True, (6, 10))]
     assert w.grad is not None
+
+
+def test_inference_calls_skip_the_custom_op_and_agree(monkeypatch):
+    from fastbert import ops
+    q, k, v = (torch.randn(2, 5, 3, 8) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    x, w, b = torch.randn(4, 16), torch.ones(16), torch.zeros(16)
+    qg, xg = q.clone().requires_grad_(), x.clone().requires_grad_()  # through the custom ops
+    with_grad = (fastbert.attention(qg, k, v, mask).detach(),
+                 fastbert.add_layer_norm(xg, x, w, b).detach())
+    monkeypatch.setattr(ops, "_attention_fwd", None)  # a call through the op would fail
+    monkeypatch.setattr(ops, "_add_layer_norm_fwd", None)
+    with torch.no_grad():
+        direct = (fastbert.attention(q, k, v, mask), fastbert.add_layer_norm(x, x, w, b))
+    for got, want in zip(direct, with_grad):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph_ops():
