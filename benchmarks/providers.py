@@ -244,21 +244,25 @@ def cpu_gemm_cases(device: torch.device, rows: int = 1024) -> list:
         return []
     run = cpu._run
 
+    def gemm(x, w, b, r):
+        return run(x, w, b, "none", "", None)
+
     def variants(k, n):
         prepacked = functools.partial(_with_prepack, True)
         plain = functools.partial(_with_prepack, False)
         linear = {"F.linear": lambda x, w, b, r: F.linear(x, w, b),
-                  "fastbert-onednn-prepacked": prepacked(lambda x, w, b, r: run(x, w, b, "none", "", None)),
-                  "fastbert-onednn-plain": plain(lambda x, w, b, r: run(x, w, b, "none", "", None))}
+                  "fastbert-onednn-prepacked": prepacked(gemm),
+                  "fastbert-onednn-plain": plain(gemm)}
         if n > k:  # FFN in: GELU epilogue
             return linear, "gelu", {
                 "F.gelu(F.linear)": lambda x, w, b, r: F.gelu(F.linear(x, w, b)),
-                "fastbert-onednn+gelu-post-op": plain(lambda x, w, b, r: run(x, w, b, "gelu", "none", None)),
-                "fastbert-onednn,F.gelu": plain(lambda x, w, b, r: F.gelu(run(x, w, b, "none", "", None)))}
+                "fastbert-onednn+gelu-post-op":
+                    plain(lambda x, w, b, r: run(x, w, b, "gelu", "none", None)),
+                "fastbert-onednn,F.gelu": plain(lambda *a: F.gelu(gemm(*a)))}
         return linear, "residual", {
             "F.linear+r": lambda x, w, b, r: F.linear(x, w, b) + r,
             "fastbert-onednn+add-post-op": plain(lambda x, w, b, r: run(x, w, b, "add", "", r)),
-            "fastbert-onednn,add_": plain(lambda x, w, b, r: run(x, w, b, "none", "", None).add_(r))}
+            "fastbert-onednn,add_": plain(lambda x, w, b, r: gemm(x, w, b, r).add_(r))}
 
     cases = []
     for k, n in ((768, 2304), (768, 768), (768, 3072), (3072, 768)):
@@ -269,7 +273,8 @@ def cpu_gemm_cases(device: torch.device, rows: int = 1024) -> list:
                 for _ in range(2)]
         linear, epilogue, fused = variants(k, n)
         for label, forwards in (("linear", linear), (f"linear+{epilogue}", fused)):
-            providers = {name: functools.partial(_gemm_setup, f, sets) for name, f in forwards.items()}
+            providers = {name: functools.partial(_gemm_setup, f, sets)
+                         for name, f in forwards.items()}
             cases.append(Case(label, "fwd", f"{rows}x{k}->{n}", providers,
                               work={"flops": 2.0 * rows * k * n}))
     return cases

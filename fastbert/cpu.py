@@ -243,7 +243,7 @@ def _signature(weight: Tensor) -> Optional[tuple]:
     """What must be unchanged for a packed copy to stay valid; None if it cannot be tracked."""
     try:
         version = weight._version
-    except RuntimeError:  # an inference tensor has no version counter: in-place writes are invisible
+    except RuntimeError:  # an inference tensor has no version counter: writes would go unseen
         return None
     return (weight.data_ptr(), version, tuple(weight.shape), tuple(weight.stride()), weight.dtype)
 
@@ -439,7 +439,8 @@ def linear_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tens
 def describe() -> str:
     """One line: which CPU inference path is active and why."""
     if not _enabled:
-        return "CPU inference GEMMs: F.linear (MKL); the oneDNN path is switched off (fastbert.cpu.set_enabled)"
+        return ("CPU inference GEMMs: F.linear (MKL); the oneDNN path is switched off "
+                "(fastbert.cpu.set_enabled)")
     reason = _private_ops_reason()
     mode = "bf16" if _bf16 else "fp32"
     if reason is None:
