@@ -299,6 +299,25 @@ def test_varlen_dropout_backward_uses_forward_mask(dtype, causal, deterministic,
     compare(got, q, k, v, dout, lens_q, lens_k, causal, p, scale, keep)
 
 
+@pytest.mark.interpreter
+def test_end_to_end_through_fastbert_attention_varlen():
+    """The public op with backend="triton" (autograd, packed QKV views) vs backend="torch"."""
+    import fastbert
+    lens = (5, 0, 17, 1)
+    cu = cu_seqlens(lens)
+    qkv = torch.randn(sum(lens), 3, 2, 32, requires_grad=True)
+    results = {}
+    for backend in ("triton", "torch"):
+        qkv.grad = None
+        q, k, v = qkv.unbind(1)
+        out = fastbert.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True,
+                                        backend=backend)
+        out.backward(torch.ones_like(out))
+        results[backend] = (out.detach(), qkv.grad.clone())
+    assert_fp32_close(results["triton"][0], results["torch"][0], "out")
+    assert_fp32_close(results["triton"][1], results["torch"][1], "dqkv")
+
+
 def test_unsupported_varlen():
     for dtype in (F16, BF16, F32):
         assert varlen.unsupported(dtype=dtype, head_dim=64, dropout_p=0.1, causal=True) is None
