@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -189,10 +189,6 @@ class _Family:
     forwards: dict = field(default_factory=dict)  # class -> patched forward
     gelu_modules: tuple = ()  # classes whose Linear+GELU is fused, given a GELU activation
 
-    def activation(self, config) -> Optional[str]:
-        act = getattr(config, "hidden_act", None) or getattr(config, "activation", None)
-        return act if isinstance(act, str) else None
-
 
 def _bert_layout(name: str, module, prefix: str) -> _Family:
     def cls(role: str) -> type:  # e.g. RobertaSelfOutput, from modeling_roberta itself
@@ -322,8 +318,9 @@ def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
 
 
 def _patch_encoder(encoder: nn.Module, family: _Family, unpad: bool) -> None:
-    act = family.activation(_config_of(encoder))
-    approximate = _GELU_APPROXIMATE.get(act) if act is not None else None
+    config = _config_of(encoder)  # DistilBERT names its activation `activation`
+    act = getattr(config, "hidden_act", None) or getattr(config, "activation", None)
+    approximate = _GELU_APPROXIMATE.get(act) if isinstance(act, str) else None
     for module in encoder.modules():
         kind = type(module)
         if kind in family.gelu_modules:

@@ -151,6 +151,31 @@ def test_patched_matches_transformers_unpadded(arch, head, monkeypatch):
     check_calls(calls, hf_model.config.num_hidden_layers, packed=padded)
 
 
+def test_other_heads_on_the_same_encoder(monkeypatch):
+    # ELECTRA's replaced-token discriminator and a multiple-choice head (a 3-D batch)
+    hf_model = make_model("electra", "ForPreTraining")
+    patched, calls = patched_copy(hf_model, monkeypatch)
+    inputs = make_inputs(hf_model, "Model")
+    inputs["labels"] = torch.randint(0, 2, (B, S))
+    assert_agree(patched, hf_model, inputs, "electra ForPreTraining")
+    check_calls(calls, 2, packed=True)
+    hf_model = make_model("roberta", "ForMultipleChoice")
+    patched = fastbert.patch_hf(copy.deepcopy(hf_model))
+    choices = [make_inputs(hf_model, "Model") for _ in range(2)]
+    inputs = {k: torch.stack([c[k] for c in choices], 1) for k in choices[0]}  # (B, 2, S)
+    inputs["labels"] = torch.randint(0, 2, (B,))
+    assert_agree(patched, hf_model, inputs, "roberta ForMultipleChoice")
+
+
+def test_roberta_causal_lm_generates_as_unpatched():
+    hf_model = make_model("roberta", "ForCausalLM", is_decoder=True)
+    prompt = torch.randint(2, 100, (2, 4))  # no padding token (1)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+              pad_token_id=1, use_cache=True)
+    expected = hf_model.generate(prompt, **kw)
+    torch.testing.assert_close(fastbert.patch_hf(hf_model).generate(prompt, **kw), expected)
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_profiler_sees_fastbert_ops_forward_and_backward(arch):
     head = "ForMaskedLM"
