@@ -1,8 +1,8 @@
 // Which shared-memory row each lane hands to ldmatrix.x4 for the four fragment shapes the
 // attention kernels use (element offsets into a tile with row stride `ld`). See the layouts in
 // kernels/attention_mma.cuh; matrix i of an .x4 load takes its row addresses from lanes 8i..8i+7.
-// Plain integer math with no CUDA dependency, so tests/test_cuda.py builds this header for the host
-// and replays the offsets through a model of ldmatrix and mma.m16n8k16.
+// Plain integer math with no CUDA dependency, so tests/test_cuda_attention_static.py builds this
+// header for the host and replays the offsets through a model of ldmatrix and mma.m16n8k16.
 #pragma once
 
 #ifdef __CUDACC__

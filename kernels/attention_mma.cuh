@@ -1,7 +1,7 @@
 // Tensor-core building blocks of the attention kernels, as inline PTX: mma.sync.m16n8k16 (fp16 or
 // bf16 in, fp32 accumulate), ldmatrix (shared -> fragment), cp.async (global -> shared, 16 bytes,
 // bypassing registers). Sources: the PTX ISA, sections "Matrix Fragments for mma.m16n8k16" and
-// "ldmatrix". tests/test_cuda.py::test_fragment_index_model replays the index math below on the
+// "ldmatrix". tests/test_cuda_attention_static.py::test_fragment_index_model replays the index math below on the
 // host (a model of both instructions) and checks products against a plain matmul.
 //
 // Fragment layouts, per warp, with g = lane / 4 (the "group") and c = lane % 4:
@@ -22,7 +22,7 @@
 
 #include "kernels/attention_layout.cuh"
 
-// tests/test_cuda.py runs these kernels on the host through an emulation of the warp primitives
+// tests/test_cuda_attention.py runs these kernels on the host through an emulation of the warp primitives
 // (FASTBERT_HOST_EMULATION), which then supplies the functions of this section.
 #ifndef FASTBERT_HOST_EMULATION
 namespace fastbert {

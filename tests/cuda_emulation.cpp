@@ -1,5 +1,5 @@
 // Host emulation of the CUDA attention kernels (kernels/attention_fwd.cuh, attention_bwd.cuh) for
-// the compile test tier (tests/test_cuda.py), so that the real kernel code runs without a GPU.
+// the compile test tier (tests/test_cuda_attention.py), so that the real kernel code runs without a GPU.
 // Every thread of a block is a fiber (ucontext) on one OS thread, scheduled round-robin; barriers,
 // shuffles, ballots, ldmatrix and mma.m16n8k16 are emulated per warp from the PTX ISA's
 // definitions (the same model test_fragment_index_model checks the kernels' offsets against);
