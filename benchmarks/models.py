@@ -126,6 +126,71 @@ def model_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: 
                 gpu_rep_scale=8.0)  # a BERT step takes 10-100 ms: enough calls per round
 
 
+def _pretraining_model(library: str, model, device, dtype):
+    import transformers
+
+    import fastbert
+    lib = transformers if library == "transformers" else fastbert
+    extra = dict(attn_implementation="sdpa") if library == "transformers" else {}
+    with torch.device(device):
+        net = lib.BertForPreTraining(lib.BertConfig(**MODELS[model], **extra)).to(dtype)
+    torch.manual_seed(0)  # the same weights for both libraries
+    state = {k: torch.randn_like(v) * 0.02 for k, v in net.state_dict().items()}
+    net.load_state_dict(state, strict=False)
+    return net.train()
+
+
+def pretraining_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: int) -> Case:
+    """One BertForPreTraining training step (MLM + NSP loss, backward), 15 % of the real tokens
+    masked: transformers computes the 30k-way decoder at every position, fastbert
+    (return_logits=False) only at the masked ones, on real tokens only."""
+    dtype = cfg["dtype"]
+    vocab = MODELS[model].get("vocab_size", 30522)
+    g = torch.Generator().manual_seed(7 * batch + seqlen)
+    lengths = padded_lengths(batch, seqlen, g)
+    mask = lengths_to_mask(lengths, seqlen, device).long()
+
+    def inputs():
+        sets = []
+        for _ in range(cfg["rotations"]):
+            ids = torch.randint(1, vocab, (batch, seqlen), generator=g).to(device) * mask
+            chosen = (torch.rand(batch, seqlen, generator=g).to(device) < 0.15) & mask.bool()
+            labels = ids.masked_fill(~chosen, -100)
+            nsp = torch.randint(0, 2, (batch,), generator=g).to(device)
+            sets.append((ids, labels, nsp))
+        return sets
+
+    def step(net, backend, extra, ids, labels, nsp):
+        if backend is not None:
+            import fastbert
+            fastbert.set_backend(backend)
+        net.zero_grad(set_to_none=True)
+        net(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=nsp,
+            **extra).loss.backward()
+
+    def provider(library, backend=None, **extra):
+        def setup():
+            if library == "fastbert":
+                require_fastbert(backend)
+            net = _pretraining_model(library, model, device, dtype)
+            return rotate([functools.partial(step, net, backend, extra, *s) for s in inputs()])
+        return setup
+
+    backend = "auto" if device.type == "cuda" else "torch"
+    providers = {
+        "transformers-sdpa": provider("transformers"),
+        f"fastbert-{backend}": provider("fastbert", backend, return_logits=False),
+        f"fastbert-{backend}-full-logits": provider("fastbert", backend),
+    }
+    padding = 1.0 - sum(lengths) / (batch * seqlen)
+    return Case("model", "pretrain", f"{model} B{batch} S{seqlen}", providers,
+                work={"tokens": float(sum(lengths))},
+                params=dict(model=model, seqlen=seqlen, padding=round(padding, 3)),
+                gpu_rep_scale=8.0)
+
+
 def model_cases(device: torch.device, cfg: dict) -> List[Case]:
-    return [model_case(device, cfg, model, batch, seqlen, mode)
-            for model, batch, seqlen, modes in cfg["models"] for mode in modes]
+    cases = [model_case(device, cfg, model, batch, seqlen, mode)
+             for model, batch, seqlen, modes in cfg["models"] for mode in modes]
+    return cases + [pretraining_case(device, cfg, model, batch, seqlen)
+                    for model, batch, seqlen in cfg.get("pretraining", [])]

@@ -205,7 +205,8 @@ def plot_all(rows: List[Dict[str, Any]], params: Dict[tuple, dict], out_dir: str
     models: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for key, by_provider in tokens.items():
         p = params.get(key, {})
-        title = f"{p.get('model', key[2])} {'training step' if key[1] == 'train' else 'inference'}"
+        kind = {"train": "training step", "pretrain": "pre-training step (MLM + NSP)"}
+        title = f"{p.get('model', key[2])} {kind.get(key[1], 'inference')}"
         for provider, value in by_provider.items():
             models[title][provider].append((p.get("seqlen", 0), value))
     if models:
