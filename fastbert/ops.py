@@ -407,7 +407,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
             raise TypeError(f"{op}: argument 'key_padding_mask' expected a bool or integer tensor "
                             f"(True/nonzero = real token), got {key_padding_mask.dtype}")
-        key_padding_mask = (key_padding_mask != 0).contiguous()
+        if key_padding_mask.dtype != torch.bool:
+            key_padding_mask = key_padding_mask != 0
+        # the same bool mask object in every layer: the Triton launcher caches its key ranges
+        key_padding_mask = key_padding_mask.contiguous()
     dropout_p = _expect_dropout(op, dropout_p)
     softmax_scale = _softmax_scale(op, softmax_scale, d)
     q, k, v = _attention_operands(q, k, v)

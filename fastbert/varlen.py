@@ -10,6 +10,9 @@ per-sequence calls.
 """
 from __future__ import annotations
 
+import collections
+import weakref
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -48,39 +51,72 @@ def _from_padded(t: Tensor, index: Tensor) -> Tensor:
     return t.reshape(-1, *t.shape[2:]).index_select(0, index)
 
 
-class _TorchVarlen:
-    @staticmethod
-    def _layout(q, k, cu_q, cu_k, max_q, max_k):
-        batch = cu_q.numel() - 1
-        return (batch, varlen_to_padded_index(cu_q, q.shape[0], max_q),
-                varlen_to_padded_index(cu_k, k.shape[0], max_k))
+@dataclass
+class _Layout:
+    """The padded view of one packed batch: built once per (cu_seqlens, shapes, causal, dtype)
+    and reused by every layer of a forward and by backward."""
+    batch: int
+    idx_q: Tensor  # (total_q,) flat index of each query in the (B * max_q) grid
+    idx_k: Tensor
+    visible: Tensor  # (B, 1, max_q, max_k) bool
+    additive: Tensor  # the same as 0 / -inf in the inputs' dtype, for ATen's fused kernel
+    empty_q: Tensor  # (total_q,) bool: queries that see no key
 
+
+_layouts: "collections.OrderedDict" = collections.OrderedDict()
+_LAYOUT_CACHE = 8
+
+
+def _version(t: Tensor) -> int:
+    """The in-place write counter; inference tensors have none (and cannot be written outside
+    inference mode), so 0 stands for them."""
+    return 0 if t.is_inference() else t._version
+
+
+def _layout(q, k, cu_q, cu_k, max_q, max_k, causal) -> _Layout:
+    key = (id(cu_q), _version(cu_q), id(cu_k), _version(cu_k), q.shape[0], k.shape[0], max_q,
+           max_k, causal, q.dtype, q.device)
+    hit = _layouts.get(key)
+    if hit is not None and hit[0]() is cu_q and hit[1]() is cu_k:  # not a recycled id
+        _layouts.move_to_end(key)
+        return hit[2]
+    batch = cu_q.numel() - 1
+    idx_q = varlen_to_padded_index(cu_q, q.shape[0], max_q)
+    idx_k = varlen_to_padded_index(cu_k, k.shape[0], max_k)
+    visible = _visible(cu_q, cu_k, max_q, max_k, causal)
+    additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+    additive.masked_fill_(~visible, float("-inf"))
+    empty_q = ~visible.any(-1).reshape(-1).index_select(0, idx_q)
+    layout = _Layout(batch, idx_q, idx_k, visible, additive, empty_q)
+    _layouts[key] = (weakref.ref(cu_q), weakref.ref(cu_k), layout)
+    while len(_layouts) > _LAYOUT_CACHE:
+        _layouts.popitem(last=False)
+    return layout
+
+
+class _TorchVarlen:
     @staticmethod
     def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed):
         if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
-        batch, idx_q, idx_k = _TorchVarlen._layout(q, k, cu_q, cu_k, max_q, max_k)
-        qp = _to_padded(q, idx_q, batch, max_q)  # (B, max_q, H, D)
-        kp, vp = (_to_padded(t, idx_k, batch, max_k) for t in (k, v))
-        visible = _visible(cu_q, cu_k, max_q, max_k, causal)
+        lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal)
+        qp = _to_padded(q, lay.idx_q, lay.batch, max_q)  # (B, max_q, H, D)
+        kp, vp = (_to_padded(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
         h = q.shape[1]
         if ops._TorchBackend._cpu_flash(q, dropout_p):
-            additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-            additive.masked_fill_(~visible, float("-inf"))
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                *(t.transpose(1, 2) for t in (qp, kp, vp)), attn_mask=additive, scale=scale)
+                *(t.transpose(1, 2) for t in (qp, kp, vp)), attn_mask=lay.additive, scale=scale)
             out = out.transpose(1, 2)  # (B, max_q, H, D)
         else:
-            keep = ops._TorchBackend._keep(seed, (batch, h, max_q, max_k), dropout_p, q.device)
+            keep = ops._TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
             out, lse = reference.attention_forward(qp, kp, vp, None, False, dropout_p, scale, keep,
-                                                   visible=visible)
-        out = _from_padded(out, idx_q)
-        lse = lse.transpose(0, 1).reshape(h, -1).index_select(1, idx_q)  # (H, total_q)
+                                                   visible=lay.visible)
+        out = _from_padded(out, lay.idx_q)
+        lse = lse.transpose(0, 1).reshape(h, -1).index_select(1, lay.idx_q)  # (H, total_q)
         # the contract: zeros and lse = +inf for a query that sees no key
-        empty = ~visible.any(-1).view(batch, max_q).reshape(-1).index_select(0, idx_q)
-        out = out.masked_fill(empty.view(-1, 1, 1), 0.0)
-        lse = lse.masked_fill(empty.view(1, -1), float("inf"))
+        out = out.masked_fill(lay.empty_q.view(-1, 1, 1), 0.0)
+        lse = lse.masked_fill(lay.empty_q.view(1, -1), float("inf"))
         return out.contiguous(), lse.contiguous()
 
     @staticmethod
@@ -88,26 +124,23 @@ class _TorchVarlen:
                                   dropout_p, scale, seed, deterministic):
         if q.shape[0] == 0 or k.shape[0] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        batch, idx_q, idx_k = _TorchVarlen._layout(q, k, cu_q, cu_k, max_q, max_k)
+        lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal)
         h = q.shape[1]
-        qp, dop, op = (_to_padded(t, idx_q, batch, max_q) for t in (q, dout, out))
-        kp, vp = (_to_padded(t, idx_k, batch, max_k) for t in (k, v))
-        lse_p = lse.new_full((h, batch * max_q), float("inf")).index_copy_(1, idx_q, lse)
-        lse_p = lse_p.view(h, batch, max_q).transpose(0, 1).contiguous()  # (B, H, max_q)
-        visible = _visible(cu_q, cu_k, max_q, max_k, causal)
+        qp, dop, op = (_to_padded(t, lay.idx_q, lay.batch, max_q) for t in (q, dout, out))
+        kp, vp = (_to_padded(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
+        lse_p = lse.new_full((h, lay.batch * max_q), float("inf")).index_copy_(1, lay.idx_q, lse)
+        lse_p = lse_p.view(h, lay.batch, max_q).transpose(0, 1).contiguous()  # (B, H, max_q)
         if ops._TorchBackend._cpu_flash(q, dropout_p):
-            additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-            additive.masked_fill_(~visible, float("-inf"))
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 *(t.transpose(1, 2) for t in (dop, qp, kp, vp, op)), lse_p, 0.0, False,
-                attn_mask=additive, scale=scale)
+                attn_mask=lay.additive, scale=scale)
             dq, dk, dv = (g.transpose(1, 2) for g in grads)
         else:
-            keep = ops._TorchBackend._keep(seed, (batch, h, max_q, max_k), dropout_p, q.device)
+            keep = ops._TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
             dq, dk, dv = reference.attention_backward(dop, qp, kp, vp, op, lse_p, None, False,
-                                                      dropout_p, scale, keep, visible=visible)
-        return (_from_padded(dq, idx_q).contiguous(), _from_padded(dk, idx_k).contiguous(),
-                _from_padded(dv, idx_k).contiguous())
+                                                      dropout_p, scale, keep, visible=lay.visible)
+        return (_from_padded(dq, lay.idx_q).contiguous(), _from_padded(dk, lay.idx_k).contiguous(),
+                _from_padded(dv, lay.idx_k).contiguous())
 
     @staticmethod
     def unsupported(op, **kw):

@@ -169,3 +169,21 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     torch.testing.assert_close(fastbert.attention_varlen(q, k, v, cu, cu, 5, 5),
                                fastbert.attention_varlen(q, k, v, cu, cu, 5, 5,
                                                          softmax_scale=1 / math.sqrt(9)))
+
+
+def test_layout_is_reused_across_calls_and_rebuilt_when_cu_seqlens_change():
+    from fastbert import varlen
+    cu = cu_of([3, 4])
+    q = torch.randn(7, 2, 8)
+    with torch.inference_mode():  # inference tensors have no version counter
+        cu_inf = cu_of([3, 4])
+        fastbert.attention_varlen(q, q, q, cu_inf, cu_inf, 4, 4)
+    first = varlen._layout(q, q, cu, cu, 4, 4, False)
+    assert varlen._layout(q, q, cu, cu, 4, 4, False) is first
+    a = fastbert.attention_varlen(q, q, q, cu, cu, 4, 4)
+    cu.copy_(cu_of([5, 2]))  # written in place: the cached layout no longer applies
+    assert varlen._layout(q, q, cu, cu, 5, 5, False) is not first
+    b = fastbert.attention_varlen(q, q, q, cu, cu, 5, 5)
+    torch.testing.assert_close(b, fastbert.attention_varlen(q, q, q, cu_of([5, 2]),
+                                                            cu_of([5, 2]), 5, 5))
+    assert not torch.allclose(a, b)
