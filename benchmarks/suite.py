@@ -167,8 +167,11 @@ def attention_case(device, cfg, batch, seqlen, heads, head_dim, variant, mode, s
     from torch.nn.attention import SDPBackend
     providers = {f"fastbert-{b}": provider(functools.partial(P.attention_fastbert, b, causal))
                  for b in fastbert_backends(device)}
-    for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                           ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
+    sdpa = [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)]
+    if device.type == "cuda":  # cuDNN and memory-efficient attention exist only there
+        sdpa[1:1] = [("cudnn", SDPBackend.CUDNN_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    for label, backend in sdpa:
         providers[f"sdpa-{label}"] = provider(functools.partial(P.attention_sdpa, backend, causal),
                                               guard=label == "math")
     providers["torch-eager"] = provider(functools.partial(P.attention_eager, causal), guard=True)
