@@ -313,7 +313,7 @@ def _can_pack_data_dependent() -> bool:
     it only when told to capture such ops; otherwise the compiled model runs padded."""
     if not torch.compiler.is_compiling():
         return True
-    return bool(torch._dynamo.config.capture_dynamic_output_shape_ops)
+    return bool(getattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", False))
 
 
 class BertPreTrainedModel(nn.Module):

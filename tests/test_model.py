@@ -262,10 +262,14 @@ def test_generate_sampling_with_top_k_1_is_greedy():
 
 @pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("head", [BertForPreTraining, BertLMHeadModel])
-def test_torch_compile_fullgraph_matches_eager(head, unpad, monkeypatch):
+def test_torch_compile_fullgraph_matches_eager(head, unpad):
     # packing a padded batch has a data-dependent token count: traced when dynamo captures such
     # ops, otherwise the compiled model runs padded
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", unpad)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=unpad):
+        _compiled_matches_eager(head)
+
+
+def _compiled_matches_eager(head):
     torch._dynamo.reset()
     model = head(small_config()).eval()
     ids, mask = random_batch()
