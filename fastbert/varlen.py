@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fastbert import ops, reference
 from fastbert.padding import varlen_to_padded_index
+from fastbert.torch_backend import TorchBackend
 
 OP = "fastbert.attention_varlen"
 
@@ -104,12 +105,12 @@ class _TorchVarlen:
         qp = _to_padded(q, lay.idx_q, lay.batch, max_q)  # (B, max_q, H, D)
         kp, vp = (_to_padded(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
         h = q.shape[1]
-        if ops._TorchBackend._cpu_flash(q, dropout_p):
+        if TorchBackend._cpu_flash(q, dropout_p):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 *(t.transpose(1, 2) for t in (qp, kp, vp)), attn_mask=lay.additive, scale=scale)
             out = out.transpose(1, 2)  # (B, max_q, H, D)
         else:
-            keep = ops._TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
+            keep = TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
             out, lse = reference.attention_forward(qp, kp, vp, None, False, dropout_p, scale, keep,
                                                    visible=lay.visible)
         out = _from_padded(out, lay.idx_q)
@@ -130,13 +131,13 @@ class _TorchVarlen:
         kp, vp = (_to_padded(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
         lse_p = lse.new_full((h, lay.batch * max_q), float("inf")).index_copy_(1, lay.idx_q, lse)
         lse_p = lse_p.view(h, lay.batch, max_q).transpose(0, 1).contiguous()  # (B, H, max_q)
-        if ops._TorchBackend._cpu_flash(q, dropout_p):
+        if TorchBackend._cpu_flash(q, dropout_p):
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 *(t.transpose(1, 2) for t in (dop, qp, kp, vp, op)), lse_p, 0.0, False,
                 attn_mask=lay.additive, scale=scale)
             dq, dk, dv = (g.transpose(1, 2) for g in grads)
         else:
-            keep = ops._TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
+            keep = TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
             dq, dk, dv = reference.attention_backward(dop, qp, kp, vp, op, lse_p, None, False,
                                                       dropout_p, scale, keep, visible=lay.visible)
         return (_from_padded(dq, lay.idx_q).contiguous(), _from_padded(dk, lay.idx_k).contiguous(),

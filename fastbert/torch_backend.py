@@ -1,0 +1,103 @@
+"""The torch backend: the reference math (fastbert/reference.py) on ATen's fused CPU kernels
+where they measure faster, behind the same six entry points as the Triton and CUDA backends (see
+fastbert/ops.py). Dropout masks come from a torch.Generator seeded by the call's seed, so backward
+regenerates forward's mask."""
+from __future__ import annotations
+
+import torch
+
+from fastbert import reference
+
+
+class TorchBackend:
+    """The reference math as a backend; dropout masks come from a torch.Generator seeded by `seed`."""
+
+    @staticmethod
+    def unsupported(op, **kw):
+        return None
+
+    @staticmethod
+    def _keep(seed, shape, p, device):
+        return reference.dropout_keep_mask(seed, shape, p, device) if p > 0.0 else None
+
+    @staticmethod
+    def _cpu_flash(q, dropout_p):
+        """ATen's fused CPU attention (2-3x the reference's speed) serves CPU inputs without
+        dropout; float64 stays on the reference, so gradcheck exercises the explicit formulas."""
+        return (q.device.type == "cpu" and dropout_p == 0.0 and q.dtype != torch.float64
+                and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+    @staticmethod
+    def _additive_mask(q, k, mask, causal):
+        """(B, 1, Sq|1, Sk) float mask (0 or -inf) for ATen, and (B, 1, Sq) rows that see no key."""
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        visible = reference.attention_visible(mask, causal, b, sq, sk, q.device)
+        if visible is None:
+            return None, None
+        additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+        return additive.masked_fill_(~visible, float("-inf")), ~visible.any(-1)
+
+    @staticmethod
+    def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
+        if TorchBackend._cpu_flash(q, dropout_p):
+            additive, empty = TorchBackend._additive_mask(q, k, mask, causal)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=additive, scale=scale)
+            out = out.transpose(1, 2)  # (B, Sq, H, D)
+            lse = lse.contiguous()  # (B, H, Sq)
+            if empty is not None:  # the contract: zeros and lse = +inf where no key is visible
+                out = out.masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
+                lse = lse.masked_fill(empty, float("inf"))
+            return out.contiguous(), lse
+        keep = TorchBackend._keep(seed, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
+                                   dropout_p, q.device)
+        return reference.attention_forward(q, k, v, mask, causal, dropout_p, scale, keep)
+
+    @staticmethod
+    def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
+                           deterministic):
+        if TorchBackend._cpu_flash(q, dropout_p):
+            additive, _ = TorchBackend._additive_mask(q, k, mask, causal)
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                *(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse, 0.0, False,
+                attn_mask=additive, scale=scale)
+            return tuple(g.transpose(1, 2).contiguous() for g in grads)
+        keep = TorchBackend._keep(seed, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
+                                   dropout_p, q.device)
+        return reference.attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p,
+                                            scale, keep)
+
+    # LayerNorm and GELU run on torch's fused ATen kernels here (the same math as reference.py,
+    # which the tests hold them to): the reference's elementwise chains are many times slower.
+    @staticmethod
+    def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
+        keep = TorchBackend._keep(seed, x.shape, dropout_p, x.device)
+        acc = reference.acc_dtype(x)
+        s = reference.prenorm_sum(x, residual, dropout_p, keep, acc)  # (rows, C)
+        y, mean, rstd = torch.native_layer_norm(s, s.shape[-1:], weight.to(acc), bias.to(acc), eps)
+        return y.to(x.dtype), mean.view(-1), rstd.view(-1)
+
+    @staticmethod
+    def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+        keep = TorchBackend._keep(seed, x.shape, dropout_p, x.device)
+        acc = reference.acc_dtype(x)
+        s = reference.prenorm_sum(x, residual, dropout_p, keep, acc)
+        w = weight.to(acc)
+        ds, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+            dy.to(acc), s, s.shape[-1:], mean.view(-1, 1), rstd.view(-1, 1), w, w,
+            [True, True, True])
+        dx = ds * keep.to(acc) / (1.0 - dropout_p) if dropout_p > 0.0 else ds
+        dres = ds.to(residual.dtype, copy=True) if residual is not None else None
+        return dx.to(x.dtype), dres, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+    @staticmethod
+    def linear_bias_gelu_forward(x, weight, bias, approximate):
+        pre = torch.nn.functional.linear(x, weight, bias)  # (M, N)
+        act = torch.nn.functional.gelu(pre.to(reference.acc_dtype(pre)), approximate=approximate)
+        return act.to(x.dtype), pre
+
+    @staticmethod
+    def linear_bias_gelu_backward(dout, x, weight, pre, approximate):
+        acc = reference.acc_dtype(pre)
+        dpre = torch.ops.aten.gelu_backward(dout.to(acc), pre.to(acc), approximate=approximate)
+        return reference.linear_backward(dpre.to(x.dtype), x, weight)
