@@ -7,8 +7,8 @@ from typing import Any, Dict, List
 
 from benchmarks.harness import UNSTABLE_PCT, is_fastbert
 
-OP_ORDER = ["attention", "add_layer_norm", "linear_bias_gelu", "model", "linear", "linear+gelu",
-            "linear+residual"]
+OP_ORDER = ["attention", "add_layer_norm", "linear_bias_gelu", "model", "embeddings", "linear",
+            "linear+gelu", "linear+residual"]
 
 
 def _metric(rows, metric):
