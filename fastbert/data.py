@@ -288,21 +288,26 @@ def read_classification(path) -> List[Tuple[str, str]]:
     raise DataError(path, "unknown format: expected .csv, .tsv, .jsonl or a directory of class folders")
 
 
-def _read_jsonl(path: Path) -> List[Tuple[str, str]]:
-    rows = []
+def iter_jsonl(path: Path):
+    """(line number, parsed object) for each non-blank line of a JSON-lines file."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(path, f"malformed JSON ({e.msg})", line_no) from None
-            if not isinstance(obj, dict) or "text" not in obj:
-                raise DataError(path, 'expected an object with "text" and "label"', line_no)
-            if obj.get("label") is None:
-                raise DataError(path, 'missing "label"', line_no)
-            rows.append((str(obj["text"]), str(obj["label"])))
+
+
+def _read_jsonl(path: Path) -> List[Tuple[str, str]]:
+    rows = []
+    for line_no, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or "text" not in obj:
+            raise DataError(path, 'expected an object with "text" and "label"', line_no)
+        if obj.get("label") is None:
+            raise DataError(path, 'missing "label"', line_no)
+        rows.append((str(obj["text"]), str(obj["label"])))
     if not rows:
         raise DataError(path, "no examples")
     return rows

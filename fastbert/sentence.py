@@ -354,7 +354,7 @@ def read_texts(path, column: Optional[str] = None) -> Tuple[List[str], List[int]
     """(texts, line numbers) from a .txt file (one text per line, blank lines skipped), a
     .csv/.tsv with a header (the `column`, default "text" or the only column) or a .jsonl file
     (the `column` key of each object, default "text"; a line may also be a JSON string)."""
-    from fastbert.data import DataError
+    from fastbert.data import DataError, iter_jsonl
 
     path = Path(path)
     if not path.is_file():
@@ -382,20 +382,13 @@ def read_texts(path, column: Optional[str] = None) -> Tuple[List[str], List[int]
                 lines.append(reader.line_num)
     elif path.suffix == ".jsonl":
         column = column or "text"
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, f"malformed JSON ({e.msg})", line_no) from None
-                text = obj.get(column) if isinstance(obj, dict) else obj
-                if not isinstance(text, str):
-                    raise DataError(path, f"expected a string or an object with a string {column!r}, "
-                                          f"got {json.dumps(obj)[:80]}", line_no)
-                texts.append(text)
-                lines.append(line_no)
+        for line_no, obj in iter_jsonl(path):
+            text = obj.get(column) if isinstance(obj, dict) else obj
+            if not isinstance(text, str):
+                raise DataError(path, f"expected a string or an object with a string {column!r}, "
+                                      f"got {json.dumps(obj)[:80]}", line_no)
+            texts.append(text)
+            lines.append(line_no)
     else:
         raise DataError(path, f"unknown format: expected one of {', '.join(TEXT_SUFFIXES)}")
     if not texts:
