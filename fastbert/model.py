@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -21,8 +20,8 @@ import torch.nn as nn
 
 import fastbert
 from fastbert import cpu
-from fastbert.padding import (PackedBatch, first_tokens, gather_tokens, pack_mask,
-                              pack_position_ids, positions_in_sequence)
+from fastbert.padding import (PackedBatch, first_tokens, pack_mask, pack_position_ids,
+                              positions_in_sequence)
 
 # hidden_act -> linear_bias_gelu's `approximate`
 _GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}

@@ -2,7 +2,7 @@
 
     packed = pack_mask(attention_mask)            # once per forward: indices, cu_seqlens, ...
     x = gather_tokens(x_padded, packed.indices)   # (B, S, ...) -> (T, ...), real tokens only
-    y = scatter_tokens(x, packed)                 # (T, ...) -> (B, S, ...), zeros at padding
+    y = packed.grid(x)                            # (T, ...) -> (B, S, ...), zeros at padding
 
 Both directions are differentiable (index_select / index_copy). T is the number of real tokens.
 """
@@ -28,14 +28,15 @@ class PackedBatch:
 
     def rows(self, t: Tensor) -> Tensor:
         """(B, S, ...) in the caller's grid -> (N, ...) the rows the model computed on."""
-        flat = t.reshape(-1, *t.shape[2:])
-        return flat if self.indices is None else flat.index_select(0, self.indices)
+        if self.indices is None:
+            return t.reshape(-1, *t.shape[2:])
+        return gather_tokens(t, self.indices)
 
     def grid(self, t: Tensor) -> Tensor:
         """(N, ...) computed rows -> (B, S, ...) the caller's grid, zeros at padding."""
         if self.indices is None:
             return t.view(self.batch, self.seqlen, *t.shape[1:])
-        return scatter_tokens(t, self)
+        return scatter_tokens(t, self.indices, self.batch, self.seqlen)
 
 
 def pack_mask(attention_mask: Tensor) -> PackedBatch:
@@ -60,11 +61,17 @@ def pack_position_ids(position_ids: Tensor, max_position: int) -> PackedBatch:
                        batch=1, seqlen=pos.numel())
 
 
-def positions_in_sequence(cu_seqlens: Tensor, total: int) -> Tensor:
-    """(total,) int64: each packed token's position within its sequence, with no host sync."""
+def _sequence_and_position(cu_seqlens: Tensor, total: int):
+    """(total,) sequence index and (total,) int64 position within it of each packed token, with
+    no host sync."""
     tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     seq = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
-    return (tokens - cu_seqlens[seq]).long()
+    return seq, (tokens - cu_seqlens[seq]).long()
+
+
+def positions_in_sequence(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(total,) int64: each packed token's position within its sequence, with no host sync."""
+    return _sequence_and_position(cu_seqlens, total)[1]
 
 
 def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
@@ -72,10 +79,10 @@ def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[2:]).index_select(0, indices)
 
 
-def scatter_tokens(x: Tensor, packed: PackedBatch) -> Tensor:
-    """(T, ...) -> (B, S, ...), zeros where the grid has padding."""
-    flat = x.new_zeros(packed.batch * packed.seqlen, *x.shape[1:])
-    return flat.index_copy(0, packed.indices, x).view(packed.batch, packed.seqlen, *x.shape[1:])
+def scatter_tokens(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """(T, ...) -> (B, S, ...) at flat indices, zeros where the grid has padding."""
+    flat = x.new_zeros(batch * seqlen, *x.shape[1:])
+    return flat.index_copy(0, indices, x).view(batch, seqlen, *x.shape[1:])
 
 
 def first_tokens(x: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -89,6 +96,5 @@ def first_tokens(x: Tensor, cu_seqlens: Tensor) -> Tensor:
 def varlen_to_padded_index(cu_seqlens: Tensor, total: int, max_seqlen: int) -> Tensor:
     """(total,) int64: the flat index b * max_seqlen + s of each packed token, with no host sync
     (for kernels that only take a padded layout)."""
-    tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
-    return seq * max_seqlen + (tokens - cu_seqlens[seq]).long()
+    seq, position = _sequence_and_position(cu_seqlens, total)
+    return seq * max_seqlen + position

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastbert import ops, reference
-from fastbert.padding import varlen_to_padded_index
+from fastbert.padding import gather_tokens, scatter_tokens, varlen_to_padded_index
 from fastbert.torch_backend import TorchBackend
 
 OP = "fastbert.attention_varlen"
@@ -39,17 +39,6 @@ def _visible(cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool) -
     if causal:  # bottom-right aligned within each sequence
         visible = visible & (j <= i + (len_k - len_q))
     return visible
-
-
-def _to_padded(t: Tensor, index: Tensor, batch: int, max_s: int) -> Tensor:
-    """(total, H, D) -> (B, max_s, H, D), zeros at padding."""
-    flat = t.new_zeros(batch * max_s, *t.shape[1:])
-    return flat.index_copy_(0, index, t).view(batch, max_s, *t.shape[1:])
-
-
-def _from_padded(t: Tensor, index: Tensor) -> Tensor:
-    """(B, max_s, H, D) -> (total, H, D)."""
-    return t.reshape(-1, *t.shape[2:]).index_select(0, index)
 
 
 @dataclass
@@ -102,8 +91,8 @@ class _TorchVarlen:
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
         lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal)
-        qp = _to_padded(q, lay.idx_q, lay.batch, max_q)  # (B, max_q, H, D)
-        kp, vp = (_to_padded(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
+        qp = scatter_tokens(q, lay.idx_q, lay.batch, max_q)  # (B, max_q, H, D)
+        kp, vp = (scatter_tokens(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
         h = q.shape[1]
         if TorchBackend._cpu_flash(q, dropout_p):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -113,7 +102,7 @@ class _TorchVarlen:
             keep = TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
             out, lse = reference.attention_forward(qp, kp, vp, None, False, dropout_p, scale, keep,
                                                    visible=lay.visible)
-        out = _from_padded(out, lay.idx_q)
+        out = gather_tokens(out, lay.idx_q)
         lse = lse.transpose(0, 1).reshape(h, -1).index_select(1, lay.idx_q)  # (H, total_q)
         # the contract: zeros and lse = +inf for a query that sees no key
         out = out.masked_fill(lay.empty_q.view(-1, 1, 1), 0.0)
@@ -127,8 +116,8 @@ class _TorchVarlen:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal)
         h = q.shape[1]
-        qp, dop, op = (_to_padded(t, lay.idx_q, lay.batch, max_q) for t in (q, dout, out))
-        kp, vp = (_to_padded(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
+        qp, dop, op = (scatter_tokens(t, lay.idx_q, lay.batch, max_q) for t in (q, dout, out))
+        kp, vp = (scatter_tokens(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
         lse_p = lse.new_full((h, lay.batch * max_q), float("inf")).index_copy_(1, lay.idx_q, lse)
         lse_p = lse_p.view(h, lay.batch, max_q).transpose(0, 1).contiguous()  # (B, H, max_q)
         if TorchBackend._cpu_flash(q, dropout_p):
@@ -140,8 +129,8 @@ class _TorchVarlen:
             keep = TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
             dq, dk, dv = reference.attention_backward(dop, qp, kp, vp, op, lse_p, None, False,
                                                       dropout_p, scale, keep, visible=lay.visible)
-        return (_from_padded(dq, lay.idx_q).contiguous(), _from_padded(dk, lay.idx_k).contiguous(),
-                _from_padded(dv, lay.idx_k).contiguous())
+        return (gather_tokens(dq, lay.idx_q).contiguous(), gather_tokens(dk, lay.idx_k).contiguous(),
+                gather_tokens(dv, lay.idx_k).contiguous())
 
     @staticmethod
     def unsupported(op, **kw):
