@@ -376,7 +376,8 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], attr: str, algorithm
         return _fallback(x, weight, bias, attr, algorithm, residual, dtype)
     if _variant_reason(attr, algorithm, dtype) is not None:
         if attr == "gelu" and _variant_reason("none", "", dtype) is None:
-            return F.gelu(_run(x, weight, bias, "none", "", None), approximate=algorithm)
+            return torch.ops.aten.gelu_(_run(x, weight, bias, "none", "", None),
+                                        approximate=algorithm)
         return _fallback(x, weight, bias, attr, algorithm, residual, dtype)
     try:
         packed = _onednn_weight(weight, dtype, x.shape[0])
@@ -421,7 +422,9 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"fastbert.cpu.linear_gelu: argument 'approximate' expected 'none' or "
                          f"'tanh', got {approximate!r}")
     if not GELU_POST_OP:
-        return F.gelu(_run(x, weight, bias, "none", "", None), approximate=approximate)
+        # in place on the GEMM's own fresh output: no second (rows, N) buffer
+        return torch.ops.aten.gelu_(_run(x, weight, bias, "none", "", None),
+                                    approximate=approximate)
     return _run(x, weight, bias, "gelu", approximate, None)
 
 
@@ -448,7 +451,7 @@ def describe() -> str:
     if reason is not None:
         return f"CPU inference GEMMs ({mode}): F.linear (MKL), because {reason}"
     weights = "prepacked weights" if (PREPACK_FP32 or _bf16) else "plain weights"
-    gelu = "GELU as oneDNN post-op" if GELU_POST_OP else "GELU by F.gelu after the GEMM"
+    gelu = "GELU as oneDNN post-op" if GELU_POST_OP else "GELU in place after the GEMM"
     add = "residual add as oneDNN post-op" if RESIDUAL_POST_OP else "residual add after the GEMM"
     ok, why = bf16_support()
     bf16 = ("bf16 mode on" if _bf16 else "bf16 mode available (fastbert.cpu.set_bf16(True))") \

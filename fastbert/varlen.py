@@ -4,9 +4,12 @@
 q (total_q, H, D), k and v (total_k, H, D): the tokens of B sequences laid end to end, sequence b
 at rows cu_seqlens[b]:cu_seqlens[b + 1]. Nothing is computed on padding, and a length-0 sequence
 costs nothing. The Triton and CUDA backends run packed kernels (fastbert/triton/attention.py,
-fastbert/cuda.py); the torch backend scatters the tokens into a padded (B, max_seqlen) grid once
-and runs its dense path there (ATen's fused CPU attention), which measures faster on CPUs than
-per-sequence calls.
+fastbert/cuda.py). The torch backend's CPU forward calls ATen's fused attention once per run of
+equal-length sequences on strided views of the packed tokens (no padding, no mask: 2-3x the
+padded call below on the dev CPU for BERT batches, benchmarks/README.md "CPU inference"); when the
+runs are many and short (their fixed cost dominates), for causal attention with len_q != len_k,
+for backward, fp64 and dropout it scatters the tokens into a padded (B, max_seqlen) grid and runs
+the dense path there.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ from fastbert.padding import gather_tokens, scatter_tokens, varlen_to_padded_ind
 from fastbert.torch_backend import TorchBackend
 
 OP = "fastbert.attention_varlen"
+PER_SEQUENCE = True
+# Per-sequence calls each pay ATen's fixed cost (about 0.1-0.2 ms on the 2-core dev CPU: waking the
+# OpenMP workers); below this many query tokens per call on average, one padded call is cheaper.
+MIN_TOKENS_PER_CALL = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,12 +91,55 @@ def _layout(q, k, cu_q, cu_k, max_q, max_k, causal) -> _Layout:
     return layout
 
 
+def _runs(cu_q: Tensor, cu_k: Tensor) -> list:
+    """Consecutive sequences of equal (len_q, len_k), merged: [start_q, start_k, count, len_q,
+    len_k] each (the host reads cu_seqlens: free on CPU)."""
+    runs: list = []
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(bq) - 1):
+        lq, lk = bq[b + 1] - bq[b], bk[b + 1] - bk[b]
+        if runs and runs[-1][3] == lq and runs[-1][4] == lk:
+            runs[-1][2] += 1
+        else:
+            runs.append([bq[b], bk[b], 1, lq, lk])
+    return runs
+
+
+def _forward_per_sequence(q, k, v, runs, causal, scale):
+    """ATen's fused CPU attention once per run of equal-length sequences, on strided views of the
+    packed q, k, v: no padding, no mask, no copies in. Causal needs len_q == len_k per sequence
+    (ATen's is_causal is top-left aligned, the contract's bottom-right is the same then)."""
+    total, h, d = q.shape
+    out = q.new_empty(total, h, v.shape[2])
+    lse = torch.empty(h, total, dtype=torch.float32, device=q.device)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    for start_q, start_k, n, lq, lk in runs:
+        if lq == 0:
+            continue
+        rows = slice(start_q, start_q + n * lq)
+        if lk == 0:  # the contract: zeros and lse = +inf for a query that sees no key
+            out[rows] = 0.0
+            lse[:, rows] = float("inf")
+            continue
+        o, l = flash(q[rows].unflatten(0, (n, lq)).transpose(1, 2),
+                     *(t[start_k:start_k + n * lk].unflatten(0, (n, lk)).transpose(1, 2)
+                       for t in (k, v)), is_causal=causal, scale=scale)
+        out[rows].view(n, lq, h, -1).copy_(o.transpose(1, 2))  # (n, H, lq, D) -> (n, lq, H, D)
+        lse[:, rows].view(h, n, lq).copy_(l.transpose(0, 1))
+    return out, lse
+
+
 class _TorchVarlen:
     @staticmethod
     def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed):
         if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
+        if TorchBackend._cpu_flash(q, dropout_p) and PER_SEQUENCE:
+            runs = _runs(cu_q, cu_k)
+            if q.shape[0] >= MIN_TOKENS_PER_CALL * len(runs) and (
+                    not causal or all(lq == lk for _, _, _, lq, lk in runs)):
+                return _forward_per_sequence(q, k, v, runs, causal, scale)
         lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal)
         qp = scatter_tokens(q, lay.idx_q, lay.batch, max_q)  # (B, max_q, H, D)
         kp, vp = (scatter_tokens(t, lay.idx_k, lay.batch, max_k) for t in (k, v))

@@ -31,9 +31,31 @@ def per_sequence(q, k, v, lengths_q, lengths_k, causal, dtype=torch.float64):
     return torch.cat(outs) if outs else q.new_zeros(0, *q.shape[1:]).to(dtype)
 
 
+@pytest.fixture(params=["per-sequence", "padded"])
+def cpu_path(request, monkeypatch):
+    """Both CPU forwards of the torch backend: ATen's fused attention once per run of equal-length
+    sequences, or once on the padded grid (chosen by tokens per call; forced here)."""
+    from fastbert import varlen
+    monkeypatch.setattr(varlen, "MIN_TOKENS_PER_CALL", 0 if request.param == "per-sequence"
+                        else 10 ** 9)
+    return request.param
+
+
+def per_sequence_lse(q, k, lengths_q, lengths_k, causal, scale):
+    """(H, total_q) fp64 log-sum-exp of each query's visible scores; +inf where none is visible."""
+    lses, sq0, sk0 = [], 0, 0
+    for lq, lk in zip(lengths_q, lengths_k):
+        qs, ks = q[sq0:sq0 + lq].double().unsqueeze(0), k[sk0:sk0 + lk].double().unsqueeze(0)
+        if lq:
+            lses.append(reference.attention_forward(qs, ks, ks, None, causal, softmax_scale=scale,
+                                                    upcast=False)[1][0].double())
+        sq0, sk0 = sq0 + lq, sk0 + lk
+    return torch.cat(lses, 1)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference_per_sequence_forward_and_grads(dtype, causal):
+def test_matches_reference_per_sequence_forward_and_grads(dtype, causal, cpu_path):
     h, d = 3, 16
     total = sum(LENGTHS)
     q, k, v = (torch.randn(total, h, d, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -66,6 +88,35 @@ def test_cross_lengths_causal_is_bottom_right_per_sequence():
     k, v = (torch.randn(sum(lengths_k), h, d, dtype=torch.float64) for _ in range(2))
     out = fastbert.attention_varlen(q, k, v, cu_of(lengths_q), cu_of(lengths_k), 3, 6, causal=True)
     torch.testing.assert_close(out, per_sequence(q, k, v, lengths_q, lengths_k, True))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_forward_out_and_lse_on_runs_of_equal_lengths_and_keyless_queries(causal, cpu_path):
+    """The backend's (out, lse) against the fp64 reference: runs of equal lengths (one fused call
+    each), empty sequences, and (without causal) a sequence whose queries have no key at all,
+    which gives zeros and lse = +inf. Causal with len_q != len_k takes the padded path."""
+    from fastbert.varlen import _TorchVarlen
+    if causal:  # bottom-right aligned: the first query of sequence 1 sees no key
+        lengths_q, lengths_k = [4, 4, 0, 3, 3, 3, 5], [4, 4, 0, 3, 3, 2, 6]
+    else:
+        lengths_q, lengths_k = [4, 4, 0, 3, 3, 3, 2], [4, 4, 0, 3, 0, 5, 5]
+    h, d = 3, 16
+    scale = d ** -0.5  # per_sequence's
+    q = torch.randn(sum(lengths_q), h, d)
+    k, v = (torch.randn(sum(lengths_k), h, d) for _ in range(2))
+    out, lse = _TorchVarlen.attention_varlen_forward(
+        q, k, v, cu_of(lengths_q), cu_of(lengths_k), max(lengths_q), max(lengths_k), causal, 0.0,
+        scale, 0)
+    exact = per_sequence(q, k, v, lengths_q, lengths_k, causal)
+    exact_lse = per_sequence_lse(q, k, lengths_q, lengths_k, causal, scale)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert lse.shape == (h, q.shape[0]) and lse.dtype == torch.float32 and lse.is_contiguous()
+    keyless = torch.isinf(exact_lse)
+    assert keyless.any()  # the case is in the test
+    torch.testing.assert_close(torch.isinf(lse), keyless)
+    assert (out.transpose(0, 1)[keyless] == 0).all()
+    assert_fp32_close(out, exact, "out")
+    assert_fp32_close(lse[~keyless], exact_lse[~keyless], "lse")
 
 
 def test_gradcheck_fp64():
