@@ -166,7 +166,12 @@ def _inference(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is Tensor and not (grad and t.requires_grad)) for t in tensors)
+    return all(t is None or (type(t) in _PLAIN and not (grad and t.requires_grad)) for t in tensors)
+
+
+# nn.Parameter (a model's LayerNorm weights) dispatches as a plain Tensor; other subclasses (fake,
+# functional, DTensor) keep the custom op's dispatch
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 # --------------------------------------------------------------------------------------------

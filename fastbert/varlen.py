@@ -26,9 +26,9 @@ from fastbert.padding import gather_tokens, scatter_tokens, varlen_to_padded_ind
 from fastbert.torch_backend import TorchBackend
 
 OP = "fastbert.attention_varlen"
-PER_SEQUENCE = True
 # Per-sequence calls each pay ATen's fixed cost (about 0.1-0.2 ms on the 2-core dev CPU: waking the
 # OpenMP workers); below this many query tokens per call on average, one padded call is cheaper.
+# (A huge value turns the per-sequence path off.)
 MIN_TOKENS_PER_CALL = 16
 
 
@@ -135,7 +135,7 @@ class _TorchVarlen:
         if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
-        if TorchBackend._cpu_flash(q, dropout_p) and PER_SEQUENCE:
+        if TorchBackend._cpu_flash(q, dropout_p):
             runs = _runs(cu_q, cu_k)
             if q.shape[0] >= MIN_TOKENS_PER_CALL * len(runs) and (
                     not causal or all(lq == lk for _, _, _, lq, lk in runs)):

@@ -291,9 +291,12 @@ def test_inference_calls_skip_the_custom_op_and_agree(monkeypatch):
                  fastbert.add_layer_norm(xg, x, w, b).detach())
     monkeypatch.setattr(ops, "_attention_fwd", None)  # a call through the op would fail
     monkeypatch.setattr(ops, "_add_layer_norm_fwd", None)
+    # a model's LayerNorm weights are nn.Parameters: they too take the direct path
+    wp, bp = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
     with torch.no_grad():
-        direct = (fastbert.attention(q, k, v, mask), fastbert.add_layer_norm(x, x, w, b))
-    for got, want in zip(direct, with_grad):
+        direct = (fastbert.attention(q, k, v, mask), fastbert.add_layer_norm(x, x, w, b),
+                  fastbert.add_layer_norm(x, x, wp, bp))
+    for got, want in zip(direct, (*with_grad, with_grad[1])):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
