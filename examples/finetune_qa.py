@@ -12,7 +12,7 @@ from fastbert import data, train
 
 checkpoint, train_file, dev_file, output_dir = sys.argv[1:5]
 
-tokenizer = data.WordPieceTokenizer.from_pretrained(checkpoint)
+tokenizer = data.Tokenizer.from_pretrained(checkpoint)
 # long contexts become windows of 384 tokens whose starts are 128 context tokens apart
 train_features = data.squad_features(data.read_squad(train_file), tokenizer, max_length=384, doc_stride=128)
 dev_examples = data.read_squad(dev_file)

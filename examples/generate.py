@@ -15,7 +15,7 @@ from fastbert import data, train
 
 text_file, output_dir, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
 
-tokenizer = data.WordPieceTokenizer.train([text_file], vocab_size=8000)
+tokenizer = data.Tokenizer.train([text_file], vocab_size=8000)
 documents = [[tokenizer.tokenize(sentence) for sentence in doc] for doc in data.read_documents([text_file])]
 sequences = data.build_lm_examples(documents, tokenizer, max_length=128)
 

@@ -13,7 +13,7 @@ from fastbert import data, train
 
 text_file, output_dir = sys.argv[1], sys.argv[2]
 
-tokenizer = data.WordPieceTokenizer.train([text_file], vocab_size=8000)
+tokenizer = data.Tokenizer.train([text_file], vocab_size=8000)
 documents = [[tokenizer.tokenize(sentence) for sentence in doc] for doc in data.read_documents([text_file])]
 train_docs, eval_docs = data.split_holdout(documents, 0.05, seed=0)
 rng = random.Random(0)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import fastbert
 from fastbert import data as fbdata
+from fastbert.family import FAMILIES
 
 # Model sizes for pre-training from scratch (BERT's published shapes, plus two for experiments).
 PRESETS = {
@@ -62,9 +63,9 @@ def read_checkpoint_config(path) -> dict:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CLIError(f"{config_file}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if config.get("model_type") != "bert":
+    if config.get("model_type") not in FAMILIES:
         raise CLIError(f"checkpoint {path} is a {config.get('model_type')!r} model; fastbert needs a "
-                       f"BERT checkpoint (model_type 'bert')")
+                       f"BERT-family checkpoint (model_type {', '.join(sorted(FAMILIES))})")
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if not any((path / f).is_file() for f in weights):
         raise CLIError(f"checkpoint {path}: no weights ({', '.join(weights)})")
@@ -73,12 +74,23 @@ def read_checkpoint_config(path) -> dict:
 
 def load_model(class_name: str, path, **overrides):
     cls = getattr(fastbert, class_name)
-    return cls.from_pretrained(str(path), **overrides)
-
-
-def load_tokenizer(path) -> fbdata.WordPieceTokenizer:
     try:
-        return fbdata.WordPieceTokenizer.from_pretrained(path)
+        return cls.from_pretrained(str(path), **overrides)
+    except ValueError as e:  # e.g. a RoBERTa checkpoint for BERT-only pre-training (NSP)
+        raise CLIError(f"checkpoint {path}: {e}") from None
+
+
+def checkpoint_class(config: dict) -> str:
+    """The fastbert class of a checkpoint's architecture (RobertaForMaskedLM -> BertForMaskedLM),
+    else the architecture as written ("?" when absent)."""
+    architecture = (config.get("architectures") or ["?"])[0]
+    family = FAMILIES.get(config.get("model_type"))
+    return (family.fastbert_class(architecture) if family else None) or architecture
+
+
+def load_tokenizer(path) -> fbdata.Tokenizer:
+    try:
+        return fbdata.Tokenizer.from_pretrained(path)
     except FileNotFoundError as e:
         raise CLIError(str(e)) from None
 
@@ -131,7 +143,7 @@ def cmd_pretrain(args) -> int:
     elif args.model:
         tokenizer = load_tokenizer(args.model)
     else:
-        tokenizer = fbdata.WordPieceTokenizer.train(args.train_files, vocab_size=args.vocab_size,
+        tokenizer = fbdata.Tokenizer.train(args.train_files, vocab_size=args.vocab_size,
                                                     lowercase=not args.cased)
         print(f"trained a WordPiece vocabulary of {tokenizer.vocab_size} tokens on the training files")
     tokenize = lambda docs: [[tokenizer.tokenize(s) for s in doc] for doc in docs]
@@ -210,7 +222,7 @@ def cmd_finetune_classify(args) -> int:
     labels = sorted({label for _, label in train_rows})
     if len(labels) < 2:
         raise CLIError(f"{args.train}: found only the label(s) {labels}; classification needs at least two")
-    if (config.get("architectures") or [""])[0] == "BertForSequenceClassification":
+    if checkpoint_class(config) == "BertForSequenceClassification":
         old = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
         if sorted(old) != labels:
             raise CLIError(f"checkpoint {args.model} classifies {old}, the training data has {labels}; "
@@ -258,7 +270,7 @@ def cmd_evaluate(args) -> int:
     from fastbert import train as fbtrain
 
     config = read_checkpoint_config(args.model)
-    architecture = (config.get("architectures") or ["?"])[0]
+    architecture = checkpoint_class(config)
     task_name = args.task or TASK_OF_ARCHITECTURE.get(architecture)
     if task_name is None:
         raise CLIError(f"checkpoint {args.model} is a {architecture}; evaluate knows "
@@ -303,7 +315,7 @@ def cmd_generate(args) -> int:
     import torch
 
     config = read_checkpoint_config(args.model)
-    architecture = (config.get("architectures") or ["?"])[0]
+    architecture = checkpoint_class(config)
     if architecture != "BertLMHeadModel" or not config.get("is_decoder"):
         raise CLIError(f"checkpoint {args.model} is a {architecture} (is_decoder="
                        f"{config.get('is_decoder', False)}); generate needs a causal language model "

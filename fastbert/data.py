@@ -1,4 +1,4 @@
-"""Data for BERT: WordPiece tokenizer, MLM masking, NSP pairs, classification files, SQuAD.
+"""Data for BERT: the family's tokenizers, MLM masking, NSP pairs, classification files, SQuAD.
 
 Everything here works on plain Python lists of token ids; `collate` turns a list of examples
 into padded tensors. Randomness always comes from an explicit `random.Random` / `torch.Generator`
@@ -33,47 +33,66 @@ class DataError(ValueError):
 # tokenizer
 # --------------------------------------------------------------------------------------------
 
-class WordPieceTokenizer:
-    """A BERT WordPiece tokenizer (the `tokenizers` library) with the special ids at hand.
+class Tokenizer:
+    """A BERT-family tokenizer (the `tokenizers` library) with the special ids at hand: WordPiece
+    (BERT, DistilBERT, ELECTRA), byte-level BPE (RoBERTa) or SentencePiece unigram (XLM-R).
 
-    Load one from a checkpoint directory (tokenizer.json or vocab.txt), from either file, or train
-    a new vocabulary with `train`. `encode` builds `[CLS] A [SEP] B [SEP]` with segment ids.
+    Load one from a checkpoint directory (tokenizer.json, vocab.txt, or RoBERTa's vocab.json +
+    merges.txt), from one of those files, or train a new WordPiece vocabulary with `train`.
+    `encode` builds the family's inputs: `[CLS] A [SEP] B [SEP]` with segment ids 0/1 (BERT), or
+    `<s> A </s></s> B </s>` all in segment 0 (RoBERTa, XLM-R), chosen by the special tokens the
+    vocabulary has.
     """
 
-    SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    # special tokens, in the order pad, unk, cls, sep, mask, of each input style
+    STYLES = {"bert": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+              "roberta": ("<pad>", "<unk>", "<s>", "</s>", "<mask>")}
+    SPECIALS = STYLES["bert"]  # what `train` reserves
 
     def __init__(self, backend):
         self.backend = backend  # a tokenizers.Tokenizer
         self.backend.no_truncation()
         self.backend.no_padding()
-        ids = {tok: backend.token_to_id(tok) for tok in self.SPECIALS}
-        missing = [tok for tok, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"tokenizer: vocabulary lacks the BERT special tokens {missing}")
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[t] for t in self.SPECIALS)
-        self.special_ids = frozenset(ids.values())
+        self.style = next((style for style, tokens in self.STYLES.items()
+                           if all(backend.token_to_id(t) is not None for t in tokens)), None)
+        if self.style is None:
+            missing = {style: [t for t in tokens if backend.token_to_id(t) is None]
+                       for style, tokens in self.STYLES.items()}
+            raise ValueError(f"tokenizer: vocabulary lacks the special tokens of BERT "
+                             f"{missing['bert']} and of RoBERTa {missing['roberta']}")
+        ids = [backend.token_to_id(t) for t in self.STYLES[self.style]]
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
+        self.special_ids = frozenset(ids)
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
     @classmethod
-    def from_pretrained(cls, path) -> "WordPieceTokenizer":
-        from tokenizers import Tokenizer
-        from tokenizers.implementations import BertWordPieceTokenizer
+    def from_pretrained(cls, path) -> "Tokenizer":
+        from tokenizers import Tokenizer as Backend
+        from tokenizers.implementations import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
         path = Path(path)
         if path.is_dir():
-            if (path / "tokenizer.json").is_file():
-                path = path / "tokenizer.json"
-            elif (path / "vocab.txt").is_file():
-                path = path / "vocab.txt"
+            for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
+                if (path / name).is_file():
+                    path = path / name
+                    break
             else:
-                raise FileNotFoundError(f"tokenizer: {path} has neither tokenizer.json nor vocab.txt")
+                raise FileNotFoundError(
+                    f"tokenizer: {path} has neither tokenizer.json, vocab.txt nor vocab.json + "
+                    f"merges.txt (a SentencePiece-only folder: save it once with transformers' "
+                    f"AutoTokenizer to get tokenizer.json)")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer: no such file {path}")
+        if path.name == "vocab.json":  # RoBERTa's byte-level BPE as two files
+            merges = path.parent / "merges.txt"
+            if not merges.is_file():
+                raise FileNotFoundError(f"tokenizer: {path} needs merges.txt beside it")
+            return cls(ByteLevelBPETokenizer(str(path), str(merges))._tokenizer)
         if path.suffix == ".json":
-            return cls(Tokenizer.from_file(str(path)))
+            return cls(Backend.from_file(str(path)))
         lowercase = True  # BERT uncased, unless tokenizer_config.json says otherwise
         config = path.parent / "tokenizer_config.json"
         if config.is_file():
@@ -82,7 +101,7 @@ class WordPieceTokenizer:
 
     @classmethod
     def train(cls, files: Sequence, vocab_size: int = 30522, lowercase: bool = True,
-              min_frequency: int = 2) -> "WordPieceTokenizer":
+              min_frequency: int = 2) -> "Tokenizer":
         from tokenizers.implementations import BertWordPieceTokenizer
 
         trainer = BertWordPieceTokenizer(lowercase=lowercase)
@@ -91,10 +110,12 @@ class WordPieceTokenizer:
         return cls(trainer._tokenizer)
 
     def save(self, directory) -> None:
-        """Write tokenizer.json and vocab.txt (what transformers' BertTokenizer(Fast) reads)."""
+        """Write tokenizer.json, and for WordPiece vocab.txt (what BertTokenizer reads)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
+        if type(self.backend.model).__name__ != "WordPiece":
+            return
         vocab = sorted(self.backend.get_vocab().items(), key=lambda kv: kv[1])
         (directory / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
 
@@ -106,20 +127,31 @@ class WordPieceTokenizer:
         enc = self.backend.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
+    def num_special_tokens(self, pair: bool) -> int:
+        """How many special tokens build_inputs adds: 2 for one segment, 3 (BERT) or 4 (RoBERTa)
+        for a pair."""
+        return 2 if not pair else (3 if self.style == "bert" else 4)
+
+    def second_segment_start(self, len_a: int) -> int:
+        """The position of segment B's first token in build_inputs(A, B)."""
+        return len_a + self.num_special_tokens(True) - 1
+
     def build_inputs(self, ids_a: List[int], ids_b: Optional[List[int]] = None,
                      max_length: Optional[int] = None) -> Dict[str, List[int]]:
-        """`[CLS] A [SEP] (B [SEP])`, truncating the longer segment first to fit `max_length`."""
+        """`[CLS] A [SEP] (B [SEP])` (RoBERTa: `<s> A </s> (</s> B </s>)`), truncating the longer
+        segment first to fit `max_length`."""
         ids_a, ids_b = list(ids_a), (list(ids_b) if ids_b is not None else None)
         if max_length is not None:
-            budget = max_length - (3 if ids_b is not None else 2)
+            budget = max_length - self.num_special_tokens(ids_b is not None)
             if budget < 0:
                 raise ValueError(f"tokenizer: max_length {max_length} leaves no room for tokens")
             truncate_pair(ids_a, ids_b or [], budget)
         input_ids = [self.cls_id] + ids_a + [self.sep_id]
         token_type_ids = [0] * len(input_ids)
         if ids_b is not None:
-            input_ids += ids_b + [self.sep_id]
-            token_type_ids += [1] * (len(ids_b) + 1)
+            b = ([] if self.style == "bert" else [self.sep_id]) + ids_b + [self.sep_id]
+            input_ids += b
+            token_type_ids += [1 if self.style == "bert" else 0] * len(b)
         return {"input_ids": input_ids, "token_type_ids": token_type_ids,
                 "attention_mask": [1] * len(input_ids)}
 
@@ -132,11 +164,23 @@ class WordPieceTokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+WordPieceTokenizer = Tokenizer  # the name before the family's tokenizers were served
+
+
 def truncate_pair(ids_a: List[int], ids_b: List[int], budget: int) -> None:
-    """Drop tokens from the end of the longer list until both fit in `budget` (in place)."""
-    while len(ids_a) + len(ids_b) > budget:
-        longer = ids_a if len(ids_a) >= len(ids_b) else ids_b
-        longer.pop()
+    """Cut both lists (in place) to fit `budget` tokens as transformers' fast tokenizers do
+    ("longest_first"): the shorter keeps all its tokens if they fit in half the budget, else
+    each gets half and the longer one (B on a tie) the odd token."""
+    if len(ids_a) + len(ids_b) <= budget:
+        return
+    short = min(len(ids_a), len(ids_b))
+    if 2 * short > budget:
+        keep_short, keep_long = budget // 2, budget - budget // 2
+    else:
+        keep_short, keep_long = short, budget - short
+    a_is_longer = len(ids_a) > len(ids_b)
+    del ids_a[keep_long if a_is_longer else keep_short:]
+    del ids_b[keep_short if a_is_longer else keep_long:]
 
 
 def collate(examples: Sequence[dict], pad_id: int = 0, pad_to_multiple_of: int = 8) -> Dict[str, torch.Tensor]:
@@ -207,7 +251,7 @@ def read_documents(paths: Sequence) -> List[List[str]]:
     return documents
 
 
-def build_nsp_examples(documents: List[List[List[int]]], tokenizer: WordPieceTokenizer,
+def build_nsp_examples(documents: List[List[List[int]]], tokenizer: Tokenizer,
                        max_length: int, rng: random.Random) -> List[dict]:
     """Sentence pairs for MLM+NSP from tokenized documents (lists of sentences of ids).
 
@@ -247,7 +291,7 @@ def build_nsp_examples(documents: List[List[List[int]]], tokenizer: WordPieceTok
     return examples
 
 
-def build_lm_examples(documents: List[List[List[int]]], tokenizer: WordPieceTokenizer,
+def build_lm_examples(documents: List[List[List[int]]], tokenizer: Tokenizer,
                       max_length: int) -> List[dict]:
     """Causal LM training sequences: each document as `[CLS] sentences... [SEP]`, the whole
     stream cut into pieces of `max_length` tokens (the last one shorter)."""
@@ -397,7 +441,7 @@ def read_squad(path) -> List[SquadExample]:
     return examples
 
 
-def squad_features(examples: Sequence[SquadExample], tokenizer: WordPieceTokenizer, max_length: int = 384,
+def squad_features(examples: Sequence[SquadExample], tokenizer: Tokenizer, max_length: int = 384,
                    doc_stride: int = 128, max_query_length: int = 64) -> List[QAFeature]:
     """Split each context into windows of `max_length` tokens (`[CLS] question [SEP] window [SEP]`),
     consecutive windows starting `doc_stride` context tokens apart (BERT's run_squad meaning).
@@ -407,7 +451,7 @@ def squad_features(examples: Sequence[SquadExample], tokenizer: WordPieceTokeniz
     for index, ex in enumerate(examples):
         question = tokenizer.tokenize(ex.question)[:max_query_length]
         context_ids, context_offsets = tokenizer.encode_with_offsets(ex.context)
-        window = max_length - len(question) - 3
+        window = max_length - len(question) - tokenizer.num_special_tokens(True)
         if window <= 0:
             raise ValueError(f"squad_features: max_length {max_length} too small for the question")
         if not 0 < doc_stride <= window:
@@ -418,7 +462,7 @@ def squad_features(examples: Sequence[SquadExample], tokenizer: WordPieceTokeniz
         for start in starts:
             chunk = context_ids[start:start + window]
             inputs = tokenizer.build_inputs(question, chunk)
-            first_context = len(question) + 2
+            first_context = tokenizer.second_segment_start(len(question))
             offsets = [None] * first_context + list(context_offsets[start:start + len(chunk)]) + [None]
             start_pos = end_pos = 0
             if ex.answer_start is not None:

@@ -6,7 +6,11 @@ per-token outputs back on the caller's (B, S) grid, zeros at padding. The MLM an
 labels and `return_logits=False`, run the vocabulary decoder only where a label is set (15 % of
 tokens in pre-training): the loss is the same, the largest GEMM of the step shrinks ~7x.
 
-Shapes: B batch, S sequence, C hidden size, V vocabulary.
+The other members of the family (RoBERTa, XLM-R, ELECTRA, DistilBERT) use the same classes; their
+config's `family` (fastbert/family.py) picks the classification head's shape and the MLM head's
+activation and width, and checkpoint I/O maps the parameter names.
+
+Shapes: B batch, S sequence, C hidden size, E embedding size (C but for ELECTRA), V vocabulary.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastbert
-from fastbert.model import (BertConfig, BertModel, BertPreTrainedModel, ModelOutput, init_weights,
-                            linear)
+from fastbert.model import (_GELU_APPROXIMATE, BertConfig, BertModel, BertPreTrainedModel,
+                            ModelOutput, init_weights, linear)
+from fastbert.padding import first_tokens
 
 Tensor = torch.Tensor
 
@@ -77,24 +82,57 @@ class QuestionAnsweringModelOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------
 
 class BertLMPredictionHead(nn.Module):
-    """MLM head: dense + GELU + LayerNorm, then a decoder whose weight is the word embeddings."""
+    """MLM head: dense (C -> E) + GELU + LayerNorm, then a decoder whose weight is the word
+    embeddings. The GELU is the encoder's, or the family's own (RoBERTa: exact GELU always)."""
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
-        c = config.hidden_size
-        self.gelu_approximate = config.gelu_approximate
-        self.transform = nn.ModuleDict(dict(dense=nn.Linear(c, c),
-                                            LayerNorm=nn.LayerNorm(c, eps=config.layer_norm_eps)))
-        self.decoder = nn.Linear(c, config.vocab_size)
+        c, e = config.hidden_size, config.embedding_dim
+        activation = config.family.mlm_activation or config.hidden_act
+        self.gelu_approximate = _GELU_APPROXIMATE[activation]
+        self.transform = nn.ModuleDict(dict(dense=nn.Linear(c, e),
+                                            LayerNorm=nn.LayerNorm(e, eps=config.layer_norm_eps)))
+        self.decoder = nn.Linear(e, config.vocab_size)
         self.apply(lambda m: init_weights(m, config.initializer_range))
         self.decoder.weight = word_embeddings.weight  # tied
         self.bias = self.decoder.bias  # HF names the decoder bias cls.predictions.bias too
 
-    def forward(self, x):  # (B, S, C) -> (B, S, V)
+    def forward(self, x):  # (N, C) -> (N, V)
         dense, norm = self.transform["dense"], self.transform["LayerNorm"]
         x = fastbert.linear_bias_gelu(x, dense.weight, dense.bias, approximate=self.gelu_approximate)
         x = fastbert.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
         return linear(x, self.decoder)
+
+
+class ClassificationHead(nn.Module):
+    """The first token -> dropout -> dense -> activation -> dropout -> out_proj: RoBERTa's, XLM-R's
+    and ELECTRA's sequence classifier (tanh, tanh, GELU); DistilBERT's without the first dropout
+    (ReLU; its checkpoints name dense/out_proj pre_classifier/classifier)."""
+
+    _ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        c, family = config.hidden_size, config.family
+        p = config.classifier_dropout
+        self.dropout = nn.Dropout(p if p is not None else config.hidden_dropout_prob)
+        self.input_dropout = family.classifier == "dense"
+        self.activation = self._ACTIVATIONS[family.classifier_activation]
+        self.dense = _linear(config, c, c)
+        self.out_proj = _linear(config, c, config.num_labels)
+
+    def forward(self, first):  # (B, C) -> (B, num_labels)
+        x = self.dropout(first) if self.input_dropout else first
+        x = self.dropout(self.activation(self.dense(x)))
+        return self.out_proj(x)
+
+
+def _first_token_rows(out) -> Tensor:
+    """(B, C): each sequence's first token, from the encoder's rows (packed or the full grid)."""
+    packed = out.packed
+    if packed.cu_seqlens is not None:
+        return first_tokens(out.last_hidden_state, packed.cu_seqlens)
+    return out.last_hidden_state.view(packed.batch, packed.seqlen, -1)[:, 0]
 
 
 def _linear(config: BertConfig, n_in: int, n_out: int) -> nn.Linear:
@@ -183,23 +221,30 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
 
 
 class BertForSequenceClassification(BertPreTrainedModel):
-    """Pooled [CLS] -> dropout -> linear. Loss as in HF: MSE when num_labels == 1 (regression),
-    cross-entropy for integer labels, BCE-with-logits for float multi-label targets
-    (config.problem_type, when set, decides)."""
+    """Pooled [CLS] -> dropout -> linear (BERT), or the family's ClassificationHead on the first
+    token. Loss as in HF: MSE when num_labels == 1 (regression), cross-entropy for integer
+    labels, BCE-with-logits for float multi-label targets (config.problem_type, when set, decides)."""
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertModel(config)
-        p = config.classifier_dropout
-        self.dropout = nn.Dropout(p if p is not None else config.hidden_dropout_prob)
-        self.classifier = _linear(config, config.hidden_size, config.num_labels)
+        on_pooler = config.family.classifier == "pooler"
+        self.bert = BertModel(config, add_pooling_layer=on_pooler)
+        if on_pooler:
+            p = config.classifier_dropout
+            self.dropout = nn.Dropout(p if p is not None else config.hidden_dropout_prob)
+            self.classifier = _linear(config, config.hidden_size, config.num_labels)
+        else:
+            self.classifier = ClassificationHead(config)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None, **packing):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         return_packed=True, **packing)
-        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        if self.bert.pooler is not None:
+            logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        else:
+            logits = self.classifier(_first_token_rows(out))
         loss = None
         if labels is not None:
             problem = self.config.problem_type
@@ -232,13 +277,15 @@ class BertForQuestionAnswering(BertPreTrainedModel):
                              f"end logits), got {config.num_labels}")
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.qa_dropout) if config.qa_dropout else nn.Identity()
         self.qa_outputs = _linear(config, config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 start_positions=None, end_positions=None, **packing):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         return_packed=True, **packing)
-        logits = out.packed.grid(self.qa_outputs(out.last_hidden_state))  # (B, S, num_labels)
+        rows = self.dropout(out.last_hidden_state)
+        logits = out.packed.grid(self.qa_outputs(rows))  # (B, S, num_labels)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -281,8 +328,8 @@ class BertLMHeadModel(BertPreTrainedModel):
         config.pad_token_id (eos when unset); generation stops when every row is finished.
         With use_cache, each layer keeps its keys/values, so a step runs only the newest token
         (attention with one query against the cache); once the sequence outgrows
-        max_position_embeddings the window slides and each step re-runs the last
-        max_position_embeddings tokens, as without the cache."""
+        config.max_sequence_length the window slides and each step re-runs the last
+        max_sequence_length tokens, as without the cache."""
         if temperature <= 0:
             raise ValueError(f"generate: argument 'temperature' expected > 0, got {temperature!r}")
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
@@ -291,10 +338,10 @@ class BertLMHeadModel(BertPreTrainedModel):
         caches = [{} for _ in self.bert.encoder.layer] if use_cache else None
         step_input = ids
         for _ in range(max_new_tokens):
-            if ids.shape[1] > self.config.max_position_embeddings:
+            if ids.shape[1] > self.config.max_sequence_length:
                 caches = None  # positions shift as the window slides: cached keys no longer fit
             if caches is None:
-                step_input = ids[:, -self.config.max_position_embeddings:]
+                step_input = ids[:, -self.config.max_sequence_length:]
             logits = self(step_input, past_key_values=caches).logits[:, -1, :].float()  # (B, V)
             if do_sample:
                 logits = logits / temperature

@@ -4,6 +4,11 @@
     model.save_pretrained("out")               # transformers.BertForMaskedLM.from_pretrained("out")
     hf_model = fastbert.patch_hf(hf_model)     # a transformers BERT-family model on fastbert's ops
 
+Checkpoints of RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT load into the same classes
+(fastbert.BertForMaskedLM.from_pretrained("roberta-base")) and are saved back in their own key
+names, config fields and class names (fastbert/family.py), so transformers' Roberta*/XLMRoberta*/
+Electra*/DistilBert* classes load what fastbert writes.
+
 transformers is imported only inside patch_hf (fastbert/hf_patch.py), so `import fastbert` stays
 light.
 """
@@ -16,12 +21,12 @@ import warnings
 import torch
 import torch.nn as nn
 
+from fastbert.family import family_of
 from fastbert.model import BertConfig
 
 # Checkpoint keys that are aliases of tied parameters (the MLM decoder is the word embeddings, its
 # bias is cls.predictions.bias): transformers may leave them out of the files it writes.
 _TIED_ALIASES = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
-_BASE_MODULES = ("embeddings.", "encoder.", "pooler.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,19 +55,6 @@ def read_state_dict(path: str) -> dict:
                             f"or pytorch_model.bin in {path!r}")
 
 
-def _match_prefix(state: dict, model: nn.Module) -> dict:
-    """Translate between a bare BertModel checkpoint ("encoder.…") and a head checkpoint
-    ("bert.encoder.…"), whichever the model is, as transformers does."""
-    prefix = model.base_model_prefix + "."
-    model_has_prefix = hasattr(model, model.base_model_prefix)
-    ckpt_has_prefix = any(k.startswith(prefix) for k in state)
-    if model_has_prefix and not ckpt_has_prefix:
-        return {(prefix + k if k.startswith(_BASE_MODULES) else k): v for k, v in state.items()}
-    if not model_has_prefix and ckpt_has_prefix:
-        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
-    return state
-
-
 def _rename_legacy(key: str) -> str:
     # the oldest BERT checkpoints name LayerNorm parameters gamma/beta
     if key.endswith(".gamma"):
@@ -78,11 +70,16 @@ def load_pretrained(cls, path: str, **config_overrides):
     in transformers; checkpoint entries the model has no place for are ignored, with a warning."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"from_pretrained: expected a checkpoint directory, got {path!r}")
-    model = cls(BertConfig.from_pretrained(path, **config_overrides))
+    config = BertConfig.from_pretrained(path, **config_overrides)
+    model = cls(config)
     state = {_rename_legacy(k): v for k, v in read_state_dict(path).items()}
-    missing, unexpected = model.load_state_dict(_match_prefix(state, model), strict=False)
+    # a bare base-model checkpoint into a head class and back, as transformers does
+    bare = not _has_base_prefix(model)
+    state = config.family.from_checkpoint(state, bare_model=bare)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _TIED_ALIASES]
     unexpected = [k for k in unexpected if not k.endswith((".position_ids", ".token_type_ids"))]
+    unexpected = list(config.family.to_checkpoint(dict.fromkeys(unexpected), bare=bare))
     if missing:
         warnings.warn(f"{cls.__name__}.from_pretrained({path!r}): newly initialised (not in the "
                       f"checkpoint): {missing}")
@@ -92,15 +89,29 @@ def load_pretrained(cls, path: str, **config_overrides):
     return model
 
 
+def _has_base_prefix(model: nn.Module) -> bool:
+    """Whether the model is a head class (its encoder under `bert.`), not a bare BertModel."""
+    return hasattr(model, model.base_model_prefix)
+
+
+def _architecture(model: nn.Module) -> str:
+    """transformers' class name for this model in its family (subclasses: their fastbert base)."""
+    bert_classes = family_of("bert").heads
+    name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in bert_classes),
+                type(model).__name__)
+    return model.config.family.architecture(name) if name in bert_classes else name
+
+
 def save_pretrained(model: nn.Module, path: str) -> None:
-    """Write config.json and model.safetensors in Hugging Face's format and key names."""
+    """Write config.json and model.safetensors in Hugging Face's format, with the key names,
+    config fields and class name of the model's family (BERT, RoBERTa, ... ELECTRA)."""
     from safetensors.torch import save_file
     config = model.config
     if config.position_embedding_type == "sinusoidal":
         warnings.warn(f"save_pretrained({path!r}): position_embedding_type='sinusoidal' is "
                       f"fastbert's own (a fixed table, not a weight): fastbert loads this "
                       f"checkpoint, transformers cannot")
-    config.extra["architectures"] = [type(model).__name__]
+    config.extra["architectures"] = [_architecture(model)]
     config.save_pretrained(path)
     # safetensors refuses tensors that share memory: keep the first name of each tied parameter
     # (transformers re-ties the rest) and copy the query/key/value slices out of the fused qkv.
@@ -111,6 +122,7 @@ def save_pretrained(model: nn.Module, path: str) -> None:
             continue
         seen.add(ident)
         tensors[name] = t.detach().contiguous().clone()
+    tensors = config.family.to_checkpoint(tensors, bare=not _has_base_prefix(model))
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 import fastbert
 from fastbert import cpu
+from fastbert.family import Family, family_of
 from fastbert.padding import (PackedBatch, first_tokens, pack_mask, pack_position_ids,
                               positions_in_sequence)
 
@@ -33,7 +34,12 @@ _RUNTIME_FIELDS = ("unpad",)
 @dataclass
 class BertConfig:
     """The fields of Hugging Face's BERT config.json. Unknown fields are kept in `extra` and
-    written back unchanged."""
+    written back unchanged.
+
+    model_type selects the family member (bert, roberta, xlm-roberta, electra, distilbert; see
+    fastbert/family.py): its config.json is read and written in its own field names, and
+    `family` says what the architecture fixes (position offset, pooler, head shapes)."""
+    model_type: str = "bert"
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -52,11 +58,14 @@ class BertConfig:
     classifier_dropout: Optional[float] = None
     num_labels: int = 2  # HF stores it as id2label, which to_dict() writes
     problem_type: Optional[str] = None
+    embedding_size: Optional[int] = None  # ELECTRA: narrower embeddings, projected to hidden_size
     # Run every layer on the real tokens only (packed), not on padding. False: the padded path.
     unpad: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name, value in family_of(self.model_type).fixed_config.items():
+            setattr(self, name, value)  # fixed by the architecture (DistilBERT: no segments)
         if self.position_embedding_type not in _POSITION_TYPES:
             raise ValueError(f"BertConfig: position_embedding_type expected one of "
                              f"{_POSITION_TYPES}, got {self.position_embedding_type!r}")
@@ -75,11 +84,38 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def family(self) -> Family:
+        return family_of(self.model_type)
+
+    @property
+    def position_offset(self) -> int:
+        """The position id of each sequence's first token: pad_token_id + 1 for RoBERTa and
+        XLM-R (whose padding tokens take position pad_token_id), else 0."""
+        return self.pad_token_id + 1 if self.family.positions_after_padding else 0
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence the position table serves (RoBERTa's first positions are taken)."""
+        return self.max_position_embeddings - self.position_offset
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def qa_dropout(self) -> float:
+        """Dropout on the hidden states before the QA head (DistilBERT's qa_dropout), else 0."""
+        return float(self.extra.get("qa_dropout", 0.1)) if self.family.qa_dropout else 0.0
+
+    @property
     def gelu_approximate(self) -> str:
         return _GELU_APPROXIMATE[self.hidden_act]
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "BertConfig":
+        family = family_of(d.get("model_type", "bert"))
+        d = {ours: d[theirs] for ours, theirs in family.config_names.items() if theirs in d} | {
+            k: v for k, v in d.items() if k not in family.config_names.values()}
         d = {**d, **overrides}
         known = {f.name for f in fields(cls)} - {"extra"}
         if "num_labels" not in d and isinstance(d.get("id2label"), dict):
@@ -88,9 +124,16 @@ class BertConfig:
                    extra={k: v for k, v in d.items() if k not in known})
 
     def to_dict(self) -> dict:
-        d = {**self.extra, "model_type": "bert"}
+        family = self.family
+        d = dict(self.extra)
         d.update({f.name: getattr(self, f.name) for f in fields(self)
-                  if f.name not in ("extra", *_RUNTIME_FIELDS)})
+                  if f.name not in ("extra", *_RUNTIME_FIELDS, *family.fixed_config)})
+        if d["embedding_size"] is None:
+            del d["embedding_size"]
+        for ours, theirs in family.config_names.items():
+            value = d.pop(ours)
+            if value is not None:  # None: the family's own default
+                d[theirs] = value
         n = d.pop("num_labels")
         if len(d.get("id2label") or {}) != n:  # HF derives num_labels from id2label
             d["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
@@ -152,9 +195,11 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 class BertEmbeddings(nn.Module):
+    """word + position (+ segment) embeddings, LayerNorm, dropout; config.embedding_dim wide."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
-        c = config.hidden_size
+        c = config.embedding_dim
         self.word_embeddings = nn.Embedding(config.vocab_size, c, padding_idx=config.pad_token_id)
         if config.position_embedding_type == "sinusoidal":  # fixed, not a weight: never saved
             self.position_embeddings = None
@@ -162,7 +207,8 @@ class BertEmbeddings(nn.Module):
                 config.max_position_embeddings, c), persistent=False)
         else:
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, c)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, c)
+        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, c)
+                                      if config.type_vocab_size else None)  # DistilBERT: none
         self.LayerNorm = nn.LayerNorm(c, eps=config.layer_norm_eps)  # parameters only
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         # Old HF checkpoints carry these buffers; they are derived from the config, not loaded.
@@ -174,10 +220,12 @@ class BertEmbeddings(nn.Module):
         if position_ids is None:
             s = input_ids.shape[-1]
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)  # (1, S)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-             + self._positions(position_ids, max_position or input_ids.shape[-1]))  # (B, S, C)
+        x = self.word_embeddings(input_ids)  # (B, S, C); sums in transformers' order
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
+        x = x + self._positions(position_ids, max_position or input_ids.shape[-1])
         x = fastbert.add_layer_norm(x, None, self.LayerNorm.weight, self.LayerNorm.bias,
                                     self.LayerNorm.eps)
         return self.dropout(x)
@@ -322,6 +370,9 @@ class BertPreTrainedModel(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
+        name = type(self).__name__
+        if name in family_of("bert").heads and name not in config.family.heads:
+            config.family.architecture(name)  # raises: says what this model_type serves
         self.config = config
 
     @classmethod
@@ -339,11 +390,16 @@ class BertPreTrainedModel(nn.Module):
 
 class BertModel(BertPreTrainedModel):
     """The encoder: embeddings, num_hidden_layers BertLayers, and (optionally) the pooler.
-    As in transformers, config.is_decoder makes the self-attention causal."""
+    As in transformers, config.is_decoder makes the self-attention causal. add_pooling_layer
+    defaults to whether the family's base model has one (BERT, RoBERTa: yes)."""
 
-    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+    def __init__(self, config: BertConfig, add_pooling_layer: Optional[bool] = None):
         super().__init__(config)
+        if add_pooling_layer is None:
+            add_pooling_layer = config.family.has_pooler
         self.embeddings = BertEmbeddings(config)
+        self.embeddings_project = (nn.Linear(config.embedding_dim, config.hidden_size)
+                                   if config.embedding_dim != config.hidden_size else None)
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
             [BertLayer(config, causal=config.is_decoder)
              for _ in range(config.num_hidden_layers)])))
@@ -378,12 +434,12 @@ class BertModel(BertPreTrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         total = packed.indices.numel() if packed.indices is not None else input_ids.numel()
         if position_ids is None:
-            position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
-                input_ids) if packed.indices is not None
-                else positions_in_sequence(packed.cu_seqlens, total))
+            position_ids = (self._default_positions(input_ids) if packed.indices is not None
+                            else positions_in_sequence(packed.cu_seqlens, total)
+                            + self.config.position_offset)
         ids, types, pos = (packed.rows(t) for t in (input_ids, token_type_ids,
                                                      position_ids.expand_as(input_ids)))  # (T,)
-        x = self.embeddings(ids, types, pos, max_position=input_ids.shape[-1])  # (T, C)
+        x = self._embed(ids, types, pos, input_ids.shape[-1])  # (T, C)
         for layer in self.encoder.layer:
             x = layer(x, packed=packed)
         pooled = self.pooler(first_tokens(x, packed.cu_seqlens)) if self.pooler is not None \
@@ -410,6 +466,24 @@ class BertModel(BertPreTrainedModel):
             return pack_position_ids(position_ids, self.config.max_position_embeddings)
         return None  # no padding: the padded path computes on real tokens only already
 
+    def _default_positions(self, input_ids, past: int = 0):
+        """Position ids when none are given: past, past + 1, ... ((1, S), BERT), or, where
+        positions start after the padding index (RoBERTa), pad_token_id + 1 + the count of
+        non-padding tokens before each token ((B, S); padding at pad_token_id), both as
+        transformers derives them."""
+        offset = self.config.position_offset
+        if not offset:
+            return torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
+        real = input_ids.ne(self.config.pad_token_id)
+        return (torch.cumsum(real, 1) + past) * real + self.config.pad_token_id
+
+    def _embed(self, ids, types, positions, length: int):
+        """Embeddings, projected to hidden_size where they are narrower (ELECTRA). length: the
+        sequence length, which bounds the positions without a host sync."""
+        bound = length + self.config.position_offset
+        x = self.embeddings(ids, types, positions, max_position=bound)
+        return linear(x, self.embeddings_project) if self.embeddings_project is not None else x
+
     def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids,
                         past_key_values):
         if attention_mask is not None:
@@ -417,10 +491,9 @@ class BertModel(BertPreTrainedModel):
         caches = past_key_values or [None] * len(self.encoder.layer)
         first = caches[0] or {}
         past = first["k"].shape[1] if "k" in first else 0  # positions already in the cache
-        if position_ids is None and past:
-            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
-        x = self.embeddings(input_ids, token_type_ids, position_ids,
-                            max_position=past + input_ids.shape[1])  # (B, S, C)
+        if position_ids is None:
+            position_ids = self._default_positions(input_ids, past)
+        x = self._embed(input_ids, token_type_ids, position_ids, past + input_ids.shape[1])
         for layer, cache in zip(self.encoder.layer, caches):
             x = layer(x, attention_mask, cache)
         pooled = self.pooler(x[:, 0]) if self.pooler is not None else None  # (B, C)

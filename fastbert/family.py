@@ -1,0 +1,210 @@
+"""The BERT family in fastbert's own classes: what RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT
+checkpoints differ in, as data.
+
+They share BERT's encoder (post-LN layers, GELU feed-forward, learned positions); the rest is a
+handful of facts per architecture, read by BertConfig (fastbert/model.py) and by checkpoint I/O
+(fastbert/hf.py), never tested for by name inside the model:
+
+- where positions start: RoBERTa and XLM-R count real tokens from pad_token_id + 1;
+- segments: DistilBERT has no token-type table (type_vocab_size 0);
+- ELECTRA's embeddings are narrower than the encoder (embedding_size, then embeddings_project);
+- the pooler, the classification head and the MLM head's activation;
+- checkpoint key names and, for DistilBERT, config.json field names.
+
+    family = FAMILIES["roberta"]
+    family.checkpoint_key("bert.encoder.layer.0.attention.self.query.weight")  # -> "roberta.…"
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+# fastbert class -> the transformers class suffix it is saved as (after the family's prefix)
+_HEAD_SUFFIX = {
+    "BertModel": "Model",
+    "BertForSequenceClassification": "ForSequenceClassification",
+    "BertForQuestionAnswering": "ForQuestionAnswering",
+    "BertForMaskedLM": "ForMaskedLM",
+    "BertLMHeadModel": "ForCausalLM",
+}
+
+
+def _heads(prefix: str, names) -> Dict[str, str]:
+    return {name: prefix + _HEAD_SUFFIX[name] for name in names}
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # config.json's model_type
+    checkpoint_prefix: str  # the base model's attribute in the head checkpoints: "roberta.", ...
+    heads: Dict[str, str]  # fastbert class -> its transformers counterpart in this family
+    # positions of real tokens start at pad_token_id + 1 and count real tokens only (RoBERTa)
+    positions_after_padding: bool = False
+    has_pooler: bool = True  # the base model's checkpoint carries pooler.dense
+    # sequence classification: "pooler" (BERT: pooler -> dropout -> classifier), "dense" (dropout
+    # -> dense -> activation -> dropout -> out_proj on the first token) or "pre_classifier"
+    # (DistilBERT: the same without the first dropout)
+    classifier: str = "pooler"
+    classifier_activation: str = "tanh"
+    mlm_activation: Optional[str] = None  # the MLM transform's activation; None: hidden_act
+    qa_dropout: bool = False  # dropout on the hidden states before qa_outputs (DistilBERT)
+    # checkpoint key renames: (fastbert's key pattern, the checkpoint's), both with the encoder
+    # under "bert." (the base-model prefix is swapped separately); the first match wins
+    key_renames: Tuple[Tuple[str, str], ...] = ()
+    # config.json field renames: fastbert's BertConfig field -> the family's name (DistilBERT)
+    config_names: Dict[str, str] = field(default_factory=dict)
+    # BertConfig fields the family's config.json does not have (fixed by the architecture)
+    fixed_config: Dict[str, object] = field(default_factory=dict)
+
+    def architecture(self, fastbert_class: str) -> str:
+        """transformers' class for a fastbert class (BertForMaskedLM -> RobertaForMaskedLM)."""
+        if fastbert_class not in self.heads:
+            raise ValueError(f"{fastbert_class}: transformers has no {self.model_type} "
+                             f"counterpart; model_type {self.model_type!r} serves "
+                             f"{', '.join(self.heads)}")
+        return self.heads[fastbert_class]
+
+    def fastbert_class(self, architecture: str) -> Optional[str]:
+        """The fastbert class for one of transformers' class names of this family, or None."""
+        return next((ours for ours, theirs in self.heads.items() if theirs == architecture), None)
+
+    def to_checkpoint(self, state: dict, bare: bool) -> dict:
+        """fastbert's state dict -> the family's checkpoint keys. bare: a BertModel's (keys
+        "embeddings.…"), saved bare as transformers saves its base models; else a head's (the
+        encoder under "bert.")."""
+        renames = self._compiled_renames()[0]
+        out = {}
+        for key, value in state.items():
+            key = _rename("bert." + key if bare else key, renames)
+            if key.startswith("bert."):
+                key = ("" if bare else self.checkpoint_prefix) + key[len("bert."):]
+            out[key] = value
+        return out
+
+    def from_checkpoint(self, state: dict, bare_model: bool) -> dict:
+        """The family's checkpoint (bare or with its heads) -> fastbert's keys for a BertModel
+        (bare_model) or a head class (the encoder under "bert.")."""
+        renames = self._compiled_renames()[1]
+        prefixed = any(k.startswith(self.checkpoint_prefix) for k in state)
+        out = {}
+        for key, value in state.items():
+            if key.startswith(self.checkpoint_prefix):
+                key = "bert." + key[len(self.checkpoint_prefix):]
+            elif not prefixed:  # a bare checkpoint: everything is the base model
+                key = "bert." + key
+            key = _rename(key, renames)
+            if bare_model and key.startswith("bert."):
+                key = key[len("bert."):]
+            out[key] = value
+        return out
+
+    def _compiled_renames(self):
+        cached = _COMPILED.get(self.model_type)
+        if cached is None:
+            to_ckpt = [(re.compile(ours), theirs) for ours, theirs in self.key_renames]
+            to_ours = [(re.compile(_pattern(theirs)), _replacement(ours))
+                       for ours, theirs in self.key_renames]
+            cached = _COMPILED[self.model_type] = (to_ckpt, to_ours)
+        return cached
+
+
+_COMPILED: dict = {}
+
+
+def _rename(key: str, renames) -> str:
+    for pattern, replacement in renames:
+        new, n = pattern.subn(replacement, key, count=1)
+        if n:
+            return new
+    return key
+
+
+# A rename is written once, fastbert -> checkpoint, as a pattern with one group "(\d+)" at most
+# (a layer index) and a replacement using \1; the reverse direction is derived from it.
+def _pattern(template: str) -> str:
+    return "^" + re.escape(template).replace(re.escape(r"\1"), r"(\d+)") + "$"
+
+
+def _replacement(pattern: str) -> str:
+    return pattern.strip("^$").replace(r"(\d+)", r"\1").replace("\\.", ".")
+
+
+def _layer(ours: str, theirs: str) -> Tuple[str, str]:
+    return (rf"^bert\.encoder\.layer\.(\d+)\.{re.escape(ours)}$",
+            rf"bert.transformer.layer.\1.{theirs}")
+
+
+def _exact(ours: str, theirs: str) -> Tuple[str, str]:
+    return "^" + re.escape(ours) + "$", theirs
+
+
+def _lm_head(dense: str, norm: str, decoder: str, bias: str) -> Tuple[Tuple[str, str], ...]:
+    """The MLM head's keys: transform dense and LayerNorm, the tied decoder, and its bias (saved
+    under the family's one name; fastbert's decoder.bias is the same parameter)."""
+    return tuple(_exact(ours, theirs) for ours, theirs in (
+        ("cls.predictions.transform.dense.weight", f"{dense}.weight"),
+        ("cls.predictions.transform.dense.bias", f"{dense}.bias"),
+        ("cls.predictions.transform.LayerNorm.weight", f"{norm}.weight"),
+        ("cls.predictions.transform.LayerNorm.bias", f"{norm}.bias"),
+        ("cls.predictions.decoder.weight", f"{decoder}.weight"),
+        ("cls.predictions.bias", bias),
+        ("cls.predictions.decoder.bias", bias),
+        # older checkpoints also carry the tied alias; read back only
+        ("cls.predictions.decoder.bias", f"{decoder}.bias")))
+
+
+_ENCODER_HEADS = ("BertModel", "BertForSequenceClassification", "BertForQuestionAnswering",
+                  "BertForMaskedLM")
+_ROBERTA_LM = _lm_head("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")
+
+FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
+    Family("bert", "bert.", heads={name: name for name in (
+        *_ENCODER_HEADS, "BertLMHeadModel", "BertForPreTraining",
+        "BertForNextSentencePrediction")}),
+    Family("roberta", "roberta.", heads=_heads("Roberta", _ENCODER_HEADS + ("BertLMHeadModel",)),
+           positions_after_padding=True, classifier="dense", mlm_activation="gelu",
+           key_renames=_ROBERTA_LM),
+    Family("xlm-roberta", "roberta.",
+           heads=_heads("XLMRoberta", _ENCODER_HEADS + ("BertLMHeadModel",)),
+           positions_after_padding=True, classifier="dense", mlm_activation="gelu",
+           key_renames=_ROBERTA_LM),
+    Family("electra", "electra.", heads=_heads("Electra", _ENCODER_HEADS + ("BertLMHeadModel",)),
+           has_pooler=False, classifier="dense", classifier_activation="gelu",
+           mlm_activation="gelu",
+           key_renames=_lm_head("generator_predictions.dense", "generator_predictions.LayerNorm",
+                                "generator_lm_head", "generator_lm_head.bias")),
+    Family("distilbert", "distilbert.", heads=_heads("DistilBert", _ENCODER_HEADS),
+           has_pooler=False, classifier="pre_classifier", classifier_activation="relu",
+           qa_dropout=True,
+           key_renames=(
+               *(_layer(f"attention.self.{ours}.{kind}", f"attention.{theirs}.{kind}")
+                 for ours, theirs in (("query", "q_lin"), ("key", "k_lin"), ("value", "v_lin"))
+                 for kind in ("weight", "bias")),
+               *(_layer(f"{ours}.{kind}", f"{theirs}.{kind}")
+                 for ours, theirs in (("attention.output.dense", "attention.out_lin"),
+                                      ("attention.output.LayerNorm", "sa_layer_norm"),
+                                      ("intermediate.dense", "ffn.lin1"),
+                                      ("output.dense", "ffn.lin2"),
+                                      ("output.LayerNorm", "output_layer_norm"))
+                 for kind in ("weight", "bias")),
+               *(_exact(f"classifier.{ours}.{kind}", f"{theirs}.{kind}")
+                 for ours, theirs in (("dense", "pre_classifier"), ("out_proj", "classifier"))
+                 for kind in ("weight", "bias")),
+               *_lm_head("vocab_transform", "vocab_layer_norm", "vocab_projector",
+                         "vocab_projector.bias")),
+           config_names=dict(hidden_size="dim", num_hidden_layers="n_layers",
+                             num_attention_heads="n_heads", intermediate_size="hidden_dim",
+                             hidden_act="activation", hidden_dropout_prob="dropout",
+                             attention_probs_dropout_prob="attention_dropout",
+                             classifier_dropout="seq_classif_dropout"),
+           fixed_config=dict(type_vocab_size=0, layer_norm_eps=1e-12)),
+)}
+
+
+def family_of(model_type: str) -> Family:
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"BertConfig: model_type expected one of {sorted(FAMILIES)}, "
+                         f"got {model_type!r}")
+    return family

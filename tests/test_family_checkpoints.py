@@ -1,0 +1,161 @@
+"""fastbert's own classes on RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT checkpoints: a transformers
+model's checkpoint loads into the fastbert class with no missing or ignored weight and gives the
+same outputs (real tokens), loss and every gradient by the tolerance rule; what fastbert saves
+loads back into the transformers class with no missing or unexpected key and the same tensors."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fastbert
+from fastbert.family import FAMILIES
+from tests.helpers import assert_close_by_rule
+from tests.test_family import ARCHS, make_inputs, make_model, randomize_by_type_
+from tests.test_hf import grads_by_hf_name
+
+transformers = pytest.importorskip("transformers")
+
+# transformers' head suffix -> fastbert's class
+OURS = {"Model": "BertModel", "ForSequenceClassification": "BertForSequenceClassification",
+        "ForQuestionAnswering": "BertForQuestionAnswering", "ForMaskedLM": "BertForMaskedLM",
+        "ForCausalLM": "BertLMHeadModel"}
+MODEL_TYPE = {"roberta": "roberta", "xlm_roberta": "xlm-roberta", "electra": "electra",
+              "distilbert": "distilbert"}
+CASES = [(arch, head) for arch in ARCHS for head in OURS
+         if not (arch == "distilbert" and head == "ForCausalLM")]
+
+
+def _hf_model(arch, head):
+    if head == "Model" and FAMILIES[MODEL_TYPE[arch]].has_pooler:  # with its pooler, as saved
+        prefix, config_cls, kwargs = ARCHS[arch]
+        config = getattr(transformers, config_cls)(**kwargs, attn_implementation="eager")
+        base = getattr(transformers, prefix + "Model")(config).eval()
+        randomize_by_type_(base)
+        return base
+    extra = dict(is_decoder=True) if head == "ForCausalLM" else {}
+    return make_model(arch, head, **extra)
+
+
+def _inputs(model, head, padded=True):
+    # span-QA losses normalise over every position, padding included in transformers: compare
+    # them on unpadded batches (as tests/test_hf.py does)
+    inputs = make_inputs(model, head, padded=padded and head != "ForQuestionAnswering")
+    if head == "ForCausalLM":
+        inputs["labels"] = torch.where(inputs["attention_mask"].bool(), inputs["input_ids"], -100)
+    return inputs
+
+
+def _run(model, inputs, head, family=None):
+    """(outputs at real tokens by name, gradients by the checkpoint's parameter names)."""
+    model.zero_grad()
+    out = model(**inputs)
+    real = inputs["attention_mask"].bool()
+    if head == "Model":  # a fixed random projection of the hidden states at real tokens
+        h = out.last_hidden_state
+        weights = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(h.dtype)
+        loss = (h * weights * real.unsqueeze(-1)).sum()
+        fields = {"last_hidden_state": h[real]}
+        if getattr(out, "pooler_output", None) is not None:
+            loss = loss + out.pooler_output.sum()
+            fields["pooler_output"] = out.pooler_output
+    else:
+        loss = out.loss
+        fields = {"loss": loss}
+        for name in ("logits", "start_logits", "end_logits"):
+            t = getattr(out, name, None)
+            if t is not None:
+                fields[name] = t[real] if t.shape[:2] == real.shape else t
+    loss.backward()
+    if family is None:
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    else:
+        bare = not hasattr(model, model.base_model_prefix)
+        grads = family.to_checkpoint(grads_by_hf_name(model), bare=bare)
+    return {k: v.detach() for k, v in fields.items()}, grads
+
+
+def _load_ours(arch, head, path, **overrides):
+    with warnings.catch_warnings(record=True) as record:  # nothing missing, nothing ignored
+        warnings.simplefilter("always")
+        ours = getattr(fastbert, OURS[head]).from_pretrained(str(path), **overrides)
+    assert not [w for w in record if "from_pretrained" in str(w.message)], \
+        [str(w.message) for w in record]
+    assert ours.config.model_type == MODEL_TYPE[arch]
+    return ours
+
+
+@pytest.mark.parametrize("arch,head", CASES)
+def test_checkpoint_loads_and_matches_transformers(arch, head, tmp_path):
+    hf_model = _hf_model(arch, head)
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours(arch, head, tmp_path).eval()
+    family = FAMILIES[MODEL_TYPE[arch]]
+    inputs = _inputs(hf_model, head)
+    got, got_grads = _run(ours, inputs, head, family)
+    plain, plain_grads = _run(hf_model, inputs, head)
+    exact, exact_grads = _run(copy.deepcopy(hf_model).double(), inputs, head)
+    assert set(got) == set(plain), (set(got), set(plain))
+    for name in plain:
+        assert_close_by_rule(got[name], plain[name], exact[name], name=f"{arch} {head} {name}")
+    assert plain_grads.keys() <= got_grads.keys(), plain_grads.keys() - got_grads.keys()
+    for name, g in plain_grads.items():
+        assert_close_by_rule(got_grads[name], g, exact_grads[name], name=f"{arch} {head} d{name}")
+
+
+@pytest.mark.parametrize("arch,head", CASES)
+def test_save_pretrained_loads_back_in_transformers(arch, head, tmp_path):
+    hf_model = _hf_model(arch, head)
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    ours = _load_ours(arch, head, tmp_path / "hf")
+    ours.save_pretrained(str(tmp_path / "ours"))
+    prefix = ARCHS[arch][0]
+    cls = getattr(transformers, prefix + head)
+    loaded, info = cls.from_pretrained(str(tmp_path / "ours"), output_loading_info=True,
+                                       attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.config.model_type == hf_model.config.model_type
+    assert loaded.config.architectures == [prefix + head]
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                 "max_position_embeddings", "pad_token_id"):
+        assert getattr(loaded.config, name) == getattr(hf_model.config, name), name
+    want = hf_model.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    again = _load_ours(arch, head, tmp_path / "ours")
+    assert again.config.to_dict() == ours.config.to_dict()
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+@pytest.mark.parametrize("arch", ["roberta", "distilbert"])
+def test_left_padding_and_the_padded_path(arch, unpad, tmp_path):
+    """RoBERTa counts positions over real tokens from pad_token_id + 1, as transformers derives
+    them from input_ids: a left-padded batch gives each row's tokens the same positions."""
+    hf_model = _hf_model(arch, "Model")
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours(arch, "Model", tmp_path, unpad=unpad).eval()
+    inputs = _inputs(hf_model, "Model")
+    left = {k: v.flip(1) for k, v in inputs.items()}  # right padding -> left padding
+    real = left["attention_mask"].bool()
+    with torch.no_grad():
+        got = ours(**left).last_hidden_state[real]
+        plain = hf_model(**left).last_hidden_state[real]
+        exact = copy.deepcopy(hf_model).double()(**left).last_hidden_state[real]
+    assert_close_by_rule(got, plain, exact, name=f"{arch} left-padded unpad={unpad}")
+
+
+def test_family_configs_and_refusals():
+    with pytest.raises(ValueError, match="model_type expected one of"):
+        fastbert.BertConfig(model_type="gpt2")
+    with pytest.raises(ValueError, match="roberta.*BertForMaskedLM"):
+        fastbert.BertForPreTraining(fastbert.BertConfig(model_type="roberta", type_vocab_size=1))
+    with pytest.raises(ValueError, match="distilbert"):
+        fastbert.BertLMHeadModel(fastbert.BertConfig(model_type="distilbert"))
+    distil = fastbert.BertConfig.from_dict(dict(model_type="distilbert", dim=32, n_layers=1,
+                                                n_heads=2, hidden_dim=64, activation="gelu"))
+    assert (distil.hidden_size, distil.num_hidden_layers, distil.intermediate_size,
+            distil.type_vocab_size) == (32, 1, 64, 0)
+    written = distil.to_dict()
+    assert written["dim"] == 32 and "hidden_size" not in written and "type_vocab_size" not in written
+    roberta = fastbert.BertConfig(model_type="roberta", pad_token_id=1)
+    assert roberta.position_offset == 2 and fastbert.BertConfig().position_offset == 0
