@@ -1,5 +1,7 @@
 """Whole-model cases: a training step (forward + backward) and an inference forward of BERT.
 
+Models: BERT sizes and RoBERTa-base (transformers' RobertaModel against fastbert's BertModel with
+model_type "roberta"), from benchmarks/suite.py's MODELS.
 Providers: transformers' BertModel with eager and sdpa attention, torch.compile of the sdpa model,
 fastbert's own BertModel (default backend choice, and all-Triton), and transformers' model with
 `fastbert.patch_hf` (default backend choice). All
@@ -19,21 +21,28 @@ from benchmarks.providers import require_fastbert
 from benchmarks.suite import MODELS, lengths_to_mask, padded_lengths
 
 
+def _hf_config(model: str, **extra):
+    """transformers' config of a MODELS entry: BertConfig, or the family's (RobertaConfig, ...)."""
+    import transformers
+    fields = dict(MODELS[model])
+    return transformers.AutoConfig.for_model(fields.pop("model_type", "bert"), **fields, **extra)
+
+
 @functools.lru_cache(maxsize=1)
 def _reference_weights(model: str, device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """One set of weights per model size, shared by every provider."""
     import transformers
     torch.manual_seed(0)
     with torch.device(device):
-        hf = transformers.BertModel(transformers.BertConfig(**MODELS[model]))
+        hf = transformers.AutoModel.from_config(_hf_config(model))
     return {k: v.detach().to(dtype) for k, v in hf.state_dict().items()}
 
 
 def _hf_model(model, device, dtype, attn_implementation):
     import transformers
-    config = transformers.BertConfig(**MODELS[model], attn_implementation=attn_implementation)
+    config = _hf_config(model, attn_implementation=attn_implementation)
     with torch.device(device):
-        hf = transformers.BertModel(config).to(dtype)
+        hf = transformers.AutoModel.from_config(config).to(dtype)
     hf.load_state_dict(_reference_weights(model, device, dtype))
     return hf
 
@@ -61,6 +70,7 @@ def model_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: 
                mode: str) -> Case:
     dtype = cfg["dtype"]
     hidden, vocab = MODELS[model]["hidden_size"], MODELS[model].get("vocab_size", 30522)
+    pad = MODELS[model].get("pad_token_id", 0)
     g = torch.Generator().manual_seed(batch * 1000 + seqlen)
     lengths = padded_lengths(batch, seqlen, g)
     mask = lengths_to_mask(lengths, seqlen, device).long()  # the HF attention_mask convention
@@ -68,7 +78,8 @@ def model_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: 
     def inputs():
         sets = []
         for _ in range(cfg["rotations"]):
-            ids = torch.randint(1, vocab, (batch, seqlen), generator=g).to(device) * mask
+            ids = torch.randint(pad + 1, vocab, (batch, seqlen), generator=g).to(device)
+            ids = ids.masked_fill(~mask.bool(), pad)  # the tokenizer's padding id
             dout = torch.randn(batch, seqlen, hidden, generator=g).to(device, dtype)
             sets.append((ids, mask, dout))
         return sets

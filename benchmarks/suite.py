@@ -29,6 +29,13 @@ MODELS = {
     "bert-tiny": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
                       intermediate_size=64, vocab_size=128, max_position_embeddings=64),
 }
+# RoBERTa-base (issue 15): BERT-base layers with RoBERTa's vocabulary, positions after the padding
+# index and one segment; "-2l" its first two layers, the CPU shape
+_ROBERTA = dict(model_type="roberta", hidden_size=768, num_attention_heads=12,
+                intermediate_size=3072, vocab_size=50265, max_position_embeddings=514,
+                type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5)
+MODELS.update({"roberta-base": dict(_ROBERTA, num_hidden_layers=12),
+               "roberta-base-2l": dict(_ROBERTA, num_hidden_layers=2)})
 
 
 BOTH = ["train", "infer"]
@@ -67,7 +74,8 @@ def sizes(device: torch.device, preset: str) -> dict:
             op_modes=["fwd", "fwd+bwd"],
             # (model, B, S, modes): 16k tokens per step at S=128 and S=512
             models=[("bert-base", 32, 512, BOTH)] if preset == "quick" else
-            [(m, b, s, BOTH) for m in ("bert-base", "bert-large") for b, s in ((128, 128), (32, 512))],
+            [(m, b, s, BOTH) for m in ("bert-base", "bert-large") for b, s in ((128, 128), (32, 512))]
+            + [("roberta-base", 32, 512, BOTH)],
             pretraining=[("bert-base", 32, 512)],
             gemm=(8192, 8192, 8192), copy_numel=2 ** 28,
         )
@@ -82,7 +90,8 @@ def sizes(device: torch.device, preset: str) -> dict:
         # BERT-base training takes ~10 s a step on one core: only in the full run
         models=[("bert-base-2l", 8, 128, BOTH)]
         + [("bert-mini", 8, s, BOTH) for s in (64, 128, 256)]
-        + [("bert-base", 8, 128, ["infer"] if preset == "quick" else BOTH)],
+        + [("bert-base", 8, 128, ["infer"] if preset == "quick" else BOTH)]
+        + [("roberta-base-2l", 8, 128, ["infer"] if preset == "quick" else BOTH)],
         pretraining=[("bert-base-2l", 8, 128)],
         gemm=(1024, 1024, 1024), copy_numel=2 ** 24,
     )
