@@ -125,6 +125,9 @@ class AttentionLayout(NamedTuple):
     absent: tuple  # pointer arguments the launcher passes as None in this layout
     masks: tuple  # with / without a key-padding mask
     phases: tuple  # which kernels (by AttentionKernel.phase) run in this layout
+    # integer arguments a GPU launch does not see divisible by 16 here (varlen: the lse head
+    # stride is total_q, the token count of the batch), so compiled without that assumption
+    unaligned: tuple = ()
 
 
 # What the model launches with these encoder checkpoints (not causal): the packed path (the
@@ -136,7 +139,7 @@ FULL = os.environ.get("FASTBERT_RESOURCES") == "full"
 CAUSAL = (False, True) if FULL else (False,)
 ATTENTION_LAYOUTS = (
     AttentionLayout("varlen", (("IS_VARLEN", True),), ("IS_VARLEN",), ("Mask", "KvRange"),
-                    (False,), PHASES),
+                    (False,), PHASES, unaligned=("stride_lh",)),
     AttentionLayout("padded", (("IS_VARLEN", False),), (), ("CuSeqQ", "CuSeqK"),
                     (True, False) if FULL else (True,),
                     PHASES if FULL else ("mask", "forward", "backward")),
@@ -151,9 +154,10 @@ def _constexpr_names(fn) -> set:
     return {p.name for p in fn.params if p.is_constexpr}
 
 
-def _attention_signature(fn, dtype, constexprs, has_dropout, pointer_types):
+def _attention_signature(fn, dtype, constexprs, has_dropout, pointer_types, unaligned=()):
     """The launcher's runtime argument types (capitalised arguments are pointers), and the ones
-    Triton sees divisible by 16 at BERT shapes: pointers, strides and the head dim."""
+    Triton sees divisible by 16 at BERT shapes: pointers, strides (but the layout's `unaligned`)
+    and the head dim."""
     sig, aligned = {}, []
     for name in fn.arg_names:
         if name in constexprs:
@@ -167,7 +171,7 @@ def _attention_signature(fn, dtype, constexprs, has_dropout, pointer_types):
             sig[name] = "i64" if has_dropout else "i32"
         else:
             sig[name] = "i32"
-            if name.startswith("stride_") or name == "head_dim":
+            if (name.startswith("stride_") or name == "head_dim") and name not in unaligned:
                 aligned.append(name)
     return sig, aligned
 
@@ -213,7 +217,7 @@ def attention_variants():
                 for name, value in kernel.constexprs:
                     constexprs[name] = value  # also pointers the launcher passes as None
                 sig, aligned = _attention_signature(fn, dtype, constexprs, dropout,
-                                                    dict(kernel.pointer_types))
+                                                    dict(kernel.pointer_types), layout.unaligned)
                 used = [v for k, v in _FLAG_NAMES.items() if constexprs.get(k)]
                 # a kernel without the layout's flags serves every layout: no layout in its name
                 where = [layout.name] if set(layout_flags) & declared else []
