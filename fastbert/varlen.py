@@ -34,7 +34,8 @@ MIN_TOKENS_PER_CALL = 12
 
 
 # --------------------------------------------------------------------------------------------
-# the torch backend: a padded view of the packed tokens
+# the torch backend: ATen's fused CPU attention per run of equal-length sequences, or on a
+# padded view of the packed tokens
 # --------------------------------------------------------------------------------------------
 
 def _visible(cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool) -> Tensor:
@@ -196,14 +197,18 @@ def _impl(backend: str):
 # torch.library ops and autograd
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastbert::attention_varlen_fwd", mutates_args=())
-def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                max_seqlen_q: int, max_seqlen_k: int, causal: bool, dropout_p: float, scale: float,
-                seed: Optional[Tensor], deterministic: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                    max_seqlen_q: int, max_seqlen_k: int, causal: bool, dropout_p: float,
+                    scale: float, seed: Optional[Tensor], deterministic: bool,
+                    backend: str) -> Tuple[Tensor, Tensor]:
     out, lse = _impl(backend).attention_varlen_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, dropout_p, scale,
         ops._seed_int(seed))
     return out, lse
+
+
+_varlen_fwd = torch.library.custom_op("fastbert::attention_varlen_fwd",
+                                      mutates_args=())(_varlen_forward)
 
 
 @_varlen_fwd.register_fake
@@ -213,15 +218,19 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, d
     return q.new_empty(total, h, d), q.new_empty(h, total, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastbert::attention_varlen_bwd", mutates_args=())
-def _varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                causal: bool, dropout_p: float, scale: float, seed: Optional[Tensor],
-                deterministic: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, causal: bool, dropout_p: float, scale: float,
+                     seed: Optional[Tensor], deterministic: bool,
+                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _impl(backend).attention_varlen_backward(
         dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, causal, dropout_p, scale, ops._seed_int(seed), deterministic)
     return dq, dk, dv
+
+
+_varlen_bwd = torch.library.custom_op("fastbert::attention_varlen_bwd",
+                                      mutates_args=())(_varlen_backward)
 
 
 @_varlen_bwd.register_fake
@@ -246,8 +255,9 @@ def _grad(ctx, dout, dlse):
         return (None,) * 13
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, causal, dropout_p, scale = ctx.args
-    dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, dropout_p,
-                             scale, seed, ctx.deterministic, ctx.backend)
+    backward = ops._backward_impl(ctx, _varlen_bwd, _varlen_backward)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, dropout_p,
+                          scale, seed, ctx.deterministic, ctx.backend)
     return dq, dk, dv, *([None] * 10)
 
 
@@ -331,7 +341,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         return _impl(chosen).attention_varlen_forward(
             q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
             softmax_scale, ops._seed_int(ops._draw_seed(dropout_p)))[0]
-    out, _ = _varlen_fwd(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
-                         dropout_p, float(softmax_scale), ops._draw_seed(dropout_p),
-                         bool(deterministic), chosen)
-    return out
+    args = (q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
+            float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic), chosen)
+    if ops._eager(q, k, v, cu_q, cu_k):
+        return ops._EagerOp.apply("fastbert::attention_varlen", _varlen_forward, _setup, _grad,
+                                  *args)[0]
+    return _varlen_fwd(*args)[0]
