@@ -27,6 +27,7 @@ that layout to torch.compile).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Tuple
@@ -174,6 +175,49 @@ def _inference(*tensors: Optional[Tensor]) -> bool:
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """Plain tensors outside torch.compile tracing: a call that records autograd runs the op's
+    own forward, setup_context and backward through _EagerOp, not through the custom op, whose
+    dispatch costs more host time than a small op's work and whose first call imports
+    torch._dynamo (seconds). torch.compile and tensor subclasses keep the custom op."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+class _EagerOp(torch.autograd.Function):
+    """One custom op's implementation, setup_context and backward (the functions registered with
+    it) as an autograd.Function. The backward functions see ctx.eager and call the backward
+    implementation directly as well. Under the profiler, forward and backward show as the
+    custom ops' names (name_fwd, name_bwd), as they do through the custom ops."""
+
+    @staticmethod
+    def forward(ctx, name, forward, setup, grad, *inputs):
+        with _profiled(f"{name}_fwd"):
+            output = forward(*inputs)
+        setup(ctx, inputs, output)
+        ctx.name, ctx.grad, ctx.eager = name, grad, True
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with _profiled(f"{ctx.name}_bwd"):
+            return (None, None, None, None, *ctx.grad(ctx, *grads))
+
+
+def _profiled(name: str):
+    # record_function costs ~10 us a call: only when a profiler listens
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
+def _backward_impl(ctx, custom_op, impl):
+    """The backward to call from a registered backward: the custom op under its own autograd,
+    the plain implementation under _EagerOp."""
+    return impl if getattr(ctx, "eager", False) else custom_op
+
+
 # --------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------
@@ -213,14 +257,17 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 # attention
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
-                   dropout_p: float, scale: float, seed: Optional[Tensor], deterministic: bool,
-                   backend: str) -> Tuple[Tensor, Tensor]:
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
+                       dropout_p: float, scale: float, seed: Optional[Tensor],
+                       deterministic: bool, backend: str) -> Tuple[Tensor, Tensor]:
     # `deterministic` only changes backward; forward carries it so setup_context can keep it.
     out, lse = _backend_module(backend).attention_forward(q, k, v, mask, causal, dropout_p, scale,
                                                           _seed_int(seed))
     return out, lse
+
+
+_attention_fwd = torch.library.custom_op("fastbert::attention_fwd",
+                                         mutates_args=())(_attention_forward)
 
 
 @_attention_fwd.register_fake
@@ -229,15 +276,18 @@ def _(q, k, v, mask, causal, dropout_p, scale, seed, deterministic, backend):
     return q.new_empty(b, sq, h, d), q.new_empty(b, h, sq, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   mask: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
-                   seed: Optional[Tensor], deterministic: bool,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        mask: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
+                        seed: Optional[Tensor], deterministic: bool,
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _backend_module(backend).attention_backward(
         dout.contiguous(), q, k, v, out, lse, mask, causal, dropout_p, scale, _seed_int(seed),
         deterministic)
     return dq, dk, dv
+
+
+_attention_bwd = torch.library.custom_op("fastbert::attention_bwd",
+                                         mutates_args=())(_attention_backward)
 
 
 @_attention_bwd.register_fake
@@ -259,8 +309,9 @@ def _attention_grad(ctx, dout, dlse):
     if dout is None:
         return (None,) * 10
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, ctx.causal, ctx.dropout_p,
-                                ctx.scale, seed, ctx.deterministic, ctx.backend)
+    backward = _backward_impl(ctx, _attention_bwd, _attention_backward)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale,
+                          seed, ctx.deterministic, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -334,23 +385,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         return _backend_module(chosen).attention_forward(
             q, k, v, key_padding_mask, bool(causal), dropout_p, softmax_scale,
             _seed_int(_draw_seed(dropout_p)))[0]
-    out, _ = _attention_fwd(q, k, v, key_padding_mask, bool(causal), dropout_p,
-                            float(softmax_scale), _draw_seed(dropout_p),
-                            bool(deterministic), chosen)
-    return out
+    args = (q, k, v, key_padding_mask, bool(causal), dropout_p, float(softmax_scale),
+            _draw_seed(dropout_p), bool(deterministic), chosen)
+    if _eager(q, k, v, key_padding_mask):
+        return _EagerOp.apply("fastbert::attention", _attention_forward, _attention_setup,
+                              _attention_grad, *args)[0]
+    return _attention_fwd(*args)[0]
 
 
 # --------------------------------------------------------------------------------------------
 # residual add + LayerNorm
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastbert::add_layer_norm_fwd", mutates_args=())
-def _add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                        eps: float, dropout_p: float, seed: Optional[Tensor],
-                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+                            eps: float, dropout_p: float, seed: Optional[Tensor],
+                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     y, mean, rstd = _backend_module(backend).add_layer_norm_forward(
         x, residual, weight, bias, eps, dropout_p, _seed_int(seed))
     return y, mean, rstd
+
+
+_add_layer_norm_fwd = torch.library.custom_op("fastbert::add_layer_norm_fwd",
+                                              mutates_args=())(_add_layer_norm_forward)
 
 
 @_add_layer_norm_fwd.register_fake
@@ -360,14 +416,17 @@ def _(x, residual, weight, bias, eps, dropout_p, seed, backend):
             x.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("fastbert::add_layer_norm_bwd", mutates_args=())
-def _add_layer_norm_bwd(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
-                        mean: Tensor, rstd: Tensor, dropout_p: float, seed: Optional[Tensor],
-                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
+                             mean: Tensor, rstd: Tensor, dropout_p: float, seed: Optional[Tensor],
+                             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, dres, dw, db = _backend_module(backend).add_layer_norm_backward(
         dy.contiguous(), x, residual, weight, mean, rstd, dropout_p, _seed_int(seed))
     # custom ops cannot return None; an empty tensor stands for "no residual"
     return dx, (dres if dres is not None else x.new_empty(0)), dw, db
+
+
+_add_layer_norm_bwd = torch.library.custom_op("fastbert::add_layer_norm_bwd",
+                                              mutates_args=())(_add_layer_norm_backward)
 
 
 @_add_layer_norm_bwd.register_fake
@@ -389,8 +448,9 @@ def _add_layer_norm_grad(ctx, dy, dmean, drstd):
     if dy is None:
         return (None,) * 8
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    dx, dres, dw, db = _add_layer_norm_bwd(dy, x, residual, weight, mean, rstd, ctx.dropout_p,
-                                           seed, ctx.backend)
+    backward = _backward_impl(ctx, _add_layer_norm_bwd, _add_layer_norm_backward)
+    dx, dres, dw, db = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed,
+                                ctx.backend)
     return dx, (dres if residual is not None else None), dw, db, None, None, None, None
 
 
@@ -444,8 +504,13 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
             x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
             _seed_int(_draw_seed(dropout_p)))[0]
     else:
-        y, _, _ = _add_layer_norm_fwd(x2, r2, weight.contiguous(), bias.contiguous(), float(eps),
-                                      dropout_p, _draw_seed(dropout_p), chosen)
+        args = (x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
+                _draw_seed(dropout_p), chosen)
+        if _eager(x2, r2, weight, bias):
+            y = _EagerOp.apply("fastbert::add_layer_norm", _add_layer_norm_forward,
+                               _add_layer_norm_setup, _add_layer_norm_grad, *args)[0]
+        else:
+            y = _add_layer_norm_fwd(*args)[0]
     return y.view(shape)
 
 
@@ -474,12 +539,15 @@ def _(x, weight, bias, approximate, store_pre, backend):
     return x.new_empty(m, n), x.new_empty(m if store_pre else 0, n)
 
 
-@torch.library.custom_op("fastbert::linear_bias_gelu_bwd", mutates_args=())
-def _linear_bias_gelu_bwd(dout: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approximate: str,
-                          backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _linear_bias_gelu_backward(dout: Tensor, x: Tensor, weight: Tensor, pre: Tensor,
+                               approximate: str, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = _backend_module(backend).linear_bias_gelu_backward(
         dout.contiguous(), x, weight, pre, approximate)
     return dx, dw, db
+
+
+_linear_bias_gelu_bwd = torch.library.custom_op("fastbert::linear_bias_gelu_bwd",
+                                                mutates_args=())(_linear_bias_gelu_backward)
 
 
 @_linear_bias_gelu_bwd.register_fake
@@ -500,7 +568,8 @@ def _linear_bias_gelu_grad(ctx, dout, dpre):
     if dout is None:
         return (None,) * 6
     x, weight, pre = ctx.saved_tensors
-    dx, dw, db = _linear_bias_gelu_bwd(dout, x, weight, pre, ctx.approximate, ctx.backend)
+    backward = _backward_impl(ctx, _linear_bias_gelu_bwd, _linear_bias_gelu_backward)
+    dx, dw, db = backward(dout, x, weight, pre, ctx.approximate, ctx.backend)
     return dx, dw, db, None, None, None
 
 
@@ -544,6 +613,10 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
         out, _ = _linear_bias_gelu_forward(x2, weight.contiguous(), bias.contiguous(),
                                            approximate, False, chosen)
     else:
-        out, _ = _linear_bias_gelu_fwd(x2, weight.contiguous(), bias.contiguous(), approximate,
-                                       True, chosen)
+        args = (x2, weight.contiguous(), bias.contiguous(), approximate, True, chosen)
+        if _eager(x2, weight, bias):
+            out = _EagerOp.apply("fastbert::linear_bias_gelu", _linear_bias_gelu_forward,
+                                 _linear_bias_gelu_setup, _linear_bias_gelu_grad, *args)[0]
+        else:
+            out = _linear_bias_gelu_fwd(*args)[0]
     return out.view(*lead, n)

@@ -1,6 +1,8 @@
 """Tier 1: the ops layer on the torch backend — reference backward formulas, gradcheck, opcheck,
 torch.compile, validation errors and backend choice."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -286,7 +288,7 @@ def test_inference_calls_skip_the_custom_op_and_agree(monkeypatch):
     q, k, v = (torch.randn(2, 5, 3, 8) for _ in range(3))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     x, w, b = torch.randn(4, 16), torch.ones(16), torch.zeros(16)
-    qg, xg = q.clone().requires_grad_(), x.clone().requires_grad_()  # through the custom ops
+    qg, xg = q.clone().requires_grad_(), x.clone().requires_grad_()  # recording autograd
     with_grad = (fastbert.attention(qg, k, v, mask).detach(),
                  fastbert.add_layer_norm(xg, x, w, b).detach())
     monkeypatch.setattr(ops, "_attention_fwd", None)  # a call through the op would fail
@@ -298,6 +300,60 @@ def test_inference_calls_skip_the_custom_op_and_agree(monkeypatch):
                   fastbert.add_layer_norm(x, x, wp, bp))
     for got, want in zip(direct, (*with_grad, with_grad[1])):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _every_op_fwd_bwd(seed: int):
+    """Outputs and every gradient of one call of each op (dropout on), from torch seed `seed`."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 2, 8, requires_grad=True) for _ in range(3))
+    x, r = torch.randn(5, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True)
+    w, b = torch.nn.Parameter(torch.ones(16)), torch.nn.Parameter(torch.zeros(16))
+    lw, lb = torch.randn(12, 16, requires_grad=True), torch.randn(12, requires_grad=True)
+    packed = torch.randn(9, 2, 8, requires_grad=True)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool)
+    torch.manual_seed(seed)
+    outs = (fastbert.attention(q, k, v, mask, dropout_p=0.2),
+            fastbert.add_layer_norm(x, r, w, b, dropout_p=0.2),
+            fastbert.linear_bias_gelu(x, lw, lb),
+            fastbert.attention_varlen(packed, packed, packed, cu, cu, 5, 5, causal=True))
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    leaves = (q, k, v, x, r, w, b, lw, lb, packed)
+    return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+
+def test_eager_training_calls_skip_the_custom_op_and_equal_it(monkeypatch):
+    """Calls that record autograd run each op's registered forward, setup_context and backward
+    through ops._EagerOp: the same outputs and gradients, bit for bit, as through the custom op
+    (dropout masks included), and no call reaches the custom ops."""
+    from fastbert import varlen
+    eager = _every_op_fwd_bwd(seed=3)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_eager", lambda *tensors: False)
+        through_ops = _every_op_fwd_bwd(seed=3)
+    for got, want in zip(eager, through_ops):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for module, name in ((ops, "_attention_fwd"), (ops, "_attention_bwd"),
+                         (ops, "_add_layer_norm_fwd"), (ops, "_add_layer_norm_bwd"),
+                         (ops, "_linear_bias_gelu_fwd"), (ops, "_linear_bias_gelu_bwd"),
+                         (varlen, "_varlen_fwd"), (varlen, "_varlen_bwd")):
+        monkeypatch.setattr(module, name, None)  # a call through a custom op would fail
+    for got, want in zip(_every_op_fwd_bwd(seed=3), eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_training_step_does_not_import_dynamo():
+    """The custom ops' dispatch imports torch._dynamo on first use (seconds); eager training
+    does not go through it."""
+    code = ("import sys, torch, fastbert\n"
+            "config = fastbert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,\n"
+            "                             num_attention_heads=2, intermediate_size=64)\n"
+            "model = fastbert.BertForMaskedLM(config)\n"
+            "ids = torch.randint(1, 50, (2, 7))\n"
+            "mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])\n"
+            "model(ids, mask, labels=ids).loss.backward()\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_torch_compile_fullgraph_ops():
