@@ -144,7 +144,7 @@ def cmd_pretrain(args) -> int:
         tokenizer = load_tokenizer(args.model)
     else:
         tokenizer = fbdata.Tokenizer.train(args.train_files, vocab_size=args.vocab_size,
-                                                    lowercase=not args.cased)
+                                           lowercase=not args.cased)
         print(f"trained a WordPiece vocabulary of {tokenizer.vocab_size} tokens on the training files")
     tokenize = lambda docs: [[tokenizer.tokenize(s) for s in doc] for doc in docs]
     rng = random.Random(args.seed)

@@ -71,7 +71,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path) -> "Tokenizer":
         from tokenizers import Tokenizer as Backend
-        from tokenizers.implementations import BertWordPieceTokenizer, ByteLevelBPETokenizer
+        from tokenizers.implementations import BertWordPieceTokenizer
 
         path = Path(path)
         if path.is_dir():
@@ -90,7 +90,7 @@ class Tokenizer:
             merges = path.parent / "merges.txt"
             if not merges.is_file():
                 raise FileNotFoundError(f"tokenizer: {path} needs merges.txt beside it")
-            return cls(ByteLevelBPETokenizer(str(path), str(merges))._tokenizer)
+            return cls(_roberta_bpe(path, merges))
         if path.suffix == ".json":
             return cls(Backend.from_file(str(path)))
         lowercase = True  # BERT uncased, unless tokenizer_config.json says otherwise
@@ -165,6 +165,18 @@ class Tokenizer:
 
 
 WordPieceTokenizer = Tokenizer  # the name before the family's tokenizers were served
+
+
+def _roberta_bpe(vocab: Path, merges: Path):
+    """RoBERTa's tokenizer from vocab.json + merges.txt as transformers builds it: byte-level BPE
+    with offsets trimmed to the word (no leading space) and the special tokens kept whole."""
+    from tokenizers import AddedToken
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer(str(vocab), str(merges), trim_offsets=True)._tokenizer
+    bpe.add_special_tokens([AddedToken(t, normalized=False)
+                            for t in Tokenizer.STYLES["roberta"]])
+    return bpe
 
 
 def truncate_pair(ids_a: List[int], ids_b: List[int], budget: int) -> None:

@@ -16,6 +16,7 @@ handful of facts per architecture, read by BertConfig (fastbert/model.py) and by
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -42,6 +43,7 @@ class Family:
     # positions of real tokens start at pad_token_id + 1 and count real tokens only (RoBERTa)
     positions_after_padding: bool = False
     has_pooler: bool = True  # the base model's checkpoint carries pooler.dense
+    projects_embeddings: bool = False  # embedding_size may differ from hidden_size (ELECTRA)
     # sequence classification: "pooler" (BERT: pooler -> dropout -> classifier), "dense" (dropout
     # -> dense -> activation -> dropout -> out_proj on the first token) or "pre_classifier"
     # (DistilBERT: the same without the first dropout)
@@ -49,13 +51,18 @@ class Family:
     classifier_activation: str = "tanh"
     mlm_activation: Optional[str] = None  # the MLM transform's activation; None: hidden_act
     qa_dropout: bool = False  # dropout on the hidden states before qa_outputs (DistilBERT)
-    # checkpoint key renames: (fastbert's key pattern, the checkpoint's), both with the encoder
-    # under "bert." (the base-model prefix is swapped separately); the first match wins
+    # checkpoint key renames, (fastbert's key, the checkpoint's) as templates where "{n}" stands
+    # for a layer index, both with the encoder under "bert." (the base-model prefix is swapped
+    # separately); each key takes the first rename that matches it
     key_renames: Tuple[Tuple[str, str], ...] = ()
+    # checkpoint keys that are aliases of one of fastbert's (older files carry them): read only
+    key_aliases: Tuple[Tuple[str, str], ...] = ()
     # config.json field renames: fastbert's BertConfig field -> the family's name (DistilBERT)
     config_names: Dict[str, str] = field(default_factory=dict)
     # BertConfig fields the family's config.json does not have (fixed by the architecture)
     fixed_config: Dict[str, object] = field(default_factory=dict)
+    # BertConfig fields left None that the family's transformers config gives a value
+    config_defaults: Dict[str, object] = field(default_factory=dict)
 
     def architecture(self, fastbert_class: str) -> str:
         """transformers' class for a fastbert class (BertForMaskedLM -> RobertaForMaskedLM)."""
@@ -73,7 +80,7 @@ class Family:
         """fastbert's state dict -> the family's checkpoint keys. bare: a BertModel's (keys
         "embeddings.…"), saved bare as transformers saves its base models; else a head's (the
         encoder under "bert.")."""
-        renames = self._compiled_renames()[0]
+        renames = _compiled(self.key_renames)
         out = {}
         for key, value in state.items():
             key = _rename("bert." + key if bare else key, renames)
@@ -85,7 +92,8 @@ class Family:
     def from_checkpoint(self, state: dict, bare_model: bool) -> dict:
         """The family's checkpoint (bare or with its heads) -> fastbert's keys for a BertModel
         (bare_model) or a head class (the encoder under "bert.")."""
-        renames = self._compiled_renames()[1]
+        renames = _compiled(tuple((theirs, ours) for ours, theirs
+                                  in self.key_renames + self.key_aliases))
         prefixed = any(k.startswith(self.checkpoint_prefix) for k in state)
         out = {}
         for key, value in state.items():
@@ -99,17 +107,13 @@ class Family:
             out[key] = value
         return out
 
-    def _compiled_renames(self):
-        cached = _COMPILED.get(self.model_type)
-        if cached is None:
-            to_ckpt = [(re.compile(ours), theirs) for ours, theirs in self.key_renames]
-            to_ours = [(re.compile(_pattern(theirs)), _replacement(ours))
-                       for ours, theirs in self.key_renames]
-            cached = _COMPILED[self.model_type] = (to_ckpt, to_ours)
-        return cached
 
-
-_COMPILED: dict = {}
+@functools.lru_cache(maxsize=None)
+def _compiled(renames: Tuple[Tuple[str, str], ...]):
+    """(whole-key regex, replacement) per (from, to) template pair."""
+    layer = re.escape("{n}")
+    return [(re.compile("^" + re.escape(src).replace(layer, r"(?P<n>\d+)") + "$"),
+             dst.replace("{n}", r"\g<n>")) for src, dst in renames]
 
 
 def _rename(key: str, renames) -> str:
@@ -120,43 +124,30 @@ def _rename(key: str, renames) -> str:
     return key
 
 
-# A rename is written once, fastbert -> checkpoint, as a pattern with one group "(\d+)" at most
-# (a layer index) and a replacement using \1; the reverse direction is derived from it.
-def _pattern(template: str) -> str:
-    return "^" + re.escape(template).replace(re.escape(r"\1"), r"(\d+)") + "$"
-
-
-def _replacement(pattern: str) -> str:
-    return pattern.strip("^$").replace(r"(\d+)", r"\1").replace("\\.", ".")
-
-
-def _layer(ours: str, theirs: str) -> Tuple[str, str]:
-    return (rf"^bert\.encoder\.layer\.(\d+)\.{re.escape(ours)}$",
-            rf"bert.transformer.layer.\1.{theirs}")
-
-
-def _exact(ours: str, theirs: str) -> Tuple[str, str]:
-    return "^" + re.escape(ours) + "$", theirs
+def _distilbert_layer(ours: str, theirs: str) -> Tuple[str, str]:
+    return f"bert.encoder.layer.{{n}}.{ours}", f"bert.transformer.layer.{{n}}.{theirs}"
 
 
 def _lm_head(dense: str, norm: str, decoder: str, bias: str) -> Tuple[Tuple[str, str], ...]:
     """The MLM head's keys: transform dense and LayerNorm, the tied decoder, and its bias (saved
     under the family's one name; fastbert's decoder.bias is the same parameter)."""
-    return tuple(_exact(ours, theirs) for ours, theirs in (
-        ("cls.predictions.transform.dense.weight", f"{dense}.weight"),
-        ("cls.predictions.transform.dense.bias", f"{dense}.bias"),
-        ("cls.predictions.transform.LayerNorm.weight", f"{norm}.weight"),
-        ("cls.predictions.transform.LayerNorm.bias", f"{norm}.bias"),
-        ("cls.predictions.decoder.weight", f"{decoder}.weight"),
-        ("cls.predictions.bias", bias),
-        ("cls.predictions.decoder.bias", bias),
-        # older checkpoints also carry the tied alias; read back only
-        ("cls.predictions.decoder.bias", f"{decoder}.bias")))
+    return (("cls.predictions.transform.dense.weight", f"{dense}.weight"),
+            ("cls.predictions.transform.dense.bias", f"{dense}.bias"),
+            ("cls.predictions.transform.LayerNorm.weight", f"{norm}.weight"),
+            ("cls.predictions.transform.LayerNorm.bias", f"{norm}.bias"),
+            ("cls.predictions.decoder.weight", f"{decoder}.weight"),
+            ("cls.predictions.bias", bias),
+            ("cls.predictions.decoder.bias", bias))
+
+
+def _lm_head_alias(decoder: str) -> Tuple[Tuple[str, str], ...]:
+    return (("cls.predictions.decoder.bias", f"{decoder}.bias"),)
 
 
 _ENCODER_HEADS = ("BertModel", "BertForSequenceClassification", "BertForQuestionAnswering",
                   "BertForMaskedLM")
 _ROBERTA_LM = _lm_head("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")
+_ROBERTA_LM_ALIAS = _lm_head_alias("lm_head.decoder")
 
 FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
     Family("bert", "bert.", heads={name: name for name in (
@@ -164,41 +155,44 @@ FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
         "BertForNextSentencePrediction")}),
     Family("roberta", "roberta.", heads=_heads("Roberta", _ENCODER_HEADS + ("BertLMHeadModel",)),
            positions_after_padding=True, classifier="dense", mlm_activation="gelu",
-           key_renames=_ROBERTA_LM),
+           key_renames=_ROBERTA_LM, key_aliases=_ROBERTA_LM_ALIAS),
     Family("xlm-roberta", "roberta.",
            heads=_heads("XLMRoberta", _ENCODER_HEADS + ("BertLMHeadModel",)),
            positions_after_padding=True, classifier="dense", mlm_activation="gelu",
-           key_renames=_ROBERTA_LM),
+           key_renames=_ROBERTA_LM, key_aliases=_ROBERTA_LM_ALIAS),
     Family("electra", "electra.", heads=_heads("Electra", _ENCODER_HEADS + ("BertLMHeadModel",)),
-           has_pooler=False, classifier="dense", classifier_activation="gelu",
-           mlm_activation="gelu",
+           has_pooler=False, projects_embeddings=True, classifier="dense",
+           classifier_activation="gelu", mlm_activation="gelu",
            key_renames=_lm_head("generator_predictions.dense", "generator_predictions.LayerNorm",
-                                "generator_lm_head", "generator_lm_head.bias")),
+                                "generator_lm_head", "generator_lm_head.bias"),
+           key_aliases=_lm_head_alias("generator_lm_head")),
     Family("distilbert", "distilbert.", heads=_heads("DistilBert", _ENCODER_HEADS),
            has_pooler=False, classifier="pre_classifier", classifier_activation="relu",
            qa_dropout=True,
            key_renames=(
-               *(_layer(f"attention.self.{ours}.{kind}", f"attention.{theirs}.{kind}")
-                 for ours, theirs in (("query", "q_lin"), ("key", "k_lin"), ("value", "v_lin"))
-                 for kind in ("weight", "bias")),
-               *(_layer(f"{ours}.{kind}", f"{theirs}.{kind}")
-                 for ours, theirs in (("attention.output.dense", "attention.out_lin"),
+               *(_distilbert_layer(f"{ours}.{kind}", f"{theirs}.{kind}")
+                 for ours, theirs in (("attention.self.query", "attention.q_lin"),
+                                      ("attention.self.key", "attention.k_lin"),
+                                      ("attention.self.value", "attention.v_lin"),
+                                      ("attention.output.dense", "attention.out_lin"),
                                       ("attention.output.LayerNorm", "sa_layer_norm"),
                                       ("intermediate.dense", "ffn.lin1"),
                                       ("output.dense", "ffn.lin2"),
                                       ("output.LayerNorm", "output_layer_norm"))
                  for kind in ("weight", "bias")),
-               *(_exact(f"classifier.{ours}.{kind}", f"{theirs}.{kind}")
+               *((f"classifier.{ours}.{kind}", f"{theirs}.{kind}")
                  for ours, theirs in (("dense", "pre_classifier"), ("out_proj", "classifier"))
                  for kind in ("weight", "bias")),
                *_lm_head("vocab_transform", "vocab_layer_norm", "vocab_projector",
                          "vocab_projector.bias")),
+           key_aliases=_lm_head_alias("vocab_projector"),
            config_names=dict(hidden_size="dim", num_hidden_layers="n_layers",
                              num_attention_heads="n_heads", intermediate_size="hidden_dim",
                              hidden_act="activation", hidden_dropout_prob="dropout",
                              attention_probs_dropout_prob="attention_dropout",
                              classifier_dropout="seq_classif_dropout"),
-           fixed_config=dict(type_vocab_size=0, layer_norm_eps=1e-12)),
+           fixed_config=dict(type_vocab_size=0, layer_norm_eps=1e-12),
+           config_defaults=dict(classifier_dropout=0.2)),
 )}
 
 
@@ -208,3 +202,9 @@ def family_of(model_type: str) -> Family:
         raise ValueError(f"BertConfig: model_type expected one of {sorted(FAMILIES)}, "
                          f"got {model_type!r}")
     return family
+
+
+
+def fastbert_base_class(cls: type) -> Optional[str]:
+    """The fastbert model class (by name) a class is or derives from, or None."""
+    return next((c.__name__ for c in cls.__mro__ if c.__name__ in FAMILIES["bert"].heads), None)

@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastbert
-from fastbert.model import (_GELU_APPROXIMATE, BertConfig, BertModel, BertPreTrainedModel,
-                            ModelOutput, init_weights, linear)
+from fastbert.model import (BertConfig, BertModel, BertPreTrainedModel, ModelOutput, init_weights,
+                            linear)
 from fastbert.padding import first_tokens
 
 Tensor = torch.Tensor
@@ -88,8 +88,7 @@ class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
         c, e = config.hidden_size, config.embedding_dim
-        activation = config.family.mlm_activation or config.hidden_act
-        self.gelu_approximate = _GELU_APPROXIMATE[activation]
+        self.gelu_approximate = config.mlm_gelu_approximate
         self.transform = nn.ModuleDict(dict(dense=nn.Linear(c, e),
                                             LayerNorm=nn.LayerNorm(e, eps=config.layer_norm_eps)))
         self.decoder = nn.Linear(e, config.vocab_size)

@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from fastbert.family import family_of
+from fastbert.family import fastbert_base_class
 from fastbert.model import BertConfig
 
 # Checkpoint keys that are aliases of tied parameters (the MLM decoder is the word embeddings, its
@@ -96,10 +96,8 @@ def _has_base_prefix(model: nn.Module) -> bool:
 
 def _architecture(model: nn.Module) -> str:
     """transformers' class name for this model in its family (subclasses: their fastbert base)."""
-    bert_classes = family_of("bert").heads
-    name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in bert_classes),
-                type(model).__name__)
-    return model.config.family.architecture(name) if name in bert_classes else name
+    name = fastbert_base_class(type(model))
+    return model.config.family.architecture(name) if name is not None else type(model).__name__
 
 
 def save_pretrained(model: nn.Module, path: str) -> None:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 import fastbert
 from fastbert import cpu
-from fastbert.family import Family, family_of
+from fastbert.family import Family, family_of, fastbert_base_class
 from fastbert.padding import (PackedBatch, first_tokens, pack_mask, pack_position_ids,
                               positions_in_sequence)
 
@@ -64,8 +64,20 @@ class BertConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name, value in family_of(self.model_type).fixed_config.items():
+        family = family_of(self.model_type)
+        for name, value in family.fixed_config.items():
             setattr(self, name, value)  # fixed by the architecture (DistilBERT: no segments)
+        for name, value in family.config_defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if family.positions_after_padding and not isinstance(self.pad_token_id, int):
+            raise ValueError(f"BertConfig: model_type {self.model_type!r} counts positions from "
+                             f"pad_token_id + 1: pad_token_id expected an int, got "
+                             f"{self.pad_token_id!r}")
+        if self.embedding_dim != self.hidden_size and not family.projects_embeddings:
+            raise ValueError(f"BertConfig: embedding_size expected None or hidden_size "
+                             f"({self.hidden_size}) for model_type {self.model_type!r} (only "
+                             f"ELECTRA projects its embeddings), got {self.embedding_size}")
         if self.position_embedding_type not in _POSITION_TYPES:
             raise ValueError(f"BertConfig: position_embedding_type expected one of "
                              f"{_POSITION_TYPES}, got {self.position_embedding_type!r}")
@@ -103,6 +115,11 @@ class BertConfig:
         return self.embedding_size or self.hidden_size
 
     @property
+    def mlm_gelu_approximate(self) -> str:
+        """The MLM transform's GELU: the family's own (RoBERTa, ELECTRA: exact), else the encoder's."""
+        return _GELU_APPROXIMATE[self.family.mlm_activation or self.hidden_act]
+
+    @property
     def qa_dropout(self) -> float:
         """Dropout on the hidden states before the QA head (DistilBERT's qa_dropout), else 0."""
         return float(self.extra.get("qa_dropout", 0.1)) if self.family.qa_dropout else 0.0
@@ -113,10 +130,10 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "BertConfig":
+        d = {**d, **overrides}  # overrides in either naming
         family = family_of(d.get("model_type", "bert"))
         d = {ours: d[theirs] for ours, theirs in family.config_names.items() if theirs in d} | {
             k: v for k, v in d.items() if k not in family.config_names.values()}
-        d = {**d, **overrides}
         known = {f.name for f in fields(cls)} - {"extra"}
         if "num_labels" not in d and isinstance(d.get("id2label"), dict):
             d["num_labels"] = len(d["id2label"])
@@ -128,7 +145,9 @@ class BertConfig:
         d = dict(self.extra)
         d.update({f.name: getattr(self, f.name) for f in fields(self)
                   if f.name not in ("extra", *_RUNTIME_FIELDS, *family.fixed_config)})
-        if d["embedding_size"] is None:
+        if family.projects_embeddings:  # ELECTRA's config defaults it to 128: always write it
+            d["embedding_size"] = self.embedding_dim
+        else:
             del d["embedding_size"]
         for ours, theirs in family.config_names.items():
             value = d.pop(ours)
@@ -195,7 +214,9 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 class BertEmbeddings(nn.Module):
-    """word + position (+ segment) embeddings, LayerNorm, dropout; config.embedding_dim wide."""
+    """word + position (+ segment) embeddings, LayerNorm, dropout; config.embedding_dim wide.
+    Without a segment table (DistilBERT) token_type_ids are ignored, as tokenizers still make
+    them for pairs."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -205,8 +226,10 @@ class BertEmbeddings(nn.Module):
             self.position_embeddings = None
             self.register_buffer("position_table", sinusoidal_table(
                 config.max_position_embeddings, c), persistent=False)
-        else:
-            self.position_embeddings = nn.Embedding(config.max_position_embeddings, c)
+        else:  # RoBERTa: padding tokens sit at position pad_token_id, a row that never learns
+            self.position_embeddings = nn.Embedding(
+                config.max_position_embeddings, c,
+                padding_idx=config.pad_token_id if config.position_offset else None)
         self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, c)
                                       if config.type_vocab_size else None)  # DistilBERT: none
         self.LayerNorm = nn.LayerNorm(c, eps=config.layer_norm_eps)  # parameters only
@@ -370,9 +393,9 @@ class BertPreTrainedModel(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        name = type(self).__name__
-        if name in family_of("bert").heads and name not in config.family.heads:
-            config.family.architecture(name)  # raises: says what this model_type serves
+        name = fastbert_base_class(type(self))
+        if name is not None:
+            config.family.architecture(name)  # raises if this model_type has no such class
         self.config = config
 
     @classmethod

@@ -51,11 +51,12 @@ def pack_mask(attention_mask: Tensor) -> PackedBatch:
 
 
 def pack_position_ids(position_ids: Tensor, max_position: int) -> PackedBatch:
-    """(1, T) position ids restarting at 0 per sequence, as transformers'
-    DataCollatorWithFlattening makes them. One host sync: the number of sequences."""
+    """(1, T) position ids restarting per sequence at the first token's position: 0 as
+    transformers' DataCollatorWithFlattening makes them, or RoBERTa's pad_token_id + 1. One host
+    sync: the number of sequences."""
     pos = position_ids.reshape(-1)
     first = torch.arange(pos.numel(), device=pos.device) == 0  # a sequence starts at token 0
-    starts = torch.nonzero((pos == 0) | first).flatten().to(torch.int32)
+    starts = torch.nonzero((pos == pos[:1]) | first).flatten().to(torch.int32)
     total = torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)
     return PackedBatch(torch.cat([starts, total]), min(pos.numel(), max_position),
                        batch=1, seqlen=pos.numel())

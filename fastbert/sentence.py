@@ -40,6 +40,8 @@ _ST_PACKAGE = "sentence_transformers."
 def _module_kind(type_name: str) -> str:
     """"Pooling" for any sentence-transformers path of the Pooling class; else the name as is."""
     return type_name.rsplit(".", 1)[-1] if type_name.startswith(_ST_PACKAGE) else type_name
+
+
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
            "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

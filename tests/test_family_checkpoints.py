@@ -159,3 +159,52 @@ def test_family_configs_and_refusals():
     assert written["dim"] == 32 and "hidden_size" not in written and "type_vocab_size" not in written
     roberta = fastbert.BertConfig(model_type="roberta", pad_token_id=1)
     assert roberta.position_offset == 2 and fastbert.BertConfig().position_offset == 0
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_models_built_in_fastbert_load_in_transformers(arch, tmp_path):
+    """A family model made from a fastbert config (not read from transformers) saves a config
+    transformers reads the same way: ELECTRA's embedding_size, DistilBERT's dropouts."""
+    prefix, _, kwargs = ARCHS[arch]
+    config = fastbert.BertConfig.from_dict(dict(kwargs, model_type=MODEL_TYPE[arch]))
+    ours = fastbert.BertForSequenceClassification(config)
+    ours.save_pretrained(str(tmp_path))
+    loaded, info = getattr(transformers, prefix + "ForSequenceClassification").from_pretrained(
+        str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    if arch == "distilbert":
+        assert loaded.config.seq_classif_dropout == ours.classifier.dropout.p == 0.2
+    if arch == "electra":
+        assert loaded.config.embedding_size == ours.config.embedding_dim
+
+
+def test_family_config_overrides_and_refusals(tmp_path):
+    with pytest.raises(ValueError, match="only ELECTRA projects"):
+        fastbert.BertConfig(model_type="roberta", embedding_size=32, pad_token_id=1)
+    with pytest.raises(ValueError, match="pad_token_id expected an int"):
+        fastbert.BertConfig(model_type="roberta", pad_token_id=None)
+    _hf_model("distilbert", "ForSequenceClassification").save_pretrained(str(tmp_path))
+    model = fastbert.BertForSequenceClassification.from_pretrained(
+        str(tmp_path), seq_classif_dropout=0.05)  # the family's own field name
+    assert model.classifier.dropout.p == 0.05
+
+
+def test_roberta_packed_input_with_its_own_positions(tmp_path):
+    """Packed RoBERTa input (1, T): sequences restart at the first token's position, whether the
+    positions are RoBERTa's own (pad_token_id + 1, ...) or a collator's 0-based ones."""
+    hf_model = _hf_model("roberta", "Model")
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours("roberta", "Model", tmp_path).eval()
+    pad = ours.config.pad_token_id
+    a, b = torch.tensor([[0, 5, 6, 2]]), torch.tensor([[0, 7, 8, 9, 2]])
+    with torch.no_grad():
+        separate = torch.cat([ours(a).last_hidden_state[0], ours(b).last_hidden_state[0]])
+        for start in (pad + 1, 0):
+            pos = torch.cat([torch.arange(4), torch.arange(5)])[None] + start
+            packed = ours(torch.cat([a, b], 1), position_ids=pos).last_hidden_state[0]
+            if start == pad + 1:  # the same positions as unpacked: the same outputs
+                torch.testing.assert_close(packed, separate)
+            else:  # other positions, still two sequences: the first equals itself run alone
+                alone = ours(a, position_ids=pos[:, :4]).last_hidden_state[0]
+                torch.testing.assert_close(packed[:4], alone)
+    assert ours.embeddings.position_embeddings.padding_idx == pad  # as transformers has it
