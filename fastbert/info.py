@@ -42,8 +42,9 @@ def collect() -> dict:
     info["cuda_extension"] = cuda.extension_info()
     info["backends"] = backends
     info["auto_order"] = auto_order(device)
-    from fastbert import cpu
+    from fastbert import cpu, varlen
     info["cpu_inference"] = cpu.describe()
+    info["cpu_attention"] = varlen.describe_cpu()
     return info
 
 
@@ -82,6 +83,7 @@ def main() -> int:
         status = "usable here" if b["usable"] else f"not usable here: {b['reason']}"
         print(f"  backend {name:6s} {status}")
     print(info["cpu_inference"])
+    print(info["cpu_attention"])
     for target, ops in info["auto_order"].items():
         print(f"auto tries, on {target}:")
         for op, order in ops.items():

@@ -33,6 +33,14 @@ OP = "fastbert.attention_varlen"
 MIN_TOKENS_PER_CALL = 12
 
 
+def describe_cpu() -> str:
+    """One line: how the torch backend runs packed attention on a CPU."""
+    return (f"CPU packed attention (torch backend): ATen's fused kernel once per run of "
+            f"equal-length sequences on views of the packed tokens, when a call averages >= "
+            f"{MIN_TOKENS_PER_CALL} query tokens (forward, no dropout); else one call on a "
+            f"padded view (and for backward and dropout)")
+
+
 # --------------------------------------------------------------------------------------------
 # the torch backend: ATen's fused CPU attention per run of equal-length sequences, or on a
 # padded view of the packed tokens
