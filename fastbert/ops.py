@@ -192,12 +192,15 @@ class _EagerOp(torch.autograd.Function):
     custom ops' names (name_fwd, name_bwd), as they do through the custom ops."""
 
     @staticmethod
-    def forward(ctx, name, forward, setup, grad, *inputs):
+    def forward(name, forward, setup, grad, *inputs):
         with _profiled(f"{name}_fwd"):
-            output = forward(*inputs)
-        setup(ctx, inputs, output)
+            return forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        name, _, setup, grad, *args = inputs
+        setup(ctx, tuple(args), output)
         ctx.name, ctx.grad, ctx.eager = name, grad, True
-        return output
 
     @staticmethod
     def backward(ctx, *grads):

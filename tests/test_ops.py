@@ -342,6 +342,24 @@ def test_eager_training_calls_skip_the_custom_op_and_equal_it(monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_torch_func_grad_through_the_ops():
+    """torch.func.grad (functorch) runs the eager path's autograd.Function (setup_context style)
+    and gives the gradients plain autograd gives."""
+    q, k, v = (torch.randn(2, 5, 2, 8, dtype=torch.float64) for _ in range(3))
+    x, r = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    w, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+
+    def loss(q, x):
+        return (fastbert.attention(q, k, v).pow(2).sum()
+                + fastbert.add_layer_norm(x, r, w, b).pow(3).sum())
+
+    dq, dx = torch.func.grad(loss, argnums=(0, 1))(q, x)
+    q2, x2 = q.clone().requires_grad_(), x.clone().requires_grad_()
+    loss(q2, x2).backward()
+    torch.testing.assert_close(dq, q2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(dx, x2.grad, rtol=0, atol=0)
+
+
 def test_a_training_step_does_not_import_dynamo():
     """The custom ops' dispatch imports torch._dynamo on first use (seconds); eager training
     does not go through it."""
