@@ -12,7 +12,8 @@ handful of facts per architecture, read by BertConfig (fastbert/model.py) and by
 - checkpoint key names and, for DistilBERT, config.json field names.
 
     family = FAMILIES["roberta"]
-    family.checkpoint_key("bert.encoder.layer.0.attention.self.query.weight")  # -> "roberta.…"
+    family.to_checkpoint({"bert.encoder.layer.0.attention.self.query.weight": w}, bare=False)
+    # -> {"roberta.encoder.layer.0.attention.self.query.weight": w}; from_checkpoint the reverse
 """
 from __future__ import annotations
 
