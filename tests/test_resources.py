@@ -32,7 +32,8 @@ from tests.helpers import TRITON_TYPE, compile_resources, pointers, ptxas_versio
 
 triton = pytest.importorskip("triton")
 from fastbert.triton import attention, layer_norm as ln, linear_gelu as lg  # noqa: E402
-from tests import test_triton_layer_norm as ln_tests  # noqa: E402  (their launch signatures)
+from tests import test_triton_attention as attn_tests  # noqa: E402  (their launch signatures)
+from tests import test_triton_layer_norm as ln_tests  # noqa: E402
 from tests import test_triton_linear_gelu as lg_tests  # noqa: E402
 
 pytestmark = pytest.mark.compile
@@ -99,7 +100,7 @@ class AttentionKernel(NamedTuple):
     config: Optional[str]  # its (BLOCK_M, BLOCK_N, warps, stages) function there; None: fixed
     phase: str  # "forward", "backward" (atomic dQ, the default) or "deterministic backward"
     constexprs: tuple = ()  # what the launcher passes besides the flags and tiles
-    pointer_types: tuple = ()  # pointers whose type is not the data dtype
+    dq_fp32: bool = False  # DQ is an fp32 buffer (atomic adds), else the data dtype
 
 
 ATTENTION_KERNELS = (
@@ -108,7 +109,7 @@ ATTENTION_KERNELS = (
     AttentionKernel("_attn_bwd_preprocess_kernel", None, "backward",
                     (("BLOCK_M", attention.PREPROCESS_BLOCK_M),)),
     AttentionKernel("_attn_bwd_dkdv_kernel", "dkdv_config", "backward", (("DQ_ATOMIC", True),),
-                    (("DQ", "*fp32"),)),
+                    dq_fp32=True),
     AttentionKernel("_attn_bwd_dkdv_kernel", "dkdv_config", "deterministic backward",
                     (("DQ_ATOMIC", False), ("DQ", None))),
     AttentionKernel("_attn_bwd_dq_kernel", "dq_config", "deterministic backward"),
@@ -125,9 +126,6 @@ class AttentionLayout(NamedTuple):
     absent: tuple  # pointer arguments the launcher passes as None in this layout
     masks: tuple  # with / without a key-padding mask
     phases: tuple  # which kernels (by AttentionKernel.phase) run in this layout
-    # integer arguments a GPU launch does not see divisible by 16 here (varlen: the lse head
-    # stride is total_q, the token count of the batch), so compiled without that assumption
-    unaligned: tuple = ()
 
 
 # What the model launches with these encoder checkpoints (not causal): the packed path (the
@@ -139,41 +137,16 @@ FULL = os.environ.get("FASTBERT_RESOURCES") == "full"
 CAUSAL = (False, True) if FULL else (False,)
 ATTENTION_LAYOUTS = (
     AttentionLayout("varlen", (("IS_VARLEN", True),), ("IS_VARLEN",), ("Mask", "KvRange"),
-                    (False,), PHASES, unaligned=("stride_lh",)),
+                    (False,), PHASES),
     AttentionLayout("padded", (("IS_VARLEN", False),), (), ("CuSeqQ", "CuSeqK"),
                     (True, False) if FULL else (True,),
                     PHASES if FULL else ("mask", "forward", "backward")),
 )
 _FLAG_NAMES = {"IS_CAUSAL": "causal", "HAS_MASK": "mask", "HAS_DROPOUT": "dropout"}
-_FP32_SCALARS = {"qk_scale", "sm_scale", "dropout_p"}
-_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "KvRange": "*i32",
-                  "CuSeqQ": "*i32", "CuSeqK": "*i32"}
 
 
 def _constexpr_names(fn) -> set:
     return {p.name for p in fn.params if p.is_constexpr}
-
-
-def _attention_signature(fn, dtype, constexprs, has_dropout, pointer_types, unaligned=()):
-    """The launcher's runtime argument types (capitalised arguments are pointers), and the ones
-    Triton sees divisible by 16 at BERT shapes: pointers, strides (but the layout's `unaligned`)
-    and the head dim."""
-    sig, aligned = {}, []
-    for name in fn.arg_names:
-        if name in constexprs:
-            continue
-        if name[0].isupper():
-            sig[name] = pointer_types.get(name, _POINTER_TYPES.get(name, "*" + TRITON_TYPE[dtype]))
-            aligned.append(name)
-        elif name in _FP32_SCALARS:
-            sig[name] = "fp32"
-        elif name == "seed":
-            sig[name] = "i64" if has_dropout else "i32"
-        else:
-            sig[name] = "i32"
-            if (name.startswith("stride_") or name == "head_dim") and name not in unaligned:
-                aligned.append(name)
-    return sig, aligned
 
 
 def _tiles(kernel: AttentionKernel, bd, dtype, capability):
@@ -216,8 +189,9 @@ def attention_variants():
                         constexprs[name] = None
                 for name, value in kernel.constexprs:
                     constexprs[name] = value  # also pointers the launcher passes as None
-                sig, aligned = _attention_signature(fn, dtype, constexprs, dropout,
-                                                    dict(kernel.pointer_types), layout.unaligned)
+                sig, aligned = attn_tests._signature(
+                    fn, dtype, constexprs, has_mask, dropout,
+                    torch.float32 if kernel.dq_fp32 else dtype, varlen=layout.name == "varlen")
                 used = [v for k, v in _FLAG_NAMES.items() if constexprs.get(k)]
                 # a kernel without the layout's flags serves every layout: no layout in its name
                 where = [layout.name] if set(layout_flags) & declared else []
