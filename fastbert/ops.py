@@ -160,16 +160,6 @@ def _seed_int(seed: Optional[Tensor]) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
-def _inference(*tensors: Optional[Tensor]) -> bool:
-    """No autograd graph to record, plain tensors, no torch.compile tracing: the public ops then
-    call the backend directly. The custom op's dispatch costs several times a small op's own
-    work on a CPU (and is host time a GPU waits for)."""
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN and not (grad and t.requires_grad)) for t in tensors)
-
-
 # nn.Parameter (a model's LayerNorm weights) dispatches as a plain Tensor; other subclasses (fake,
 # functional, DTensor) keep the custom op's dispatch
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -183,6 +173,15 @@ def _eager(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling():
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def _inference(*tensors: Optional[Tensor]) -> bool:
+    """An eager call (above) with no autograd graph to record: the public ops then call the
+    backend directly."""
+    if not _eager(*tensors):
+        return False
+    return not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in tensors))
 
 
 class _EagerOp(torch.autograd.Function):
