@@ -68,8 +68,14 @@ def load_pretrained(cls, path: str, **config_overrides):
     """cls.from_pretrained: build cls from path/config.json (with overrides) and load the weights.
     Weights the checkpoint lacks (a new head) keep their fresh initialisation, with a warning, as
     in transformers; checkpoint entries the model has no place for are ignored, with a warning."""
+    what = f"{cls.__name__}.from_pretrained"
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"from_pretrained: expected a checkpoint directory, got {path!r}")
+        raise FileNotFoundError(f"{what}: expected a checkpoint directory, got {path!r} (no such "
+                                f"directory; fastbert reads local folders and does not download Hub "
+                                f"names: fetch one with `huggingface-cli download NAME --local-dir DIR`)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{what}: {path!r} is not a Hugging Face checkpoint folder: expected "
+                                f"config.json (and model.safetensors or pytorch_model.bin) in it")
     config = BertConfig.from_pretrained(path, **config_overrides)
     model = cls(config)
     state = {_rename_legacy(k): v for k, v in read_state_dict(path).items()}

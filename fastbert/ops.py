@@ -368,8 +368,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         _expect_tensor(op, "key_padding_mask", key_padding_mask)
         _expect_same_device(op, "q", q, "key_padding_mask", key_padding_mask)
         if tuple(key_padding_mask.shape) != (b, sk):
+            # a mask that fits dim 2 as the length: q/k/v were given in SDPA's (B, H, S, D) order
+            sdpa = (key_padding_mask.dim() == 2 and key_padding_mask.shape[1] == k.shape[2] != sk)
             raise ValueError(f"{op}: argument 'key_padding_mask' expected shape (B, Sk) = "
-                             f"({b}, {sk}), got {tuple(key_padding_mask.shape)}")
+                             f"({b}, {sk}) for q/k/v in (B, S, H, D) layout, got "
+                             f"{tuple(key_padding_mask.shape)}" + (
+                                 f"; k {tuple(k.shape)} looks like SDPA's (B, H, S, D) layout: pass "
+                                 f"q/k/v.transpose(1, 2) and transpose the output back" if sdpa else ""))
         if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
             raise TypeError(f"{op}: argument 'key_padding_mask' expected a bool or integer tensor "
                             f"(True/nonzero = real token), got {key_padding_mask.dtype}")
