@@ -474,7 +474,8 @@ def _add_common_flags(p):
 def _add_embedding_flags(p):
     p.add_argument("--column", help="the text column of a .csv/.tsv or key of a .jsonl (default: text)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="model precision (bf16/fp16 only on a GPU; default fp32)")
+                   help="model precision (fp16 on a GPU; bf16 on a GPU or a CPU with native bf16, "
+                        "as `fastbert info` reports; default fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common_flags(p)
 

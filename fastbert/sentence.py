@@ -50,12 +50,12 @@ _AUTO_PROGRESS_TEXTS = 1024  # show_progress=None: a bar from this many texts on
 Texts = Union[str, Sequence[str]]
 
 
-def _check_texts(texts, what: str) -> List[str]:
+def _check_texts(texts, what: str, allow_empty: bool = False) -> List[str]:
     if isinstance(texts, str):
         return [texts]
     if not isinstance(texts, (list, tuple)):
         raise TypeError(f"{what}: expected a string or a list of strings, got {type(texts).__name__}")
-    if not texts:
+    if not texts and not allow_empty:
         raise ValueError(f"{what}: expected at least one text, got an empty {type(texts).__name__}")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
@@ -137,6 +137,14 @@ def batches_by_budget(lengths: Sequence[int], batch_size: int, max_batch_tokens:
     return out
 
 
+def _alias(what: str, name: str, value, alias: str, alias_value):
+    """The value of an argument that has an older alias; both given must agree."""
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(f"{what}: {name}={value!r} and its alias {alias}={alias_value!r} disagree; "
+                         f"pass one of them")
+    return value if value is not None else alias_value
+
+
 class SentenceEncoder:
     """A BERT encoder with pooling (mean, cls or max) and optional L2 normalization."""
 
@@ -211,16 +219,26 @@ class SentenceEncoder:
         return encoder.to(device, dtype)
 
     def to(self, device=None, dtype=None) -> "SentenceEncoder":
-        """Move the model; dtype "bf16"/"fp16" (or torch dtypes) run half precision on a GPU."""
+        """Move the model; dtype "bf16"/"fp16" (or torch dtypes) run half precision: both on a
+        GPU, bf16 also on a CPU with native bf16 dot products (AVX512-BF16 or AMX, as
+        `python -m fastbert.info` reports), where its GEMMs run on oneDNN in bf16. Embeddings
+        come back in fp32 either way."""
+        from fastbert import cpu
+
         device = torch.device(device) if device is not None else self.device
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
                 raise ValueError(f"SentenceEncoder.to: dtype expected one of {sorted(_DTYPES)}, "
                                  f"got {dtype!r}")
             dtype = _DTYPES[dtype]
-        if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
-            raise ValueError(f"SentenceEncoder.to: dtype {dtype} is for GPUs; on {device} "
-                             f"expected float32")
+        if device.type != "cuda":
+            if dtype == torch.float16:
+                raise ValueError(f"SentenceEncoder.to: dtype {dtype} is for GPUs; on {device} "
+                                 f"expected float32 (or bfloat16 on a CPU with native bf16)")
+            native, why = cpu.bf16_support()
+            if dtype == torch.bfloat16 and not native:  # emulated bf16 runs slower than fp32
+                raise ValueError(f"SentenceEncoder.to: dtype {dtype} on {device} needs native bf16 "
+                                 f"dot products, but {why}; expected float32")
         self.model.to(device=device, dtype=dtype)
         return self
 
@@ -249,24 +267,47 @@ class SentenceEncoder:
         return [[tok.cls_id, *e.ids[:keep], tok.sep_id] for e in encodings]
 
     def encode(self, texts: Texts, batch_size: int = 128, max_batch_tokens: int = 16384,
-               normalize: Optional[bool] = None, show_progress: Optional[bool] = None,
-               convert_to_numpy: bool = False):
-        """(N, C) fp32 embeddings (on the CPU) of `texts`, in their order; a single string gives
-        (C,). Texts are sorted by length and batched by at most `batch_size` texts and
-        `max_batch_tokens` tokens (counted as texts x the longest: the attention of a batch
-        costs that much on backends that run it on a padded grid). normalize: L2-normalize
-        (default: as the checkpoint says). show_progress: a tqdm bar (default: from 1024 texts,
-        on a terminal)."""
+               normalize_embeddings: bool = False, show_progress_bar: Optional[bool] = None,
+               convert_to_numpy: Optional[bool] = None, convert_to_tensor: Optional[bool] = None,
+               device=None, output_value: str = "sentence_embedding", *,
+               normalize: Optional[bool] = None, show_progress: Optional[bool] = None):
+        """Embeddings of `texts` in their order, with sentence-transformers' `encode` arguments.
+
+        Returns an (N, C) fp32 tensor on the CPU (numpy with convert_to_numpy=True;
+        convert_to_tensor=True wins over it, as in sentence-transformers); a single string gives
+        one (C,) vector, an empty list an empty (0, C) result. output_value="token_embeddings"
+        gives a list of (tokens_i, C) fp32 tensors instead, [CLS] and [SEP] included.
+
+        Texts are sorted by length and batched by at most `batch_size` texts and
+        `max_batch_tokens` tokens (counted as texts x the longest: the attention of a batch costs
+        that much on backends that run it on a padded grid). normalize_embeddings=True
+        L2-normalizes; False (the default) does as the checkpoint says, as in
+        sentence-transformers, where a Normalize module still applies. normalize (fastbert's
+        name) overrides the checkpoint both ways: True or False. show_progress_bar (alias
+        show_progress): a tqdm bar (default: from 1024 texts, on a terminal). device: move the
+        encoder there first (it stays there)."""
+        what = "SentenceEncoder.encode"
         single = isinstance(texts, str)
-        texts = _check_texts(texts, "SentenceEncoder.encode: texts")
+        texts = _check_texts(texts, f"{what}: texts", allow_empty=True)
+        if normalize_embeddings and normalize is False:
+            raise ValueError(f"{what}: normalize_embeddings=True and normalize=False disagree; pass "
+                             f"one of them")
+        normalize = True if normalize_embeddings else normalize
+        show_progress = _alias(what, "show_progress_bar", show_progress_bar, "show_progress", show_progress)
         for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SentenceEncoder.encode: {name} expected a positive int, got {value!r}")
+                raise ValueError(f"{what}: {name} expected a positive int, got {value!r}")
+        if output_value not in ("sentence_embedding", "token_embeddings"):
+            raise ValueError(f"{what}: output_value expected 'sentence_embedding' or "
+                             f"'token_embeddings', got {output_value!r}")
+        if device is not None:
+            self.to(device)
         normalize = self.normalize if normalize is None else normalize
+        tokens = output_value == "token_embeddings"
         ids = self.tokenize(texts)
         batches = batches_by_budget([len(x) for x in ids], batch_size, max_batch_tokens)
-        device = self.device
-        out = torch.empty(len(texts), self.dim, dtype=torch.float32, device=device)
+        out = [None] * len(texts) if tokens else torch.empty(len(texts), self.dim, dtype=torch.float32,
+                                                             device=self.device)
         bar = None
         if show_progress or (show_progress is None and len(texts) >= _AUTO_PROGRESS_TEXTS):
             from tqdm import tqdm
@@ -275,29 +316,41 @@ class SentenceEncoder:
         try:
             with torch.inference_mode():
                 for batch in batches:
-                    out[torch.tensor(batch, device=device)] = self._embed_batch([ids[i] for i in batch])
+                    rows = [ids[i] for i in batch]
+                    if tokens:
+                        per_text = self._token_rows(rows).float().cpu().split([len(r) for r in rows])
+                        for i, vectors in zip(batch, per_text):
+                            out[i] = vectors
+                    else:
+                        out[torch.tensor(batch, device=self.device)] = self._embed_batch(rows)
                     if bar is not None:
                         bar.update(len(batch))
         finally:
             if bar is not None:
                 bar.close()
+        if tokens:  # never normalized: sentence-transformers normalizes sentence embeddings only
+            return out[0] if single else out
         if normalize:
             out = F.normalize(out, dim=-1)
         out = out.cpu()
         if single:
             out = out[0]
-        return out.numpy() if convert_to_numpy else out
+        return out.numpy() if convert_to_numpy and not convert_to_tensor else out
 
-    def _embed_batch(self, rows: List[List[int]]) -> torch.Tensor:
-        """(B, C) pooled fp32 vectors of B token-id lists. The model gets them packed end to end
-        (input_ids (1, T) with cu_seqlens), so no work is spent on padding."""
+    def _token_rows(self, rows: List[List[int]]) -> torch.Tensor:
+        """(T, C) packed token vectors of B token-id lists laid end to end (no padding)."""
         device = self.device
         lengths = torch.tensor([len(r) for r in rows])
         input_ids = torch.tensor([[t for r in rows for t in r]], device=device)  # (1, T)
         cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(device, torch.int32)
-        out = self.model(input_ids, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()),
-                         return_packed=True)
-        return pool(out.last_hidden_state, lengths.to(device), self.pooling)  # rows (T, C)
+        return self.model(input_ids, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()),
+                          return_packed=True).last_hidden_state
+
+    def _embed_batch(self, rows: List[List[int]]) -> torch.Tensor:
+        """(B, C) pooled fp32 vectors of B token-id lists. The model gets them packed end to end
+        (input_ids (1, T) with cu_seqlens), so no work is spent on padding."""
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        return pool(self._token_rows(rows), lengths, self.pooling)
 
     # ----------------------------------------------------------------------------------------
     # comparing
@@ -305,7 +358,7 @@ class SentenceEncoder:
 
     def _embeddings(self, x, what: str) -> torch.Tensor:
         if isinstance(x, str) or (isinstance(x, (list, tuple)) and (not x or isinstance(x[0], str))):
-            return self.encode(x, normalize=True)  # texts (encode refuses an empty list)
+            return self.encode(_check_texts(x, f"{what}: texts"), normalize=True)
         return _as_matrix(x, what)
 
     def similarity(self, a, b) -> torch.Tensor:

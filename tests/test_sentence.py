@@ -48,10 +48,14 @@ def mixed_sentences():
 
 
 @pytest.fixture(scope="module")
-def st_reference(mixed_sentences):
+def st_model():
     st = pytest.importorskip("sentence_transformers")
-    model = st.SentenceTransformer(str(minilm_dir()), device="cpu")
-    return model.encode(mixed_sentences, convert_to_tensor=True, batch_size=8)
+    return st.SentenceTransformer(str(minilm_dir()), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def st_reference(mixed_sentences, st_model):
+    return st_model.encode(mixed_sentences, convert_to_tensor=True, batch_size=8)
 
 
 def assert_rows_match(ours, ref, min_cosine=0.99999):
@@ -89,6 +93,46 @@ def test_unnormalized_and_numpy_outputs(minilm, mixed_sentences, st_reference):
     one = minilm.encode(mixed_sentences[3])
     assert one.shape == (384,)
     assert_rows_match(one[None], st_reference[3:4])
+
+
+def test_encode_takes_sentence_transformers_arguments(minilm, st_model, mixed_sentences):
+    """The same call as sentence-transformers' encode gives the same kind of result and values."""
+    texts = mixed_sentences[:8]
+    kwargs = dict(batch_size=4, show_progress_bar=False, normalize_embeddings=True, device="cpu")
+    for extra, kind in (({}, torch.Tensor), ({"convert_to_numpy": True}, np.ndarray),
+                        ({"convert_to_tensor": True}, torch.Tensor),
+                        ({"convert_to_numpy": True, "convert_to_tensor": True}, torch.Tensor)):
+        ours = minilm.encode(texts, **kwargs, **extra)
+        ref = st_model.encode(texts, **kwargs, convert_to_tensor=True)
+        assert isinstance(ours, kind) and tuple(ours.shape) == (8, 384), extra
+        assert_rows_match(torch.as_tensor(ours), ref)
+    # a single string: one vector; an empty list: nothing, as (0, 384)
+    one, one_ref = minilm.encode(texts[0], convert_to_numpy=True), st_model.encode(texts[0])
+    assert one.shape == one_ref.shape == (384,)
+    assert_rows_match(torch.from_numpy(one)[None], torch.from_numpy(one_ref)[None])
+    assert len(st_model.encode([])) == 0
+    assert minilm.encode([]).shape == (0, 384) and minilm.encode([], convert_to_numpy=True).shape == (0, 384)
+    assert minilm.encode([], output_value="token_embeddings") == []
+    # normalize_embeddings=False keeps the checkpoint's Normalize module, as sentence-transformers does
+    assert_rows_match(minilm.encode(texts, normalize_embeddings=False),
+                      st_model.encode(texts, normalize_embeddings=False, convert_to_tensor=True))
+    # token embeddings: one (tokens, 384) matrix per text, [CLS] and [SEP] included, never normalized
+    ours = minilm.encode(texts, output_value="token_embeddings", batch_size=3)
+    ref = st_model.encode(texts, output_value="token_embeddings")
+    assert [tuple(t.shape) for t in ours] == [tuple(t.shape) for t in ref]
+    for mine, theirs in zip(ours, ref):
+        assert_rows_match(mine, theirs.float().cpu(), min_cosine=0.9999)
+    torch.testing.assert_close(minilm.encode(texts[1], output_value="token_embeddings"), ours[1],
+                               atol=2e-5, rtol=1e-4)
+    # today's names stay as aliases
+    torch.testing.assert_close(minilm.encode(texts, show_progress=False, normalize=False),
+                               minilm.encode(texts, show_progress_bar=False, normalize=False))
+    with pytest.raises(ValueError, match="show_progress_bar=True and its alias show_progress=False disagree"):
+        minilm.encode(texts, show_progress_bar=True, show_progress=False)
+    with pytest.raises(ValueError, match="normalize_embeddings=True and normalize=False disagree"):
+        minilm.encode(texts, normalize_embeddings=True, normalize=False)
+    with pytest.raises(ValueError, match="output_value expected 'sentence_embedding' or 'token_embeddings', got None"):
+        minilm.encode(texts, output_value=None)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "cls"])
@@ -214,8 +258,6 @@ def test_search_with_texts_finds_the_paraphrase(minilm):
 # --------------------------------------------------------------------------------------------
 
 def test_bad_texts_are_refused(minilm):
-    with pytest.raises(ValueError, match="texts: expected at least one text, got an empty list"):
-        minilm.encode([])
     with pytest.raises(TypeError, match="expected every item to be a str, got int at index 1"):
         minilm.encode(["fine", 3])
     with pytest.raises(TypeError, match="expected a string or a list of strings, got dict"):
@@ -263,11 +305,28 @@ def test_unsupported_sentence_transformers_modules_are_refused(tmp_path):
         SentenceEncoder.from_pretrained(tmp_path)
 
 
-def test_half_precision_is_for_gpus(minilm):
-    with pytest.raises(ValueError, match="dtype torch.bfloat16 is for GPUs"):
-        minilm.to("cpu", "bf16")
+def test_cpu_dtypes(minilm, mixed_sentences, monkeypatch):
+    """fp16 is for GPUs; bf16 runs on a CPU with native bf16 (what fastbert.info reports) and is
+    refused, with the reason, elsewhere."""
+    from fastbert import cpu
+
+    with pytest.raises(ValueError, match="dtype torch.float16 is for GPUs"):
+        minilm.to("cpu", "fp16")
     with pytest.raises(ValueError, match="dtype expected one of"):
         minilm.to("cpu", "int8")
+    native, why = cpu.bf16_support()
+    if native:
+        bf16 = SentenceEncoder.from_pretrained(minilm_dir(), dtype="bf16")
+        assert next(bf16.model.parameters()).dtype == torch.bfloat16
+        ours = bf16.encode(mixed_sentences[:16])
+        assert ours.dtype == torch.float32
+        assert_rows_match(ours, minilm.encode(mixed_sentences[:16]), min_cosine=0.999)
+    else:
+        with pytest.raises(ValueError, match="needs native bf16 dot products"):
+            SentenceEncoder.from_pretrained(minilm_dir(), dtype="bf16")
+    monkeypatch.setattr(cpu, "bf16_support", lambda: (False, "this CPU has no native bf16 dot products"))
+    with pytest.raises(ValueError, match="needs native bf16 dot products, but this CPU has no native"):
+        minilm.to("cpu", "bf16")
 
 
 # --------------------------------------------------------------------------------------------
