@@ -140,6 +140,25 @@ def _linear(config: BertConfig, n_in: int, n_out: int) -> nn.Linear:
     return layer
 
 
+def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor,
+              end_positions: Tensor, real: Optional[Tensor] = None) -> Tensor:
+    """Extractive-QA loss: the mean of the start and end cross-entropies over the sequence
+    (B, S). Positions outside it are clamped to S and ignored, as in transformers. real (B, S),
+    True at real tokens: padding is masked out of the softmax (it can never be a span boundary)
+    and a label at padding is ignored too; None normalises over every position, as transformers
+    does on a padded batch."""
+    s = start_logits.shape[1]
+    losses = []
+    for logits, positions in ((start_logits, start_positions), (end_logits, end_positions)):
+        positions = positions.reshape(-1).clamp(0, s)
+        if real is not None:
+            logits = logits.float().masked_fill(~real, torch.finfo(torch.float32).min)
+            at_padding = ~F.pad(real, (0, 1), value=True).gather(1, positions[:, None])[:, 0]
+            positions = positions.masked_fill(at_padding, s)
+        losses.append(_cross_entropy(logits, positions, ignore_index=s))
+    return (losses[0] + losses[1]) / 2
+
+
 def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=ignore_index)
@@ -268,7 +287,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
 
 class BertForQuestionAnswering(BertPreTrainedModel):
     """Per-token start/end logits. loss = mean of the start and end cross-entropies; positions
-    outside the sequence are clamped to S and ignored, as in HF."""
+    outside the sequence are clamped to S and ignored, as in HF. Unpadded (the default), padding
+    positions are masked out of the span softmax (see span_loss); the padded path
+    (config.unpad=False) normalises over them too, exactly as transformers does."""
 
     def __init__(self, config: BertConfig):
         if config.num_labels != 2:
@@ -288,11 +309,10 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:
-            s = start_logits.shape[1]
-            start = start_positions.reshape(-1).clamp(0, s)
-            end = end_positions.reshape(-1).clamp(0, s)
-            loss = (_cross_entropy(start_logits, start, ignore_index=s)
-                    + _cross_entropy(end_logits, end, ignore_index=s)) / 2
+            real = None  # padded path: normalised over every position, as in transformers
+            if out.packed.indices is not None:  # unpadded: padding is never a span boundary
+                real = out.packed.grid(rows.new_ones(rows.shape[0], dtype=torch.bool))
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions, real)
         return QuestionAnsweringModelOutput(loss, start_logits, end_logits)
 
 

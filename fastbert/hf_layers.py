@@ -1,0 +1,278 @@
+"""The forwards patch_hf gives a transformers encoder's submodules, and the call-time rule they
+follow: a fused path serves a plain module only (an nn.Linear / nn.LayerNorm with no hooks);
+anything else -- a LoRA wrapper, a quantized linear, a hooked module -- is called as a module, so
+what a user attaches after patching is honoured.
+
+    _attend(sa, h, mask, packed, ...)   self-attention: one fused QKV GEMM when query, key and
+                                        value are plain, fastbert.attention / attention_varlen,
+                                        or the reference math when probabilities are asked for
+    _linear(module, x)                  a projection: the CPU inference GEMM path for a plain
+                                        nn.Linear, the module's own call otherwise
+    _add_norm(x, residual, norm, p)     LN(dropout(x) + residual), fused for a plain LayerNorm
+
+Shapes: h (B, S, C) padded or (T, C) / (1, T, C) packed; q, k, v (..., nh, hd).
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules import module as _module
+
+import fastbert
+from fastbert.model import linear as _plain_linear
+from fastbert.padding import PackedBatch, _sequence_and_position
+
+_probabilities_warned = False
+
+
+def base_class(kind: type) -> type:
+    """The class patch_hf subclassed, for one of its patched classes; `kind` otherwise."""
+    return kind.__mro__[1] if kind.__dict__.get("fastbert_patched") else kind
+
+
+def plain(module: nn.Module, kind: type = nn.Linear) -> bool:
+    """A module of exactly `kind` (or patch_hf's subclass of it) with no forward hooks (its own or
+    global): its parameters can be read directly without changing what calling it computes."""
+    return (base_class(type(module)) is kind and not module._forward_hooks
+            and not module._forward_pre_hooks and not _module._global_forward_hooks
+            and not _module._global_forward_pre_hooks)
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _plain_linear(x, module) if plain(module) else module(x)
+
+
+def _dropout_p(module: nn.Module) -> float:
+    return module.dropout.p if module.training else 0.0
+
+
+def _add_norm(x, residual, norm: nn.Module, dropout_p: float = 0.0):
+    """LN(dropout(x) + residual): one fastbert.add_layer_norm for a plain (patched) LayerNorm."""
+    if plain(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None:
+        return fastbert.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps,
+                                       dropout_p=dropout_p)
+    return norm(F.dropout(x, dropout_p, training=dropout_p > 0) + residual)
+
+
+# --------------------------------------------------------------------------------------------
+# the fused QKV projection
+# --------------------------------------------------------------------------------------------
+
+# self-attention module -> (weak refs to q/k/v weights and biases, their versions, W, b): the
+# concatenated inference weight, rebuilt when any of the six tensors is replaced or written
+_fused_qkv_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _versions(tensors) -> Optional[tuple]:
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return None
+
+
+def _fused_qkv_weight(sa: nn.Module, projections) -> tuple:
+    """([Wq; Wk; Wv], [bq; bk; bv] or None). Training: concatenated per call, so gradients reach
+    the three original parameters and no second copy outlives the step. Inference: cached per
+    module, refreshed when a parameter is replaced or written in place (its version counter)."""
+    weights = [p.weight for p in projections]
+    biases = [p.bias for p in projections]
+    has_bias = biases[0] is not None
+    tensors = weights + (biases if has_bias else [])
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) \
+            or torch.compiler.is_compiling():
+        return torch.cat(weights), torch.cat(biases) if has_bias else None
+    versions = _versions(tensors)
+    entry = _fused_qkv_cache.get(sa)
+    if (entry is not None and versions is not None and entry[1] == versions
+            and all(ref() is t for ref, t in zip(entry[0], tensors))):
+        return entry[2], entry[3]
+    with torch.no_grad():
+        w, b = torch.cat(weights), torch.cat(biases) if has_bias else None
+    if versions is not None:
+        _fused_qkv_cache[sa] = (tuple(weakref.ref(t) for t in tensors), versions, w, b)
+    return w, b
+
+
+def _qkv(sa: nn.Module, projections, h: torch.Tensor):
+    """Three (..., nh, hd) tensors: views of one GEMM's output when the three projections are plain
+    nn.Linear with matching biases, each projection's own call otherwise."""
+    d = sa.attention_head_size
+    if all(plain(p) for p in projections) and len({p.bias is None for p in projections}) == 1:
+        w, b = _fused_qkv_weight(sa, projections)
+        h2 = h.reshape(-1, h.shape[-1])
+        if fastbert.cpu.should_use(h2, w, b):
+            qkv = fastbert.cpu.linear(h2, w, b).view(*h.shape[:-1], w.shape[0])
+        else:
+            qkv = F.linear(h, w, b)
+        return qkv.view(*h.shape[:-1], 3, -1, d).unbind(-3)
+    return tuple(p(h).view(*h.shape[:-1], -1, d) for p in projections)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+def wants_probabilities(sa: nn.Module, kwargs: dict) -> bool:
+    """output_attentions, from the call (transformers passes it down) or the model config."""
+    asked = kwargs.get("output_attentions")
+    if asked is None:
+        asked = getattr(getattr(sa, "config", None), "output_attentions", False)
+    return bool(asked)
+
+
+def _warn_probabilities() -> None:
+    global _probabilities_warned
+    if not _probabilities_warned:
+        _probabilities_warned = True
+        warnings.warn("patch_hf: output_attentions=True: fastbert's fused attention never forms "
+                      "the probabilities, so calls that ask for them run their attention through "
+                      "the reference math (transformers' eager attention), which is slower",
+                      stacklevel=4)
+
+
+def _reference_attention(q, k, v, additive, scale: float, dropout_p: float):
+    """Eager attention as transformers computes it. q (B, Sq, nh, hd), k/v (B, Sk, nh, hd),
+    additive mask broadcastable to (B, nh, Sq, Sk) or None -> ((B, Sq, nh, hd), (B, nh, Sq, Sk))."""
+    scores = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(-1, -2)) * scale
+    if additive is not None:
+        scores = scores + additive.to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    dropped = F.dropout(probs, dropout_p, training=dropout_p > 0)
+    return torch.matmul(dropped, v.transpose(1, 2)).transpose(1, 2), probs
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(
+        ~visible, torch.finfo(dtype).min) if visible.dtype == torch.bool else visible
+
+
+def _padded_probabilities(q, k, v, attention_mask, causal: bool, scale: float, dropout_p: float):
+    """HF hands the layer a (B, 1, Sq, Sk) additive or bool mask (causality included), or None
+    (then causal, bottom-right aligned, for a decoder)."""
+    additive = None
+    if attention_mask is not None:
+        mask = attention_mask if attention_mask.dim() == 4 else attention_mask[:, None, None, :]
+        additive = _additive(mask if mask.dtype == torch.bool or mask.is_floating_point()
+                             else mask != 0, q.dtype)
+    elif causal:
+        sq, sk = q.shape[1], k.shape[1]
+        visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        additive = _additive(visible, q.dtype)
+    return _reference_attention(q, k, v, additive, scale, dropout_p)
+
+
+def _packed_probabilities(q, k, v, packed: PackedBatch, causal: bool, scale: float,
+                          dropout_p: float):
+    """Packed (T, nh, hd) tokens as one (1, T) grid with a block-diagonal mask: each sequence
+    attends to itself only."""
+    t = q.shape[0]
+    seq, pos = _sequence_and_position(packed.cu_seqlens, t)
+    visible = seq[:, None] == seq[None, :]
+    if causal:
+        visible &= pos[None, :] <= pos[:, None]
+    y, probs = _reference_attention(q[None], k[None], v[None], _additive(visible, q.dtype),
+                                    scale, dropout_p)
+    return y[0], probs
+
+
+def _attend(sa: nn.Module, projections, h: torch.Tensor, attention_mask,
+            packed: Optional[PackedBatch], cache=None, want_probs: bool = False):
+    """Self-attention of one layer -> (output (..., nh * hd), probabilities or None).
+    packed: h holds packed real tokens ((T, C) or (1, T, C)) and each sequence attends to itself."""
+    d = sa.attention_head_size
+    causal = bool(getattr(sa, "is_causal", False))
+    scale = getattr(sa, "scaling", d ** -0.5)
+    dropout_p = _dropout_p(sa)
+    q, k, v = _qkv(sa, projections, h)
+    if want_probs:
+        _warn_probabilities()
+    if packed is not None:
+        q, k, v = (t.reshape(-1, *t.shape[-2:]) for t in (q, k, v))  # (T, nh, hd)
+        if want_probs:
+            y, probs = _packed_probabilities(q, k, v, packed, causal, scale, dropout_p)
+        else:
+            y, probs = fastbert.attention_varlen(
+                q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                packed.max_seqlen, causal=causal, dropout_p=dropout_p, softmax_scale=scale), None
+        return y.reshape(*h.shape[:-1], -1), probs
+    if cache is not None:
+        cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
+        # HF caches (B, nh, S, hd); transposed views go to fastbert.attention without copies
+        k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), sa.layer_idx)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if want_probs:
+        y, probs = _padded_probabilities(q, k, v, attention_mask, causal, scale, dropout_p)
+    else:
+        y, probs = fastbert.attention(q, k, v, key_padding_mask(attention_mask), causal=causal,
+                                      dropout_p=dropout_p, softmax_scale=scale), None
+    return y.reshape(*h.shape[:-1], -1), probs
+
+
+def key_padding_mask(attention_mask):
+    """HF hands its attention modules an expanded mask: (B, 1, Sq, Sk) additive float (0 = visible)
+    or bool (True = visible), a 2-D (B, Sk) mask, or None. fastbert wants (B, Sk), True = real key.
+    The last query row sees every unpadded key even under a causal mask, so it is the padding mask."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, :]  # (B, Sk)
+        return row if row.dtype == torch.bool else row == 0
+    return attention_mask != 0
+
+
+# --------------------------------------------------------------------------------------------
+# patched forwards (each a method of the module it replaces the forward of)
+# --------------------------------------------------------------------------------------------
+
+def self_attention_forward(self, hidden_states, attention_mask=None, cache=None,
+                           past_key_values=None, fastbert_packed=None, **kwargs):
+    """*SelfAttention.forward (transformers >= 5 interface)."""
+    cache = cache if cache is not None else past_key_values
+    return _attend(self, (self.query, self.key, self.value), hidden_states, attention_mask,
+                   fastbert_packed, cache, wants_probabilities(self, kwargs))
+
+
+def add_norm_forward(self, hidden_states, input_tensor):
+    """*SelfOutput/*Output: LN(dropout(dense(h)) + residual), the add+dropout+LN fused."""
+    return _add_norm(_linear(self.dense, hidden_states), input_tensor, self.LayerNorm,
+                     _dropout_p(self))
+
+
+def intermediate_forward(self, hidden_states):
+    """*Intermediate: gelu(dense(h)) as one fastbert.linear_bias_gelu for a plain Linear with a
+    bias and a GELU activation (fastbert_gelu_approximate, set at patch time from the config)."""
+    approximate = getattr(self, "fastbert_gelu_approximate", None)
+    if approximate is not None and plain(self.dense) and self.dense.bias is not None:
+        return fastbert.linear_bias_gelu(hidden_states, self.dense.weight, self.dense.bias,
+                                         approximate=approximate)
+    return self.intermediate_act_fn(_linear(self.dense, hidden_states))
+
+
+def distilbert_attention_forward(self, hidden_states, attention_mask=None, fastbert_packed=None,
+                                 **kwargs):
+    y, probs = _attend(self, (self.q_lin, self.k_lin, self.v_lin), hidden_states, attention_mask,
+                       fastbert_packed, want_probs=wants_probabilities(self, kwargs))
+    return _linear(self.out_lin, y), probs
+
+
+def distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """TransformerBlock: attention, sa_layer_norm, FFN (lin1, activation, lin2, dropout),
+    output_layer_norm; no dropout after out_lin."""
+    a, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+    h = _add_norm(a, hidden_states, self.sa_layer_norm)
+    ffn = self.ffn
+    approximate = getattr(ffn, "fastbert_gelu_approximate", None)
+    if approximate is not None and plain(ffn.lin1) and ffn.lin1.bias is not None:
+        f = fastbert.linear_bias_gelu(h, ffn.lin1.weight, ffn.lin1.bias, approximate=approximate)
+    else:
+        f = ffn.activation(_linear(ffn.lin1, h))
+    return _add_norm(_linear(ffn.lin2, f), h, self.output_layer_norm, _dropout_p(ffn))
+
+
+def layer_norm_forward(self, x):
+    return fastbert.add_layer_norm(x, None, self.weight, self.bias, self.eps)
