@@ -260,6 +260,10 @@ def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
     or a module fastbert cannot serve (flex attention's BlockMask, a head dim over
     fastbert.ops.MAX_HEAD_DIM), raises ValueError/TypeError naming the module and leaves the model
     untouched. On transformers < 5 a BERT's attention is left unpatched (with a warning)."""
+    if not isinstance(model, nn.Module):  # e.g. a Hub name: patch_hf patches a model already loaded
+        raise TypeError(f"patch_hf: expected a transformers model (an nn.Module), got "
+                        f"{type(model).__name__} {model!r}; load it first, e.g. "
+                        f"transformers.AutoModel.from_pretrained(folder)")
     families = _families()
     encoders = [(m, f) for m in model.modules() for f in families
                 if base_class(type(m)) is f.encoder]  # (module, family)
