@@ -432,7 +432,7 @@ def cmd_bench(args) -> int:
 def cmd_info(args) -> int:
     from fastbert import info
 
-    return info.main()
+    return info.main(["--verbose"] if args.verbose else [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, built and usable backends, devices",
                        description="Same as python -m fastbert.info.")
+    p.add_argument("--verbose", action="store_true", help="say why auto orders the backends as it does")
     p.set_defaults(func=cmd_info)
     return parser
 

@@ -66,12 +66,52 @@ def auto_order(device: torch.device) -> dict:
             for name, (dev, capability) in targets.items()}
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastbert.info", description=__doc__)
+    parser.add_argument("--verbose", action="store_true",
+                        help="say why auto tries the backends in its order, on each target")
+    args = parser.parse_args(argv)
     info = collect()
     print(f"fastbert {info['fastbert']}  (python {info['python']}, {sys.platform})")
     print(f"torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
           f"transformers {info['transformers']}")
-    print("devices: " + (", ".join(info["devices"]) or "no CUDA device (CPU only)"))
+    if info["devices"]:
+        print("devices: " + ", ".join(info["devices"]))
+        _print_backends(info)
+        _print_auto_order(info, args.verbose)
+        print(info["cpu_inference"])
+        return 0
+    # a CPU-only machine: what runs here first, then what a GPU would do, briefly
+    print("this machine: CPU only (no CUDA device)")
+    print("  runs here: every op, the model, patch_hf, training, the CLI and SentenceEncoder, on the "
+          "torch backend")
+    print("  " + info["cpu_inference"])
+    print("  " + info["cpu_attention"])
+    print("  " + _cpu_dtypes())
+    print("  Triton kernels run on CPU only under TRITON_INTERPRET=1 (a test tier; slow)")
+    print(f"default backend: {info['default_backend']}")
+    print("on a GPU (not here):")
+    ext = info["cuda_extension"]
+    print("  " + (f"CUDA extension fastbert._C: built for {', '.join(ext.get('archs', []))} "
+                  f"(CUDA {ext.get('cuda_version', '?')})" if ext.get("built")
+                  else f"CUDA extension fastbert._C: not built ({ext.get('error')})"))
+    _print_auto_order(info, args.verbose, skip_here=True)
+    return 0
+
+
+def _cpu_dtypes() -> str:
+    """Which dtypes the model runs in on this CPU (SentenceEncoder's and the CLI's --dtype)."""
+    from fastbert import cpu
+
+    native, why = cpu.bf16_support()
+    bf16 = ("bf16 too (native bf16 dot products): SentenceEncoder dtype=\"bf16\", fastbert embed "
+            "--dtype bf16, --precision bf16" if native else f"bf16 not offered ({why})")
+    return f"dtypes: fp32; {bf16}; fp16 needs a GPU"
+
+
+def _print_backends(info) -> None:
     ext = info["cuda_extension"]
     if ext.get("built"):
         print(f"CUDA extension fastbert._C: built for {', '.join(ext.get('archs', []))} "
@@ -82,15 +122,21 @@ def main() -> int:
     for name, b in info["backends"].items():
         status = "usable here" if b["usable"] else f"not usable here: {b['reason']}"
         print(f"  backend {name:6s} {status}")
-    print(info["cpu_inference"])
-    print(info["cpu_attention"])
+
+
+def _print_auto_order(info, verbose: bool, skip_here: bool = False) -> None:
     for target, ops in info["auto_order"].items():
-        print(f"auto tries, on {target}:")
-        for op, order in ops.items():
-            print(f"  {op}: {' > '.join(backend for backend, _ in order)}")
-            for backend, why in order:
-                print(f"    {backend}: {why}")
-    return 0
+        if skip_here and target.startswith("this machine"):
+            continue
+        print(f"  auto tries, on {target}: " + "; ".join(
+            f"{op.removeprefix('fastbert.')} {' > '.join(backend for backend, _ in order)}"
+            for op, order in ops.items()))
+        if verbose:
+            for op, order in ops.items():
+                for backend, why in order:
+                    print(f"    {op} {backend}: {why}")
+    if not verbose:
+        print("  (--verbose says why, per op and backend)")
 
 
 if __name__ == "__main__":

@@ -301,6 +301,19 @@ def test_python_dash_m_fastbert_is_the_command():
     assert result.returncode == 0 and result.stdout.startswith("usage: fastbert evaluate"), result.stderr
 
 
-def test_info(capsys):
+def test_info_leads_with_what_this_machine_runs(capsys, monkeypatch):
+    import torch
+    from fastbert import info
+
     status, out, _ = run(capsys, "info")
-    assert status == 0 and out.startswith("fastbert ") and "backend torch" in out
+    assert status == 0 and out.startswith("fastbert ")
+    if not torch.cuda.is_available():  # this machine first, the GPU order after it, one line per target
+        assert out.index("this machine: CPU only") < out.index("dtypes: fp32") < out.index("on a GPU (not here):")
+        assert "auto tries, on sm_90 (Hopper) GPU: attention triton" in out and "static analysis" not in out
+        assert "static analysis" in run(capsys, "info", "--verbose")[1]
+    # a GPU machine: its devices and backends first
+    collected = info.collect()
+    monkeypatch.setattr(info, "collect", lambda: {**collected, "devices": ["NVIDIA H100"]})
+    status, out, _ = run(capsys, "info")
+    assert status == 0 and "devices: NVIDIA H100" in out and "backend torch" in out
+    assert "CPU only" not in out
