@@ -394,11 +394,10 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-def test_print_resource_table(capsys):
+def test_print_resource_table(static_table):
     table = markdown_table()
     assert table.count("\n| ") > 20
-    with capsys.disabled():
-        print("\n\nStatic resources of the compiled Triton kernels\n" + table + "\n")
+    static_table("Static resources of the compiled Triton kernels", table)
 
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
