@@ -216,10 +216,14 @@ def layer_norm_variants():
     # in eval. Backward runs for the training ones. Weights in the input dtype (a half or bf16
     # model), or fp32 under bf16 autocast over fp32 parameters (FASTBERT_RESOURCES=full: fp16
     # autocast too).
+    # Rows wider than any model here (up to MAX_HIDDEN, walked in chunks) are listed too: the
+    # op serves them, and held whole in registers they spilled (issue 19).
     forward_kinds = [(False, False), (True, True), (True, False)]
     backward_kinds = [(False, False), (True, True)]
-    for model, shape in MODELS.items():
-        block_n, warps = ln._row_config(shape.hidden)
+    widths = {model: shape.hidden for model, shape in MODELS.items()}
+    widths.update({f"hidden {h}": h for h in (ln.MAX_BLOCK_N, ln.MAX_HIDDEN)})
+    for model, hidden in widths.items():
+        block_n, warps, whole_row = ln._row_config(hidden)
         for capability, dtype in itertools.product(CAPABILITIES, DTYPES):
             for weight_dtype in (dtype, torch.float32) if FULL or dtype == torch.bfloat16 \
                     else (dtype,):
@@ -229,10 +233,11 @@ def layer_norm_variants():
                     for residual, dropout in kinds:
                         sig = signature(dtype, weight_dtype, "i64" if dropout else "i32")
                         constexprs = dict(HAS_RESIDUAL=residual, HAS_DROPOUT=dropout,
-                                          BLOCK_N=block_n)
+                                          BLOCK_N=block_n, WHOLE_ROW=whole_row)
                         used = [k for k, on in (("residual", residual), ("dropout", dropout)) if on]
                         weight = "fp32" if weight_dtype != dtype else "as input"
-                        what = f"{'+'.join(used) or 'plain'}, weight {weight}, {block_n} w{warps}"
+                        tile = f"{block_n}{'' if whole_row else ' chunks'} w{warps}"
+                        what = f"{'+'.join(used) or 'plain'}, weight {weight}, {tile}"
                         yield model, Row(kernel.__name__, what, TRITON_TYPE[dtype], capability), \
                             _variant(kernel, capability, sig, constexprs, warps, 3,
                                      pointers(sig) + ["hidden"])

@@ -132,12 +132,14 @@ def kept_elements(x, residual, weight, bias, dy, p, seed):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seed", [7, 2 ** 40 + 12345])  # 32- and 64-bit seeds
-def test_dropout(dtype, seed):
-    rows, hidden, p = 64, 256, 0.3
+# a whole row; a row in MAX_BLOCK_N chunks; a width that is no multiple of 4 (dropout's group)
+@pytest.mark.parametrize("rows,hidden", [(64, 256), (4, ln.MAX_BLOCK_N + 904), (300, 37)])
+def test_dropout(dtype, seed, rows, hidden):
+    p = 0.3
     x, residual, weight, bias, dy = make_inputs(rows, hidden, dtype, True)
     keep, got = kept_elements(x, residual, weight, bias, dy, p, seed)
 
-    # keep rate: binomial with n = 16384, std ~0.0036; 5 sigma
+    # keep rate: binomial with n >= 11100, std <= 0.0044; 5 sigma
     rate = keep.float().mean().item()
     assert abs(rate - (1 - p)) < 5 * ((p * (1 - p)) / keep.numel()) ** 0.5, rate
 
@@ -151,6 +153,21 @@ def test_dropout(dtype, seed):
         assert torch.equal(got[name], again[name]), name
     other_keep, _ = kept_elements(x, residual, weight, bias, dy, p, seed + 1)
     assert not torch.equal(keep, other_keep)
+
+
+@pytest.mark.interpreter
+def test_dropout_columns_sharing_a_philox_call_are_independent():
+    # one randint4x serves 4 consecutive columns: each must take its own word, so each pair of
+    # them is kept together with probability (1 - p)^2, not 1 - p
+    rows, hidden, p = 64, 256, 0.3
+    keep, _ = kept_elements(*make_inputs(rows, hidden, torch.float32, True), p, seed=5)
+    lanes = keep.view(-1, 4).float()
+    pairs = lanes.shape[0]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            both = (lanes[:, a] * lanes[:, b]).mean().item()
+            q = (1 - p) ** 2
+            assert abs(both - q) < 5 * (q * (1 - q) / pairs) ** 0.5, (a, b, both)
 
 
 @pytest.mark.interpreter
@@ -238,8 +255,9 @@ def test_unsupported_reasons():
 # --------------------------------------------------------------------------------------------
 
 def _block_sizes():
+    # every (BLOCK_N, num_warps, WHOLE_ROW) the launcher picks up to MAX_HIDDEN
     return sorted({ln._row_config(h) for h in [2 ** i for i in range(15)]
-                   + [ln.MAX_HIDDEN]})  # every (BLOCK_N, num_warps) pair up to MAX_HIDDEN
+                   + [ln.MAX_BLOCK_N + 1, ln.MAX_HIDDEN]})
 
 
 def _fwd_signature(dtype, weight_dtype, seed_type):
@@ -268,19 +286,21 @@ def test_compiles_ahead_of_time(capability):
             for has_residual in (False, True):
                 for has_dropout in (False, True):
                     seed_type = "i64" if has_dropout else "i32"
-                    block_n, num_warps = ln._row_config(768)
+                    block_n, num_warps, whole_row = ln._row_config(768)
                     for kernel, signature in kernels:
                         sig = signature(dtype, weight_dtype, seed_type)
                         aot_compile(kernel, sig,
                                     {"HAS_RESIDUAL": has_residual, "HAS_DROPOUT": has_dropout,
-                                     "BLOCK_N": block_n}, capability, num_warps,
+                                     "BLOCK_N": block_n, "WHOLE_ROW": whole_row},
+                                    capability, num_warps,
                                     aligned=pointers(sig) + ["hidden"])
     # ... and every row width the launcher can pick, with all features on
-    for block_n, num_warps in _block_sizes():
+    for block_n, num_warps, whole_row in _block_sizes():
         for kernel, signature in kernels:
             sig = signature(torch.bfloat16, torch.float32, "i64")
             aot_compile(kernel, sig,
-                        {"HAS_RESIDUAL": True, "HAS_DROPOUT": True, "BLOCK_N": block_n},
+                        {"HAS_RESIDUAL": True, "HAS_DROPOUT": True, "BLOCK_N": block_n,
+                         "WHOLE_ROW": whole_row},
                         capability, num_warps, aligned=pointers(sig) + ["hidden"])
 
 

@@ -1,10 +1,13 @@
 """Triton kernels for y = LayerNorm(dropout(x) + residual): forward, backward, and their launchers.
 
-Layout follows Triton tutorial 05 (layer norm): one program normalises one row held in registers,
-statistics in fp32. Dropout is drawn in-kernel with philox, `tl.rand(seed, row * hidden + col)`, so
-backward regenerates the forward's mask from the seed instead of storing it. dweight/dbias are
-made deterministic by giving each backward program a fixed range of rows: it writes one fp32
-partial sum per program, and a single torch reduction over the programs finishes them.
+Layout follows Triton tutorial 05 (layer norm): one program normalises one row, statistics in fp32.
+Rows up to MAX_BLOCK_N columns are held whole in registers (WHOLE_ROW); wider ones are walked in
+MAX_BLOCK_N-column chunks, twice (statistics, then output), because holding them whole spills
+registers at 16 warps. Dropout is drawn in-kernel with philox, one `randint4x` per 4 columns,
+keyed by the seed and counter row * ceil(hidden / 4) + column // 4, so backward regenerates the
+forward's mask from the seed instead of storing it. dweight/dbias are made deterministic by giving
+each backward program a fixed range of rows: it writes one fp32 partial sum per program, and a
+single torch reduction over the programs finishes them.
 Autograd lives in fastbert/ops.py; this module only runs kernels.
 """
 from __future__ import annotations
@@ -17,8 +20,40 @@ import triton.language as tl
 from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# A whole row lives in registers; 16384 fp32 values is 64 KB per program, the tutorial's limit.
 MAX_HIDDEN = 16384
+# The widest row held whole in registers: at 8192 columns (16 warps, 16 fp32 values per array a
+# thread) the backward spills on sm_90, at 16384 both kernels spill 216-1064 B (ptxas, triton 3.9).
+MAX_BLOCK_N = 4096
+
+
+@triton.jit
+def _keep_mask(seed, row, start, hidden, dropout_p, BLOCK_N: tl.constexpr):
+    """Dropout keep-mask of columns start + [0, BLOCK_N) of `row` (start a multiple of 4): one
+    philox randint4x gives the 4 words of 4 consecutive columns, column 4 * g + i takes word i,
+    and a column is kept when its word is >= dropout_p * 2**32 (probability 1 - dropout_p)."""
+    groups = start // 4 + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, row * ((hidden + 3) // 4) + groups)
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N,))
+    return words >= tl.cast(dropout_p * 4294967296.0, tl.uint32)
+
+
+@triton.jit
+def _pre_norm_sum(X, RESIDUAL, row, start, hidden, dropout_p, seed,
+                  HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dropout(x) + residual in fp32 over columns start + [0, BLOCK_N) of `row`, 0 past the row's
+    end; and the dropout keep-mask (the in-row mask without dropout)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    in_row = cols < hidden
+    offsets = row * hidden + cols
+    s = tl.load(X + offsets, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, row, start, hidden, dropout_p, BLOCK_N)
+        s = tl.where(keep, s * (1.0 / (1.0 - dropout_p)), 0.0)
+    else:
+        keep = in_row
+    if HAS_RESIDUAL:
+        s += tl.load(RESIDUAL + offsets, mask=in_row, other=0.0).to(tl.float32)
+    return s, keep
 
 
 @triton.jit
@@ -26,30 +61,59 @@ def _add_layer_norm_fwd_kernel(
     X, RESIDUAL, W, B, Y, MEAN, RSTD,
     hidden, eps, dropout_p, seed,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    in_row = cols < hidden
-    offsets = row * hidden + cols  # also the philox counter, shared with backward
-
-    s = tl.load(X + offsets, mask=in_row, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        keep = tl.rand(seed, offsets) >= dropout_p
-        s = tl.where(keep, s / (1.0 - dropout_p), 0.0)
-    if HAS_RESIDUAL:
-        s += tl.load(RESIDUAL + offsets, mask=in_row, other=0.0).to(tl.float32)
-
-    mean = tl.sum(s, axis=0) / hidden
-    centered = tl.where(in_row, s - mean, 0.0)
-    var = tl.sum(centered * centered, axis=0) / hidden
-    rstd = 1.0 / tl.sqrt(var + eps)
-
-    w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
-    y = centered * rstd * w + b
-    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=in_row)
+    cols0 = tl.arange(0, BLOCK_N)
+    if WHOLE_ROW:
+        in_row = cols0 < hidden
+        s, _ = _pre_norm_sum(X, RESIDUAL, row, 0, hidden, dropout_p, seed,
+                             HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
+        mean = tl.sum(s, axis=0) / hidden
+        centered = tl.where(in_row, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
+        w = tl.load(W + cols0, mask=in_row, other=0.0).to(tl.float32)
+        b = tl.load(B + cols0, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(Y + row * hidden + cols0, (centered * rstd * w + b).to(Y.dtype.element_ty),
+                 mask=in_row)
+    else:
+        # Mean and squared deviations chunk by chunk, merged as Chan et al.'s parallel variance
+        # (as stable as the two-pass formula; sum and sum of squares would cancel).
+        mean = 0.0
+        m2 = 0.0
+        for start in range(0, hidden, BLOCK_N):
+            s, _ = _pre_norm_sum(X, RESIDUAL, row, start, hidden, dropout_p, seed,
+                                 HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
+            n = tl.minimum(hidden - start, BLOCK_N).to(tl.float32)
+            chunk_mean = tl.sum(s, axis=0) / n
+            deviation = tl.where(start + cols0 < hidden, s - chunk_mean, 0.0)
+            delta = chunk_mean - mean
+            mean += delta * (n / (start + n))
+            m2 += tl.sum(deviation * deviation, axis=0) + delta * delta * (start * n / (start + n))
+        rstd = 1.0 / tl.sqrt(m2 / hidden + eps)
+        for start in range(0, hidden, BLOCK_N):
+            cols = start + cols0
+            in_row = cols < hidden
+            s, _ = _pre_norm_sum(X, RESIDUAL, row, start, hidden, dropout_p, seed,
+                                 HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
+            w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+            b = tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
+            tl.store(Y + row * hidden + cols, ((s - mean) * rstd * w + b).to(Y.dtype.element_ty),
+                     mask=in_row)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _store_input_grads(DX, DRESIDUAL, offsets, in_row, xhat, wdy, keep, rstd, c1, c2, dropout_p,
+                       HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """dresidual and dx at `offsets`, given the row's c1 = mean(xhat * w * dy), c2 = mean(w * dy)."""
+    ds = (wdy - (xhat * c1 + c2)) * rstd  # gradient w.r.t. the pre-norm sum
+    if HAS_RESIDUAL:
+        tl.store(DRESIDUAL + offsets, ds.to(DRESIDUAL.dtype.element_ty), mask=in_row)
+    if HAS_DROPOUT:
+        ds = tl.where(keep, ds * (1.0 / (1.0 - dropout_p)), 0.0)
+    tl.store(DX + offsets, ds.to(DX.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -57,44 +121,72 @@ def _add_layer_norm_bwd_kernel(
     DY, X, RESIDUAL, W, MEAN, RSTD, DX, DRESIDUAL, DW_PARTIAL, DB_PARTIAL,
     rows, hidden, rows_per_program, dropout_p, seed,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
 ):
+    """WHOLE_ROW: dweight/dbias sums stay in registers and are stored at the end; else each row's
+    chunks are added into this program's partial rows (zeroed by the launcher)."""
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    in_row = cols < hidden
-    w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    cols0 = tl.arange(0, BLOCK_N)
+    partial = pid * hidden + cols0
+    if WHOLE_ROW:
+        in_row = cols0 < hidden
+        w = tl.load(W + cols0, mask=in_row, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     row_start = pid.to(tl.int64) * rows_per_program  # int64: rows * hidden may pass 2**31
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for row in range(row_start, row_end):
-        offsets = row * hidden + cols
-        # Recompute the pre-norm sum (and the dropout mask) rather than storing it in forward.
-        s = tl.load(X + offsets, mask=in_row, other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
-            keep = tl.rand(seed, offsets) >= dropout_p
-            s = tl.where(keep, s / (1.0 - dropout_p), 0.0)
-        if HAS_RESIDUAL:
-            s += tl.load(RESIDUAL + offsets, mask=in_row, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
-        xhat = tl.where(in_row, (s - mean) * rstd, 0.0)
-        dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
+        # Recompute the pre-norm sum (and the dropout mask) rather than storing it in forward.
+        if WHOLE_ROW:
+            offsets = row * hidden + cols0
+            s, keep = _pre_norm_sum(X, RESIDUAL, row, 0, hidden, dropout_p, seed,
+                                    HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
+            xhat = tl.where(in_row, (s - mean) * rstd, 0.0)
+            dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
+            wdy = w * dy
+            c1 = tl.sum(xhat * wdy, axis=0) / hidden
+            c2 = tl.sum(wdy, axis=0) / hidden
+            _store_input_grads(DX, DRESIDUAL, offsets, in_row, xhat, wdy, keep, rstd, c1, c2,
+                               dropout_p, HAS_RESIDUAL, HAS_DROPOUT)
+            dw_acc += dy * xhat
+            db_acc += dy
+        else:  # two walks over the row's chunks: its sums c1, c2, then the gradients
+            c1 = 0.0
+            c2 = 0.0
+            for start in range(0, hidden, BLOCK_N):
+                cols = start + cols0
+                in_row = cols < hidden
+                s, _ = _pre_norm_sum(X, RESIDUAL, row, start, hidden, dropout_p, seed,
+                                     HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
+                xhat = tl.where(in_row, (s - mean) * rstd, 0.0)
+                wdy = (tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+                       * tl.load(DY + row * hidden + cols, mask=in_row, other=0.0).to(tl.float32))
+                c1 += tl.sum(xhat * wdy, axis=0)
+                c2 += tl.sum(wdy, axis=0)
+            c1 = c1 / hidden
+            c2 = c2 / hidden
+            for start in range(0, hidden, BLOCK_N):
+                cols = start + cols0
+                in_row = cols < hidden
+                offsets = row * hidden + cols
+                s, keep = _pre_norm_sum(X, RESIDUAL, row, start, hidden, dropout_p, seed,
+                                        HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
+                xhat = tl.where(in_row, (s - mean) * rstd, 0.0)
+                dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
+                wdy = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32) * dy
+                _store_input_grads(DX, DRESIDUAL, offsets, in_row, xhat, wdy, keep, rstd, c1, c2,
+                                   dropout_p, HAS_RESIDUAL, HAS_DROPOUT)
+                dw = DW_PARTIAL + partial + start
+                db = DB_PARTIAL + partial + start
+                tl.store(dw, tl.load(dw, mask=in_row) + dy * xhat, mask=in_row)
+                tl.store(db, tl.load(db, mask=in_row) + dy, mask=in_row)
 
-        dw_acc += dy * xhat
-        db_acc += dy
-        wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / hidden
-        c2 = tl.sum(wdy, axis=0) / hidden
-        ds = (wdy - (xhat * c1 + c2)) * rstd  # gradient w.r.t. the pre-norm sum
-        if HAS_RESIDUAL:
-            tl.store(DRESIDUAL + offsets, ds.to(DRESIDUAL.dtype.element_ty), mask=in_row)
-        if HAS_DROPOUT:
-            ds = tl.where(keep, ds / (1.0 - dropout_p), 0.0)
-        tl.store(DX + offsets, ds.to(DX.dtype.element_ty), mask=in_row)
-
-    tl.store(DW_PARTIAL + pid * hidden + cols, dw_acc, mask=in_row)
-    tl.store(DB_PARTIAL + pid * hidden + cols, db_acc, mask=in_row)
+    if WHOLE_ROW:
+        tl.store(DW_PARTIAL + partial, dw_acc, mask=in_row)
+        tl.store(DB_PARTIAL + partial, db_acc, mask=in_row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,11 +202,12 @@ def unsupported(dtype: torch.dtype, hidden: int, dropout_p: float = 0.0) -> Opti
     return None
 
 
-def _row_config(hidden: int) -> Tuple[int, int]:
-    """(BLOCK_N, num_warps) for one row per program: more warps for wider rows."""
-    block_n = triton.next_power_of_2(hidden)
+def _row_config(hidden: int) -> Tuple[int, int, bool]:
+    """(BLOCK_N, num_warps, WHOLE_ROW) for one row per program: more warps for wider rows, the
+    row in one block up to MAX_BLOCK_N. BLOCK_N >= 4: dropout draws 4 columns at a time."""
+    block_n = min(max(triton.next_power_of_2(hidden), 4), MAX_BLOCK_N)
     num_warps = min(max(block_n // 256, 1), 16)
-    return block_n, num_warps
+    return block_n, num_warps, hidden <= block_n
 
 
 def _backward_programs(rows: int, device: torch.device) -> int:
@@ -135,12 +228,12 @@ def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:
         return y, mean, rstd
-    block_n, num_warps = _row_config(hidden)
+    block_n, num_warps, whole_row = _row_config(hidden)
     _add_layer_norm_fwd_kernel[(rows,)](
         x, residual if residual is not None else x, weight, bias, y, mean, rstd,
         hidden, eps, dropout_p, seed,
         HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
-        num_warps=num_warps,
+        WHOLE_ROW=whole_row, num_warps=num_warps,
     )
     return y, mean, rstd
 
@@ -152,17 +245,18 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
     dx = torch.empty_like(x)
     dresidual = torch.empty_like(residual) if residual is not None else None
     programs = _backward_programs(rows, x.device)
-    dw_partial = torch.empty(programs, hidden, dtype=torch.float32, device=x.device)
-    db_partial = torch.empty(programs, hidden, dtype=torch.float32, device=x.device)
+    block_n, num_warps, whole_row = _row_config(hidden)
+    partial = torch.empty if whole_row else torch.zeros  # chunked rows add into their partials
+    dw_partial = partial(programs, hidden, dtype=torch.float32, device=x.device)
+    db_partial = partial(programs, hidden, dtype=torch.float32, device=x.device)
     if rows == 0:
         return dx, dresidual, torch.zeros_like(weight), torch.zeros_like(weight)
-    block_n, num_warps = _row_config(hidden)
     _add_layer_norm_bwd_kernel[(programs,)](
         dy, x, residual if residual is not None else x, weight, mean, rstd,
         dx, dresidual if dresidual is not None else dx, dw_partial, db_partial,
         rows, hidden, triton.cdiv(rows, programs), dropout_p, seed,
         HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
-        num_warps=num_warps,
+        WHOLE_ROW=whole_row, num_warps=num_warps,
     )
     # A fixed-shape torch reduction has a fixed order: deterministic.
     dweight = dw_partial.sum(0).to(weight.dtype)
