@@ -1,20 +1,45 @@
-"""fastbert._C's attention entry points run by the host emulation of tests/cuda_emulation.cpp.
+"""fastbert._C built for the host: the real launchers (csrc/*.cu) and kernels (kernels/*.cuh) run on
+CPU tensors under the emulation of tests/cuda_emulation.h and tests/cuda_emulation.cpp.
 
-`build(tmp_dir)` compiles it (g++ with the CUDA headers); `EmuC(path)` has the extension's call
-signatures, so fastbert/cuda.py runs unchanged on CPU tensors with `_C` replaced by it. The early
-returns mirror the launchers in csrc/attention.cu; dq_convert_kernel's arithmetic is done in C++.
+`build(tmp_dir, compiler, include)` rewrites the CUDA syntax a host compiler does not take, in copies
+of the sources (line numbers kept, `#line` names the original file):
+- `kernel<<<grid, block, smem, stream>>>(args)` -> `::emu::launch(::emu::config(grid, block, smem,
+  stream), kernel, args)`; `cudaLaunchKernel((const void*)kernel, ...)` -> `::emu::launch_kernel(
+  kernel, ...)` (keeps the kernel's type);
+- `extern __shared__ T name[];` -> a pointer to the launch's dynamic shared memory;
+  `__shared__ T name[N]...;` -> a reference to one object per block.
+It compiles them with every memory access instrumented (-fsanitize=kernel-address, a callback per
+access, no sanitizer runtime) next to the uninstrumented runtime, and links one shared library.
+
+`EmuC(path)` has fastbert._C's entry points with the same signatures, so fastbert/cuda.py runs
+unchanged with `_C` replaced by it. Each call copies its global buffers between poisoned guard
+regions (extents from the call's shapes and strides, overlapping views merged), runs the launcher,
+copies them back, and raises `EmulationFinding` with what memcheck, racecheck or synccheck found
+(kernel, block, thread, buffer, byte offset). Launcher errors raise ValueError / RuntimeError as
+the pybind11 module does.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-P, I, L, F, Dd, U = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float,
-                     ctypes.c_double, ctypes.c_uint64)
+SOURCES = ("csrc/attention.cu", "csrc/layer_norm.cu", "csrc/gelu.cu",
+           "tests/cuda_emulation_selftest.cu")
+INSTRUMENT = ["-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
+              "--param", "asan-stack=0", "--param", "asan-globals=0",
+              "--param", "asan-use-after-return=0"]
+
+P, I, L, D, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_uint64
+ELEMENT_BYTES = {0: 2, 1: 2, 2: 4}  # fastbert/cuda.py's dtype codes
+
+
+class EmulationFinding(AssertionError):
+    """What the emulation's memcheck, racecheck or synccheck found in a call."""
 
 
 def cuda_include_dir():
@@ -30,63 +55,305 @@ def cuda_include_dir():
     return None
 
 
+# --------------------------------------------------------------------------------------------
+# source rewriting and the build
+# --------------------------------------------------------------------------------------------
+
+_LAUNCH = re.compile(r"(?P<kernel>\b[A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s*<<<(?P<config>.*?)>>>\s*\(",
+                     re.S)
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?"
+                            r"(?P<type>[\w:]+(?:\s+[\w:]+)*?)\s+(?P<name>\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\((?P<align>\d+)\)\s+)?"
+                            r"(?P<type>[\w:]+(?:\s+[\w:]+)*?)\s+(?P<name>\w+)\s*"
+                            r"(?P<dims>(?:\[[^\]]+\])+)\s*;")
+
+
+def _same_lines(old: str, new: str) -> str:
+    """`new` padded with the newlines `old` had, so later lines keep their numbers."""
+    return new + "\n" * (old.count("\n") - new.count("\n"))
+
+
+def rewrite(text: str, name: str) -> str:
+    """The CUDA source `text` (repository path `name`) in the form the host compiler takes."""
+    def launch(m):
+        return _same_lines(m.group(0), f"::emu::launch(::emu::config({m['config']}), "
+                                       f"{m['kernel']}, ")
+
+    def extern_shared(m):
+        return _same_lines(m.group(0), f"{m['type']}* const {m['name']} = "
+                                       f"reinterpret_cast<{m['type']}*>(::emu::dynamic_smem());")
+
+    def static_shared(m):
+        key = "[]() -> const void* { static char site; return &site; }()"
+        return _same_lines(m.group(0), f"auto& {m['name']} = ::emu::shared_object<{m['type']}"
+                                       f"{m['dims']}>({key}, {m['align'] or 16});")
+
+    text = _LAUNCH.sub(launch, text)
+    text = text.replace("cudaLaunchKernel((const void*)", "::emu::launch_kernel(")
+    text = _EXTERN_SHARED.sub(extern_shared, text)
+    text = _STATIC_SHARED.sub(static_shared, text)
+    return f'#line 1 "{name}"\n{text}'
+
+
 def build(tmp_dir: Path, compiler: str, include: Path) -> Path:
+    """Rewrites kernels/, csrc/ and the self-test kernels into tmp_dir and links the library."""
+    src = tmp_dir / "src"
+    for pattern in ("kernels/*.cuh", "csrc/*.cu", "csrc/*.h", "tests/cuda_emulation_selftest.cu"):
+        for path in ROOT.glob(pattern):
+            name = str(path.relative_to(ROOT))
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_text(rewrite(path.read_text(), name))
+    common = [compiler, "-std=c++20", "-fPIC", "-w", f"-I{src}", f"-I{ROOT}", f"-I{include}"]
+    jobs, objects = [], []
+    for name in SOURCES:
+        obj = tmp_dir / (Path(name).stem + ".o")
+        jobs.append(common + ["-O1", "-x", "c++", "-include", "tests/cuda_emulation.h"] +
+                    INSTRUMENT + ["-c", str(src / name), "-o", str(obj)])
+        objects.append(obj)
+    runtime = tmp_dir / "cuda_emulation.o"
+    jobs.append(common + ["-O2", "-c", str(ROOT / "tests" / "cuda_emulation.cpp"), "-o",
+                          str(runtime)])
+    objects.append(runtime)
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in jobs]
+    errors = [(cmd, p.communicate()[1]) for cmd, p in zip(jobs, procs)]
+    failed = [(cmd, err) for (cmd, err), p in zip(errors, procs) if p.returncode != 0]
+    if failed:
+        raise RuntimeError("emulation build failed:\n" + "\n".join(
+            " ".join(cmd) + "\n" + err[-6000:] for cmd, err in failed))
     lib = tmp_dir / "cuda_emulation.so"
-    subprocess.run([compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", f"-I{ROOT}",
-                    f"-I{include}", str(ROOT / "tests" / "cuda_emulation.cpp"), "-o", str(lib)],
+    subprocess.run([compiler, "-shared", "-o", str(lib)] + [str(o) for o in objects],
                    check=True)
     return lib
 
 
+# --------------------------------------------------------------------------------------------
+# the entry points
+# --------------------------------------------------------------------------------------------
+
+def _strided_bytes(batch, rows, heads, d, strides, elem):
+    """Bytes from the first element of a (B, S, H, D) tensor with (batch, row, head) element
+    strides `strides` (last dim contiguous) to one past its last; 0 when it has no elements."""
+    if min(batch, rows, heads, d) <= 0:
+        return 0
+    sb, ss, sh = strides
+    return ((batch - 1) * sb + (rows - 1) * ss + (heads - 1) * sh + d) * elem
+
+
+def _strides(s):
+    return (L * 3)(*s)
+
+
 class EmuC:
-    """The attention entry points of fastbert._C (same signatures), run by the host emulation."""
+    """fastbert._C's entry points (same signatures), run by the host emulation."""
     archs = "emu"
     cuda_version = 13000
+    dtype_codes = {"float16": 0, "bfloat16": 1, "float32": 2}
 
     def __init__(self, path):
         self.lib = lib = ctypes.CDLL(str(path))
-        lib.emu_forward.argtypes = [I, I] + [P] * 8 + [I] * 4 + [L, L] + [P] * 4 + [I, F, Dd, U]
-        lib.emu_backward.argtypes = ([I, I] + [P] * 14 + [I] * 4 + [L, L, L] + [P] * 8 +
-                                     [I, F, Dd, U])
+        lib.emu_error.restype = lib.emu_findings.restype = ctypes.c_char_p
+        lib.emu_attention_smem_bytes.restype = lib.emu_max_smem_per_block.restype = L
+        lib.emu_attention_smem_bytes.argtypes = [L]
+        lib.emu_guard_begin.argtypes = [I, P, P, P, P]
+        lib.emu_attention_forward.argtypes = [P] * 6 + [L] * 5 + [P] * 4 + [I, D, D, U, I, P]
+        lib.emu_attention_backward.argtypes = [P] * 12 + [L] * 5 + [P, I, D, D, U, I, P]
+        lib.emu_attention_varlen_forward.argtypes = ([P] * 7 + [L] * 6 + [P] * 4 +
+                                                     [I, D, D, U, I, P])
+        lib.emu_attention_varlen_backward.argtypes = ([P] * 13 + [L] * 6 +
+                                                      [P, I, D, D, U, I, P])
+        lib.emu_add_layer_norm_forward.argtypes = [P] * 7 + [L, L, D, D, U, I, I, P]
+        lib.emu_add_layer_norm_backward_parts.argtypes = [L, L, P]
+        lib.emu_add_layer_norm_backward.argtypes = [P] * 11 + [L, L, L, D, U, I, I, P]
+        lib.emu_bias_gelu_forward.argtypes = [P] * 4 + [L, L, I, I, P]
+        lib.emu_gelu_backward_parts.argtypes = [L, L, P]
+        lib.emu_gelu_backward.argtypes = [P] * 5 + [L, L, L, I, I, P]
+        lib.emu_selftest.argtypes = [I, P, P, I]
 
-    @staticmethod
-    def _st(s):
-        return ctypes.cast((ctypes.c_int64 * 3)(*s), P)
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def set_sm_count(self, n: int) -> None:
+        """The multiprocessor count the emulated device reports (sizes the reduction grids)."""
+        self.lib.emu_set_sm_count(n)
+
+    def _raise_findings(self):
+        findings = self.lib.emu_findings().decode()
+        count = self.lib.emu_finding_count()
+        self.lib.emu_clear_findings()
+        if count:
+            raise EmulationFinding(f"{count} finding(s):\n{findings}")
+
+    def _status(self, status):
+        if status == 1:
+            raise ValueError(self.lib.emu_error().decode())
+        if status:
+            raise RuntimeError(self.lib.emu_error().decode())
+
+    def guarded(self, buffers: dict, call):
+        """call(ptrs) with every buffer {name: (address, bytes)} (address 0: none) replaced by a
+        copy between guard regions; copied back after; raises what the checks found."""
+        live = [(name, ptr, size) for name, (ptr, size) in buffers.items() if ptr]
+        n = len(live)
+        ptrs = (U * n)(*(ptr for _, ptr, _ in live))
+        sizes = (U * n)(*(size for _, _, size in live))
+        names = (ctypes.c_char_p * n)(*(name.encode() for name, _, _ in live))
+        out = (U * n)()
+        self.lib.emu_guard_begin(n, ptrs, sizes, names, out)
+        moved = {name: 0 for name in buffers}
+        moved.update({name: out[i] for i, (name, _, _) in enumerate(live)})
+        try:
+            status = call(moved)
+        finally:
+            self.lib.emu_guard_end()
+        self._status(status)
+        self._raise_findings()
+
+    # ---- fastbert._C's entry points --------------------------------------------------------
 
     def set_device(self, device):
-        pass
+        self._status(self.lib.emu_set_device(device))
 
-    def attention_forward(self, q, k, v, mask, out, lse, B, Sq, Sk, H, D, q_st, k_st, v_st, out_st,
-                          causal, scale, p, seed, dtype, stream):
-        if Sq == 0:
-            return
-        self.lib.emu_forward(dtype, D, q, k, v, mask or None, None, None, out, lse, B, H, Sq, Sk,
-                             H * Sq, Sq, *map(self._st, (q_st, k_st, v_st, out_st)), causal, scale,
-                             p, seed)
+    def probe_device(self, device):
+        self._status(self.lib.emu_probe_device(device))
+        return self.lib.emu_error().decode()
+
+    def attention_smem_bytes(self, d):
+        return self.lib.emu_attention_smem_bytes(d)
+
+    def max_smem_per_block(self):
+        return self.lib.emu_max_smem_per_block()
+
+    def attention_forward(self, q, k, v, mask, out, lse, B, Sq, Sk, H, D, q_st, k_st, v_st,
+                          out_st, causal, scale, p, seed, dtype, stream):
+        e = ELEMENT_BYTES[dtype]
+        buffers = {"q": (q, _strided_bytes(B, Sq, H, D, q_st, e)),
+                   "k": (k, _strided_bytes(B, Sk, H, D, k_st, e)),
+                   "v": (v, _strided_bytes(B, Sk, H, D, v_st, e)),
+                   "mask": (mask, B * Sk), "out": (out, _strided_bytes(B, Sq, H, D, out_st, e)),
+                   "lse": (lse, B * H * Sq * 4)}
+        self.guarded(buffers, lambda m: self.lib.emu_attention_forward(
+            m["q"], m["k"], m["v"], m["mask"], m["out"], m["lse"], B, Sq, Sk, H, D,
+            *map(_strides, (q_st, k_st, v_st, out_st)), causal, scale, p, seed, dtype, stream))
 
     def attention_backward(self, dout, q, k, v, out, lse, mask, dq, dk, dv, delta, acc, B, Sq, Sk,
                            H, D, *rest):
         strides, (causal, scale, p, seed, dtype, stream) = rest[:8], rest[8:]
-        if Sq == 0 and Sk == 0:
-            return
-        self.lib.emu_backward(dtype, D, dout, q, k, v, out, lse, mask or None, None, None, dq, dk,
-                              dv, delta, acc or None, B, H, Sq, Sk, B * Sq, H * Sq, Sq,
-                              *map(self._st, strides), causal, scale, p, seed)
+        dout_st, q_st, k_st, v_st, out_st, dq_st, dk_st, dv_st = strides
+        e = ELEMENT_BYTES[dtype]
+        buffers = {"dout": (dout, _strided_bytes(B, Sq, H, D, dout_st, e)),
+                   "q": (q, _strided_bytes(B, Sq, H, D, q_st, e)),
+                   "k": (k, _strided_bytes(B, Sk, H, D, k_st, e)),
+                   "v": (v, _strided_bytes(B, Sk, H, D, v_st, e)),
+                   "out": (out, _strided_bytes(B, Sq, H, D, out_st, e)),
+                   "lse": (lse, B * H * Sq * 4), "mask": (mask, B * Sk),
+                   "dq": (dq, _strided_bytes(B, Sq, H, D, dq_st, e)),
+                   "dk": (dk, _strided_bytes(B, Sk, H, D, dk_st, e)),
+                   "dv": (dv, _strided_bytes(B, Sk, H, D, dv_st, e)),
+                   "delta": (delta, B * H * Sq * 4), "dq_accum": (acc, B * Sq * H * D * 4)}
+        all_strides = (P * 8)(*(ctypes.cast(_strides(s), P) for s in strides))
+        self.guarded(buffers, lambda m: self.lib.emu_attention_backward(
+            *(m[n] for n in ("dout", "q", "k", "v", "out", "lse", "mask", "dq", "dk", "dv",
+                             "delta", "dq_accum")),
+            B, Sq, Sk, H, D, all_strides, causal, scale, p, seed, dtype, stream))
+
+    @staticmethod
+    def _total_k(cu_k, batch):
+        return ctypes.c_int32.from_address(cu_k + 4 * batch).value
 
     def attention_varlen_forward(self, q, k, v, cu_q, cu_k, out, lse, B, total_q, max_q, max_k, H,
                                  D, q_st, k_st, v_st, out_st, causal, scale, p, seed, dtype,
                                  stream):
-        if total_q == 0 or max_q == 0:
-            return
-        self.lib.emu_forward(dtype, D, q, k, v, None, cu_q, cu_k, out, lse, B, H, max_q, max_k, 0,
-                             total_q, *map(self._st, (q_st, k_st, v_st, out_st)), causal, scale,
-                             p, seed)
+        e, total_k = ELEMENT_BYTES[dtype], self._total_k(cu_k, B)
+        buffers = {"q": (q, _strided_bytes(1, total_q, H, D, q_st, e)),
+                   "k": (k, _strided_bytes(1, total_k, H, D, k_st, e)),
+                   "v": (v, _strided_bytes(1, total_k, H, D, v_st, e)),
+                   "cu_seqlens_q": (cu_q, (B + 1) * 4), "cu_seqlens_k": (cu_k, (B + 1) * 4),
+                   "out": (out, _strided_bytes(1, total_q, H, D, out_st, e)),
+                   "lse": (lse, H * total_q * 4)}
+        self.guarded(buffers, lambda m: self.lib.emu_attention_varlen_forward(
+            m["q"], m["k"], m["v"], m["cu_seqlens_q"], m["cu_seqlens_k"], m["out"], m["lse"], B,
+            total_q, max_q, max_k, H, D, *map(_strides, (q_st, k_st, v_st, out_st)), causal,
+            scale, p, seed, dtype, stream))
 
-    def attention_varlen_backward(self, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, delta, acc,
-                                  B, total_q, max_q, max_k, H, D, *rest):
+    def attention_varlen_backward(self, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, delta,
+                                  acc, B, total_q, max_q, max_k, H, D, *rest):
         strides, (causal, scale, p, seed, dtype, stream) = rest[:8], rest[8:]
-        if max_q == 0 and max_k == 0:
-            return
-        self.lib.emu_backward(dtype, D, dout, q, k, v, out, lse, None, cu_q, cu_k, dq, dk, dv,
-                              delta, acc or None, B, H, max_q, max_k, total_q, 0, total_q,
-                              *map(self._st, strides), causal, scale, p, seed)
+        dout_st, q_st, k_st, v_st, out_st, dq_st, dk_st, dv_st = strides
+        e, total_k = ELEMENT_BYTES[dtype], self._total_k(cu_k, B)
+        buffers = {"dout": (dout, _strided_bytes(1, total_q, H, D, dout_st, e)),
+                   "q": (q, _strided_bytes(1, total_q, H, D, q_st, e)),
+                   "k": (k, _strided_bytes(1, total_k, H, D, k_st, e)),
+                   "v": (v, _strided_bytes(1, total_k, H, D, v_st, e)),
+                   "out": (out, _strided_bytes(1, total_q, H, D, out_st, e)),
+                   "lse": (lse, H * total_q * 4),
+                   "cu_seqlens_q": (cu_q, (B + 1) * 4), "cu_seqlens_k": (cu_k, (B + 1) * 4),
+                   "dq": (dq, _strided_bytes(1, total_q, H, D, dq_st, e)),
+                   "dk": (dk, _strided_bytes(1, total_k, H, D, dk_st, e)),
+                   "dv": (dv, _strided_bytes(1, total_k, H, D, dv_st, e)),
+                   "delta": (delta, H * total_q * 4), "dq_accum": (acc, total_q * H * D * 4)}
+        all_strides = (P * 8)(*(ctypes.cast(_strides(s), P) for s in strides))
+        self.guarded(buffers, lambda m: self.lib.emu_attention_varlen_backward(
+            *(m[n] for n in ("dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k",
+                             "dq", "dk", "dv", "delta", "dq_accum")),
+            B, total_q, max_q, max_k, H, D, all_strides, causal, scale, p, seed, dtype, stream))
+
+    def add_layer_norm_forward(self, x, residual, weight, bias, y, mean, rstd, rows, hidden, eps,
+                               p, seed, dtype, weight_dtype, stream):
+        e, w = ELEMENT_BYTES[dtype], ELEMENT_BYTES[weight_dtype]
+        buffers = {"x": (x, rows * hidden * e), "residual": (residual, rows * hidden * e),
+                   "weight": (weight, hidden * w), "bias": (bias, hidden * w),
+                   "y": (y, rows * hidden * e), "mean": (mean, rows * 4),
+                   "rstd": (rstd, rows * 4)}
+        self.guarded(buffers, lambda m: self.lib.emu_add_layer_norm_forward(
+            *(m[n] for n in ("x", "residual", "weight", "bias", "y", "mean", "rstd")), rows,
+            hidden, eps, p, seed, dtype, weight_dtype, stream))
+
+    def add_layer_norm_backward_parts(self, rows, hidden):
+        parts = L()
+        self._status(self.lib.emu_add_layer_norm_backward_parts(rows, hidden, ctypes.byref(parts)))
+        return parts.value
+
+    def add_layer_norm_backward(self, dy, x, residual, weight, mean, rstd, dx, dresidual, partial,
+                                dweight, dbias, rows, hidden, parts, p, seed, dtype, weight_dtype,
+                                stream):
+        e, w = ELEMENT_BYTES[dtype], ELEMENT_BYTES[weight_dtype]
+        buffers = {"dy": (dy, rows * hidden * e), "x": (x, rows * hidden * e),
+                   "residual": (residual, rows * hidden * e), "weight": (weight, hidden * w),
+                   "mean": (mean, rows * 4), "rstd": (rstd, rows * 4),
+                   "dx": (dx, rows * hidden * e), "dresidual": (dresidual, rows * hidden * e),
+                   "partial": (partial, 2 * parts * hidden * 4),
+                   "dweight": (dweight, hidden * w), "dbias": (dbias, hidden * w)}
+        self.guarded(buffers, lambda m: self.lib.emu_add_layer_norm_backward(
+            *(m[n] for n in ("dy", "x", "residual", "weight", "mean", "rstd", "dx", "dresidual",
+                             "partial", "dweight", "dbias")),
+            rows, hidden, parts, p, seed, dtype, weight_dtype, stream))
+
+    def bias_gelu_forward(self, acc, bias, pre, out, m, n, tanh_approx, dtype, stream):
+        e = ELEMENT_BYTES[dtype]
+        buffers = {"acc": (acc, m * n * e), "bias": (bias, n * e), "pre": (pre, m * n * e),
+                   "out": (out, m * n * e)}
+        self.guarded(buffers, lambda b: self.lib.emu_bias_gelu_forward(
+            b["acc"], b["bias"], b["pre"], b["out"], m, n, tanh_approx, dtype, stream))
+
+    def gelu_backward_parts(self, m, n):
+        parts = L()
+        self._status(self.lib.emu_gelu_backward_parts(m, n, ctypes.byref(parts)))
+        return parts.value
+
+    def gelu_backward(self, dout, pre, dpre, partial, dbias, m, n, parts, tanh_approx, dtype,
+                      stream):
+        e = ELEMENT_BYTES[dtype]
+        buffers = {"dout": (dout, m * n * e), "pre": (pre, m * n * e), "dpre": (dpre, m * n * e),
+                   "partial": (partial, parts * n * 4), "dbias": (dbias, n * e)}
+        self.guarded(buffers, lambda b: self.lib.emu_gelu_backward(
+            b["dout"], b["pre"], b["dpre"], b["partial"], b["dbias"], m, n, parts, tanh_approx,
+            dtype, stream))
+
+    # ---- the checks' own test kernels (tests/cuda_emulation_selftest.cu) --------------------
+
+    def selftest(self, case: int, x, y, n: int) -> int:
+        """Runs self-test kernel `case` on float buffers x and y ((address, bytes) each) of n
+        elements; returns the launch's cudaError_t code."""
+        codes = []
+        self.guarded({"x": x, "y": y},
+                     lambda b: codes.append(self.lib.emu_selftest(case, b["x"], b["y"], n)) or 0)
+        return codes[0]
