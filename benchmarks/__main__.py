@@ -83,17 +83,20 @@ def finalize(rows, ceilings):
 
 def repeat_unstable(cases, case_rows, device, timing, repeats, deadline, on_update) -> int:
     """Time again the cases with an unstable ratio, up to `repeats` more times each while the
-    deadline allows; a case keeps its run with the narrowest worst ratio spread. Returns how
-    many extra runs were made."""
+    deadline allows; a case keeps its run with the narrowest worst ratio spread. Prints a line
+    per case re-timed. Returns how many extra runs were made."""
     extra = 0
     for attempt in range(1, repeats + 1):
-        for i, case in enumerate(cases):
-            rows = case_rows[i]
-            if rows is None or not harness.unstable_speedups(rows):
-                continue
+        todo = [i for i, rows in enumerate(case_rows) if rows and harness.unstable_speedups(rows)]
+        for n, i in enumerate(todo, 1):
+            case, rows = cases[i], case_rows[i]
             if deadline is not None and time.monotonic() > deadline:
                 return extra
+            print(f"  re-timing {n}/{len(todo)} (run {attempt + 1}): {case.op} {case.mode} {case.shape}, "
+                  f"widest ratio spread {harness.worst_spread(rows):.0f} %", flush=True)
+            start = time.monotonic()
             again = harness.run_case(case, device, timing)
+            again.append(_case_time(case, time.monotonic() - start))
             extra += 1
             if harness.worst_spread(again) < harness.worst_spread(rows):
                 rows = again
@@ -103,6 +106,12 @@ def repeat_unstable(cases, case_rows, device, timing, repeats, deadline, on_upda
             case_rows[i] = rows
             on_update()
     return extra
+
+
+def _case_time(case, seconds: float) -> dict:
+    """The row recording how long a case took (the run's duration is the sum, plus startup)."""
+    return dict(op=case.op, provider="*", mode=case.mode, shape=case.shape, metric="case_wall_s",
+                value=round(seconds, 1), note="wall time of the case, every provider")
 
 
 def main(argv=None) -> int:
@@ -119,6 +128,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from tqdm import tqdm
 
+    started = time.monotonic()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here", file=sys.stderr)
@@ -164,7 +174,9 @@ def run(args) -> int:
                                 metric="status", value="skipped",
                                 note=f"not started: time budget of {args.budget:.0f} s used up"))
             continue
+        start = time.monotonic()
         case_rows[i] = harness.run_case(case, device, timing)
+        case_rows[i].append(_case_time(case, time.monotonic() - start))
         if case.op == "ceiling":
             for r in case_rows[i]:
                 if r["metric"] in ("tflops", "gbps"):
@@ -192,6 +204,7 @@ def run(args) -> int:
         plots = []
         print(f"no plots: {e}")
     print("\nwrote " + ", ".join([csv_path] + plots))
+    print(f"took {(time.monotonic() - started) / 60:.1f} min")
     return 0
 
 

@@ -172,11 +172,55 @@ def _bars_plot(path, panels, ylabels):
     _save(fig, axes, n, path)
 
 
+def _cases_plot(path, panels, ylabel):
+    """panels: {title: ("sweep", {provider: [(x, y)]}, xlabel) or ("case", {provider: (y, err)})}
+    -> a line per provider for a sweep, a bar per provider with its error bar for one case."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    ncols = min(3, n)
+    nrows = (n + ncols - 1) // ncols
+    colors = _colors(p for panel in panels.values() for p in panel[1])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
+    for ax, (title, panel) in zip(axes.flat, panels.items()):
+        kind, series = panel[0], panel[1]
+        providers = sorted(series)
+        if kind == "sweep":
+            for provider in providers:
+                points = sorted(series[provider])
+                ax.plot([x for x, _ in points], [y for _, y in points],
+                        "-o" if is_fastbert(provider) else "--o", label=provider,
+                        color=colors[provider], linewidth=2.5 if is_fastbert(provider) else 1.2,
+                        markersize=4)
+            lengths = sorted({x for points in series.values() for x, _ in points})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [str(x) for x in lengths])
+            ax.minorticks_off()
+            ax.set_xlabel(panel[2])
+            ax.legend(fontsize=7)
+        else:
+            ax.bar(range(len(providers)), [series[p][0] for p in providers],
+                   yerr=[series[p][1] for p in providers], capsize=4,
+                   color=[colors[p] for p in providers], edgecolor="black", linewidth=0.5)
+            for bar, provider in zip(ax.patches, providers):
+                bar.set_hatch("" if is_fastbert(provider) else "//")
+            ax.set_xticks(range(len(providers)))
+            ax.set_xticklabels(providers, fontsize=7, rotation=30, ha="right")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.text(0.01, 0.005, "bars: one case, error bar = interquartile range over rounds; "
+                          "lines: a sweep", fontsize=7)
+    _save(fig, axes, n, path)
+
+
 def plot_all(rows: List[Dict[str, Any]], params: Dict[tuple, dict], out_dir: str,
              stem: str) -> List[str]:
     """Write <stem>-attention.png (the sweep), -ops.png (op shapes), -model.png; return paths."""
     written = []
-    tflops, gbps, tokens = (_metric(rows, m) for m in ("tflops", "gbps", "tokens_per_s"))
+    tflops, gbps = _metric(rows, "tflops"), _metric(rows, "gbps")
 
     sweep: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
     bars: Dict[str, Dict[str, Dict[str, float]]] = defaultdict(dict)
@@ -202,15 +246,35 @@ def plot_all(rows: List[Dict[str, Any]], params: Dict[tuple, dict], out_dir: str
         _bars_plot(path, bars, ylabels)
         written.append(path)
 
+    panels = model_panels(rows, params)
+    if panels:
+        path = os.path.join(out_dir, f"{stem}-model.png")
+        _cases_plot(path, panels, "real tokens / s")
+        written.append(path)
+    return written
+
+
+def model_panels(rows: List[Dict[str, Any]], params: Dict[tuple, dict]) -> dict:
+    """The model plot's panels (see _cases_plot): a model timed at several sequence lengths is a
+    sweep (lines), a model at one length is a case (bars with the spread as error bars)."""
+    tokens, spreads = _metric(rows, "tokens_per_s"), _metric(rows, "time_spread_pct")
     models: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for key, by_provider in tokens.items():
         p = params.get(key, {})
         kind = {"train": "training step", "pretrain": "pre-training step (MLM + NSP)"}
         title = f"{p.get('model', key[2])} {kind.get(key[1], 'inference')}"
         for provider, value in by_provider.items():
-            models[title][provider].append((p.get("seqlen", 0), value))
-    if models:
-        path = os.path.join(out_dir, f"{stem}-model.png")
-        _lines_plot(path, models, "real tokens / s", "sequence length")
-        written.append(path)
-    return written
+            # tokens/s is work / median time: its relative spread is the time's
+            err = value * spreads.get(key, {}).get(provider, 0.0) / 100 / 2
+            models[title][provider].append((p.get("seqlen", 0), value, err))
+    panels = {}
+    for title, series in models.items():
+        lengths = {x for points in series.values() for x, _, _ in points}
+        if len(lengths) > 1:
+            panels[f"{title}, by sequence length"] = (
+                "sweep", {pr: [(x, y) for x, y, _ in pts] for pr, pts in series.items()},
+                "sequence length")
+        else:
+            length = f", S={lengths.pop()}" if lengths != {0} else ""
+            panels[title + length] = ("case", {pr: pts[0][1:] for pr, pts in series.items()})
+    return panels

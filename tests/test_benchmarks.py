@@ -133,7 +133,7 @@ def _scripted(times_ms):
     return lambda: (lambda: next(it))
 
 
-def test_unstable_cases_are_repeated_while_the_budget_lasts(monkeypatch):
+def test_unstable_cases_are_repeated_while_the_budget_lasts(monkeypatch, capsys):
     monkeypatch.setattr(harness, "time_round", lambda fn, *args: fn())
     # each run: the probe call, then 4 rounds
     steady = harness.Case("attention", "fwd", "steady", {
@@ -155,9 +155,41 @@ def test_unstable_cases_are_repeated_while_the_budget_lasts(monkeypatch):
     # the shaky case runs once more, steady this time, and that run is kept
     assert repeat_unstable(cases, case_rows, cpu, timing, 2, None, lambda: saves.append(1)) == 1
     assert saves == [1]
+    # each re-timed case says so as it starts: no silent minutes
+    assert "re-timing 1/1 (run 2): attention fwd shaky, widest ratio spread 17 %" in capsys.readouterr().out
     assert not harness.unstable_speedups(case_rows[1])
     assert {r["note"] for r in case_rows[1] if r["metric"] == "status"} == {"steadiest of 2 runs"}
     assert harness.worst_spread(case_rows[1]) == 0.0
+
+
+def test_model_plot_draws_cases_as_bars_and_sweeps_as_lines():
+    def case(model, seqlen, provider, tokens, spread):
+        shape = f"{model} B8 S{seqlen}"
+        return [dict(op="model", provider=provider, mode="infer", shape=shape, metric="tokens_per_s",
+                     value=tokens, note=""),
+                dict(op="model", provider=provider, mode="infer", shape=shape, metric="time_spread_pct",
+                     value=spread, note="")]
+    rows = (case("base", 128, "fastbert-torch", 100.0, 10.0) + case("base", 128, "transformers-sdpa", 50.0, 4.0)
+            + case("mini", 64, "fastbert-torch", 300.0, 0.0) + case("mini", 128, "fastbert-torch", 200.0, 0.0))
+    params = {("model", "infer", f"{m} B8 S{s}"): {"model": m, "seqlen": s}
+              for m, s in (("base", 128), ("mini", 64), ("mini", 128))}
+    panels = report.model_panels(rows, params)
+    # one length: a bar per provider, error bar half the interquartile range each side
+    assert panels["base inference, S=128"] == ("case", {"fastbert-torch": (100.0, 5.0),
+                                                        "transformers-sdpa": (50.0, 1.0)})
+    assert panels["mini inference, by sequence length"] == (
+        "sweep", {"fastbert-torch": [(64, 300.0), (128, 200.0)]}, "sequence length")
+
+
+def test_host_overhead_summary_explains_the_target():
+    from benchmarks import host_overhead
+    rows = [dict(op="host_overhead", provider="fastbert-triton", mode="infer fwd", shape="padded",
+                 metric=m, value=v, note=n)
+            for m, v, n in (("status", "ok", ""), ("host_us", 126.0, ""), ("target_us", 60.0, "2.1x the target"),
+                            ("python_calls", 900, ""), ("host_syncs", 0, ""), ("dispatched_ops", 12, ""))]
+    text = host_overhead.summary(rows)
+    assert "target: the host time per BERT-base layer under which an H100-class GPU stays busy" in text
+    assert "not a failure" in text and "over target" not in text and "2.1x the target" in text
 
 
 def test_default_out_is_outside_the_package_source():
@@ -221,7 +253,10 @@ def test_quick_cpu_suite_writes_csv_and_plots(tmp_path, capsys):
     assert all(r["note"] for r in rows if r["metric"] == "status" and r["value"] != "ok")
 
     assert len(list(tmp_path.glob("*.png"))) == 3
+    assert all(float(r["value"]) >= 0 for r in rows if r["metric"] == "case_wall_s")
+    assert {r["op"] for r in rows if r["metric"] == "case_wall_s"} >= {"attention", "model"}
     printed = capsys.readouterr().out
+    assert "took " in printed and " min" in printed
     assert "speedup of fastbert over each baseline" in printed
     assert "±: spread of a ratio" in printed
     assert "not timed:" in printed
