@@ -1,0 +1,323 @@
+"""The drop-in rule (issue 19): every Hugging Face workflow on a patched model gives the unpatched
+model's answer or a clear error. LoRA adapters attached before or after patch_hf, attention
+probabilities, packed batches (DataCollatorWithFlattening), pickling, the span-QA loss when
+unpadded, the fused QKV weight's refresh, and transformers' gradient checkpointing function, each
+against the unpatched transformers model by the tolerance rule."""
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import hf_layers
+from fastbert.heads import span_loss
+from tests.helpers import assert_close_by_rule
+from tests.test_family import ARCHS, NO_DROPOUT, make_inputs, make_model
+from tests.test_hf import assert_agree
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = {**ARCHS, "bert": ("Bert", "BertConfig", dict(
+    vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    intermediate_size=128, max_position_embeddings=40, type_vocab_size=2))}
+NO_DROPOUT = {**NO_DROPOUT, "bert": NO_DROPOUT["roberta"]}
+# every Linear patch_hf fuses: q/k/v, the attention output, FFN in and out
+LORA_TARGETS = {"bert": ["query", "key", "value", "dense"],
+                "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]}
+
+
+@pytest.fixture(autouse=True)
+def _bert_in_archs(monkeypatch):
+    monkeypatch.setitem(ARCHS, "bert", FAMILIES["bert"])
+
+
+def _exact_and_plain(model, fn):
+    """fn(model) on the model and on an fp64 copy: (plain fp32, exact fp64)."""
+    return fn(model), fn(copy.deepcopy(model).double())
+
+
+# --------------------------------------------------------------------------------------------
+# 1. LoRA before and after patching
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_lora_before_or_after_patching_trains_as_unpatched(arch, when):
+    peft = pytest.importorskip("peft")
+    head = "ForSequenceClassification"
+    base = make_model(arch, head, **NO_DROPOUT[arch]).train()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=LORA_TARGETS[arch])
+    reference = peft.get_peft_model(copy.deepcopy(base), lora)
+    if when == "before":
+        model = fastbert.patch_hf(peft.get_peft_model(copy.deepcopy(base), lora))
+    else:
+        model = peft.get_peft_model(fastbert.patch_hf(copy.deepcopy(base)), lora)
+    model.load_state_dict(reference.state_dict())  # the same adapter weights
+    wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"
+               and hasattr(m, "lora_A")]
+    # six projections in each of the two layers, and BERT's pooler dense
+    assert len(wrapped) == 6 * 2 + (1 if arch == "bert" else 0), wrapped
+    inputs = make_inputs(base, head)
+
+    def loss_and_adapter_grads(m):
+        m.zero_grad()
+        loss = m(**inputs).loss
+        loss.backward()
+        return {"loss": loss.detach(), **{n: p.grad for n, p in m.named_parameters()
+                                          if p.requires_grad}}
+    got = loss_and_adapter_grads(model)
+    plain, exact = _exact_and_plain(reference, loss_and_adapter_grads)
+    assert got.keys() == plain.keys() and any("lora_A" in n for n in got)
+    for name in plain:
+        assert_close_by_rule(got[name], plain[name], exact[name], name=f"{arch} LoRA {when} {name}")
+    ffn_in = "intermediate.dense" if arch == "bert" else "ffn.lin1"
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n and ffn_in in n}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads
+    # merged back into plain Linears: the fused paths serve them again, with the merged weights
+    merged, merged_reference = model.merge_and_unload(), reference.merge_and_unload()
+    merged.eval(), merged_reference.eval()
+    with torch.no_grad():
+        plain, exact = _exact_and_plain(merged_reference, lambda m: m(**inputs).logits)
+        assert_close_by_rule(merged(**inputs).logits, plain, exact, name=f"{arch} merged")
+    assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules()
+               if n.endswith(tuple(LORA_TARGETS[arch])))
+
+
+def test_a_hooked_linear_is_called_as_a_module():
+    model = fastbert.patch_hf(make_model("bert", "Model"))
+    inputs = make_inputs(model, "Model")
+    seen = []
+    handle = model.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda module, args, out: seen.append(out.shape) or out * 0)
+    with torch.no_grad():
+        hooked = model(**inputs).last_hidden_state
+    handle.remove()
+    reference = make_model("bert", "Model")
+    reference.load_state_dict(model.state_dict())
+    reference.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda module, args, out: out * 0)
+    with torch.no_grad():
+        plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+    real = inputs["attention_mask"].bool()
+    assert seen, "the hook never ran"
+    assert_close_by_rule(hooked[real], plain[real], exact[real], name="hooked intermediate")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. output_attentions
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("unpad", [True, False])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_output_attentions_are_the_eager_probabilities(arch, attn_implementation, unpad):
+    reference = make_model(arch, "Model")  # transformers' eager attention forms them
+    model = fastbert.patch_hf(make_model(arch, "Model", attn_implementation), unpad=unpad)
+    model.load_state_dict(reference.state_dict())
+    inputs = make_inputs(model, "Model")
+    hf_layers._probabilities_warned = False
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model(**inputs, output_attentions=True)
+        model(**inputs, output_attentions=True)
+        plain, exact = _exact_and_plain(reference,
+                                        lambda m: m(**inputs, output_attentions=True).attentions)
+    assert sum("output_attentions" in str(w.message) for w in caught) == 1  # warned once
+    assert len(got.attentions) == len(plain) == reference.config.num_hidden_layers
+    for i, (a, p, e) in enumerate(zip(got.attentions, plain, exact)):
+        assert_close_by_rule(a, p, e, name=f"{arch} attentions[{i}]")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. packed batches run each sequence on its own
+# --------------------------------------------------------------------------------------------
+
+def _sentences(model, lengths):
+    config = model.config
+    return [torch.randint(3, config.vocab_size, (n,)) for n in lengths]
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_packed_batch_equals_each_sentence_alone(arch, unpad):
+    model = make_model(arch, "Model")
+    patched = fastbert.patch_hf(copy.deepcopy(model), unpad=unpad)
+    sentences = _sentences(model, [5, 3, 7])
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    batch = collator([{"input_ids": s.tolist()} for s in sentences])
+    cu = batch.pop("cu_seq_lens_q")
+    flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=batch.pop("cu_seq_lens_k"),
+                 max_length_q=batch.pop("max_length_q"), max_length_k=batch.pop("max_length_k"))
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    with torch.no_grad():
+        by_positions = patched(input_ids=ids, position_ids=positions).last_hidden_state[0]
+        by_cu = patched(input_ids=ids, position_ids=positions, **flash).last_hidden_state[0]
+        for s, start, end in zip(sentences, cu[:-1].tolist(), cu[1:].tolist()):
+            alone = dict(input_ids=s[None], position_ids=torch.arange(len(s))[None])
+            plain, exact = _exact_and_plain(model, lambda m: m(**alone).last_hidden_state[0])
+            for name, got in (("position_ids", by_positions), ("cu_seq_lens", by_cu)):
+                assert_close_by_rule(got[start:end], plain, exact,
+                                     name=f"{arch} packed by {name}, sentence at {start}")
+
+
+def test_packed_batch_trains_as_its_sentences_and_gives_block_attentions():
+    model = make_model("bert", "ForTokenClassification", **NO_DROPOUT["bert"]).train()
+    patched = fastbert.patch_hf(copy.deepcopy(model))
+    sentences = _sentences(model, [4, 6])
+    labels = [torch.randint(0, 3, (len(s),)) for s in sentences]
+    ids = torch.cat(sentences)[None]
+    positions = torch.cat([torch.arange(len(s)) for s in sentences])[None]
+    out = patched(input_ids=ids, position_ids=positions, labels=torch.cat(labels)[None],
+                  output_attentions=True)
+    out.loss.backward()
+    # the token-averaged loss of the pack is the token-weighted mean of the sentences' losses
+    alone = [model(input_ids=s[None], labels=l[None], output_attentions=True)
+             for s, l in zip(sentences, labels)]
+    total = sum(a.loss * len(s) for a, s in zip(alone, sentences)) / ids.shape[1]
+    total.backward()
+    torch.testing.assert_close(out.loss, total)
+    for (name, p), q in zip(patched.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    probs = out.attentions[0][0]  # (nh, T, T): block diagonal, each block the sentence's own
+    n = len(sentences[0])
+    torch.testing.assert_close(probs[:, :n, :n], alone[0].attentions[0][0])
+    torch.testing.assert_close(probs[:, n:, n:], alone[1].attentions[0][0])
+    assert probs[:, :n, n:].abs().max() == 0 and probs[:, n:, :n].abs().max() == 0
+
+
+def test_packed_cu_seq_lens_of_another_batch_size_is_refused():
+    patched = fastbert.patch_hf(make_model("bert", "Model"))
+    ids = torch.randint(3, 100, (2, 6))
+    with pytest.raises(ValueError, match="cu_seq_lens_q expects hidden states of batch 1"):
+        patched(input_ids=ids, cu_seq_lens_q=torch.tensor([0, 6, 12], dtype=torch.int32),
+                cu_seq_lens_k=torch.tensor([0, 6, 12], dtype=torch.int32), max_length_q=6,
+                max_length_k=6)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. pickling
+# --------------------------------------------------------------------------------------------
+
+def test_patched_model_pickles_deepcopies_and_loads_in_a_fresh_process(tmp_path):
+    model = fastbert.patch_hf(make_model("distilbert", "ForSequenceClassification"))
+    inputs = make_inputs(model, "ForSequenceClassification")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert type(clone.distilbert.transformer) is type(model.distilbert.transformer)
+            torch.testing.assert_close(clone(**inputs).logits, expected, rtol=0, atol=0)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save((inputs, expected), tmp_path / "io.pt")
+    script = (
+        "import torch\n"
+        f"model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        f"inputs, expected = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "kinds = {type(m).__name__ for m in model.modules()}\n"
+        "assert 'FastbertTransformer' in kinds and 'FastbertLayerNorm' in kinds, kinds\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)\n")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# 5. span-QA loss on padded batches
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_unpadded_span_loss_masks_padding_and_padded_mode_is_transformers(arch):
+    head = "ForQuestionAnswering"
+    reference = make_model(arch, head)
+    inputs = make_inputs(reference, head)
+    inputs["end_positions"] = torch.tensor([4, 2, 10])
+    real = inputs["attention_mask"].bool()
+    inputs["attention_mask"][2, 9:] = 0  # label 10 now sits at padding: ignored when unpadded
+    real = inputs["attention_mask"].bool()
+    unpadded = fastbert.patch_hf(copy.deepcopy(reference))
+    padded = fastbert.patch_hf(copy.deepcopy(reference), unpad=False)
+
+    def masked(model):
+        out = model(**{k: v for k, v in inputs.items() if not k.endswith("_positions")})
+        return span_loss(out.start_logits, out.end_logits, inputs["start_positions"],
+                         inputs["end_positions"], real)
+    plain, exact = _exact_and_plain(reference, masked)
+    got = unpadded(**inputs)
+    assert_close_by_rule(got.loss, plain, exact, name=f"{arch} masked span loss")
+    got.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in unpadded.parameters() if p.grad is not None)
+    plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).loss)
+    assert_close_by_rule(padded(**inputs).loss, plain, exact, name=f"{arch} padded span loss")
+    assert unpadded(**inputs, return_dict=False)[0] == got.loss  # tuple outputs keep the loss
+
+
+def test_own_qa_head_masks_padding_when_unpadded():
+    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128,
+                                 max_position_embeddings=32)
+    model = fastbert.BertForQuestionAnswering(config).eval()
+    ids = torch.randint(1, 100, (2, 9))
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+    starts, ends = torch.tensor([2, 1]), torch.tensor([3, 7])  # 7 is padding in row 1
+    out = model(ids, mask, start_positions=starts, end_positions=ends)
+    expected = span_loss(out.start_logits, out.end_logits, starts, ends, mask.bool())
+    torch.testing.assert_close(out.loss, expected)
+    # the padded path normalises over padding as transformers does
+    padded = model(ids, mask, start_positions=starts, end_positions=ends, unpad=False)
+    assert not torch.allclose(padded.loss, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# the fused QKV weight, gradient checkpointing
+# --------------------------------------------------------------------------------------------
+
+def test_fused_qkv_inference_weight_follows_writes_and_replacements():
+    reference = make_model("bert", "Model")
+    model = fastbert.patch_hf(copy.deepcopy(reference))
+    inputs = make_inputs(model, "Model")
+    real = inputs["attention_mask"].bool()
+    for change in ("write", "replace"):
+        with torch.no_grad():
+            model(**inputs)  # fills the cache
+            for m in (model, reference):
+                sa = m.encoder.layer[1].attention.self
+                if change == "write":
+                    sa.value.weight.mul_(-1.5)
+                else:
+                    sa.key.weight = torch.nn.Parameter(torch.randn_like(sa.key.weight))
+            if change == "replace":
+                model.encoder.layer[1].attention.self.key.weight.data.copy_(
+                    reference.encoder.layer[1].attention.self.key.weight)
+            got = model(**inputs).last_hidden_state
+            plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+        assert_close_by_rule(got[real], plain[real], exact[real], name=f"after a {change}")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_uses_the_models_function_and_kwargs(use_reentrant, monkeypatch):
+    head = "ForTokenClassification"
+    reference = make_model("bert", head, **NO_DROPOUT["bert"]).train()
+    model = fastbert.patch_hf(copy.deepcopy(reference))
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    for layer in model.bert.encoder.layer:  # the function transformers bound at enable time
+        layer._gradient_checkpointing_func = lambda *a, f=layer._gradient_checkpointing_func: (
+            calls.append("bound") or f(*a))
+    inputs = make_inputs(model, head)
+    assert_agree(model, reference, inputs, f"checkpointed, use_reentrant={use_reentrant}")
+    layers = reference.config.num_hidden_layers
+    assert calls.count("bound") == layers, calls
