@@ -1,10 +1,15 @@
 """What tests/test_cuda*.py share: dtypes, the autouse fixtures every CUDA test module imports,
-the built-extension requirement, Philox in plain Python and the dropout keep-rate check."""
+the built-extension requirement, the host emulation of the extension (built once per process),
+Philox in plain Python and the dropout keep-rate check."""
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,6 +53,39 @@ def require_built():
             pytest.skip("nvcc is not installed, so pip skipped the CUDA extension")
         pytest.fail(f"nvcc is installed but fastbert._C did not build or import: {info['error']}")
     return info
+
+
+@functools.lru_cache(maxsize=None)
+def emulation_library():
+    """tests/cuda_emulation.py's build of the extension for the host, once per process (every
+    module that uses it shares it); None without a host C++ compiler or the CUDA headers."""
+    from tests import cuda_emulation
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    include = cuda_emulation.cuda_include_dir()
+    if compiler is None or include is None:
+        return None
+    build_dir = Path(tempfile.mkdtemp(prefix="fastbert-emulation-"))
+    atexit.register(shutil.rmtree, build_dir, ignore_errors=True)
+    return cuda_emulation.build(build_dir, compiler, include)
+
+
+@pytest.fixture(scope="module")
+def emulated_backend():
+    """fastbert.cuda with its extension replaced by the host emulation until the module ends: the
+    real launchers and kernels run on CPU tensors through fastbert/cuda.py's entry points, and
+    every call is checked by the emulation's memcheck, racecheck and synccheck."""
+    from tests import cuda_emulation
+
+    lib = emulation_library()
+    if lib is None:
+        pytest.skip("needs a host C++ compiler and the CUDA headers")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(cuda_backend, "_C", cuda_emulation.EmuC(lib))
+    patch.setattr(cuda_backend, "_on_device", lambda device: contextlib.nullcontext())
+    patch.setattr(cuda_backend, "_stream", lambda t: 0)
+    yield cuda_backend
+    patch.undo()
 
 
 def philox4x32_10(counter, key):

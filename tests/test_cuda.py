@@ -196,17 +196,22 @@ def test_philox_header_gives_known_answers(tmp_path):
 # gpu: add_layer_norm
 # --------------------------------------------------------------------------------------------
 
-def check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual):
-    x = torch.randn(rows, hidden, dtype=dtype, device="cuda")
-    residual = torch.randn_like(x) if with_residual else None
-    weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(weight_dtype)
-    bias = (0.1 * torch.randn(hidden, device="cuda")).to(weight_dtype)
+def check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual, backend=cuda_backend,
+                     device="cuda", x_offset=0):
+    """x_offset > 0: x and residual start that many elements into their buffers (unaligned)."""
+    def rows_at_offset():
+        flat = torch.randn(rows * hidden + x_offset, dtype=dtype, device=device)
+        return flat[x_offset:].view(rows, hidden)
+
+    x = rows_at_offset()
+    residual = rows_at_offset() if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(weight_dtype)
+    bias = (0.1 * torch.randn(hidden, device=device)).to(weight_dtype)
     dy = torch.randn_like(x)
     eps = 1e-5
 
-    y, mean, rstd = cuda_backend.add_layer_norm_forward(x, residual, weight, bias, eps, 0.0, 0)
-    dx, dres, dw, db = cuda_backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd,
-                                                            0.0, 0)
+    y, mean, rstd = backend.add_layer_norm_forward(x, residual, weight, bias, eps, 0.0, 0)
+    dx, dres, dw, db = backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, 0.0, 0)
     assert y.dtype == dtype and dw.dtype == weight_dtype and db.dtype == weight_dtype
     assert (dres is None) == (residual is None)
 
@@ -218,7 +223,8 @@ def check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual):
                                                         upcast=False)
     pdx, pdres, pdw, pdb = reference.add_layer_norm_backward(dy, x, residual, weight, pmean,
                                                              prstd)
-    tag = f"rows{rows} hidden{hidden} {dtype} weight {weight_dtype} residual={with_residual}"
+    tag = (f"rows{rows} hidden{hidden} {dtype} weight {weight_dtype} residual={with_residual} "
+           f"x_offset={x_offset}")
     torch.testing.assert_close(mean.double(), emean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rstd.double(), erstd, rtol=1e-4, atol=1e-5)
     assert_close_by_rule(y, py, ey, f"y [{tag}]")
@@ -351,14 +357,14 @@ def test_add_layer_norm_dropout_matches_reference_with_its_mask(rows, hidden, dt
 # gpu: linear + bias + GELU
 # --------------------------------------------------------------------------------------------
 
-def check_linear_gelu(m, k, n, dtype, approximate):
-    x = torch.randn(m, k, dtype=dtype, device="cuda")
-    weight = (torch.randn(n, k, device="cuda") / math.sqrt(k)).to(dtype)
-    bias = torch.randn(n, dtype=dtype, device="cuda")
-    dout = torch.randn(m, n, dtype=dtype, device="cuda")
+def check_linear_gelu(m, k, n, dtype, approximate, backend=cuda_backend, device="cuda"):
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    weight = (torch.randn(n, k, device=device) / math.sqrt(k)).to(dtype)
+    bias = torch.randn(n, dtype=dtype, device=device)
+    dout = torch.randn(m, n, dtype=dtype, device=device)
 
-    out, pre = cuda_backend.linear_bias_gelu_forward(x, weight, bias, approximate)
-    dx, dw, db = cuda_backend.linear_bias_gelu_backward(dout, x, weight, pre, approximate)
+    out, pre = backend.linear_bias_gelu_forward(x, weight, bias, approximate)
+    dx, dw, db = backend.linear_bias_gelu_backward(dout, x, weight, pre, approximate)
     assert out.shape == (m, n) and out.dtype == dtype and pre.dtype == dtype
 
     x64, w64, b64, do64 = x.double(), weight.double(), bias.double(), dout.double()

@@ -10,16 +10,15 @@ fastbert.reference.
   1 / (1 - p) scaling, same seed -> same bits, torch.manual_seed.
   The checks take the backend module and device as arguments, so their logic can be run on CPU
   with the torch backend in place of fastbert.cuda.
-- compile: the kernels themselves run on CPU under a host emulation of the warp primitives
-  (tests/cuda_emulation.cpp) through fastbert/cuda.py, checked by the gpu tier's own check
-  functions. They come last in this file: their module-scoped fixture swaps fastbert.cuda's
-  extension for the emulation until the module ends.
+- compile: the real launchers and kernels run on CPU under the host emulation
+  (tests/cuda_emulation.py) through fastbert/cuda.py, checked by the gpu tier's own check
+  functions, and every call by the emulation's memcheck, racecheck and synccheck. They come last
+  in this file: their module-scoped fixture swaps fastbert.cuda's extension for the emulation
+  until the module ends.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from fastbert import cuda as cuda_backend
 from fastbert import reference
 from fastbert import ops
 from tests.cuda_helpers import HALF_DTYPES, assert_keep_rate
+from tests.cuda_helpers import emulated_backend  # noqa: F401 (fixture)
 # autouse fixtures: imported, so they apply to every test in this module
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
 from tests.helpers import assert_close_by_rule, random_padding_mask
@@ -509,26 +509,10 @@ def test_public_ops_dropout_follow_torch_manual_seed():
 
 
 # --------------------------------------------------------------------------------------------
-# compile: the real attention kernels run on CPU under a host emulation of the warp primitives
-# (tests/cuda_emulation.cpp), through fastbert/cuda.py, by the same checks as the gpu tier
+# compile: the real attention launchers and kernels run on CPU under the host emulation
+# (tests/cuda_emulation.py), through fastbert/cuda.py, by the same checks as the gpu tier, with
+# memcheck, racecheck and synccheck on every call
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def emulated_backend(tmp_path_factory):
-    from tests import cuda_emulation
-
-    compiler = shutil.which("c++") or shutil.which("g++")
-    include = cuda_emulation.cuda_include_dir()
-    if compiler is None or include is None:
-        pytest.skip("needs a host C++ compiler and the CUDA headers")
-    lib = cuda_emulation.build(tmp_path_factory.mktemp("emulation"), compiler, include)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(cuda_backend, "_C", cuda_emulation.EmuC(lib))
-    patch.setattr(cuda_backend, "_on_device", lambda device: contextlib.nullcontext())
-    patch.setattr(cuda_backend, "_stream", lambda t: 0)
-    yield cuda_backend
-    patch.undo()
-
 
 EMULATED_DENSE_CASES = [
     # b, sq, sk, h, d, dtype, causal, mask mode, packed q/k/v views

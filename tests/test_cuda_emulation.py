@@ -1,0 +1,188 @@
+"""The CUDA add+LayerNorm and bias+GELU kernels run on CPU under the host emulation
+(tests/cuda_emulation.py: csrc/*.cu's real launchers and kernels/*.cuh, through fastbert/cuda.py's
+entry points), checked by the gpu tier's own checks in tests/test_cuda.py, with the emulation's
+memcheck, racecheck and synccheck on every call; and those checks themselves, on kernels with one
+deliberate bug each (tests/cuda_emulation_selftest.cu). The attention kernels run under the same
+emulation in tests/test_cuda_attention.py.
+
+- always: the source rewriting (pure Python).
+- compile: everything else (`python -m pytest -m compile tests/test_cuda_emulation.py`).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import cuda_emulation
+from tests.cuda_helpers import emulated_backend, philox4x32_10  # noqa: F401 (fixture)
+# autouse fixtures: imported, so they apply to every test in this module
+from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
+from tests.test_cuda import (check_layer_norm, check_layer_norm_dropout, check_linear_gelu,
+                             layer_norm_keep_mask)
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# always: the rewriting keeps line numbers and turns CUDA syntax into calls
+# --------------------------------------------------------------------------------------------
+
+def test_rewrite_turns_launches_and_shared_declarations_into_calls():
+    source = ("void f() {\n"
+              "  k<T, decltype(d)::value>\n"
+              "      <<<grid, dim3(32, 4), smem, stream>>>(a,\n"
+              "                                           b);\n"
+              "  extern __shared__ __align__(128) unsigned char smem[];\n"
+              "  __shared__ float tile[8][32 * VEC];\n"
+              "  check(cudaLaunchKernel((const void*)kernel, grid, block, args, 0, s));\n"
+              "}\n")
+    out = cuda_emulation.rewrite(source, "csrc/x.cu")
+    lines = out.split("\n")
+    assert lines[0] == '#line 1 "csrc/x.cu"'
+    assert len(lines) == len(source.split("\n")) + 1  # the #line only
+    assert lines[2].strip() == ("::emu::launch(::emu::config(grid, dim3(32, 4), smem, stream), "
+                                "k<T, decltype(d)::value>, a,")
+    assert lines[4].strip() == "b);"
+    assert lines[5].strip() == ("unsigned char* const smem = "
+                                "reinterpret_cast<unsigned char*>(::emu::dynamic_smem());")
+    assert lines[6].strip().startswith("auto& tile = ::emu::shared_object<float[8][32 * VEC]>(")
+    assert "::emu::launch_kernel(kernel, grid" in lines[7]
+    assert "<<<" not in out and "__shared__" not in out
+
+
+# --------------------------------------------------------------------------------------------
+# compile: the checks find what they should, and only that
+# --------------------------------------------------------------------------------------------
+
+SELFTEST_FINDINGS = [
+    # case, what the report must say (None: clean)
+    (0, None),
+    (1, "memcheck: selftest_kernels::shifted_copy_kernel(float const*, float*, int, int) "
+        "block (1,0,0) thread (31,0,0): read of 4 bytes at byte offset 256 of 'x' (256 bytes)"),
+    (2, "memcheck: selftest_kernels::write_before_kernel(float const*, float*, int) "
+        "block (0,0,0) thread (0,0,0): write of 4 bytes at byte offset -4 of 'y' (256 bytes)"),
+    (3, "racecheck: selftest_kernels::neighbour_kernel"),
+    (4, None),
+    (5, "memcheck: selftest_kernels::dynamic_smem_kernel(float const*, float*, int) "
+        "block (0,0,0) thread (3"),  # one of the threads 32..63
+    (5, "bytes at dynamic shared memory byte 1"),
+    (5, "outside the launch's 128 bytes of dynamic shared memory"),
+    (6, None),
+    (7, "synccheck: selftest_kernels::divergent_barrier_kernel(float const*, float*, int, bool) "
+        "block (0,0,0) thread (32,0,0): __syncthreads at tests/cuda_emulation_selftest.cu:42 "
+        "reached by 32 of 64 threads of the block (32 exited without reaching it)"),
+    (8, None),
+    (9, "racecheck: selftest_kernels::warp_exchange_kernel"),
+    (10, None),
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("case, finding", SELFTEST_FINDINGS)
+def test_emulation_checks_find_the_planted_bug(emulated_backend, case, finding):
+    emu, n = emulated_backend._C, 64
+    x = torch.randn(n)
+    y = torch.full((n,), float("nan"))
+    run = lambda: emu.selftest(case, (x.data_ptr(), 4 * n), (y.data_ptr(), 4 * n), n)  # noqa: E731
+    if finding is None:
+        assert run() == 0
+        return
+    with pytest.raises(cuda_emulation.EmulationFinding) as found:
+        run()
+    assert finding in str(found.value)
+
+
+@pytest.mark.compile
+def test_emulation_refuses_launches_a_gpu_refuses(emulated_backend):
+    """64 KiB of dynamic shared memory without cudaFuncSetAttribute: cudaErrorInvalidValue."""
+    x, y = torch.randn(64), torch.empty(64)
+    assert emulated_backend._C.selftest(11, (x.data_ptr(), 256), (y.data_ptr(), 256), 64) == 1
+
+
+@pytest.mark.compile
+def test_emulated_launcher_errors_are_python_errors(emulated_backend):
+    x = torch.randn(2, 5000)
+    w = torch.ones(5000)
+    with pytest.raises(ValueError, match="hidden sizes 1..4096, got 5000"):
+        emulated_backend.add_layer_norm_forward(x, None, w, w, 1e-5, 0.0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# compile: add + LayerNorm
+# --------------------------------------------------------------------------------------------
+
+LAYER_NORM_CASES = [
+    # rows, hidden, dtype, weight dtype, residual, x offset (elements), emulated SM count
+    (1, 1, F32, F32, True, 0, 4),
+    (300, 7, F16, F16, False, 0, 4),       # one element per lane at most, 75 row groups on 8
+    (37, 768, BF16, F32, True, 0, 4),      # vectorised, fp32 weights
+    (64, 768, F16, F16, True, 1, 4),       # unaligned rows: the scalar path
+    (130, 1000, F16, F16, True, 0, 132),   # every row group its own partial sum
+    (9, 1000, F32, F32, False, 0, 4),
+    (5, 4096, BF16, BF16, True, 0, 4),     # block mode, 512 threads a row
+    (3, 4096, F32, F32, False, 0, 4),      # block mode, 1024 threads a row
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("rows, hidden, dtype, weight_dtype, with_residual, x_offset, sm_count",
+                         LAYER_NORM_CASES)
+def test_emulated_add_layer_norm_matches_reference(emulated_backend, rows, hidden, dtype,
+                                                   weight_dtype, with_residual, x_offset,
+                                                   sm_count):
+    emulated_backend._C.set_sm_count(sm_count)
+    try:
+        check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual, emulated_backend,
+                         "cpu", x_offset)
+    finally:
+        emulated_backend._C.set_sm_count(4)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("rows, hidden, dtype, with_residual, p", [
+    (40, 768, BF16, True, 0.1),
+    (7, 1000, F32, False, 0.5),
+    (3, 4096, F16, True, 0.2),
+    (33, 100, F16, True, 0.3),   # unvectorised (100 is not a multiple of 8)
+])
+def test_emulated_add_layer_norm_dropout_matches_reference(emulated_backend, rows, hidden, dtype,
+                                                           with_residual, p):
+    """Forward and every gradient given the forward's mask (backward regenerates it: dx is 0
+    exactly where forward dropped), keep rate, same seed same bits, another seed another mask."""
+    check_layer_norm_dropout(emulated_backend, "cpu", rows, hidden, dtype, with_residual, p)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("rows, hidden, dtype, p", [(6, 768, F16, 0.3), (5, 100, F32, 0.5)])
+def test_emulated_layer_norm_dropout_is_the_documented_philox_stream(emulated_backend, rows,
+                                                                     hidden, dtype, p):
+    """The mask the kernels draw is kernels/layer_norm.cuh's layout, recomputed here with an
+    independent Philox: element e = row * hidden + col is kept when word e % 4 of
+    philox4x32_10((e / 4, 0, 0, 0), (seed low, seed high)) >= round(p * 2^32)."""
+    seed = 0x1234_5678_9ABC_DEF0
+    keep = layer_norm_keep_mask(emulated_backend, "cpu", rows, hidden, dtype, p, seed)
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    threshold = round(p * 2 ** 32)
+    words = [w for g in range((rows * hidden + 3) // 4)
+             for w in philox4x32_10((g & 0xFFFFFFFF, g >> 32, 0, 0), key)]
+    want = torch.tensor(words[:rows * hidden], dtype=torch.int64).view(rows, hidden) >= threshold
+    assert torch.equal(keep, want)
+
+
+# --------------------------------------------------------------------------------------------
+# compile: bias + GELU epilogues (the GEMMs are torch's)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.compile
+@pytest.mark.parametrize("m, k, n, dtype, approximate", [
+    (1, 64, 1, F32, "none"),
+    (300, 48, 7, F16, "tanh"),       # scalar path, 38 row groups on 8 partial sums
+    (37, 64, 768, BF16, "none"),
+    (130, 32, 1000, F16, "none"),
+    (64, 32, 1000, BF16, "tanh"),
+    (5, 16, 4096, F32, "tanh"),
+    (17, 24, 4096, F16, "none"),
+])
+def test_emulated_linear_bias_gelu_matches_reference(emulated_backend, m, k, n, dtype,
+                                                     approximate):
+    check_linear_gelu(m, k, n, dtype, approximate, emulated_backend, "cpu")
