@@ -41,7 +41,8 @@ def test_rewrite_turns_launches_and_shared_declarations_into_calls():
     assert lines[0] == '#line 1 "csrc/x.cu"'
     assert len(lines) == len(source.split("\n")) + 1  # the #line only
     assert lines[2].strip() == ("::emu::launch(::emu::config(grid, dim3(32, 4), smem, stream), "
-                                "k<T, decltype(d)::value>, a,")
+                                "k<T, decltype(d)::value>,")
+    assert lines[3].strip() == "a,"
     assert lines[4].strip() == "b);"
     assert lines[5].strip() == ("unsigned char* const smem = "
                                 "reinterpret_cast<unsigned char*>(::emu::dynamic_smem());")
