@@ -108,6 +108,12 @@ def _key_range(KvRange, off_b, seqlen_k, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _real(Mask, off_b, seqlen_k, cols_n):
+    """Whether keys cols_n (all < seqlen_k) are real tokens by the key-padding mask."""
+    return tl.load(Mask + off_b * seqlen_k + cols_n) != 0
+
+
+@triton.jit
 def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
              IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """Which keys cols_n the queries rows_m may see, in their broadcast shape: (M, 1) and (1, N)
@@ -170,6 +176,43 @@ def _key_range_kernel(Mask, KvRange, seqlen_k, BLOCK: tl.constexpr):
 # forward
 # --------------------------------------------------------------------------------------------
 
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_ok, Mask,
+              off_b, off_bh, len_q, len_k, seqlen_k, stride_ks, stride_vs, qk_scale, dropout_p,
+              seed, start_m, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+              BOUNDARY: tl.constexpr):
+    """One key tile of the online softmax. Without BOUNDARY every key of the tile exists and
+    (causal) lies at or below every query's diagonal: no per-key bound or diagonal check."""
+    cols = start_n + offs_n
+    if BOUNDARY:
+        kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    # s stays unscaled: the scale (> 0) commutes with the max and folds into exp2's FFMA below
+    s = _mm(q, tl.trans(k), EXACT_DOT)
+    if BOUNDARY:
+        s = tl.where(_visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k,
+                              IS_CAUSAL, HAS_MASK), s, float("-inf"))
+    elif HAS_MASK:
+        s = tl.where(_real(Mask, off_b, len_k, cols)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:  # normalise with every probability, then drop (1/(1-p) applied at the end)
+        keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
+                             BLOCK_M, False)
+        p = tl.where(keep, p, 0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = _dot(p.to(v.dtype), v, acc, EXACT_DOT)
+    return acc, l_i, m_new
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, Mask, KvRange, CuSeqQ, CuSeqK,
@@ -207,35 +250,30 @@ def _attn_fwd_kernel(
     v_base = _rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
 
     lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
-    if IS_CAUSAL:  # the block's last query sees keys below min(Sq, end of block) + Sk - Sq
+    # Tiles [lo, mid) hold only existing keys (and, causal, keys every query of the block sees):
+    # they skip the per-key checks. lo and mid are multiples of BLOCK_N (or mid = hi).
+    mid = tl.minimum(hi, (len_k // BLOCK_N) * BLOCK_N)
+    if IS_CAUSAL:  # the block's first query sees keys up to start_m * BLOCK_M + Sk - Sq ...
+        diagonal = start_m * BLOCK_M + len_k - len_q + 1
+        mid = tl.minimum(mid, tl.where(diagonal > 0, diagonal // BLOCK_N, 0) * BLOCK_N)
+        # ... its last one keys below min(Sq, end of block) + Sk - Sq
         hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
     lo = (lo // BLOCK_N) * BLOCK_N
+    mid = tl.maximum(mid, lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _mm(q, tl.trans(k), EXACT_DOT) * qk_scale
-        visible = _visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k, IS_CAUSAL,
-                           HAS_MASK)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:  # normalise with every probability, then drop (1/(1-p) applied at the end)
-            keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
-                                 BLOCK_M, False)
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc, EXACT_DOT)
-        m_i = m_new
+    for start_n in range(lo, mid, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
+                                  offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
+                                  stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
+                                  IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
+                                  offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
+                                  stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
+                                  IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, True)
 
     empty = l_i == 0.0  # the query sees no key: out = 0, lse = +inf
     l_safe = tl.where(empty, 1.0, l_i)
