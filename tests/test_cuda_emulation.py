@@ -10,6 +10,10 @@ emulation in tests/test_cuda_attention.py.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -168,6 +172,38 @@ def test_emulated_layer_norm_dropout_is_the_documented_philox_stream(emulated_ba
              for w in philox4x32_10((g & 0xFFFFFFFF, g >> 32, 0, 0), key)]
     want = torch.tensor(words[:rows * hidden], dtype=torch.int64).view(rows, hidden) >= threshold
     assert torch.equal(keep, want)
+
+
+TRITON_LAYER_NORM_MASKS = """
+import os, sys, torch
+os.environ["TRITON_INTERPRET"] = "1"
+from fastbert.triton import layer_norm
+seed, out, cases = int(sys.argv[1]), sys.argv[2], eval(sys.argv[3])
+masks = []
+for rows, hidden, p in cases:
+    ones = torch.ones(rows, hidden)
+    y, _, _ = layer_norm.add_layer_norm_forward(ones, None, torch.ones(hidden), torch.zeros(hidden),
+                                                1e-5, p, seed)
+    masks.append(y > 0)
+torch.save(masks, out)
+"""
+
+
+@pytest.mark.compile
+def test_layer_norm_masks_of_cuda_and_triton_relate_as_documented(emulated_backend, tmp_path):
+    """README (Backends, dropout): the CUDA and Triton LayerNorm kernels draw the same mask from
+    the same seed when hidden is a multiple of 4, other masks otherwise. Triton runs under its
+    interpreter in a child process (TRITON_INTERPRET must be set before triton is imported)."""
+    seed, cases = 0x0123_4567_89AB_CDEF, [(6, 768, 0.1), (9, 100, 0.5), (20, 7, 0.3)]
+    out = tmp_path / "masks.pt"
+    env = dict(os.environ, PYTHONPATH=str(cuda_emulation.ROOT))
+    subprocess.run([sys.executable, "-c", TRITON_LAYER_NORM_MASKS, str(seed), str(out),
+                    repr(cases)], check=True, env=env, timeout=600)
+    for (rows, hidden, p), triton_keep in zip(cases, torch.load(out)):
+        ones = torch.ones(rows, hidden)
+        y, _, _ = emulated_backend.add_layer_norm_forward(ones, None, torch.ones(hidden),
+                                                          torch.zeros(hidden), 1e-5, p, seed)
+        assert torch.equal(y > 0, triton_keep) == (hidden % 4 == 0), (rows, hidden, p)
 
 
 # --------------------------------------------------------------------------------------------
