@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import fastbert
@@ -84,11 +85,23 @@ def read_checkpoint_config(path) -> dict:
 
 
 def load_model(class_name: str, path, **overrides):
+    """cls.from_pretrained, with its notes on new and left-out weights (expected when a fine-tune
+    starts a new head) as one plain line each instead of a Python warning."""
     cls = getattr(fastbert, class_name)
+    prefix = f"{class_name}.from_pretrained({str(path)!r}): "
     try:
-        return cls.from_pretrained(str(path), **overrides)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = cls.from_pretrained(str(path), **overrides)
     except ValueError as e:  # e.g. a RoBERTa checkpoint for BERT-only pre-training (NSP)
         raise CLIError(f"checkpoint {path}: {e}") from None
+    for w in caught:
+        message = str(w.message)
+        if message.startswith(prefix):
+            print(f"checkpoint {path}: {message[len(prefix):]}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
 
 
 def checkpoint_class(config: dict) -> str:

@@ -107,12 +107,15 @@ def test_pretrain_resume_latest(capsys, workdir, pretrained):
     assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["final"]["step"] == 3
 
 
-def test_finetune_classify_and_evaluate(capsys, workdir, pretrained):
+def test_finetune_classify_and_evaluate(capsys, workdir, pretrained, recwarn):
     out_dir = workdir / "cls"
     status, out, err = run(capsys, "finetune-classify", "--model", pretrained, "--train", workdir / "cls.jsonl",
                            "--eval-fraction", "0.25", "--max-length", "16", "--output-dir", out_dir, *TRAIN_FLAGS)
     assert status == 0, err
     assert "2 labels: neg, pos" in out
+    # the new head is a plain line, not a Python warning
+    assert f"checkpoint {pretrained}: newly initialised (not in the checkpoint): ['classifier.weight'" in err
+    assert not [w for w in recwarn if "from_pretrained" in str(w.message)]
     final = json.loads((out_dir / "metrics.json").read_text())["final"]
     assert {"eval_accuracy", "eval_macro_f1"} <= set(final)
     # the training file: only the 6 rows the fine-tune held out are scored, and it says so
