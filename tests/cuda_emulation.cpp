@@ -553,18 +553,20 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
 
 // ---- instrumentation callbacks (-fsanitize=kernel-address, one call per access) -----------------
 
+// Hidden: the instrumented objects of this library call them directly, not through the PLT.
+#define EMU_HIDDEN __attribute__((visibility("hidden")))
 #define EMU_ACCESS(n)                                                                           \
-  void __asan_load##n##_noabort(uintptr_t a) { emu::on_access(a, n, false); }                  \
-  void __asan_store##n##_noabort(uintptr_t a) { emu::on_access(a, n, true); }
+  EMU_HIDDEN void __asan_load##n##_noabort(uintptr_t a) { emu::on_access(a, n, false); }       \
+  EMU_HIDDEN void __asan_store##n##_noabort(uintptr_t a) { emu::on_access(a, n, true); }
 EMU_ACCESS(1)
 EMU_ACCESS(2)
 EMU_ACCESS(4)
 EMU_ACCESS(8)
 EMU_ACCESS(16)
 #undef EMU_ACCESS
-void __asan_loadN_noabort(uintptr_t a, size_t n) { emu::on_access(a, n, false); }
-void __asan_storeN_noabort(uintptr_t a, size_t n) { emu::on_access(a, n, true); }
-void __asan_handle_no_return(void) {}
+EMU_HIDDEN void __asan_loadN_noabort(uintptr_t a, size_t n) { emu::on_access(a, n, false); }
+EMU_HIDDEN void __asan_storeN_noabort(uintptr_t a, size_t n) { emu::on_access(a, n, true); }
+EMU_HIDDEN void __asan_handle_no_return(void) {}
 }
 
 // ---- what tests/cuda_emulation.py calls (ctypes) -------------------------------------------------

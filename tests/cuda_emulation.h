@@ -151,6 +151,9 @@ inline float atomicAdd(float* p, float v) {
 }
 
 // ---- the PTX wrappers of kernels/attention_mma.cuh, from the PTX ISA's definitions -----------
+// Their own arithmetic is not a kernel's memory access: not instrumented (shared-memory reads of
+// ldmatrix are checked explicitly).
+#define EMU_UNCHECKED __attribute__((no_sanitize("kernel-address"), noinline))
 namespace fastbert {
 namespace attn {
 
@@ -186,7 +189,7 @@ template <typename T> inline uint32_t pack2(float lo, float hi) {
 
 // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; lane l gets element
 // (l / 4, 2 (l % 4) + {0, 1}) of each (transposed: (2 (l % 4) + {0, 1}, l / 4)).
-inline void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
+EMU_UNCHECKED inline void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
   const uint32_t* rows = emu::warp_exchange(&addr, 1, __FILE__, __LINE__);
   const int l = emu::lane(), g = l / 4, t = l % 4;
   auto at = [](uint32_t row, int i) {
@@ -205,29 +208,28 @@ inline void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, true); }
 
-// mma.m16n8k16, fp32 accumulate: the fragments of all 32 lanes make A (16 x 16) and B (16 x 8).
+// mma.m16n8k16, fp32 accumulate, from all 32 lanes' fragments: A (16 x 16) element (r, c) is in
+// lane (r % 8) * 4 + (c % 8) / 2, register (r >= 8) + 2 (c >= 8), half c % 2; B (16 x 8) element
+// (k, n) in lane n * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2. A lane computes its own
+// C elements (rows g, g + 8; columns 2t, 2t + 1), so it reads only those rows of A and columns of B.
 template <typename T>
-inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+EMU_UNCHECKED inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
   const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
   const uint32_t* all = emu::warp_exchange(mine, 6, __FILE__, __LINE__);
-  float A[16][16], B[16][8];
-  auto lo = [](uint32_t x) { return bits_to_float<T>(x & 0xffff); };
-  auto hi = [](uint32_t x) { return bits_to_float<T>(x >> 16); };
-  for (int l = 0; l < 32; ++l) {
-    const int g = l / 4, t = l % 4;
-    const uint32_t* s = all + 6 * l;
-    A[g][2 * t] = lo(s[0]), A[g][2 * t + 1] = hi(s[0]);
-    A[g + 8][2 * t] = lo(s[1]), A[g + 8][2 * t + 1] = hi(s[1]);
-    A[g][2 * t + 8] = lo(s[2]), A[g][2 * t + 9] = hi(s[2]);
-    A[g + 8][2 * t + 8] = lo(s[3]), A[g + 8][2 * t + 9] = hi(s[3]);
-    B[2 * t][g] = lo(s[4]), B[2 * t + 1][g] = hi(s[4]);
-    B[2 * t + 8][g] = lo(s[5]), B[2 * t + 9][g] = hi(s[5]);
-  }
+  auto half = [](uint32_t x, int odd) { return bits_to_float<T>(odd ? x >> 16 : x & 0xffff); };
   const int g = emu::lane() / 4, t = emu::lane() % 4;
+  float A[2][16], B[16][2];
+  for (int k = 0; k < 16; ++k) {
+    for (int i = 0; i < 2; ++i) {
+      const int r = g + 8 * i, n = 2 * t + i;
+      A[i][k] = half(all[6 * ((r % 8) * 4 + (k % 8) / 2) + (r >= 8) + 2 * (k >= 8)], k % 2);
+      B[k][i] = half(all[6 * (n * 4 + (k % 8) / 2) + 4 + (k >= 8)], k % 2);
+    }
+  }
   for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
     float acc = 0.f;
-    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    for (int k = 0; k < 16; ++k) acc += A[e >> 1][k] * B[k][e & 1];
     d[e] += acc;
   }
 }
