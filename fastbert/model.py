@@ -410,6 +410,31 @@ class BertPreTrainedModel(nn.Module):
         from fastbert.hf import save_pretrained
         save_pretrained(self, path)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
+                                      checkpointing_function=None) -> None:
+        """Recompute each encoder layer in backward instead of keeping its activations, as
+        transformers' method of this name does: torch.utils.checkpoint.checkpoint with
+        gradient_checkpointing_kwargs (default use_reentrant=True, as there), or your own
+        checkpointing_function(function, *args)."""
+        import functools
+        import torch.utils.checkpoint
+        kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None \
+            else dict(gradient_checkpointing_kwargs)
+        function = checkpointing_function or functools.partial(torch.utils.checkpoint.checkpoint,
+                                                               **kwargs)
+        for module in self.modules():
+            if isinstance(module, BertModel):
+                module.checkpointing_function = function
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, BertModel):
+                module.checkpointing_function = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "checkpointing_function", None) is not None for m in self.modules())
+
 
 class BertModel(BertPreTrainedModel):
     """The encoder: embeddings, num_hidden_layers BertLayers, and (optionally) the pooler.
@@ -427,6 +452,7 @@ class BertModel(BertPreTrainedModel):
             [BertLayer(config, causal=config.is_decoder)
              for _ in range(config.num_hidden_layers)])))
         self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.checkpointing_function = None  # set by gradient_checkpointing_enable
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -464,7 +490,7 @@ class BertModel(BertPreTrainedModel):
                                                      position_ids.expand_as(input_ids)))  # (T,)
         x = self._embed(ids, types, pos, input_ids.shape[-1])  # (T, C)
         for layer in self.encoder.layer:
-            x = layer(x, packed=packed)
+            x = self._run_layer(layer, x, packed=packed)
         pooled = self.pooler(first_tokens(x, packed.cu_seqlens)) if self.pooler is not None \
             else None  # (B, C)
         if return_packed:
@@ -507,6 +533,17 @@ class BertModel(BertPreTrainedModel):
         x = self.embeddings(ids, types, positions, max_position=bound)
         return linear(x, self.embeddings_project) if self.embeddings_project is not None else x
 
+    def _run_layer(self, layer, x, attention_mask=None, cache=None, packed=None):
+        """layer(x, ...), recomputed in backward under gradient checkpointing (not with a KV
+        cache, which the recompute would extend twice). x goes positionally: a reentrant
+        checkpoint only sees gradients of positional tensors."""
+        if (self.checkpointing_function is None or not self.training or cache is not None
+                or not torch.is_grad_enabled()):
+            return layer(x, attention_mask, cache, packed=packed)
+        import functools
+        return self.checkpointing_function(functools.partial(layer, packed=packed), x,
+                                           attention_mask)
+
     def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids,
                         past_key_values):
         if attention_mask is not None:
@@ -518,6 +555,6 @@ class BertModel(BertPreTrainedModel):
             position_ids = self._default_positions(input_ids, past)
         x = self._embed(input_ids, token_type_ids, position_ids, past + input_ids.shape[1])
         for layer, cache in zip(self.encoder.layer, caches):
-            x = layer(x, attention_mask, cache)
+            x = self._run_layer(layer, x, attention_mask, cache)
         pooled = self.pooler(x[:, 0]) if self.pooler is not None else None  # (B, C)
         return x, pooled
