@@ -3,7 +3,9 @@
 entry points), checked by the gpu tier's own checks in tests/test_cuda.py, with the emulation's
 memcheck, racecheck and synccheck on every call; and those checks themselves, on kernels with one
 deliberate bug each (tests/cuda_emulation_selftest.cu). The attention kernels run under the same
-emulation in tests/test_cuda_attention.py.
+emulation in tests/test_cuda_attention.py. The dropout masks of the LayerNorm and attention
+kernels are recomputed here from their documented Philox layouts, and the LayerNorm masks compared
+with the Triton kernel's (README, Backends).
 
 - always: the source rewriting (pure Python).
 - compile: everything else (`python -m pytest -m compile tests/test_cuda_emulation.py`).
@@ -23,6 +25,7 @@ from tests.cuda_helpers import emulated_backend, philox4x32_10  # noqa: F401 (fi
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
 from tests.test_cuda import (check_layer_norm, check_layer_norm_dropout, check_linear_gelu,
                              layer_norm_keep_mask)
+from tests.test_cuda_attention import attention_keep_mask
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -171,6 +174,24 @@ def test_emulated_layer_norm_dropout_is_the_documented_philox_stream(emulated_ba
     words = [w for g in range((rows * hidden + 3) // 4)
              for w in philox4x32_10((g & 0xFFFFFFFF, g >> 32, 0, 0), key)]
     want = torch.tensor(words[:rows * hidden], dtype=torch.int64).view(rows, hidden) >= threshold
+    assert torch.equal(keep, want)
+
+
+@pytest.mark.compile
+def test_emulated_attention_dropout_is_the_documented_philox_stream(emulated_backend):
+    """kernels/attention_common.cuh's layout, recomputed with an independent Philox: (query i,
+    key j) of head h, batch b is kept when word 2 (i % 2) + j % 2 of
+    philox4x32_10((j / 2, i / 2, h, b), (seed low, seed high)) >= round(p * 2^32). The mask is read
+    off the forward's output; the backward regenerating it is checked by
+    test_cuda_attention.py's emulated dropout tests (every gradient given this mask)."""
+    b, sq, sk, h, d, p, seed = 2, 9, 20, 2, 32, 0.3, 0x0FED_CBA9_8765_4321
+    keep, visible = attention_keep_mask(emulated_backend, "cpu", b, sq, sk, h, d, F16, False, None,
+                                        p, seed, d ** -0.5)
+    assert visible.all()
+    key, threshold = (seed & 0xFFFFFFFF, seed >> 32), round(p * 2 ** 32)
+    want = torch.tensor([[[[philox4x32_10((j // 2, i // 2, hh, bb), key)[2 * (i % 2) + j % 2]
+                            >= threshold for j in range(sk)] for i in range(sq)]
+                          for hh in range(h)] for bb in range(b)])
     assert torch.equal(keep, want)
 
 
