@@ -48,6 +48,7 @@ constexpr int kMaxOptinSmem = 232448;
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kDynamicBytes = 256 * 1024;  // the dynamic shared memory window
 constexpr size_t kStaticBytes = 64 * 1024;    // `__shared__` objects
+constexpr size_t kMaxStaticBytes = 48 * 1024;  // what a kernel may declare
 constexpr size_t kStackBytes = 256 * 1024;
 
 alignas(128) unsigned char g_smem[kDynamicBytes + kStaticBytes];
@@ -368,8 +369,11 @@ void* static_shared(size_t bytes, size_t align, const void* key) {
   auto it = g_static_offsets.find(key);
   if (it == g_static_offsets.end()) {
     const size_t offset = (kDynamicBytes + g_static_used + align - 1) / align * align;
-    if (offset + bytes > kDynamicBytes + kStaticBytes)
-      throw std::runtime_error("emulation: __shared__ objects exceed the static window");
+    if (offset + bytes > kDynamicBytes + kMaxStaticBytes) {  // a GPU would not load the kernel
+      finding("memcheck: " + g_kernel + ": __shared__ objects of more than " +
+              std::to_string(kMaxStaticBytes) + " bytes");
+      return g_smem + kDynamicBytes;
+    }
     g_static_used = offset + bytes - kDynamicBytes;
     std::memset(g_smem + offset, kPoison, bytes);
     it = g_static_offsets.emplace(key, offset).first;

@@ -175,18 +175,20 @@ class EmuC:
         """The multiprocessor count the emulated device reports (sizes the reduction grids)."""
         self.lib.emu_set_sm_count(n)
 
-    def _raise_findings(self):
-        findings = self.lib.emu_findings().decode()
-        count = self.lib.emu_finding_count()
-        self.lib.emu_clear_findings()
-        if count:
-            raise EmulationFinding(f"{count} finding(s):\n{findings}")
-
-    def _status(self, status):
+    def _status(self, status, findings=""):
+        """Raises the launcher's error (as pybind11 would), else what the checks found."""
         if status == 1:
-            raise ValueError(self.lib.emu_error().decode())
+            raise ValueError(self.lib.emu_error().decode() + findings)
         if status:
-            raise RuntimeError(self.lib.emu_error().decode())
+            raise RuntimeError(self.lib.emu_error().decode() + findings)
+        if findings:
+            raise EmulationFinding(findings)
+
+    def _take_findings(self) -> str:
+        count = self.lib.emu_finding_count()
+        findings = self.lib.emu_findings().decode()
+        self.lib.emu_clear_findings()
+        return f"\n{count} finding(s):\n{findings}" if count else ""
 
     def guarded(self, buffers: dict, call):
         """call(ptrs) with every buffer {name: (address, bytes)} (address 0: none) replaced by a
@@ -204,8 +206,7 @@ class EmuC:
             status = call(moved)
         finally:
             self.lib.emu_guard_end()
-        self._status(status)
-        self._raise_findings()
+        self._status(status, self._take_findings())
 
     # ---- fastbert._C's entry points --------------------------------------------------------
 
