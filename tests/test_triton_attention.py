@@ -206,6 +206,19 @@ def test_dropout_keep_rate_scaling_and_seed():
 
 
 @pytest.mark.interpreter
+def test_dropout_queries_sharing_a_philox_call_are_independent():
+    # one philox call draws for 8 consecutive queries (16 bits each): every pair of them must be
+    # kept together with probability (1 - p)^2, not 1 - p as one shared draw would give
+    b, s, h, d, p = 2, 64, 2, 64, 0.3
+    dropped, _ = recover_keep(b, s, s, h, d, torch.float32, False, None, p, seed=21)
+    groups = (dropped != 0).view(b, h, s // 8, 8, s).transpose(3, 4).reshape(-1, 8).double()
+    q = (1 - p) ** 2
+    for i, j in itertools.combinations(range(8), 2):
+        both = (groups[:, i] * groups[:, j]).mean().item()
+        assert abs(both - q) < 5 * math.sqrt(q * (1 - q) / groups.shape[0]), (i, j, both)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,causal,mask_mode,sq,deterministic,seed", [
     (F32, False, None, 48, True, 7),
     (F32, True, "with_empty", 20, False, 2 ** 40 + 3),  # a 64-bit seed, as ops.py draws them

@@ -21,10 +21,11 @@ tile starts past its own sequence's end returns at once, and key loops cover onl
   backward reuses forward's); key tiles outside it (right or left padding, the common cases) and
   tiles entirely above the causal diagonal are never visited. Holes inside the range are masked
   element-wise.
-- Dropout acts on the normalised probabilities with philox (`tl.rand`), keyed by the call's seed
-  plus (batch * H + head) and the counter query * Sk + key (varlen: local query * max_seqlen_k +
-  local key), so backward regenerates the same mask. The kernels do not specialise on the seed
-  (it changes every call; specialising on its value would only multiply compiled variants).
+- Dropout acts on the normalised probabilities with philox (16-bit draws, 8 per call, see
+  _dropout_keep), keyed by the call's seed plus (batch * H + head) and a counter from the query
+  and key (varlen: local query and key), so backward regenerates the same mask. The kernels do
+  not specialise on the seed (it changes every call; specialising on its value would only
+  multiply compiled variants).
 - Constexpr flags IS_CAUSAL / HAS_MASK / HAS_DROPOUT / IS_VARLEN compile each variant to the
   minimum. Head dims are padded to a power of two (at least 16, the smallest tl.dot) with masked
   loads and stores.
@@ -108,12 +109,6 @@ def _key_range(KvRange, off_b, seqlen_k, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _real(Mask, off_b, seqlen_k, cols_n):
-    """Whether keys cols_n (all < seqlen_k) are real tokens by the key-padding mask."""
-    return tl.load(Mask + off_b * seqlen_k + cols_n) != 0
-
-
-@triton.jit
 def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
              IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """Which keys cols_n the queries rows_m may see, in their broadcast shape: (M, 1) and (1, N)
@@ -128,9 +123,9 @@ def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
 
 
 @triton.jit
-def _uniform(bits):
-    """uint32 random bits -> uniform float in [0, 1) (the top 24 bits, exact in fp32)."""
-    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+def _join8(a, b, c, d, e, f, g, h):
+    """(..., 2, 2, 2) with [..., x, y, z] = (a, b, ..., h)[4 * x + 2 * y + z]."""
+    return tl.join(tl.join(tl.join(a, e), tl.join(c, g)), tl.join(tl.join(b, f), tl.join(d, h)))
 
 
 @triton.jit
@@ -138,19 +133,27 @@ def _dropout_keep(seed, off_bh, start_m, cols, row_stride, dropout_p, BLOCK_M: t
                   KEYS_FIRST: tl.constexpr):
     """Keep-mask of queries start_m + [0, BLOCK_M) x keys `cols`, the same for the same
     (seed, batch*head, query, key): (M, N), or (N, M) with KEYS_FIRST (dK/dV's transposed tile).
-    One philox call gives 4 words, used by 4 consecutive queries (start_m is a multiple of 4):
-    a quarter of the generator's work and registers. Counter: (query // 4) * row_stride + key,
-    row_stride = Sk (dense) or max_seqlen_k (varlen)."""
-    groups = start_m // 4 + tl.arange(0, BLOCK_M // 4)
+    One philox call (7 rounds, as FlashAttention's) gives 4 words, split into 8 16-bit draws for
+    8 consecutive queries (start_m is a multiple of 8): an eighth of a per-element generator's
+    work. An element is kept when its draw is >= dropout_p * 2**16 (probability 1 - dropout_p
+    within 2**-16), compared as integers. Counter: (query // 8) * row_stride + key, row_stride =
+    Sk (dense) or max_seqlen_k (varlen)."""
+    groups = start_m // 8 + tl.arange(0, BLOCK_M // 8)
     if KEYS_FIRST:
-        r0, r1, r2, r3 = tl.randint4x(seed + off_bh, cols[:, None] + groups[None, :] * row_stride)
-        # (N, M/4, 2, 2) -> (N, M): query 4 * group + 2 * a + b takes word 2 * a + b
-        bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (cols.shape[0], BLOCK_M))
+        counters = cols[:, None] + groups[None, :] * row_stride
     else:
-        r0, r1, r2, r3 = tl.randint4x(seed + off_bh, groups[:, None] * row_stride + cols[None, :])
-        words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (M/4, N, 2, 2)
-        bits = tl.reshape(tl.permute(words, (0, 2, 3, 1)), (BLOCK_M, cols.shape[0]))
-    return _uniform(bits) >= dropout_p
+        counters = groups[:, None] * row_stride + cols[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed + off_bh, counters, 7)
+    threshold = tl.cast(dropout_p * 65536.0, tl.uint32)
+    # query 8 * group + i keeps by draw i: the low then the high half of word i // 2
+    keep = _join8((r0 & 0xFFFF) >= threshold, (r0 >> 16) >= threshold,
+                  (r1 & 0xFFFF) >= threshold, (r1 >> 16) >= threshold,
+                  (r2 & 0xFFFF) >= threshold, (r2 >> 16) >= threshold,
+                  (r3 & 0xFFFF) >= threshold, (r3 >> 16) >= threshold)
+    if KEYS_FIRST:  # (N, M/8, 2, 2, 2) -> (N, M)
+        return tl.reshape(keep, (cols.shape[0], BLOCK_M))
+    else:  # (M/8, N, 2, 2, 2) -> (M, N)
+        return tl.reshape(tl.permute(keep, (0, 2, 3, 4, 1)), (BLOCK_M, cols.shape[0]))
 
 
 @triton.jit
@@ -182,8 +185,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
               seed, start_m, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
               BOUNDARY: tl.constexpr):
-    """One key tile of the online softmax. Without BOUNDARY every key of the tile exists and
-    (causal) lies at or below every query's diagonal: no per-key bound or diagonal check."""
+    """One key tile of the online softmax. Without BOUNDARY every key of the tile exists, is
+    real (no mask) and (causal) lies at or below every query's diagonal: no per-key check."""
     cols = start_n + offs_n
     if BOUNDARY:
         kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
@@ -195,8 +198,6 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     if BOUNDARY:
         s = tl.where(_visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k,
                               IS_CAUSAL, HAS_MASK), s, float("-inf"))
-    elif HAS_MASK:
-        s = tl.where(_real(Mask, off_b, len_k, cols)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -251,7 +252,9 @@ def _attn_fwd_kernel(
 
     lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
     # Tiles [lo, mid) hold only existing keys (and, causal, keys every query of the block sees):
-    # they skip the per-key checks. lo and mid are multiples of BLOCK_N (or mid = hi).
+    # they skip the per-key checks. lo and mid are multiples of BLOCK_N (or mid = hi). With a
+    # mask every tile checks its keys: a second loop body with the mask loads took 42 more
+    # registers on sm_90 (1 CTA per SM instead of 2).
     mid = tl.minimum(hi, (len_k // BLOCK_N) * BLOCK_N)
     if IS_CAUSAL:  # the block's first query sees keys up to start_m * BLOCK_M + Sk - Sq ...
         diagonal = start_m * BLOCK_M + len_k - len_q + 1
@@ -259,7 +262,7 @@ def _attn_fwd_kernel(
         # ... its last one keys below min(Sq, end of block) + Sk - Sq
         hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
     lo = (lo // BLOCK_N) * BLOCK_N
-    mid = tl.maximum(mid, lo)
+    mid = lo if HAS_MASK else tl.maximum(mid, lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
