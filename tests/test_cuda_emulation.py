@@ -129,6 +129,7 @@ LAYER_NORM_CASES = [
     (9, 1000, F32, F32, False, 0, 4),
     (5, 4096, BF16, BF16, True, 0, 4),     # block mode, 512 threads a row
     (3, 4096, F32, F32, False, 0, 4),      # block mode, 1024 threads a row
+    (7, 1030, F16, F16, True, 0, 4),       # block mode, scalar: 1024 threads, some with 2 columns
 ]
 
 
@@ -152,12 +153,30 @@ def test_emulated_add_layer_norm_matches_reference(emulated_backend, rows, hidde
     (7, 1000, F32, False, 0.5),
     (3, 4096, F16, True, 0.2),
     (33, 100, F16, True, 0.3),   # unvectorised (100 is not a multiple of 8)
+    (3, 4095, F32, False, 0.1),  # block mode, unvectorised
 ])
 def test_emulated_add_layer_norm_dropout_matches_reference(emulated_backend, rows, hidden, dtype,
                                                            with_residual, p):
     """Forward and every gradient given the forward's mask (backward regenerates it: dx is 0
     exactly where forward dropped), keep rate, same seed same bits, another seed another mask."""
     check_layer_norm_dropout(emulated_backend, "cpu", rows, hidden, dtype, with_residual, p)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_emulated_kernels_take_zero_rows(emulated_backend, p):
+    """No rows: LayerNorm and GELU backward still launch (one partial-sum block) and give zero
+    weight and bias gradients; nothing is read or written out of bounds."""
+    x, w = torch.randn(0, 96, dtype=BF16), torch.randn(96, dtype=BF16)
+    y, mean, rstd = emulated_backend.add_layer_norm_forward(x, x, w, w, 1e-5, p, 3)
+    dx, dres, dw, db = emulated_backend.add_layer_norm_backward(x, x, x, w, mean, rstd, p, 3)
+    assert y.shape == dx.shape == dres.shape == (0, 96)
+    assert (dw == 0).all() and (db == 0).all()
+    weight = torch.randn(40, 96, dtype=BF16)
+    out, pre = emulated_backend.linear_bias_gelu_forward(x, weight, torch.randn(40, dtype=BF16),
+                                                         "none")
+    dx, dw, db = emulated_backend.linear_bias_gelu_backward(out, x, weight, pre, "none")
+    assert out.shape == (0, 40) and dx.shape == (0, 96) and (dw == 0).all() and (db == 0).all()
 
 
 @pytest.mark.compile
