@@ -210,9 +210,14 @@ def test_question_answering_clamps_out_of_range_positions():
     model = BertForQuestionAnswering(small_config()).eval()
     ids, mask = random_batch()
     start, end = torch.tensor([1, 50, 3]), torch.tensor([2, 4, 99])
+    mask[:, :5] = True  # the in-range labels sit at real tokens
     out = model(ids, mask, start_positions=start, end_positions=end)
-    s_loss = F.cross_entropy(out.start_logits[[0, 2]], start[[0, 2]])
-    e_loss = F.cross_entropy(out.end_logits[[0, 1]], end[[0, 1]])
+    # unpadded: padding is masked out of the span softmax (it cannot be a boundary)
+    real = mask.bool()
+    start_logits, end_logits = (t.masked_fill(~real, torch.finfo(t.dtype).min)
+                                for t in (out.start_logits, out.end_logits))
+    s_loss = F.cross_entropy(start_logits[[0, 2]], start[[0, 2]])
+    e_loss = F.cross_entropy(end_logits[[0, 1]], end[[0, 1]])
     torch.testing.assert_close(out.loss, (s_loss + e_loss) / 2)
 
 
