@@ -60,6 +60,7 @@ int g_finding_count = 0;
 std::string g_kernel;  // the running kernel's name
 
 void finding(const std::string& what) {
+  if (g_findings.find(what + "\n") != std::string::npos) return;  // said already
   if (++g_finding_count <= 8) g_findings += what + "\n";
 }
 
@@ -227,22 +228,33 @@ uintptr_t g_smem_lo = 0, g_smem_span = 0, g_global_lo = 0, g_global_span = 0;
 int g_global_errors = 0;  // per launch
 int g_call_memchecks = 0;  // per guarded call
 
-void global_access(uintptr_t a, size_t bytes, bool write) {
+// The buffer whose copy is nearest to [a, a + bytes), and whether it holds all of it.
+const Region* nearest_region(uintptr_t a, size_t bytes, bool* inside) {
   const Region* nearest = nullptr;
   long best = 0;
   for (const Region& r : g_regions) {
     const uintptr_t lo = (uintptr_t)r.copy, hi = lo + r.bytes;
-    if (a >= lo && a + bytes <= hi) return;
     const long dist = a < lo ? (long)(lo - a) : (long)(a + bytes > hi ? a + bytes - hi : 0);
     if (!nearest || dist < best) nearest = &r, best = dist;
   }
+  *inside = nearest && best == 0;
+  return nearest;
+}
+
+std::string global_place(const Region* r, uintptr_t a) {
+  if (!r) return "address " + std::to_string(a);
+  return "byte offset " + std::to_string((long)(a - (uintptr_t)r->copy)) + " of '" + r->name +
+         "' (" + std::to_string(r->bytes) + " bytes)";
+}
+
+void global_access(uintptr_t a, size_t bytes, bool write) {
+  bool inside = false;
+  const Region* r = nearest_region(a, bytes, &inside);
+  if (inside) return;
   ++g_call_memchecks;
   if (++g_global_errors > 3) return;
-  const long offset = nearest ? (long)(a - (uintptr_t)nearest->copy) : 0;
   finding("memcheck: " + where() + ": " + (write ? "write" : "read") + " of " +
-          std::to_string(bytes) + " bytes at byte offset " + std::to_string(offset) + " of '" +
-          (nearest ? nearest->name : "?") + "' (" +
-          std::to_string(nearest ? nearest->bytes : 0) + " bytes): out of bounds");
+          std::to_string(bytes) + " bytes at " + global_place(r, a) + ": out of bounds");
 }
 
 void shared_bounds(size_t offset, size_t bytes, bool write) {
@@ -262,6 +274,21 @@ inline void on_access(uintptr_t a, size_t bytes, bool write) {
   } else if (a - g_global_lo < g_global_span) {
     global_access(a, bytes, write);
   }
+}
+
+// A GPU faults on an access not aligned to its size (vector loads, cp.async, ldmatrix rows).
+void misaligned(uintptr_t a, size_t align, const std::string& what) {
+  std::string place = "address " + std::to_string(a);
+  if (a - g_smem_lo < g_smem_span) {
+    place = shared_place(a - g_smem_lo);
+  } else if (a - g_global_lo < g_global_span) {
+    bool inside = false;
+    place = global_place(nearest_region(a, 1, &inside), a);
+  }
+  ++g_call_memchecks;
+  if (++g_global_errors > 3) return;
+  finding("memcheck: " + (g_active ? where() : std::string("host code")) + ": misaligned " + what +
+          " at " + place + " (needs " + std::to_string(align) + "-byte alignment)");
 }
 
 // ---- launches ----------------------------------------------------------------------------------
@@ -381,7 +408,13 @@ void* static_shared(size_t bytes, size_t align, const void* key) {
   return g_smem + it->second;
 }
 
+void check_aligned(const void* p, size_t align, const char* what) {
+  if ((uintptr_t)p % align) misaligned((uintptr_t)p, align, what);
+}
+
 void queue_copy(void* dst, const void* src, int bytes, bool valid) {
+  check_aligned(dst, bytes, "cp.async destination");
+  if (valid) check_aligned(src, bytes, "cp.async source");
   // The destination counts as written at the issue (a read of it before the wait is a race).
   check_access(dst, bytes, true);
   if (valid) check_access(src, bytes, false);
@@ -571,6 +604,27 @@ EMU_ACCESS(16)
 EMU_HIDDEN void __asan_loadN_noabort(uintptr_t a, size_t n) { emu::on_access(a, n, false); }
 EMU_HIDDEN void __asan_storeN_noabort(uintptr_t a, size_t n) { emu::on_access(a, n, true); }
 EMU_HIDDEN void __asan_handle_no_return(void) {}
+
+// -fsanitize=alignment: an access through a pointer not aligned to its type (the Vec<T, N>,
+// uint4 and float4 vector accesses of the kernels).
+struct UbsanLocation {
+  const char* file;
+  uint32_t line, column;
+};
+struct UbsanType {
+  uint16_t kind, info;
+  char name[1];
+};
+struct UbsanMismatch {
+  UbsanLocation loc;
+  const UbsanType* type;
+  unsigned char log_alignment, check_kind;
+};
+EMU_HIDDEN void __ubsan_handle_type_mismatch_v1(UbsanMismatch* d, uintptr_t ptr) {
+  emu::misaligned(ptr, (size_t)1 << d->log_alignment,
+                  std::string("access to ") + d->type->name + " (" + d->loc.file + ":" +
+                      std::to_string(d->loc.line) + ")");
+}
 }
 
 // ---- what tests/cuda_emulation.py calls (ctypes) -------------------------------------------------

@@ -49,6 +49,7 @@ void warp_sync(const char* file, int line);  // __syncwarp: orders shared access
 const uint32_t* warp_exchange(const uint32_t* mine, int words, const char* file, int line);
 // An access the instrumentation does not see (emulated instructions), checked explicitly.
 void check_access(const void* p, size_t bytes, bool write);
+void check_aligned(const void* p, size_t align, const char* what);
 unsigned char* dynamic_smem();
 void* static_shared(size_t bytes, size_t align, const void* key);
 // cp.async: the copy is queued by the issuing thread and lands at its wait.
@@ -190,6 +191,7 @@ template <typename T> inline uint32_t pack2(float lo, float hi) {
 // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; lane l gets element
 // (l / 4, 2 (l % 4) + {0, 1}) of each (transposed: (2 (l % 4) + {0, 1}, l / 4)).
 EMU_UNCHECKED inline void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  emu::check_aligned(emu::dynamic_smem() + addr, 16, "ldmatrix row");
   const uint32_t* rows = emu::warp_exchange(&addr, 1, __FILE__, __LINE__);
   const int l = emu::lane(), g = l / 4, t = l % 4;
   auto at = [](uint32_t row, int i) {

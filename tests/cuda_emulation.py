@@ -9,7 +9,8 @@ of the sources (line numbers kept, `#line` names the original file):
 - `extern __shared__ T name[];` -> a pointer to the launch's dynamic shared memory;
   `__shared__ T name[N]...;` -> a reference to one object per block.
 It compiles them with every memory access instrumented (-fsanitize=kernel-address, a callback per
-access, no sanitizer runtime) next to the uninstrumented runtime, and links one shared library.
+access, and -fsanitize=alignment for the vector accesses; no sanitizer runtime: the callbacks are
+tests/cuda_emulation.cpp's) next to the uninstrumented runtime, and links one shared library.
 
 `EmuC(path)` has fastbert._C's entry points with the same signatures, so fastbert/cuda.py runs
 unchanged with `_C` replaced by it. Each call copies its global buffers between poisoned guard
@@ -32,7 +33,7 @@ SOURCES = ("csrc/attention.cu", "csrc/layer_norm.cu", "csrc/gelu.cu",
            "tests/cuda_emulation_selftest.cu")
 INSTRUMENT = ["-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
               "--param", "asan-stack=0", "--param", "asan-globals=0",
-              "--param", "asan-use-after-return=0"]
+              "--param", "asan-use-after-return=0", "-fsanitize=alignment"]
 
 P, I, L, D, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_uint64
 ELEMENT_BYTES = {0: 2, 1: 2, 2: 4}  # fastbert/cuda.py's dtype codes

@@ -52,12 +52,19 @@ __global__ void warp_exchange_kernel(const float* x, float* y, int n, bool sync)
   y[t] = lanes[31 - t];
 }
 
+// A 16-byte vector load from x + shift (shift 1: not 16-byte aligned).
+__global__ void vector_load_kernel(const float* x, float* y, int n, int shift) {
+  const float4 v = *reinterpret_cast<const float4*>(x + shift);
+  y[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+
 }  // namespace selftest_kernels
 
 // case: 0 clean copy, 1 read past the end, 2 write before the start, 3 shared race, 4 the same
 // with a barrier, 5 shared past the dynamic allocation, 6 within it, 7 divergent barrier,
 // 8 uniform barrier, 9 warp race, 10 __syncwarp, 11 64 KiB of dynamic shared memory without
-// cudaFuncSetAttribute. Returns cudaGetLastError() after the launch.
+// cudaFuncSetAttribute, 12 misaligned vector load, 13 aligned. Returns cudaGetLastError() after
+// the launch.
 extern "C" int emu_selftest(int which, const float* x, float* y, int n) {
   using namespace selftest_kernels;
   switch (which) {
@@ -73,6 +80,8 @@ extern "C" int emu_selftest(int which, const float* x, float* y, int n) {
     case 9: warp_exchange_kernel<<<1, 32>>>(x, y, n, false); break;
     case 10: warp_exchange_kernel<<<1, 32>>>(x, y, n, true); break;
     case 11: dynamic_smem_kernel<<<1, 64, 64 * 1024>>>(x, y, n); break;
+    case 12: vector_load_kernel<<<1, 1>>>(x, y, n, 1); break;
+    case 13: vector_load_kernel<<<1, 1>>>(x, y, n, 4); break;
   }
   return (int)cudaGetLastError();
 }
