@@ -5,6 +5,8 @@
     out = fastbert.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
     y = fastbert.add_layer_norm(x, residual, weight, bias)
     h = fastbert.linear_bias_gelu(x, weight, bias)
+    h = fastbert.linear_geglu(x, wi_weight)                       # gelu(x W_a^T) * (x W_g^T)
+    q = fastbert.apply_rotary(q, cos, sin)                        # rotary embeddings
 
 Importing fastbert loads neither Triton, the CUDA extension nor transformers; each is loaded the
 first time something that needs it is used.
@@ -13,6 +15,8 @@ import importlib
 
 from fastbert.ops import (BACKENDS, add_layer_norm, attention, get_backend, linear_bias_gelu,
                           set_backend)
+from fastbert.geglu import linear_geglu
+from fastbert.rotary import apply_rotary
 from fastbert.varlen import attention_varlen
 
 __version__ = "0.1.0"
@@ -38,5 +42,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastbert' has no attribute {name!r}")
 
 
-__all__ = ["BACKENDS", "attention", "attention_varlen", "add_layer_norm", "linear_bias_gelu", "set_backend",
+__all__ = ["BACKENDS", "attention", "attention_varlen", "add_layer_norm", "linear_bias_gelu",
+           "linear_geglu", "apply_rotary", "set_backend",
            "get_backend", "__version__", *_LAZY]

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 OPS = ("fastbert.attention", "fastbert.attention_varlen", "fastbert.add_layer_norm",
-       "fastbert.linear_bias_gelu")
+       "fastbert.linear_bias_gelu", "fastbert.linear_geglu", "fastbert.apply_rotary")
 GPU_BACKENDS = ("cuda", "triton", "torch")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "benchmarks", "results")
@@ -79,6 +79,19 @@ _STATIC: Dict[str, List[Tuple[str, str]]] = {
                  "product (BERT-base FFN at 16k tokens: ~200 MB, ~47 us at 4.3 TB/s, against "
                  "~100 us for the GEMM itself at 790 TFLOP/s); wins only if cuBLAS beats "
                  "Triton's GEMM by more than that (static estimate); not measured on a GPU yet"),
+        ("torch", _TORCH_LAST),
+    ],
+    # ModernBERT's ops (issue 20): the backends that have no kernel for them yet refuse, and
+    # `auto` falls through to torch
+    "fastbert.linear_geglu": [
+        ("triton", "GELU and the gate product in the GEMM epilogue: the M x 2N product never "
+                   "goes through memory; not measured on a GPU yet"),
+        ("cuda", "no kernel for this op yet"),
+        ("torch", _TORCH_LAST),
+    ],
+    "fastbert.apply_rotary": [
+        ("triton", "one elementwise pass over q and k; not measured on a GPU yet"),
+        ("cuda", "no kernel for this op yet"),
         ("torch", _TORCH_LAST),
     ],
 }

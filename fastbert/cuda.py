@@ -87,6 +87,8 @@ def unsupported(op: str, **kw) -> Optional[str]:
     """Why these kernels cannot serve an input (None when they can)."""
     dtype = kw.get("dtype")
     if op in ("fastbert.attention", "fastbert.attention_varlen"):
+        if "window" in kw:
+            return "the CUDA attention kernels take no sliding window (window_size)"
         if dtype not in ATTENTION_DTYPES:
             return f"the CUDA attention kernels take float16 or bfloat16, got {dtype}"
         if kw.get("head_dim") not in ATTENTION_HEAD_DIMS:

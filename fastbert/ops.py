@@ -261,10 +261,12 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
                        dropout_p: float, scale: float, seed: Optional[Tensor],
-                       deterministic: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                       deterministic: bool, backend: str, window_left: int = -1,
+                       window_right: int = -1) -> Tuple[Tensor, Tensor]:
     # `deterministic` only changes backward; forward carries it so setup_context can keep it.
-    out, lse = _backend_module(backend).attention_forward(q, k, v, mask, causal, dropout_p, scale,
-                                                          _seed_int(seed))
+    out, lse = _backend_module(backend).attention_forward(
+        q, k, v, mask, causal, dropout_p, scale, _seed_int(seed),
+        **window_kw((window_left, window_right)))
     return out, lse
 
 
@@ -273,18 +275,20 @@ _attention_fwd = torch.library.custom_op("fastbert::attention_fwd",
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, mask, causal, dropout_p, scale, seed, deterministic, backend):
+def _(q, k, v, mask, causal, dropout_p, scale, seed, deterministic, backend, window_left=-1,
+      window_right=-1):
     b, sq, h, d = q.shape
     return q.new_empty(b, sq, h, d), q.new_empty(b, h, sq, dtype=torch.float32)
 
 
 def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                         mask: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
-                        seed: Optional[Tensor], deterministic: bool,
-                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                        seed: Optional[Tensor], deterministic: bool, backend: str,
+                        window_left: int = -1,
+                        window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _backend_module(backend).attention_backward(
         dout.contiguous(), q, k, v, out, lse, mask, causal, dropout_p, scale, _seed_int(seed),
-        deterministic)
+        deterministic, **window_kw((window_left, window_right)))
     return dq, dk, dv
 
 
@@ -293,15 +297,18 @@ _attention_bwd = torch.library.custom_op("fastbert::attention_bwd",
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed, deterministic, backend):
+def _(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed, deterministic, backend,
+      window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, causal, dropout_p, scale, seed, deterministic, backend = inputs
+    (q, k, v, mask, causal, dropout_p, scale, seed, deterministic, backend, window_left,
+     window_right) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, seed)
     ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+    ctx.window = (window_left, window_right)
     ctx.deterministic, ctx.backend = deterministic, backend
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
@@ -309,12 +316,12 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_grad(ctx, dout, dlse):
     if dout is None:
-        return (None,) * 10
+        return (None,) * 12
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     backward = _backward_impl(ctx, _attention_bwd, _attention_backward)
     dq, dk, dv = backward(dout, q, k, v, out, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale,
-                          seed, ctx.deterministic, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                          seed, ctx.deterministic, ctx.backend, *ctx.window)
+    return dq, dk, dv, *([None] * 9)
 
 
 _attention_fwd.register_autograd(_attention_grad, setup_context=_attention_setup)
@@ -330,6 +337,25 @@ def _softmax_scale(op: str, softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+FULL_WINDOW = (-1, -1)
+
+
+def _window(op: str, window_size) -> Tuple[int, int]:
+    """flash-attn's window_size=(left, right): ints >= 0, or -1 for unbounded."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1
+                       for w in window_size)):
+        raise ValueError(f"{op}: argument 'window_size' expected (left, right), each an int >= 0 "
+                         f"or -1 for unbounded, got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def window_kw(window: Tuple[int, int]) -> dict:
+    """Backends get `window` only when one is set: a backend that serves windows takes
+    window=(-1, -1); the others refuse windowed inputs in unsupported(window=...)."""
+    return {} if tuple(window) == FULL_WINDOW else {"window": tuple(window)}
+
+
 def _attention_operands(q: Tensor, k: Tensor, v: Tensor):
     """q, k, v in autocast's dtype (when it is on), each with a unit last stride."""
     cast = _autocast_dtype(q.device)
@@ -339,12 +365,15 @@ def _attention_operands(q: Tensor, k: Tensor, v: Tensor):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, *,
-              causal: bool = False, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+              causal: bool = False, window_size: Tuple[int, int] = FULL_WINDOW,
+              dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
               deterministic: bool = False, backend: str = "auto") -> Tensor:
     """Scaled-dot-product attention. q (B, Sq, H, D), k and v (B, Sk, H, D) -> (B, Sq, H, D).
 
     key_padding_mask (B, Sk): True/nonzero marks a real token. causal: query i sees keys
-    j <= i + Sk - Sq. A query that sees no key returns zeros (and zero gradients).
+    j <= i + Sk - Sq. window_size (left, right), flash-attn's sliding window: query i sees keys
+    i + Sk - Sq - left <= j <= i + Sk - Sq + right (-1 = unbounded); it composes with the mask,
+    causal and dropout. A query that sees no key returns zeros (and zero gradients).
     """
     op = "fastbert.attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -382,18 +411,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
             key_padding_mask = key_padding_mask != 0
         # the same bool mask object in every layer: the Triton launcher caches its key ranges
         key_padding_mask = key_padding_mask.contiguous()
+    window = _window(op, window_size)
     dropout_p = _expect_dropout(op, dropout_p)
     softmax_scale = _softmax_scale(op, softmax_scale, d)
     q, k, v = _attention_operands(q, k, v)
     chosen = resolve_backend(op, backend, q.device, dtype=q.dtype, head_dim=d,
                              dropout_p=dropout_p, causal=bool(causal),
-                             has_mask=key_padding_mask is not None)
+                             has_mask=key_padding_mask is not None, **window_kw(window))
     if _inference(q, k, v):
         return _backend_module(chosen).attention_forward(
             q, k, v, key_padding_mask, bool(causal), dropout_p, softmax_scale,
-            _seed_int(_draw_seed(dropout_p)))[0]
+            _seed_int(_draw_seed(dropout_p)), **window_kw(window))[0]
     args = (q, k, v, key_padding_mask, bool(causal), dropout_p, float(softmax_scale),
-            _draw_seed(dropout_p), bool(deterministic), chosen)
+            _draw_seed(dropout_p), bool(deterministic), chosen, *window)
     if _eager(q, k, v, key_padding_mask):
         return _EagerOp.apply("fastbert::attention", _attention_forward, _attention_setup,
                               _attention_grad, *args)[0]
@@ -464,9 +494,10 @@ def _add_layer_norm_grad(ctx, dy, dmean, drstd):
 _add_layer_norm_fwd.register_autograd(_add_layer_norm_grad, setup_context=_add_layer_norm_setup)
 
 
-def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
+def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                    eps: float = 1e-12, *, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
-    """LayerNorm(dropout(x) + residual) over the last dim, statistics in fp32."""
+    """LayerNorm(dropout(x) + residual) over the last dim, statistics in fp32; bias may be None
+    (nn.LayerNorm(bias=False))."""
     op = "fastbert.add_layer_norm"
     _expect_tensor(op, "x", x)
     _expect_float(op, "x", x)
@@ -486,12 +517,16 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
             raise TypeError(f"{op}: argument 'residual' expected dtype {x.dtype} like 'x', got "
                             f"{residual.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
         _expect_tensor(op, name, t)
         _expect_float(op, name, t)
         _expect_same_device(op, "x", x, name, t)
         if tuple(t.shape) != (hidden,):
             raise ValueError(f"{op}: argument '{name}' expected shape ({hidden},) matching the "
                              f"last dim of 'x', got {tuple(t.shape)}")
+    if bias is None:  # every backend's kernels take a bias: a zero one adds nothing
+        bias = torch.zeros_like(weight)
     if bias.dtype != weight.dtype:
         raise TypeError(f"{op}: argument 'bias' expected dtype {weight.dtype} like 'weight', got "
                         f"{bias.dtype}")

@@ -40,16 +40,28 @@ def dropout_keep_mask(seed: int, shape, p: float, device) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 def attention_visible(key_padding_mask: Optional[Tensor], causal: bool, b: int, sq: int, sk: int,
-                      device) -> Optional[Tensor]:
-    """(B, 1, Sq, Sk) bool: which keys each query may see, or None when all are visible."""
+                      device, window: Tuple[int, int] = (-1, -1)) -> Optional[Tensor]:
+    """(B, 1, Sq, Sk) bool: which keys each query may see, or None when all are visible.
+    window (left, right), flash-attn's sliding window: query i sees keys j with
+    i + Sk - Sq - left <= j <= i + Sk - Sq + right (bottom-right aligned as causal; -1 =
+    unbounded)."""
     visible = None
     if key_padding_mask is not None:
         visible = key_padding_mask.bool().view(b, 1, 1, sk)
-    if causal:
+    left, right = window
+    if causal or left >= 0 or right >= 0:
         i = torch.arange(sq, device=device).view(sq, 1)
         j = torch.arange(sk, device=device).view(1, sk)
-        tri = (j <= i + (sk - sq)).view(1, 1, sq, sk)  # bottom-right aligned
-        visible = tri if visible is None else visible & tri
+        offset = j - (i + (sk - sq))  # key distance from the query's bottom-right diagonal
+        band = torch.ones(sq, sk, dtype=torch.bool, device=device)
+        if causal:
+            band &= offset <= 0
+        if left >= 0:
+            band &= offset >= -left
+        if right >= 0:
+            band &= offset <= right
+        band = band.view(1, 1, sq, sk)
+        visible = band if visible is None else visible & band
     if visible is not None:
         visible = visible.expand(b, 1, sq, sk)
     return visible
@@ -221,3 +233,52 @@ def linear_backward(dpre: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Te
     dweight = torch.matmul(dpre2d.t(), x2d)
     dbias = dpre2d.to(acc_dtype(dpre)).sum(0)
     return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# linear + GeGLU (ModernBERT's MLP input): gelu(x W_a^T + b_a) * (x W_g^T + b_g), W = [W_a; W_g]
+# --------------------------------------------------------------------------------------------
+
+def linear_geglu_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         approximate: str = "none", upcast: bool = True) -> Tuple[Tensor, Tensor]:
+    """Returns (out (..., N), pre-activation (..., 2N)), both in x.dtype."""
+    pre = torch.nn.functional.linear(x, weight, bias)
+    act, gate = (pre.to(acc_dtype(pre)) if upcast else pre).chunk(2, dim=-1)
+    return (gelu(act, approximate) * gate).to(x.dtype), pre
+
+
+def linear_geglu_backward(dout: Tensor, x: Tensor, weight: Tensor, pre: Tensor,
+                          approximate: str = "none") -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbias); dbias is the gradient a bias would get."""
+    acc = acc_dtype(pre)
+    act, gate = pre.to(acc).chunk(2, dim=-1)
+    g = dout.to(acc)
+    dpre = torch.cat([g * gate * gelu_grad(act, approximate), g * gelu(act, approximate)], dim=-1)
+    return linear_backward(dpre.to(x.dtype), x, weight)
+
+
+# --------------------------------------------------------------------------------------------
+# rotary embeddings (flash-attn's apply_rotary_emb)
+# --------------------------------------------------------------------------------------------
+
+def rotary_forward(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                   interleaved: bool = False, conjugate: bool = False,
+                   upcast: bool = True) -> Tensor:
+    """x (..., H, D) whose rows sit at `positions` (x.shape[:-2], int64); cos and sin (S_ro, R/2).
+    The first R dims of each head turn by the angle of the row's position: pairs (i, i + R/2), or
+    (2i, 2i + 1) when interleaved; the rest pass through. conjugate turns the other way (backward).
+    Returns x.dtype."""
+    half = cos.shape[-1]
+    dt = acc_dtype(x) if upcast else x.dtype
+    c = cos.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, half).to(dt)
+    s = sin.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, half).to(dt)
+    if conjugate:
+        s = -s
+    turned = x[..., :2 * half].to(dt)
+    if interleaved:
+        x1, x2 = turned[..., 0::2], turned[..., 1::2]
+    else:
+        x1, x2 = turned[..., :half], turned[..., half:]
+    o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
+    turned = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), -1)
+    return torch.cat((turned.to(x.dtype), x[..., 2 * half:]), dim=-1)

@@ -1,12 +1,12 @@
 """The torch backend: the reference math (fastbert/reference.py) on ATen's fused CPU kernels
-where they measure faster, behind the same six entry points as the Triton and CUDA backends (see
+where they measure faster, behind the same entry points as the Triton and CUDA backends (see
 fastbert/ops.py). Dropout masks come from a torch.Generator seeded by the call's seed, so backward
 regenerates forward's mask."""
 from __future__ import annotations
 
 import torch
 
-from fastbert import reference
+from fastbert import reference, window as sliding
 
 
 class TorchBackend:
@@ -28,19 +28,35 @@ class TorchBackend:
                 and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
     @staticmethod
-    def _additive_mask(q, k, mask, causal):
+    def _additive_mask(q, k, mask, causal, window):
         """(B, 1, Sq|1, Sk) float mask (0 or -inf) for ATen, and (B, 1, Sq) rows that see no key."""
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-        visible = reference.attention_visible(mask, causal, b, sq, sk, q.device)
+        visible = reference.attention_visible(mask, causal, b, sq, sk, q.device, window)
         if visible is None:
             return None, None
         additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
         return additive.masked_fill_(~visible, float("-inf")), ~visible.any(-1)
 
     @staticmethod
-    def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
+    def _band(q, k, mask, band):
+        """The blocked layout of a sliding window finite on both sides (fastbert/window.py)."""
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        return sliding.cached_band(mask, (b, sq, sk, band, q.dtype, q.device), lambda: (
+            sliding.make_band(b, sq, sk, *band, q.dtype, q.device, key_padding_mask=mask)))
+
+    @staticmethod
+    def _visible(q, k, mask, causal, window):
+        return reference.attention_visible(mask, causal, q.shape[0], q.shape[1], k.shape[1],
+                                           q.device, window)
+
+    @staticmethod
+    def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1, -1)):
+        band = sliding.bounded(window, causal)
+        if band is not None:  # a local layer: O(S * window)
+            return sliding.forward(q, k, v, TorchBackend._band(q, k, mask, band), dropout_p,
+                                   scale, seed)
         if TorchBackend._cpu_flash(q, dropout_p):
-            additive, empty = TorchBackend._additive_mask(q, k, mask, causal)
+            additive, empty = TorchBackend._additive_mask(q, k, mask, causal, window)
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=additive, scale=scale)
             out = out.transpose(1, 2)  # (B, Sq, H, D)
@@ -51,13 +67,19 @@ class TorchBackend:
             return out.contiguous(), lse
         keep = TorchBackend._keep(seed, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
                                    dropout_p, q.device)
-        return reference.attention_forward(q, k, v, mask, causal, dropout_p, scale, keep)
+        return reference.attention_forward(q, k, v, mask, causal, dropout_p, scale, keep,
+                                           visible=TorchBackend._visible(q, k, mask, causal,
+                                                                         window))
 
     @staticmethod
     def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
-                           deterministic):
+                           deterministic, window=(-1, -1)):
+        band = sliding.bounded(window, causal)
+        if band is not None:
+            return sliding.backward(dout, q, k, v, out, lse, TorchBackend._band(q, k, mask, band),
+                                    dropout_p, scale, seed)
         if TorchBackend._cpu_flash(q, dropout_p):
-            additive, _ = TorchBackend._additive_mask(q, k, mask, causal)
+            additive, _ = TorchBackend._additive_mask(q, k, mask, causal, window)
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 *(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse, 0.0, False,
                 attn_mask=additive, scale=scale)
@@ -65,7 +87,9 @@ class TorchBackend:
         keep = TorchBackend._keep(seed, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
                                    dropout_p, q.device)
         return reference.attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p,
-                                            scale, keep)
+                                            scale, keep,
+                                            visible=TorchBackend._visible(q, k, mask, causal,
+                                                                          window))
 
     # LayerNorm and GELU run on torch's fused ATen kernels here (the same math as reference.py,
     # which the tests hold them to): the reference's elementwise chains are many times slower.
@@ -101,3 +125,24 @@ class TorchBackend:
         acc = reference.acc_dtype(pre)
         dpre = torch.ops.aten.gelu_backward(dout.to(acc), pre.to(acc), approximate=approximate)
         return reference.linear_backward(dpre.to(x.dtype), x, weight)
+
+    @staticmethod
+    def linear_geglu_forward(x, weight, bias, approximate):
+        pre = torch.nn.functional.linear(x, weight, bias)  # (M, 2N)
+        act, gate = pre.to(reference.acc_dtype(pre)).chunk(2, dim=-1)
+        out = torch.nn.functional.gelu(act, approximate=approximate).mul_(gate)
+        return out.to(x.dtype), pre
+
+    @staticmethod
+    def linear_geglu_backward(dout, x, weight, pre, approximate):
+        acc = reference.acc_dtype(pre)
+        act, gate = pre.to(acc).chunk(2, dim=-1)
+        g = dout.to(acc)
+        dact = torch.ops.aten.gelu_backward(g * gate, act, approximate=approximate)
+        dgate = g * torch.nn.functional.gelu(act, approximate=approximate)
+        return reference.linear_backward(torch.cat([dact, dgate], dim=-1).to(x.dtype), x, weight)
+
+    @staticmethod
+    def apply_rotary(x, cos, sin, positions, interleaved, conjugate):
+        return reference.rotary_forward(x, cos, sin, positions, interleaved,
+                                        conjugate).contiguous()

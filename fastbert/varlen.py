@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastbert import ops, reference
+from fastbert import ops, reference, window as sliding
 from fastbert.padding import gather_tokens, scatter_tokens, varlen_to_padded_index
 from fastbert.torch_backend import TorchBackend
 
@@ -46,15 +46,22 @@ def describe_cpu() -> str:
 # padded view of the packed tokens
 # --------------------------------------------------------------------------------------------
 
-def _visible(cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool) -> Tensor:
+def _visible(cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool,
+             window: Tuple[int, int]) -> Tensor:
     """(B, 1, max_q, max_k) bool: which keys each query of each sequence may see."""
     len_q = (cu_q[1:] - cu_q[:-1]).view(-1, 1, 1, 1)
     len_k = (cu_k[1:] - cu_k[:-1]).view(-1, 1, 1, 1)
     i = torch.arange(max_q, device=cu_q.device).view(1, 1, max_q, 1)
     j = torch.arange(max_k, device=cu_q.device).view(1, 1, 1, max_k)
     visible = (j < len_k) & (i < len_q)
-    if causal:  # bottom-right aligned within each sequence
-        visible = visible & (j <= i + (len_k - len_q))
+    offset = j - (i + (len_k - len_q))  # bottom-right aligned within each sequence
+    left, right = window
+    if causal:
+        visible = visible & (offset <= 0)
+    if left >= 0:
+        visible = visible & (offset >= -left)
+    if right >= 0:
+        visible = visible & (offset <= right)
     return visible
 
 
@@ -80,9 +87,9 @@ def _version(t: Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
-def _layout(q, k, cu_q, cu_k, max_q, max_k, causal) -> _Layout:
+def _layout(q, k, cu_q, cu_k, max_q, max_k, causal, window=ops.FULL_WINDOW) -> _Layout:
     key = (id(cu_q), _version(cu_q), id(cu_k), _version(cu_k), q.shape[0], k.shape[0], max_q,
-           max_k, causal, q.dtype, q.device)
+           max_k, causal, window, q.dtype, q.device)
     hit = _layouts.get(key)
     if hit is not None and hit[0]() is cu_q and hit[1]() is cu_k:  # not a recycled id
         _layouts.move_to_end(key)
@@ -90,7 +97,7 @@ def _layout(q, k, cu_q, cu_k, max_q, max_k, causal) -> _Layout:
     batch = cu_q.numel() - 1
     idx_q = varlen_to_padded_index(cu_q, q.shape[0], max_q)
     idx_k = varlen_to_padded_index(cu_k, k.shape[0], max_k)
-    visible = _visible(cu_q, cu_k, max_q, max_k, causal)
+    visible = _visible(cu_q, cu_k, max_q, max_k, causal, window)
     additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
     additive.masked_fill_(~visible, float("-inf"))
     empty_q = ~visible.any(-1).reshape(-1).index_select(0, idx_q)
@@ -139,18 +146,41 @@ def _forward_per_sequence(q, k, v, runs, causal, scale):
     return out, lse
 
 
+def _packed_band(q, cu_q, cu_k, causal, window) -> Optional[sliding.Band]:
+    """The blocked layout over the packed tokens themselves (no padding computed) for a window
+    finite on both sides, when queries and keys share cu_seqlens (self-attention: within a
+    sequence, packed distance is position distance); None otherwise."""
+    band = sliding.bounded(window, causal)
+    same = cu_q is cu_k or (cu_q.device.type == "cpu" and torch.equal(cu_q, cu_k))
+    if band is None or not same:
+        return None
+    total = q.shape[0]
+
+    def make():
+        tokens = torch.arange(total, device=q.device, dtype=cu_q.dtype)
+        sequence = torch.searchsorted(cu_q[1:].contiguous(), tokens, right=True)
+        return sliding.make_band(1, total, total, *band, q.dtype, q.device,
+                                 sequence_ids=sequence)
+    return sliding.cached_band(cu_q, ("varlen", total, band, q.dtype, q.device), make)
+
+
 class _TorchVarlen:
     @staticmethod
-    def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed):
+    def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed,
+                                 window=ops.FULL_WINDOW):
         if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
-        if TorchBackend._cpu_flash(q, dropout_p):
+        band = _packed_band(q, cu_q, cu_k, causal, window)
+        if band is not None:  # a local layer: O(T * window)
+            out, lse = sliding.forward(q[None], k[None], v[None], band, dropout_p, scale, seed)
+            return out[0], lse[0]
+        if TorchBackend._cpu_flash(q, dropout_p) and window == ops.FULL_WINDOW:
             runs = _runs(cu_q, cu_k)
             if q.shape[0] >= MIN_TOKENS_PER_CALL * len(runs) and (
                     not causal or all(lq == lk for _, _, _, lq, lk in runs)):
                 return _forward_per_sequence(q, k, v, runs, causal, scale)
-        lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal)
+        lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal, window)
         qp = scatter_tokens(q, lay.idx_q, lay.batch, max_q)  # (B, max_q, H, D)
         kp, vp = (scatter_tokens(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
         h = q.shape[1]
@@ -171,10 +201,15 @@ class _TorchVarlen:
 
     @staticmethod
     def attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal,
-                                  dropout_p, scale, seed, deterministic):
+                                  dropout_p, scale, seed, deterministic, window=ops.FULL_WINDOW):
         if q.shape[0] == 0 or k.shape[0] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal)
+        band = _packed_band(q, cu_q, cu_k, causal, window)
+        if band is not None:
+            grads = sliding.backward(dout[None], q[None], k[None], v[None], out[None], lse[None],
+                                     band, dropout_p, scale, seed)
+            return tuple(g[0] for g in grads)
+        lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal, window)
         h = q.shape[1]
         qp, dop, op = (scatter_tokens(t, lay.idx_q, lay.batch, max_q) for t in (q, dout, out))
         kp, vp = (scatter_tokens(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
@@ -207,11 +242,11 @@ def _impl(backend: str):
 
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, causal: bool, dropout_p: float,
-                    scale: float, seed: Optional[Tensor], deterministic: bool,
-                    backend: str) -> Tuple[Tensor, Tensor]:
+                    scale: float, seed: Optional[Tensor], deterministic: bool, backend: str,
+                    window_left: int = -1, window_right: int = -1) -> Tuple[Tensor, Tensor]:
     out, lse = _impl(backend).attention_varlen_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, dropout_p, scale,
-        ops._seed_int(seed))
+        ops._seed_int(seed), **ops.window_kw((window_left, window_right)))
     return out, lse
 
 
@@ -221,7 +256,7 @@ _varlen_fwd = torch.library.custom_op("fastbert::attention_varlen_fwd",
 
 @_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, dropout_p, scale,
-      seed, deterministic, backend):
+      seed, deterministic, backend, window_left=-1, window_right=-1):
     total, h, d = q.shape
     return q.new_empty(total, h, d), q.new_empty(h, total, dtype=torch.float32)
 
@@ -229,11 +264,13 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, d
 def _varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                      cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, causal: bool, dropout_p: float, scale: float,
-                     seed: Optional[Tensor], deterministic: bool,
-                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                     seed: Optional[Tensor], deterministic: bool, backend: str,
+                     window_left: int = -1,
+                     window_right: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _impl(backend).attention_varlen_backward(
         dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, causal, dropout_p, scale, ops._seed_int(seed), deterministic)
+        max_seqlen_k, causal, dropout_p, scale, ops._seed_int(seed), deterministic,
+        **ops.window_kw((window_left, window_right)))
     return dq, dk, dv
 
 
@@ -243,16 +280,17 @@ _varlen_bwd = torch.library.custom_op("fastbert::attention_varlen_bwd",
 
 @_varlen_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-      dropout_p, scale, seed, deterministic, backend):
+      dropout_p, scale, seed, deterministic, backend, window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
-    (q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed, deterministic,
-     backend) = inputs
+    (q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed, deterministic, backend,
+     window_left, window_right) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
     ctx.args = (max_q, max_k, causal, dropout_p, scale)
+    ctx.window = (window_left, window_right)
     ctx.deterministic, ctx.backend = deterministic, backend
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
@@ -260,13 +298,12 @@ def _setup(ctx, inputs, output):
 
 def _grad(ctx, dout, dlse):
     if dout is None:
-        return (None,) * 13
+        return (None,) * 15
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
-    max_q, max_k, causal, dropout_p, scale = ctx.args
     backward = ops._backward_impl(ctx, _varlen_bwd, _varlen_backward)
-    dq, dk, dv = backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, dropout_p,
-                          scale, seed, ctx.deterministic, ctx.backend)
-    return dq, dk, dv, *([None] * 10)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, seed,
+                          ctx.deterministic, ctx.backend, *ctx.window)
+    return dq, dk, dv, *([None] * 12)
 
 
 _varlen_fwd.register_autograd(_grad, setup_context=_setup)
@@ -304,13 +341,16 @@ def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int, m
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
-                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-                     deterministic: bool = False, backend: str = "auto") -> Tensor:
+                     window_size: Tuple[int, int] = ops.FULL_WINDOW, dropout_p: float = 0.0,
+                     softmax_scale: Optional[float] = None, deterministic: bool = False,
+                     backend: str = "auto") -> Tensor:
     """Attention over packed sequences. q (total_q, H, D), k and v (total_k, H, D) -> (total_q, H, D).
 
     cu_seqlens_* int32 (B + 1,): sequence b is rows cu[b]:cu[b + 1]. max_seqlen_* bound every
     length (an upper bound is fine, e.g. the padded length: no host sync). causal: local query i
-    sees local keys j <= i + len_k - len_q. A query that sees no key returns zeros.
+    sees local keys j <= i + len_k - len_q. window_size (left, right): local query i sees local
+    keys i + len_k - len_q - left <= j <= i + len_k - len_q + right (-1 = unbounded), as in
+    flash-attn. A query that sees no key returns zeros.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         ops._expect_tensor(OP, name, t)
@@ -339,18 +379,19 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ValueError(f"{OP}: arguments 'cu_seqlens_q' and 'cu_seqlens_k' expected one batch "
                          f"size, got shapes {tuple(cu_seqlens_q.shape)} and "
                          f"{tuple(cu_seqlens_k.shape)}")
+    window = ops._window(OP, window_size)
     dropout_p = ops._expect_dropout(OP, dropout_p)
     softmax_scale = ops._softmax_scale(OP, softmax_scale, d)
     q, k, v = ops._attention_operands(q, k, v)
     chosen = ops.resolve_backend(OP, backend, q.device, dtype=q.dtype, head_dim=d,
-                                 dropout_p=dropout_p, causal=bool(causal))
+                                 dropout_p=dropout_p, causal=bool(causal), **ops.window_kw(window))
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if ops._inference(q, k, v):  # no autograd: skip the custom op's dispatch
         return _impl(chosen).attention_varlen_forward(
             q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
-            softmax_scale, ops._seed_int(ops._draw_seed(dropout_p)))[0]
+            softmax_scale, ops._seed_int(ops._draw_seed(dropout_p)), **ops.window_kw(window))[0]
     args = (q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
-            float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic), chosen)
+            float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic), chosen, *window)
     if ops._eager(q, k, v, cu_q, cu_k):
         return ops._EagerOp.apply("fastbert::attention_varlen", _varlen_forward, _setup, _grad,
                                   *args)[0]

@@ -19,7 +19,12 @@ _UNSUPPORTED = {
 
 def unsupported(op: str, **kw):
     """Why the Triton backend cannot serve this input, or None."""
-    return _UNSUPPORTED[op](**kw)
+    check = _UNSUPPORTED.get(op)
+    if check is None:
+        return f"the Triton backend has no kernel for {op}"
+    if "window" in kw:
+        return "the Triton attention kernels take no sliding window (window_size)"
+    return check(**kw)
 
 
 __all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
