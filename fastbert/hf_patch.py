@@ -81,12 +81,12 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     for name in ("cache", "past_key_values", "use_cache", "encoder_hidden_states",
                  "encoder_attention_mask"):
         kwargs.pop(name, None)
-    # mask-packed: (T, C) rows; position-packed: the (1, T, C) grid itself, so captured hidden
-    # states keep the caller's shape
-    x = packed.rows(hidden_states) if packed.indices is not None else hidden_states
+    # the layers see one (1, T, C) sequence of tokens (transformers' chunked feed-forward splits
+    # dim 1); position-packed input is that grid already, so captured hidden states keep its shape
+    x = packed.rows(hidden_states)[None] if packed.indices is not None else hidden_states
     for layer in self.layer:
         x = layer(x, None, fastbert_packed=packed, **kwargs)
-    out = packed.grid(x) if packed.indices is not None else x
+    out = packed.grid(x[0]) if packed.indices is not None else x
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
 
 

@@ -177,8 +177,9 @@ def _eager(*tensors: Optional[Tensor]) -> bool:
 
 def _inference(*tensors: Optional[Tensor]) -> bool:
     """An eager call (above) with no autograd graph to record: the public ops then call the
-    backend directly."""
-    if not _eager(*tensors):
+    backend directly. Not while a profiler listens: then the call runs through _EagerOp, which
+    names it as a training call's forward is named (fastbert::<op>_fwd)."""
+    if not _eager(*tensors) or torch.autograd._profiler_enabled():
         return False
     return not (torch.is_grad_enabled()
                 and any(t is not None and t.requires_grad for t in tensors))
@@ -649,7 +650,8 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
     lead = x.shape[:-1]
     if chosen == "torch" and cpu.should_use(x.reshape(-1, k), weight, bias):
         # CPU inference: oneDNN GEMM on a prepacked weight with GELU as its post-op
-        return cpu.linear_gelu(x.reshape(-1, k), weight, bias, approximate).view(*lead, n)
+        with _profiled("fastbert::linear_bias_gelu_fwd"):
+            return cpu.linear_gelu(x.reshape(-1, k), weight, bias, approximate).view(*lead, n)
     x2 = x.reshape(-1, k).contiguous()
     if _inference(x2, weight, bias):
         out, _ = _linear_bias_gelu_forward(x2, weight.contiguous(), bias.contiguous(),

@@ -358,3 +358,18 @@ def test_own_model_gradient_checkpointing_as_transformers_api(kwargs, unpad, mon
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     checkpointed.gradient_checkpointing_disable()
     assert not checkpointed.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_profiler_names_fastbert_ops_in_inference(arch):
+    model = fastbert.patch_hf(make_model(arch, "ForMaskedLM"))
+    inputs = make_inputs(model, "ForMaskedLM")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            profiled = model(**inputs).logits
+    seen = {e.name for e in prof.events() if e.name.startswith("fastbert::")}
+    expected = {f"fastbert::{op}_fwd" for op in ("attention_varlen", "add_layer_norm",
+                                                 "linear_bias_gelu")}
+    assert expected <= seen, seen
+    torch.testing.assert_close(profiled, plain)
