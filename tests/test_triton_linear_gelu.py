@@ -11,7 +11,9 @@ from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, asser
                            pointers, rule_factor)
 
 pytest.importorskip("triton")
-from fastbert.triton import linear_gelu as lg  # noqa: E402  (after importorskip)
+import triton  # noqa: E402  (after importorskip)
+import triton.language as tl  # noqa: E402
+from fastbert.triton import linear_gelu as lg  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROXIMATE = ["none", "tanh"]
@@ -65,6 +67,27 @@ def check(got, exact, plain, x):
 # --------------------------------------------------------------------------------------------
 
 SHAPES = [(1, 16, 16), (17, 40, 33), (130, 70, 40), (33, 40, 768), (17, 768, 40)]  # (M, N, K)
+
+
+@triton.jit
+def _gelu_half_kernel(X, Y, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(Y + offsets, lg._gelu(tl.load(X + offsets), False, True))
+
+
+@pytest.mark.interpreter
+def test_half_output_erf_gelu_accuracy():
+    # fp16/bf16 outputs take the one-polynomial erfc (Abramowitz & Stegun 7.1.26): within 1e-6
+    # of the exact GELU, and within half an fp16 rounding step (2**-12 relative) where the
+    # output is not tiny
+    x = torch.linspace(-12, 12, 8192)
+    y = torch.empty_like(x)
+    _gelu_half_kernel[(1,)](x, y, N=x.numel())
+    exact = torch.nn.functional.gelu(x.double())
+    error = (y.double() - exact).abs()
+    assert error.max().item() < 1e-6
+    big = exact.abs() > 1e-3
+    assert (error[big] / exact[big].abs()).max().item() < 2.0 ** -12
 
 
 @pytest.mark.interpreter
