@@ -22,8 +22,8 @@
 
 #include "kernels/attention_layout.cuh"
 
-// tests/test_cuda_attention.py runs these kernels on the host through an emulation of the warp primitives
-// (FASTBERT_HOST_EMULATION), which then supplies the functions of this section.
+// The host emulation of the CUDA code (tests/cuda_emulation.py, FASTBERT_HOST_EMULATION) supplies
+// the functions of this section itself (tests/cuda_emulation.h), from the same PTX definitions.
 #ifndef FASTBERT_HOST_EMULATION
 namespace fastbert {
 namespace attn {
