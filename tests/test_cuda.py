@@ -16,6 +16,8 @@ tests/test_cuda_attention.py (gpu tier and host emulation) and tests/test_cuda_a
   Dropout: the kernels' keep mask is read off their output (see layer_norm_keep_mask), then
   forward and every gradient are compared with the reference given that mask; keep rate,
   1 / (1 - p) scaling, same seed -> same bits.
+  The check functions take the backend module and device: tests/test_cuda_emulation.py runs them
+  in the compile tier on the real kernels under the host emulation (tests/cuda_emulation.py).
 """
 from __future__ import annotations
 
