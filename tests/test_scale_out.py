@@ -139,20 +139,34 @@ class Checkpointed(nn.Module):
         return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
 
 
+@pytest.mark.parametrize("how", ["wrapped layers", "the model's switch"])
 @pytest.mark.parametrize("kind", ["fastbert", "patched_hf"])
-def test_activation_checkpointing_gives_the_plain_gradients(kind):
-    """Dropout on: the recomputation must redraw the same masks inside fastbert's ops."""
+def test_activation_checkpointing_gives_the_plain_gradients(kind, how):
+    """Dropout on: the recomputation must redraw the same masks inside fastbert's ops. Layers
+    wrapped by hand, or the model's own switch (fastbert's gradient_checkpointing_enable,
+    transformers' activation_checkpointing_enable), non-reentrant either way."""
     input_ids, attention_mask, labels = make_batch()
     grads = []
     for checkpointed in (False, True):
         model = make_model(kind, dropout=0.1).train()
-        if checkpointed:
+        # forwards of layer 0 (transformers checkpoints inside its layer: its attention module):
+        # a second one is the recomputation in backward
+        probe = model.bert.encoder.layer[0]
+        calls = []
+        (probe.attention if kind == "patched_hf" else probe).register_forward_pre_hook(
+            lambda *args: calls.append(1))
+        if checkpointed and how == "wrapped layers":
             layers = model.bert.encoder.layer
             for i in range(len(layers)):
                 layers[i] = Checkpointed(layers[i])
+        elif checkpointed and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(5)
         loss = model(input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
+        assert len(calls) == 1 + checkpointed
         grads.append((loss.item(), {re.sub(r"(\.layer\.\d+)\.layer\.", r"\1.", n): p.grad
                                     for n, p in model.named_parameters()}))
     (plain_loss, plain), (ckpt_loss, ckpt) = grads
