@@ -23,7 +23,6 @@
 #include <ucontext.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>

@@ -5,9 +5,10 @@
 // A thread of a block is a fiber (tests/cuda_emulation.cpp runs them); the CUDA built-ins, warp
 // collectives, barriers and the attention kernels' PTX wrappers (ldmatrix, mma.m16n8k16, cp.async)
 // are defined here from the PTX ISA. The kernels' memory accesses are instrumented
-// (-fsanitize=kernel-address with a callback per access), which lets the runtime check global
-// accesses against guard regions (memcheck) and shared ones for conflicts between barriers
-// (racecheck); barriers reached by part of a block are reported as synccheck errors.
+// (-fsanitize=kernel-address and -fsanitize=alignment, with the runtime's callbacks), which lets
+// the runtime check global accesses against guard regions and alignment (memcheck) and shared ones
+// for conflicts between barriers (racecheck); barriers reached by part of a block are reported as
+// synccheck errors.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -42,7 +43,7 @@ namespace emu {
 extern uint3 tid, bid;
 extern dim3 bdim, gdim;
 int lane();
-// block-wide barrier (__syncthreads) and warp-wide ones; `site` names the call for synccheck
+// Block-wide barrier (__syncthreads) and warp-wide ones; file and line name the call (synccheck).
 void block_barrier(const char* file, int line);
 void warp_sync(const char* file, int line);  // __syncwarp: orders shared accesses in the warp
 // Warp collective: this lane's value in, every lane's out (all 32 lanes must take part).
