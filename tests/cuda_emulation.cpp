@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -293,6 +294,7 @@ void misaligned(uintptr_t a, size_t align, const std::string& what) {
 // ---- launches ----------------------------------------------------------------------------------
 
 cudaError_t g_last_error = cudaSuccess;
+std::set<std::string> g_launched;  // every kernel (instantiation) run so far
 std::map<const void*, int> g_smem_optin;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
 
 void fiber_main() {
@@ -441,6 +443,7 @@ cudaError_t run_grid(const void* kernel, const Config& c, void (*body)(void*), v
     return err;
   }
   g_kernel = kernel_name(kernel);
+  g_launched.insert(g_kernel);
   g_threads = (int)threads;
   bdim = c.block, gdim = c.grid;
   g_body = body, g_body_ctx = ctx;
@@ -668,6 +671,22 @@ int emu_probe_device(int device) {
   return guarded([&] { g_error = fastbert::probe_device(device); });
 }
 int64_t emu_attention_smem_bytes(int64_t D) { return fastbert::attention_smem_bytes(D); }
+// "name=value" lines in emu_error()
+int emu_attention_tile_info(int64_t D, int dropout) {
+  return guarded([&] {
+    std::string lines;
+    for (const auto& [name, value] : fastbert::attention_tile_info(D, dropout))
+      lines += name + "=" + std::to_string(value) + "\n";
+    g_error = lines;
+  });
+}
+// The kernels launched so far, one demangled name a line.
+const char* emu_launched_kernels() {
+  static std::string names;
+  names.clear();
+  for (const std::string& k : emu::g_launched) names += k + "\n";
+  return names.c_str();
+}
 int64_t emu_max_smem_per_block() { return fastbert::max_smem_per_block(); }
 
 int emu_attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,

@@ -29,8 +29,6 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("csrc/attention.cu", "csrc/layer_norm.cu", "csrc/gelu.cu",
-           "tests/cuda_emulation_selftest.cu")
 INSTRUMENT = ["-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
               "--param", "asan-stack=0", "--param", "asan-globals=0",
               "--param", "asan-use-after-return=0", "-fsanitize=alignment"]
@@ -105,8 +103,9 @@ def build(tmp_dir: Path, compiler: str, include: Path) -> Path:
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_text(rewrite(path.read_text(), name))
     common = [compiler, "-std=c++20", "-fPIC", "-w", f"-I{src}", f"-I{ROOT}", f"-I{include}"]
+    sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/*.cu"))
     jobs, objects = [], []
-    for name in SOURCES:
+    for name in sources + ["tests/cuda_emulation_selftest.cu"]:
         obj = tmp_dir / (Path(name).stem + ".o")
         jobs.append(common + ["-O1", "-x", "c++", "-include", "tests/cuda_emulation.h"] +
                     INSTRUMENT + ["-c", str(src / name), "-o", str(obj)])
@@ -153,6 +152,8 @@ class EmuC:
     def __init__(self, path):
         self.lib = lib = ctypes.CDLL(str(path))
         lib.emu_error.restype = lib.emu_findings.restype = ctypes.c_char_p
+        lib.emu_launched_kernels.restype = ctypes.c_char_p
+        lib.emu_attention_tile_info.argtypes = [L, I]
         lib.emu_attention_smem_bytes.restype = lib.emu_max_smem_per_block.restype = L
         lib.emu_attention_smem_bytes.argtypes = [L]
         lib.emu_guard_begin.argtypes = [I, P, P, P, P]
@@ -223,6 +224,16 @@ class EmuC:
 
     def max_smem_per_block(self):
         return self.lib.emu_max_smem_per_block()
+
+    def attention_tile_info(self, d, dropout):
+        self._status(self.lib.emu_attention_tile_info(d, dropout))
+        lines = self.lib.emu_error().decode().split()
+        return {name: int(value) for name, value in (line.split("=") for line in lines)}
+
+    def launched_kernels(self) -> set:
+        """The names (without namespace and template arguments) of every kernel launched so far."""
+        names = self.lib.emu_launched_kernels().decode().splitlines()
+        return {re.match(r"void ([\w:]+)", name).group(1).split("::")[-1] for name in names}
 
     def attention_forward(self, q, k, v, mask, out, lse, B, Sq, Sk, H, D, q_st, k_st, v_st,
                           out_st, causal, scale, p, seed, dtype, stream):

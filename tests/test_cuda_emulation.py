@@ -13,6 +13,7 @@ with the Triton kernel's (README, Backends).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -56,6 +57,34 @@ def test_rewrite_turns_launches_and_shared_declarations_into_calls():
     assert lines[6].strip().startswith("auto& tile = ::emu::shared_object<float[8][32 * VEC]>(")
     assert "::emu::launch_kernel(kernel, grid" in lines[7]
     assert "<<<" not in out and "__shared__" not in out
+
+
+def test_the_emulation_has_every_entry_point_of_the_extension():
+    """A kernel added to csrc/ gets into the emulation's build by itself (csrc/*.cu), and into
+    EmuC by hand: its buffers' extents are what the guard regions need."""
+    bound = re.findall(r'm\.def\("(\w+)"', (cuda_emulation.ROOT / "csrc/bindings.cpp").read_text())
+    assert len(bound) >= 15
+    assert [name for name in bound if not callable(getattr(cuda_emulation.EmuC, name, None))] == []
+
+
+@pytest.mark.compile
+def test_every_kernel_runs_under_the_emulation(emulated_backend):
+    """One small call of each entry point launches every __global__ function of kernels/."""
+    source = "".join(p.read_text() for p in (cuda_emulation.ROOT / "kernels").glob("*.cuh"))
+    declared = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(",
+                              source))
+    assert len(declared) >= 10
+    x, w = torch.randn(3, 40, dtype=F16), torch.randn(40, dtype=F16)
+    y, mean, rstd = emulated_backend.add_layer_norm_forward(x, x, w, w, 1e-5, 0.1, 1)
+    emulated_backend.add_layer_norm_backward(y, x, x, w, mean, rstd, 0.1, 1)
+    out, pre = emulated_backend.linear_bias_gelu_forward(x, w.view(1, 40), w[:1], "none")
+    emulated_backend.linear_bias_gelu_backward(out, x, w.view(1, 40), pre, "none")
+    q = torch.randn(1, 5, 1, 32, dtype=F16)
+    out, lse = emulated_backend.attention_forward(q, q, q, None, False, 0.0, 0.2, 0)
+    for deterministic in (False, True):
+        emulated_backend.attention_backward(out, q, q, q, out, lse, None, False, 0.0, 0.2, 0,
+                                            deterministic)
+    assert declared - emulated_backend._C.launched_kernels() == set()
 
 
 # --------------------------------------------------------------------------------------------
