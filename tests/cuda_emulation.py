@@ -114,12 +114,12 @@ def build(tmp_dir: Path, compiler: str, include: Path) -> Path:
     jobs.append(common + ["-O2", "-c", str(ROOT / "tests" / "cuda_emulation.cpp"), "-o",
                           str(runtime)])
     objects.append(runtime)
-    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in jobs]
-    errors = [(cmd, p.communicate()[1]) for cmd, p in zip(jobs, procs)]
-    failed = [(cmd, err) for (cmd, err), p in zip(errors, procs) if p.returncode != 0]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in jobs]  # parallel
+    stderrs = [proc.communicate()[1] for proc in procs]
+    failed = [" ".join(cmd) + "\n" + err[-6000:]
+              for cmd, proc, err in zip(jobs, procs, stderrs) if proc.returncode != 0]
     if failed:
-        raise RuntimeError("emulation build failed:\n" + "\n".join(
-            " ".join(cmd) + "\n" + err[-6000:] for cmd, err in failed))
+        raise RuntimeError("emulation build failed:\n" + "\n".join(failed))
     lib = tmp_dir / "cuda_emulation.so"
     subprocess.run([compiler, "-shared", "-o", str(lib)] + [str(o) for o in objects],
                    check=True)
