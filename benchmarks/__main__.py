@@ -36,7 +36,11 @@ DEFAULT_OUT = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduse
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
-    p.add_argument("--quick", action="store_true", help="headline shapes only (a few minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="headline shapes only (how long it takes: benchmarks/README.md)")
+    p.add_argument("--sweeps", action="store_true",
+                   help="CPU --quick: also the sequence-length sweeps (attention S=128-512, "
+                        "bert-mini S=64-256); the full run always has them")
     p.add_argument("--tiny", action="store_true", help="toy shapes, seconds (a smoke test)")
     p.add_argument("--only", choices=["ops", "model", "embeddings", "cpu-gemm"],
                    help="run only the op, the model or the sentence-embedding benchmarks, or the "
@@ -134,7 +138,7 @@ def run(args) -> int:
         print("--device cuda: no CUDA device is available here", file=sys.stderr)
         return 2
     preset = "tiny" if args.tiny else "quick" if args.quick else "full"
-    cfg = sizes(device, preset)
+    cfg = sizes(device, preset, args.sweeps)
     cfg["embedding_sentences"] = sentence_count(device, preset)
     if args.compile is not None:
         cfg["compile"] = args.compile

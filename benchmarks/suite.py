@@ -41,8 +41,9 @@ MODELS.update({"roberta-base": dict(_ROBERTA, num_hidden_layers=12),
 BOTH = ["train", "infer"]
 
 
-def sizes(device: torch.device, preset: str) -> dict:
-    """Shapes and settings for one run. Attention entries are (B, S, H, D, variant)."""
+def sizes(device: torch.device, preset: str, sweeps: bool = False) -> dict:
+    """Shapes and settings for one run. Attention entries are (B, S, H, D, variant). On a CPU the
+    quick run leaves the sequence-length sweeps out unless `sweeps` (the full run has them)."""
     if preset == "tiny":  # a smoke test of every code path; bf16 on GPU (the CUDA kernels' dtypes)
         return dict(
             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, rotations=2,
@@ -79,17 +80,18 @@ def sizes(device: torch.device, preset: str) -> dict:
             pretraining=[("bert-base", 32, 512)],
             gemm=(8192, 8192, 8192), copy_numel=2 ** 28,
         )
+    sweeps = sweeps or preset == "full"
     return dict(
         dtype=torch.float32, rotations=2, compile=False,
         attention_modes=["fwd", "fwd+bwd"] if preset == "quick" else ["fwd", "bwd", "fwd+bwd"],
         attention=[(8, 128, 4, 64, "none"), (8, 128, 4, 64, "mask"), (8, 128, 4, 64, "causal")],
-        sweep=[(2048 // s, s, 4, 64, "none") for s in (128, 256, 512)],
+        sweep=[(2048 // s, s, 4, 64, "none") for s in (128, 256, 512)] if sweeps else [],
         layer_norm=[(4096, 256), (4096, 768)],
         linear_gelu=[(2048, 256, 1024), (1024, 768, 3072)],
         op_modes=["fwd", "fwd+bwd"],
         # BERT-base training takes ~10 s a step on one core: only in the full run
         models=[("bert-base-2l", 8, 128, BOTH)]
-        + [("bert-mini", 8, s, BOTH) for s in (64, 128, 256)]
+        + [("bert-mini", 8, s, BOTH) for s in ((64, 128, 256) if sweeps else (128,))]
         + [("bert-base", 8, 128, ["infer"] if preset == "quick" else BOTH)]
         + [("roberta-base-2l", 8, 128, ["infer"] if preset == "quick" else BOTH)],
         pretraining=[("bert-base-2l", 8, 128)],

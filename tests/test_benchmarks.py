@@ -200,6 +200,19 @@ def test_default_out_is_outside_the_package_source():
     assert parse_args(["--out", "benchmarks/results"]).out == "benchmarks/results"
 
 
+def test_cpu_quick_leaves_the_sweeps_to_a_flag():
+    cpu = torch.device("cpu")
+    quick, swept, full = sizes(cpu, "quick"), sizes(cpu, "quick", sweeps=True), sizes(cpu, "full")
+    assert quick["sweep"] == [] and [m for m in quick["models"] if m[0] == "bert-mini"] == [
+        ("bert-mini", 8, 128, ["train", "infer"])]
+    assert len(swept["sweep"]) == len(full["sweep"]) == 3
+    assert {m[2] for m in swept["models"] if m[0] == "bert-mini"} == {64, 128, 256}
+    # the headline cases are in every CPU run
+    headline = {(m[0], m[2]) for m in quick["models"]}
+    assert headline >= {("bert-base-2l", 128), ("bert-base", 128), ("roberta-base-2l", 128)}
+    assert parse_args(["--quick", "--sweeps"]).sweeps
+
+
 def test_plan_only_ops_has_no_model_cases():
     cfg = sizes(torch.device("cpu"), "tiny")
     ops = {c.op for c in plan(torch.device("cpu"), cfg, "ops")}
