@@ -132,7 +132,7 @@ def kept_elements(x, residual, weight, bias, dy, p, seed):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seed", [7, 2 ** 40 + 12345])  # 32- and 64-bit seeds
-# a whole row; a row in MAX_BLOCK_N chunks; a width that is no multiple of 4 (dropout's group)
+# a whole row; a row in MAX_BLOCK_N chunks; a width that is no multiple of 8 (dropout's group)
 @pytest.mark.parametrize("rows,hidden", [(64, 256), (4, ln.MAX_BLOCK_N + 904), (300, 37)])
 def test_dropout(dtype, seed, rows, hidden):
     p = 0.3
@@ -157,14 +157,14 @@ def test_dropout(dtype, seed, rows, hidden):
 
 @pytest.mark.interpreter
 def test_dropout_columns_sharing_a_philox_call_are_independent():
-    # one randint4x serves 4 consecutive columns: each must take its own word, so each pair of
-    # them is kept together with probability (1 - p)^2, not 1 - p
+    # one philox call serves 8 consecutive columns: each must take its own 16-bit draw, so each
+    # pair of them is kept together with probability (1 - p)^2, not 1 - p
     rows, hidden, p = 64, 256, 0.3
     keep, _ = kept_elements(*make_inputs(rows, hidden, torch.float32, True), p, seed=5)
-    lanes = keep.view(-1, 4).float()
+    lanes = keep.view(-1, 8).float()
     pairs = lanes.shape[0]
-    for a in range(4):
-        for b in range(a + 1, 4):
+    for a in range(8):
+        for b in range(a + 1, 8):
             both = (lanes[:, a] * lanes[:, b]).mean().item()
             q = (1 - p) ** 2
             assert abs(both - q) < 5 * (q * (1 - q) / pairs) ** 0.5, (a, b, both)

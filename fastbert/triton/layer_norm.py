@@ -3,9 +3,9 @@
 Layout follows Triton tutorial 05 (layer norm): one program normalises one row, statistics in fp32.
 Rows up to MAX_BLOCK_N columns are held whole in registers (WHOLE_ROW); wider ones are walked in
 MAX_BLOCK_N-column chunks, twice (statistics, then output), because holding them whole spills
-registers at 16 warps. Dropout is drawn in-kernel with philox, one `randint4x` per 4 columns,
-keyed by the seed and counter row * ceil(hidden / 4) + column // 4, so backward regenerates the
-forward's mask from the seed instead of storing it. dweight/dbias are made deterministic by giving
+registers at 16 warps. Dropout is drawn in-kernel with philox, one `randint4x` per 8 columns
+(16-bit draws), keyed by the seed and counter row * ceil(hidden / 8) + column // 8, so backward
+regenerates the forward's mask from the seed instead of storing it. dweight/dbias are made deterministic by giving
 each backward program a fixed range of rows: it writes one fp32 partial sum per program, and a
 single torch reduction over the programs finishes them.
 Autograd lives in fastbert/ops.py; this module only runs kernels.
@@ -28,13 +28,17 @@ MAX_BLOCK_N = 4096
 
 @triton.jit
 def _keep_mask(seed, row, start, hidden, dropout_p, BLOCK_N: tl.constexpr):
-    """Dropout keep-mask of columns start + [0, BLOCK_N) of `row` (start a multiple of 4): one
-    philox randint4x gives the 4 words of 4 consecutive columns, column 4 * g + i takes word i,
-    and a column is kept when its word is >= dropout_p * 2**32 (probability 1 - dropout_p)."""
-    groups = start // 4 + tl.arange(0, BLOCK_N // 4)
-    r0, r1, r2, r3 = tl.randint4x(seed, row * ((hidden + 3) // 4) + groups)
-    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N,))
-    return words >= tl.cast(dropout_p * 4294967296.0, tl.uint32)
+    """Dropout keep-mask of columns start + [0, BLOCK_N) of `row` (start a multiple of 8): one
+    philox call (7 rounds, as FlashAttention's) gives 4 words, split into the 16-bit draws of 8
+    consecutive columns (column 8 * g + i takes the low, then high, half of word i // 2); a
+    column is kept when its draw is >= dropout_p * 2**16 (probability 1 - dropout_p within
+    2**-16), compared as integers."""
+    groups = start // 8 + tl.arange(0, BLOCK_N // 8)
+    r0, r1, r2, r3 = tl.randint4x(seed, row * ((hidden + 7) // 8) + groups, 7)
+    threshold = tl.cast(dropout_p * 65536.0, tl.uint32)
+    words = tl.join(tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF)),
+                    tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16)))
+    return tl.reshape(words, (BLOCK_N,)) >= threshold
 
 
 @triton.jit
@@ -69,9 +73,12 @@ def _add_layer_norm_fwd_kernel(
         in_row = cols0 < hidden
         s, _ = _pre_norm_sum(X, RESIDUAL, row, 0, hidden, dropout_p, seed,
                              HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
-        mean = tl.sum(s, axis=0) / hidden
+        # one division, and rsqrt (2**-22 relative) rather than a division by sqrt: per-row
+        # scalars, but each IEEE division or sqrt is ~10 instructions of a memory-bound kernel
+        inv_hidden = 1.0 / hidden
+        mean = tl.sum(s, axis=0) * inv_hidden
         centered = tl.where(in_row, s - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
+        rstd = tl.math.rsqrt(tl.sum(centered * centered, axis=0) * inv_hidden + eps)
         w = tl.load(W + cols0, mask=in_row, other=0.0).to(tl.float32)
         b = tl.load(B + cols0, mask=in_row, other=0.0).to(tl.float32)
         tl.store(Y + row * hidden + cols0, (centered * rstd * w + b).to(Y.dtype.element_ty),
@@ -90,7 +97,7 @@ def _add_layer_norm_fwd_kernel(
             delta = chunk_mean - mean
             mean += delta * (n / (start + n))
             m2 += tl.sum(deviation * deviation, axis=0) + delta * delta * (start * n / (start + n))
-        rstd = 1.0 / tl.sqrt(m2 / hidden + eps)
+        rstd = tl.math.rsqrt(m2 / hidden + eps)
         for start in range(0, hidden, BLOCK_N):
             cols = start + cols0
             in_row = cols < hidden
@@ -134,6 +141,7 @@ def _add_layer_norm_bwd_kernel(
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
+    inv_hidden = 1.0 / hidden
     row_start = pid.to(tl.int64) * rows_per_program  # int64: rows * hidden may pass 2**31
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for row in range(row_start, row_end):
@@ -147,8 +155,8 @@ def _add_layer_norm_bwd_kernel(
             xhat = tl.where(in_row, (s - mean) * rstd, 0.0)
             dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
             wdy = w * dy
-            c1 = tl.sum(xhat * wdy, axis=0) / hidden
-            c2 = tl.sum(wdy, axis=0) / hidden
+            c1 = tl.sum(xhat * wdy, axis=0) * inv_hidden
+            c2 = tl.sum(wdy, axis=0) * inv_hidden
             _store_input_grads(DX, DRESIDUAL, offsets, in_row, xhat, wdy, keep, rstd, c1, c2,
                                dropout_p, HAS_RESIDUAL, HAS_DROPOUT)
             dw_acc += dy * xhat
@@ -166,8 +174,8 @@ def _add_layer_norm_bwd_kernel(
                        * tl.load(DY + row * hidden + cols, mask=in_row, other=0.0).to(tl.float32))
                 c1 += tl.sum(xhat * wdy, axis=0)
                 c2 += tl.sum(wdy, axis=0)
-            c1 = c1 / hidden
-            c2 = c2 / hidden
+            c1 = c1 * inv_hidden
+            c2 = c2 * inv_hidden
             for start in range(0, hidden, BLOCK_N):
                 cols = start + cols0
                 in_row = cols < hidden
@@ -204,8 +212,8 @@ def unsupported(dtype: torch.dtype, hidden: int, dropout_p: float = 0.0) -> Opti
 
 def _row_config(hidden: int) -> Tuple[int, int, bool]:
     """(BLOCK_N, num_warps, WHOLE_ROW) for one row per program: more warps for wider rows, the
-    row in one block up to MAX_BLOCK_N. BLOCK_N >= 4: dropout draws 4 columns at a time."""
-    block_n = min(max(triton.next_power_of_2(hidden), 4), MAX_BLOCK_N)
+    row in one block up to MAX_BLOCK_N. BLOCK_N >= 8: dropout draws 8 columns at a time."""
+    block_n = min(max(triton.next_power_of_2(hidden), 8), MAX_BLOCK_N)
     num_warps = min(max(block_n // 256, 1), 16)
     return block_n, num_warps, hidden <= block_n
 
