@@ -1,0 +1,185 @@
+"""Patching transformers' ModernBERT in place (issue 20): ModernBertModel and every head built on
+it run unpadded on fastbert's ops, with their own Parameter objects.
+
+    hf_model = fastbert.patch_hf(hf_model)   # dispatches here for a ModernBERT model
+
+What the patched ModernBertModel.forward computes, on the real tokens only (packed once, repadded
+with zeros at the end; transformers' heads then run as they are, sparse MLM prediction included):
+
+    x = embeddings(real tokens)                                     # LayerNorm(tok_embeddings)
+    per layer:  h = attn_norm(x)                                    # Identity in layer 0
+                q, k, v = Wqkv(h);  q, k = apply_rotary(q, k)       # the layer type's RoPE
+                x = x + out_drop(Wo(attention_varlen(q, k, v, window_size=(w, w))))
+                x = x + Wo(drop(linear_geglu(mlp_norm(x), Wi)))     # gelu(a) * g
+    final_norm(x)
+
+A local layer's window is transformers' `sliding_window` (|i - j| <= local_attention // 2), served
+in O(T * window). Decided at call time, per module (fastbert/hf_layers.py's rule): a plain
+nn.Linear runs on the CPU inference GEMM path (Wi fused with the GeGLU), a plain nn.LayerNorm on
+fastbert.add_layer_norm; anything else (a LoRA wrapper, a hooked module) is called as a module.
+Packed input (batch 1 with cu_seq_lens_q, or position_ids restarting per sequence, as
+DataCollatorWithFlattening makes it) runs each sequence on its own, as transformers' flash-attention
+path does (its sdpa path lets packed sequences see each other). What the packed path does not
+cover (per-layer outputs or attention weights requested, a 4-D or per-layer mask, tracing without
+data-dependent shapes) runs transformers' own forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+import fastbert
+from fastbert.hf_layers import _linear, base_class, plain
+from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent
+from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
+
+
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if plain(module, nn.LayerNorm) and module.weight is not None:
+        return fastbert.add_layer_norm(x, None, module.weight, module.bias, module.eps)
+    return module(x)
+
+
+def _geglu(mlp: nn.Module, h: torch.Tensor, approximate) -> torch.Tensor:
+    """gelu(a) * g with a, g = Wi(h).chunk(2): fused for a plain Wi and a GELU activation."""
+    if approximate is not None and plain(mlp.Wi):
+        return fastbert.linear_geglu(h, mlp.Wi.weight, mlp.Wi.bias, approximate=approximate)
+    act, gate = mlp.Wi(h).chunk(2, dim=-1)
+    return mlp.act(act) * gate
+
+
+def _packed_layer(layer: nn.Module, x: torch.Tensor, packed: PackedBatch, cos: torch.Tensor,
+                  sin: torch.Tensor, approximate) -> torch.Tensor:
+    """One ModernBertEncoderLayer on packed tokens x (T, C); cos, sin (T, D / 2) per token."""
+    attn = layer.attn
+    t, d = x.shape[0], attn.head_dim
+    qkv = _linear(attn.Wqkv, _norm(layer.attn_norm, x)).view(t, 3, -1, d)  # (T, 3, H, D)
+    # q and k heads turned in one call: (1, T, 2H, D), row t at cos[t]
+    qk = fastbert.apply_rotary(qkv[:, :2].flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
+    window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
+    y = fastbert.attention_varlen(qk[:, 0], qk[:, 1], qkv[:, 2], packed.cu_seqlens,
+                                  packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
+                                  window_size=(window, window),
+                                  dropout_p=attn.attention_dropout if attn.training else 0.0,
+                                  softmax_scale=d ** -0.5)
+    x = x + attn.out_drop(_linear(attn.Wo, y.reshape(t, -1)))
+    mlp = layer.mlp
+    return x + _linear(mlp.Wo, mlp.drop(_geglu(mlp, _norm(layer.mlp_norm, x), approximate)))
+
+
+def _pack(attention_mask, position_ids, kwargs, batch: int, seqlen: int, device) -> PackedBatch:
+    """The real tokens as packed sequences (hf_patch._packing's rules for packed input)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and batch == 1:
+        return PackedBatch(cu.to(torch.int32), int(kwargs.get("max_length_q") or seqlen),
+                           batch=1, seqlen=seqlen)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        return pack_mask(attention_mask)
+    if position_ids is not None and batch == 1 and seqlen > 1:
+        return pack_position_ids(position_ids, seqlen)  # one sync: the sequence count
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+    return PackedBatch(cu, seqlen, batch=batch, seqlen=seqlen)
+
+
+def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                   inputs_embeds=None, **kwargs):
+    """ModernBertModel.forward, unpadded (see the module docstring)."""
+    config = self.config
+    wants_layers = any(kwargs.get(f, getattr(config, f, False))
+                       for f in ("output_hidden_states", "output_attentions"))
+    if (wants_layers or (input_ids is None) == (inputs_embeds is None)
+            or (attention_mask is not None and (not torch.is_tensor(attention_mask)
+                                                or attention_mask.dim() != 2))
+            or not _can_pack_data_dependent()):
+        return base_class(type(self)).forward(self, input_ids=input_ids,
+                                             attention_mask=attention_mask,
+                                             position_ids=position_ids,
+                                             inputs_embeds=inputs_embeds, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutput
+    grid = input_ids if input_ids is not None else inputs_embeds
+    batch, seqlen = grid.shape[:2]
+    packed = _pack(attention_mask, position_ids, kwargs, batch, seqlen, grid.device)
+    if position_ids is None:
+        position_ids = torch.arange(seqlen, device=grid.device).unsqueeze(0)
+    positions = packed.rows(position_ids.expand(batch, seqlen))  # (T,)
+    if input_ids is not None:  # embed the real tokens only
+        x = self.embeddings(input_ids=packed.rows(input_ids)[None])[0]
+    else:
+        x = self.embeddings(inputs_embeds=packed.rows(inputs_embeds)[None])[0]
+    half = config.hidden_size // config.num_attention_heads // 2
+    rotary = {}  # layer type -> (cos, sin) (T, D / 2), from the model's own rotary module
+    for layer_type in set(config.layer_types):
+        cos, sin = self.rotary_emb(x, positions[None], layer_type)  # (1, T, D): halves repeated
+        rotary[layer_type] = (cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous())
+    act = config.hidden_activation
+    approximate = _GELU_APPROXIMATE.get(act) if isinstance(act, str) else None
+    for layer in self.layers:
+        cos, sin = rotary[layer.attention_type]
+        if getattr(layer, "gradient_checkpointing", False) and layer.training:
+            x = torch.utils.checkpoint.checkpoint(_packed_layer, layer, x, packed, cos, sin,
+                                                  approximate, use_reentrant=False)
+        else:
+            x = _packed_layer(layer, x, packed, cos, sin, approximate)
+    out = BaseModelOutput(last_hidden_state=packed.grid(_norm(self.final_norm, x)))
+    return out if kwargs.get("return_dict", getattr(config, "return_dict", True)) else out.to_tuple()
+
+
+def models(model: nn.Module) -> list:
+    """The ModernBertModel modules inside `model` (itself, or a head's .model)."""
+    try:
+        from transformers.models.modernbert import modeling_modernbert
+    except ImportError:  # a transformers without ModernBERT
+        return []
+    base = modeling_modernbert.ModernBertModel
+    return [m for m in model.modules() if isinstance(m, base)]
+
+
+def _problems(found: list) -> list:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    problems = []
+    for m in found:
+        config = m.config
+        head_dim = config.hidden_size // config.num_attention_heads
+        if head_dim > fastbert.ops.MAX_HEAD_DIM:
+            problems.append(f"{type(m).__name__}: head dim {head_dim} is over fastbert's "
+                            f"{fastbert.ops.MAX_HEAD_DIM}")
+        for layer_type, params in (config.rope_parameters or {}).items():
+            kind = (params or {}).get("rope_type", "default")
+            if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+                problems.append(f"{type(m).__name__}: unknown rope type {kind!r} for "
+                                f"{layer_type} layers")
+    return problems
+
+
+def _patch_keeping_output_capture(model: nn.Module) -> None:
+    """hf_patch's picklable patched class, registered for transformers' output capture (which
+    keys a model's recordable outputs, hidden states and attentions, by class name) as its
+    original is, so transformers' own forward still returns them when asked."""
+    from fastbert.hf_patch import _patch
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without output capture: nothing to register
+        _CAN_RECORD_REGISTRY = None
+    recordable = _CAN_RECORD_REGISTRY.get(model) if _CAN_RECORD_REGISTRY is not None else None
+    _patch(model, _model_forward)
+    if recordable:
+        _CAN_RECORD_REGISTRY[model] = recordable
+
+
+def patch(model: nn.Module, unpad: bool = True) -> nn.Module:
+    """patch_hf for a model holding ModernBertModel(s): checks everything, then patches each
+    one's forward (parameters untouched). Returns the model."""
+    found = models(model)
+    if not unpad:
+        raise ValueError("patch_hf: ModernBERT runs unpadded only (unpad=False is not offered: "
+                         "its local layers would need transformers' padded sliding mask)")
+    problems = _problems(found)
+    if problems:
+        raise ValueError("patch_hf: cannot serve " + "; ".join(problems) +
+                         " (nothing was patched)")
+    for m in found:
+        if not type(m).__dict__.get("fastbert_patched"):
+            _patch_keeping_output_capture(m)
+    return model

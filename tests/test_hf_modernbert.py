@@ -1,0 +1,245 @@
+"""Tier 1: patch_hf on transformers' ModernBERT (issue 20) against the unpatched model: tiny
+random configs whose local window is shorter than the sequence, padded and packed batches, every
+head; outputs at real tokens, losses and every parameter's gradient by the tolerance rule
+(patched fp32 vs unpatched fp32, both against unpatched fp64)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import ModernBertConfig  # noqa: E402
+from transformers.models.modernbert import modeling_modernbert as mb  # noqa: E402
+
+import fastbert  # noqa: E402
+from fastbert import hf_patch_modernbert  # noqa: E402
+from tests.helpers import assert_close_by_rule  # noqa: E402
+
+VOCAB, SEQ = 64, 21
+
+
+def tiny_config(**overrides):
+    """3 layers (global, local, local), window 8 (+-4) < SEQ, head dim 16."""
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+              num_attention_heads=2, local_attention=8, global_attn_every_n_layers=3,
+              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, cls_token_id=1,
+              eos_token_id=2, sep_token_id=2, mask_token_id=3, attn_implementation="sdpa",
+              num_labels=3)
+    kw.update(overrides)
+    return ModernBertConfig(**kw)
+
+
+def triplet(cls, config):
+    """(patched fp32, unpatched fp32, unpatched fp64) copies of one random model, training mode
+    (dropout off in the config, so the three compute the same function)."""
+    torch.manual_seed(0)
+    plain = cls(config).train()
+    exact = copy.deepcopy(plain).double()
+    patched = fastbert.patch_hf(copy.deepcopy(plain))
+    return patched, plain, exact
+
+
+def padded_batch(batch=3):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, VOCAB, (batch, SEQ), generator=g)
+    mask = torch.ones(batch, SEQ, dtype=torch.long)
+    mask[1, 13:] = 0
+    mask[2, 6:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+def packed_batch():
+    """DataCollatorWithFlattening's form: (1, T) ids, position ids restarting at 0, no mask; and
+    the same sequences as a padded batch (ids, mask), the reference's input: transformers' sdpa
+    path lets packed sequences attend to each other (its flash-attention path does not)."""
+    g = torch.Generator().manual_seed(2)
+    lengths = [SEQ, 9, 1, 14]
+    ids = torch.randint(4, VOCAB, (1, sum(lengths)), generator=g)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    mask = torch.arange(SEQ).view(1, SEQ) < torch.tensor(lengths).view(-1, 1)
+    padded = torch.zeros(len(lengths), SEQ, dtype=torch.long).masked_scatter(mask, ids[0])
+    return ids, position_ids, padded, mask
+
+
+def compare(models, kwargs, outputs, real=None, ref_kwargs=None, ref_real=None):
+    """Forward all three, compare `outputs` (attribute names) at real tokens (a (B, S) bool
+    mask for per-token outputs) and every parameter gradient of the loss. ref_kwargs / ref_real:
+    the unpatched models' input and real tokens, when they differ (packed against padded)."""
+    if ref_kwargs is None:
+        ref_kwargs, ref_real = kwargs, real
+    calls = [(kwargs, real), (ref_kwargs, ref_real), (ref_kwargs, ref_real)]
+    results = [m(**kw) for m, (kw, _) in zip(models, calls)]
+
+    def at_real(value, where):
+        if where is not None and value.dim() >= 2 and value.shape[:2] == where.shape:
+            return value[where]
+        return value
+
+    for name in outputs:
+        assert_close_by_rule(*(at_real(getattr(r, name), where)
+                               for r, (_, where) in zip(results, calls)), name)
+    # the base model has no loss: a square of its real tokens' states stands in
+    losses = [r.loss if getattr(r, "loss", None) is not None else at_real(r[0], where).pow(2).mean()
+              for r, (_, where) in zip(results, calls)]
+    for loss in losses:
+        loss.backward()
+    params = [dict(m.named_parameters()) for m in models]
+    assert params[0].keys() == params[1].keys()
+    for name in params[0]:
+        grads = [p[name].grad for p in params]
+        if grads[1] is None:
+            assert grads[0] is None, name
+            continue
+        assert_close_by_rule(grads[0], grads[1], grads[2], f"grad {name}")
+
+
+def test_base_model_padded_and_packed():
+    models = triplet(mb.ModernBertModel, tiny_config())
+    ids, mask = padded_batch()
+    compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
+            real=mask.bool())
+    for m in models:
+        m.zero_grad()
+    ids, position_ids, padded, mask = packed_batch()
+    compare(models, dict(input_ids=ids, position_ids=position_ids), ["last_hidden_state"],
+            real=torch.ones_like(ids, dtype=torch.bool),
+            ref_kwargs=dict(input_ids=padded, attention_mask=mask), ref_real=mask)
+    # the same packing given as DataCollatorWithFlattening's flash-attention kwargs
+    cu = torch.tensor([0, SEQ, SEQ + 9, SEQ + 10, ids.shape[1]], dtype=torch.int32)
+    patched = models[0]
+    torch.testing.assert_close(patched(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                       max_length_q=SEQ, max_length_k=SEQ).last_hidden_state,
+                               patched(input_ids=ids, position_ids=position_ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_masked_lm_padded_and_packed(sparse):
+    models = triplet(mb.ModernBertForMaskedLM, tiny_config(sparse_prediction=sparse))
+    ids, mask = padded_batch()
+    labels = torch.where((torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.3)
+                         & mask.bool(), ids, -100)
+    compare(models, dict(input_ids=ids, attention_mask=mask, labels=labels), ["loss", "logits"],
+            real=None if sparse else mask.bool())
+    for m in models:
+        m.zero_grad()
+    ids, position_ids, padded, mask = packed_batch()
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) < 0.3,
+                         ids, -100)
+    padded_labels = torch.full_like(padded, -100).masked_scatter(mask, labels[0])
+    compare(models, dict(input_ids=ids, position_ids=position_ids, labels=labels),
+            ["loss", "logits"], real=None if sparse else torch.ones_like(ids, dtype=torch.bool),
+            ref_kwargs=dict(input_ids=padded, attention_mask=mask, labels=padded_labels),
+            ref_real=None if sparse else mask)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_sequence_classification(pooling):
+    models = triplet(mb.ModernBertForSequenceClassification,
+                     tiny_config(classifier_pooling=pooling))
+    ids, mask = padded_batch()
+    compare(models, dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1])),
+            ["loss", "logits"])
+
+
+def test_token_classification_and_question_answering():
+    ids, mask = padded_batch()
+    models = triplet(mb.ModernBertForTokenClassification, tiny_config())
+    labels = torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)
+    compare(models, dict(input_ids=ids, attention_mask=mask, labels=labels), ["loss", "logits"],
+            real=mask.bool())
+    # transformers' span loss runs over every position, padding included: a full batch here
+    models = triplet(mb.ModernBertForQuestionAnswering, tiny_config(num_labels=2))
+    compare(models, dict(input_ids=ids, attention_mask=torch.ones_like(mask),
+                         start_positions=torch.tensor([1, 3, 2]),
+                         end_positions=torch.tensor([4, 9, 5])), ["start_logits", "end_logits"])
+
+
+def test_multiple_choice():
+    models = triplet(mb.ModernBertForMultipleChoice, tiny_config())
+    ids, mask = padded_batch(batch=4)
+    compare(models, dict(input_ids=ids.view(2, 2, SEQ), attention_mask=mask.view(2, 2, SEQ),
+                         labels=torch.tensor([1, 0])), ["loss", "logits"])
+
+
+def test_inference_on_the_cpu_paths_matches():
+    torch.manual_seed(5)
+    plain = mb.ModernBertModel(tiny_config()).eval()
+    patched = fastbert.patch_hf(copy.deepcopy(plain))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want = plain(ids, attention_mask=mask).last_hidden_state
+        got = patched(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    assert got[~real].abs().max() == 0  # repadded with zeros
+
+
+def test_gradient_checkpointing_and_call_time_modules():
+    """Checkpointed layers, and a wrapped Wi (as LoRA wraps a Linear) called as a module."""
+    class Wrapped(nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.base = linear
+            self.delta = nn.Linear(linear.in_features, linear.out_features, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + self.delta(x)
+
+    models = triplet(mb.ModernBertModel, tiny_config())
+    for m in models:
+        layer = m.layers[1]
+        torch.manual_seed(6)
+        layer.mlp.Wi = Wrapped(layer.mlp.Wi).to(layer.mlp.Wo.weight.dtype)
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask = padded_batch()
+    compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
+            real=mask.bool())
+
+
+def test_hidden_states_requested_run_transformers_forward():
+    patched, plain, _ = triplet(mb.ModernBertModel, tiny_config())
+    ids, mask = padded_batch()
+    got = patched(ids, attention_mask=mask, output_hidden_states=True)
+    want = plain(ids, attention_mask=mask, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
+
+
+def test_local_layers_run_windowed_varlen(monkeypatch):
+    seen = []
+    attention_varlen = fastbert.attention_varlen
+    monkeypatch.setattr(fastbert, "attention_varlen", lambda *a, **kw: (
+        seen.append(kw["window_size"]) or attention_varlen(*a, **kw)))
+    patched = fastbert.patch_hf(mb.ModernBertModel(tiny_config()))
+    ids, mask = padded_batch()
+    patched(ids, attention_mask=mask)
+    assert seen == [(-1, -1), (4, 4), (4, 4)]  # global, then local layers with +-4
+
+
+def test_unservable_configs_are_refused_before_patching():
+    big = mb.ModernBertModel(tiny_config(hidden_size=520, num_attention_heads=2,
+                                         intermediate_size=8))
+    with pytest.raises(ValueError, match="head dim 260 is over fastbert's 256"):
+        fastbert.patch_hf(big)
+    assert type(big) is mb.ModernBertModel
+    model = mb.ModernBertForMaskedLM(tiny_config())
+    model.config.rope_parameters["sliding_attention"]["rope_type"] = "spiral"
+    with pytest.raises(ValueError, match="unknown rope type 'spiral'"):
+        fastbert.patch_hf(model)
+    assert type(model.model) is mb.ModernBertModel
+    with pytest.raises(ValueError, match="ModernBERT runs unpadded only"):
+        fastbert.patch_hf(mb.ModernBertModel(tiny_config()), unpad=False)
+
+
+def test_patching_twice_and_copies_are_harmless():
+    model = fastbert.patch_hf(mb.ModernBertModel(tiny_config()))
+    cls = type(model)
+    assert fastbert.patch_hf(model) is model and type(model) is cls
+    assert hf_patch_modernbert.models(model) == [model]
+    twin = copy.deepcopy(model)  # pickles as the original class plus the patched forward
+    assert type(twin) is cls
+    ids, mask = padded_batch()
+    torch.testing.assert_close(twin(ids, attention_mask=mask).last_hidden_state,
+                               model(ids, attention_mask=mask).last_hidden_state)
