@@ -264,6 +264,9 @@ def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
         raise TypeError(f"patch_hf: expected a transformers model (an nn.Module), got "
                         f"{type(model).__name__} {model!r}; load it first, e.g. "
                         f"transformers.AutoModel.from_pretrained(folder)")
+    from fastbert import hf_patch_modernbert  # ModernBERT's own layout: its own module
+    if hf_patch_modernbert.models(model):
+        return hf_patch_modernbert.patch(model, unpad)
     families = _families()
     encoders = [(m, f) for m in model.modules() for f in families
                 if base_class(type(m)) is f.encoder]  # (module, family)
