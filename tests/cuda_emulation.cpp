@@ -7,8 +7,9 @@
 //
 // The checks compute-sanitizer makes on a GPU, on every launch:
 // - memcheck: the kernels' loads and stores are instrumented (-fsanitize=kernel-address calls
-//   __asan_{load,store}N_noabort per access). Global buffers are copies that tests/cuda_emulation.py
-//   places between poisoned guard regions (emu_guard_begin); an access that touches a guard, or
+//   __asan_{load,store}N_noabort per access). Global buffers are copies that
+//   tests/cuda_emulation.py places between poisoned guard regions (emu_guard_begin); an access
+//   that touches a guard, or
 //   shared memory past the launch's dynamic allocation, is reported with the kernel, the buffer and
 //   the byte offset. Guard bytes are compared afterwards too (writes the instrumentation missed).
 // - racecheck: per byte of shared memory, the last writer and the readers since the last barrier;
@@ -127,7 +128,7 @@ bool same_site(const Barrier& b, const char* file, int line) {
   return b.line == line && std::strcmp(b.file, file) == 0;
 }
 
-// Arrive at `b` (of `needed` threads) and wait until all have; true for the thread that completes it.
+// Arrive at `b` (of `needed` threads) and wait until all have; true for the thread completing it.
 bool arrive(Barrier& b, int needed, Wait kind, const char* file, int line, const char* what) {
   if (b.count == 0) {
     b.file = file, b.line = line;
@@ -179,7 +180,8 @@ void race(const char* kind, int other, size_t offset) {
   if (++g_races > 1) return;  // the first per launch; the rest would repeat it
   finding("racecheck: " + where() + ": " + kind + " hazard on " + shared_place(offset) +
           " with " +
-          (other < 0 ? std::string("threads of other warps") : "thread " + dim_str(split(other, bdim))) +
+          (other < 0 ? std::string("threads of other warps")
+                     : "thread " + dim_str(split(other, bdim))) +
           ", no barrier between them");
 }
 
@@ -509,8 +511,10 @@ void guard_begin(int n, const uint64_t* ptrs, const uint64_t* sizes, const char*
     std::memcpy(copy, (const void*)b.lo, b.hi - b.lo);
     g_regions.push_back({b.name, (unsigned char*)b.lo, copy, b.hi - b.lo});
   }
-  for (int i = 0; i < n; ++i)
-    out[i] = (uint64_t)(g_regions[home[i]].copy + (ptrs[i] - (uintptr_t)g_regions[home[i]].original));
+  for (int i = 0; i < n; ++i) {
+    const Region& r = g_regions[home[i]];
+    out[i] = (uint64_t)(r.copy + (ptrs[i] - (uintptr_t)r.original));
+  }
   g_global_lo = (uintptr_t)base, g_global_span = g_arena_bytes;
   g_call_memchecks = 0;
 }
@@ -629,7 +633,7 @@ EMU_HIDDEN void __ubsan_handle_type_mismatch_v1(UbsanMismatch* d, uintptr_t ptr)
 }
 }
 
-// ---- what tests/cuda_emulation.py calls (ctypes) -------------------------------------------------
+// ---- what tests/cuda_emulation.py calls (ctypes) ---------------------------------------------
 
 namespace {
 std::string g_error;

@@ -214,7 +214,7 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, add
 // mma.m16n8k16, fp32 accumulate, from all 32 lanes' fragments: A (16 x 16) element (r, c) is in
 // lane (r % 8) * 4 + (c % 8) / 2, register (r >= 8) + 2 (c >= 8), half c % 2; B (16 x 8) element
 // (k, n) in lane n * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2. A lane computes its own
-// C elements (rows g, g + 8; columns 2t, 2t + 1), so it reads only those rows of A and columns of B.
+// C elements (rows g, g + 8; columns 2t, 2t + 1): it reads only those rows of A, columns of B.
 template <typename T>
 EMU_UNCHECKED inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                     uint32_t b1) {

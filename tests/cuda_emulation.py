@@ -1,8 +1,8 @@
-"""fastbert._C built for the host: the real launchers (csrc/*.cu) and kernels (kernels/*.cuh) run on
-CPU tensors under the emulation of tests/cuda_emulation.h and tests/cuda_emulation.cpp.
+"""fastbert._C built for the host: the real launchers (csrc/*.cu) and kernels (kernels/*.cuh) run
+on CPU tensors under the emulation of tests/cuda_emulation.h and tests/cuda_emulation.cpp.
 
-`build(tmp_dir, compiler, include)` rewrites the CUDA syntax a host compiler does not take, in copies
-of the sources (line numbers kept, `#line` names the original file):
+`build(tmp_dir, compiler, include)` rewrites the CUDA syntax a host compiler does not take, in
+copies of the sources (line numbers kept, `#line` names the original file):
 - `kernel<<<grid, block, smem, stream>>>(args)` -> `::emu::launch(::emu::config(grid, block, smem,
   stream), kernel, args)`; `cudaLaunchKernel((const void*)kernel, ...)` -> `::emu::launch_kernel(
   kernel, ...)` (keeps the kernel's type);

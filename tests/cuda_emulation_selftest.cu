@@ -1,6 +1,6 @@
-// Kernels with one deliberate bug each (and their correct twins), so that tests/test_cuda_emulation.py
-// can show that every check of the emulation fires, names the kernel and says where. Built only
-// into the emulation (tests/cuda_emulation.py), through the same source rewriting as csrc/.
+// Kernels with one deliberate bug each (and their correct twins): tests/test_cuda_emulation.py
+// shows that every check of the emulation fires, names the kernel and says where. Built only into
+// the emulation (tests/cuda_emulation.py), through the same source rewriting as csrc/.
 #include <cuda_runtime.h>
 
 namespace selftest_kernels {
