@@ -143,6 +143,20 @@ ATTENTION_LAYOUTS = (
                     PHASES if FULL else ("mask", "forward", "backward")),
 )
 _FLAG_NAMES = {"IS_CAUSAL": "causal", "HAS_MASK": "mask", "HAS_DROPOUT": "dropout"}
+# ModernBERT-base/large have BERT-base/large's head dim 64; their local layers also launch the
+# packed (varlen) kernels with a sliding window of 64 keys each side (issue 20), without
+# attention dropout (0.0 in every ModernBERT config). (Listed with dropout, the sm_80 varlen
+# deterministic dQ kernel spills 52 B: not a variant these models launch.)
+MODERNBERT_WINDOW = (64, 64)
+
+
+def _flag_sets(shape: ModelShape, layout: AttentionLayout, phase: str) -> list:
+    """(causal, dropout, window) per launch: the flag sets above without a window, and
+    ModernBERT's local layers (head dim 64, packed) with theirs, without dropout, both phases."""
+    sets = [(causal, dropout, (-1, -1)) for causal, dropout in _attention_flag_sets(phase)]
+    if shape.head_dim == 64 and layout.name == "varlen":
+        sets += [(causal, False, MODERNBERT_WINDOW) for causal in CAUSAL]
+    return sets
 
 
 def _constexpr_names(fn) -> set:
@@ -175,13 +189,14 @@ def attention_variants():
             layout_flags = dict(layout.constexprs)
             if not set(layout.requires) <= declared or kernel.phase not in layout.phases:
                 continue
-            for has_mask, (causal, dropout) in itertools.product(layout.masks,
-                                                                 _attention_flag_sets(kernel.phase)):
+            for has_mask, (causal, dropout, window) in itertools.product(
+                    layout.masks, _flag_sets(shape, layout, kernel.phase)):
                 if kernel.phase == "mask" and not has_mask:
                     continue
                 tiles, warps, stages = _tiles(kernel, bd, dtype, capability)
                 flags = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_DROPOUT=dropout,
                              EXACT_DOT=attention.exact_dot(dtype), BLOCK_D=bd, **tiles,
+                             WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1],
                              **layout_flags, **dict(kernel.constexprs))
                 constexprs = {k: v for k, v in flags.items() if k in declared}
                 for name in layout.absent + (() if has_mask else ("Mask", "KvRange")):
@@ -193,6 +208,8 @@ def attention_variants():
                     fn, dtype, constexprs, has_mask, dropout,
                     torch.float32 if kernel.dq_fp32 else dtype, varlen=layout.name == "varlen")
                 used = [v for k, v in _FLAG_NAMES.items() if constexprs.get(k)]
+                if constexprs.get("WINDOW_LEFT", -1) >= 0:
+                    used.append(f"window {window[0]}")
                 # a kernel without the layout's flags serves every layout: no layout in its name
                 where = [layout.name] if set(layout_flags) & declared else []
                 what = " ".join([kernel.phase, *where, "+".join(used) or "plain",

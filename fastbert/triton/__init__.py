@@ -22,8 +22,6 @@ def unsupported(op: str, **kw):
     check = _UNSUPPORTED.get(op)
     if check is None:
         return f"the Triton backend has no kernel for {op}"
-    if "window" in kw:
-        return "the Triton attention kernels take no sliding window (window_size)"
     return check(**kw)
 
 

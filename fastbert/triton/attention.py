@@ -124,9 +124,10 @@ def _mask_args(mask: Optional[torch.Tensor]):
     return mask.view(torch.uint8), key_range(mask)
 
 
-def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, has_mask=False) -> Optional[str]:
-    """Why these kernels cannot serve the input, or None (every dropout, causal and mask setting
-    is served, and varlen as well)."""
+def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, has_mask=False,
+                window=(-1, -1)) -> Optional[str]:
+    """Why these kernels cannot serve the input, or None (every dropout, causal, mask and
+    sliding-window setting is served, and varlen as well)."""
     if dtype not in _DTYPES:
         return f"the Triton attention kernels take float16, bfloat16, float32, got {dtype}"
     if not 1 <= head_dim <= MAX_HEAD_DIM:
@@ -134,12 +135,15 @@ def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, has_mask=False) ->
     return None
 
 
-def flags(causal, dropout_p, dtype, has_mask=False, varlen=False) -> dict:
+def flags(causal, dropout_p, dtype, has_mask=False, varlen=False, window=(-1, -1)) -> dict:
+    """The constexprs of a launch; a sliding window compiles its (left, right) in (-1:
+    unbounded), so each model's one window is one variant and the others are unchanged."""
     return dict(IS_CAUSAL=bool(causal), HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
-                IS_VARLEN=varlen, EXACT_DOT=exact_dot(dtype))
+                IS_VARLEN=varlen, EXACT_DOT=exact_dot(dtype), WINDOW_LEFT=int(window[0]),
+                WINDOW_RIGHT=int(window[1]))
 
 
-def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
+def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1, -1)):
     """-> (out (B, Sq, H, D) contiguous in q.dtype, lse (B, H, Sq) fp32)."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
@@ -158,21 +162,23 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
             lse.stride(0), lse.stride(1),
             h, sq, sk, d,
             scale * LOG2E, float(dropout_p), int(seed),
-            **flags(causal, dropout_p, q.dtype, has_mask=mask is not None),
+            **flags(causal, dropout_p, q.dtype, has_mask=mask is not None, window=window),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
     return out, lse
 
 
 def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batch, seqlen_q,
-                    seqlen_k, lse_strides, causal, dropout_p, scale, seed, deterministic):
+                    seqlen_k, lse_strides, causal, dropout_p, scale, seed, deterministic,
+                    window=(-1, -1)):
     """The backward kernels for both layouts (dense: cu_q = cu_k = None; varlen: q, k, v, dout,
     out are (total, H, D), seqlen_* the max_seqlen bounds). -> (dq, dk, dv)."""
     varlen = cu_q is not None
     h, d = q.shape[-2], q.shape[-1]
     bd = block_d(d)
     gpu = arch(q.device)
-    kernel_flags = flags(causal, dropout_p, q.dtype, has_mask=mask_u8 is not None, varlen=varlen)
+    kernel_flags = flags(causal, dropout_p, q.dtype, has_mask=mask_u8 is not None, varlen=varlen,
+                         window=window)
     # varlen rows start at cu_seqlens: the "batch stride" argument is then the row stride
     row_dim = 0 if varlen else 1
     qkv_strides = tuple(s for t in (q, k, v) for s in (t.stride(0), t.stride(row_dim), t.stride(-2)))
@@ -224,7 +230,7 @@ def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batc
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
-                       deterministic):
+                       deterministic, window=(-1, -1)):
     """-> (dq, dk, dv), contiguous, in the shapes and dtypes of q, k, v."""
     b, sq, h, d = q.shape
     dout = dout.contiguous()  # ops.py passes it contiguous; dQ shares its layout and strides
@@ -232,4 +238,4 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
         mask_u8, kv_range = _mask_args(mask)
         return launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, None, None, b, sq,
                                k.shape[1], (lse.stride(0), lse.stride(1)), causal, dropout_p,
-                               scale, seed, use_deterministic(deterministic))
+                               scale, seed, use_deterministic(deterministic), window)

@@ -110,7 +110,8 @@ def _key_range(KvRange, off_b, seqlen_k, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
-             IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+             IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+             WINDOW_RIGHT: tl.constexpr):
     """Which keys cols_n the queries rows_m may see, in their broadcast shape: (M, 1) and (1, N)
     give (M, N); (1, M) and (N, 1) give the transposed tile directly (no layout conversion)."""
     visible = (cols_n < seqlen_k) & (rows_m >= 0)
@@ -119,6 +120,11 @@ def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
         visible = visible & (real != 0)
     if IS_CAUSAL:  # bottom-right aligned: query i sees keys j <= i + Sk - Sq
         visible = visible & (cols_n <= rows_m + (seqlen_k - seqlen_q))
+    # sliding window (flash-attn's): i + Sk - Sq - left <= j <= i + Sk - Sq + right
+    if WINDOW_LEFT >= 0:
+        visible = visible & (cols_n >= rows_m + (seqlen_k - seqlen_q) - WINDOW_LEFT)
+    if WINDOW_RIGHT >= 0:
+        visible = visible & (cols_n <= rows_m + (seqlen_k - seqlen_q) + WINDOW_RIGHT)
     return visible
 
 
@@ -184,7 +190,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
               off_b, off_bh, len_q, len_k, seqlen_k, stride_ks, stride_vs, qk_scale, dropout_p,
               seed, start_m, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-              BOUNDARY: tl.constexpr):
+              BOUNDARY: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """One key tile of the online softmax. Without BOUNDARY every key of the tile exists, is
     real (no mask) and (causal) lies at or below every query's diagonal: no per-key check."""
     cols = start_n + offs_n
@@ -197,7 +203,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     s = _mm(q, tl.trans(k), EXACT_DOT)
     if BOUNDARY:
         s = tl.where(_visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k,
-                              IS_CAUSAL, HAS_MASK), s, float("-inf"))
+                              IS_CAUSAL, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -228,6 +234,7 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr, EXACT_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,  # -1: unbounded
 ):
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -261,8 +268,14 @@ def _attn_fwd_kernel(
         mid = tl.minimum(mid, tl.where(diagonal > 0, diagonal // BLOCK_N, 0) * BLOCK_N)
         # ... its last one keys below min(Sq, end of block) + Sk - Sq
         hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
+    # a sliding window: only the key tiles the block's band reaches, every one checked
+    if WINDOW_LEFT >= 0:
+        lo = tl.maximum(lo, start_m * BLOCK_M + len_k - len_q - WINDOW_LEFT)
+    if WINDOW_RIGHT >= 0:
+        hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q
+                        + WINDOW_RIGHT)
     lo = (lo // BLOCK_N) * BLOCK_N
-    mid = lo if HAS_MASK else tl.maximum(mid, lo)
+    mid = lo if HAS_MASK or WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0 else tl.maximum(mid, lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
@@ -271,12 +284,14 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
                                   offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
                                   stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
-                                  IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, False)
+                                  IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, False,
+                                  WINDOW_LEFT, WINDOW_RIGHT)
     for start_n in range(mid, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
                                   offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
                                   stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
-                                  IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, True)
+                                  IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, True,
+                                  WINDOW_LEFT, WINDOW_RIGHT)
 
     empty = l_i == 0.0  # the query sees no key: out = 0, lse = +inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -334,6 +349,7 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr, EXACT_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,  # -1: unbounded
 ):
     """dK, dV for one key tile (and, with DQ_ATOMIC, its share of dQ added atomically)."""
     start_n = tl.program_id(0)
@@ -368,10 +384,16 @@ def _attn_bwd_dkdv_kernel(
     if IS_CAUSAL:  # key j is seen by queries i >= j - (Sk - Sq)
         lo = tl.maximum(start_n * BLOCK_N - (len_k - len_q), 0)
         lo = (lo // BLOCK_M) * BLOCK_M
+    # a sliding window: key j is seen by queries j - (Sk - Sq) - right <= i <= j - (Sk - Sq) + left
+    if WINDOW_RIGHT >= 0:
+        lo = tl.maximum(lo, start_n * BLOCK_N - (len_k - len_q) - WINDOW_RIGHT)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if WINDOW_LEFT >= 0:
+        hi = tl.minimum(hi, (start_n + 1) * BLOCK_N - (len_k - len_q) + WINDOW_LEFT)
     if HAS_MASK:
         key_lo, key_hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
         live = (start_n * BLOCK_N < key_hi) & ((start_n + 1) * BLOCK_N > key_lo)
-        hi = tl.where(live, len_q, 0)
+        hi = tl.where(live, hi, 0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -388,7 +410,7 @@ def _attn_bwd_dkdv_kernel(
         st = _mm(k, tl.trans(q), EXACT_DOT)
         pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E_K)
         visible = _visible(offs_m[None, :], offs_n[:, None], Mask, off_b, len_q, len_k,
-                           IS_CAUSAL, HAS_MASK)
+                           IS_CAUSAL, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
         pt = tl.where(visible, pt, 0.0)
         dpt = _mm(v, tl.trans(do), EXACT_DOT)
         if HAS_DROPOUT:
@@ -429,6 +451,7 @@ def _attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr, EXACT_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,  # -1: unbounded
 ):
     """dQ for one query tile, summing over key tiles in a fixed order (deterministic)."""
     start_m = tl.program_id(0)
@@ -461,6 +484,11 @@ def _attn_bwd_dq_kernel(
     lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
     if IS_CAUSAL:
         hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
+    if WINDOW_LEFT >= 0:
+        lo = tl.maximum(lo, start_m * BLOCK_M + len_k - len_q - WINDOW_LEFT)
+    if WINDOW_RIGHT >= 0:
+        hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q
+                        + WINDOW_RIGHT)
     lo = (lo // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -472,7 +500,7 @@ def _attn_bwd_dq_kernel(
         s = _mm(q, tl.trans(k), EXACT_DOT)
         p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E_K)
         visible = _visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k, IS_CAUSAL,
-                           HAS_MASK)
+                           HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
         p = tl.where(visible, p, 0.0)
         dp = _mm(do, tl.trans(v), EXACT_DOT)
         if HAS_DROPOUT:

@@ -16,13 +16,13 @@ from fastbert.triton.attention import (LOG2E, _attn_fwd_kernel, arch, block_d, f
                                        launch_backward, on_device, use_deterministic)
 
 
-def unsupported(dtype, head_dim, dropout_p=0.0, causal=False) -> str | None:
+def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, window=(-1, -1)) -> str | None:
     """Why these kernels cannot serve the input, or None (the dense kernels' limits)."""
-    return dense.unsupported(dtype, head_dim, dropout_p, causal)
+    return dense.unsupported(dtype, head_dim, dropout_p, causal, window=window)
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             causal, dropout_p, scale, seed):
+                             causal, dropout_p, scale, seed, window=(-1, -1)):
     """-> (out (total_q, H, D) contiguous in q.dtype, lse (H, total_q) fp32)."""
     total_q, h, d = q.shape
     batch = cu_seqlens_q.shape[0] - 1
@@ -40,18 +40,19 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             0, lse.stride(0),
             h, max_seqlen_q, max_seqlen_k, d,
             scale * LOG2E, float(dropout_p), int(seed),
-            **flags(causal, dropout_p, q.dtype, varlen=True),
+            **flags(causal, dropout_p, q.dtype, varlen=True, window=window),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
     return out, lse
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, causal, dropout_p, scale, seed, deterministic):
+                              max_seqlen_k, causal, dropout_p, scale, seed, deterministic,
+                              window=(-1, -1)):
     """-> (dq, dk, dv), contiguous, in the shapes and dtypes of q, k, v."""
     dout = dout.contiguous()  # ops.py passes it contiguous; dQ shares its layout and strides
     batch = cu_seqlens_q.shape[0] - 1
     with on_device(q.device):
         return launch_backward(dout, q, k, v, out, lse, None, None, cu_seqlens_q, cu_seqlens_k,
                                batch, max_seqlen_q, max_seqlen_k, (0, lse.stride(0)), causal,
-                               dropout_p, scale, seed, use_deterministic(deterministic))
+                               dropout_p, scale, seed, use_deterministic(deterministic), window)
