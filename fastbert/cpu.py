@@ -439,6 +439,38 @@ def linear_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tens
     return _run(x, weight, bias, "add", "", residual)
 
 
+def inference_routes(dtype: torch.dtype) -> Optional[Tuple[Callable, Callable]]:
+    """(linear, linear_gelu) as this module computes them for CPU inputs of `dtype` that
+    `should_use` accepts, resolved once for a caller that checks should_use's per-tensor
+    conditions itself (fastbert/lean.py, once per model forward): for fp32 on plain weights the
+    oneDNN op itself, without the per-call checks; None where should_use refuses `dtype`."""
+    if not _enabled or _compiling() or _autocast_on():
+        return None
+    if dtype == torch.float32:
+        if _private_ops_reason() is not None and not _bf16:
+            return None
+    elif dtype != torch.bfloat16 or not (bf16_support()[0] and _private_ops_reason() is None):
+        return None
+    if (dtype == torch.float32 and not _bf16 and not PREPACK_FP32 and not GELU_POST_OP
+            and _variant_reason("none", "", dtype) is None):
+        return _fp32_linear, _fp32_linear_gelu
+    return linear, linear_gelu
+
+
+def _fp32_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """_run's oneDNN call for contiguous fp32 x with rows, fp32 weights taken as they are."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    except Exception as e:  # as in _run: remember, and take the public path from now on
+        _disable_variant("none", "", torch.float32, e)
+        return _fallback(x, weight, bias, "none", "", None, torch.float32)
+
+
+def _fp32_linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      approximate: str) -> Tensor:
+    return torch.ops.aten.gelu_(_fp32_linear(x, weight, bias), approximate=approximate)
+
+
 def describe() -> str:
     """One line: which CPU inference path is active and why."""
     if not _enabled:

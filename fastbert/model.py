@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import fastbert
-from fastbert import cpu
+from fastbert import cpu, lean
 from fastbert.family import Family, family_of, fastbert_base_class
 from fastbert.padding import (PackedBatch, first_tokens, pack_mask, pack_position_ids,
                               positions_in_sequence)
@@ -237,9 +237,11 @@ class BertEmbeddings(nn.Module):
         # Old HF checkpoints carry these buffers; they are derived from the config, not loaded.
         self._register_load_state_dict_pre_hook(_drop_buffers_from_checkpoint)
 
-    def forward(self, input_ids, token_type_ids=None, position_ids=None, max_position=None):
+    def forward(self, input_ids, token_type_ids=None, position_ids=None, max_position=None,
+                plan: Optional[lean.Plan] = None):
         """input_ids (B, S), or (T,) packed tokens with their position_ids. max_position: a
-        bound on the positions known without a host sync (default S), for the sinusoidal table."""
+        bound on the positions known without a host sync (default S), for the sinusoidal table.
+        plan: BertModel's lean.Plan for this forward (fastbert/lean.py)."""
         if position_ids is None:
             s = input_ids.shape[-1]
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)  # (1, S)
@@ -249,6 +251,8 @@ class BertEmbeddings(nn.Module):
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.token_type_embeddings(token_type_ids)
         x = x + self._positions(position_ids, max_position or input_ids.shape[-1])
+        if plan is not None:
+            return self.dropout(lean.embedding_norm(plan, x, self.LayerNorm))
         x = fastbert.add_layer_norm(x, None, self.LayerNorm.weight, self.LayerNorm.bias,
                                     self.LayerNorm.eps)
         return self.dropout(x)
@@ -310,12 +314,16 @@ class BertLayer(nn.Module):
         self._register_load_state_dict_pre_hook(_layer_state_dict_from_hf)
 
     def forward(self, x, attention_mask=None, kv_cache: Optional[dict] = None,
-                packed: Optional[PackedBatch] = None):
+                packed: Optional[PackedBatch] = None, plan: Optional[lean.Plan] = None):
         """x (B, S, C) padded, or (T, C) packed real tokens with `packed` saying where each
         sequence starts (then every op below sees real tokens only).
+        plan: BertModel's lean.Plan for this forward; the same ops then run without per-op
+        checks (fastbert/lean.py).
         kv_cache: a dict this layer keeps its keys/values in ("k", "v": (B, S_past, nh, hd)).
         Given one, x holds only the new positions; they attend to the cached ones as well, and the
         cache is extended. attention_mask then covers all S_past + S keys."""
+        if plan is not None:
+            return lean.layer_forward(self, x, plan)
         training = self.training
         dropout_p = self.attn_dropout if training else 0.0
         qkv = linear(x, self.qkv).view(*x.shape[:-1], 3, self.n_head, self.head_dim)
@@ -374,7 +382,9 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, first):  # (B, C), each sequence's [CLS] token -> (B, C)
+    def forward(self, first, plan: Optional[lean.Plan] = None):  # (B, C) [CLS] tokens -> (B, C)
+        if plan is not None:
+            return torch.tanh(lean.linear(plan, first, self.dense))
         return torch.tanh(linear(first, self.dense))
 
 
@@ -488,11 +498,12 @@ class BertModel(BertPreTrainedModel):
                             + self.config.position_offset)
         ids, types, pos = (packed.rows(t) for t in (input_ids, token_type_ids,
                                                      position_ids.expand_as(input_ids)))  # (T,)
-        x = self._embed(ids, types, pos, input_ids.shape[-1])  # (T, C)
+        plan = lean.plan(self, ids, packed, None)
+        x = self._embed(ids, types, pos, input_ids.shape[-1], plan)  # (T, C)
         for layer in self.encoder.layer:
-            x = self._run_layer(layer, x, packed=packed)
-        pooled = self.pooler(first_tokens(x, packed.cu_seqlens)) if self.pooler is not None \
-            else None  # (B, C)
+            x = self._run_layer(layer, x, packed=packed, plan=plan)
+        pooled = self.pooler(first_tokens(x, packed.cu_seqlens), plan) \
+            if self.pooler is not None else None  # (B, C)
         if return_packed:
             return BertModelOutput(last_hidden_state=x, pooler_output=pooled, packed=packed)
         return BertModelOutput(last_hidden_state=packed.grid(x), pooler_output=pooled)
@@ -526,23 +537,23 @@ class BertModel(BertPreTrainedModel):
         real = input_ids.ne(self.config.pad_token_id)
         return (torch.cumsum(real, 1) + past) * real + self.config.pad_token_id
 
-    def _embed(self, ids, types, positions, length: int):
+    def _embed(self, ids, types, positions, length: int, plan=None):
         """Embeddings, projected to hidden_size where they are narrower (ELECTRA). length: the
         sequence length, which bounds the positions without a host sync."""
         bound = length + self.config.position_offset
-        x = self.embeddings(ids, types, positions, max_position=bound)
+        x = self.embeddings(ids, types, positions, max_position=bound, plan=plan)
         return linear(x, self.embeddings_project) if self.embeddings_project is not None else x
 
-    def _run_layer(self, layer, x, attention_mask=None, cache=None, packed=None):
+    def _run_layer(self, layer, x, attention_mask=None, cache=None, packed=None, plan=None):
         """layer(x, ...), recomputed in backward under gradient checkpointing (not with a KV
         cache, which the recompute would extend twice). x goes positionally: a reentrant
         checkpoint only sees gradients of positional tensors."""
         if (self.checkpointing_function is None or not self.training or cache is not None
                 or not torch.is_grad_enabled()):
-            return layer(x, attention_mask, cache, packed=packed)
+            return layer(x, attention_mask, cache, packed=packed, plan=plan)
         import functools
-        return self.checkpointing_function(functools.partial(layer, packed=packed), x,
-                                           attention_mask)
+        return self.checkpointing_function(functools.partial(layer, packed=packed, plan=plan),
+                                           x, attention_mask)
 
     def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids,
                         past_key_values):
@@ -553,8 +564,10 @@ class BertModel(BertPreTrainedModel):
         past = first["k"].shape[1] if "k" in first else 0  # positions already in the cache
         if position_ids is None:
             position_ids = self._default_positions(input_ids, past)
-        x = self._embed(input_ids, token_type_ids, position_ids, past + input_ids.shape[1])
+        plan = lean.plan(self, input_ids, None, attention_mask) if past_key_values is None \
+            else None
+        x = self._embed(input_ids, token_type_ids, position_ids, past + input_ids.shape[1], plan)
         for layer, cache in zip(self.encoder.layer, caches):
-            x = self._run_layer(layer, x, attention_mask, cache)
-        pooled = self.pooler(x[:, 0]) if self.pooler is not None else None  # (B, C)
+            x = self._run_layer(layer, x, attention_mask, cache, plan=plan)
+        pooled = self.pooler(x[:, 0], plan) if self.pooler is not None else None  # (B, C)
         return x, pooled

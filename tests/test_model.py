@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
+from fastbert import lean
 from fastbert.heads import (BertForMaskedLM, BertForPreTraining, BertForQuestionAnswering,
                             BertForSequenceClassification, BertLMHeadModel)
 from fastbert.model import BertConfig, BertModel
@@ -73,20 +74,20 @@ def test_question_answering_needs_two_labels():
 
 @pytest.mark.parametrize("unpad", [False, True])
 def test_qkv_views_reach_attention_without_copies(monkeypatch, unpad):
+    """Through the lean path (fastbert/lean.py), whose plan carries cu_seqlens or the mask."""
     model = BertModel(small_config(unpad=unpad)).eval()
     seen = []
-    name = "attention_varlen" if unpad else "attention"
-    real_attention = getattr(fastbert, name)
+    real_attention = lean.attention
 
-    def spy(q, k, v, *args, **kw):
-        seen.append((q, k, v, args, kw))
-        return real_attention(q, k, v, *args, **kw)
+    def spy(plan, q, k, v):
+        seen.append((plan, q, k, v))
+        return real_attention(plan, q, k, v)
 
-    monkeypatch.setattr(fastbert, name, spy)
+    monkeypatch.setattr(lean, "attention", spy)
     ids, mask = random_batch()
     model(ids, attention_mask=mask)
     assert len(seen) == SMALL["num_hidden_layers"]
-    for q, k, v, args, kw in seen:
+    for plan, q, k, v in seen:
         # padded (B, S, nh, hd), or unpadded (T, nh, hd) with T the real tokens only
         assert q.shape == ((int(mask.sum()), 4, 16) if unpad else (3, 9, 4, 16))
         assert q.stride(-1) == 1
@@ -95,12 +96,11 @@ def test_qkv_views_reach_attention_without_copies(monkeypatch, unpad):
             == v.untyped_storage().data_ptr()
         assert k.data_ptr() - q.data_ptr() == 64 * q.element_size()
         assert v.data_ptr() - q.data_ptr() == 128 * q.element_size()
-        assert kw["causal"] is False and kw["dropout_p"] == 0.0
+        assert plan.causal is False and plan.attn_p == 0.0
         if unpad:
-            cu = args[0]
-            assert cu.tolist() == [0, *torch.cumsum(mask.sum(1), 0).tolist()]
+            assert plan.cu_seqlens.tolist() == [0, *torch.cumsum(mask.sum(1), 0).tolist()]
         else:
-            assert torch.equal(args[0], mask)
+            assert torch.equal(plan.mask, mask)
 
 
 def test_state_dict_round_trip_and_hf_key_names():

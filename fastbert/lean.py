@@ -1,0 +1,217 @@
+"""The lean eager path of fastbert's own BertModel (DESIGN.md section 3, "Host path"; issue 22).
+
+The public ops check their arguments, resolve a backend, read the autocast state and normalise
+their arguments on every call. Within one model forward all of that is the same for every layer,
+so BertModel resolves it once (`plan`) and each layer calls the chosen backends directly
+(`layer_forward`):
+
+    plan = lean.plan(model, ids, packed, mask)   # None: the public ops serve this forward
+    x = lean.embedding_norm(plan, x, model.embeddings.LayerNorm)
+    for layer in model.encoder.layer:
+        x = lean.layer_forward(layer, x, plan)
+
+Per call remains only what depends on the tensors, decided as the public ops decide it: an op
+records autograd when grad mode is on and one of its inputs requires grad; it then runs through
+ops._EagerOp with the op's registered forward, setup_context and backward (as the public ops'
+eager calls do), otherwise the backend's forward runs directly. Seeds are drawn from torch's
+generator at the same points as through the public ops, so outputs, gradients and dropout
+patterns are bitwise theirs (tests/test_lean.py). (*) marks that per-call rule, written out
+inline: a helper would cost Python calls on every op.
+
+`plan` returns None -- the public ops then serve the whole forward -- under torch.compile tracing,
+functorch transforms, a listening profiler (the public ops name each call fastbert::<op>_fwd
+then), tensor subclasses, an empty batch, or layers whose settings differ. Submodules and parameters are
+read from the modules' _modules and _parameters dicts, which is where nn.Module.__getattr__ finds
+them, without its Python call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules import module as _module
+
+from fastbert import cpu, ops, varlen
+from fastbert.padding import PackedBatch
+
+
+class Plan:
+    """Everything the layers of one forward share, resolved once."""
+    __slots__ = ("grad", "cast", "hooks", "packed", "mask", "cu_seqlens", "max_seqlen",
+                 "causal", "attn_p", "hidden_p", "scale", "approximate", "attention",
+                 "attention_backend", "norm", "norm_backend", "embed_norm", "embed_norm_backend",
+                 "gelu_backend", "cpu_linear", "cpu_gelu")
+
+
+def _layer_settings(layer) -> Optional[tuple]:
+    m = layer._modules
+    if type(m["attn_norm"]) is not nn.LayerNorm or type(m["ffn_norm"]) is not nn.LayerNorm \
+            or type(m["ffn_in"]) is not nn.Linear:
+        return None  # replaced: the public path reads what these modules offer
+    training = layer.training
+    return (layer.causal, layer.attn_dropout if training else 0.0,
+            layer.hidden_dropout if training else 0.0, layer.gelu_approximate, layer.head_dim,
+            layer.n_head, training)
+
+
+def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
+         attention_mask: Optional[torch.Tensor]) -> Optional[Plan]:
+    """The plan for one forward of a BertModel on token ids ((T,) packed with `packed`, or
+    (B, S) with an optional bool key mask), or None where the public ops must serve it."""
+    layers = model.encoder.layer
+    weight = model.embeddings.word_embeddings.weight
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch.autograd._profiler_enabled() or type(ids) is not torch.Tensor
+            or type(weight) is not nn.Parameter or ids.numel() == 0 or len(layers) == 0
+            or type(packed.cu_seqlens if packed is not None else attention_mask)
+            not in (torch.Tensor, type(None))
+            or type(model.embeddings.LayerNorm) is not nn.LayerNorm):
+        return None
+    settings = _layer_settings(layers[0])
+    for layer in layers:
+        if settings is None or _layer_settings(layer) != settings:
+            return None
+    causal, attn_p, hidden_p, approximate, head_dim, _, _ = settings
+    p = Plan()
+    device, x_dtype = weight.device, weight.dtype  # the embeddings' output
+    p.grad = torch.is_grad_enabled()
+    p.cast = ops._autocast_dtype(device)
+    dtype = p.cast or x_dtype
+    p.hooks = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+    p.causal, p.attn_p, p.hidden_p, p.approximate = bool(causal), attn_p, hidden_p, approximate
+    p.scale = 1.0 / math.sqrt(head_dim)
+    p.packed = packed is not None
+    kw = dict(dtype=dtype, head_dim=head_dim, dropout_p=attn_p, causal=p.causal)
+    if p.packed:
+        p.cu_seqlens, p.max_seqlen, p.mask = packed.cu_seqlens.contiguous(), packed.max_seqlen, None
+        p.attention_backend = ops.resolve_backend(varlen.OP, "auto", device, **kw)
+        p.attention = varlen._impl(p.attention_backend).attention_varlen_forward
+    else:
+        p.mask = attention_mask.contiguous() if attention_mask is not None else None
+        p.cu_seqlens = p.max_seqlen = None
+        p.attention_backend = ops.resolve_backend("fastbert.attention", "auto", device,
+                                                  has_mask=p.mask is not None, **kw)
+        p.attention = ops._backend_module(p.attention_backend).attention_forward
+    hidden, ffn = model.config.hidden_size, model.config.intermediate_size
+    p.norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device, dtype=dtype,
+                                         hidden=hidden, dropout_p=hidden_p)
+    p.norm = ops._backend_module(p.norm_backend).add_layer_norm_forward
+    p.embed_norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
+                                               dtype=dtype, hidden=weight.shape[1], dropout_p=0.0)
+    p.embed_norm = ops._backend_module(p.embed_norm_backend).add_layer_norm_forward
+    p.gelu_backend = ops.resolve_backend("fastbert.linear_bias_gelu", "auto", device, dtype=dtype,
+                                         in_features=hidden, out_features=ffn)
+    # CPU inference GEMMs (fastbert/cpu.py), for the calls that record no autograd
+    routes = cpu.inference_routes(x_dtype) if device.type == "cpu" else None
+    p.cpu_linear, p.cpu_gelu = routes if routes is not None else (None, None)
+    if p.gelu_backend != "torch":
+        p.cpu_gelu = None
+    if {p.norm_backend, p.embed_norm_backend, p.gelu_backend} != {"torch"}:
+        # the Triton and CUDA kernels take contiguous weights (the public ops make them so)
+        norms = [model.embeddings.LayerNorm]
+        for layer in layers:
+            norms += [layer.attn_norm, layer.ffn_norm, layer.ffn_in]
+        if not all(n.weight.is_contiguous() and n.bias.is_contiguous() for n in norms):
+            return None
+    return p
+
+
+def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """module(x), as model.linear computes it for a plain nn.Linear (the CPU inference GEMM where
+    no autograd is recorded, else F.linear); a wrapped or hooked projection runs as a module."""
+    if type(module) is not nn.Linear or p.hooks or module._forward_hooks \
+            or module._forward_pre_hooks:
+        return module(x)
+    w, b = module._parameters["weight"], module._parameters["bias"]
+    if p.cpu_linear is None or (p.grad and (x.requires_grad or w.requires_grad
+                                            or b.requires_grad)):  # (*)
+        return F.linear(x, w, b)
+    if p.packed:
+        return p.cpu_linear(x, w, b)
+    return p.cpu_linear(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], -1)
+
+
+def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, forward,
+                    backend: str):
+    """fastbert.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=...)."""
+    if p.cast is not None:
+        x = x.to(p.cast)
+        residual = residual.to(p.cast) if residual is not None else None
+    shape = x.shape
+    if not p.packed:
+        x = x.reshape(-1, shape[-1])
+        residual = residual.reshape(-1, shape[-1]) if residual is not None else None
+    w, b = norm._parameters["weight"], norm._parameters["bias"]
+    if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad
+                   or (residual is not None and residual.requires_grad)):  # (*)
+        y = ops.apply_eager("fastbert::add_layer_norm", ops._add_layer_norm_forward,
+                            ops._add_layer_norm_setup, ops._add_layer_norm_grad, x, residual, w,
+                            b, float(norm.eps), dropout_p, ops._draw_seed(dropout_p), backend)[0]
+    else:
+        seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
+        y = forward(x, residual, w, b, float(norm.eps), dropout_p, seed)[0]
+    return y if p.packed else y.view(shape)
+
+
+def embedding_norm(p: Plan, x, norm: nn.LayerNorm):
+    """fastbert.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps) on the embeddings."""
+    return _add_layer_norm(p, x, None, norm, 0.0, p.embed_norm, p.embed_norm_backend)
+
+
+def linear_bias_gelu(p: Plan, x, module: nn.Linear):
+    """fastbert.linear_bias_gelu(x, module.weight, module.bias, approximate=p.approximate)."""
+    w, b = module._parameters["weight"], module._parameters["bias"]
+    if p.cast is not None:
+        x, w, b = x.to(p.cast), w.to(p.cast), b.to(p.cast)
+    shape = x.shape
+    if not p.packed:
+        x = x.reshape(-1, shape[-1])
+    if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad):  # (*)
+        y = ops.apply_eager("fastbert::linear_bias_gelu", ops._linear_bias_gelu_forward,
+                            ops._linear_bias_gelu_setup, ops._linear_bias_gelu_grad, x, w, b,
+                            p.approximate, True, p.gelu_backend)[0]
+    elif p.cpu_gelu is not None:
+        y = p.cpu_gelu(x, w, b, p.approximate)
+    else:
+        y = ops._linear_bias_gelu_forward(x, w, b, p.approximate, False, p.gelu_backend)[0]
+    return y if p.packed else y.view(*shape[:-1], -1)
+
+
+def attention(p: Plan, q, k, v):
+    """fastbert.attention_varlen(q, k, v, cu, cu, max, max, ...) on packed tokens, else
+    fastbert.attention(q, k, v, mask, ...), both with the layer's causal flag and dropout."""
+    if p.cast is not None and q.dtype != p.cast:
+        q, k, v = q.to(p.cast), k.to(p.cast), v.to(p.cast)
+    dropout_p = p.attn_p
+    if p.grad and q.requires_grad:  # (*) q, k and v are views of one tensor
+        seed = ops._draw_seed(dropout_p)
+        if p.packed:
+            return ops.apply_eager("fastbert::attention_varlen", varlen._varlen_forward,
+                                   varlen._setup, varlen._grad, q, k, v, p.cu_seqlens,
+                                   p.cu_seqlens, p.max_seqlen, p.max_seqlen, p.causal, dropout_p,
+                                   p.scale, seed, False, p.attention_backend, -1, -1)[0]
+        return ops.apply_eager("fastbert::attention", ops._attention_forward,
+                               ops._attention_setup, ops._attention_grad, q, k, v, p.mask,
+                               p.causal, dropout_p, p.scale, seed, False, p.attention_backend,
+                               -1, -1)[0]
+    seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
+    if p.packed:
+        return p.attention(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen,
+                           p.causal, dropout_p, p.scale, seed)[0]
+    return p.attention(q, k, v, p.mask, p.causal, dropout_p, p.scale, seed)[0]
+
+
+def layer_forward(layer, x: torch.Tensor, p: Plan) -> torch.Tensor:
+    """BertLayer.forward on the plan: the same ops in the same order (see BertLayer)."""
+    m = layer._modules
+    qkv = linear(p, x, m["qkv"]).view(*x.shape[:-1], 3, layer.n_head, layer.head_dim)
+    q, k, v = qkv.unbind(-3)
+    y = attention(p, q, k, v).flatten(-2)
+    h = _add_layer_norm(p, linear(p, y, m["attn_out"]), x, m["attn_norm"], p.hidden_p, p.norm,
+                        p.norm_backend)
+    f = linear_bias_gelu(p, h, m["ffn_in"])
+    return _add_layer_norm(p, linear(p, f, m["ffn_out"]), h, m["ffn_norm"], p.hidden_p, p.norm,
+                           p.norm_backend)
