@@ -5,7 +5,8 @@
 // order that changes every round; blocks run one after another. A barrier parks a fiber until
 // every thread of its block (or warp) has arrived.
 //
-// The checks compute-sanitizer makes on a GPU, on every launch:
+// The checks compute-sanitizer makes on a GPU, on every launch (and host code touching a buffer,
+// which on a GPU machine is device memory, is reported too):
 // - memcheck: the kernels' loads and stores are instrumented (-fsanitize=kernel-address calls
 //   __asan_{load,store}N_noabort per access). Global buffers are copies that
 //   tests/cuda_emulation.py places between poisoned guard regions (emu_guard_begin); an access
@@ -268,8 +269,20 @@ void shared_bounds(size_t offset, size_t bytes, bool write) {
           std::to_string(g_dynamic_smem) + " bytes of dynamic shared memory");
 }
 
+// Host code (a launcher) reading or writing a buffer: on a GPU machine that is device memory.
+void host_access(uintptr_t a, size_t bytes, bool write) {
+  bool inside = false;
+  const Region* r = nearest_region(a, bytes, &inside);
+  ++g_call_memchecks;
+  finding(std::string("memcheck: host code ") + (write ? "writes " : "reads ") +
+          std::to_string(bytes) + " bytes of device memory at " + global_place(r, a));
+}
+
 inline void on_access(uintptr_t a, size_t bytes, bool write) {
-  if (!g_active) return;
+  if (!g_active) {
+    if (a - g_global_lo < g_global_span) host_access(a, bytes, write);
+    return;
+  }
   if (a - g_smem_lo < g_smem_span) {
     shared_bounds(a - g_smem_lo, bytes, write);
     shared_access(a - g_smem_lo, std::min(bytes, g_smem_span - (a - g_smem_lo)), write);

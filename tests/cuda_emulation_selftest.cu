@@ -63,8 +63,8 @@ __global__ void vector_load_kernel(const float* x, float* y, int n, int shift) {
 // case: 0 clean copy, 1 read past the end, 2 write before the start, 3 shared race, 4 the same
 // with a barrier, 5 shared past the dynamic allocation, 6 within it, 7 divergent barrier,
 // 8 uniform barrier, 9 warp race, 10 __syncwarp, 11 64 KiB of dynamic shared memory without
-// cudaFuncSetAttribute, 12 misaligned vector load, 13 aligned. Returns cudaGetLastError() after
-// the launch.
+// cudaFuncSetAttribute, 12 misaligned vector load, 13 aligned, 14 the host reads x (device
+// memory) to size the grid. Returns cudaGetLastError() after the launch.
 extern "C" int emu_selftest(int which, const float* x, float* y, int n) {
   using namespace selftest_kernels;
   switch (which) {
@@ -82,6 +82,7 @@ extern "C" int emu_selftest(int which, const float* x, float* y, int n) {
     case 11: dynamic_smem_kernel<<<1, 64, 64 * 1024>>>(x, y, n); break;
     case 12: vector_load_kernel<<<1, 1>>>(x, y, n, 1); break;
     case 13: vector_load_kernel<<<1, 1>>>(x, y, n, 4); break;
+    case 14: shifted_copy_kernel<<<(n + 31) / 32 + (x[0] != x[0]), 32>>>(x, y, n, 0); break;
   }
   return (int)cudaGetLastError();
 }

@@ -116,6 +116,7 @@ SELFTEST_FINDINGS = [
          "cuda_emulation_selftest.cu:57) at byte offset 4 of 'x' (256 bytes) (needs 16-byte "
          "alignment)"),
     (13, None),
+    (14, "memcheck: host code reads 4 bytes of device memory at byte offset 0 of 'x' (256 bytes)"),
 ]
 
 
