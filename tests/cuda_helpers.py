@@ -58,10 +58,11 @@ def require_built():
 @functools.lru_cache(maxsize=None)
 def emulation_library():
     """tests/cuda_emulation.py's build of the extension for the host, once per process (every
-    module that uses it shares it); None without a host C++ compiler or the CUDA headers."""
+    module that uses it shares it); None without g++ (the instrumentation flags are GCC's) or
+    the CUDA headers."""
     from tests import cuda_emulation
 
-    compiler = shutil.which("c++") or shutil.which("g++")
+    compiler = shutil.which("g++")
     include = cuda_emulation.cuda_include_dir()
     if compiler is None or include is None:
         return None
@@ -79,7 +80,7 @@ def emulated_backend():
 
     lib = emulation_library()
     if lib is None:
-        pytest.skip("needs a host C++ compiler and the CUDA headers")
+        pytest.skip("the CUDA emulation needs g++ and the CUDA headers")
     patch = pytest.MonkeyPatch()
     patch.setattr(cuda_backend, "_C", cuda_emulation.EmuC(lib))
     patch.setattr(cuda_backend, "_on_device", lambda device: contextlib.nullcontext())
