@@ -5,6 +5,8 @@
 #   2. CUDA extension build for this GPU's arch only, all cores, in the background;
 #      meanwhile the Triton gpu tests (they need no extension)
 #   3. fastbert.info, then the remaining gpu tests (CUDA backend, model)
+#      and the Triton kernels at a09870e (before issue 21; FASTBERT_BEFORE_REV) and now, timed
+#      side by side (needs the git history)
 #   4. the quick benchmarks -> <device>.csv (written case by case) and the host-overhead numbers
 #   5. compute-sanitizer memcheck (then racecheck, time allowing) on a small case
 #   6. a summary that fits one screen (also in summary.txt)
@@ -97,6 +99,69 @@ progress "build exit ${STAGE_RC[build]} after ${STAGE_S[build]} s"
     echo "pytest exit status: ${STAGE_RC[gpu_tests]}"
 } >> "$TESTS" 2>&1
 
+# ---- 3b. Triton kernels before / after issue 21, side by side (needs the git history) ---------
+BEFORE_REV=${FASTBERT_BEFORE_REV:-a09870e}
+BEFORE_DIR=$(mktemp -d /tmp/fastbert_before.XXXXXX)
+TIMING_PY=$BEFORE_DIR/time_before_after.py
+cat > "$TIMING_PY" <<'EOF'
+"""ms per call of fastbert.triton's kernels now and at BEFORE_REV (fastbert_before_triton), BERT-base
+shapes in bf16: B=32, S=512, H=12, D=64, hidden 768, FFN 3072."""
+import sys
+
+import torch
+import triton.testing
+
+import fastbert.triton as now
+import fastbert_before_triton as before
+
+torch.manual_seed(0)
+dev, dt = "cuda", torch.bfloat16
+b, s, h, d, hidden, ffn = 32, 512, 12, 64, 768, 3072
+q, k, v, dout = (torch.randn(b, s, h, d, device=dev, dtype=dt) for _ in range(4))
+mask = torch.arange(s, device=dev)[None, :] < torch.randint(s // 2, s + 1, (b, 1), device=dev)
+x, r, dy = (torch.randn(b * s, hidden, device=dev, dtype=dt) for _ in range(3))
+w, bias = torch.randn(hidden, device=dev, dtype=dt), torch.randn(hidden, device=dev, dtype=dt)
+w1, b1 = torch.randn(ffn, hidden, device=dev, dtype=dt), torch.randn(ffn, device=dev, dtype=dt)
+scale = d ** -0.5
+
+
+def cases(m):
+    for name, attn_mask, p in (("attention", None, 0.0), ("attention mask", mask, 0.0),
+                               ("attention dropout", None, 0.1)):
+        yield f"{name} fwd", lambda: m.attention_forward(q, k, v, attn_mask, False, p, scale, 1)
+        out, lse = m.attention_forward(q, k, v, attn_mask, False, p, scale, 1)
+        for det in (False, True):
+            yield f"{name} bwd{' deterministic' if det else ''}", lambda det=det: \
+                m.attention_backward(dout, q, k, v, out, lse, attn_mask, False, p, scale, 1, det)
+    yield "add_layer_norm fwd dropout", lambda: m.add_layer_norm_forward(x, r, w, bias, 1e-12, 0.1, 1)
+    _, mean, rstd = m.add_layer_norm_forward(x, r, w, bias, 1e-12, 0.1, 1)
+    yield "add_layer_norm bwd dropout", lambda: m.add_layer_norm_backward(dy, x, r, w, mean, rstd,
+                                                                          0.1, 1)
+    yield "linear_bias_gelu fwd", lambda: m.linear_bias_gelu_forward(x, w1, b1, "none")
+
+
+print(f"{'kernel (bf16, BERT-base)':34s} {'before ms':>10s} {'after ms':>10s} {'speedup':>8s}")
+for (name, old), (_, new) in zip(cases(before), cases(now)):
+    t_old, t_new = (triton.testing.do_bench(f, warmup=10, rep=40) for f in (old, new))
+    print(f"{name:34s} {t_old:10.3f} {t_new:10.3f} {t_old / t_new:7.2f}x")
+    sys.stdout.flush()
+EOF
+{
+    step "Triton kernels before ($BEFORE_REV) / after, side by side"
+    if git rev-parse --verify -q "$BEFORE_REV^{commit}" > /dev/null 2>&1; then
+        mkdir -p "$BEFORE_DIR/fastbert_before_triton"
+        for f in $(git ls-tree --name-only "$BEFORE_REV" fastbert/triton/ | grep '\.py$'); do
+            git show "$BEFORE_REV:$f" | sed 's/fastbert\.triton/fastbert_before_triton/g' \
+                > "$BEFORE_DIR/fastbert_before_triton/$(basename "$f")"
+        done
+        PYTHONPATH="$BEFORE_DIR${PYTHONPATH:+:$PYTHONPATH}" \
+            run_stage before_after "$(limit 90 150)" "$PY" "$TIMING_PY"
+    else
+        echo "no git history with $BEFORE_REV here: not run"
+    fi
+} >> "$LOG" 2>&1
+rm -rf "$BEFORE_DIR"
+
 # ---- 4. quick benchmarks (CSV written case by case, so a cut run keeps what it measured) ----
 {
     BUDGET=$(( $(left) - 90 ))
@@ -157,7 +222,7 @@ rm -f "$SANITIZE_PY"
 {
     echo "== gpu_check summary ($(( SECONDS - START )) s of $TOTAL s)"
     sed -n '/== device/,/cuda available/p' "$LOG" | grep -v "^==" | grep -v "^$" | head -n 4
-    for s in build triton_tests info gpu_tests benchmarks sanitizer_memcheck sanitizer_racecheck; do
+    for s in build triton_tests info gpu_tests before_after benchmarks sanitizer_memcheck sanitizer_racecheck; do
         [[ -n "${STAGE_RC[$s]:-}" ]] && printf '%-20s exit %-3s %4s s\n' "$s" "${STAGE_RC[$s]}" "${STAGE_S[$s]}"
     done
     echo "-- tests (tests.txt)"
@@ -182,6 +247,8 @@ for (op, mode, shape), t in list(times.items())[:16]:
     print(f"  {op} {mode} {shape}: {ours} | " + (f"{others[best]:.3g} {best}" if best else "-"))
 EOF
     grep -A5 "^host overhead per layer" "$LOG" | cut -c1-160
+    echo "-- Triton kernels before / after issue 21 (log.txt)"
+    grep -A14 "^kernel (bf16, BERT-base)" "$LOG" | cut -c1-160
     echo "-- sanitizer (sanitizer.txt)"
     grep -E "^backends|ERROR SUMMARY|exit status|not found|not run" "$SAN" | cut -c1-160
 } > "$SUMMARY" 2>&1
