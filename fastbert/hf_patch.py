@@ -8,6 +8,7 @@ transformers is imported only inside patch_hf, so importing this module stays li
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -181,9 +182,21 @@ def _patched_class(base: type, forward) -> type:
     key = (base, forward)
     if key not in _patched_classes:
         _patched_classes[key] = type(f"Fastbert{base.__name__}", (base,), {
-            "forward": forward, "fastbert_forward": forward, "fastbert_patched": True,
-            "__reduce_ex__": _reduce_patched})
+            "forward": _with_signature_of(forward, base.forward), "fastbert_forward": forward,
+            "fastbert_patched": True, "__reduce_ex__": _reduce_patched})
     return _patched_classes[key]
+
+
+def _with_signature_of(forward, original):
+    """A copy of `forward` that inspect.signature sees as `original` (transformers and its tests
+    read a model's forward signature, e.g. for inputs_embeds or output_attentions); the call
+    itself costs nothing extra."""
+    copy = types.FunctionType(forward.__code__, forward.__globals__, forward.__name__,
+                              forward.__defaults__, forward.__closure__)
+    copy.__kwdefaults__ = forward.__kwdefaults__
+    copy.__doc__, copy.__qualname__ = forward.__doc__, forward.__qualname__
+    copy.__signature__ = inspect.signature(original)
+    return copy
 
 
 def _reduce_patched(self, protocol):

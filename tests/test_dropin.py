@@ -373,3 +373,14 @@ def test_profiler_names_fastbert_ops_in_inference(arch):
                                                  "linear_bias_gelu")}
     assert expected <= seen, seen
     torch.testing.assert_close(profiled, plain)
+
+
+def test_patched_forwards_keep_the_original_signatures():
+    # transformers (and its tests) read a model's forward signature: inputs_embeds, labels, ...
+    import inspect
+    for arch in ("bert", "distilbert"):
+        original = make_model(arch, "ForQuestionAnswering")
+        patched = fastbert.patch_hf(copy.deepcopy(original))
+        assert type(patched) is not type(original)  # the span loss is patched in
+        for m, o in zip(patched.modules(), original.modules()):
+            assert inspect.signature(m.forward) == inspect.signature(o.forward), type(m)
