@@ -134,9 +134,14 @@ def run(src: str, families: list, keyword: str | None, common: str | None) -> in
                                   capture_output=True, text=True)
             outcomes[mode] = _outcomes(xml) if os.path.exists(xml) else {}
             if mode == "none" and "pass" not in outcomes[mode].values():
-                print(f"{family}: no test passes unpatched; pytest said:\n"
-                      f"{(done.stdout + done.stderr)[-3000:]}", flush=True)
-                regressions += 1
+                if outcomes[mode] and set(outcomes[mode].values()) == {"skip"}:
+                    # e.g. XLM-R's file holds only slow integration tests (its code is RoBERTa's)
+                    print(f"{family:12s} nothing runs here: all {len(outcomes[mode])} tests "
+                          f"skip unpatched", flush=True)
+                else:
+                    print(f"{family}: no test passes unpatched; pytest said:\n"
+                          f"{(done.stdout + done.stderr)[-3000:]}", flush=True)
+                    regressions += 1
                 break
         else:
             regressions += _report(family, outcomes)
