@@ -25,6 +25,7 @@ import torch
 from benchmarks import harness, host_overhead, report
 from benchmarks.embeddings import embedding_cases, sentence_count
 from benchmarks.models import model_cases
+from benchmarks.modernbert import modernbert_cases
 from benchmarks.providers import cpu_gemm_cases
 from benchmarks.suite import ceiling_cases, op_cases, sizes
 
@@ -70,7 +71,7 @@ def plan(device: torch.device, cfg: dict, only: Optional[str]) -> List[harness.C
     ops = op_cases(device, cfg) if only in (None, "ops") else {}
     cases += ops.get("attention", []) + ops.get("add_layer_norm", []) + ops.get("linear_bias_gelu", [])
     if only in (None, "model"):
-        cases += model_cases(device, cfg)
+        cases += model_cases(device, cfg) + modernbert_cases(device, cfg)
     if only == "cpu-gemm":  # the CPU inference GEMM choices of fastbert/cpu.py, on request only
         cases += cpu_gemm_cases(device)
     if only in (None, "embeddings"):

@@ -36,6 +36,16 @@ _ROBERTA = dict(model_type="roberta", hidden_size=768, num_attention_heads=12,
                 type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5)
 MODELS.update({"roberta-base": dict(_ROBERTA, num_hidden_layers=12),
                "roberta-base-2l": dict(_ROBERTA, num_hidden_layers=2)})
+# ModernBERT-base (issue 20): every third layer global, the others local with a 128-token window;
+# "-3l" one global and two local layers, the CPU shape (benchmarks/modernbert.py)
+_MODERNBERT = dict(model_type="modernbert", hidden_size=768, num_attention_heads=12,
+                   intermediate_size=1152, vocab_size=50368, pad_token_id=50283,
+                   local_attention=128, global_attn_every_n_layers=3)
+MODELS.update({"modernbert-base": dict(_MODERNBERT, num_hidden_layers=22),
+               "modernbert-base-3l": dict(_MODERNBERT, num_hidden_layers=3),
+               "modernbert-tiny": dict(_MODERNBERT, num_hidden_layers=3, hidden_size=32,
+                                       num_attention_heads=2, intermediate_size=48,
+                                       local_attention=8)})
 
 
 BOTH = ["train", "infer"]
@@ -53,6 +63,7 @@ def sizes(device: torch.device, preset: str, sweeps: bool = False) -> dict:
             sweep=[(64 // s, s, 2, 32, "none") for s in (16, 32)],
             layer_norm=[(64, 32)], linear_gelu=[(64, 32, 64)], op_modes=["fwd+bwd"],
             models=[("bert-tiny", 2, 16, BOTH)], pretraining=[("bert-tiny", 2, 16)],
+            modernbert=[("modernbert-tiny", 2, 16, BOTH)],
             gemm=(128, 128, 128), copy_numel=2 ** 16,
         )
     if device.type == "cuda":
@@ -78,6 +89,7 @@ def sizes(device: torch.device, preset: str, sweeps: bool = False) -> dict:
             [(m, b, s, BOTH) for m in ("bert-base", "bert-large") for b, s in ((128, 128), (32, 512))]
             + [("roberta-base", 32, 512, BOTH)],
             pretraining=[("bert-base", 32, 512)],
+            modernbert=[("modernbert-base", 32, 512, BOTH)],
             gemm=(8192, 8192, 8192), copy_numel=2 ** 28,
         )
     sweeps = sweeps or preset == "full"
@@ -95,6 +107,7 @@ def sizes(device: torch.device, preset: str, sweeps: bool = False) -> dict:
         + [("bert-base", 8, 128, ["infer"] if preset == "quick" else BOTH)]
         + [("roberta-base-2l", 8, 128, ["infer"] if preset == "quick" else BOTH)],
         pretraining=[("bert-base-2l", 8, 128)],
+        modernbert=[("modernbert-base-3l", 8, 512, BOTH)],
         gemm=(1024, 1024, 1024), copy_numel=2 ** 24,
     )
 

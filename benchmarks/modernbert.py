@@ -1,0 +1,71 @@
+"""ModernBERT cases (issue 20): transformers' ModernBertModel against the same model patched by
+`fastbert.patch_hf`, a training step (forward + backward) and an inference forward.
+
+transformers without flash-attn runs ModernBERT padded with sdpa: every layer computes on the
+padding, and its local layers apply a dense S x S sliding-window mask. The patched model runs the
+real tokens only, its local layers windowed in O(S * window) (fastbert/window.py on CPU). On a
+GPU with flash-attn installed, transformers' flash_attention_2 (unpadded, windowed) is timed too.
+Shapes from benchmarks/suite.py's MODELS (e.g. "modernbert-base-3l": ModernBERT-base layers, one
+global and two local with window 128), the same weights for every provider, fp32 on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import List
+
+import torch
+
+from benchmarks.harness import Case, Skipped, rotate
+from benchmarks.models import _hf_model, _step
+from benchmarks.suite import MODELS, lengths_to_mask, padded_lengths
+
+
+def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seqlen: int,
+                    mode: str) -> Case:
+    dtype = cfg["dtype"]
+    shape = MODELS[model]
+    g = torch.Generator().manual_seed(batch * 1000 + seqlen)
+    lengths = padded_lengths(batch, seqlen, g)  # 40-100 % real tokens
+    mask = lengths_to_mask(lengths, seqlen, device).long()
+
+    def inputs():
+        sets = []
+        for _ in range(cfg["rotations"]):
+            ids = torch.randint(0, shape["pad_token_id"], (batch, seqlen), generator=g).to(device)
+            ids = ids.masked_fill(~mask.bool(), shape["pad_token_id"])
+            dout = torch.randn(batch, seqlen, shape["hidden_size"], generator=g).to(device, dtype)
+            sets.append((ids, mask, dout))
+        return sets
+
+    def provider(build, backend=None):
+        def setup():
+            net = build()
+            net.train(mode == "train")
+            return rotate([functools.partial(_step, net, mode, backend, *s) for s in inputs()])
+        return setup
+
+    def flash_attention():
+        if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+            raise Skipped("flash-attn is not installed (GPU only)")
+        return _hf_model(model, device, dtype, "flash_attention_2")
+
+    def patched():
+        import fastbert
+        return fastbert.patch_hf(_hf_model(model, device, dtype, "sdpa"))
+
+    providers = {
+        "transformers-sdpa": provider(lambda: _hf_model(model, device, dtype, "sdpa")),
+        "transformers-flash_attention_2": provider(flash_attention),
+        "patch_hf": provider(patched, backend="auto"),
+    }
+    padding = 1.0 - sum(lengths) / (batch * seqlen)
+    return Case("model", mode, f"{model} B{batch} S{seqlen}", providers,
+                work={"tokens": float(sum(lengths))},
+                params=dict(model=model, seqlen=seqlen, padding=round(padding, 3)),
+                measure_memory=True, gpu_rep_scale=8.0)
+
+
+def modernbert_cases(device: torch.device, cfg: dict) -> List[Case]:
+    return [modernbert_case(device, cfg, model, batch, seqlen, mode)
+            for model, batch, seqlen, modes in cfg.get("modernbert", []) for mode in modes]
