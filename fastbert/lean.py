@@ -19,7 +19,7 @@ patterns are bitwise theirs (tests/test_lean.py). (*) marks that per-call rule, 
 inline: a helper would cost Python calls on every op.
 
 `plan` returns None -- the public ops then serve the whole forward -- under torch.compile tracing,
-functorch transforms, a listening profiler (the public ops name each call fastbert::<op>_fwd
+functorch transforms (checked once here, so autograd runs through ops.apply_eager), a listening profiler (the public ops name each call fastbert::<op>_fwd
 then), tensor subclasses, an empty batch, or layers whose settings differ. Submodules and parameters are
 read from the modules' _modules and _parameters dicts, which is where nn.Module.__getattr__ finds
 them, without its Python call.
@@ -40,7 +40,7 @@ from fastbert.padding import PackedBatch
 
 class Plan:
     """Everything the layers of one forward share, resolved once."""
-    __slots__ = ("grad", "cast", "hooks", "packed", "mask", "cu_seqlens", "max_seqlen",
+    __slots__ = ("grad", "cast", "hooks", "direct", "packed", "mask", "cu_seqlens", "max_seqlen",
                  "causal", "attn_p", "hidden_p", "scale", "approximate", "attention",
                  "attention_backend", "norm", "norm_backend", "embed_norm", "embed_norm_backend",
                  "gelu_backend", "cpu_linear", "cpu_gelu")
@@ -57,18 +57,25 @@ def _layer_settings(layer) -> Optional[tuple]:
             layer.n_head, training)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks of its own (what nn.Module.__call__ checks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
          attention_mask: Optional[torch.Tensor]) -> Optional[Plan]:
     """The plan for one forward of a BertModel on token ids ((T,) packed with `packed`, or
     (B, S) with an optional bool key mask), or None where the public ops must serve it."""
-    layers = model.encoder.layer
-    weight = model.embeddings.word_embeddings.weight
+    layers = list(model._modules["encoder"]._modules["layer"]._modules.values())
+    embeddings = model._modules["embeddings"]._modules
+    weight = embeddings["word_embeddings"]._parameters["weight"]
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch.autograd._profiler_enabled() or type(ids) is not torch.Tensor
-            or type(weight) is not nn.Parameter or ids.numel() == 0 or len(layers) == 0
+            or type(weight) is not nn.Parameter or ids.numel() == 0 or not layers
             or type(packed.cu_seqlens if packed is not None else attention_mask)
             not in (torch.Tensor, type(None))
-            or type(model.embeddings.LayerNorm) is not nn.LayerNorm):
+            or type(embeddings["LayerNorm"]) is not nn.LayerNorm):
         return None
     settings = _layer_settings(layers[0])
     for layer in layers:
@@ -80,7 +87,12 @@ def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
     p.grad = torch.is_grad_enabled()
     p.cast = ops._autocast_dtype(device)
     dtype = p.cast or x_dtype
-    p.hooks = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+    p.hooks = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                   or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+    # no hooks on any layer either: BertModel may call layer_forward without the module call
+    p.direct = not p.hooks
+    for layer in layers:
+        p.direct = p.direct and not _hooked(layer)
     p.causal, p.attn_p, p.hidden_p, p.approximate = bool(causal), attn_p, hidden_p, approximate
     p.scale = 1.0 / math.sqrt(head_dim)
     p.packed = packed is not None
@@ -123,7 +135,8 @@ def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """module(x), as model.linear computes it for a plain nn.Linear (the CPU inference GEMM where
     no autograd is recorded, else F.linear); a wrapped or hooked projection runs as a module."""
     if type(module) is not nn.Linear or p.hooks or module._forward_hooks \
-            or module._forward_pre_hooks:
+            or module._forward_pre_hooks or module._backward_hooks \
+            or module._backward_pre_hooks:  # _hooked(module), inline: a call per projection
         return module(x)
     w, b = module._parameters["weight"], module._parameters["bias"]
     if p.cpu_linear is None or (p.grad and (x.requires_grad or w.requires_grad
@@ -154,6 +167,17 @@ def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, 
         seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
         y = forward(x, residual, w, b, float(norm.eps), dropout_p, seed)[0]
     return y if p.packed else y.view(shape)
+
+
+def embedding(p: Optional[Plan], ids: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """module(ids); on a plan, for a plain nn.Embedding, F.embedding's own call (max_norm
+    unset)."""
+    if p is None or type(module) is not nn.Embedding or module.max_norm is not None or p.hooks \
+            or _hooked(module):
+        return module(ids)
+    padding_idx = module.padding_idx if module.padding_idx is not None else -1
+    return torch.embedding(module._parameters["weight"], ids, padding_idx,
+                           module.scale_grad_by_freq, module.sparse)
 
 
 def embedding_norm(p: Plan, x, norm: nn.LayerNorm):

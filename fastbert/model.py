@@ -245,21 +245,21 @@ class BertEmbeddings(nn.Module):
         if position_ids is None:
             s = input_ids.shape[-1]
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)  # (1, S)
-        x = self.word_embeddings(input_ids)  # (B, S, C); sums in transformers' order
-        if self.token_type_embeddings is not None:
+        x = lean.embedding(plan, input_ids, self.word_embeddings)  # (B, S, C)
+        if self.token_type_embeddings is not None:  # sums in transformers' order
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
-            x = x + self.token_type_embeddings(token_type_ids)
-        x = x + self._positions(position_ids, max_position or input_ids.shape[-1])
+            x = x + lean.embedding(plan, token_type_ids, self.token_type_embeddings)
+        x = x + self._positions(position_ids, max_position or input_ids.shape[-1], plan)
         if plan is not None:
             return self.dropout(lean.embedding_norm(plan, x, self.LayerNorm))
         x = fastbert.add_layer_norm(x, None, self.LayerNorm.weight, self.LayerNorm.bias,
                                     self.LayerNorm.eps)
         return self.dropout(x)
 
-    def _positions(self, position_ids, bound: int):
+    def _positions(self, position_ids, bound: int, plan=None):
         if self.position_embeddings is not None:
-            return self.position_embeddings(position_ids)
+            return lean.embedding(plan, position_ids, self.position_embeddings)
         if bound > self.position_table.shape[0]:  # longer than the table: extend it
             self.position_table = sinusoidal_table(bound, self.position_table.shape[1]).to(
                 self.position_table.device)
@@ -550,6 +550,8 @@ class BertModel(BertPreTrainedModel):
         checkpoint only sees gradients of positional tensors."""
         if (self.checkpointing_function is None or not self.training or cache is not None
                 or not torch.is_grad_enabled()):
+            if plan is not None and plan.direct and type(layer) is BertLayer:
+                return lean.layer_forward(layer, x, plan)  # no hooks to run: no module call
             return layer(x, attention_mask, cache, packed=packed, plan=plan)
         import functools
         return self.checkpointing_function(functools.partial(layer, packed=packed, plan=plan),

@@ -212,18 +212,11 @@ class _EagerOp(torch.autograd.Function):
             return (None, None, None, None, *ctx.grad(ctx, *grads))
 
 
-# autograd.Function.apply's own C implementation, bound to _EagerOp: Function.apply's Python
-# wrapper first binds the arguments to forward's signature with inspect (~130 Python calls a
-# call, nothing to bind for forward(name, forward, setup, grad, *inputs)), which only functorch
-# transforms need
-_apply_eager_op = super(torch.autograd.Function, _EagerOp).apply
-
-
-def apply_eager(name, forward, setup, grad, *inputs):
-    """_EagerOp.apply(name, forward, setup, grad, *inputs) for plain tensors (see _eager)."""
-    if torch._C._are_functorch_transforms_active():
-        return _EagerOp.apply(name, forward, setup, grad, *inputs)
-    return _apply_eager_op(name, forward, setup, grad, *inputs)
+# _EagerOp.apply(name, forward, setup, grad, *inputs) for callers that have checked that no
+# functorch transform is active (torch._C._are_functorch_transforms_active()): autograd.Function's
+# own C implementation, without Function.apply's Python wrapper, which binds the arguments to
+# forward's signature with inspect (~130 Python calls a call, nothing to bind here) for functorch
+apply_eager = super(torch.autograd.Function, _EagerOp).apply
 
 
 def _profiled(name: str):

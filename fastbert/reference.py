@@ -7,6 +7,10 @@ check these backward formulas against autograd and fp64 gradcheck.
 
 `upcast=True` computes in fp32 (as the kernels accumulate); `upcast=False` computes in the input
 dtype, which is the "plain PyTorch in the same dtype" run of the tolerance rule.
+
+The torch backend runs these on every CPU training step, so casts that are often no-ops are
+written `t if t.dtype == dt else t.to(dt)`: even a no-op .to is a Python-level call, and the
+host path counts them (DESIGN.md section 3, tests/test_lean.py).
 """
 from __future__ import annotations
 
@@ -82,20 +86,26 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     dt = _compute_dtype(q, upcast)
-    qh, kh, vh = (t.transpose(1, 2).to(dt) for t in (q, k, v))  # (B, H, S, D)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+    if dt != q.dtype:
+        qh, kh, vh = qh.to(dt), kh.to(dt), vh.to(dt)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     if visible is None:
         visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     acc = acc_dtype(q)
-    lse = torch.logsumexp(scores.to(acc), dim=-1)  # (B, H, Sq), -inf where nothing is visible
+    if scores.dtype != acc:
+        scores = scores.to(acc)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq), -inf where nothing is visible
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    probs = torch.exp(scores.to(acc) - lse.unsqueeze(-1)).to(dt)
-    if dropout_p > 0.0:
-        probs = probs * keep_mask.to(dt) / (1.0 - dropout_p)
-    out = torch.matmul(probs, vh)  # (B, H, Sq, D)
-    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    if dt != acc:
+        probs = probs.to(dt)
+    if dropout_p > 0.0:  # float * bool: the same products as * keep_mask.to(dt), one call less
+        probs = probs * keep_mask / (1.0 - dropout_p)
+    out = torch.matmul(probs, vh).transpose(1, 2)  # (B, Sq, H, D)
+    return (out if dt == q.dtype else out.to(q.dtype)).contiguous(), lse
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -109,27 +119,40 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     dt = _compute_dtype(q, upcast)
-    qh, kh, vh, oh, doh = (t.transpose(1, 2).to(dt) for t in (q, k, v, out, dout))
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    oh, doh = out.transpose(1, 2), dout.transpose(1, 2)
+    if dt != q.dtype:
+        qh, kh, vh, oh, doh = qh.to(dt), kh.to(dt), vh.to(dt), oh.to(dt), doh.to(dt)
     acc = acc_dtype(q)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * scale
+    up = dt != acc  # computing in fp16/bf16 (upcast=False): statistics still in acc
+    scores = torch.matmul(qh, kh.transpose(-1, -2))
+    scores = (scores.to(acc) if up else scores) * scale
     if visible is None:
         visible = attention_visible(key_padding_mask, causal, b, sq, sk, q.device)
     probs = torch.exp(scores - lse.unsqueeze(-1))  # lse = +inf on empty rows gives 0
     if visible is not None:
         probs = probs.masked_fill(~visible, 0.0)
-    probs = probs.to(dt)
+    if up:
+        probs = probs.to(dt)
     dropped = probs
-    if dropout_p > 0.0:
-        dropped = probs * keep_mask.to(dt) / (1.0 - dropout_p)
+    if dropout_p > 0.0:  # float * bool as in attention_forward
+        dropped = probs * keep_mask / (1.0 - dropout_p)
     dv = torch.matmul(dropped.transpose(-1, -2), doh)  # (B, H, Sk, D)
     dprobs = torch.matmul(doh, vh.transpose(-1, -2))  # (B, H, Sq, Sk)
     if dropout_p > 0.0:
-        dprobs = dprobs * keep_mask.to(dt) / (1.0 - dropout_p)
-    delta = (doh.to(acc) * oh.to(acc)).sum(-1, keepdim=True)  # (B, H, Sq, 1)
-    dscores = (probs.to(acc) * (dprobs.to(acc) - delta)).to(dt)
+        dprobs = dprobs * keep_mask / (1.0 - dropout_p)
+    if up:
+        delta = (doh.to(acc) * oh.to(acc)).sum(-1, keepdim=True)  # (B, H, Sq, 1)
+        dscores = (probs.to(acc) * (dprobs.to(acc) - delta)).to(dt)
+    else:
+        delta = (doh * oh).sum(-1, keepdim=True)
+        dscores = probs * (dprobs - delta)
     dq = torch.matmul(dscores, kh) * scale
     dk = torch.matmul(dscores.transpose(-1, -2), qh) * scale
-    return tuple(g.transpose(1, 2).to(q.dtype).contiguous() for g in (dq, dk, dv))
+    dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    if dt != q.dtype:
+        dq, dk, dv = dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,11 +162,11 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 def prenorm_sum(x: Tensor, residual: Optional[Tensor], dropout_p: float,
                 keep_mask: Optional[Tensor], dt: torch.dtype) -> Tensor:
     """dropout(x) + residual in dtype `dt`."""
-    s = x.to(dt)
-    if dropout_p > 0.0:
-        s = s * keep_mask.to(dt) / (1.0 - dropout_p)
+    s = x if x.dtype == dt else x.to(dt)
+    if dropout_p > 0.0:  # float * bool as in attention_forward
+        s = s * keep_mask / (1.0 - dropout_p)
     if residual is not None:
-        s = s + residual.to(dt)
+        s = s + (residual if residual.dtype == dt else residual.to(dt))
     return s
 
 
@@ -231,8 +254,11 @@ def linear_backward(dpre: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Te
     x2d = x.reshape(-1, x.shape[-1])  # (M, K)
     dx = torch.matmul(dpre, weight)
     dweight = torch.matmul(dpre2d.t(), x2d)
-    dbias = dpre2d.to(acc_dtype(dpre)).sum(0)
-    return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)
+    acc = acc_dtype(dpre)
+    dbias = (dpre2d if dpre2d.dtype == acc else dpre2d.to(acc)).sum(0)
+    if dweight.dtype != weight.dtype:
+        dweight = dweight.to(weight.dtype)
+    return dx, dweight, dbias if dbias.dtype == weight.dtype else dbias.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------

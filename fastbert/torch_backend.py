@@ -93,36 +93,49 @@ class TorchBackend:
 
     # LayerNorm and GELU run on torch's fused ATen kernels here (the same math as reference.py,
     # which the tests hold them to): the reference's elementwise chains are many times slower.
+    # Casts that are no-ops in fp32 are skipped, not called (see reference.py's docstring).
     @staticmethod
     def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
-        keep = TorchBackend._keep(seed, x.shape, dropout_p, x.device)
-        acc = reference.acc_dtype(x)
+        keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
+            if dropout_p > 0.0 else None
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # reference.acc_dtype
         s = reference.prenorm_sum(x, residual, dropout_p, keep, acc)  # (rows, C)
-        y, mean, rstd = torch.native_layer_norm(s, s.shape[-1:], weight.to(acc), bias.to(acc), eps)
-        return y.to(x.dtype), mean.view(-1), rstd.view(-1)
+        if weight.dtype != acc or bias.dtype != acc:
+            weight, bias = weight.to(acc), bias.to(acc)
+        y, mean, rstd = torch.native_layer_norm(s, s.shape[-1:], weight, bias, eps)
+        return y if y.dtype == x.dtype else y.to(x.dtype), mean.view(-1), rstd.view(-1)
 
     @staticmethod
     def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed):
-        keep = TorchBackend._keep(seed, x.shape, dropout_p, x.device)
-        acc = reference.acc_dtype(x)
+        keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
+            if dropout_p > 0.0 else None
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # reference.acc_dtype
         s = reference.prenorm_sum(x, residual, dropout_p, keep, acc)
-        w = weight.to(acc)
+        w = weight if weight.dtype == acc else weight.to(acc)
         ds, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
-            dy.to(acc), s, s.shape[-1:], mean.view(-1, 1), rstd.view(-1, 1), w, w,
-            [True, True, True])
-        dx = ds * keep.to(acc) / (1.0 - dropout_p) if dropout_p > 0.0 else ds
+            dy if dy.dtype == acc else dy.to(acc), s, s.shape[-1:], mean.view(-1, 1),
+            rstd.view(-1, 1), w, w, [True, True, True])
+        dx = ds * keep / (1.0 - dropout_p) if dropout_p > 0.0 else ds  # float * bool
         dres = ds.to(residual.dtype, copy=True) if residual is not None else None
-        return dx.to(x.dtype), dres, dweight.to(weight.dtype), dbias.to(weight.dtype)
+        if dweight.dtype != weight.dtype:
+            dweight, dbias = dweight.to(weight.dtype), dbias.to(weight.dtype)
+        return dx if dx.dtype == x.dtype else dx.to(x.dtype), dres, dweight, dbias
 
     @staticmethod
     def linear_bias_gelu_forward(x, weight, bias, approximate):
         pre = torch.nn.functional.linear(x, weight, bias)  # (M, N)
-        act = torch.nn.functional.gelu(pre.to(reference.acc_dtype(pre)), approximate=approximate)
+        if pre.dtype == torch.float32 or pre.dtype == torch.float64:  # reference.acc_dtype
+            act = torch.nn.functional.gelu(pre, approximate=approximate)
+            return act, pre
+        act = torch.nn.functional.gelu(pre.to(torch.float32), approximate=approximate)
         return act.to(x.dtype), pre
 
     @staticmethod
     def linear_bias_gelu_backward(dout, x, weight, pre, approximate):
-        acc = reference.acc_dtype(pre)
+        acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
+        if pre.dtype == acc and dout.dtype == acc and x.dtype == acc:
+            dpre = torch.ops.aten.gelu_backward(dout, pre, approximate=approximate)
+            return reference.linear_backward(dpre, x, weight)
         dpre = torch.ops.aten.gelu_backward(dout.to(acc), pre.to(acc), approximate=approximate)
         return reference.linear_backward(dpre.to(x.dtype), x, weight)
 

@@ -81,15 +81,12 @@ _layouts: "collections.OrderedDict" = collections.OrderedDict()
 _LAYOUT_CACHE = 8
 
 
-def _version(t: Tensor) -> int:
-    """The in-place write counter; inference tensors have none (and cannot be written outside
-    inference mode), so 0 stands for them."""
-    return 0 if t.is_inference() else t._version
-
-
 def _layout(q, k, cu_q, cu_k, max_q, max_k, causal, window=ops.FULL_WINDOW) -> _Layout:
-    key = (id(cu_q), _version(cu_q), id(cu_k), _version(cu_k), q.shape[0], k.shape[0], max_q,
-           max_k, causal, window, q.dtype, q.device)
+    # the in-place write counters; inference tensors have none (and cannot be written outside
+    # inference mode), so 0 stands for them
+    key = (id(cu_q), 0 if cu_q.is_inference() else cu_q._version, id(cu_k),
+           0 if cu_k.is_inference() else cu_k._version, q.shape[0], k.shape[0], max_q, max_k,
+           causal, window, q.dtype, q.device)
     hit = _layouts.get(key)
     if hit is not None and hit[0]() is cu_q and hit[1]() is cu_k:  # not a recycled id
         _layouts.move_to_end(key)
@@ -138,9 +135,11 @@ def _forward_per_sequence(q, k, v, runs, causal, scale):
             out[rows] = 0.0
             lse[:, rows] = float("inf")
             continue
-        o, l = flash(q[rows].unflatten(0, (n, lq)).transpose(1, 2),
-                     *(t[start_k:start_k + n * lk].unflatten(0, (n, lk)).transpose(1, 2)
-                       for t in (k, v)), is_causal=causal, scale=scale)
+        keys = slice(start_k, start_k + n * lk)
+        o, l = flash(q[rows].view(n, lq, h, d).transpose(1, 2),
+                     k[keys].view(n, lk, h, d).transpose(1, 2),
+                     v[keys].view(n, lk, h, v.shape[2]).transpose(1, 2), is_causal=causal,
+                     scale=scale)
         out[rows].view(n, lq, h, -1).copy_(o.transpose(1, 2))  # (n, H, lq, D) -> (n, lq, H, D)
         lse[:, rows].view(h, n, lq).copy_(l.transpose(0, 1))
     return out, lse
@@ -175,21 +174,24 @@ class _TorchVarlen:
         if band is not None:  # a local layer: O(T * window)
             out, lse = sliding.forward(q[None], k[None], v[None], band, dropout_p, scale, seed)
             return out[0], lse[0]
-        if TorchBackend._cpu_flash(q, dropout_p) and window == ops.FULL_WINDOW:
+        flash = TorchBackend._cpu_flash(q, dropout_p)
+        if flash and window == ops.FULL_WINDOW:
             runs = _runs(cu_q, cu_k)
             if q.shape[0] >= MIN_TOKENS_PER_CALL * len(runs) and (
                     not causal or all(lq == lk for _, _, _, lq, lk in runs)):
                 return _forward_per_sequence(q, k, v, runs, causal, scale)
         lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal, window)
         qp = scatter_tokens(q, lay.idx_q, lay.batch, max_q)  # (B, max_q, H, D)
-        kp, vp = (scatter_tokens(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
+        kp = scatter_tokens(k, lay.idx_k, lay.batch, max_k)
+        vp = scatter_tokens(v, lay.idx_k, lay.batch, max_k)
         h = q.shape[1]
-        if TorchBackend._cpu_flash(q, dropout_p):
+        if flash:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 *(t.transpose(1, 2) for t in (qp, kp, vp)), attn_mask=lay.additive, scale=scale)
             out = out.transpose(1, 2)  # (B, max_q, H, D)
         else:
-            keep = TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
+            keep = reference.dropout_keep_mask(seed, (lay.batch, h, max_q, max_k), dropout_p,
+                                               q.device) if dropout_p > 0.0 else None
             out, lse = reference.attention_forward(qp, kp, vp, None, False, dropout_p, scale, keep,
                                                    visible=lay.visible)
         out = gather_tokens(out, lay.idx_q)
@@ -211,8 +213,11 @@ class _TorchVarlen:
             return tuple(g[0] for g in grads)
         lay = _layout(q, k, cu_q, cu_k, max_q, max_k, causal, window)
         h = q.shape[1]
-        qp, dop, op = (scatter_tokens(t, lay.idx_q, lay.batch, max_q) for t in (q, dout, out))
-        kp, vp = (scatter_tokens(t, lay.idx_k, lay.batch, max_k) for t in (k, v))
+        qp = scatter_tokens(q, lay.idx_q, lay.batch, max_q)  # (B, max_q, H, D)
+        dop = scatter_tokens(dout, lay.idx_q, lay.batch, max_q)
+        op = scatter_tokens(out, lay.idx_q, lay.batch, max_q)
+        kp = scatter_tokens(k, lay.idx_k, lay.batch, max_k)
+        vp = scatter_tokens(v, lay.idx_k, lay.batch, max_k)
         lse_p = lse.new_full((h, lay.batch * max_q), float("inf")).index_copy_(1, lay.idx_q, lse)
         lse_p = lse_p.view(h, lay.batch, max_q).transpose(0, 1).contiguous()  # (B, H, max_q)
         if TorchBackend._cpu_flash(q, dropout_p):
@@ -221,7 +226,8 @@ class _TorchVarlen:
                 attn_mask=lay.additive, scale=scale)
             dq, dk, dv = (g.transpose(1, 2) for g in grads)
         else:
-            keep = TorchBackend._keep(seed, (lay.batch, h, max_q, max_k), dropout_p, q.device)
+            keep = reference.dropout_keep_mask(seed, (lay.batch, h, max_q, max_k), dropout_p,
+                                               q.device) if dropout_p > 0.0 else None
             dq, dk, dv = reference.attention_backward(dop, qp, kp, vp, op, lse_p, None, False,
                                                       dropout_p, scale, keep, visible=lay.visible)
         return (gather_tokens(dq, lay.idx_q).contiguous(), gather_tokens(dk, lay.idx_k).contiguous(),
