@@ -33,6 +33,7 @@ _LAZY = {
     "BertLMHeadModel": "fastbert.heads",
     "patch_hf": "fastbert.hf",
     "SentenceEncoder": "fastbert.sentence",
+    "cuda_graphs": "fastbert.graphs",
 }
 
 

@@ -154,6 +154,9 @@ class SentenceEncoder:
             raise ValueError(f"SentenceEncoder: pooling expected one of {list(POOLING_MODES)}, "
                              f"got {pooling!r}")
         self.model = model.eval()
+        # on a GPU, small batches replay CUDA graphs (fastbert/graphs.py); False: always eager
+        self.use_cuda_graphs = True
+        self.graphs = None  # the GraphedEncoder, made on the first GPU batch
         self.tokenizer = tokenizer  # a fastbert.data.Tokenizer
         self.pooling = pooling
         self.normalize = normalize
@@ -240,6 +243,7 @@ class SentenceEncoder:
                 raise ValueError(f"SentenceEncoder.to: dtype {dtype} on {device} needs native bf16 "
                                  f"dot products, but {why}; expected float32")
         self.model.to(device=device, dtype=dtype)
+        self.graphs = None  # captured on the old device or dtype
         return self
 
     @property
@@ -343,6 +347,11 @@ class SentenceEncoder:
         lengths = torch.tensor([len(r) for r in rows])
         input_ids = torch.tensor([[t for r in rows for t in r]], device=device)  # (1, T)
         cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(device, torch.int32)
+        if device.type == "cuda" and self.use_cuda_graphs:
+            if self.graphs is None:
+                from fastbert.graphs import cuda_graphs
+                self.graphs = cuda_graphs(self.model)
+            return self.graphs(input_ids, cu_seqlens, int(lengths.max()))
         return self.model(input_ids, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()),
                           return_packed=True).last_hidden_state
 
