@@ -393,10 +393,9 @@ STATIC_BOUNDS = [
     ("_attn_fwd_kernel", "forward padded mask 128", 90, WI, 1.77, "today; target 1.3"),
     ("_attn_fwd_kernel", "forward varlen dropout", 90, WI, 3.15, "today; target 2.5"),
     ("_attn_fwd_kernel", "forward padded mask+dropout", 90, WI, 3.74, "today; target 2.5"),
-    ("_attn_bwd_dkdv_kernel", "backward", 90, "mma_issued_per_useful", 1.40,
-     "today; target 1.05"),
-    ("_attn_bwd_dkdv_kernel", "backward", 90, WI, 2.96, "today; target 1.0"),
-    ("_attn_bwd_dkdv_kernel", "deterministic", 90, WI, 3.36, "today; target 1.2"),
+    ("_attn_bwd_dkdv_kernel", "", 90, "mma_issued_per_useful", 1.05, "target"),
+    ("_attn_bwd_dkdv_kernel", "backward", 90, WI, 1.93, "today; target 1.0"),
+    ("_attn_bwd_dkdv_kernel", "deterministic", 90, WI, 2.00, "today; target 1.2"),
     ("_attn_bwd_dq_kernel", "deterministic", 90, "mma_issued_per_useful", 1.0, "target 1.05"),
     ("_attn_bwd_dq_kernel", "deterministic", 90, WI, 2.28, "today; target 1.2"),
     # memory-bound: issue clocks per row <= the DRAM clocks of its bytes (H100)

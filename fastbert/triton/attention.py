@@ -61,10 +61,13 @@ def use_deterministic(deterministic: bool) -> bool:
 # tall key tile; fp32 and wide heads get smaller tiles so registers and shared memory suffice.
 # fp16/bf16 are sized from what ptxas reports (registers, spills, stack; triton 3.9) for every
 # variant BERT launches (head dims 32/64/128, mask/causal/dropout/varlen): none spills on sm_80
-# or sm_90. sm_90: dK/dV at head dim <= 64 runs 64x64 tiles on 2 warpgroups, so every product,
-# dQ's included, is a 64-row wgmma (the former 32-query, 128-key, 4-warp tile put dQ on mma.sync,
-# serialising the wgmma pipeline, and spilled 552 B with dropout); at 128 a 64x64 tile spills, so
-# it keeps 32 query rows. The 128-row forward tile takes 8 warps there (4 spilled with dropout).
+# or sm_90. sm_90: dK/dV at head dim <= 64 runs 64x64 tiles on one warpgroup, so every product,
+# dQ's included, is a 64-row wgmma issued once (on 2 warpgroups both issued the same products:
+# 1.4x the useful MMA work), without software pipelining (2 stages spill 24-72 B in the causal
+# dropout variants), 2 CTAs per SM; the former 32-query, 128-key, 4-warp tile put dQ on
+# mma.sync, serialising the wgmma pipeline, and spilled 552 B with dropout. At 128 a 64x64 tile
+# spills, so it keeps 32 query rows. The 128-row forward tile takes 8 warps there (4 spill
+# 24-88 B).
 # sm_80 (mma.sync): dK/dV on 8 warps (the 4-warp tile used a 616 B stack with dropout), at head
 # dim 64 without software pipelining (2 stages spilled 8 B in the varlen causal dropout variant).
 def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90):
@@ -81,7 +84,7 @@ def dkdv_config(bd: int, dtype: torch.dtype, arch: int = 90):
     if dtype == torch.float32:
         return (32, 64, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
-        return (64, 64, 8, 2) if arch >= 90 else (32, 128, 8, 1)
+        return (64, 64, 4, 1) if arch >= 90 else (32, 128, 8, 1)
     return (32, 64, 8, 2) if bd <= 128 else (16, 32, 8, 2)
 
 
