@@ -17,6 +17,10 @@ Also counted: the torch ops dispatched per layer (TorchDispatchMode sees each to
 and each fastbert custom op once) and, among them, the host synchronisations (.item() and the
 like, which stall the host until the GPU catches up and break CUDA-graph capture).
 
+Also measured, whole models (`model_rows`): Python calls and host µs per forward and per layer of
+a tiny BERT through fastbert's BertModel (its lean path, fastbert/lean.py, on the Triton backend
+with launches stubbed) and through transformers' BertModel (sdpa), inference and training.
+
 On a machine without a GPU the Triton backend takes CPU tensors only under TRITON_INTERPRET=1,
 which must be set before triton is imported, so `run_in_subprocess` runs this module in its own
 process; the stubs mean the interpreter never runs a kernel.
@@ -145,6 +149,90 @@ def _python_calls(step) -> int:
     return calls
 
 
+# The whole model through fastbert's lean path (fastbert/lean.py) against transformers' BertModel
+# (sdpa) on the same input: a tiny BERT, so the GEMMs nn.Linear runs for real are microseconds.
+MODEL_CONFIG = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                    max_position_embeddings=64)
+MODEL_LAYERS = (2, 4)  # the per-layer numbers are the difference between these depths
+MODEL_SHAPE = "tiny BERT hidden 64, B4 S16 (1 padded row)"
+
+
+def _model_step(model, ids, mask, mode) -> Callable[[], None]:
+    if mode == "infer fwd":
+        def run():
+            with torch.no_grad():
+                model(ids, attention_mask=mask)
+        return run
+
+    def run():  # gradients accumulate: resetting them would count the parameters() walk
+        model(ids, attention_mask=mask)[0].sum().backward()
+    return run
+
+
+def _fastest_us(step, rounds: int, iters: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        for _ in range(iters):
+            step()
+        best = min(best, (time.process_time() - start) / iters * 1e6)
+    return best
+
+
+def model_rows(device: torch.device, rounds: int = 10, iters: int = 10) -> List[dict]:
+    """Python calls and host µs per forward and per layer of whole models: fastbert's BertModel
+    on the Triton backend (launches stubbed as above) and transformers' BertModel (sdpa, its own
+    kernels), inference and training (dropout 0.1)."""
+    import transformers
+
+    import fastbert
+    from fastbert.model import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 100, (4, 16), device=device)
+    mask = torch.ones(4, 16, dtype=torch.long, device=device)
+    mask[1, 10:] = 0
+    makers = {
+        "fastbert-triton": lambda n: BertModel(BertConfig(**MODEL_CONFIG, num_hidden_layers=n)),
+        "transformers-sdpa": lambda n: transformers.BertModel(transformers.BertConfig(
+            **MODEL_CONFIG, num_hidden_layers=n, attn_implementation="sdpa")),
+    }
+    rows = []
+    previous = fastbert.get_backend()
+    fastbert.set_backend("triton")  # fastbert's GPU path, on CPU tensors under TRITON_INTERPRET
+    try:
+        for provider, make in makers.items():
+            for mode in TARGET_US:
+                def row(metric, value, note=""):
+                    rows.append(dict(op="host_overhead", provider=provider, mode=mode,
+                                     shape=MODEL_SHAPE, metric=metric, value=value, note=note))
+                calls, us = {}, {}
+                for n in MODEL_LAYERS:
+                    model = make(n).to(device).train(mode != "infer fwd")
+                    step = _model_step(model, ids, mask, mode)
+                    with stubbed_device_work():
+                        try:
+                            step(), step()
+                        except (ValueError, TypeError, NotImplementedError) as e:
+                            row("status", "unsupported",
+                                f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                            break
+                        calls[n] = _python_calls(step)
+                        us[n] = _fastest_us(step, rounds, iters)
+                else:
+                    few, many = MODEL_LAYERS
+                    row("python_calls", calls[many], f"per forward{'+backward' * (mode != 'infer fwd')}, "
+                                                     f"{many} layers")
+                    row("python_calls_per_layer", (calls[many] - calls[few]) / (many - few),
+                        f"({many} layers - {few} layers) / {many - few}")
+                    row("host_us_per_layer", round((us[many] - us[few]) / (many - few), 1),
+                        f"process CPU time, fastest of {rounds} rounds x {iters} calls, "
+                        f"({many} - {few} layers) / {many - few}")
+    finally:
+        fastbert.set_backend(previous)
+    return rows
+
+
 def calibration_us(repeat: int = 30, number: int = 1000) -> float:
     """µs per `tensor.view` call on this host, fastest of `repeat` rounds: a yardstick for the
     host numbers (a few hundred ns on an idle modern x86 core)."""
@@ -208,6 +296,7 @@ def measure(device: torch.device, rounds: int = 30, iters: int = 20) -> List[dic
             row("host_syncs", syncs, "aten._local_scalar_dense: a device-to-host copy (.item())")
             row("dispatched_ops", sum(counter.ops.values()),
                 " ".join(f"{k}:{v}" for k, v in sorted(counter.ops.items(), key=lambda kv: -kv[1])))
+    rows += model_rows(device)
     rows.append(dict(op="host_overhead", provider="tensor.view", mode="calibration",
                      shape="16x768 -> 2x8x768", metric="host_us", value=round(calibration_us(), 3),
                      note="one view call: scales the host numbers above to another host"))
@@ -262,6 +351,8 @@ def summary(rows: List[dict]) -> str:
              "without CUDA graphs; it matters on a GPU (on a CPU-only machine it is a forecast, "
              "not a failure)"]
     for (shape, mode), m in by_case.items():
+        if shape == MODEL_SHAPE:
+            continue  # per provider, below
         if "host_us" not in m:
             status = m.get("status", {})
             lines.append(f"  {shape} {mode}: {status.get('value')} {status.get('note', '')}")
@@ -273,6 +364,22 @@ def summary(rows: List[dict]) -> str:
                          f"{m['dispatched_ops']['value']} torch ops, "
                          f"{m['host_syncs']['value']} host syncs, "
                          f"{m['python_calls']['value']} Python calls")
+    models = [r for r in rows if r["shape"] == MODEL_SHAPE]
+    if models:
+        lines.append(f"whole models, {MODEL_SHAPE} (fastbert: lean path, Triton launches stubbed):")
+    by_model: Dict[tuple, dict] = {}
+    for r in models:
+        by_model.setdefault((r["provider"], r["mode"]), {})[r["metric"]] = r
+    for (provider, mode), m in by_model.items():
+        if "python_calls" not in m:
+            status = m.get("status", {})
+            lines.append(f"  {provider:18s} {mode:14s} {status.get('value')} "
+                         f"{status.get('note', '')}")
+            continue
+        lines.append(f"  {provider:18s} {mode:14s} {m['python_calls']['value']:6d} Python calls "
+                     f"per forward{'+backward' * (mode != 'infer fwd')} "
+                     f"({m['python_calls_per_layer']['value']:g} per layer), "
+                     f"{m['host_us_per_layer']['value']:g} us per layer")
     return "\n".join(lines)
 
 

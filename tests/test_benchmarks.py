@@ -192,6 +192,18 @@ def test_host_overhead_summary_explains_the_target():
     assert "not a failure" in text and "over target" not in text and "2.1x the target" in text
 
 
+def test_host_overhead_summary_lists_whole_models():
+    from benchmarks import host_overhead
+    rows = [dict(op="host_overhead", provider=p, mode="infer fwd", shape=host_overhead.MODEL_SHAPE,
+                 metric=metric, value=value, note="")
+            for p in ("fastbert-triton", "transformers-sdpa")
+            for metric, value in (("python_calls", 888), ("python_calls_per_layer", 158.0),
+                                  ("host_us_per_layer", 146.0))]
+    text = host_overhead.summary(rows)
+    assert "whole models" in text and "transformers-sdpa" in text
+    assert "888 Python calls per forward (158 per layer), 146 us per layer" in text
+
+
 def test_default_out_is_outside_the_package_source():
     benchmarks_dir = os.path.dirname(os.path.abspath(harness.__file__))
     repo = os.path.dirname(benchmarks_dir)
