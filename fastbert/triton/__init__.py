@@ -4,11 +4,13 @@ from fastbert.triton.attention_varlen import (attention_varlen_backward,
                                               attention_varlen_forward)
 from fastbert.triton.layer_norm import add_layer_norm_backward, add_layer_norm_forward
 from fastbert.triton.linear_gelu import linear_bias_gelu_backward, linear_bias_gelu_forward
+from fastbert.triton.geglu import linear_geglu_backward, linear_geglu_forward
 from fastbert.triton.rotary import apply_rotary
 from fastbert.triton import attention as _attention
 from fastbert.triton import attention_varlen as _attention_varlen
 from fastbert.triton import layer_norm as _layer_norm
 from fastbert.triton import linear_gelu as _linear_gelu
+from fastbert.triton import geglu as _geglu
 from fastbert.triton import rotary as _rotary
 
 _UNSUPPORTED = {
@@ -17,6 +19,7 @@ _UNSUPPORTED = {
     "fastbert.add_layer_norm": _layer_norm.unsupported,
     "fastbert.linear_bias_gelu": _linear_gelu.unsupported,
     "fastbert.apply_rotary": _rotary.unsupported,
+    "fastbert.linear_geglu": _geglu.unsupported,
 }
 
 
@@ -30,4 +33,5 @@ def unsupported(op: str, **kw):
 
 __all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
            "attention_varlen_backward", "add_layer_norm_forward", "add_layer_norm_backward",
-           "linear_bias_gelu_forward", "linear_bias_gelu_backward", "apply_rotary", "unsupported"]
+           "linear_bias_gelu_forward", "linear_bias_gelu_backward", "linear_geglu_forward",
+           "linear_geglu_backward", "apply_rotary", "unsupported"]
