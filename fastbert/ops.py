@@ -18,7 +18,10 @@ the same kernel entry points (`fastbert/torch_backend.py`, `fastbert/triton/__in
                               max_seqlen_k, causal, dropout_p, scale, seed, deterministic)
         -> (dq, dk, dv)
 
-plus `unsupported(op, **kw) -> str | None` saying why it cannot serve an input. Arguments reach
+plus `unsupported(op, **kw) -> str | None` saying why it cannot serve an input. A backend that
+serves sliding windows takes `window=(left, right)` as a last keyword of the four attention entry
+points (passed only when one is set; the others refuse `window` in unsupported), and ModernBERT's
+ops have their entry points in fastbert/geglu.py and fastbert/rotary.py. Arguments reach
 them already checked: q/k/v (B, S, H, D) with unit last stride, mask bool (B, Sk) contiguous or
 None, x/residual 2-D contiguous (rows, hidden), seed a Python int; varlen q/k/v (total, H, D)
 with unit last stride, cu_seqlens int32 (B + 1,) contiguous, lse (H, total_q) (fastbert/varlen.py
