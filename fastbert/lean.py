@@ -19,10 +19,11 @@ patterns are bitwise theirs (tests/test_lean.py). (*) marks that per-call rule, 
 inline: a helper would cost Python calls on every op.
 
 `plan` returns None -- the public ops then serve the whole forward -- under torch.compile tracing,
-functorch transforms (checked once here, so autograd runs through ops.apply_eager), a listening profiler (the public ops name each call fastbert::<op>_fwd
-then), tensor subclasses, an empty batch, or layers whose settings differ. Submodules and parameters are
-read from the modules' _modules and _parameters dicts, which is where nn.Module.__getattr__ finds
-them, without its Python call.
+functorch transforms (checked once here, so autograd runs through ops.apply_eager), a listening
+profiler (the public ops name each call fastbert::<op>_fwd then), tensor subclasses, inputs on
+another device than the weights, an empty batch, wrapped layers, or layers whose settings differ.
+Submodules and parameters are read from the modules' _modules and _parameters dicts, which is
+where nn.Module.__getattr__ finds them, without its Python call.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class Plan:
 
 def _layer_settings(layer) -> Optional[tuple]:
     m = layer._modules
+    if "attn_norm" not in m or "ffn_norm" not in m or "ffn_in" not in m:
+        return None  # a wrapped layer
     if type(m["attn_norm"]) is not nn.LayerNorm or type(m["ffn_norm"]) is not nn.LayerNorm \
             or type(m["ffn_in"]) is not nn.Linear:
         return None  # replaced: the public path reads what these modules offer
@@ -73,10 +76,12 @@ def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch.autograd._profiler_enabled() or type(ids) is not torch.Tensor
             or type(weight) is not nn.Parameter or ids.numel() == 0 or not layers
-            or type(packed.cu_seqlens if packed is not None else attention_mask)
-            not in (torch.Tensor, type(None))
             or type(embeddings["LayerNorm"]) is not nn.LayerNorm):
         return None
+    index = packed.cu_seqlens if packed is not None else attention_mask
+    if ids.device != weight.device or (index is not None and (
+            type(index) is not torch.Tensor or index.device != weight.device)):
+        return None  # the public ops say what is wrong
     settings = _layer_settings(layers[0])
     for layer in layers:
         if settings is None or _layer_settings(layer) != settings:

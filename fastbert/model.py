@@ -547,15 +547,17 @@ class BertModel(BertPreTrainedModel):
     def _run_layer(self, layer, x, attention_mask=None, cache=None, packed=None, plan=None):
         """layer(x, ...), recomputed in backward under gradient checkpointing (not with a KV
         cache, which the recompute would extend twice). x goes positionally: a reentrant
-        checkpoint only sees gradients of positional tensors."""
+        checkpoint only sees gradients of positional tensors. The plan goes to BertLayers only: a
+        wrapped or subclassed layer is called as it always was."""
+        kw = dict(packed=packed, plan=plan) if plan is not None and type(layer) is BertLayer \
+            else dict(packed=packed)
         if (self.checkpointing_function is None or not self.training or cache is not None
                 or not torch.is_grad_enabled()):
-            if plan is not None and plan.direct and type(layer) is BertLayer:
+            if "plan" in kw and plan.direct:
                 return lean.layer_forward(layer, x, plan)  # no hooks to run: no module call
-            return layer(x, attention_mask, cache, packed=packed, plan=plan)
+            return layer(x, attention_mask, cache, **kw)
         import functools
-        return self.checkpointing_function(functools.partial(layer, packed=packed, plan=plan),
-                                           x, attention_mask)
+        return self.checkpointing_function(functools.partial(layer, **kw), x, attention_mask)
 
     def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids,
                         past_key_values):

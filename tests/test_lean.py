@@ -93,6 +93,18 @@ def test_plan_falls_back_to_the_public_ops():
         assert lean.plan(model, ids, packed, None) is None  # the public ops name the calls
 
 
+def test_profiler_names_the_ops_of_the_model():
+    """While a profiler listens the public ops serve the forward and name each call."""
+    model = BertModel(BertConfig(**TINY)).eval()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(ids, attention_mask=mask)
+    seen = {e.name for e in prof.events() if e.name.startswith("fastbert::")}
+    assert {"fastbert::attention_varlen_fwd", "fastbert::add_layer_norm_fwd",
+            "fastbert::linear_bias_gelu_fwd"} <= seen, seen
+
+
 def test_hooked_and_wrapped_projections_run_as_modules():
     """A forward hook on a projection, or a module replacing it, is honoured."""
     model = BertModel(BertConfig(**TINY)).eval()
