@@ -182,4 +182,10 @@ def patch(model: nn.Module, unpad: bool = True) -> nn.Module:
     for m in found:
         if not type(m).__dict__.get("fastbert_patched"):
             _patch_keeping_output_capture(m)
+    # span QA: padding masked out of the start/end softmax, as for the BERT family (unpadded)
+    from transformers.models.modernbert import modeling_modernbert
+    from fastbert.hf_patch import _patch, _question_answering_forward
+    for m in model.modules():
+        if type(m) is modeling_modernbert.ModernBertForQuestionAnswering:
+            _patch(m, _question_answering_forward)
     return model

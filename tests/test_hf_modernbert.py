@@ -156,6 +156,19 @@ def test_token_classification_and_question_answering():
                          end_positions=torch.tensor([4, 9, 5])), ["start_logits", "end_logits"])
 
 
+def test_question_answering_masks_padding_out_of_the_span_loss():
+    from fastbert.heads import span_loss
+    ids, mask = padded_batch()
+    patched, plain, exact = triplet(mb.ModernBertForQuestionAnswering, tiny_config(num_labels=2))
+    starts, ends = torch.tensor([1, 3, 2]), torch.tensor([4, 15, 5])  # 15: padding in row 1
+    got = patched(input_ids=ids, attention_mask=mask, start_positions=starts, end_positions=ends)
+
+    def masked(model):
+        out = model(input_ids=ids, attention_mask=mask)
+        return span_loss(out.start_logits, out.end_logits, starts, ends, mask.bool())
+    assert_close_by_rule(got.loss, masked(plain), masked(exact), "masked span loss")
+
+
 def test_multiple_choice():
     models = triplet(mb.ModernBertForMultipleChoice, tiny_config())
     ids, mask = padded_batch(batch=4)
