@@ -64,6 +64,26 @@ def test_bitwise_equal_to_public_ops(public_ops, unpad, train):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("unpad", [True, False], ids=["packed", "padded"])
+def test_autocast_training_bitwise_equal_to_public_ops(public_ops, unpad):
+    """CPU autocast (bf16): the plan casts as the public ops do, per op."""
+    model = BertModel(BertConfig(**TINY, unpad=unpad)).train()
+    ids, mask = _inputs()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask)
+        (out.last_hidden_state.float().square().sum() + out.pooler_output.float().sum()).backward()
+        return [out.last_hidden_state] + [p.grad for p in model.parameters()]
+
+    lean_run = run()
+    assert lean_run[0].dtype == torch.bfloat16
+    public_ops()
+    assert all(torch.equal(a, b) for a, b in zip(lean_run, run()))
+
+
 def test_grad_mode_in_eval_records_autograd_as_the_public_ops(public_ops):
     """Grad mode on in eval (no dropout): every op records autograd, gradients as before."""
     model = BertModel(BertConfig(**TINY)).eval()
