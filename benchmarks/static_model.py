@@ -148,7 +148,9 @@ def work(kernel: str, constexprs: dict, element_size: int, shape) -> Work:
     if kernel == "_linear_bias_gelu_fwd_kernel":
         return Work("K step", flops=2 * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"],
                     gemm_k=shape.hidden)
-    raise KeyError(f"no work model for {kernel}")
+    # a kernel the compile tier lists must say what its unit of work is, or the model would
+    # silently leave it out
+    raise KeyError(f"benchmarks/static_model.py: no work model for {kernel}; add it to work()")
 
 
 # --------------------------------------------------------------------------------------------
