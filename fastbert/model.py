@@ -188,13 +188,27 @@ class BertModelOutput(ModelOutput):
     packed: Optional[PackedBatch] = None  # with return_packed: maps rows to the (B, S) grid
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """layer(x); CPU inference takes oneDNN's GEMM (fastbert/cpu.py: 1.1-1.2x MKL's F.linear
-    at 2 threads on the AVX2 dev CPU, parity at 1 thread)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if cpu.should_use(x2, layer.weight, layer.bias):
-        return cpu.linear(x2, layer.weight, layer.bias).view(*x.shape[:-1], -1)
+def plain_linear(layer: nn.Module) -> bool:
+    """Exactly nn.Linear with no forward hooks: its weight can be used directly. Anything else
+    (a LoRA wrapper, a quantized linear, a hooked module) must be called as a module."""
+    return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+
+
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """layer(x); CPU inference on a plain nn.Linear takes oneDNN's GEMM (fastbert/cpu.py:
+    1.1-1.2x MKL's F.linear at 2 threads on the AVX2 dev CPU, parity at 1 thread)."""
+    if plain_linear(layer):
+        x2 = x.reshape(-1, x.shape[-1])
+        if cpu.should_use(x2, layer.weight, layer.bias):
+            return cpu.linear(x2, layer.weight, layer.bias).view(*x.shape[:-1], -1)
     return layer(x)
+
+
+def linear_gelu(x: torch.Tensor, layer: nn.Module, approximate: str) -> torch.Tensor:
+    """gelu(layer(x)): one fastbert.linear_bias_gelu for a plain nn.Linear with a bias."""
+    if plain_linear(layer) and layer.bias is not None:
+        return fastbert.linear_bias_gelu(x, layer.weight, layer.bias, approximate=approximate)
+    return nn.functional.gelu(layer(x), approximate=approximate)
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -343,8 +357,7 @@ class BertLayer(nn.Module):
         h = fastbert.add_layer_norm(linear(y, self.attn_out), x, self.attn_norm.weight,
                                     self.attn_norm.bias, self.attn_norm.eps,
                                     dropout_p=self.hidden_dropout if training else 0.0)
-        f = fastbert.linear_bias_gelu(h, self.ffn_in.weight, self.ffn_in.bias,
-                                      approximate=self.gelu_approximate)  # (B, S, intermediate_size)
+        f = linear_gelu(h, self.ffn_in, self.gelu_approximate)  # (B, S, intermediate_size)
         return fastbert.add_layer_norm(linear(f, self.ffn_out), h, self.ffn_norm.weight,
                                        self.ffn_norm.bias, self.ffn_norm.eps,
                                        dropout_p=self.hidden_dropout if training else 0.0)

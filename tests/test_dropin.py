@@ -384,3 +384,28 @@ def test_patched_forwards_keep_the_original_signatures():
         assert type(patched) is not type(original)  # the span loss is patched in
         for m, o in zip(patched.modules(), original.modules()):
             assert inspect.signature(m.forward) == inspect.signature(o.forward), type(m)
+
+
+def test_lora_on_fastberts_own_model_is_honoured():
+    peft = pytest.importorskip("peft")
+    config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128,
+                                 max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    base = fastbert.BertForSequenceClassification(config)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["qkv", "attn_out", "ffn_in", "ffn_out"])
+    model = peft.get_peft_model(base, lora)
+    ids = torch.randint(1, 100, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[2, 4:] = 0
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 0])).loss.backward()
+    for name in ("qkv", "attn_out", "ffn_in", "ffn_out"):
+        grads = [p.grad for n, p in model.named_parameters() if f"{name}.lora_B" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+    model.eval()
+    with torch.no_grad():  # the CPU inference GEMM path must not read the base weight alone
+        adapted = model(input_ids=ids, attention_mask=mask).logits
+        merged = model.merge_and_unload()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-5)
