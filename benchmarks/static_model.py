@@ -271,14 +271,15 @@ README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 BEGIN, END = "<!-- static model table: begin -->", "<!-- static model table: end -->"
 
 
-def write_readme_table(table: str, path: str = README) -> None:
-    """Replace the table between the BEGIN and END markers of benchmarks/README.md."""
+def write_readme_table(table: str, path: str = README, begin: str = BEGIN,
+                       end: str = END) -> None:
+    """Replace the table between the begin and end markers of benchmarks/README.md."""
     with open(path) as f:
         text = f.read()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     with open(path + ".tmp", "w") as f:
-        f.write(head + BEGIN + "\n" + table + "\n" + END + tail)
+        f.write(head + begin + "\n" + table + "\n" + end + tail)
     os.replace(path + ".tmp", path)
 
 

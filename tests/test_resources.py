@@ -486,14 +486,9 @@ BEGIN, END = "<!-- resources table: begin -->", "<!-- resources table: end -->"
 
 def write_readme_table(path: str = README) -> None:
     """Replace the table between the BEGIN and END markers of benchmarks/README.md."""
+    from benchmarks import static_model
     table = markdown_table()  # minutes when nothing is cached: before the file is touched
-    with open(path) as f:
-        text = f.read()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(path + ".tmp", "w") as f:
-        f.write(head + BEGIN + "\n" + table + "\n" + END + tail)
-    os.replace(path + ".tmp", path)
+    static_model.write_readme_table(table, path, BEGIN, END)
 
 
 if __name__ == "__main__":  # python -m tests.test_resources: refresh the README's table
