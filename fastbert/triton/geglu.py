@@ -21,7 +21,7 @@ from torch import Tensor
 from fastbert.triton.linear_gelu import (BWD_BLOCK_M, BWD_NUM_WARPS, INTERPRET,
                                          INTERPRETER_CONFIGS, SUPPORTED_DTYPES, _config, _gelu,
                                          _gelu_grad, _prune_to_shared_memory, backward_launch,
-                                         forward_constexprs, rows_bucket)
+                                         forward_constexprs, grouped_tile, rows_bucket)
 
 # Two fp32 accumulators per program (the GELU half's tile and the gate half's): linear_gelu.py's
 # tiles per warp doubled, and every one of its configs spilled (1.3-13 KB on sm_80/sm_90). These
@@ -47,14 +47,7 @@ def _linear_geglu_fwd_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % pids_per_group) % group_size_m)
-    pid_n = (pid % pids_per_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -132,6 +132,21 @@ def rows_bucket(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) in grouped order: GROUP_M row-tiles are swept
+    together, so the W tiles they share stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % pids_per_group) % group_size_m)
+    pid_n = (pid % pids_per_group) // group_size_m
+    return pid_m, pid_n
+
+
 # M_BUCKET is read only by the autotuner (its key); never specialised, so it adds no variants.
 @triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune_to_shared_memory})
@@ -142,15 +157,7 @@ def _linear_bias_gelu_fwd_kernel(
     UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row-tiles are swept together, so their shared W tiles stay in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % pids_per_group) % group_size_m)
-    pid_n = (pid % pids_per_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
