@@ -29,6 +29,7 @@ _LAZY = {
     "BertForMaskedLM": "fastbert.heads",
     "BertForNextSentencePrediction": "fastbert.heads",
     "BertForSequenceClassification": "fastbert.heads",
+    "BertForTokenClassification": "fastbert.heads",
     "BertForQuestionAnswering": "fastbert.heads",
     "BertLMHeadModel": "fastbert.heads",
     "patch_hf": "fastbert.hf",

@@ -35,7 +35,8 @@ class DataError(ValueError):
 
 class Tokenizer:
     """A BERT-family tokenizer (the `tokenizers` library) with the special ids at hand: WordPiece
-    (BERT, DistilBERT, ELECTRA), byte-level BPE (RoBERTa) or SentencePiece unigram (XLM-R).
+    (BERT, DistilBERT, ELECTRA), byte-level BPE (RoBERTa; ModernBERT's, with BERT's [CLS]-style
+    specials) or SentencePiece unigram (XLM-R).
 
     Load one from a checkpoint directory (tokenizer.json, vocab.txt, or RoBERTa's vocab.json +
     merges.txt), from one of those files, or train a new WordPiece vocabulary with `train`.

@@ -1,5 +1,5 @@
-"""The BERT family in fastbert's own classes: what RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT
-checkpoints differ in, as data.
+"""The BERT family in fastbert's own classes: what RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT and
+ModernBERT checkpoints differ in, as data.
 
 They share BERT's encoder (post-LN layers, GELU feed-forward, learned positions); the rest is a
 handful of facts per architecture, read by BertConfig (fastbert/model.py) and by checkpoint I/O
@@ -10,6 +10,10 @@ handful of facts per architecture, read by BertConfig (fastbert/model.py) and by
 - ELECTRA's embeddings are narrower than the encoder (embedding_size, then embeddings_project);
 - the pooler, the classification head and the MLM head's activation;
 - checkpoint key names and, for DistilBERT, config.json field names.
+
+ModernBERT (issue 20) is the one member with another encoder: pre-norm layers (fastbert/prenorm.py)
+with rotary positions instead of a position table, a final norm, and config.json fields beyond
+BERT's (`settings`) that BertConfig.setting reads with transformers' defaults.
 
     family = FAMILIES["roberta"]
     family.to_checkpoint({"bert.encoder.layer.0.attention.self.query.weight": w}, bare=False)
@@ -26,6 +30,7 @@ from typing import Dict, Optional, Tuple
 _HEAD_SUFFIX = {
     "BertModel": "Model",
     "BertForSequenceClassification": "ForSequenceClassification",
+    "BertForTokenClassification": "ForTokenClassification",
     "BertForQuestionAnswering": "ForQuestionAnswering",
     "BertForMaskedLM": "ForMaskedLM",
     "BertLMHeadModel": "ForCausalLM",
@@ -46,8 +51,9 @@ class Family:
     has_pooler: bool = True  # the base model's checkpoint carries pooler.dense
     projects_embeddings: bool = False  # embedding_size may differ from hidden_size (ELECTRA)
     # sequence classification: "pooler" (BERT: pooler -> dropout -> classifier), "dense" (dropout
-    # -> dense -> activation -> dropout -> out_proj on the first token) or "pre_classifier"
-    # (DistilBERT: the same without the first dropout)
+    # -> dense -> activation -> dropout -> out_proj on the first token), "pre_classifier"
+    # (DistilBERT: the same without the first dropout) or "prediction_head" (ModernBERT: the
+    # first token or the mean of the sequence -> dense -> activation -> norm -> dropout -> out_proj)
     classifier: str = "pooler"
     classifier_activation: str = "tanh"
     mlm_activation: Optional[str] = None  # the MLM transform's activation; None: hidden_act
@@ -64,6 +70,11 @@ class Family:
     fixed_config: Dict[str, object] = field(default_factory=dict)
     # BertConfig fields left None that the family's transformers config gives a value
     config_defaults: Dict[str, object] = field(default_factory=dict)
+    # pre-norm layers with rotary positions and a final norm (ModernBERT; fastbert/prenorm.py)
+    pre_norm: bool = False
+    # config.json fields beyond BertConfig's that the model reads (BertConfig.setting), with the
+    # family's transformers defaults
+    settings: Dict[str, object] = field(default_factory=dict)
 
     def architecture(self, fastbert_class: str) -> str:
         """transformers' class for a fastbert class (BertForMaskedLM -> RobertaForMaskedLM)."""
@@ -90,19 +101,23 @@ class Family:
             out[key] = value
         return out
 
-    def from_checkpoint(self, state: dict, bare_model: bool) -> dict:
+    def from_checkpoint(self, state: dict, bare_model: bool, model_keys=None) -> dict:
         """The family's checkpoint (bare or with its heads) -> fastbert's keys for a BertModel
-        (bare_model) or a head class (the encoder under "bert.")."""
+        (bare_model) or a head class (the encoder under "bert."). model_keys: the state-dict
+        keys of the model loading it; a checkpoint key several of fastbert's map to (ModernBERT's
+        head.dense: the MLM head's and the classifier's) then takes the one the model has."""
         renames = _compiled(tuple((theirs, ours) for ours, theirs
                                   in self.key_renames + self.key_aliases))
         prefixed = any(k.startswith(self.checkpoint_prefix) for k in state)
+        known = None if model_keys is None else {("bert." + k if bare_model else k)
+                                                 for k in model_keys}
         out = {}
         for key, value in state.items():
             if key.startswith(self.checkpoint_prefix):
                 key = "bert." + key[len(self.checkpoint_prefix):]
             elif not prefixed:  # a bare checkpoint: everything is the base model
                 key = "bert." + key
-            key = _rename(key, renames)
+            key = _rename(key, renames, known)
             if bare_model and key.startswith("bert."):
                 key = key[len("bert."):]
             out[key] = value
@@ -117,12 +132,19 @@ def _compiled(renames: Tuple[Tuple[str, str], ...]):
              dst.replace("{n}", r"\g<n>")) for src, dst in renames]
 
 
-def _rename(key: str, renames) -> str:
+def _rename(key: str, renames, known=None) -> str:
+    """The first rename that matches key; given the model's `known` keys, the first whose result
+    the model has, else the key itself where the model has that."""
+    first = None
     for pattern, replacement in renames:
         new, n = pattern.subn(replacement, key, count=1)
         if n:
-            return new
-    return key
+            if known is None or new in known:
+                return new
+            first = first or new
+    if known is not None and key in known:
+        return key
+    return first or key
 
 
 def _distilbert_layer(ours: str, theirs: str) -> Tuple[str, str]:
@@ -145,10 +167,28 @@ def _lm_head_alias(decoder: str) -> Tuple[Tuple[str, str], ...]:
     return (("cls.predictions.decoder.bias", f"{decoder}.bias"),)
 
 
-_ENCODER_HEADS = ("BertModel", "BertForSequenceClassification", "BertForQuestionAnswering",
-                  "BertForMaskedLM")
+_ENCODER_HEADS = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification",
+                  "BertForQuestionAnswering", "BertForMaskedLM")
 _ROBERTA_LM = _lm_head("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")
 _ROBERTA_LM_ALIAS = _lm_head_alias("lm_head.decoder")
+
+
+def _modernbert_renames() -> Tuple[Tuple[str, str], ...]:
+    """ModernBERT's names: embeddings, layers (fastbert/prenorm.py's names are BertLayer's),
+    the MLM head (head, decoder) and the classifier (head, classifier)."""
+    layer = (("qkv", "attn.Wqkv"), ("attn_out", "attn.Wo"), ("attn_norm", "attn_norm"),
+             ("ffn_in", "mlp.Wi"), ("ffn_out", "mlp.Wo"), ("ffn_norm", "mlp_norm"))
+    return (("bert.embeddings.word_embeddings.weight", "bert.embeddings.tok_embeddings.weight"),
+            *((f"bert.embeddings.LayerNorm.{kind}", f"bert.embeddings.norm.{kind}")
+              for kind in ("weight", "bias")),
+            *((f"bert.encoder.layer.{{n}}.{ours}.{kind}", f"bert.layers.{{n}}.{theirs}.{kind}")
+              for ours, theirs in layer for kind in ("weight", "bias")),
+            *_lm_head("head.dense", "head.norm", "decoder", "decoder.bias"),
+            *((f"classifier.{ours}.{kind}", f"{theirs}.{kind}")
+              for ours, theirs in (("dense", "head.dense"), ("norm", "head.norm"),
+                                   ("out_proj", "classifier"))
+              for kind in ("weight", "bias")))
+
 
 FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
     Family("bert", "bert.", heads={name: name for name in (
@@ -194,6 +234,21 @@ FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
                              classifier_dropout="seq_classif_dropout"),
            fixed_config=dict(type_vocab_size=0, layer_norm_eps=1e-12),
            config_defaults=dict(classifier_dropout=0.2)),
+    Family("modernbert", "model.", heads=_heads("ModernBert", (
+        "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
+        "BertForMaskedLM")),
+           has_pooler=False, classifier="prediction_head", pre_norm=True,
+           key_renames=_modernbert_renames(),
+           config_names=dict(hidden_act="hidden_activation", layer_norm_eps="norm_eps",
+                             attention_probs_dropout_prob="attention_dropout",
+                             hidden_dropout_prob="mlp_dropout"),
+           fixed_config=dict(type_vocab_size=0, position_embedding_type="rotary"),
+           config_defaults=dict(classifier_dropout=0.0),
+           settings=dict(norm_bias=False, attention_bias=False, mlp_bias=False,
+                         classifier_bias=False, decoder_bias=True, classifier_activation="gelu",
+                         classifier_pooling="cls", embedding_dropout=0.0, local_attention=128,
+                         global_attn_every_n_layers=3, layer_types=None, rope_parameters=None,
+                         global_rope_theta=160000.0, local_rope_theta=10000.0)),
 )}
 
 

@@ -6,9 +6,9 @@ per-token outputs back on the caller's (B, S) grid, zeros at padding. The MLM an
 labels and `return_logits=False`, run the vocabulary decoder only where a label is set (15 % of
 tokens in pre-training): the loss is the same, the largest GEMM of the step shrinks ~7x.
 
-The other members of the family (RoBERTa, XLM-R, ELECTRA, DistilBERT) use the same classes; their
-config's `family` (fastbert/family.py) picks the classification head's shape and the MLM head's
-activation and width, and checkpoint I/O maps the parameter names.
+The other members of the family (RoBERTa, XLM-R, ELECTRA, DistilBERT, ModernBERT) use the same
+classes; their config's `family` (fastbert/family.py) picks the classification head's shape and the
+MLM head's activation, width and biases, and checkpoint I/O maps the parameter names.
 
 Shapes: B batch, S sequence, C hidden size, E embedding size (C but for ELECTRA), V vocabulary.
 """
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 import fastbert
 from fastbert.model import (BertConfig, BertModel, BertPreTrainedModel, ModelOutput, init_weights,
-                            linear)
-from fastbert.padding import first_tokens
+                            linear, linear_gelu)
+from fastbert.padding import first_tokens, mean_tokens
 
 Tensor = torch.Tensor
 
@@ -71,6 +71,12 @@ class SequenceClassifierOutput(ModelOutput):
 
 
 @dataclass
+class TokenClassifierOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    logits: Tensor = None  # (B, S, num_labels)
+
+
+@dataclass
 class QuestionAnsweringModelOutput(ModelOutput):
     loss: Optional[Tensor] = None
     start_logits: Tensor = None  # (B, S)
@@ -83,22 +89,25 @@ class QuestionAnsweringModelOutput(ModelOutput):
 
 class BertLMPredictionHead(nn.Module):
     """MLM head: dense (C -> E) + GELU + LayerNorm, then a decoder whose weight is the word
-    embeddings. The GELU is the encoder's, or the family's own (RoBERTa: exact GELU always)."""
+    embeddings. The GELU is the encoder's, or the family's own (RoBERTa: exact GELU always).
+    ModernBERT's dense and LayerNorm are bias-free unless its config says otherwise."""
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
         c, e = config.hidden_size, config.embedding_dim
         self.gelu_approximate = config.mlm_gelu_approximate
-        self.transform = nn.ModuleDict(dict(dense=nn.Linear(c, e),
-                                            LayerNorm=nn.LayerNorm(e, eps=config.layer_norm_eps)))
-        self.decoder = nn.Linear(e, config.vocab_size)
+        self.transform = nn.ModuleDict(dict(
+            dense=nn.Linear(c, e, bias=config.setting("classifier_bias", True)),
+            LayerNorm=nn.LayerNorm(e, eps=config.layer_norm_eps,
+                                   bias=config.setting("norm_bias", True))))
+        self.decoder = nn.Linear(e, config.vocab_size, bias=config.setting("decoder_bias", True))
         self.apply(lambda m: init_weights(m, config.initializer_range))
         self.decoder.weight = word_embeddings.weight  # tied
         self.bias = self.decoder.bias  # HF names the decoder bias cls.predictions.bias too
 
     def forward(self, x):  # (N, C) -> (N, V)
         dense, norm = self.transform["dense"], self.transform["LayerNorm"]
-        x = fastbert.linear_bias_gelu(x, dense.weight, dense.bias, approximate=self.gelu_approximate)
+        x = linear_gelu(x, dense, self.gelu_approximate)
         x = fastbert.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
         return linear(x, self.decoder)
 
@@ -109,6 +118,7 @@ class ClassificationHead(nn.Module):
     (ReLU; its checkpoints name dense/out_proj pre_classifier/classifier)."""
 
     _ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
+    pooling = "cls"  # on each sequence's first token
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -124,6 +134,45 @@ class ClassificationHead(nn.Module):
         x = self.dropout(first) if self.input_dropout else first
         x = self.dropout(self.activation(self.dense(x)))
         return self.out_proj(x)
+
+
+class PredictionHeadClassifier(nn.Module):
+    """ModernBERT's sequence classifier: each sequence's first token, or the mean of its real
+    tokens (classifier_pooling "mean") -> dense -> GELU -> LayerNorm -> dropout -> out_proj
+    (its checkpoints name dense/norm head.dense/head.norm and out_proj classifier)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        c = config.hidden_size
+        self.pooling = config.setting("classifier_pooling", "cls")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"BertForSequenceClassification: classifier_pooling expected 'cls' "
+                             f"or 'mean', got {self.pooling!r}")
+        self.gelu_approximate = config.mlm_gelu_approximate
+        self.dense = nn.Linear(c, c, bias=config.setting("classifier_bias", True))
+        self.norm = nn.LayerNorm(c, eps=config.layer_norm_eps,
+                                 bias=config.setting("norm_bias", True))
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.out_proj = nn.Linear(c, config.num_labels)
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def forward(self, pooled):  # (B, C) -> (B, num_labels)
+        x = linear_gelu(pooled, self.dense, self.gelu_approximate)
+        x = fastbert.add_layer_norm(x, None, self.norm.weight, self.norm.bias, self.norm.eps)
+        return self.out_proj(self.dropout(x))
+
+
+def _mean_rows(out, attention_mask: Optional[Tensor]) -> Tensor:
+    """(B, C): the mean of each sequence's real tokens, from the encoder's rows (packed, or the
+    full grid with the caller's mask, all of it without one, as transformers does)."""
+    packed, rows = out.packed, out.last_hidden_state
+    if packed.cu_seqlens is not None:
+        return mean_tokens(rows, packed.cu_seqlens)
+    grid = rows.view(packed.batch, packed.seqlen, -1)
+    if attention_mask is None:
+        return grid.mean(1)
+    weights = attention_mask.to(grid.dtype).unsqueeze(-1)
+    return (grid * weights).sum(1) / weights.sum(1)
 
 
 def _first_token_rows(out) -> Tensor:
@@ -252,6 +301,8 @@ class BertForSequenceClassification(BertPreTrainedModel):
             p = config.classifier_dropout
             self.dropout = nn.Dropout(p if p is not None else config.hidden_dropout_prob)
             self.classifier = _linear(config, config.hidden_size, config.num_labels)
+        elif config.family.classifier == "prediction_head":
+            self.classifier = PredictionHeadClassifier(config)
         else:
             self.classifier = ClassificationHead(config)
 
@@ -261,6 +312,8 @@ class BertForSequenceClassification(BertPreTrainedModel):
                         return_packed=True, **packing)
         if self.bert.pooler is not None:
             logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        elif self.classifier.pooling == "mean":
+            logits = self.classifier(_mean_rows(out, attention_mask))
         else:
             logits = self.classifier(_first_token_rows(out))
         loss = None
@@ -283,6 +336,33 @@ class BertForSequenceClassification(BertPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         return SequenceClassifierOutput(loss, logits)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """A label per token (NER): dropout -> linear on each token's hidden state, or ModernBERT's
+    prediction head (dense -> GELU -> LayerNorm -> dropout -> out_proj). Loss: cross-entropy over
+    the labelled tokens (-100 is ignored), as in HF."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        if config.family.classifier == "prediction_head":
+            self.dropout = nn.Identity()  # the head's own, after its norm
+            self.classifier = PredictionHeadClassifier(config)
+        else:
+            p = config.classifier_dropout if config.family.classifier != "pre_classifier" \
+                else None  # DistilBERT's is its dropout, not seq_classif_dropout
+            self.dropout = nn.Dropout(p if p is not None else config.hidden_dropout_prob)
+            self.classifier = _linear(config, config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, **packing):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        return_packed=True, **packing)
+        logits = self.classifier(self.dropout(out.last_hidden_state))  # (N, num_labels)
+        loss = _cross_entropy(logits, out.packed.rows(labels)) if labels is not None else None
+        return TokenClassifierOutput(loss, out.packed.grid(logits))  # logits (B, S, num_labels)
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):

@@ -4,10 +4,10 @@
     model.save_pretrained("out")               # transformers.BertForMaskedLM.from_pretrained("out")
     hf_model = fastbert.patch_hf(hf_model)     # a transformers BERT-family model on fastbert's ops
 
-Checkpoints of RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT load into the same classes
+Checkpoints of RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT and ModernBERT load into the same classes
 (fastbert.BertForMaskedLM.from_pretrained("roberta-base")) and are saved back in their own key
 names, config fields and class names (fastbert/family.py), so transformers' Roberta*/XLMRoberta*/
-Electra*/DistilBert* classes load what fastbert writes.
+Electra*/DistilBert*/ModernBert* classes load what fastbert writes.
 
 transformers is imported only inside patch_hf (fastbert/hf_patch.py), so `import fastbert` stays
 light.
@@ -81,7 +81,7 @@ def load_pretrained(cls, path: str, **config_overrides):
     state = {_rename_legacy(k): v for k, v in read_state_dict(path).items()}
     # a bare base-model checkpoint into a head class and back, as transformers does
     bare = not _has_base_prefix(model)
-    state = config.family.from_checkpoint(state, bare_model=bare)
+    state = config.family.from_checkpoint(state, bare_model=bare, model_keys=model.state_dict())
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _TIED_ALIASES]
     unexpected = [k for k in unexpected if not k.endswith((".position_ids", ".token_type_ids"))]

@@ -21,7 +21,8 @@ inline: a helper would cost Python calls on every op.
 `plan` returns None -- the public ops then serve the whole forward -- under torch.compile tracing,
 functorch transforms (checked once here, so autograd runs through ops.apply_eager), a listening
 profiler (the public ops name each call fastbert::<op>_fwd then), tensor subclasses, inputs on
-another device than the weights, an empty batch, wrapped layers, or layers whose settings differ.
+another device than the weights, an empty batch, wrapped layers, layers that are not BertLayers
+(ModernBERT's pre-norm ones), or layers whose settings differ.
 Submodules and parameters are read from the modules' _modules and _parameters dicts, which is
 where nn.Module.__getattr__ finds them, without its Python call.
 """
@@ -70,7 +71,10 @@ def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
          attention_mask: Optional[torch.Tensor]) -> Optional[Plan]:
     """The plan for one forward of a BertModel on token ids ((T,) packed with `packed`, or
     (B, S) with an optional bool key mask), or None where the public ops must serve it."""
+    from fastbert.model import BertLayer  # model.py imports this module: look it up now
     layers = list(model._modules["encoder"]._modules["layer"]._modules.values())
+    if not all(isinstance(layer, BertLayer) for layer in layers):
+        return None  # pre-norm layers (ModernBERT's) run on the public ops
     embeddings = model._modules["embeddings"]._modules
     weight = embeddings["word_embeddings"]._parameters["weight"]
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()

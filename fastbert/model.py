@@ -1,4 +1,5 @@
-"""The BERT encoder on fastbert's fused ops: config, embeddings, encoder layer, pooler, BertModel.
+"""The BERT encoder on fastbert's fused ops: embeddings, encoder layer, pooler, BertModel (the
+config is fastbert/config.py's BertConfig, re-exported here).
 
 Parameter names follow Hugging Face's BERT so checkpoints load as they are; the one difference is
 the attention input projection, which is a single (3*hidden, hidden) GEMM here. State-dict hooks on
@@ -9,10 +10,8 @@ Shapes: B batch, S sequence, C hidden size, nh heads, hd head dim (C = nh * hd).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -20,155 +19,10 @@ import torch.nn as nn
 
 import fastbert
 from fastbert import cpu, lean
-from fastbert.family import Family, family_of, fastbert_base_class
+from fastbert.config import _GELU_APPROXIMATE, BertConfig  # noqa: F401  (re-exported)
+from fastbert.family import fastbert_base_class
 from fastbert.padding import (PackedBatch, first_tokens, pack_mask, pack_position_ids,
                               positions_in_sequence)
-
-# hidden_act -> linear_bias_gelu's `approximate`
-_GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
-_POSITION_TYPES = ("absolute", "sinusoidal")
-# run-time choices, not properties of the checkpoint: never written to config.json
-_RUNTIME_FIELDS = ("unpad",)
-
-
-@dataclass
-class BertConfig:
-    """The fields of Hugging Face's BERT config.json. Unknown fields are kept in `extra` and
-    written back unchanged.
-
-    model_type selects the family member (bert, roberta, xlm-roberta, electra, distilbert; see
-    fastbert/family.py): its config.json is read and written in its own field names, and
-    `family` says what the architecture fixes (position offset, pooler, head shapes)."""
-    model_type: str = "bert"
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
-    pad_token_id: Optional[int] = 0
-    position_embedding_type: str = "absolute"
-    is_decoder: bool = False
-    classifier_dropout: Optional[float] = None
-    num_labels: int = 2  # HF stores it as id2label, which to_dict() writes
-    problem_type: Optional[str] = None
-    embedding_size: Optional[int] = None  # ELECTRA: narrower embeddings, projected to hidden_size
-    # Run every layer on the real tokens only (packed), not on padding. False: the padded path.
-    unpad: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        family = family_of(self.model_type)
-        for name, value in family.fixed_config.items():
-            setattr(self, name, value)  # fixed by the architecture (DistilBERT: no segments)
-        for name, value in family.config_defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if family.positions_after_padding and not isinstance(self.pad_token_id, int):
-            raise ValueError(f"BertConfig: model_type {self.model_type!r} counts positions from "
-                             f"pad_token_id + 1: pad_token_id expected an int, got "
-                             f"{self.pad_token_id!r}")
-        if self.embedding_dim != self.hidden_size and not family.projects_embeddings:
-            raise ValueError(f"BertConfig: embedding_size expected None or hidden_size "
-                             f"({self.hidden_size}) for model_type {self.model_type!r} (only "
-                             f"ELECTRA projects its embeddings), got {self.embedding_size}")
-        if self.position_embedding_type not in _POSITION_TYPES:
-            raise ValueError(f"BertConfig: position_embedding_type expected one of "
-                             f"{_POSITION_TYPES}, got {self.position_embedding_type!r}")
-        if self.hidden_act not in _GELU_APPROXIMATE:
-            raise ValueError(f"BertConfig: hidden_act expected one of {sorted(_GELU_APPROXIMATE)}, "
-                             f"got {self.hidden_act!r}")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(f"BertConfig: hidden_size expected a multiple of num_attention_heads "
-                             f"({self.num_attention_heads}), got {self.hidden_size}")
-        if self.head_dim > fastbert.ops.MAX_HEAD_DIM:
-            raise ValueError(f"BertConfig: head dim hidden_size / num_attention_heads expected <= "
-                             f"{fastbert.ops.MAX_HEAD_DIM}, got {self.head_dim}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def family(self) -> Family:
-        return family_of(self.model_type)
-
-    @property
-    def position_offset(self) -> int:
-        """The position id of each sequence's first token: pad_token_id + 1 for RoBERTa and
-        XLM-R (whose padding tokens take position pad_token_id), else 0."""
-        return self.pad_token_id + 1 if self.family.positions_after_padding else 0
-
-    @property
-    def max_sequence_length(self) -> int:
-        """The longest sequence the position table serves (RoBERTa's first positions are taken)."""
-        return self.max_position_embeddings - self.position_offset
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.embedding_size or self.hidden_size
-
-    @property
-    def mlm_gelu_approximate(self) -> str:
-        """The MLM transform's GELU: the family's own (RoBERTa, ELECTRA: exact), else the encoder's."""
-        return _GELU_APPROXIMATE[self.family.mlm_activation or self.hidden_act]
-
-    @property
-    def qa_dropout(self) -> float:
-        """Dropout on the hidden states before the QA head (DistilBERT's qa_dropout), else 0."""
-        return float(self.extra.get("qa_dropout", 0.1)) if self.family.qa_dropout else 0.0
-
-    @property
-    def gelu_approximate(self) -> str:
-        return _GELU_APPROXIMATE[self.hidden_act]
-
-    @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "BertConfig":
-        d = {**d, **overrides}  # overrides in either naming
-        family = family_of(d.get("model_type", "bert"))
-        d = {ours: d[theirs] for ours, theirs in family.config_names.items() if theirs in d} | {
-            k: v for k, v in d.items() if k not in family.config_names.values()}
-        known = {f.name for f in fields(cls)} - {"extra"}
-        if "num_labels" not in d and isinstance(d.get("id2label"), dict):
-            d["num_labels"] = len(d["id2label"])
-        return cls(**{k: v for k, v in d.items() if k in known},
-                   extra={k: v for k, v in d.items() if k not in known})
-
-    def to_dict(self) -> dict:
-        family = self.family
-        d = dict(self.extra)
-        d.update({f.name: getattr(self, f.name) for f in fields(self)
-                  if f.name not in ("extra", *_RUNTIME_FIELDS, *family.fixed_config)})
-        if family.projects_embeddings:  # ELECTRA's config defaults it to 128: always write it
-            d["embedding_size"] = self.embedding_dim
-        else:
-            del d["embedding_size"]
-        for ours, theirs in family.config_names.items():
-            value = d.pop(ours)
-            if value is not None:  # None: the family's own default
-                d[theirs] = value
-        n = d.pop("num_labels")
-        if len(d.get("id2label") or {}) != n:  # HF derives num_labels from id2label
-            d["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
-            d["label2id"] = {f"LABEL_{i}": i for i in range(n)}
-        return d
-
-    @classmethod
-    def from_pretrained(cls, path: str, **overrides) -> "BertConfig":
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        with open(file) as f:
-            return cls.from_dict(json.load(f), **overrides)
-
-    def save_pretrained(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
 
 class ModelOutput:
@@ -224,19 +78,23 @@ def init_weights(module: nn.Module, std: float) -> None:
                 module.weight[module.padding_idx].zero_()
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:  # ModernBERT's are bias-free
+            nn.init.zeros_(module.bias)
 
 
 class BertEmbeddings(nn.Module):
     """word + position (+ segment) embeddings, LayerNorm, dropout; config.embedding_dim wide.
     Without a segment table (DistilBERT) token_type_ids are ignored, as tokenizers still make
-    them for pairs."""
+    them for pairs; with rotary positions (ModernBERT) the layers place the tokens instead."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         c = config.embedding_dim
         self.word_embeddings = nn.Embedding(config.vocab_size, c, padding_idx=config.pad_token_id)
-        if config.position_embedding_type == "sinusoidal":  # fixed, not a weight: never saved
+        self.rotary = config.position_embedding_type == "rotary"
+        if self.rotary:  # the layers turn queries and keys by position instead (ModernBERT)
+            self.position_embeddings = None
+        elif config.position_embedding_type == "sinusoidal":  # fixed, not a weight: never saved
             self.position_embeddings = None
             self.register_buffer("position_table", sinusoidal_table(
                 config.max_position_embeddings, c), persistent=False)
@@ -246,8 +104,9 @@ class BertEmbeddings(nn.Module):
                 padding_idx=config.pad_token_id if config.position_offset else None)
         self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, c)
                                       if config.type_vocab_size else None)  # DistilBERT: none
-        self.LayerNorm = nn.LayerNorm(c, eps=config.layer_norm_eps)  # parameters only
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.LayerNorm = nn.LayerNorm(c, eps=config.layer_norm_eps,  # parameters only
+                                      bias=config.setting("norm_bias", True))
+        self.dropout = nn.Dropout(config.setting("embedding_dropout", config.hidden_dropout_prob))
         # Old HF checkpoints carry these buffers; they are derived from the config, not loaded.
         self._register_load_state_dict_pre_hook(_drop_buffers_from_checkpoint)
 
@@ -264,7 +123,8 @@ class BertEmbeddings(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + lean.embedding(plan, token_type_ids, self.token_type_embeddings)
-        x = x + self._positions(position_ids, max_position or input_ids.shape[-1], plan)
+        if not self.rotary:
+            x = x + self._positions(position_ids, max_position or input_ids.shape[-1], plan)
         if plan is not None:
             return self.dropout(lean.embedding_norm(plan, x, self.LayerNorm))
         x = fastbert.add_layer_norm(x, None, self.LayerNorm.weight, self.LayerNorm.bias,
@@ -462,7 +322,8 @@ class BertPreTrainedModel(nn.Module):
 class BertModel(BertPreTrainedModel):
     """The encoder: embeddings, num_hidden_layers BertLayers, and (optionally) the pooler.
     As in transformers, config.is_decoder makes the self-attention causal. add_pooling_layer
-    defaults to whether the family's base model has one (BERT, RoBERTa: yes)."""
+    defaults to whether the family's base model has one (BERT, RoBERTa: yes). A pre-norm family
+    (ModernBERT) has PreNormLayers (fastbert/prenorm.py), rotary positions and a final_norm."""
 
     def __init__(self, config: BertConfig, add_pooling_layer: Optional[bool] = None):
         super().__init__(config)
@@ -471,9 +332,14 @@ class BertModel(BertPreTrainedModel):
         self.embeddings = BertEmbeddings(config)
         self.embeddings_project = (nn.Linear(config.embedding_dim, config.hidden_size)
                                    if config.embedding_dim != config.hidden_size else None)
+        pre_norm = config.family.pre_norm
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
-            [BertLayer(config, causal=config.is_decoder)
-             for _ in range(config.num_hidden_layers)])))
+            [prenorm.PreNormLayer(config, i) if pre_norm else
+             BertLayer(config, causal=config.is_decoder)
+             for i in range(config.num_hidden_layers)])))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps,
+                                       bias=config.setting("norm_bias", True)) \
+            if pre_norm else None
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.checkpointing_function = None  # set by gradient_checkpointing_enable
         self.apply(lambda m: init_weights(m, config.initializer_range))
@@ -513,8 +379,10 @@ class BertModel(BertPreTrainedModel):
                                                      position_ids.expand_as(input_ids)))  # (T,)
         plan = lean.plan(self, ids, packed, None)
         x = self._embed(ids, types, pos, input_ids.shape[-1], plan)  # (T, C)
+        rotary = self._rotary(pos, x.dtype)
         for layer in self.encoder.layer:
-            x = self._run_layer(layer, x, packed=packed, plan=plan)
+            x = self._run_layer(layer, x, packed=packed, plan=plan, rotary=rotary)
+        x = self._final_norm(x)
         pooled = self.pooler(first_tokens(x, packed.cu_seqlens), plan) \
             if self.pooler is not None else None  # (B, C)
         if return_packed:
@@ -557,13 +425,26 @@ class BertModel(BertPreTrainedModel):
         x = self.embeddings(ids, types, positions, max_position=bound, plan=plan)
         return linear(x, self.embeddings_project) if self.embeddings_project is not None else x
 
-    def _run_layer(self, layer, x, attention_mask=None, cache=None, packed=None, plan=None):
+    def _rotary(self, positions, dtype):
+        """The pre-norm layers' rotary tables at these positions (fastbert/prenorm.py), else None."""
+        if self.final_norm is None:
+            return None
+        return prenorm.rotary_tables(self.encoder.layer, positions, dtype)
+
+    def _final_norm(self, x):
+        return prenorm._norm(self.final_norm, x) if self.final_norm is not None else x
+
+    def _run_layer(self, layer, x, attention_mask=None, cache=None, packed=None, plan=None,
+                   rotary=None):
         """layer(x, ...), recomputed in backward under gradient checkpointing (not with a KV
         cache, which the recompute would extend twice). x goes positionally: a reentrant
         checkpoint only sees gradients of positional tensors. The plan goes to BertLayers only: a
-        wrapped or subclassed layer is called as it always was."""
+        wrapped or subclassed layer is called as it always was; the rotary tables go to the
+        pre-norm layers only."""
         kw = dict(packed=packed, plan=plan) if plan is not None and type(layer) is BertLayer \
             else dict(packed=packed)
+        if rotary is not None:
+            kw["rotary"] = rotary
         if (self.checkpointing_function is None or not self.training or cache is not None
                 or not torch.is_grad_enabled()):
             if "plan" in kw and plan.direct:
@@ -584,7 +465,12 @@ class BertModel(BertPreTrainedModel):
         plan = lean.plan(self, input_ids, None, attention_mask) if past_key_values is None \
             else None
         x = self._embed(input_ids, token_type_ids, position_ids, past + input_ids.shape[1], plan)
+        rotary = self._rotary(position_ids.expand_as(input_ids), x.dtype)
         for layer, cache in zip(self.encoder.layer, caches):
-            x = self._run_layer(layer, x, attention_mask, cache, plan=plan)
+            x = self._run_layer(layer, x, attention_mask, cache, plan=plan, rotary=rotary)
+        x = self._final_norm(x)
         pooled = self.pooler(x[:, 0], plan) if self.pooler is not None else None  # (B, C)
         return x, pooled
+
+
+from fastbert import prenorm  # noqa: E402  (it builds on this module's config and linear)

@@ -94,6 +94,15 @@ def first_tokens(x: Tensor, cu_seqlens: Tensor) -> Tensor:
     return padded.index_select(0, starts).masked_fill(empty, 0.0)
 
 
+def mean_tokens(x: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """(T, C) packed -> (B, C): the mean of each sequence's tokens; zeros for an empty one. No
+    host sync."""
+    seq = _sequence_and_position(cu_seqlens, x.shape[0])[0]
+    sums = x.new_zeros(cu_seqlens.numel() - 1, *x.shape[1:]).index_add(0, seq, x)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).to(x.dtype)
+    return sums / lengths.view(-1, *([1] * (x.dim() - 1)))
+
+
 def varlen_to_padded_index(cu_seqlens: Tensor, total: int, max_seqlen: int) -> Tensor:
     """(total,) int64: the flat index b * max_seqlen + s of each packed token, with no host sync
     (for kernels that only take a padded layout)."""

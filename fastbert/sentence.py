@@ -8,7 +8,8 @@
 A checkpoint folder is either a sentence-transformers folder (modules.json: Transformer, Pooling,
 optionally Normalize; max length from sentence_bert_config.json) or a plain checkpoint (mean
 pooling, no normalization) of BERT or its family (RoBERTa, XLM-R, ELECTRA, DistilBERT: multilingual
-retrievers are XLM-R). The tokenizer comes from the same folder.
+retrievers are XLM-R; ModernBERT: gte-modernbert, modernbert-embed). The tokenizer comes from the
+same folder.
 
 Also here, for `fastbert embed` / `fastbert search`: reading texts from .txt/.csv/.tsv/.jsonl
 files and saving/loading embeddings (.npy or .safetensors) with the input line of every row.

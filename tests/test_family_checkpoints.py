@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 # transformers' head suffix -> fastbert's class
 OURS = {"Model": "BertModel", "ForSequenceClassification": "BertForSequenceClassification",
+        "ForTokenClassification": "BertForTokenClassification",
         "ForQuestionAnswering": "BertForQuestionAnswering", "ForMaskedLM": "BertForMaskedLM",
         "ForCausalLM": "BertLMHeadModel"}
 MODEL_TYPE = {"roberta": "roberta", "xlm_roberta": "xlm-roberta", "electra": "electra",

@@ -23,7 +23,8 @@ CONFIGS = {
                      hidden_act="gelu_new", layer_norm_eps=1e-6),
 }
 HEADS = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
-         "BertForSequenceClassification", "BertForQuestionAnswering", "BertLMHeadModel"]
+         "BertForSequenceClassification", "BertForTokenClassification",
+         "BertForQuestionAnswering", "BertLMHeadModel"]
 B, S = 3, 11
 
 
@@ -77,6 +78,8 @@ def make_inputs(config: BertConfig, head: str, num_labels: int = 2, label_kind: 
         labels = {"int": torch.randint(0, num_labels, (B,)), "float": torch.randn(B),
                   "multi": torch.randint(0, 2, (B, num_labels)).float()}[label_kind]
         inputs.update(labels=labels)
+    elif head == "BertForTokenClassification":
+        inputs.update(labels=torch.where(token_labels != -100, token_labels % num_labels, -100))
     elif head == "BertForQuestionAnswering":
         inputs.update(start_positions=torch.tensor([1, S + 5, 3]),  # S + 5 is out of range
                       end_positions=torch.tensor([4, 2, 100]))

@@ -1,0 +1,318 @@
+"""Tier 1: fastbert's own classes on ModernBERT folders (issue 20). A transformers ModernBERT
+checkpoint (tiny random config, local window shorter than the sequence) loads into BertModel,
+BertForMaskedLM, BertForSequenceClassification and BertForTokenClassification with nothing
+missing or ignored and gives the
+same outputs at real tokens, loss and every gradient by the tolerance rule (fastbert fp32 vs
+transformers fp32, both against transformers fp64), unpadded (the default), on the padded path
+and on packed input; what fastbert saves loads into transformers' ModernBERT classes with nothing
+missing or unexpected."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.modernbert import modeling_modernbert as mb  # noqa: E402
+
+import fastbert  # noqa: E402
+from fastbert import lean  # noqa: E402
+from fastbert.family import FAMILIES  # noqa: E402
+from fastbert.model import BertConfig  # noqa: E402
+from tests.helpers import assert_close_by_rule  # noqa: E402
+from tests.test_hf import grads_by_hf_name  # noqa: E402
+from tests.test_hf_modernbert import SEQ, packed_batch, padded_batch, tiny_config  # noqa: E402
+
+FAMILY = FAMILIES["modernbert"]
+# transformers' class -> fastbert's
+OURS = {mb.ModernBertModel: "BertModel", mb.ModernBertForMaskedLM: "BertForMaskedLM",
+        mb.ModernBertForSequenceClassification: "BertForSequenceClassification",
+        mb.ModernBertForTokenClassification: "BertForTokenClassification"}
+HEADS = [(mb.ModernBertModel, {}), (mb.ModernBertForMaskedLM, {}),
+         (mb.ModernBertForSequenceClassification, dict(classifier_pooling="cls")),
+         (mb.ModernBertForSequenceClassification, dict(classifier_pooling="mean")),
+         (mb.ModernBertForTokenClassification, {})]
+
+
+def _hf_model(cls, **overrides):
+    """A random transformers model in training mode (dropout is 0 in the config), its weights
+    moved off their initial values (LayerNorm weights of one, ...)."""
+    torch.manual_seed(0)
+    model = cls(tiny_config(**overrides)).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _load_ours(cls, path, **overrides):
+    with warnings.catch_warnings(record=True) as record:  # nothing missing, nothing ignored
+        warnings.simplefilter("always")
+        ours = getattr(fastbert, OURS[cls]).from_pretrained(str(path), **overrides)
+    assert not [w for w in record if "from_pretrained" in str(w.message)], \
+        [str(w.message) for w in record]
+    assert ours.config.model_type == "modernbert"
+    return ours.train()
+
+
+def _inputs(cls, ids, mask):
+    """The head's inputs with labels on the padded grid (-100 at padding)."""
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if cls is mb.ModernBertForMaskedLM:
+        chosen = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.4
+        inputs["labels"] = torch.where(chosen & mask.bool(), ids, -100)
+    elif cls is mb.ModernBertForSequenceClassification:
+        inputs["labels"] = torch.tensor([0, 2, 1])[:ids.shape[0]]
+    elif cls is mb.ModernBertForTokenClassification:
+        labels = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))
+        inputs["labels"] = labels.masked_fill(mask == 0, -100)
+    return inputs
+
+
+def _run(model, inputs, real):
+    """(outputs at real tokens by name, gradients by the checkpoint's parameter names)."""
+    model.zero_grad()
+    out = model(**inputs)
+    if getattr(out, "loss", None) is None:  # the base model: a fixed projection of real tokens
+        h = out.last_hidden_state[real]
+        weights = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(h.dtype)
+        loss, fields = (h * weights).sum(), {"last_hidden_state": h}
+    else:
+        loss, logits = out.loss, out.logits
+        fields = {"loss": loss, "logits": logits[real] if logits.dim() == 3 else logits}
+    loss.backward()
+    if isinstance(model, transformers.PreTrainedModel):
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    else:
+        grads = FAMILY.to_checkpoint(grads_by_hf_name(model), bare=not hasattr(model, "bert"))
+    return {k: v.detach() for k, v in fields.items()}, grads
+
+
+def _agree(ours, hf_model, inputs, real, ref_inputs=None, ref_real=None):
+    if ref_inputs is None:
+        ref_inputs, ref_real = inputs, real
+    got, got_grads = _run(ours, inputs, real)
+    plain, plain_grads = _run(hf_model, ref_inputs, ref_real)
+    exact, exact_grads = _run(copy.deepcopy(hf_model).double(), ref_inputs, ref_real)
+    assert set(got) == set(plain), (set(got), set(plain))
+    for name in plain:
+        assert_close_by_rule(got[name], plain[name], exact[name], name)
+    # ours also names the tied decoder weight (transformers lists the word embeddings only)
+    assert plain_grads.keys() <= got_grads.keys(), plain_grads.keys() - got_grads.keys()
+    for name, g in plain_grads.items():
+        assert g is not None, name
+        assert_close_by_rule(got_grads[name], g, exact_grads[name], f"d{name}")
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+@pytest.mark.parametrize("cls,overrides", HEADS)
+def test_checkpoint_loads_and_matches_transformers(cls, overrides, unpad, tmp_path):
+    hf_model = _hf_model(cls, **overrides)
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours(cls, tmp_path, unpad=unpad)
+    ids, mask = padded_batch()
+    _agree(ours, hf_model, _inputs(cls, ids, mask), mask.bool())
+
+
+@pytest.mark.parametrize("cls", [mb.ModernBertModel, mb.ModernBertForMaskedLM])
+def test_packed_input_matches_the_padded_batch(cls, tmp_path):
+    """DataCollatorWithFlattening's (1, T) ids with restarting position ids against transformers
+    on the same sequences padded (its sdpa path lets packed sequences see each other)."""
+    hf_model = _hf_model(cls)
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours(cls, tmp_path)
+    ids, position_ids, padded, mask = packed_batch()
+    inputs, ref_inputs = dict(input_ids=ids, position_ids=position_ids), _inputs(cls, padded, mask)
+    if "labels" in ref_inputs:
+        inputs["labels"] = ref_inputs["labels"][mask][None]
+    _agree(ours, hf_model, inputs, torch.ones_like(ids, dtype=torch.bool), ref_inputs, mask)
+    # the same packing given as cu_seqlens: no host sync, the same result
+    lengths = mask.sum(1)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    torch.testing.assert_close(ours(ids, cu_seqlens=cu, max_seqlen=SEQ)[0],
+                               ours(ids, position_ids=position_ids)[0])
+
+
+def test_masked_lm_at_labelled_positions_only(tmp_path):
+    """return_logits=False (transformers' sparse_prediction): the same loss, the decoder run at
+    the labelled rows only."""
+    hf_model = _hf_model(mb.ModernBertForMaskedLM)
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours(mb.ModernBertForMaskedLM, tmp_path)
+    ids, mask = padded_batch()
+    inputs = _inputs(mb.ModernBertForMaskedLM, ids, mask)
+    sparse = ours(**inputs, return_logits=False)
+    full = ours(**inputs)
+    assert sparse.logits is None
+    torch.testing.assert_close(sparse.loss, full.loss)
+    labels = inputs["labels"]
+    torch.testing.assert_close(sparse.labelled_logits, full.logits[labels != -100])
+
+
+@pytest.mark.parametrize("cls,overrides", HEADS)
+def test_save_pretrained_loads_back_in_transformers(cls, overrides, tmp_path):
+    hf_model = _hf_model(cls, **overrides)
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    ours = _load_ours(cls, tmp_path / "hf")
+    ours.save_pretrained(str(tmp_path / "ours"))
+    loaded, info = cls.from_pretrained(str(tmp_path / "ours"), output_loading_info=True,
+                                       attn_implementation="sdpa")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.config.architectures == [cls.__name__]
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "vocab_size", "local_attention", "layer_types", "rope_parameters", "norm_eps",
+                 "classifier_pooling", "pad_token_id", "num_labels"):
+        assert getattr(loaded.config, name) == getattr(hf_model.config, name), name
+    want = hf_model.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    again = _load_ours(cls, tmp_path / "ours")
+    assert again.config.to_dict() == ours.config.to_dict()
+
+
+def _fresh_config(**overrides):
+    kw = dict(model_type="modernbert", vocab_size=64, hidden_size=32, num_hidden_layers=3,
+              num_attention_heads=2, intermediate_size=40, max_position_embeddings=64,
+              layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+              num_labels=3, extra=dict(local_attention=8))
+    kw.update(overrides)
+    return BertConfig(**kw)
+
+
+@pytest.mark.parametrize("name", list(OURS.values()))
+def test_models_built_in_fastbert_load_in_transformers(name, tmp_path):
+    """A ModernBERT made in fastbert (BertConfig(model_type="modernbert")) is one transformers
+    loads with nothing missing and computes the same function of."""
+    torch.manual_seed(0)
+    ours = getattr(fastbert, name)(_fresh_config()).train()
+    ours.save_pretrained(str(tmp_path))
+    cls = next(c for c, n in OURS.items() if n == name)
+    loaded, info = cls.from_pretrained(str(tmp_path), output_loading_info=True,
+                                       attn_implementation="sdpa")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.config.layer_types == ["full_attention", "sliding_attention",
+                                         "sliding_attention"]
+    loaded.train()
+    ids, mask = padded_batch()
+    inputs = _inputs(cls, ids, mask)
+    got, _ = _run(ours, inputs, mask.bool())
+    plain, _ = _run(loaded, inputs, mask.bool())
+    exact, _ = _run(copy.deepcopy(loaded).double(), inputs, mask.bool())
+    for key in plain:
+        assert_close_by_rule(got[key], plain[key], exact[key], key)
+
+
+def test_pre_norm_layers_take_the_public_ops_not_the_lean_plan():
+    """lean.py plans for BertLayers only: a ModernBERT forward gets no plan and runs its
+    PreNormLayers on the public ops."""
+    model = fastbert.BertModel(_fresh_config()).eval()
+    ids, mask = padded_batch()
+    packed = model._pack(ids, mask, None, None, None, None, True)
+    assert lean.plan(model, packed.rows(ids), packed, None) is None
+    assert lean.plan(model, ids, None, mask.bool()) is None
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, mask).last_hidden_state).all()
+
+
+def test_modernbert_config_refusals():
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        fastbert.BertModel(_fresh_config(extra=dict(rope_parameters={
+            "full_attention": {"rope_type": "yarn", "rope_theta": 1e4}})))
+    with pytest.raises(ValueError, match="classifier_pooling"):
+        fastbert.BertForSequenceClassification(_fresh_config(extra=dict(
+            classifier_pooling="max")))
+    with pytest.raises(ValueError, match="position_embedding_type 'rotary'"):
+        BertConfig(position_embedding_type="rotary")
+    with pytest.raises(ValueError, match="ModernBertForQuestionAnswering|no modernbert"):
+        fastbert.BertForQuestionAnswering(_fresh_config(num_labels=2))
+
+
+def test_hub_style_config(tmp_path):
+    """config.json as the Hub's ModernBERT folders were written (global/local_rope_theta and
+    global_attn_every_n_layers, no layer_types or rope_parameters; BERT's layer_norm_eps and
+    position_embedding_type beside): fastbert reads the same layer kinds and thetas as
+    transformers."""
+    import json
+    hf_model = _hf_model(mb.ModernBertForMaskedLM)
+    hf_model.save_pretrained(str(tmp_path))
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    for name in ("layer_types", "rope_parameters"):
+        del config[name]
+    config.update(global_rope_theta=5000.0, local_rope_theta=300.0, global_attn_every_n_layers=2,
+                  layer_norm_eps=1e-5, position_embedding_type="absolute")
+    path.write_text(json.dumps(config))
+    hf_model = mb.ModernBertForMaskedLM.from_pretrained(str(tmp_path),
+                                                        attn_implementation="sdpa").train()
+    assert hf_model.config.layer_types == ["full_attention", "sliding_attention",
+                                           "full_attention"]
+    ours = _load_ours(mb.ModernBertForMaskedLM, tmp_path)
+    assert [layer.rope_theta for layer in ours.bert.encoder.layer] == [5000.0, 300.0, 5000.0]
+    ids, mask = padded_batch()
+    _agree(ours, hf_model, _inputs(mb.ModernBertForMaskedLM, ids, mask), mask.bool())
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_sentence_encoder_takes_a_modernbert_embedding_folder(pooling, tmp_path):
+    """A sentence-transformers folder around a ModernBERT (tokenizer.json with ModernBERT's
+    [CLS]/[SEP]/[PAD] specials, its Pooling config): fastbert.SentenceEncoder gives
+    sentence-transformers' embeddings."""
+    st = pytest.importorskip("sentence_transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    words = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"] + [f"w{i}" for i in range(5, 64)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+        mask_token="[MASK]", unk_token="[UNK]")
+    _hf_model(mb.ModernBertModel).save_pretrained(str(tmp_path / "hf"))
+    tokenizer.save_pretrained(str(tmp_path / "hf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sentence-transformers' renamed-module notices
+        from sentence_transformers import models as st_models
+        module = st_models.Transformer(str(tmp_path / "hf"))
+        st.SentenceTransformer(modules=[module, st_models.Pooling(
+            module.get_word_embedding_dimension(), pooling_mode=pooling)]).save(
+                str(tmp_path / "st"))
+        texts = ["w5 w6 w7", "w9 " * 30, "w10 w11 w63 w40 w41 w42 w43 w44 w45", "w8"]
+        want = st.SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(
+            texts, convert_to_tensor=True)
+    encoder = fastbert.SentenceEncoder.from_pretrained(str(tmp_path / "st"))
+    assert encoder.pooling == pooling
+    torch.testing.assert_close(encoder.encode(texts, convert_to_tensor=True), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_checkpointing_and_wrapped_modules_compute_the_same():
+    """Gradient checkpointing recomputes the pre-norm layers with their rotary tables; a hooked
+    ffn_in / LayerNorm is called as a module (the fused GeGLU and norm serve plain ones only)."""
+    torch.manual_seed(0)
+    model = fastbert.BertForMaskedLM(_fresh_config()).train()
+    ids, mask = padded_batch()
+    inputs = _inputs(mb.ModernBertForMaskedLM, ids, mask)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want, want_grads = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    got, got_grads = loss_and_grads()
+    model.gradient_checkpointing_disable()
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    calls = []
+    layer = model.bert.encoder.layer[1]
+    for module in (layer.ffn_in, layer.ffn_norm, layer.attn_norm):
+        module.register_forward_hook(lambda *args: calls.append(1))
+    got, got_grads = loss_and_grads()
+    assert len(calls) == 3
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
