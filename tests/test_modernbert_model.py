@@ -316,3 +316,25 @@ def test_checkpointing_and_wrapped_modules_compute_the_same():
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_torch_compile_fullgraph_matches_eager(unpad):
+    """As tests/test_model.py's for BERT: unpadded where dynamo captures the data-dependent
+    token count, else the compiled model runs padded (windowed fastbert.attention)."""
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=unpad):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = fastbert.BertForMaskedLM(_fresh_config()).eval()
+        ids, mask = padded_batch()
+        inputs = _inputs(mb.ModernBertForMaskedLM, ids, mask)
+        eager = model(**inputs)
+        eager.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)
+        got.loss.backward()
+        torch.testing.assert_close(got.loss, eager.loss)
+        torch.testing.assert_close(got.logits[mask.bool()], eager.logits[mask.bool()])
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[n], msg=n)
