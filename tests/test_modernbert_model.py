@@ -338,3 +338,62 @@ def test_torch_compile_fullgraph_matches_eager(unpad):
         torch.testing.assert_close(got.logits[mask.bool()], eager.logits[mask.bool()])
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def _run_on_backend(model, backend, dtype, inputs):
+    """Loss, logits and parameter grads of `model` cast to dtype, with every op on `backend`."""
+    previous = fastbert.get_backend()
+    try:
+        fastbert.set_backend(backend)
+        m = model.to(dtype)
+        m.zero_grad(set_to_none=True)
+        out = m(**inputs)
+        out.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+        return out.loss.detach(), out.logits.detach().clone(), grads
+    finally:
+        fastbert.set_backend(previous)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("unpad", [True, False])
+def test_model_on_triton_interpreter_matches_torch_backend(unpad):
+    """The pre-norm layers on the Triton kernels (windowed attention, RoPE, GeGLU, bias-free
+    LayerNorm) give the torch backend's loss, logits and gradients."""
+    torch.manual_seed(0)
+    model = fastbert.BertForMaskedLM(_fresh_config(unpad=unpad)).eval()
+    ids, mask = padded_batch()
+    inputs = _inputs(mb.ModernBertForMaskedLM, ids, mask)
+    kernel = _run_on_backend(model, "triton", torch.float32, inputs)
+    exact = _run_on_backend(model, "torch", torch.float32, inputs)
+    real = mask.bool()
+    torch.testing.assert_close(kernel[0], exact[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel[1][real], exact[1][real], rtol=1e-5, atol=1e-5)
+    for name, g in kernel[2].items():
+        torch.testing.assert_close(g, exact[2][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("unpad", [True, False])
+def test_model_on_triton_gpu_by_tolerance_rule(unpad, dtype):
+    config = _fresh_config(vocab_size=512, hidden_size=256, num_attention_heads=4,
+                           intermediate_size=384, max_position_embeddings=256, unpad=unpad,
+                           extra=dict(local_attention=32))
+    torch.manual_seed(0)
+    model = fastbert.BertForMaskedLM(config).cuda().eval()
+    ids = torch.randint(4, 512, (3, 130), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 70:] = 0
+    mask[2, 9:] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    kernel = _run_on_backend(model, "triton", dtype, inputs)
+    plain = _run_on_backend(model, "torch", dtype, inputs)
+    exact = _run_on_backend(model, "torch", torch.float64, inputs)
+    real = mask.bool()
+    assert_close_by_rule(kernel[0], plain[0], exact[0], "loss", factor=3.0)
+    assert_close_by_rule(kernel[1][real], plain[1][real], exact[1][real], "logits", factor=3.0)
+    for name, g in kernel[2].items():
+        assert torch.isfinite(g).all(), name
+        assert_close_by_rule(g, plain[2][name], exact[2][name], f"grad {name}", factor=3.0,
+                             floor=2e-2 * exact[2][name].abs().max().item())
