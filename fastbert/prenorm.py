@@ -34,7 +34,11 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def layer_kinds(config: BertConfig) -> List[Tuple[int, float]]:
     """(window, rope theta) per layer: window -1 for a global layer, local_attention // 2 for a
-    local one. Raises for what fastbert cannot serve (a RoPE type other than the default)."""
+    local one. Raises for what fastbert cannot serve (a RoPE type other than the default, a causal
+    ModernBERT)."""
+    if config.is_decoder:
+        raise ValueError("BertConfig: is_decoder expected False for model_type 'modernbert' (its "
+                         "layers attend both ways; fastbert serves no causal ModernBERT)")
     n = config.num_hidden_layers
     types = config.setting("layer_types", None)
     if types is None:

@@ -219,6 +219,8 @@ def test_modernbert_config_refusals():
     with pytest.raises(ValueError, match="rope_type 'yarn'"):
         fastbert.BertModel(_fresh_config(extra=dict(rope_parameters={
             "full_attention": {"rope_type": "yarn", "rope_theta": 1e4}})))
+    with pytest.raises(ValueError, match="is_decoder expected False"):
+        fastbert.BertModel(_fresh_config(is_decoder=True))
     with pytest.raises(ValueError, match="classifier_pooling"):
         fastbert.BertForSequenceClassification(_fresh_config(extra=dict(
             classifier_pooling="max")))
