@@ -20,6 +20,7 @@ from fastbert import lean  # noqa: E402
 from fastbert.family import FAMILIES  # noqa: E402
 from fastbert.model import BertConfig  # noqa: E402
 from tests.helpers import assert_close_by_rule  # noqa: E402
+from tests.test_model import _run_on_backend  # noqa: E402
 from tests.test_hf import grads_by_hf_name  # noqa: E402
 from tests.test_hf_modernbert import SEQ, packed_batch, padded_batch, tiny_config  # noqa: E402
 
@@ -340,21 +341,6 @@ def test_torch_compile_fullgraph_matches_eager(unpad):
         torch.testing.assert_close(got.logits[mask.bool()], eager.logits[mask.bool()])
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, grads[n], msg=n)
-
-
-def _run_on_backend(model, backend, dtype, inputs):
-    """Loss, logits and parameter grads of `model` cast to dtype, with every op on `backend`."""
-    previous = fastbert.get_backend()
-    try:
-        fastbert.set_backend(backend)
-        m = model.to(dtype)
-        m.zero_grad(set_to_none=True)
-        out = m(**inputs)
-        out.loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in m.named_parameters()}
-        return out.loss.detach(), out.logits.detach().clone(), grads
-    finally:
-        fastbert.set_backend(previous)
 
 
 @pytest.mark.interpreter
