@@ -6,7 +6,7 @@ what a user attaches after patching is honoured.
     _attend(sa, h, mask, packed, ...)   self-attention: one fused QKV GEMM when query, key and
                                         value are plain, fastbert.attention / attention_varlen,
                                         or the reference math when probabilities are asked for
-    _linear(module, x)                  a projection: the CPU inference GEMM path for a plain
+    model.linear(x, module)             a projection: the CPU inference GEMM path for a plain
                                         nn.Linear, the module's own call otherwise
     _add_norm(x, residual, norm, p)     LN(dropout(x) + residual), fused for a plain LayerNorm
 
@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules import module as _module
 
 import fastbert
-from fastbert.model import linear as _plain_linear
+from fastbert import model
+from fastbert.model import cpu_gemm, linear
 from fastbert.padding import PackedBatch, _sequence_and_position
 
 _probabilities_warned = False
@@ -36,15 +36,8 @@ def base_class(kind: type) -> type:
 
 
 def plain(module: nn.Module, kind: type = nn.Linear) -> bool:
-    """A module of exactly `kind` (or patch_hf's subclass of it) with no forward hooks (its own or
-    global): its parameters can be read directly without changing what calling it computes."""
-    return (base_class(type(module)) is kind and not module._forward_hooks
-            and not module._forward_pre_hooks and not _module._global_forward_hooks
-            and not _module._global_forward_pre_hooks)
-
-
-def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return _plain_linear(x, module) if plain(module) else module(x)
+    """model.plain, with patch_hf's subclass of `kind` (a patched LayerNorm) counted as `kind`."""
+    return base_class(type(module)) is kind and model.plain(module, type(module))
 
 
 def _dropout_p(module: nn.Module) -> float:
@@ -104,10 +97,8 @@ def _qkv(sa: nn.Module, projections, h: torch.Tensor):
     d = sa.attention_head_size
     if all(plain(p) for p in projections) and len({p.bias is None for p in projections}) == 1:
         w, b = _fused_qkv_weight(sa, projections)
-        h2 = h.reshape(-1, h.shape[-1])
-        if fastbert.cpu.should_use(h2, w, b):
-            qkv = fastbert.cpu.linear(h2, w, b).view(*h.shape[:-1], w.shape[0])
-        else:
+        qkv = cpu_gemm(h, w, b)
+        if qkv is None:
             qkv = F.linear(h, w, b)
         return qkv.view(*h.shape[:-1], 3, -1, d).unbind(-3)
     return tuple(p(h).view(*h.shape[:-1], -1, d) for p in projections)
@@ -239,7 +230,7 @@ def self_attention_forward(self, hidden_states, attention_mask=None, cache=None,
 
 def add_norm_forward(self, hidden_states, input_tensor):
     """*SelfOutput/*Output: LN(dropout(dense(h)) + residual), the add+dropout+LN fused."""
-    return _add_norm(_linear(self.dense, hidden_states), input_tensor, self.LayerNorm,
+    return _add_norm(linear(hidden_states, self.dense), input_tensor, self.LayerNorm,
                      _dropout_p(self))
 
 
@@ -250,14 +241,14 @@ def intermediate_forward(self, hidden_states):
     if approximate is not None and plain(self.dense) and self.dense.bias is not None:
         return fastbert.linear_bias_gelu(hidden_states, self.dense.weight, self.dense.bias,
                                          approximate=approximate)
-    return self.intermediate_act_fn(_linear(self.dense, hidden_states))
+    return self.intermediate_act_fn(linear(hidden_states, self.dense))
 
 
 def distilbert_attention_forward(self, hidden_states, attention_mask=None, fastbert_packed=None,
                                  **kwargs):
     y, probs = _attend(self, (self.q_lin, self.k_lin, self.v_lin), hidden_states, attention_mask,
                        fastbert_packed, want_probs=wants_probabilities(self, kwargs))
-    return _linear(self.out_lin, y), probs
+    return linear(y, self.out_lin), probs
 
 
 def distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
@@ -270,8 +261,8 @@ def distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs)
     if approximate is not None and plain(ffn.lin1) and ffn.lin1.bias is not None:
         f = fastbert.linear_bias_gelu(h, ffn.lin1.weight, ffn.lin1.bias, approximate=approximate)
     else:
-        f = ffn.activation(_linear(ffn.lin1, h))
-    return _add_norm(_linear(ffn.lin2, f), h, self.output_layer_norm, _dropout_p(ffn))
+        f = ffn.activation(linear(h, ffn.lin1))
+    return _add_norm(linear(f, ffn.lin2), h, self.output_layer_norm, _dropout_p(ffn))
 
 
 def layer_norm_forward(self, x):

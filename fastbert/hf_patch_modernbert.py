@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import fastbert
-from fastbert.hf_layers import _linear, base_class, plain
-from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent
+from fastbert.hf_layers import base_class, plain
+from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent, linear
 from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
 
 
@@ -55,7 +54,7 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, packed: PackedBatch, cos: t
     """One ModernBertEncoderLayer on packed tokens x (T, C); cos, sin (T, D / 2) per token."""
     attn = layer.attn
     t, d = x.shape[0], attn.head_dim
-    qkv = _linear(attn.Wqkv, _norm(layer.attn_norm, x)).view(t, 3, -1, d)  # (T, 3, H, D)
+    qkv = linear(_norm(layer.attn_norm, x), attn.Wqkv).view(t, 3, -1, d)  # (T, 3, H, D)
     # q and k heads turned in one call: (1, T, 2H, D), row t at cos[t]
     qk = fastbert.apply_rotary(qkv[:, :2].flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
     window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
@@ -64,9 +63,9 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, packed: PackedBatch, cos: t
                                   window_size=(window, window),
                                   dropout_p=attn.attention_dropout if attn.training else 0.0,
                                   softmax_scale=d ** -0.5)
-    x = x + attn.out_drop(_linear(attn.Wo, y.reshape(t, -1)))
+    x = x + attn.out_drop(linear(y.reshape(t, -1), attn.Wo))
     mlp = layer.mlp
-    return x + _linear(mlp.Wo, mlp.drop(_geglu(mlp, _norm(layer.mlp_norm, x), approximate)))
+    return x + linear(mlp.drop(_geglu(mlp, _norm(layer.mlp_norm, x), approximate)), mlp.Wo)
 
 
 def _pack(attention_mask, position_ids, kwargs, batch: int, seqlen: int, device) -> PackedBatch:

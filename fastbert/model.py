@@ -10,12 +10,15 @@ Shapes: B batch, S sequence, C hidden size, nh heads, hd head dim (C = nh * hd).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
+from torch.nn.modules import module as _module
 
 import fastbert
 from fastbert import cpu, lean
@@ -42,25 +45,33 @@ class BertModelOutput(ModelOutput):
     packed: Optional[PackedBatch] = None  # with return_packed: maps rows to the (B, S) grid
 
 
-def plain_linear(layer: nn.Module) -> bool:
-    """Exactly nn.Linear with no forward hooks: its weight can be used directly. Anything else
-    (a LoRA wrapper, a quantized linear, a hooked module) must be called as a module."""
-    return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+def plain(module: nn.Module, kind: type = nn.Linear) -> bool:
+    """Exactly `kind` with no forward hooks (its own or global): its parameters can be used
+    directly. Anything else (a LoRA wrapper, a quantized linear, a hooked module) must be called
+    as a module."""
+    return (type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
+            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks)
+
+
+def cpu_gemm(x: torch.Tensor, weight: torch.Tensor,
+             bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """x @ weight.T + bias by oneDNN's CPU inference GEMM where fastbert/cpu.py serves it (1.1-1.2x
+    MKL's F.linear at 2 threads on the AVX2 dev CPU, parity at 1 thread), else None."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if cpu.should_use(x2, weight, bias):
+        return cpu.linear(x2, weight, bias).view(*x.shape[:-1], -1)
+    return None
 
 
 def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """layer(x); CPU inference on a plain nn.Linear takes oneDNN's GEMM (fastbert/cpu.py:
-    1.1-1.2x MKL's F.linear at 2 threads on the AVX2 dev CPU, parity at 1 thread)."""
-    if plain_linear(layer):
-        x2 = x.reshape(-1, x.shape[-1])
-        if cpu.should_use(x2, layer.weight, layer.bias):
-            return cpu.linear(x2, layer.weight, layer.bias).view(*x.shape[:-1], -1)
-    return layer(x)
+    """layer(x), by cpu_gemm for a plain nn.Linear where it serves."""
+    y = cpu_gemm(x, layer.weight, layer.bias) if plain(layer) else None
+    return layer(x) if y is None else y
 
 
 def linear_gelu(x: torch.Tensor, layer: nn.Module, approximate: str) -> torch.Tensor:
     """gelu(layer(x)): one fastbert.linear_bias_gelu for a plain nn.Linear with a bias."""
-    if plain_linear(layer) and layer.bias is not None:
+    if plain(layer) and layer.bias is not None:
         return fastbert.linear_bias_gelu(x, layer.weight, layer.bias, approximate=approximate)
     return nn.functional.gelu(layer(x), approximate=approximate)
 
@@ -299,8 +310,6 @@ class BertPreTrainedModel(nn.Module):
         transformers' method of this name does: torch.utils.checkpoint.checkpoint with
         gradient_checkpointing_kwargs (default use_reentrant=True, as there), or your own
         checkpointing_function(function, *args)."""
-        import functools
-        import torch.utils.checkpoint
         kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None \
             else dict(gradient_checkpointing_kwargs)
         function = checkpointing_function or functools.partial(torch.utils.checkpoint.checkpoint,
@@ -450,7 +459,6 @@ class BertModel(BertPreTrainedModel):
             if "plan" in kw and plan.direct:
                 return lean.layer_forward(layer, x, plan)  # no hooks to run: no module call
             return layer(x, attention_mask, cache, **kw)
-        import functools
         return self.checkpointing_function(functools.partial(layer, **kw), x, attention_mask)
 
     def _forward_padded(self, input_ids, attention_mask, token_type_ids, position_ids,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import fastbert
 from fastbert.config import BertConfig
-from fastbert.model import linear, plain_linear
+from fastbert.model import linear, plain
 from fastbert.padding import PackedBatch
 
 _LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -84,8 +84,7 @@ def _norm(module: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """module(x): fastbert.add_layer_norm for a plain nn.LayerNorm; None is the identity."""
     if module is None:
         return x
-    if type(module) is nn.LayerNorm and not module._forward_hooks \
-            and not module._forward_pre_hooks:
+    if plain(module, nn.LayerNorm):
         return fastbert.add_layer_norm(x, None, module.weight, module.bias, module.eps)
     return module(x)
 
@@ -143,7 +142,7 @@ class PreNormLayer(nn.Module):
     def _geglu(self, h: torch.Tensor) -> torch.Tensor:
         """gelu(a) * g with a, g = ffn_in(h).chunk(2): one fastbert.linear_geglu for a plain
         nn.Linear; anything else (a LoRA wrapper, a hooked module) is called as a module."""
-        if plain_linear(self.ffn_in):
+        if plain(self.ffn_in):
             return fastbert.linear_geglu(h, self.ffn_in.weight, self.ffn_in.bias,
                                          approximate=self.gelu_approximate)
         a, g = self.ffn_in(h).chunk(2, dim=-1)
