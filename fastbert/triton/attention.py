@@ -17,6 +17,7 @@ import triton
 from fastbert.triton.attention_kernels import (  # noqa: F401 (the kernels are this module's API)
     _DTYPES, _INTERPRET, LOG2E, MAX_HEAD_DIM, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
     _attn_bwd_preprocess_kernel, _attn_fwd_kernel, _key_range_kernel)
+from fastbert.triton.launch import launch
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -115,7 +116,8 @@ def key_range(mask: torch.Tensor) -> torch.Tensor:
     ranges = torch.empty(b, 2, dtype=torch.int32, device=mask.device)
     if b > 0:
         with on_device(mask.device):
-            _key_range_kernel[(b,)](mask.view(torch.uint8), ranges, sk, BLOCK=KEY_RANGE_BLOCK)
+            launch(_key_range_kernel, (b,), mask.view(torch.uint8), ranges, sk,
+                   BLOCK=KEY_RANGE_BLOCK)
     if versioned:
         _key_range_cache = (weakref.ref(mask), mask._version, ranges)
     return ranges
@@ -156,7 +158,7 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1,
         mask_u8, kv_range = _mask_args(mask)
         bd = block_d(d)
         block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device))
-        _attn_fwd_kernel[(triton.cdiv(sq, block_m), h, b)](
+        launch(_attn_fwd_kernel, (triton.cdiv(sq, block_m), h, b),
             q, k, v, out, lse, mask_u8, kv_range, None, None,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -193,7 +195,7 @@ def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batc
     pre_batch = 1 if varlen else batch
     pre_strides = ((0,) + tuple(out.stride()[:2]), (0,) + tuple(dout.stride()[:2])) if varlen \
         else (tuple(out.stride()[:3]), tuple(dout.stride()[:3]))
-    _attn_bwd_preprocess_kernel[(triton.cdiv(pre_rows, PREPROCESS_BLOCK_M), h, pre_batch)](
+    launch(_attn_bwd_preprocess_kernel, (triton.cdiv(pre_rows, PREPROCESS_BLOCK_M), h, pre_batch),
         out, dout, delta, *pre_strides[0], *pre_strides[1],
         h, pre_rows, d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd,
     )
@@ -209,7 +211,7 @@ def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batc
     kg_strides = (dk.stride(0), dk.stride(row_dim), dk.stride(-2))
 
     block_m, block_n, warps, stages = dkdv_config(bd, q.dtype, gpu)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, block_n), h, batch)](
+    launch(_attn_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, block_n), h, batch),
         q, k, v, dout, lse, delta, dq_acc, dk, dv, mask_u8, kv_range, cu_q, cu_k,
         *qkv_strides, *do_strides, *kg_strides, *lse_strides,
         h, seqlen_q, seqlen_k, d,
@@ -219,7 +221,7 @@ def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batc
     )
     if deterministic:
         block_m, block_n, warps, stages = dq_config(bd, q.dtype, gpu)
-        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, block_m), h, batch)](
+        launch(_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, block_m), h, batch),
             q, k, v, dout, lse, delta, dq, mask_u8, kv_range, cu_q, cu_k,
             *qkv_strides, *do_strides, *lse_strides,
             h, seqlen_q, seqlen_k, d,

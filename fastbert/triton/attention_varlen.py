@@ -14,6 +14,7 @@ import torch
 from fastbert.triton import attention as dense
 from fastbert.triton.attention import (LOG2E, _attn_fwd_kernel, arch, block_d, flags, fwd_config,
                                        launch_backward, on_device, use_deterministic)
+from fastbert.triton.launch import launch
 
 
 def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, window=(-1, -1)) -> str | None:
@@ -31,7 +32,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     bd = block_d(d)
     block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device))
     with on_device(q.device):
-        _attn_fwd_kernel[(triton.cdiv(max_seqlen_q, block_m), h, batch)](
+        launch(_attn_fwd_kernel, (triton.cdiv(max_seqlen_q, block_m), h, batch),
             q, k, v, out, lse, None, None, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(0), q.stride(1),  # varlen: the "batch" stride is the row one
             k.stride(0), k.stride(0), k.stride(1),

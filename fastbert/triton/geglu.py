@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastbert.triton.launch import launch
 from fastbert.triton.linear_gelu import (BWD_BLOCK_M, BWD_NUM_WARPS, INTERPRET,
                                          INTERPRETER_CONFIGS, SUPPORTED_DTYPES, _config, _gelu,
                                          _gelu_grad, _prune_to_shared_memory, backward_launch,
@@ -146,9 +147,9 @@ def linear_geglu_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _linear_geglu_fwd_kernel[grid](x, weight, bias if bias is not None else weight, out, pre,
-                                   m, n, k, rows_bucket(m), HAS_BIAS=bias is not None,
-                                   **forward_constexprs(x.dtype, approximate))
+    launch(_linear_geglu_fwd_kernel, grid, x, weight, bias if bias is not None else weight, out,
+           pre, m, n, k, rows_bucket(m), HAS_BIAS=bias is not None,
+           **forward_constexprs(x.dtype, approximate))
     return out, pre
 
 
@@ -161,9 +162,9 @@ def linear_geglu_backward(dout: Tensor, x: Tensor, weight: Tensor, pre: Tensor,
     (row_programs, _), rows_per_program = backward_launch(m, n2 // 2)
     grid = (row_programs, triton.cdiv(n2 // 2, BWD_BLOCK_N))
     dbias_partial = torch.empty(grid[0], n2, dtype=torch.float32, device=x.device)
-    _geglu_bwd_dbias_kernel[grid](dout, pre, dpre, dbias_partial, m, n2 // 2, rows_per_program,
-                                  APPROXIMATE_TANH=approximate == "tanh", BLOCK_M=BWD_BLOCK_M,
-                                  BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS)
+    launch(_geglu_bwd_dbias_kernel, grid, dout, pre, dpre, dbias_partial, m, n2 // 2,
+           rows_per_program, APPROXIMATE_TANH=approximate == "tanh", BLOCK_M=BWD_BLOCK_M,
+           BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS)
     dx = torch.matmul(dpre, weight)  # (M, 2N) @ (2N, K)
     dweight = torch.matmul(dpre.t(), x)
     return dx, dweight, dbias_partial.sum(0).to(weight.dtype)

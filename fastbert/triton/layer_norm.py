@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastbert.triton.launch import launch
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 16384
 # The widest row held whole in registers: at 8192 columns (16 warps, 16 fp32 values per array a
@@ -237,7 +239,7 @@ def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor
     if rows == 0:
         return y, mean, rstd
     block_n, num_warps, whole_row = _row_config(hidden)
-    _add_layer_norm_fwd_kernel[(rows,)](
+    launch(_add_layer_norm_fwd_kernel, (rows,),
         x, residual if residual is not None else x, weight, bias, y, mean, rstd,
         hidden, eps, dropout_p, seed,
         HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
@@ -259,7 +261,7 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
     db_partial = partial(programs, hidden, dtype=torch.float32, device=x.device)
     if rows == 0:
         return dx, dresidual, torch.zeros_like(weight), torch.zeros_like(weight)
-    _add_layer_norm_bwd_kernel[(programs,)](
+    launch(_add_layer_norm_bwd_kernel, (programs,),
         dy, x, residual if residual is not None else x, weight, mean, rstd,
         dx, dresidual if dresidual is not None else dx, dw_partial, db_partial,
         rows, hidden, triton.cdiv(rows, programs), dropout_p, seed,

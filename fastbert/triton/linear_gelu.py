@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastbert.triton.launch import launch
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -263,9 +265,8 @@ def linear_bias_gelu_forward(x: Tensor, weight: Tensor, bias: Tensor, approximat
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _linear_bias_gelu_fwd_kernel[grid](x, weight, bias, out, pre if store_pre else out,
-                                       m, n, k, rows_bucket(m),
-                                       **forward_constexprs(x.dtype, approximate, store_pre))
+    launch(_linear_bias_gelu_fwd_kernel, grid, x, weight, bias, out, pre if store_pre else out,
+           m, n, k, rows_bucket(m), **forward_constexprs(x.dtype, approximate, store_pre))
     return out, pre
 
 
@@ -285,9 +286,9 @@ def linear_bias_gelu_backward(dout: Tensor, x: Tensor, weight: Tensor, pre: Tens
     dpre = torch.empty_like(pre)
     grid, rows_per_program = backward_launch(m, n)
     dbias_partial = torch.empty(grid[0], n, dtype=torch.float32, device=x.device)
-    _gelu_bwd_dbias_kernel[grid](dout, pre, dpre, dbias_partial, m, n, rows_per_program,
-                                 APPROXIMATE_TANH=approximate == "tanh", BLOCK_M=BWD_BLOCK_M,
-                                 BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS)
+    launch(_gelu_bwd_dbias_kernel, grid, dout, pre, dpre, dbias_partial, m, n, rows_per_program,
+           APPROXIMATE_TANH=approximate == "tanh", BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N,
+           num_warps=BWD_NUM_WARPS)
     dx = torch.matmul(dpre, weight)  # (M, N) @ (N, K)
     dweight = torch.matmul(dpre.t(), x)  # (N, M) @ (M, K)
     dbias = dbias_partial.sum(0).to(weight.dtype)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fastbert.triton.attention import on_device
+from fastbert.triton.launch import launch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEADS_PER_PROGRAM = 4
@@ -70,7 +71,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
     half = cos.shape[-1]
     if rows.shape[0] > 0 and h > 0:
         with on_device(x.device):
-            _rotary_kernel[(rows.shape[0], triton.cdiv(h, HEADS_PER_PROGRAM))](
+            launch(_rotary_kernel, (rows.shape[0], triton.cdiv(h, HEADS_PER_PROGRAM)),
                 rows, cos, sin, pos, out, rows.stride(0), rows.stride(1), out.stride(0),
                 out.stride(1), cos.stride(0), h, d, half,
                 INTERLEAVED=bool(interleaved), CONJUGATE=bool(conjugate),

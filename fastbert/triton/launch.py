@@ -1,0 +1,187 @@
+"""Pre-bound Triton launches (issue 22 part 2): every launcher in fastbert/triton calls
+
+    launch(kernel, grid, *args, **kwargs)      # instead of kernel[grid](*args, **kwargs)
+
+`kernel[grid](...)` goes through JITFunction.run on every call: it binds the arguments, builds
+Triton's specialisation key, formats the options into a string, looks the compiled kernel up and
+checks the kernel's globals (tens of host microseconds). Here the first call of a specialisation
+bucket takes that ordinary path, which compiles (and autotunes) and returns the CompiledKernel;
+later calls in the bucket launch that kernel directly, exactly as JITFunction.run's last line
+does (triton 3.6 and 3.9 share it): `compiled.run(grid_x, grid_y, grid_z, stream,
+compiled.function, compiled.packed_metadata, launch_metadata, launch_enter_hook,
+launch_exit_hook, *every_argument_in_signature_order)`, so launch hooks (profilers) still fire.
+
+The bucket key holds everything Triton specialises a compiled kernel on, plus what the autotuner
+picks a config by: the current device; per tensor argument its dtype and whether its address is
+16-byte aligned; per int argument whether it is 1, divisible by 16, and which of int32 / int64 /
+uint64 it fits; float, bool and None arguments by kind; constexpr arguments, options (num_warps,
+num_stages, ...) and the autotuner's key arguments by value. The key may split a bucket Triton
+would not (that only costs one more ordinary call), never the reverse.
+
+The ordinary launch is kept, always, under TRITON_INTERPRET=1 (so the interpreter tier runs the
+kernels through Triton), with FASTBERT_PREBOUND=0 in the environment at import or `enabled =
+False`, for kernels with pre-run hooks or configs with pre-hooks, and for arguments of any other
+type. If a direct launch raises before it has once succeeded for that kernel, the kernel goes
+back to the ordinary path for good, with a warning.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Dict, Optional
+
+import torch
+import triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ENV_SWITCH = "FASTBERT_PREBOUND"
+enabled = not INTERPRET and os.environ.get(ENV_SWITCH, "1") != "0"
+
+_MISSING = object()
+_INT32 = 2**31
+_INT64 = 2**63
+
+
+class _Unkeyed(Exception):
+    """An argument whose specialisation the key does not model: take the ordinary launch."""
+
+
+def _runtime_spec(value) -> Any:
+    """What Triton specialises a non-constexpr argument on (more is harmless, less is not)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, not value.data_ptr() & 15
+    if isinstance(value, bool):
+        return bool
+    if isinstance(value, int):
+        if value == 1:
+            return 1  # Triton compiles a 1 in as a constant
+        return (value % 16 == 0, -_INT32 <= value < _INT32, value < _INT64)
+    if isinstance(value, float):
+        return float
+    if value is None:
+        return None
+    raise _Unkeyed(type(value).__name__)
+
+
+class _Binding:
+    """One kernel's launch facts, gathered once: its JITFunction's parameters in signature
+    order, which are constexprs, their defaults, the autotuner's key names, the compiled
+    kernels per bucket, and whether the direct launch has worked for it yet."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel  # keeps id(kernel) from being reused while cached
+        jit = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        self.ordinary = not isinstance(jit, JITFunction) or bool(getattr(jit, "pre_run_hooks", ()))
+        if isinstance(kernel, Autotuner) and any(c.pre_hook for c in kernel.configs):
+            self.ordinary = True
+        params = list(jit.signature.parameters.values()) if isinstance(jit, JITFunction) else []
+        self.names = [p.name for p in params]
+        self.constexpr = [p.is_constexpr for p in jit.params] if params else []
+        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        tuned = set(kernel.keys) if isinstance(kernel, Autotuner) else set()
+        # arguments keyed by their value: constexprs and the autotuner's keys
+        self.by_value = [c or n in tuned for n, c in zip(self.names, self.constexpr)]
+        self.param_names = frozenset(self.names)
+        self.compiled: Dict[tuple, tuple] = {}
+        self.verified = False
+
+    def bind(self, args, kwargs) -> list:
+        """The arguments in signature order; _MISSING for those an autotuner config supplies."""
+        values = list(args)
+        for name in self.names[len(args):]:
+            values.append(kwargs.get(name, self.defaults.get(name, _MISSING)))
+        return values
+
+    def key(self, device, values, kwargs) -> tuple:
+        parts = [device]
+        for value, by_value in zip(values, self.by_value):
+            parts.append(value if by_value or value is _MISSING else _runtime_spec(value))
+        for name, value in kwargs.items():
+            if name not in self.param_names:  # options: num_warps, num_stages, ...
+                parts.append((name, value))
+        return tuple(parts)
+
+
+_bindings: Dict[int, _Binding] = {}
+
+
+_driver_calls: Optional[tuple] = None
+
+
+def _current_device_and_stream():
+    """The device and stream Triton itself would launch on (tests stand this in)."""
+    global _driver_calls
+    if _driver_calls is None:  # driver.active is a lazy proxy: look its methods up once
+        active = triton.runtime.driver.active
+        _driver_calls = (active.get_current_device, active.get_current_stream)
+    device = _driver_calls[0]()
+    return device, _driver_calls[1](device)
+
+
+def _first_launch(binding: _Binding, grid, args, kwargs, values, key):
+    """The ordinary launch; its compiled kernel (and the autotuner's tile constexprs) are kept
+    for the bucket. -> what kernel[grid] returned."""
+    kernel = binding.kernel
+    compiled = kernel[grid](*args, **kwargs)
+    if hasattr(compiled, "result"):  # triton 3.6's async compile may hand back a future
+        compiled = compiled.result()
+    if compiled is None:  # a jit cache hook skipped the launch
+        return None
+    config = kernel.best_config.kwargs if isinstance(kernel, Autotuner) else {}
+    fill = tuple((i, config[name]) for i, (name, value) in enumerate(zip(binding.names, values))
+                 if value is _MISSING and name in config)
+    if len(fill) == values.count(_MISSING):
+        binding.compiled[key] = (compiled, fill)
+    return compiled
+
+
+def _direct_launch(binding: _Binding, entry, grid, stream, values):
+    compiled, fill = entry
+    for index, value in fill:  # the autotuner's tile sizes chosen for this bucket
+        values[index] = value
+    if callable(grid):
+        grid = grid(dict(zip(binding.names, values)))
+    grid_x = grid[0]
+    grid_y = grid[1] if len(grid) > 1 else 1
+    grid_z = grid[2] if len(grid) > 2 else 1
+    knobs = triton.knobs.runtime
+    compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *values), knobs.launch_enter_hook,
+                 knobs.launch_exit_hook, *values)
+    return compiled
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), launching the bucket's compiled kernel directly after the
+    first call. -> the CompiledKernel (None under the interpreter)."""
+    if not enabled:
+        return kernel[grid](*args, **kwargs)
+    binding = _bindings.get(id(kernel))
+    if binding is None:
+        binding = _bindings[id(kernel)] = _Binding(kernel)
+    if binding.ordinary:
+        return kernel[grid](*args, **kwargs)
+    values = binding.bind(args, kwargs)
+    device, stream = _current_device_and_stream()
+    try:
+        key = binding.key(device, values, kwargs)
+    except _Unkeyed:
+        return kernel[grid](*args, **kwargs)
+    entry: Optional[tuple] = binding.compiled.get(key)
+    if entry is None:
+        return _first_launch(binding, grid, args, kwargs, values, key)
+    try:
+        compiled = _direct_launch(binding, entry, grid, stream, values)
+    except Exception as error:
+        if binding.verified:
+            raise
+        binding.ordinary = True
+        binding.compiled.clear()
+        warnings.warn(f"fastbert: the pre-bound launch of {getattr(kernel, '__name__', kernel)} "
+                      f"failed ({type(error).__name__}: {error}); it takes Triton's ordinary "
+                      f"launch from now on", RuntimeWarning, stacklevel=2)
+        return kernel[grid](*args, **kwargs)
+    binding.verified = True
+    return compiled
