@@ -197,7 +197,7 @@ def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batc
         else (tuple(out.stride()[:3]), tuple(dout.stride()[:3]))
     launch(_attn_bwd_preprocess_kernel, (triton.cdiv(pre_rows, PREPROCESS_BLOCK_M), h, pre_batch),
         out, dout, delta, *pre_strides[0], *pre_strides[1],
-        h, pre_rows, d, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd,
+        h, pre_rows, d, scale, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=bd,
     )
 
     dk = _alloc(k.shape, k.dtype, k.device)

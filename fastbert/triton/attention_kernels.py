@@ -11,8 +11,9 @@ tile starts past its own sequence's end returns at once, and key loops cover onl
 - Forward: online softmax over key tiles in base 2 (exp2 is one instruction; the scale carries
   log2(e)), fp32 accumulation, and the log-sum-exp saved per query (natural log, +inf for a query
   that sees no key, whose output is 0).
-- Backward: a preprocess computes delta = rowsum(dO * O); one kernel per key tile recomputes
-  P = exp(S - lse) and accumulates dV = P^T dO and dK = dS^T Q, where dS = P * (dP - delta).
+- Backward: a preprocess computes delta = scale * rowsum(dO * O); one kernel per key tile
+  recomputes P = exp(S - lse) and accumulates dV = P^T dO and dK = dS^T Q, where dS = P * (scale
+  * dP - delta) carries the softmax scale (so neither dK nor dQ is multiplied by it).
   dQ either goes out from that same kernel by fp32 atomics (fast, order-dependent) or, with
   deterministic=True or torch.use_deterministic_algorithms(True), from a second pass over query
   tiles with no atomics (bitwise reproducible).
@@ -315,11 +316,12 @@ def _attn_bwd_preprocess_kernel(
     Out, DOut, Delta,
     stride_ob, stride_os, stride_oh,
     stride_db, stride_ds, stride_dh,
-    n_heads, seqlen_q, head_dim,
+    n_heads, seqlen_q, head_dim, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) per query, fp32, (B, H, Sq). Varlen runs it as one batch of
-    total_q rows: its (1, H, total_q) is the varlen (H, total_q) layout."""
+    """delta = sm_scale * rowsum(dO * O) per query, fp32, (B, H, Sq) (pre-scaled: dS = P *
+    (sm_scale * dP - delta) is then one FFMA and one FMUL per element). Varlen runs it as one
+    batch of total_q rows: its (1, H, total_q) is the varlen (H, total_q) layout."""
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -331,7 +333,7 @@ def _attn_bwd_preprocess_kernel(
                 + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DOut + off_b.to(tl.int64) * stride_db + off_h * stride_dh
                  + offs_m[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * sm_scale
     tl.store(Delta + off_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
@@ -395,6 +397,7 @@ def _attn_bwd_dkdv_kernel(
         live = (start_n * BLOCK_N < key_hi) & ((start_n + 1) * BLOCK_N > key_lo)
         hi = tl.where(live, hi, 0)
 
+    ds_scale = sm_scale / (1.0 - dropout_p)  # dropout: a kept dP is scaled by 1 / (1 - p)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(lo, hi, BLOCK_M):
@@ -413,25 +416,30 @@ def _attn_bwd_dkdv_kernel(
                            IS_CAUSAL, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
         pt = tl.where(visible, pt, 0.0)
         dpt = _mm(v, tl.trans(do), EXACT_DOT)
+        # dS^T = P^T * (scale * dP^T - delta), the softmax scale in (delta comes scaled)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, off_bh, start_m, offs_n, seqlen_k, dropout_p, BLOCK_M,
                                  True)
-            # dV = (P * keep)^T dO / (1 - p): the scale goes on at the end
-            dv = _dot(tl.where(keep, pt, 0.0).to(do.dtype), do, dv, EXACT_DOT)
-            dpt = tl.where(keep, dpt * (1.0 / (1.0 - dropout_p)), 0.0)
+            # dV = (P * keep)^T dO / (1 - p): the 1 / (1 - p) goes on at the end. The select
+            # runs in fp32, before the cast (after it, it is a 16-bit select and repack).
+            pt_kept = tl.where(keep, pt, 0.0)
+            dv = _dot(pt_kept.to(do.dtype), do, dv, EXACT_DOT)
+            # a dropped element's dP is 0: only -P * delta is left of its dS
+            dst = pt_kept * (dpt * ds_scale) - pt * delta[None, :]
         else:
             dv = _dot(pt.to(do.dtype), do, dv, EXACT_DOT)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dst = pt * (dpt * sm_scale - delta[None, :])
+        dst = dst.to(q.dtype)
         dk = _dot(dst, q, dk, EXACT_DOT)
         if DQ_ATOMIC:
             dq_base = _rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + off_h * stride_dh
             dq = _mm(tl.trans(dst), k, EXACT_DOT)
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_ds + offs_d[None, :], dq * sm_scale,
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_ds + offs_d[None, :], dq,
                           mask=qo_mask, sem="relaxed")  # a sum: no ordering needed
 
     kg_offs = off_h * stride_kgh + offs_n[:, None] * stride_kgs + offs_d[None, :]
     tl.store(_rows(DK, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
     if HAS_DROPOUT:
         dv = dv * (1.0 / (1.0 - dropout_p))
     tl.store(_rows(DV, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
@@ -491,6 +499,7 @@ def _attn_bwd_dq_kernel(
                         + WINDOW_RIGHT)
     lo = (lo // BLOCK_N) * BLOCK_N
 
+    ds_scale = sm_scale / (1.0 - dropout_p)  # dropout: a kept dP is scaled by 1 / (1 - p)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -503,11 +512,13 @@ def _attn_bwd_dq_kernel(
                            HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
         p = tl.where(visible, p, 0.0)
         dp = _mm(do, tl.trans(v), EXACT_DOT)
+        # dS = P * (scale * dP - delta), the softmax scale in (delta comes scaled)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
                                  BLOCK_M, False)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
-        dq = _dot(ds, k, dq, EXACT_DOT)
+            ds = p * tl.where(keep, dp * ds_scale - delta[:, None], -delta[:, None])
+        else:
+            ds = p * (dp * sm_scale - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, EXACT_DOT)
     tl.store(_rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + do_offs,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qo_mask)
+             dq.to(DQ.dtype.element_ty), mask=qo_mask)
