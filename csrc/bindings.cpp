@@ -31,4 +31,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("bias_gelu_forward", &fastbert::bias_gelu_forward);
   m.def("gelu_backward_parts", &fastbert::gelu_backward_parts);
   m.def("gelu_backward", &fastbert::gelu_backward);
+  m.def("apply_rotary", &fastbert::apply_rotary);
+  m.def("geglu_forward", &fastbert::geglu_forward);
+  m.def("geglu_backward_parts", &fastbert::geglu_backward_parts);
+  m.def("geglu_backward", &fastbert::geglu_backward);
 }

@@ -85,4 +85,24 @@ void gelu_backward(uintptr_t dout, uintptr_t pre, uintptr_t dpre, uintptr_t part
                    uintptr_t dbias, int64_t m, int64_t n, int64_t parts, bool tanh_approx,
                    int dtype, uintptr_t stream);
 
+// Rotary embeddings (fastbert.apply_rotary; conjugate = the backward): x (rows, heads, head_dim)
+// with element strides (row_stride, head_stride, 1), cos / sin (table_rows, half) contiguous in
+// x's dtype or fp32 (table_dtype), positions int64 (rows,), out contiguous like x. A position
+// outside [0, table_rows) gives NaN in that row's turned dims.
+void apply_rotary(uintptr_t x, uintptr_t cos_table, uintptr_t sin_table, uintptr_t positions,
+                  uintptr_t out, int64_t rows, int64_t heads, int64_t head_dim, int64_t half,
+                  int64_t table_rows, int64_t row_stride, int64_t head_stride, bool interleaved,
+                  bool conjugate, int dtype, int table_dtype, uintptr_t stream);
+
+// GeGLU epilogues (fastbert.linear_geglu): pre (m, 2n) = x W^T from torch's GEMM, bias (2n,) or
+// 0; out (m, n). Backward: dpre (m, 2n), partial (parts, 2n) fp32, dbias (2n,).
+void geglu_forward(uintptr_t pre, uintptr_t bias, uintptr_t out, int64_t m, int64_t n,
+                   bool tanh_approx, int dtype, uintptr_t stream);
+
+int64_t geglu_backward_parts(int64_t m, int64_t n);
+
+void geglu_backward(uintptr_t dout, uintptr_t pre, uintptr_t dpre, uintptr_t partial,
+                    uintptr_t dbias, int64_t m, int64_t n, int64_t parts, bool tanh_approx,
+                    int dtype, uintptr_t stream);
+
 }  // namespace fastbert

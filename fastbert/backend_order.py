@@ -81,17 +81,23 @@ _STATIC: Dict[str, List[Tuple[str, str]]] = {
                  "Triton's GEMM by more than that (static estimate); not measured on a GPU yet"),
         ("torch", _TORCH_LAST),
     ],
-    # ModernBERT's ops (issue 20): the backends that have no kernel for them yet refuse, and
-    # `auto` falls through to torch
+    # ModernBERT's ops (issue 20)
     "fastbert.linear_geglu": [
         ("triton", "GELU and the gate product in the GEMM epilogue: the M x 2N product never "
                    "goes through memory; not measured on a GPU yet"),
-        ("cuda", "no kernel for this op yet"),
+        ("cuda", "cuBLAS GEMM, then one fused pass (bias + gelu(a) * g) that re-reads the M x 2N "
+                 "product Triton's epilogue keeps in registers; wins only if cuBLAS beats "
+                 "Triton's GEMM by more than that pass (static estimate); not measured on a GPU "
+                 "yet"),
         ("torch", _TORCH_LAST),
     ],
     "fastbert.apply_rotary": [
-        ("triton", "one elementwise pass over q and k; not measured on a GPU yet"),
-        ("cuda", "no kernel for this op yet"),
+        ("cuda", "predicted faster: both read and write each element of q and k once, so host "
+                 "launch cost decides, and the C++ launcher's is below Triton's Python launch "
+                 "path (as for add_layer_norm); 16-byte loads where the head layout allows; not "
+                 "measured on a GPU yet"),
+        ("triton", "the same single pass, higher host cost per launch; not measured on a GPU "
+                   "yet"),
         ("torch", _TORCH_LAST),
     ],
 }

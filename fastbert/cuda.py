@@ -2,7 +2,8 @@
 data pointers, shapes, element strides, dtype codes and the current stream for it.
 
 The extension does not include or link torch; every output is allocated here. It implements the
-six entry points fixed in the docstring of fastbert/ops.py. Dropout runs inside the attention and
+six entry points fixed in the docstring of fastbert/ops.py and ModernBERT's rotary and GeGLU ones
+(fastbert/rotary.py, fastbert/geglu.py). Dropout runs inside the attention and
 LayerNorm kernels with a counter-based RNG (Philox-4x32-10 keyed by `seed`, kernels/philox.cuh), so
 backward regenerates forward's mask from the same seed; the masks differ from the Triton and torch
 backends' masks (each backend is consistent with itself). The attention backward adds dQ with
@@ -106,6 +107,15 @@ def unsupported(op: str, **kw) -> Optional[str]:
     elif op == "fastbert.linear_bias_gelu":
         if dtype not in _DTYPE_CODES:
             return f"the CUDA GELU kernels take float16, bfloat16 or float32, got {dtype}"
+    elif op == "fastbert.linear_geglu":
+        if dtype not in _DTYPE_CODES:
+            return f"the CUDA GeGLU kernels take float16, bfloat16 or float32, got {dtype}"
+        if kw.get("out_features", 0) < 2:
+            return (f"the CUDA GeGLU kernels need out_features (the 2N rows of weight) "
+                    f">= 2, got {kw.get('out_features')}")
+    elif op == "fastbert.apply_rotary":
+        if dtype not in _DTYPE_CODES:
+            return f"the CUDA rotary kernel takes float16, bfloat16 or float32, got {dtype}"
     else:
         return f"unknown op {op!r}"
     return None
@@ -357,3 +367,61 @@ def linear_bias_gelu_backward(dout, x, weight, pre, approximate):
     dx = torch.matmul(dpre, weight)
     dweight = dpre.t().matmul(x)
     return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# ModernBERT: linear + GeGLU (GEMM in cuBLAS through torch, epilogues in the extension) and
+# rotary embeddings
+# --------------------------------------------------------------------------------------------
+
+def linear_geglu_forward(x, weight, bias, approximate):
+    op = "fastbert.linear_geglu"
+    _require_extension(op)
+    m, n = x.shape[0], weight.shape[0] // 2
+    pre = torch.matmul(x, weight.t())  # (M, 2N) = [a | g]; the kernel adds the bias in place
+    out = _empty((m, n), pre.dtype, pre.device)
+    with _on_device(x.device):
+        _C.geglu_forward(pre.data_ptr(), _ptr(bias), out.data_ptr(), m, n, approximate == "tanh",
+                         _DTYPE_CODES[x.dtype], _stream(x))
+    return out, pre
+
+
+def linear_geglu_backward(dout, x, weight, pre, approximate):
+    op = "fastbert.linear_geglu"
+    _require_extension(op)
+    m, n2 = pre.shape
+    dpre = _empty(pre.shape, pre.dtype, pre.device)
+    dbias = _empty((n2,), pre.dtype, pre.device)
+    with _on_device(x.device):
+        parts = _C.geglu_backward_parts(m, n2 // 2)
+        partial = _empty((parts, n2), torch.float32, x.device)
+        _C.geglu_backward(dout.data_ptr(), pre.data_ptr(), dpre.data_ptr(), partial.data_ptr(),
+                          dbias.data_ptr(), m, n2 // 2, parts, approximate == "tanh",
+                          _DTYPE_CODES[pre.dtype], _stream(x))
+    dx = torch.matmul(dpre, weight)  # (M, 2N) @ (2N, K)
+    dweight = dpre.t().matmul(x)
+    return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+def apply_rotary(x, cos, sin, positions, interleaved, conjugate):
+    """-> out, contiguous, x's shape and dtype. x (..., H, D) may be a strided view (q or k of a
+    packed projection): the kernel takes its row and head strides."""
+    op = "fastbert.apply_rotary"
+    _require_extension(op)
+    h, d = x.shape[-2], x.shape[-1]
+    rows = x.reshape(-1, h, d)  # a view for q/k slices of a packed projection
+    pos = positions.expand(x.shape[:-2]).reshape(-1).contiguous()
+    # the kernel reads cos / sin in x's dtype or fp32; anything else goes through fp32
+    if cos.dtype != sin.dtype or cos.dtype not in (x.dtype, torch.float32):
+        cos, sin = cos.float(), sin.float()
+    out = _empty(rows.shape, x.dtype, x.device)
+    if out.numel() == 0:
+        return out.view(x.shape)
+    # a size-1 dim's stride is never used; 0 keeps it from blocking the vectorised path
+    row_stride, head_stride = (rows.stride(i) if rows.shape[i] > 1 else 0 for i in (0, 1))
+    with _on_device(x.device):
+        _C.apply_rotary(rows.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(),
+                        out.data_ptr(), rows.shape[0], h, d, cos.shape[1], cos.shape[0],
+                        row_stride, head_stride, bool(interleaved), bool(conjugate),
+                        _DTYPE_CODES[x.dtype], _DTYPE_CODES[cos.dtype], _stream(x))
+    return out.view(x.shape)

@@ -806,4 +806,34 @@ int emu_gelu_backward(uintptr_t dout, uintptr_t pre, uintptr_t dpre, uintptr_t p
                             stream);
   });
 }
+
+int emu_apply_rotary(uintptr_t x, uintptr_t cos_table, uintptr_t sin_table, uintptr_t positions,
+                     uintptr_t out, int64_t rows, int64_t heads, int64_t head_dim, int64_t half,
+                     int64_t table_rows, int64_t row_stride, int64_t head_stride, int interleaved,
+                     int conjugate, int dtype, int table_dtype, uintptr_t stream) {
+  return guarded([&] {
+    fastbert::apply_rotary(x, cos_table, sin_table, positions, out, rows, heads, head_dim, half,
+                           table_rows, row_stride, head_stride, interleaved, conjugate, dtype,
+                           table_dtype, stream);
+  });
+}
+
+int emu_geglu_forward(uintptr_t pre, uintptr_t bias, uintptr_t out, int64_t m, int64_t n,
+                      int tanh_approx, int dtype, uintptr_t stream) {
+  return guarded(
+      [&] { fastbert::geglu_forward(pre, bias, out, m, n, tanh_approx, dtype, stream); });
+}
+
+int emu_geglu_backward_parts(int64_t m, int64_t n, int64_t* parts) {
+  return guarded([&] { *parts = fastbert::geglu_backward_parts(m, n); });
+}
+
+int emu_geglu_backward(uintptr_t dout, uintptr_t pre, uintptr_t dpre, uintptr_t partial,
+                       uintptr_t dbias, int64_t m, int64_t n, int64_t parts, int tanh_approx,
+                       int dtype, uintptr_t stream) {
+  return guarded([&] {
+    fastbert::geglu_backward(dout, pre, dpre, partial, dbias, m, n, parts, tanh_approx, dtype,
+                             stream);
+  });
+}
 }

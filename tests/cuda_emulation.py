@@ -169,6 +169,10 @@ class EmuC:
         lib.emu_bias_gelu_forward.argtypes = [P] * 4 + [L, L, I, I, P]
         lib.emu_gelu_backward_parts.argtypes = [L, L, P]
         lib.emu_gelu_backward.argtypes = [P] * 5 + [L, L, L, I, I, P]
+        lib.emu_apply_rotary.argtypes = [P] * 5 + [L] * 7 + [I, I, I, I, P]
+        lib.emu_geglu_forward.argtypes = [P] * 3 + [L, L, I, I, P]
+        lib.emu_geglu_backward_parts.argtypes = [L, L, P]
+        lib.emu_geglu_backward.argtypes = [P] * 5 + [L, L, L, I, I, P]
         lib.emu_selftest.argtypes = [I, P, P, I]
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -358,6 +362,39 @@ class EmuC:
         buffers = {"dout": (dout, m * n * e), "pre": (pre, m * n * e), "dpre": (dpre, m * n * e),
                    "partial": (partial, parts * n * 4), "dbias": (dbias, n * e)}
         self.guarded(buffers, lambda b: self.lib.emu_gelu_backward(
+            b["dout"], b["pre"], b["dpre"], b["partial"], b["dbias"], m, n, parts, tanh_approx,
+            dtype, stream))
+
+    def apply_rotary(self, x, cos, sin, positions, out, rows, heads, head_dim, half, table_rows,
+                     row_stride, head_stride, interleaved, conjugate, dtype, table_dtype, stream):
+        e, c = ELEMENT_BYTES[dtype], ELEMENT_BYTES[table_dtype]
+        buffers = {"x": (x, _strided_bytes(1, rows, heads, head_dim, (0, row_stride, head_stride),
+                                           e)),
+                   "cos": (cos, table_rows * half * c), "sin": (sin, table_rows * half * c),
+                   "positions": (positions, rows * 8), "out": (out, rows * heads * head_dim * e)}
+        self.guarded(buffers, lambda b: self.lib.emu_apply_rotary(
+            b["x"], b["cos"], b["sin"], b["positions"], b["out"], rows, heads, head_dim, half,
+            table_rows, row_stride, head_stride, interleaved, conjugate, dtype, table_dtype,
+            stream))
+
+    def geglu_forward(self, pre, bias, out, m, n, tanh_approx, dtype, stream):
+        e = ELEMENT_BYTES[dtype]
+        buffers = {"pre": (pre, m * 2 * n * e), "bias": (bias, 2 * n * e), "out": (out, m * n * e)}
+        self.guarded(buffers, lambda b: self.lib.emu_geglu_forward(
+            b["pre"], b["bias"], b["out"], m, n, tanh_approx, dtype, stream))
+
+    def geglu_backward_parts(self, m, n):
+        parts = L()
+        self._status(self.lib.emu_geglu_backward_parts(m, n, ctypes.byref(parts)))
+        return parts.value
+
+    def geglu_backward(self, dout, pre, dpre, partial, dbias, m, n, parts, tanh_approx, dtype,
+                       stream):
+        e = ELEMENT_BYTES[dtype]
+        buffers = {"dout": (dout, m * n * e), "pre": (pre, m * 2 * n * e),
+                   "dpre": (dpre, m * 2 * n * e), "partial": (partial, parts * 2 * n * 4),
+                   "dbias": (dbias, 2 * n * e)}
+        self.guarded(buffers, lambda b: self.lib.emu_geglu_backward(
             b["dout"], b["pre"], b["dpre"], b["partial"], b["dbias"], m, n, parts, tanh_approx,
             dtype, stream))
 

@@ -40,6 +40,8 @@ def test_static_analysis_prefers_triton_attention_and_gemm_cuda_layer_norm(tmp_p
     assert first("fastbert.attention_varlen") == "triton"
     assert first("fastbert.linear_bias_gelu") == "triton"  # fused epilogue
     assert first("fastbert.add_layer_norm") == "cuda"  # memory-bound: host cost decides
+    assert first("fastbert.apply_rotary") == "cuda"  # one elementwise pass: host cost decides
+    assert first("fastbert.linear_geglu") == "triton"  # fused epilogue
 
 
 def test_measured_results_decide_for_their_family_only(tmp_path):

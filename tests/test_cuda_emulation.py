@@ -1,8 +1,9 @@
-"""The CUDA add+LayerNorm and bias+GELU kernels run on CPU under the host emulation
-(tests/cuda_emulation.py: csrc/*.cu's real launchers and kernels/*.cuh, through fastbert/cuda.py's
-entry points), checked by the gpu tier's own checks in tests/test_cuda.py, with the emulation's
-memcheck, racecheck and synccheck on every call; and those checks themselves, on kernels with one
-deliberate bug each (tests/cuda_emulation_selftest.cu). The attention kernels run under the same
+"""The CUDA add+LayerNorm, bias+GELU, rotary and GeGLU kernels run on CPU under the host
+emulation (tests/cuda_emulation.py: csrc/*.cu's real launchers and kernels/*.cuh, through
+fastbert/cuda.py's entry points), checked by the gpu tier's own checks in tests/test_cuda.py and
+tests/test_cuda_modernbert.py, with the emulation's memcheck, racecheck and synccheck on every
+call; and those checks themselves, on kernels with one deliberate bug each
+(tests/cuda_emulation_selftest.cu). The attention kernels run under the same
 emulation in tests/test_cuda_attention.py. The dropout masks of the LayerNorm and attention
 kernels are recomputed here from their documented Philox layouts, and the LayerNorm masks compared
 with the Triton kernel's (README, Backends: they differ).
@@ -20,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from fastbert import reference
 from tests import cuda_emulation
 from tests.cuda_helpers import assert_keep_rate, emulated_backend, philox4x32_10  # noqa: F401
 # autouse fixtures: imported, so they apply to every test in this module
@@ -27,6 +29,7 @@ from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F4
 from tests.test_cuda import (check_layer_norm, check_layer_norm_dropout, check_linear_gelu,
                              layer_norm_keep_mask)
 from tests.test_cuda_attention import attention_keep_mask
+from tests.test_cuda_modernbert import check_geglu, check_public_ops, check_rotary
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -84,6 +87,12 @@ def test_every_kernel_runs_under_the_emulation(emulated_backend):
     for deterministic in (False, True):
         emulated_backend.attention_backward(out, q, q, q, out, lse, None, False, 0.0, 0.2, 0,
                                             deterministic)
+    positions = torch.arange(3)
+    for interleaved in (False, True):
+        emulated_backend.apply_rotary(x.view(3, 5, 8), w[:6].view(2, 3), w[6:12].view(2, 3),
+                                      positions % 2, interleaved, False)
+    out, pre = emulated_backend.linear_geglu_forward(x, x[:2], None, "none")
+    emulated_backend.linear_geglu_backward(out, x, x[:2], pre, "none")
     assert declared - emulated_backend._C.launched_kernels() == set()
 
 
@@ -302,3 +311,86 @@ def test_layer_norm_masks_of_cuda_and_triton_differ_as_documented(emulated_backe
 def test_emulated_linear_bias_gelu_matches_reference(emulated_backend, m, k, n, dtype,
                                                      approximate):
     check_linear_gelu(m, k, n, dtype, approximate, emulated_backend, "cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# compile: ModernBERT's rotary embeddings and GeGLU epilogues
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.compile
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("lengths, heads, head_dim, half, dtype, table_dtype, packed, offsets, "
+                         "strided", [
+    ([5, 0, 9, 1], 2, 32, 16, F16, F32, True, 0, True),      # restarts, a length-0 sequence
+    ([6, 11], 3, 64, 32, BF16, BF16, True, [4, 0], True),     # per-sequence offsets
+    ([7, 3], 2, 48, 8, F16, F16, False, 2, False),           # rotary dim < head dim, padded
+    ([4, 9], 1, 24, 12, F32, F32, True, 1, True),
+    ([3, 5], 2, 40, 10, BF16, F32, True, [0, 2], True),     # 10 pairs: scalar when not interleaved
+    ([6], 3, 17, 8, F16, F32, False, 0, True),             # odd head dim: the scalar kernel
+    ([2, 7], 5, 2, 1, F32, F32, True, 0, False),           # one pair per head
+])
+def test_emulated_rotary_matches_reference(emulated_backend, lengths, heads, head_dim, half,
+                                           dtype, table_dtype, packed, offsets, strided,
+                                           interleaved):
+    check_rotary(emulated_backend, "cpu", lengths, heads, head_dim, half, dtype, interleaved,
+                 packed=packed, offsets=offsets, table_dtype=table_dtype, strided=strided)
+
+
+@pytest.mark.compile
+def test_emulated_rotary_marks_positions_past_the_table_nan(emulated_backend):
+    """Per-sequence offsets are not read on the host (no sync), so the kernel checks each row's
+    position: past the table its turned dims are NaN (never a read outside cos / sin), the
+    pass-through dims and the other rows are still right."""
+    x = torch.randn(6, 2, 16)
+    cos, sin = torch.rand(4, 4), torch.rand(4, 4)
+    positions = torch.tensor([0, 3, 4, 9, 1, -1])
+    out = emulated_backend.apply_rotary(x, cos, sin, positions, False, False)
+    bad = torch.tensor([False, False, True, True, False, True])
+    assert out[bad, :, :8].isnan().all() and not out[~bad].isnan().any()
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    ok = positions.clamp(0, 3)
+    want = reference.rotary_forward(x, cos, sin, ok, False)
+    torch.testing.assert_close(out[~bad], want[~bad], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("m, k, n, dtype, approximate, with_bias", [
+    (1, 16, 1, F32, "none", True),
+    (37, 24, 40, F16, "tanh", False),
+    (70, 48, 33, BF16, "none", True),      # odd N: the scalar path
+    (300, 32, 64, F16, "none", True),     # 38 row groups on 8 partial sums
+    (17, 64, 768, BF16, "tanh", False),   # ModernBERT-base's N = 1152 / 1.5
+    (9, 40, 260, F32, "tanh", True),
+])
+def test_emulated_linear_geglu_matches_reference(emulated_backend, m, k, n, dtype, approximate,
+                                                 with_bias):
+    check_geglu(emulated_backend, "cpu", m, k, n, dtype, approximate, with_bias)
+
+
+@pytest.mark.compile
+def test_emulated_geglu_takes_zero_rows(emulated_backend):
+    x, weight = torch.randn(0, 24, dtype=BF16), torch.randn(80, 24, dtype=BF16)
+    out, pre = emulated_backend.linear_geglu_forward(x, weight, torch.randn(80, dtype=BF16),
+                                                     "none")
+    dx, dw, db = emulated_backend.linear_geglu_backward(out, x, weight, pre, "none")
+    assert out.shape == (0, 40) and dx.shape == (0, 24) and (dw == 0).all() and (db == 0).all()
+
+
+@pytest.mark.compile
+def test_emulated_public_ops_choose_and_run_these_kernels(emulated_backend, monkeypatch):
+    """fastbert.apply_rotary / fastbert.linear_geglu with backend="cuda" through autograd, on
+    CPU tensors: ops is told the emulated backend serves them."""
+    from fastbert import ops
+
+    device_reason = ops._device_reason
+    monkeypatch.setitem(ops._modules, "cuda", emulated_backend)
+    monkeypatch.setattr(ops, "_device_reason",
+                        lambda name, device: None if name == "cuda" else device_reason(name,
+                                                                                       device))
+    calls = []
+    for name in ("apply_rotary", "linear_geglu_forward", "linear_geglu_backward"):
+        run = getattr(emulated_backend, name)
+        monkeypatch.setattr(emulated_backend, name,
+                            lambda *args, _run=run, _name=name: calls.append(_name) or _run(*args))
+    check_public_ops("cpu")
+    assert sorted(set(calls)) == ["apply_rotary", "linear_geglu_backward", "linear_geglu_forward"]

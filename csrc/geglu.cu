@@ -1,0 +1,95 @@
+// Host launchers for the GeGLU epilogues (kernels/geglu.cuh): bias + gelu(a) * g forward,
+// d(pre) of both halves + dbias backward.
+#include <algorithm>
+#include <initializer_list>
+#include <string>
+#include <type_traits>
+
+#include "csrc/common.h"
+#include "csrc/launchers.h"
+#include "kernels/geglu.cuh"
+#include "kernels/layer_norm.cuh"  // column_sum_kernel
+
+namespace fastbert {
+namespace {
+
+constexpr const char* kOp = "fastbert.linear_geglu";
+constexpr int kRowsPerBlock = 8;  // geglu_bwd_kernel's blockDim.y
+
+bool aligned16(std::initializer_list<uintptr_t> ptrs) {
+  for (uintptr_t p : ptrs)
+    if (p % 16 != 0) return false;
+  return true;
+}
+
+// n: the N output columns (pre has 2N)
+void check_shapes(int64_t m, int64_t n) {
+  check_arg(m >= 0 && m <= INT32_MAX, kOp, "rows must be in [0, 2^31), got " + std::to_string(m));
+  check_arg(n >= 1 && 2 * n <= INT32_MAX, kOp,
+            "out_features (2N rows of weight) must be in [2, 2^31), got " +
+                std::to_string(2 * n));
+}
+
+// Calls run(integral_constant<int, V>) with V = 16 / sizeof(T) when every row of the (M, N)
+// output and of both (M, N) halves of pre starts 16-byte aligned, else V = 1.
+template <typename T, typename F> void by_width(int64_t n, std::initializer_list<uintptr_t> ptrs,
+                                                F&& run) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (n % kVec == 0 && aligned16(ptrs)) {
+    run(std::integral_constant<int, kVec>{});
+  } else {
+    run(std::integral_constant<int, 1>{});
+  }
+}
+
+}  // namespace
+
+void geglu_forward(uintptr_t pre, uintptr_t bias, uintptr_t out, int64_t m, int64_t n,
+                   bool tanh_approx, int dtype, uintptr_t stream) {
+  require_device(kOp);
+  check_shapes(m, n);
+  if (m == 0) return;
+  dispatch_float(dtype, kOp, [&](auto t) {
+    using T = decltype(t);
+    by_width<T>(n, {pre, out}, [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      const int threads = 256;
+      const int64_t blocks = std::min<int64_t>((m * n / V + threads - 1) / threads,
+                                               (int64_t)sm_count(kOp) * 16);
+      geglu_fwd_kernel<T, V><<<(unsigned)blocks, threads, 0, as_stream(stream)>>>(
+          as_ptr<T>(pre), as_ptr<const T>(bias), as_ptr<T>(out), m, (int)n, tanh_approx);
+      check_launch(kOp, "geglu_fwd_kernel");
+    });
+  });
+}
+
+int64_t geglu_backward_parts(int64_t m, int64_t n) {
+  require_device(kOp);
+  const int64_t row_groups = (m + kRowsPerBlock - 1) / kRowsPerBlock;
+  return std::max<int64_t>(1, std::min<int64_t>({row_groups, 2 * (int64_t)sm_count(kOp), 65535}));
+}
+
+void geglu_backward(uintptr_t dout, uintptr_t pre, uintptr_t dpre, uintptr_t partial,
+                    uintptr_t dbias, int64_t m, int64_t n, int64_t parts, bool tanh_approx,
+                    int dtype, uintptr_t stream) {
+  require_device(kOp);
+  check_shapes(m, n);
+  check_arg(parts >= 1 && parts <= 65535, kOp,
+            "partial-sum block count must be in [1, 65535], got " + std::to_string(parts));
+  dispatch_float(dtype, kOp, [&](auto t) {
+    using T = decltype(t);
+    by_width<T>(n, {dout, pre, dpre}, [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      const dim3 grid((unsigned)((n + 32 * V - 1) / (32 * V)), (unsigned)parts);
+      geglu_bwd_kernel<T, V><<<grid, dim3(32, kRowsPerBlock), 0, as_stream(stream)>>>(
+          as_ptr<const T>(dout), as_ptr<const T>(pre), as_ptr<T>(dpre), as_ptr<float>(partial),
+          (int)m, (int)n, tanh_approx);
+      check_launch(kOp, "geglu_bwd_kernel");
+    });
+    column_sum_kernel<T><<<(unsigned)((2 * n + 255) / 256), 256, 0, as_stream(stream)>>>(
+        as_ptr<const float>(partial), (int)parts, (int)(2 * n), as_ptr<T>(dbias));
+    check_launch(kOp, "column_sum_kernel (dbias)");
+  });
+}
+
+}  // namespace fastbert
