@@ -50,19 +50,17 @@ class _Unkeyed(Exception):
 
 def _runtime_spec(value) -> Any:
     """What Triton specialises a non-constexpr argument on (more is harmless, less is not)."""
-    if isinstance(value, torch.Tensor):
+    cls = type(value)
+    if cls is int:
+        # divisible by 16, fits int32, fits int64 (else uint64), is 1 (Triton compiles a 1 in
+        # as a constant): one small int, no tuple
+        return ((value & 15 == 0) + 2 * (-_INT32 <= value < _INT32) + 4 * (value < _INT64)
+                + 8 * (value == 1))
+    if cls is torch.Tensor or cls is torch.nn.Parameter or isinstance(value, torch.Tensor):
         return value.dtype, not value.data_ptr() & 15
-    if isinstance(value, bool):
-        return bool
-    if isinstance(value, int):
-        if value == 1:
-            return 1  # Triton compiles a 1 in as a constant
-        return (value % 16 == 0, -_INT32 <= value < _INT32, value < _INT64)
-    if isinstance(value, float):
-        return float
-    if value is None:
-        return None
-    raise _Unkeyed(type(value).__name__)
+    if value is None or cls is bool or cls is float:
+        return cls
+    raise _Unkeyed(cls.__name__)
 
 
 class _Binding:
@@ -78,30 +76,32 @@ class _Binding:
             self.ordinary = True
         params = list(jit.signature.parameters.values()) if isinstance(jit, JITFunction) else []
         self.names = [p.name for p in params]
-        self.constexpr = [p.is_constexpr for p in jit.params] if params else []
-        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
         tuned = set(kernel.keys) if isinstance(kernel, Autotuner) else set()
         # arguments keyed by their value: constexprs and the autotuner's keys
-        self.by_value = [c or n in tuned for n, c in zip(self.names, self.constexpr)]
-        self.param_names = frozenset(self.names)
+        by_value = [kp.is_constexpr or kp.name in tuned for kp in jit.params] if params else []
+        defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        self.bind = _make_binder(self.names, by_value, defaults)
         self.compiled: Dict[tuple, tuple] = {}
         self.verified = False
 
-    def bind(self, args, kwargs) -> list:
-        """The arguments in signature order; _MISSING for those an autotuner config supplies."""
-        values = list(args)
-        for name in self.names[len(args):]:
-            values.append(kwargs.get(name, self.defaults.get(name, _MISSING)))
-        return values
 
-    def key(self, device, values, kwargs) -> tuple:
-        parts = [device]
-        for value, by_value in zip(values, self.by_value):
-            parts.append(value if by_value or value is _MISSING else _runtime_spec(value))
-        for name, value in kwargs.items():
-            if name not in self.param_names:  # options: num_warps, num_stages, ...
-                parts.append((name, value))
-        return tuple(parts)
+def _make_binder(names, by_value, defaults):
+    """bind(*args, **kwargs) -> (the arguments in signature order, the bucket key without the
+    device): a function with the kernel's parameters, written once per kernel as Triton writes
+    its own binder, so a launch runs no loop over parameter names. Parameters left out (an
+    autotuner config supplies them) come back as _MISSING."""
+    params = ", ".join(f"{n}=_default_{n}" if n in defaults else f"{n}=_MISSING" for n in names)
+    # ints inline (most arguments are strides and sizes): _runtime_spec's codes, without a call
+    int_code = "(({n} & 15 == 0) + 2 * (-_INT32 <= {n} < _INT32) + 4 * ({n} < _INT64) + 8 * ({n} == 1))"
+    keyed = "".join(f"{n}, " if value else
+                    f"{int_code.format(n=n)} if {n}.__class__ is int else _runtime_spec({n}), "
+                    for n, value in zip(names, by_value))
+    source = (f"def bind({params}{', ' if names else ''}**options):\n"
+              f"    return [{', '.join(names)}], ({keyed}*options.items())\n")
+    namespace = {f"_default_{n}": v for n, v in defaults.items()}
+    namespace.update(_MISSING=_MISSING, _runtime_spec=_runtime_spec, _INT32=_INT32, _INT64=_INT64)
+    exec(source, namespace)
+    return namespace["bind"]
 
 
 _bindings: Dict[int, _Binding] = {}
@@ -132,7 +132,7 @@ def _first_launch(binding: _Binding, grid, args, kwargs, values, key):
     config = kernel.best_config.kwargs if isinstance(kernel, Autotuner) else {}
     fill = tuple((i, config[name]) for i, (name, value) in enumerate(zip(binding.names, values))
                  if value is _MISSING and name in config)
-    if len(fill) == values.count(_MISSING):
+    if len(fill) == sum(value is _MISSING for value in values):  # else it cannot be replayed
         binding.compiled[key] = (compiled, fill)
     return compiled
 
@@ -163,12 +163,12 @@ def launch(kernel, grid, *args, **kwargs):
         binding = _bindings[id(kernel)] = _Binding(kernel)
     if binding.ordinary:
         return kernel[grid](*args, **kwargs)
-    values = binding.bind(args, kwargs)
-    device, stream = _current_device_and_stream()
     try:
-        key = binding.key(device, values, kwargs)
-    except _Unkeyed:
+        values, key = binding.bind(*args, **kwargs)
+    except (_Unkeyed, TypeError):  # Triton's own launch takes it (or says what is wrong)
         return kernel[grid](*args, **kwargs)
+    device, stream = _current_device_and_stream()
+    key = (device, key)
     entry: Optional[tuple] = binding.compiled.get(key)
     if entry is None:
         return _first_launch(binding, grid, args, kwargs, values, key)
