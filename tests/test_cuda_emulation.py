@@ -377,7 +377,7 @@ def test_emulated_geglu_takes_zero_rows(emulated_backend):
 
 
 @pytest.mark.compile
-def test_emulated_public_ops_choose_and_run_these_kernels(emulated_backend, monkeypatch):
+def test_emulated_public_rotary_and_geglu_ops_run_these_kernels(emulated_backend, monkeypatch):
     """fastbert.apply_rotary / fastbert.linear_geglu with backend="cuda" through autograd, on
     CPU tensors: ops is told the emulated backend serves them."""
     from fastbert import ops
