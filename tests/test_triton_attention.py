@@ -308,18 +308,21 @@ def test_unsupported_serves_every_contract_input():
 @pytest.mark.interpreter
 def test_key_range():
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    # (first real key, last + 1, end of the dense range: last + 1 without holes, else first)
     ranges = kernels.key_range(mask)
-    assert ranges.tolist() == [[0, 2], [1, 4], [0, 0], [0, 4]]
+    assert ranges.tolist() == [[0, 2, 2], [1, 4, 1], [0, 0, 0], [0, 4, 4]]
     assert kernels.key_range(mask) is ranges  # cached while the mask is unmodified
     mask[2, 3] = True  # an in-place edit invalidates the cache
-    assert kernels.key_range(mask).tolist() == [[0, 2], [1, 4], [3, 4], [0, 4]]
-    assert kernels.key_range(mask[:, :0]).tolist() == [[0, 0]] * 4
+    assert kernels.key_range(mask).tolist() == [[0, 2, 2], [1, 4, 1], [3, 4, 4], [0, 4, 4]]
+    assert kernels.key_range(mask[:, :0]).tolist() == [[0, 0, 0]] * 4
     # longer than one reduction block, real keys only in the second block
-    long = torch.zeros(2, kernels.KEY_RANGE_BLOCK + 44, dtype=torch.bool)
-    long[0, kernels.KEY_RANGE_BLOCK + 3: kernels.KEY_RANGE_BLOCK + 10] = True
+    block = kernels.KEY_RANGE_BLOCK
+    long = torch.zeros(3, block + 44, dtype=torch.bool)
+    long[0, block + 3: block + 10] = True
     long[1, 5] = long[1, -1] = True
+    long[2, 2: block + 20] = True  # a dense range across two blocks (left and right padding)
     assert kernels.key_range(long).tolist() == [
-        [kernels.KEY_RANGE_BLOCK + 3, kernels.KEY_RANGE_BLOCK + 10], [5, long.shape[1]]]
+        [block + 3, block + 10, block + 10], [5, long.shape[1], 5], [2, block + 20, block + 20]]
 
 
 @pytest.mark.interpreter
@@ -404,7 +407,7 @@ def compile_all_kernels(dtype, head_dim, target, causal, has_mask, has_dropout,
                  EXACT_DOT=dtype == torch.float32,  # never the interpreter-only bf16 upcast here
                  **specialized)
     compiled = {}
-    m, n, w, s = kernels.fwd_config(bd, dtype, target)
+    m, n, w, s = kernels.fwd_config(bd, dtype, target, has_dropout)
     compiled["fwd", None] = compile_variant(kernels._attn_fwd_kernel, dtype, target, w, s,
                                             has_mask, has_dropout, **flags, BLOCK_M=m,
                                             BLOCK_N=n, BLOCK_D=bd)

@@ -67,15 +67,19 @@ def use_deterministic(deterministic: bool) -> bool:
 # 1.4x the useful MMA work), without software pipelining (2 stages spill 24-72 B in the causal
 # dropout variants), 2 CTAs per SM; the former 32-query, 128-key, 4-warp tile put dQ on
 # mma.sync, serialising the wgmma pipeline, and spilled 552 B with dropout. At 128 a 64x64 tile
-# spills, so it keeps 32 query rows. The 128-row forward tile takes 8 warps there (4 spill
-# 24-88 B).
+# spills, so it keeps 32 query rows. The 128-row forward tile at head dim <= 64 runs on one
+# warpgroup (4 warps, 2 stages; 3 spilled 24 B): each warp's per-tile overhead (loads, barriers,
+# wgmma issue) serves twice the elements of 8 warps; with dropout 4 warps spill 84-104 B, so it
+# keeps 8 warps, 3 stages.
 # sm_80 (mma.sync): dK/dV on 8 warps (the 4-warp tile used a 616 B stack with dropout), at head
 # dim 64 without software pipelining (2 stages spilled 8 B in the varlen causal dropout variant).
-def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90):
+def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
-        return (128, 64, 8, 3) if arch >= 90 else (128, 64, 4, 3)
+        if arch >= 90:
+            return (128, 64, 8, 3) if dropout else (128, 64, 4, 2)
+        return (128, 64, 4, 3)
     if bd <= 128:  # 3 stages need 104 KB: sm_86/89 give a block at most 99 KB
         return (128, 64, 8, 2) if 80 < arch < 90 else (128, 64, 8, 3)
     return (64, 32, 8, 2)
@@ -106,14 +110,15 @@ _key_range_cache: Optional[tuple] = None
 
 
 def key_range(mask: torch.Tensor) -> torch.Tensor:
-    """(B, Sk) bool -> (B, 2) int32 [first real key, last real key + 1]; (0, 0) when none."""
+    """(B, Sk) bool -> (B, 3) int32 (first real key, last real key + 1, end of the dense range:
+    the keys from the first up to it are all real); (0, 0, 0) when none."""
     global _key_range_cache
     cached = _key_range_cache
     versioned = not mask.is_inference()
     if versioned and cached is not None and cached[0]() is mask and cached[1] == mask._version:
         return cached[2]
     b, sk = mask.shape
-    ranges = torch.empty(b, 2, dtype=torch.int32, device=mask.device)
+    ranges = torch.empty(b, 3, dtype=torch.int32, device=mask.device)
     if b > 0:
         with on_device(mask.device):
             launch(_key_range_kernel, (b,), mask.view(torch.uint8), ranges, sk,
@@ -157,7 +162,7 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1,
     with on_device(q.device):
         mask_u8, kv_range = _mask_args(mask)
         bd = block_d(d)
-        block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device))
+        block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device), dropout_p > 0)
         launch(_attn_fwd_kernel, (triton.cdiv(sq, block_m), h, b),
             q, k, v, out, lse, mask_u8, kv_range, None, None,
             q.stride(0), q.stride(1), q.stride(2),

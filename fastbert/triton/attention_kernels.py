@@ -21,7 +21,8 @@ tile starts past its own sequence's end returns at once, and key loops cover onl
   [first, last + 1] (one small kernel, cached for the mask tensor until it is modified, so
   backward reuses forward's); key tiles outside it (right or left padding, the common cases) and
   tiles entirely above the causal diagonal are never visited. Holes inside the range are masked
-  element-wise.
+  element-wise; a mask without holes (right padding) runs the forward's full tiles without any
+  per-key check, as varlen does.
 - Dropout acts on the normalised probabilities with philox (16-bit draws, 8 per call, see
   _dropout_keep), keyed by the call's seed plus (batch * H + head) and a counter from the query
   and key (varlen: local query and key), so backward regenerates the same mask. The kernels do
@@ -97,12 +98,16 @@ def _rows(Base, off_b, row_start, stride_b, IS_VARLEN: tl.constexpr):
         return Base + off_b.to(tl.int64) * stride_b
 
 
+# KvRange holds per batch (first real key, last real key + 1, end of the dense range)
+KV_RANGE_SIZE = tl.constexpr(3)
+
+
 @triton.jit
 def _key_range(KvRange, off_b, seqlen_k, HAS_MASK: tl.constexpr):
     """[lo, hi): the keys of batch off_b that may be real (all of them without a mask)."""
     if HAS_MASK:
-        lo = tl.load(KvRange + off_b * 2)
-        hi = tl.load(KvRange + off_b * 2 + 1)
+        lo = tl.load(KvRange + off_b * KV_RANGE_SIZE)
+        hi = tl.load(KvRange + off_b * KV_RANGE_SIZE + 1)
     else:
         lo = 0
         hi = seqlen_k
@@ -165,26 +170,67 @@ def _dropout_keep(seed, off_bh, start_m, cols, row_stride, dropout_p, BLOCK_M: t
 
 @triton.jit
 def _key_range_kernel(Mask, KvRange, seqlen_k, BLOCK: tl.constexpr):
-    """KvRange[b] = [first real key, last real key + 1] of mask row b; (0, 0) when none."""
+    """KvRange[b] = (first real key, last real key + 1, end of the dense range) of mask row b:
+    every key in [first, dense end) is real, dense end = last + 1 when no key between is padding
+    (right or left padding), else first; (0, 0, 0) when none."""
     off_b = tl.program_id(0)
     cols0 = tl.arange(0, BLOCK)
     first = tl.full([BLOCK], seqlen_k, tl.int32)
     last = tl.zeros([BLOCK], tl.int32)
+    count = tl.zeros([BLOCK], tl.int32)
     row = Mask + off_b.to(tl.int64) * seqlen_k
     for start in range(0, seqlen_k, BLOCK):
         cols = start + cols0
         real = tl.load(row + cols, mask=cols < seqlen_k, other=0) != 0
         first = tl.minimum(first, tl.where(real, cols, seqlen_k))
         last = tl.maximum(last, tl.where(real, cols + 1, 0))
+        count += real.to(tl.int32)
     hi = tl.max(last, 0)
     lo = tl.minimum(tl.min(first, 0), hi)
-    tl.store(KvRange + off_b * 2, lo)
-    tl.store(KvRange + off_b * 2 + 1, hi)
+    dense = tl.where(tl.sum(count, 0) == hi - lo, hi, lo)
+    tl.store(KvRange + off_b * KV_RANGE_SIZE, lo)
+    tl.store(KvRange + off_b * KV_RANGE_SIZE + 1, hi)
+    tl.store(KvRange + off_b * KV_RANGE_SIZE + 2, dense)
 
 
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_visible(rows, cols, Mask, off_b, len_q, len_k, IS_CAUSAL: tl.constexpr,
+                 HAS_MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """_visible for the forward's (M, N) tile, with the bounds on the keys folded per query
+    first: query i sees keys first_i <= j <= last_i (and real ones), two integer compares per
+    element however many bounds apply (a window, causal, the key count)."""
+    per_key = cols < len_k
+    if HAS_MASK:
+        real = tl.load(Mask + off_b * len_k + cols, mask=per_key, other=0)
+        per_key = per_key & (real != 0)
+    if IS_CAUSAL or WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0:
+        diagonal = rows + (len_k - len_q)  # bottom-right aligned
+        last = tl.full(rows.shape, len_k - 1, tl.int32)
+        if IS_CAUSAL:
+            last = tl.minimum(last, diagonal)
+        if WINDOW_RIGHT >= 0:
+            last = tl.minimum(last, diagonal + WINDOW_RIGHT)
+        if WINDOW_LEFT >= 0:
+            # first <= j <= last as one unsigned compare, j - first <= last - first (a row that
+            # sees nothing gets first = 2**30: j - first wraps to above any width)
+            first = diagonal - WINDOW_LEFT
+            width = last - first
+            first = tl.where(width < 0, 1 << 30, first)
+            width = tl.maximum(width, 0).to(tl.uint32)
+            visible = (cols[None, :] - first[:, None]).to(tl.uint32) <= width[:, None]
+        else:
+            visible = cols[None, :] <= last[:, None]
+        if HAS_MASK:
+            visible = visible & per_key[None, :]
+        return visible
+    else:  # (rows >= 0 is always true; with it ptxas makes sm_80's full-tile loop 7
+        # instructions shorter, measured on triton 3.9)
+        return per_key[None, :] & (rows >= 0)[:, None]
+
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_ok, Mask,
@@ -203,8 +249,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     # s stays unscaled: the scale (> 0) commutes with the max and folds into exp2's FFMA below
     s = _mm(q, tl.trans(k), EXACT_DOT)
     if BOUNDARY:
-        s = tl.where(_visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k,
-                              IS_CAUSAL, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT), s, float("-inf"))
+        s = tl.where(_fwd_visible(offs_m, cols, Mask, off_b, len_q, len_k, IS_CAUSAL, HAS_MASK,
+                                  WINDOW_LEFT, WINDOW_RIGHT), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -259,11 +305,15 @@ def _attn_fwd_kernel(
     v_base = _rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
 
     lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
-    # Tiles [lo, mid) hold only existing keys (and, causal, keys every query of the block sees):
-    # they skip the per-key checks. lo and mid are multiples of BLOCK_N (or mid = hi). With a
-    # mask every tile checks its keys: a second loop body with the mask loads took 42 more
-    # registers on sm_90 (1 CTA per SM instead of 2).
+    # Tiles [lo, mid) hold only existing, real keys (and, causal, keys every query of the block
+    # sees): they skip the per-key checks. lo and mid are multiples of BLOCK_N (or mid = hi).
+    # With a mask, the full tiles are those of its dense range (all of [lo, hi) for right
+    # padding) when that starts on a tile; a mask with holes checks every key.
     mid = tl.minimum(hi, (len_k // BLOCK_N) * BLOCK_N)
+    if HAS_MASK:
+        dense = tl.load(KvRange + off_b * KV_RANGE_SIZE + 2)
+        mid = tl.where(lo % BLOCK_N == 0, tl.minimum(mid, lo + (dense - lo) // BLOCK_N * BLOCK_N),
+                       0)  # (raised to the aligned lo below)
     if IS_CAUSAL:  # the block's first query sees keys up to start_m * BLOCK_M + Sk - Sq ...
         diagonal = start_m * BLOCK_M + len_k - len_q + 1
         mid = tl.minimum(mid, tl.where(diagonal > 0, diagonal // BLOCK_N, 0) * BLOCK_N)
@@ -276,7 +326,7 @@ def _attn_fwd_kernel(
         hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q
                         + WINDOW_RIGHT)
     lo = (lo // BLOCK_N) * BLOCK_N
-    mid = lo if HAS_MASK or WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0 else tl.maximum(mid, lo)
+    mid = lo if WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0 else tl.maximum(mid, lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)

@@ -30,7 +30,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     out = dense._alloc((total_q, h, d), q.dtype, q.device)
     lse = dense._alloc((h, total_q), torch.float32, q.device)
     bd = block_d(d)
-    block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device))
+    block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device), dropout_p > 0)
     with on_device(q.device):
         launch(_attn_fwd_kernel, (triton.cdiv(max_seqlen_q, block_m), h, batch),
             q, k, v, out, lse, None, None, cu_seqlens_q, cu_seqlens_k,
