@@ -22,7 +22,7 @@ if __name__ == "__main__":
 
 import torch
 
-from benchmarks import harness, host_overhead, report
+from benchmarks import harness, host_overhead, report, small_batch
 from benchmarks.embeddings import embedding_cases, sentence_count
 from benchmarks.models import model_cases
 from benchmarks.modernbert import modernbert_cases
@@ -199,6 +199,11 @@ def run(args) -> int:
         host = host_overhead.run_in_subprocess(device)  # its own process: see its docstring
         print(host_overhead.summary(host))
         rows += host
+    if device.type == "cuda" and preset != "tiny" and args.only in (None, "model") and (
+            deadline is None or time.monotonic() < deadline):
+        small = small_batch.measure(device, preset, deadline)  # its own timer: see its docstring
+        print(small_batch.table(small))
+        rows += small
 
     final = finalize(rows, ceilings)
     harness.write_csv(csv_path, final, meta)

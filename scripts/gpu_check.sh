@@ -4,7 +4,10 @@
 #   1. device and versions                               (seconds)
 #   2. CUDA extension build for this GPU's arch only, all cores, in the background;
 #      meanwhile the Triton gpu tests (they need no extension)
-#   3. fastbert.info, then the remaining gpu tests (CUDA backend, model)
+#   3. fastbert.info, then the remaining gpu tests (CUDA backend, model), then small-batch
+#      inference latency (BERT-base, batch 1/8/32, 16-128 tokens: fastbert eager / lean /
+#      cuda_graphs / Triton with and without pre-bound launches against transformers eager / sdpa
+#      and torch.compile reduce-overhead; benchmarks/small_batch.py, preset "check")
 #      and the Triton kernels at a09870e (before issue 21; FASTBERT_BEFORE_REV) and now, timed
 #      side by side (needs the git history)
 #   4. the quick benchmarks -> <device>.csv (written case by case) and the host-overhead numbers
@@ -98,6 +101,14 @@ progress "build exit ${STAGE_RC[build]} after ${STAGE_S[build]} s"
         --tb=short --durations=5 --ignore-glob='tests/test_triton_*.py' tests
     echo "pytest exit status: ${STAGE_RC[gpu_tests]}"
 } >> "$TESTS" 2>&1
+
+# ---- 3a. small-batch latency (issue 22): at most 110 s, compiles last ------------------------
+{
+    SB_LIMIT=$(limit 110 60)
+    step "python -m benchmarks.small_batch --preset check --budget $(( SB_LIMIT - 10 ))"
+    run_stage small_batch "$SB_LIMIT" "$PY" -m benchmarks.small_batch --preset check \
+        --budget "$(( SB_LIMIT - 10 ))" --compile-seconds 45
+} >> "$LOG" 2>&1
 
 # ---- 3b. Triton kernels before / after issue 21, side by side (needs the git history) ---------
 BEFORE_REV=${FASTBERT_BEFORE_REV:-a09870e}
@@ -222,7 +233,7 @@ rm -f "$SANITIZE_PY"
 {
     echo "== gpu_check summary ($(( SECONDS - START )) s of $TOTAL s)"
     sed -n '/== device/,/cuda available/p' "$LOG" | grep -v "^==" | grep -v "^$" | head -n 4
-    for s in build triton_tests info gpu_tests before_after benchmarks sanitizer_memcheck sanitizer_racecheck; do
+    for s in build triton_tests info gpu_tests small_batch before_after benchmarks sanitizer_memcheck sanitizer_racecheck; do
         [[ -n "${STAGE_RC[$s]:-}" ]] && printf '%-20s exit %-3s %4s s\n' "$s" "${STAGE_RC[$s]}" "${STAGE_S[$s]}"
     done
     echo "-- tests (tests.txt)"
@@ -247,6 +258,8 @@ for (op, mode, shape), t in list(times.items())[:16]:
     print(f"  {op} {mode} {shape}: {ours} | " + (f"{others[best]:.3g} {best}" if best else "-"))
 EOF
     grep -A5 "^host overhead per layer" "$LOG" | cut -c1-160
+    echo "-- small-batch latency (log.txt)"
+    grep -A6 "^small-batch inference latency" "$LOG" | head -n 7 | cut -c1-160
     echo "-- Triton kernels before / after issue 21 (log.txt)"
     grep -A14 "^kernel (bf16, BERT-base)" "$LOG" | cut -c1-160
     echo "-- sanitizer (sanitizer.txt)"
