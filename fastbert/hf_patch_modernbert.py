@@ -13,6 +13,10 @@ with zeros at the end; transformers' heads then run as they are, sparse MLM pred
                 x = x + Wo(drop(linear_geglu(mlp_norm(x), Wi)))     # gelu(a) * g
     final_norm(x)
 
+Each residual add runs in the same pass as the norm after it (add_layer_norm's pre-norm form,
+return_residual): out_drop and the add with mlp_norm, the MLP's add with the next layer's
+attn_norm (or final_norm).
+
 A local layer's window is transformers' `sliding_window` (|i - j| <= local_attention // 2), served
 in O(T * window). Decided at call time, per module (fastbert/hf_layers.py's rule): a plain
 nn.Linear runs on the CPU inference GEMM path (Wi fused with the GeGLU), a plain nn.LayerNorm on
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import fastbert
@@ -41,6 +46,26 @@ def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+def _add_norm(module: nn.Module, delta: torch.Tensor, x: torch.Tensor, dropout_p: float):
+    """(module(s), s) with s = x + dropout(delta): one fastbert.add_layer_norm pass (its pre-norm
+    form) for a plain LayerNorm."""
+    if plain(module, nn.LayerNorm) and module.weight is not None:
+        return fastbert.add_layer_norm(delta, x, module.weight, module.bias, module.eps,
+                                       dropout_p=dropout_p, return_residual=True)
+    s = x + F.dropout(delta, dropout_p, dropout_p > 0.0)
+    return module(s), s
+
+
+def _out_dropout(drop: nn.Module, a: torch.Tensor):
+    """(a, p): the attention output and the dropout the residual add applies to it (fused into
+    it for a plain nn.Dropout or Identity; anything else is called as a module)."""
+    if type(drop) is nn.Identity:
+        return a, 0.0
+    if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
+        return a, drop.p if drop.training else 0.0
+    return drop(a), 0.0
+
+
 def _geglu(mlp: nn.Module, h: torch.Tensor, approximate) -> torch.Tensor:
     """gelu(a) * g with a, g = Wi(h).chunk(2): fused for a plain Wi and a GELU activation."""
     if approximate is not None and plain(mlp.Wi):
@@ -49,12 +74,18 @@ def _geglu(mlp: nn.Module, h: torch.Tensor, approximate) -> torch.Tensor:
     return mlp.act(act) * gate
 
 
-def _packed_layer(layer: nn.Module, x: torch.Tensor, packed: PackedBatch, cos: torch.Tensor,
-                  sin: torch.Tensor, approximate) -> torch.Tensor:
-    """One ModernBertEncoderLayer on packed tokens x (T, C); cos, sin (T, D / 2) per token."""
+def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
+                  cos: torch.Tensor, sin: torch.Tensor, approximate):
+    """One ModernBertEncoderLayer on packed tokens whose input is x + delta (T, C); delta is the
+    previous layer's MLP output not yet added (None for the first layer), so each residual add
+    shares a pass with the norm after it. cos, sin (T, D / 2) per token. Returns (x, delta)."""
     attn = layer.attn
     t, d = x.shape[0], attn.head_dim
-    qkv = linear(_norm(layer.attn_norm, x), attn.Wqkv).view(t, 3, -1, d)  # (T, 3, H, D)
+    if delta is None:
+        h = _norm(layer.attn_norm, x)
+    else:
+        h, x = _add_norm(layer.attn_norm, delta, x, 0.0)
+    qkv = linear(h, attn.Wqkv).view(t, 3, -1, d)  # (T, 3, H, D)
     # q and k heads turned in one call: (1, T, 2H, D), row t at cos[t]
     qk = fastbert.apply_rotary(qkv[:, :2].flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
     window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
@@ -63,9 +94,10 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, packed: PackedBatch, cos: t
                                   window_size=(window, window),
                                   dropout_p=attn.attention_dropout if attn.training else 0.0,
                                   softmax_scale=d ** -0.5)
-    x = x + attn.out_drop(linear(y.reshape(t, -1), attn.Wo))
+    a, p = _out_dropout(attn.out_drop, linear(y.reshape(t, -1), attn.Wo))
+    h, x = _add_norm(layer.mlp_norm, a, x, p)
     mlp = layer.mlp
-    return x + linear(mlp.drop(_geglu(mlp, _norm(layer.mlp_norm, x), approximate)), mlp.Wo)
+    return x, linear(mlp.drop(_geglu(mlp, h, approximate)), mlp.Wo)
 
 
 def _pack(attention_mask, position_ids, kwargs, batch: int, seqlen: int, device) -> PackedBatch:
@@ -114,14 +146,23 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
         rotary[layer_type] = (cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous())
     act = config.hidden_activation
     approximate = _GELU_APPROXIMATE.get(act) if isinstance(act, str) else None
+    delta = None  # the last layer's MLP output, added to x by the next norm's pass
     for layer in self.layers:
         cos, sin = rotary[layer.attention_type]
         if getattr(layer, "gradient_checkpointing", False) and layer.training:
-            x = torch.utils.checkpoint.checkpoint(_packed_layer, layer, x, packed, cos, sin,
-                                                  approximate, use_reentrant=False)
+            x, delta = torch.utils.checkpoint.checkpoint(_packed_layer, layer, x, delta, packed,
+                                                         cos, sin, approximate,
+                                                         use_reentrant=False)
         else:
-            x = _packed_layer(layer, x, packed, cos, sin, approximate)
-    out = BaseModelOutput(last_hidden_state=packed.grid(_norm(self.final_norm, x)))
+            x, delta = _packed_layer(layer, x, delta, packed, cos, sin, approximate)
+    norm = self.final_norm
+    if delta is None:
+        x = _norm(norm, x)
+    elif plain(norm, nn.LayerNorm) and norm.weight is not None:
+        x = fastbert.add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps)
+    else:
+        x = norm(x + delta)
+    out = BaseModelOutput(last_hidden_state=packed.grid(x))
     return out if kwargs.get("return_dict", getattr(config, "return_dict", True)) else out.to_tuple()
 
 

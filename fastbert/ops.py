@@ -10,6 +10,8 @@ the same kernel entry points (`fastbert/torch_backend.py`, `fastbert/triton/__in
     add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed) -> (y, mean, rstd)
     add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed)
         -> (dx, dresidual, dweight, dbias)
+        (a backend serving return_residual also takes store_sum=True, returning the pre-norm
+        sum as a fourth output, and dsum=, its gradient; the CUDA one does not)
     linear_bias_gelu_forward(x, weight, bias, approximate) -> (out, pre)
     linear_bias_gelu_backward(dout, x, weight, pre, approximate) -> (dx, dweight, dbias)
     attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -119,6 +121,8 @@ def _why_not(name: str, op: str, device: torch.device, kw: dict) -> Optional[str
         return f"backend {name!r} is not available here ({_load_errors.get(name, 'unknown reason')})"
     if name != "torch" and kw.get("dtype") == torch.float64:
         return "float64 runs only on the torch backend"
+    if name == "cuda" and kw.get("store_sum"):  # add_layer_norm(..., return_residual=True)
+        return "the CUDA LayerNorm kernels do not store the pre-norm sum (return_residual)"
     return module.unsupported(op, **kw)
 
 
@@ -470,9 +474,12 @@ def _(x, residual, weight, bias, eps, dropout_p, seed, backend):
 
 def _add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
                              mean: Tensor, rstd: Tensor, dropout_p: float, seed: Optional[Tensor],
-                             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                             backend: str, dsum: Optional[Tensor] = None
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dsum: the gradient reaching the pre-norm sum as an output (return_residual), or None."""
+    kw = {} if dsum is None else dict(dsum=dsum.contiguous())  # only backends that store it
     dx, dres, dw, db = _backend_module(backend).add_layer_norm_backward(
-        dy.contiguous(), x, residual, weight, mean, rstd, dropout_p, _seed_int(seed))
+        dy.contiguous(), x, residual, weight, mean, rstd, dropout_p, _seed_int(seed), **kw)
     # custom ops cannot return None; an empty tensor stands for "no residual"
     return dx, (dres if dres is not None else x.new_empty(0)), dw, db
 
@@ -482,7 +489,7 @@ _add_layer_norm_bwd = torch.library.custom_op("fastbert::add_layer_norm_bwd",
 
 
 @_add_layer_norm_bwd.register_fake
-def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, backend):
+def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, backend, dsum=None):
     dres = torch.empty_like(residual) if residual is not None else x.new_empty(0)
     return torch.empty_like(x), dres, torch.empty_like(weight), torch.empty_like(weight)
 
@@ -509,10 +516,59 @@ def _add_layer_norm_grad(ctx, dy, dmean, drstd):
 _add_layer_norm_fwd.register_autograd(_add_layer_norm_grad, setup_context=_add_layer_norm_setup)
 
 
+# The pre-norm form (return_residual): the same kernels, which also store the pre-norm sum
+# s = dropout(x) + residual; its gradient joins the one through the norm in the same backward.
+
+def _add_layer_norm_residual_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor,
+                                     bias: Tensor, eps: float, dropout_p: float,
+                                     seed: Optional[Tensor], backend: str
+                                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, rstd, s = _backend_module(backend).add_layer_norm_forward(
+        x, residual, weight, bias, eps, dropout_p, _seed_int(seed), store_sum=True)
+    return y, s, mean, rstd
+
+
+_add_layer_norm_residual_fwd = torch.library.custom_op(
+    "fastbert::add_layer_norm_residual_fwd", mutates_args=())(_add_layer_norm_residual_forward)
+
+
+@_add_layer_norm_residual_fwd.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, seed, backend):
+    rows = x.shape[0]
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+def _add_layer_norm_residual_setup(ctx, inputs, output):
+    y, _, mean, rstd = output
+    _add_layer_norm_setup(ctx, inputs, (y, mean, rstd))
+
+
+def _add_layer_norm_residual_grad(ctx, dy, dsum, dmean, drstd):
+    if dy is None and dsum is None:
+        return (None,) * 8
+    if dy is None:  # only the sum is used: nothing flows through the norm
+        dy = torch.zeros_like(dsum)
+    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+    backward = _backward_impl(ctx, _add_layer_norm_bwd, _add_layer_norm_backward)
+    dx, dres, dw, db = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed,
+                                ctx.backend, dsum)
+    return dx, (dres if residual is not None else None), dw, db, None, None, None, None
+
+
+_add_layer_norm_residual_fwd.register_autograd(_add_layer_norm_residual_grad,
+                                               setup_context=_add_layer_norm_residual_setup)
+
+
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                   eps: float = 1e-12, *, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+                   eps: float = 1e-12, *, dropout_p: float = 0.0, return_residual: bool = False,
+                   backend: str = "auto"):
     """LayerNorm(dropout(x) + residual) over the last dim, statistics in fp32; bias may be None
-    (nn.LayerNorm(bias=False))."""
+    (nn.LayerNorm(bias=False)).
+
+    return_residual=True: the pre-norm form, (y, s) with s = dropout(x) + residual in x's dtype,
+    the next pre-norm layer's residual, from the same pass (gradients reaching s and y are
+    summed in one backward). The CUDA backend does not store s: "auto" then takes Triton."""
     op = "fastbert.add_layer_norm"
     _expect_tensor(op, "x", x)
     _expect_float(op, "x", x)
@@ -551,11 +607,17 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     if cast is not None:
         x = x.to(cast)
         residual = residual.to(cast) if residual is not None else None
+    if not isinstance(return_residual, bool):
+        raise TypeError(f"{op}: argument 'return_residual' expected a bool, got "
+                        f"{type(return_residual).__name__}")
+    store = dict(store_sum=True) if return_residual else {}
     chosen = resolve_backend(op, backend, x.device, dtype=x.dtype, hidden=hidden,
-                             dropout_p=dropout_p)
+                             dropout_p=dropout_p, **store)
     shape = x.shape
     x2 = x.reshape(-1, hidden).contiguous()
     r2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
+    if return_residual:
+        return _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape)
     if _inference(x2, r2, weight, bias):
         y = _backend_module(chosen).add_layer_norm_forward(
             x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
@@ -569,6 +631,25 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
         else:
             y = _add_layer_norm_fwd(*args)[0]
     return y.view(shape)
+
+
+def _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape):
+    """add_layer_norm(..., return_residual=True) on checked (rows, C) inputs: (y, s)."""
+    if _inference(x2, r2, weight, bias):
+        y, _, _, s = _backend_module(chosen).add_layer_norm_forward(
+            x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
+            _seed_int(_draw_seed(dropout_p)), store_sum=True)
+    else:
+        args = (x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
+                _draw_seed(dropout_p), chosen)
+        if _eager(x2, r2, weight, bias):
+            y, s = _EagerOp.apply("fastbert::add_layer_norm_residual",
+                                  _add_layer_norm_residual_forward,
+                                  _add_layer_norm_residual_setup, _add_layer_norm_residual_grad,
+                                  *args)[:2]
+        else:
+            y, s = _add_layer_norm_residual_fwd(*args)[:2]
+    return y.view(shape), s.view(shape)
 
 
 # --------------------------------------------------------------------------------------------

@@ -189,9 +189,11 @@ def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor
 
 def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
                             mean: Tensor, rstd: Tensor, dropout_p: float = 0.0,
-                            keep_mask: Optional[Tensor] = None
+                            keep_mask: Optional[Tensor] = None, dsum: Optional[Tensor] = None
                             ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-    """Returns (dx, dresidual or None, dweight, dbias); the pre-norm sum is recomputed from x."""
+    """Returns (dx, dresidual or None, dweight, dbias); the pre-norm sum is recomputed from x.
+    dsum: the gradient reaching the pre-norm sum itself (add_layer_norm's return_residual
+    output), added to what flows back through the norm."""
     acc = acc_dtype(x)
     s = prenorm_sum(x, residual, dropout_p, keep_mask, acc)
     xhat = (s - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
@@ -202,6 +204,8 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
     gw = g * weight.to(acc)
     ds = rstd.unsqueeze(-1) * (gw - gw.mean(-1, keepdim=True)
                                - xhat * (gw * xhat).mean(-1, keepdim=True))
+    if dsum is not None:
+        ds = ds + dsum.to(acc)
     dx = ds
     if dropout_p > 0.0:
         dx = ds * keep_mask.to(acc) / (1.0 - dropout_p)

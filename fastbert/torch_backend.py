@@ -95,7 +95,8 @@ class TorchBackend:
     # which the tests hold them to): the reference's elementwise chains are many times slower.
     # Casts that are no-ops in fp32 are skipped, not called (see reference.py's docstring).
     @staticmethod
-    def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
+    def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False):
+        """store_sum: the pre-norm sum (in x's dtype) as a fourth output."""
         keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
             if dropout_p > 0.0 else None
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # reference.acc_dtype
@@ -103,10 +104,15 @@ class TorchBackend:
         if weight.dtype != acc or bias.dtype != acc:
             weight, bias = weight.to(acc), bias.to(acc)
         y, mean, rstd = torch.native_layer_norm(s, s.shape[-1:], weight, bias, eps)
-        return y if y.dtype == x.dtype else y.to(x.dtype), mean.view(-1), rstd.view(-1)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        if not store_sum:
+            return y, mean.view(-1), rstd.view(-1)
+        # an output never aliases an input (x itself without residual and dropout)
+        s = s.to(x.dtype, copy=s is x)
+        return y, mean.view(-1), rstd.view(-1), s
 
     @staticmethod
-    def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+    def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None):
         keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
             if dropout_p > 0.0 else None
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # reference.acc_dtype
@@ -115,6 +121,8 @@ class TorchBackend:
         ds, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
             dy if dy.dtype == acc else dy.to(acc), s, s.shape[-1:], mean.view(-1, 1),
             rstd.view(-1, 1), w, w, [True, True, True])
+        if dsum is not None:  # the gradient reaching the sum as an output (return_residual)
+            ds = ds + (dsum if dsum.dtype == acc else dsum.to(acc))
         dx = ds * keep / (1.0 - dropout_p) if dropout_p > 0.0 else ds  # float * bool
         dres = ds.to(residual.dtype, copy=True) if residual is not None else None
         if dweight.dtype != weight.dtype:

@@ -64,6 +64,28 @@ def test_add_layer_norm_backward_formula_matches_autograd(with_residual, dropout
         torch.testing.assert_close(g, wnt)
 
 
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_add_layer_norm_backward_formula_with_residual_output(with_residual, dropout_p):
+    """The pre-norm form: a gradient reaching the sum s = dropout(x) + residual as an output
+    (dsum) joins the one through the norm."""
+    x = torch.randn(6, 10, dtype=f64, requires_grad=True)
+    res = torch.randn(6, 10, dtype=f64, requires_grad=True) if with_residual else None
+    w = torch.randn(10, dtype=f64, requires_grad=True)
+    bias = torch.randn(10, dtype=f64, requires_grad=True)
+    keep = torch.rand(6, 10) >= dropout_p if dropout_p else None
+    y, mean, rstd = reference.add_layer_norm_forward(x, res, w, bias, 1e-5, dropout_p, keep)
+    s = reference.prenorm_sum(x, res, dropout_p, keep, f64)
+    dy, dsum = torch.randn_like(y), torch.randn_like(y)
+    inputs = [x, w, bias] + ([res] if with_residual else [])
+    want = torch.autograd.grad((y * dy).sum() + (s * dsum).sum(), inputs)
+    dx, dres, dw, db = reference.add_layer_norm_backward(dy, x, res, w, mean, rstd, dropout_p,
+                                                         keep, dsum=dsum)
+    got = [dx, dw, db] + ([dres] if with_residual else [])
+    for g, wnt in zip(got, want):
+        torch.testing.assert_close(g, wnt)
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_linear_bias_gelu_backward_formula_matches_autograd(approximate):
     x = torch.randn(3, 4, 6, dtype=f64, requires_grad=True)
@@ -108,6 +130,45 @@ def test_add_layer_norm_gradcheck(with_residual):
         return fastbert.add_layer_norm(x, res, w, b, 1e-5, dropout_p=0.3, backend="torch")
 
     assert torch.autograd.gradcheck(fn, (x, res, w, b))
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_add_layer_norm_return_residual_gradcheck(with_residual, dropout_p):
+    """Both outputs of the pre-norm form, (y, s), and gradients reaching either or both."""
+    x = torch.randn(4, 7, dtype=f64, requires_grad=True)
+    res = torch.randn(4, 7, dtype=f64, requires_grad=True) if with_residual else None
+    w = torch.randn(7, dtype=f64, requires_grad=True)
+    b = torch.randn(7, dtype=f64, requires_grad=True)
+
+    def fn(x, res, w, b):
+        torch.manual_seed(1)
+        return fastbert.add_layer_norm(x, res, w, b, 1e-5, dropout_p=dropout_p,
+                                       return_residual=True, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (x, res, w, b))
+    assert torch.autograd.gradcheck(lambda *a: fn(*a)[1] * 2.0, (x, res, w, b))  # s only
+    torch.manual_seed(1)
+    y, s = fn(x, res, w, b)
+    torch.manual_seed(1)  # the same dropout draw: the same y as the plain form
+    torch.testing.assert_close(y, fastbert.add_layer_norm(x, res, w, b, 1e-5,
+                                                          dropout_p=dropout_p, backend="torch"),
+                               rtol=0, atol=0)
+    if dropout_p == 0.0:
+        torch.testing.assert_close(s, x + res if with_residual else x, rtol=0, atol=0)
+        assert with_residual or s.data_ptr() != x.data_ptr()  # never an alias of x
+
+
+def test_add_layer_norm_return_residual_fp32_inference_and_autocast():
+    x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    with torch.no_grad():
+        y, s = fastbert.add_layer_norm(x, r, w, None, 1e-5, return_residual=True)
+    torch.testing.assert_close(s, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (16,), w, None, 1e-5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = fastbert.add_layer_norm(x, r, w, b, 1e-5, return_residual=True)
+    assert y.dtype == s.dtype == torch.bfloat16 and y.shape == s.shape == x.shape
 
 
 def test_linear_bias_gelu_gradcheck():
@@ -247,6 +308,13 @@ def test_opcheck_add_layer_norm():
     torch.library.opcheck(torch.ops.fastbert.add_layer_norm_bwd.default,
                           (torch.randn(5, 12), x.detach(), r.detach(), w.detach(), mean, rstd, 0.0,
                            None, "torch"))
+    # the pre-norm form, and the backward with a gradient reaching its sum output
+    for args in [(x, r, w, b, 1e-5, 0.0, None, "torch"),
+                 (x, None, w, b, 1e-5, 0.1, torch.tensor([2]), "torch")]:
+        torch.library.opcheck(torch.ops.fastbert.add_layer_norm_residual_fwd.default, args)
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_bwd.default,
+                          (torch.randn(5, 12), x.detach(), r.detach(), w.detach(), mean, rstd, 0.0,
+                           None, "torch", torch.randn(5, 12)))
 
 
 def test_opcheck_linear_bias_gelu():
@@ -340,6 +408,53 @@ def test_eager_training_calls_skip_the_custom_op_and_equal_it(monkeypatch):
         monkeypatch.setattr(module, name, None)  # a call through a custom op would fail
     for got, want in zip(_every_op_fwd_bwd(seed=3), eager):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_return_residual_eager_and_compiled_equal_the_custom_op(monkeypatch):
+    """The pre-norm form: eager (_EagerOp), through its custom op, and under
+    torch.compile(fullgraph=True) give the same (y, s) and gradients (dropout included)."""
+    x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    w, b = torch.randn(16), torch.randn(16)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        torch.manual_seed(4)
+        y, s = fn(*leaves)
+        (y.pow(2).sum() + (s * y).sum()).backward()
+        return [y.detach(), s.detach()] + [t.grad for t in leaves]
+
+    def op(x, r, w, b):
+        return fastbert.add_layer_norm(x, r, w, b, 1e-5, dropout_p=0.2, return_residual=True)
+
+    eager = run(op)
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_eager", lambda *tensors: False)
+        through_op = run(op)
+        compiled = run(torch.compile(op, fullgraph=True, backend="aot_eager"))
+    for got, want in zip(through_op + compiled, eager + eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cuda_backend_refuses_return_residual(monkeypatch):
+    """The CUDA LayerNorm kernels do not store the pre-norm sum: named, the backend refuses;
+    "auto" takes the next backend (on a GPU, Triton)."""
+    monkeypatch.setattr(ops, "_device_reason", lambda name, device: None)  # as on a GPU
+    monkeypatch.setattr(ops, "_backend_module", lambda name: _TorchLike)
+    kw = dict(dtype=torch.float16, hidden=768, dropout_p=0.0)
+    assert ops._why_not("cuda", "fastbert.add_layer_norm", torch.device("cpu"), kw) is None
+    why = ops._why_not("cuda", "fastbert.add_layer_norm", torch.device("cpu"),
+                       dict(kw, store_sum=True))
+    assert "pre-norm sum" in why
+    assert ops._why_not("triton", "fastbert.add_layer_norm", torch.device("cpu"),
+                        dict(kw, store_sum=True)) is None
+
+
+class _TorchLike:
+    """A backend module that serves everything (ops' own refusals only)."""
+
+    @staticmethod
+    def unsupported(op, **kw):
+        return None
 
 
 def test_torch_func_grad_through_the_ops():
@@ -439,6 +554,7 @@ LN_BAD = [
     (dict(eps=0.0), ValueError, "'eps'"),
     (dict(dropout_p=1.5), ValueError, "'dropout_p'"),
     (dict(backend="cudnn"), ValueError, "'backend'"),
+    (dict(return_residual=1), TypeError, "'return_residual' expected a bool"),
 ]
 
 
@@ -446,7 +562,7 @@ LN_BAD = [
 def test_add_layer_norm_validation(override, exc, text):
     args = dict(x=_q(4, 8), residual=_q(4, 8), weight=_q(8), bias=_q(8), eps=1e-5)
     args.update(override)
-    kwargs = {k: args.pop(k) for k in ("dropout_p", "backend") if k in args}
+    kwargs = {k: args.pop(k) for k in ("dropout_p", "return_residual", "backend") if k in args}
     with pytest.raises(exc, match="fastbert.add_layer_norm") as e:
         fastbert.add_layer_norm(**args, **kwargs)
     assert text in str(e.value)

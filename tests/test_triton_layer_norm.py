@@ -180,6 +180,95 @@ def test_dropout_without_residual():
     check(got, exact, plain, x, None, weight)
 
 
+def run_pre_norm_kernels(x, residual, weight, bias, dy, dsum, eps, dropout_p=0.0, seed=0):
+    """The pre-norm form: the forward also stores the sum, the backward takes its gradient."""
+    y, mean, rstd, s = ln.add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed,
+                                                 store_sum=True)
+    dx, dres, dw, db = ln.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p,
+                                                  seed, dsum=dsum)
+    return {"y": y, "sum": s, "mean": mean, "rstd": rstd, "dx": dx, "dresidual": dres,
+            "dweight": dw, "dbias": db}
+
+
+def exact_and_plain_pre_norm(x, residual, weight, bias, dy, dsum, eps, dropout_p=0.0, keep=None):
+    """exact_and_plain with the sum as a second output and dsum reaching it."""
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    y, mean, rstd = reference.add_layer_norm_forward(d(x), d(residual), d(weight), d(bias), eps,
+                                                     dropout_p, keep)
+    s = reference.prenorm_sum(d(x), d(residual), dropout_p, keep, torch.float64)
+    grads = reference.add_layer_norm_backward(d(dy), d(x), d(residual), d(weight), mean, rstd,
+                                              dropout_p, keep, dsum=d(dsum))
+    exact = {"y": y, "sum": s, "mean": mean, "rstd": rstd, "dx": grads[0],
+             "dresidual": grads[1], "dweight": grads[2], "dbias": grads[3]}
+    leaves = [t.detach().to(x.dtype).requires_grad_() if t is not None else None
+              for t in (x, residual, weight, bias)]
+    y_plain, _, _ = reference.add_layer_norm_forward(*leaves, eps, dropout_p, keep, upcast=False)
+    s_plain = reference.prenorm_sum(leaves[0], leaves[1], dropout_p, keep, x.dtype)
+    torch.autograd.backward([y_plain, s_plain], [dy, dsum])
+    px, pres, pw, pb = leaves
+    plain = {"y": y_plain.detach(), "sum": s_plain.detach(), "dx": px.grad,
+             "dresidual": pres.grad if pres is not None else None, "dweight": pw.grad,
+             "dbias": pb.grad}
+    return exact, plain
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows,hidden", [(17, 40), (130, 768), (3, 5000)])  # 5000: in chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_pre_norm_form_matches_reference(rows, hidden, dtype, with_residual):
+    x, residual, weight, bias, dy = make_inputs(rows, hidden, dtype, with_residual)
+    dsum = torch.randn_like(dy)
+    got = run_pre_norm_kernels(x, residual, weight, bias, dy, dsum, eps=1e-5)
+    exact, plain = exact_and_plain_pre_norm(x, residual, weight, bias, dy, dsum, eps=1e-5)
+    assert got["sum"].dtype == x.dtype
+    check(got, exact, plain, x, residual, weight)
+    if dtype == torch.float32:
+        assert_fp32_close(got["sum"], exact["sum"], "sum")
+    else:
+        assert_close_by_rule(got["sum"], plain["sum"], exact["sum"], "sum",
+                             factor=rule_factor(dtype))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows,hidden", [(64, 256), (4, ln.MAX_BLOCK_N + 904)])
+def test_pre_norm_form_with_dropout(rows, hidden):
+    p, seed = 0.3, 11
+    x, residual, weight, bias, dy = make_inputs(rows, hidden, torch.float32, True)
+    dsum = torch.randn_like(dy)
+    keep, _ = kept_elements(x, residual, weight, bias, dy, p, seed)  # the plain form's mask
+    got = run_pre_norm_kernels(x, residual, weight, bias, dy, dsum, 1e-5, p, seed)
+    exact, plain = exact_and_plain_pre_norm(x, residual, weight, bias, dy, dsum, 1e-5, p, keep)
+    check(got, exact, plain, x, residual, weight)
+    assert_fp32_close(got["sum"], exact["sum"], "sum")
+
+
+@pytest.mark.interpreter
+def test_pre_norm_public_op_autograd():
+    """return_residual=True on the Triton backend: (y, s) and every gradient, with gradients
+    reaching both outputs, then the sum alone, against the torch backend."""
+    x, residual, weight, bias, dy = make_inputs(18, 40, torch.float32, True)
+    dsum = torch.randn_like(dy)
+    results = {}
+    for backend in ("triton", "torch"):
+        for uses in ("both", "sum"):
+            leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+            y, s = fastbert.add_layer_norm(*(t.view(2, 9, 40) if t.dim() == 2 else t
+                                             for t in leaves), 1e-5, return_residual=True,
+                                           backend=backend)
+            loss = (s * dsum.view(2, 9, 40)).sum()
+            if uses == "both":
+                loss = loss + (y * dy.view(2, 9, 40)).sum()
+            loss.backward()
+            results[backend, uses] = [y.detach(), s.detach()] + [t.grad for t in leaves]
+    for uses in ("both", "sum"):
+        for got, want in zip(results["triton", uses], results["torch", uses]):
+            if uses == "sum" and want is None:
+                continue
+            assert_fp32_close(got, want, uses, atol=1e-5 * max(1.0, want.abs().max().item()))
+    assert results["triton", "sum"][4] is None or not results["triton", "sum"][4].any()
+
+
 @pytest.mark.interpreter
 def test_dweight_dbias_deterministic():
     x, residual, weight, bias, dy = make_inputs(130, 200, torch.float16, True)
@@ -233,6 +322,11 @@ def test_opcheck_and_compile(with_residual):
     _, mean, rstd = ln.add_layer_norm_forward(x, residual, weight, bias, 1e-5, 0.0, 0)
     torch.library.opcheck(torch.ops.fastbert.add_layer_norm_bwd.default,
                           (dy, x, residual, weight, mean, rstd, 0.0, None, "triton"))
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_residual_fwd.default,
+                          (*leaves, 1e-5, 0.0, None, "triton"))
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_bwd.default,
+                          (dy, x, residual, weight, mean, rstd, 0.0, None, "triton",
+                           torch.randn_like(dy)))
     compiled = torch.compile(lambda *a: fastbert.add_layer_norm(*a, 1e-5, backend="triton"),
                              fullgraph=True, backend="eager")
     expected = fastbert.add_layer_norm(x, residual, weight, bias, 1e-5, backend="torch")
@@ -263,7 +357,7 @@ def _block_sizes():
 def _fwd_signature(dtype, weight_dtype, seed_type):
     t, w = TRITON_TYPE[dtype], TRITON_TYPE[weight_dtype]
     return {"X": f"*{t}", "RESIDUAL": f"*{t}", "W": f"*{w}", "B": f"*{w}", "Y": f"*{t}",
-            "MEAN": "*fp32", "RSTD": "*fp32", "hidden": "i32", "eps": "fp32",
+            "MEAN": "*fp32", "RSTD": "*fp32", "SUM": f"*{t}", "hidden": "i32", "eps": "fp32",
             "dropout_p": "fp32", "seed": seed_type}
 
 
@@ -271,15 +365,17 @@ def _bwd_signature(dtype, weight_dtype, seed_type):
     t, w = TRITON_TYPE[dtype], TRITON_TYPE[weight_dtype]
     return {"DY": f"*{t}", "X": f"*{t}", "RESIDUAL": f"*{t}", "W": f"*{w}", "MEAN": "*fp32",
             "RSTD": "*fp32", "DX": f"*{t}", "DRESIDUAL": f"*{t}", "DW_PARTIAL": "*fp32",
-            "DB_PARTIAL": "*fp32", "rows": "i32", "hidden": "i32", "rows_per_program": "i32",
+            "DB_PARTIAL": "*fp32", "DSUM": f"*{t}", "rows": "i32", "hidden": "i32",
+            "rows_per_program": "i32",
             "dropout_p": "fp32", "seed": seed_type}
 
 
 @pytest.mark.compile
 @pytest.mark.parametrize("capability", [80, 90])
 def test_compiles_ahead_of_time(capability):
-    kernels = [(ln._add_layer_norm_fwd_kernel, _fwd_signature),
-               (ln._add_layer_norm_bwd_kernel, _bwd_signature)]
+    # the pre-norm form's flag: the forward stores the sum, the backward takes its gradient
+    kernels = [(ln._add_layer_norm_fwd_kernel, _fwd_signature, "STORE_SUM"),
+               (ln._add_layer_norm_bwd_kernel, _bwd_signature, "HAS_DSUM")]
     # every dtype pairing and flag combination at BERT's row width ...
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for weight_dtype in sorted({dtype, torch.float32}, key=str):
@@ -287,20 +383,22 @@ def test_compiles_ahead_of_time(capability):
                 for has_dropout in (False, True):
                     seed_type = "i64" if has_dropout else "i32"
                     block_n, num_warps, whole_row = ln._row_config(768)
-                    for kernel, signature in kernels:
-                        sig = signature(dtype, weight_dtype, seed_type)
-                        aot_compile(kernel, sig,
-                                    {"HAS_RESIDUAL": has_residual, "HAS_DROPOUT": has_dropout,
-                                     "BLOCK_N": block_n, "WHOLE_ROW": whole_row},
-                                    capability, num_warps,
-                                    aligned=pointers(sig) + ["hidden"])
+                    for kernel, signature, sum_flag in kernels:
+                        for with_sum in (False, True):
+                            sig = signature(dtype, weight_dtype, seed_type)
+                            aot_compile(kernel, sig,
+                                        {"HAS_RESIDUAL": has_residual,
+                                         "HAS_DROPOUT": has_dropout, "BLOCK_N": block_n,
+                                         "WHOLE_ROW": whole_row, sum_flag: with_sum},
+                                        capability, num_warps,
+                                        aligned=pointers(sig) + ["hidden"])
     # ... and every row width the launcher can pick, with all features on
     for block_n, num_warps, whole_row in _block_sizes():
-        for kernel, signature in kernels:
+        for kernel, signature, sum_flag in kernels:
             sig = signature(torch.bfloat16, torch.float32, "i64")
             aot_compile(kernel, sig,
                         {"HAS_RESIDUAL": True, "HAS_DROPOUT": True, "BLOCK_N": block_n,
-                         "WHOLE_ROW": whole_row},
+                         "WHOLE_ROW": whole_row, sum_flag: True},
                         capability, num_warps, aligned=pointers(sig) + ["hidden"])
 
 

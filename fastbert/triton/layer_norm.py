@@ -8,6 +8,9 @@ registers at 16 warps. Dropout is drawn in-kernel with philox, one `randint4x` p
 regenerates the forward's mask from the seed instead of storing it. dweight/dbias are made deterministic by giving
 each backward program a fixed range of rows: it writes one fp32 partial sum per program, and a
 single torch reduction over the programs finishes them.
+The pre-norm form (add_layer_norm's return_residual) stores the sum dropout(x) + residual the
+forward computes anyway (STORE_SUM), and its backward adds the gradient arriving at that sum
+(HAS_DSUM) to the one through the norm: a pre-norm layer's residual add costs no pass of its own.
 Autograd lives in fastbert/ops.py; this module only runs kernels.
 """
 from __future__ import annotations
@@ -64,10 +67,10 @@ def _pre_norm_sum(X, RESIDUAL, row, start, hidden, dropout_p, seed,
 
 @triton.jit
 def _add_layer_norm_fwd_kernel(
-    X, RESIDUAL, W, B, Y, MEAN, RSTD,
+    X, RESIDUAL, W, B, Y, MEAN, RSTD, SUM,
     hidden, eps, dropout_p, seed,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-    WHOLE_ROW: tl.constexpr,
+    WHOLE_ROW: tl.constexpr, STORE_SUM: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols0 = tl.arange(0, BLOCK_N)
@@ -75,6 +78,8 @@ def _add_layer_norm_fwd_kernel(
         in_row = cols0 < hidden
         s, _ = _pre_norm_sum(X, RESIDUAL, row, 0, hidden, dropout_p, seed,
                              HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
+        if STORE_SUM:
+            tl.store(SUM + row * hidden + cols0, s.to(SUM.dtype.element_ty), mask=in_row)
         # one division, and rsqrt (2**-22 relative) rather than a division by sqrt: per-row
         # scalars, but each IEEE division or sqrt is ~10 instructions of a memory-bound kernel
         inv_hidden = 1.0 / hidden
@@ -93,6 +98,9 @@ def _add_layer_norm_fwd_kernel(
         for start in range(0, hidden, BLOCK_N):
             s, _ = _pre_norm_sum(X, RESIDUAL, row, start, hidden, dropout_p, seed,
                                  HAS_RESIDUAL, HAS_DROPOUT, BLOCK_N)
+            if STORE_SUM:  # the first walk stores it; the second reads x and residual again
+                tl.store(SUM + row * hidden + start + cols0, s.to(SUM.dtype.element_ty),
+                         mask=start + cols0 < hidden)
             n = tl.minimum(hidden - start, BLOCK_N).to(tl.float32)
             chunk_mean = tl.sum(s, axis=0) / n
             deviation = tl.where(start + cols0 < hidden, s - chunk_mean, 0.0)
@@ -114,10 +122,14 @@ def _add_layer_norm_fwd_kernel(
 
 
 @triton.jit
-def _store_input_grads(DX, DRESIDUAL, offsets, in_row, xhat, wdy, keep, rstd, c1, c2, dropout_p,
-                       HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """dresidual and dx at `offsets`, given the row's c1 = mean(xhat * w * dy), c2 = mean(w * dy)."""
+def _store_input_grads(DX, DRESIDUAL, DSUM, offsets, in_row, xhat, wdy, keep, rstd, c1, c2,
+                       dropout_p, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       HAS_DSUM: tl.constexpr):
+    """dresidual and dx at `offsets`, given the row's c1 = mean(xhat * w * dy), c2 = mean(w * dy);
+    with HAS_DSUM, plus the gradient reaching the pre-norm sum as an output."""
     ds = (wdy - (xhat * c1 + c2)) * rstd  # gradient w.r.t. the pre-norm sum
+    if HAS_DSUM:
+        ds += tl.load(DSUM + offsets, mask=in_row, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         tl.store(DRESIDUAL + offsets, ds.to(DRESIDUAL.dtype.element_ty), mask=in_row)
     if HAS_DROPOUT:
@@ -127,10 +139,10 @@ def _store_input_grads(DX, DRESIDUAL, offsets, in_row, xhat, wdy, keep, rstd, c1
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(
-    DY, X, RESIDUAL, W, MEAN, RSTD, DX, DRESIDUAL, DW_PARTIAL, DB_PARTIAL,
+    DY, X, RESIDUAL, W, MEAN, RSTD, DX, DRESIDUAL, DW_PARTIAL, DB_PARTIAL, DSUM,
     rows, hidden, rows_per_program, dropout_p, seed,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-    WHOLE_ROW: tl.constexpr,
+    WHOLE_ROW: tl.constexpr, HAS_DSUM: tl.constexpr,
 ):
     """WHOLE_ROW: dweight/dbias sums stay in registers and are stored at the end; else each row's
     chunks are added into this program's partial rows (zeroed by the launcher)."""
@@ -159,8 +171,8 @@ def _add_layer_norm_bwd_kernel(
             wdy = w * dy
             c1 = tl.sum(xhat * wdy, axis=0) * inv_hidden
             c2 = tl.sum(wdy, axis=0) * inv_hidden
-            _store_input_grads(DX, DRESIDUAL, offsets, in_row, xhat, wdy, keep, rstd, c1, c2,
-                               dropout_p, HAS_RESIDUAL, HAS_DROPOUT)
+            _store_input_grads(DX, DRESIDUAL, DSUM, offsets, in_row, xhat, wdy, keep, rstd, c1,
+                               c2, dropout_p, HAS_RESIDUAL, HAS_DROPOUT, HAS_DSUM)
             dw_acc += dy * xhat
             db_acc += dy
         else:  # two walks over the row's chunks: its sums c1, c2, then the gradients
@@ -187,8 +199,8 @@ def _add_layer_norm_bwd_kernel(
                 xhat = tl.where(in_row, (s - mean) * rstd, 0.0)
                 dy = tl.load(DY + offsets, mask=in_row, other=0.0).to(tl.float32)
                 wdy = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32) * dy
-                _store_input_grads(DX, DRESIDUAL, offsets, in_row, xhat, wdy, keep, rstd, c1, c2,
-                                   dropout_p, HAS_RESIDUAL, HAS_DROPOUT)
+                _store_input_grads(DX, DRESIDUAL, DSUM, offsets, in_row, xhat, wdy, keep, rstd,
+                                   c1, c2, dropout_p, HAS_RESIDUAL, HAS_DROPOUT, HAS_DSUM)
                 dw = DW_PARTIAL + partial + start
                 db = DB_PARTIAL + partial + start
                 tl.store(dw, tl.load(dw, mask=in_row) + dy * xhat, mask=in_row)
@@ -203,8 +215,10 @@ def _add_layer_norm_bwd_kernel(
 # launchers
 # --------------------------------------------------------------------------------------------
 
-def unsupported(dtype: torch.dtype, hidden: int, dropout_p: float = 0.0) -> Optional[str]:
-    """Why these kernels cannot serve the input, or None."""
+def unsupported(dtype: torch.dtype, hidden: int, dropout_p: float = 0.0,
+                store_sum: bool = False) -> Optional[str]:
+    """Why these kernels cannot serve the input, or None (the pre-norm form, store_sum,
+    serves whatever the plain one does)."""
     if dtype not in SUPPORTED_DTYPES:
         return f"the Triton add_layer_norm supports float16, bfloat16, float32, got {dtype}"
     if not 1 <= hidden <= MAX_HIDDEN:
@@ -231,26 +245,31 @@ def _backward_programs(rows: int, device: torch.device) -> int:
 
 
 def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                           eps: float, dropout_p: float, seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+                           eps: float, dropout_p: float, seed: int, store_sum: bool = False):
+    """(y, mean, rstd), and with store_sum the pre-norm sum dropout(x) + residual in x's dtype
+    as a fourth."""
     rows, hidden = x.shape
     y = torch.empty_like(x)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    s = torch.empty_like(x) if store_sum else None
     if rows == 0:
-        return y, mean, rstd
+        return (y, mean, rstd, s) if store_sum else (y, mean, rstd)
     block_n, num_warps, whole_row = _row_config(hidden)
     launch(_add_layer_norm_fwd_kernel, (rows,),
         x, residual if residual is not None else x, weight, bias, y, mean, rstd,
-        hidden, eps, dropout_p, seed,
+        s if store_sum else y, hidden, eps, dropout_p, seed,
         HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
-        WHOLE_ROW=whole_row, num_warps=num_warps,
+        WHOLE_ROW=whole_row, STORE_SUM=store_sum, num_warps=num_warps,
     )
-    return y, mean, rstd
+    return (y, mean, rstd, s) if store_sum else (y, mean, rstd)
 
 
 def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
-                            mean: Tensor, rstd: Tensor, dropout_p: float, seed: int
+                            mean: Tensor, rstd: Tensor, dropout_p: float, seed: int,
+                            dsum: Optional[Tensor] = None
                             ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """dsum: the gradient of the pre-norm sum as an output (return_residual), or None."""
     rows, hidden = x.shape
     dx = torch.empty_like(x)
     dresidual = torch.empty_like(residual) if residual is not None else None
@@ -264,9 +283,9 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
     launch(_add_layer_norm_bwd_kernel, (programs,),
         dy, x, residual if residual is not None else x, weight, mean, rstd,
         dx, dresidual if dresidual is not None else dx, dw_partial, db_partial,
-        rows, hidden, triton.cdiv(rows, programs), dropout_p, seed,
-        HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
-        WHOLE_ROW=whole_row, num_warps=num_warps,
+        dsum if dsum is not None else dy, rows, hidden, triton.cdiv(rows, programs), dropout_p,
+        seed, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block_n,
+        WHOLE_ROW=whole_row, HAS_DSUM=dsum is not None, num_warps=num_warps,
     )
     # A fixed-shape torch reduction has a fixed order: deterministic.
     dweight = dw_partial.sum(0).to(weight.dtype)
