@@ -358,3 +358,125 @@ def test_prebound_launches_match_ordinary_bitwise_gpu(dtype, monkeypatch):
                     torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2)
                 else:
                     assert torch.equal(a, e), f"{name}: output {i} differs"
+
+
+# --------------------------------------------------------------------------------------------
+# compile tier: real kernels compiled for sm_90 behind a stand-in driver; both paths' launcher
+# arguments compared
+# --------------------------------------------------------------------------------------------
+
+class _StandInDriver:
+    """What JITFunction.run and CompiledKernel ask of a GPU driver, without a GPU: an sm_90
+    target, a device and stream, kernels that "load", and a launcher that records its
+    arguments instead of launching."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", 90, 32)
+        self.launches = []
+        self.utils = self
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 4242
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        return "module", f"function {name}", 32, 0, 1024
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args: self.launches.append(args)
+
+
+def _same_launch(a, b) -> bool:
+    """Launcher argument lists that launch the same: tensors alike (fresh outputs each call),
+    everything else equal."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if type(x).__name__ == "LazyDict":  # the launch metadata: a new one per launch
+            if type(y) is not type(x) or vars(x) != vars(y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+                    and (x.dtype, x.shape, x.stride()) == (y.dtype, y.shape, y.stride())):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@pytest.mark.compile
+def test_direct_launch_passes_what_jitfunction_run_passes(monkeypatch):
+    from triton.runtime.jit import JITFunction
+
+    from fastbert import triton as fb_triton
+    from fastbert.triton import attention, layer_norm, linear_gelu, rotary
+    driver = _StandInDriver()
+    monkeypatch.setattr(triton.runtime.driver, "_active", driver)
+    monkeypatch.setattr(launch_module, "_driver_calls", None)
+    ordinary_run, runs = JITFunction.run, []
+
+    def counted_run(self, *args, **kwargs):
+        runs.append(self)
+        return ordinary_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", counted_run)
+    dt = torch.float16
+    x, r, dy = (torch.randn(5, 96).to(dt) for _ in range(3))
+    w, b = torch.randn(96).to(dt), torch.randn(96).to(dt)
+    q, k, v = (torch.randn(2, 40, 3, 64).to(dt) for _ in range(3))
+    mask = torch.arange(40)[None, :] < torch.tensor([[40], [17]])
+    cos, sin = torch.randn(64, 16), torch.randn(64, 16)
+    pre = torch.randn(5, 48).to(dt)
+
+    def layer_norm_fwd_bwd():
+        _, mean, rstd = fb_triton.add_layer_norm_forward(x, r, w, b, 1e-5, 0.1, 3)[:3]
+        fb_triton.add_layer_norm_backward(dy, x, r, w, mean, rstd, 0.1, 3)
+
+    cases = {
+        "add_layer_norm": (layer_norm_fwd_bwd, [layer_norm._add_layer_norm_fwd_kernel,
+                                                layer_norm._add_layer_norm_bwd_kernel]),
+        "attention masked fwd": (
+            lambda: fb_triton.attention_forward(q, k, v, mask.clone(), False, 0.0, 0.125, 1),
+            [attention._key_range_kernel, attention._attn_fwd_kernel]),
+        "apply_rotary": (lambda: fb_triton.apply_rotary(q, cos, sin, torch.arange(40), False,
+                                                        False), [rotary._rotary_kernel]),
+        "gelu dbias": (lambda: linear_gelu.linear_bias_gelu_backward(
+            pre.clone(), x, torch.randn(48, 96).to(dt), pre, "none"),
+            [linear_gelu._gelu_bwd_dbias_kernel]),
+    }
+    try:
+        for name, (call, kernels) in cases.items():
+            monkeypatch.setattr(launch_module, "enabled", True)
+            call()  # binds: Triton compiles for sm_90 and "launches" through the recorder
+            assert len(runs) == len(kernels), name
+            expected = []
+            for enabled in (False, True):  # the ordinary path, then the direct one
+                monkeypatch.setattr(launch_module, "enabled", enabled)
+                runs.clear()
+                driver.launches.clear()
+                call()
+                assert len(runs) == (0 if enabled else len(kernels)), name
+                expected = expected or list(driver.launches)
+            assert len(driver.launches) == len(kernels), name
+            for got, want in zip(driver.launches, expected):
+                assert _same_launch(got, want), (name, [
+                    (i, a, b) for i, (a, b) in enumerate(zip(got, want))
+                    if not _same_launch([a], [b])])
+    finally:
+        for _, kernels in cases.values():
+            for kernel in kernels:  # nothing compiled for the stand-in driver stays behind
+                for caches in kernel.device_caches.values():
+                    for compiled in caches[0].values():
+                        compiled.module = None  # never loaded: nothing for __del__ to unload
+                kernel.device_caches.clear()
+                launch_module._bindings.pop(id(kernel), None)
