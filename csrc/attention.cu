@@ -46,6 +46,18 @@ void check_dropout(const char* op, double p) {
   check_arg(p >= 0.0 && p < 1.0, op, "dropout_p must be in [0, 1), got " + std::to_string(p));
 }
 
+void check_window(const char* op, int64_t left, int64_t right) {
+  check_arg(left >= -1 && right >= -1, op,
+            "window_size must be (left, right), each >= 0 or -1 for unbounded, got (" +
+                std::to_string(left) + ", " + std::to_string(right) + ")");
+}
+
+// One side of the band as the kernels take it (Params::band_lo / band_hi): a side at least
+// Sq + Sk wide bounds no key distance, so it is unbounded, and what remains fits an int.
+int band_side(int64_t w, int64_t Sq, int64_t Sk) {
+  return w < 0 || w >= Sq + Sk ? attn::kUnbounded : (int)w;
+}
+
 // Kernels needing > 48 KiB of dynamic shared memory must opt in, once per kernel and device
 // (cudaFuncSetAttribute costs a driver call, so it is not repeated per launch).
 void allow_smem(const void* kernel, size_t smem, const char* op, const char* name) {
@@ -98,7 +110,8 @@ template <typename T>
 attn::Params<T> make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                             int64_t B, int64_t Sq, int64_t Sk, int64_t H, Strides3 q_st,
                             Strides3 k_st, Strides3 v_st, Strides3 out_st, bool causal,
-                            double scale, double dropout_p, uint64_t seed) {
+                            int64_t window_left, int64_t window_right, double scale,
+                            double dropout_p, uint64_t seed) {
   attn::Params<T> p{};
   p.q = as_ptr<const T>(q);
   p.k = as_ptr<const T>(k);
@@ -111,7 +124,10 @@ attn::Params<T> make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
   p.out_st = to_strides(out_st);
   p.B = (int)B, p.H = (int)H, p.Sq = (int)Sq, p.Sk = (int)Sk;
   p.scale = (float)scale;
-  p.causal = causal;
+  p.scale_log2 = p.scale * attn::kLog2e;
+  // causal is the band's right side at 0 (bottom-right aligned, as the window)
+  p.band_lo = -band_side(window_left, Sq, Sk);
+  p.band_hi = causal ? 0 : band_side(window_right, Sq, Sk);
   p.dropout = make_dropout(dropout_p, seed);
   return p;
 }
@@ -249,17 +265,18 @@ int64_t max_smem_per_block() {
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                        uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                        Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st, bool causal,
-                       double scale, double dropout_p, uint64_t seed, int dtype,
-                       uintptr_t stream) {
+                       int64_t window_left, int64_t window_right, double scale, double dropout_p,
+                       uint64_t seed, int dtype, uintptr_t stream) {
   require_device(kOp);
   check_dropout(kOp, dropout_p);
+  check_window(kOp, window_left, window_right);
   check_shapes(kOp, B, Sq, Sk, H, D, {{"q", q}, {"k", k}, {"v", v}, {"out", out}},
                {{"q", q_st}, {"k", k_st}, {"v", v_st}, {"out", out_st}});
   if (Sq == 0) return;
   dispatch_half(dtype, kOp, [&](auto t) {
     using T = decltype(t);
     attn::Params<T> p = make_params<T>(q, k, v, out, lse, B, Sq, Sk, H, q_st, k_st, v_st, out_st,
-                                       causal, scale, dropout_p, seed);
+                                       causal, window_left, window_right, scale, dropout_p, seed);
     p.mask = as_ptr<const uint8_t>(mask);
     p.lse_b = H * Sq, p.lse_h = Sq;
     run_forward(p, D, dropout_p, as_stream(stream), kOp);
@@ -271,10 +288,12 @@ void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, u
                         uintptr_t delta, uintptr_t dq_accum, int64_t B, int64_t Sq, int64_t Sk,
                         int64_t H, int64_t D, Strides3 dout_st, Strides3 q_st, Strides3 k_st,
                         Strides3 v_st, Strides3 out_st, Strides3 dq_st, Strides3 dk_st,
-                        Strides3 dv_st, bool causal, double scale, double dropout_p,
-                        uint64_t seed, int dtype, uintptr_t stream) {
+                        Strides3 dv_st, bool causal, int64_t window_left, int64_t window_right,
+                        double scale, double dropout_p, uint64_t seed, int dtype,
+                        uintptr_t stream) {
   require_device(kOp);
   check_dropout(kOp, dropout_p);
+  check_window(kOp, window_left, window_right);
   check_shapes(kOp, B, Sq, Sk, H, D,
                {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"out", out}, {"dq", dq},
                 {"dk", dk}, {"dv", dv}, {"dq_accum", dq_accum}},
@@ -284,7 +303,7 @@ void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, u
   dispatch_half(dtype, kOp, [&](auto t) {
     using T = decltype(t);
     attn::Params<T> p = make_params<T>(q, k, v, out, lse, B, Sq, Sk, H, q_st, k_st, v_st, out_st,
-                                       causal, scale, dropout_p, seed);
+                                       causal, window_left, window_right, scale, dropout_p, seed);
     p.mask = as_ptr<const uint8_t>(mask);
     p.lse_b = H * Sq, p.lse_h = Sq;
     set_grad_fields(p, dout, dq, dk, dv, delta, dq_accum, dout_st, dq_st, dk_st, dv_st);
@@ -296,17 +315,20 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t c
                               uintptr_t cu_k, uintptr_t out, uintptr_t lse, int64_t B,
                               int64_t total_q, int64_t max_q, int64_t max_k, int64_t H, int64_t D,
                               Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st,
-                              bool causal, double scale, double dropout_p, uint64_t seed,
-                              int dtype, uintptr_t stream) {
+                              bool causal, int64_t window_left, int64_t window_right,
+                              double scale, double dropout_p, uint64_t seed, int dtype,
+                              uintptr_t stream) {
   require_device(kVarlenOp);
   check_dropout(kVarlenOp, dropout_p);
+  check_window(kVarlenOp, window_left, window_right);
   check_shapes(kVarlenOp, B, max_q, max_k, H, D, {{"q", q}, {"k", k}, {"v", v}, {"out", out}},
                {{"q", q_st}, {"k", k_st}, {"v", v_st}, {"out", out_st}});
   if (total_q == 0 || max_q == 0) return;
   dispatch_half(dtype, kVarlenOp, [&](auto t) {
     using T = decltype(t);
-    attn::Params<T> p = make_params<T>(q, k, v, out, lse, B, max_q, max_k, H, q_st, k_st, v_st,
-                                       out_st, causal, scale, dropout_p, seed);
+    attn::Params<T> p =
+        make_params<T>(q, k, v, out, lse, B, max_q, max_k, H, q_st, k_st, v_st, out_st, causal,
+                       window_left, window_right, scale, dropout_p, seed);
     p.cu_q = as_ptr<const int>(cu_q);
     p.cu_k = as_ptr<const int>(cu_k);
     p.lse_b = 0, p.lse_h = total_q;
@@ -321,10 +343,11 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                                int64_t max_k, int64_t H, int64_t D, Strides3 dout_st,
                                Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st,
                                Strides3 dq_st, Strides3 dk_st, Strides3 dv_st, bool causal,
-                               double scale, double dropout_p, uint64_t seed, int dtype,
-                               uintptr_t stream) {
+                               int64_t window_left, int64_t window_right, double scale,
+                               double dropout_p, uint64_t seed, int dtype, uintptr_t stream) {
   require_device(kVarlenOp);
   check_dropout(kVarlenOp, dropout_p);
+  check_window(kVarlenOp, window_left, window_right);
   check_shapes(kVarlenOp, B, max_q, max_k, H, D,
                {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"out", out}, {"dq", dq},
                 {"dk", dk}, {"dv", dv}, {"dq_accum", dq_accum}},
@@ -333,8 +356,9 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
   if (max_q == 0 && max_k == 0) return;
   dispatch_half(dtype, kVarlenOp, [&](auto t) {
     using T = decltype(t);
-    attn::Params<T> p = make_params<T>(q, k, v, out, lse, B, max_q, max_k, H, q_st, k_st, v_st,
-                                       out_st, causal, scale, dropout_p, seed);
+    attn::Params<T> p =
+        make_params<T>(q, k, v, out, lse, B, max_q, max_k, H, q_st, k_st, v_st, out_st, causal,
+                       window_left, window_right, scale, dropout_p, seed);
     p.cu_q = as_ptr<const int>(cu_q);
     p.cu_k = as_ptr<const int>(cu_k);
     p.lse_b = 0, p.lse_h = total_q;

@@ -28,11 +28,13 @@ int64_t attention_smem_bytes(int64_t D);
 std::map<std::string, int64_t> attention_tile_info(int64_t D, bool dropout);
 int64_t max_smem_per_block();
 
+// window_left / window_right: flash-attn's sliding window (key j visible from query i when
+// i + Sk - Sq - left <= j <= i + Sk - Sq + right), each >= 0 or -1 for unbounded; with causal.
 void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                        uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                        Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st, bool causal,
-                       double scale, double dropout_p, uint64_t seed, int dtype,
-                       uintptr_t stream);
+                       int64_t window_left, int64_t window_right, double scale, double dropout_p,
+                       uint64_t seed, int dtype, uintptr_t stream);
 
 // dq_accum: 0 for the deterministic path (a separate dQ kernel), else an fp32 buffer laid out
 // like a contiguous q, which the backward zeroes, accumulates into with atomics and converts.
@@ -41,8 +43,9 @@ void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, u
                         uintptr_t delta, uintptr_t dq_accum, int64_t B, int64_t Sq, int64_t Sk,
                         int64_t H, int64_t D, Strides3 dout_st, Strides3 q_st, Strides3 k_st,
                         Strides3 v_st, Strides3 out_st, Strides3 dq_st, Strides3 dk_st,
-                        Strides3 dv_st, bool causal, double scale, double dropout_p,
-                        uint64_t seed, int dtype, uintptr_t stream);
+                        Strides3 dv_st, bool causal, int64_t window_left, int64_t window_right,
+                        double scale, double dropout_p, uint64_t seed, int dtype,
+                        uintptr_t stream);
 
 // Packed sequences: tensors (total, H, D) with strides given as (0, row, head); cu_q / cu_k int32
 // (B + 1) on the device; max_q / max_k bound every length; lse and delta (H, total_q).
@@ -50,8 +53,9 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t c
                               uintptr_t cu_k, uintptr_t out, uintptr_t lse, int64_t B,
                               int64_t total_q, int64_t max_q, int64_t max_k, int64_t H, int64_t D,
                               Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st,
-                              bool causal, double scale, double dropout_p, uint64_t seed,
-                              int dtype, uintptr_t stream);
+                              bool causal, int64_t window_left, int64_t window_right,
+                              double scale, double dropout_p, uint64_t seed, int dtype,
+                              uintptr_t stream);
 
 void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
                                uintptr_t out, uintptr_t lse, uintptr_t cu_q, uintptr_t cu_k,
@@ -60,8 +64,8 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                                int64_t max_k, int64_t H, int64_t D, Strides3 dout_st,
                                Strides3 q_st, Strides3 k_st, Strides3 v_st, Strides3 out_st,
                                Strides3 dq_st, Strides3 dk_st, Strides3 dv_st, bool causal,
-                               double scale, double dropout_p, uint64_t seed, int dtype,
-                               uintptr_t stream);
+                               int64_t window_left, int64_t window_right, double scale,
+                               double dropout_p, uint64_t seed, int dtype, uintptr_t stream);
 
 void add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias,
                             uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t rows,

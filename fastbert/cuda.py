@@ -9,7 +9,8 @@ backward regenerates forward's mask from the same seed; the masks differ from th
 backends' masks (each backend is consistent with itself). The attention backward adds dQ with
 fp32 atomics (one kernel over key blocks, then a conversion); `deterministic=True` (or
 torch.use_deterministic_algorithms(True)) runs a separate dQ kernel instead, without atomics.
-Attention also serves packed sequences (attention_varlen_*, the contract in fastbert/varlen.py).
+Attention also serves packed sequences (attention_varlen_*, the contract in fastbert/varlen.py)
+and flash-attn's sliding window (`window=(left, right)`: only the key tiles a band reaches run).
 Importing this module never raises: without the extension or a GPU, `unavailable_reason()` says why.
 """
 from __future__ import annotations
@@ -88,8 +89,6 @@ def unsupported(op: str, **kw) -> Optional[str]:
     """Why these kernels cannot serve an input (None when they can)."""
     dtype = kw.get("dtype")
     if op in ("fastbert.attention", "fastbert.attention_varlen"):
-        if "window" in kw:
-            return "the CUDA attention kernels take no sliding window (window_size)"
         if dtype not in ATTENTION_DTYPES:
             return f"the CUDA attention kernels take float16 or bfloat16, got {dtype}"
         if kw.get("head_dim") not in ATTENTION_HEAD_DIMS:
@@ -193,7 +192,7 @@ def _require_extension(op: str) -> None:
 # attention
 # --------------------------------------------------------------------------------------------
 
-def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
+def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1, -1)):
     op = "fastbert.attention"
     _require_extension(op)
     b, sq, h, d = q.shape
@@ -206,13 +205,13 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed):
         _C.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(),
                              lse.data_ptr(), b, sq, k.shape[1], h, d, _bshd_strides(q),
                              _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
-                             bool(causal), float(scale), float(dropout_p), int(seed),
+                             bool(causal), *window, float(scale), float(dropout_p), int(seed),
                              _DTYPE_CODES[q.dtype], _stream(q))
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
-                       deterministic):
+                       deterministic, window=(-1, -1)):
     op = "fastbert.attention"
     _require_extension(op)
     b, sq, h, d = q.shape
@@ -233,13 +232,13 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
                               _ptr(acc), b, sq, sk, h, d, _bshd_strides(dout), _bshd_strides(q),
                               _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
                               _bshd_strides(dq), _bshd_strides(dk), _bshd_strides(dv),
-                              bool(causal), float(scale), float(dropout_p), int(seed),
+                              bool(causal), *window, float(scale), float(dropout_p), int(seed),
                               _DTYPE_CODES[q.dtype], _stream(q))
     return dq, dk, dv
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             causal, dropout_p, scale, seed):
+                             causal, dropout_p, scale, seed, window=(-1, -1)):
     op = "fastbert.attention_varlen"
     _require_extension(op)
     total_q, h, d = q.shape
@@ -255,13 +254,15 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                                     out.data_ptr(), lse.data_ptr(), batch, total_q,
                                     int(max_seqlen_q), int(max_seqlen_k), h, d, _bshd_strides(q),
                                     _bshd_strides(k), _bshd_strides(v), _bshd_strides(out),
-                                    bool(causal), float(scale), float(dropout_p), int(seed),
+                                    bool(causal), *window, float(scale), float(dropout_p),
+                                    int(seed),
                                     _DTYPE_CODES[q.dtype], _stream(q))
     return out, lse
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, causal, dropout_p, scale, seed, deterministic):
+                              max_seqlen_k, causal, dropout_p, scale, seed, deterministic,
+                              window=(-1, -1)):
     op = "fastbert.attention_varlen"
     _require_extension(op)
     total_q, h, d = q.shape
@@ -286,7 +287,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                                      _bshd_strides(dout), _bshd_strides(q), _bshd_strides(k),
                                      _bshd_strides(v), _bshd_strides(out), _bshd_strides(dq),
                                      _bshd_strides(dk), _bshd_strides(dv), bool(causal),
-                                     float(scale), float(dropout_p), int(seed),
+                                     *window, float(scale), float(dropout_p), int(seed),
                                      _DTYPE_CODES[q.dtype], _stream(q))
     return dq, dk, dv
 

@@ -2,7 +2,7 @@
 //
 // 1. delta_kernel: delta = rowsum(dO * O) per query (and zeroes the fp32 dQ accumulator).
 // 2. dkdv_kernel: one block per (64-key block, head, sequence), 4 warps of 16 keys each; dK and
-//    dV stay in registers while the block walks the query tiles that can see its keys (Q, dO,
+//    dV stay in registers while the block walks the query tiles whose band reaches its keys (Q, dO,
 //    lse, delta double-buffered by cp.async). Per tile and warp, five products: S^T = K Q^T and
 //    dP^T = V dO^T (C fragments), P^T and dS^T = P^T (dP^T - delta) element-wise (exp and
 //    Philox once), dV += P^T dO and dK += dS^T Q with the C fragments re-packed as A operands,
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 2) dkdv_kernel(const P
   const int n0 = blockIdx.x * kBlockN;
   if (n0 >= seq.Sk) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-  const int shift = seq.Sk - seq.Sq;
+  const Band band = band_of(p, seq);
   const int warp_first = n0 + warp * 16;
   const int key_lo = warp_first + (lane >> 2);  // this lane's keys: key_lo and key_lo + 8
   const uint8_t* mask = p.mask ? p.mask + (int64_t)b * p.Sk : nullptr;
@@ -100,10 +100,10 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 2) dkdv_kernel(const P
   const T* dout = row0(p.dout, p.dout_st, b, seq.q0, h);
   const float* lse = p.lse + b * p.lse_b + h * p.lse_h + seq.q0;
   const float* delta = p.delta + b * p.lse_b + h * p.lse_h + seq.q0;
-  // causal: query i sees key n0 from i = n0 - shift on
-  const int m_begin = p.causal ? max(0, n0 - shift) / kBlockM * kBlockM : 0;
-  const int m_tiles = m_begin < seq.Sq ? (seq.Sq - m_begin + kBlockM - 1) / kBlockM : 0;
-  const float scale_log2 = p.scale * kLog2e;
+  // the query tiles from m_begin on that hold every query whose band reaches the block's keys
+  const int m_begin = band.query_begin(n0) / kBlockM * kBlockM;
+  const int m_end = band.query_end(min(n0 + kBlockN, seq.Sk) - 1, seq.Sq);
+  const int m_tiles = m_begin < m_end ? (m_end - m_begin + kBlockM - 1) / kBlockM : 0;
 
   auto load_q = [&](int m0, int stage) {
     T* dst = q_tile(stage);
@@ -179,7 +179,8 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 2) dkdv_kernel(const P
       }
     }
     // s <- P^T as dropout saw it, dp <- dS^T
-    const bool all_visible = warp_keys_real && (!p.causal || warp_first + 15 <= m0 + shift);
+    const bool all_visible =
+        warp_keys_real && band.inside(m0, m0 + kBlockM - 1, warp_first, warp_first + 15);
 #pragma unroll
     for (int f = 0; f < kNF; ++f) {
       const int col = f * 8 + 2 * c;  // this lane's queries m0 + col, m0 + col + 1
@@ -188,10 +189,9 @@ __global__ void __launch_bounds__(BwdTraits<D>::kThreads, 2) dkdv_kernel(const P
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = e & 1, r = e >> 1;
-        float pv = exp2f(s[f][e] * scale_log2 - lse2[j]);
+        float pv = exp2f(s[f][e] * p.scale_log2 - lse2[j]);
         if (!all_visible) {
-          const bool visible = (r ? real_hi : real_lo) &&
-                               (!p.causal || key_lo + 8 * r <= m0 + col + j + shift);
+          const bool visible = (r ? real_hi : real_lo) && band.has(m0 + col + j, key_lo + 8 * r);
           if (!visible) pv = 0.f;
         }
         float dpv = dp[f][e], p_used = pv;
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 2) dq_kernel(const Para
   const int m0 = blockIdx.x * kBlockM;
   if (m0 >= seq.Sq) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-  const int shift = seq.Sk - seq.Sq;
+  const Band band = band_of(p, seq);
   const int warp_first = m0 + warp * 16;
   const int row_lo = warp_first + (lane >> 2);
   const T* k = row0(p.k, p.k_st, b, seq.k0, h);
@@ -338,9 +338,10 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 2) dq_kernel(const Para
   const float lse2_hi = row_lo + 8 < seq.Sq ? lse[row_lo + 8] * kLog2e : INFINITY;
   const float delta_lo = row_lo < seq.Sq ? delta[row_lo] : 0.f;
   const float delta_hi = row_lo + 8 < seq.Sq ? delta[row_lo + 8] : 0.f;
-  const int n_end = p.causal ? min(seq.Sk, max(0, m0 + kBlockM + shift)) : seq.Sk;
-  const int n_tiles = (n_end + kBlockN - 1) / kBlockN;
-  const float scale_log2 = p.scale * kLog2e;
+  // the key tiles t_begin .. t_end - 1 the block's band reaches, tile t in stage t & 1
+  const int t_begin = band.key_begin(m0) / kBlockN;
+  const int n_end = band.key_end(min(m0 + kBlockM, seq.Sq) - 1, seq.Sk);
+  const int t_end = (n_end + kBlockN - 1) / kBlockN;
 
   auto load_kv = [&](int tile, int stage) {
     T* k_dst = kv_s + stage * 2 * kBlockN * kLd;
@@ -352,7 +353,7 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 2) dq_kernel(const Para
                                             seq.Sq);
   load_rows_async<kBlockM, D, Tr::kThreads>(do_s, row0(p.dout, p.dout_st, b, seq.q0, h),
                                             p.dout_st.s, m0, seq.Sq);
-  if (n_tiles > 0) load_kv(0, 0);
+  if (t_begin < t_end) load_kv(t_begin, t_begin & 1);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
@@ -369,14 +370,14 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 2) dq_kernel(const Para
 #pragma unroll
   for (int f = 0; f < D / 8; ++f) dq[f][0] = dq[f][1] = dq[f][2] = dq[f][3] = 0.f;
 
-  for (int t = 0; t < n_tiles; ++t) {
+  for (int t = t_begin; t < t_end; ++t) {
     const int n0 = t * kBlockN;
-    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
+    if (t + 1 < t_end) load_kv(t + 1, (t + 1) & 1);
     cp_async_commit();
     const T* k_s = kv_s + (t & 1) * 2 * kBlockN * kLd;
     const T* v_s = k_s + kBlockN * kLd;
     const uint64_t bits = key_bits(mask, n0, seq.Sk);
-    if (!p.causal || n0 <= warp_first + 15 + shift) {
+    if (band.meets(warp_first, warp_first + 15, n0, n0 + kBlockN - 1)) {
       uint32_t keep_bits = ~0u;
       if constexpr (kDropout)
         keep_bits = dropout_keep_bits<true, kNF>(p.dropout, b, h, row_lo, n0 + 2 * c);
@@ -406,18 +407,17 @@ __global__ void __launch_bounds__(DqTraits<D>::kThreads, 2) dq_kernel(const Para
           mma_16816<T>(dp[2 * np + 1], ad, bv[2], bv[3]);
         }
       }
-      const bool all_visible =
-          (bits & kFull) == kFull && (!p.causal || n0 + kBlockN - 1 <= warp_first + shift);
+      const bool all_visible = (bits & kFull) == kFull &&
+                               band.inside(warp_first, warp_first + 15, n0, n0 + kBlockN - 1);
 #pragma unroll
       for (int f = 0; f < kNF; ++f) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int j = e & 1, r = e >> 1;
-          float pv = exp2f(s[f][e] * scale_log2 - (r ? lse2_hi : lse2_lo));
+          float pv = exp2f(s[f][e] * p.scale_log2 - (r ? lse2_hi : lse2_lo));
           if (!all_visible) {
             const int col = f * 8 + 2 * c + j;
-            const bool visible = ((bits >> col) & 1) &&
-                                 (!p.causal || n0 + col <= row_lo + 8 * r + shift);
+            const bool visible = ((bits >> col) & 1) && band.has(row_lo + 8 * r, n0 + col);
             if (!visible) pv = 0.f;
           }
           float dpv = dp[f][e];

@@ -2,7 +2,10 @@
 // cp.async tile loads, key visibility, dropout draws, and the 16-byte-store epilogue.
 //
 // Masking: key j is visible to query i (both local to their sequence) when j < Sk, the key padding
-// mask (dense only) says j is real, and, with causal, j <= i + Sk - Sq (bottom-right aligned).
+// mask (dense only) says j is real, and j lies in i's band (flash-attn's sliding window,
+// bottom-right aligned): i + Sk - Sq - left <= j <= i + Sk - Sq + right, a side of -1 unbounded;
+// causal is the band's right side at 0, folded in by the launcher. Loops visit only the tiles a
+// band reaches.
 // A query that sees no key gets out = 0 and lse = +inf. Softmax runs in the exp2 domain.
 //
 // Dropout: the keep decision of (query i, key j) is word 2 (i & 1) + (j & 1) of
@@ -23,6 +26,7 @@ namespace attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kUnbounded = 1 << 30;  // a band side beyond any key distance
 
 // Element strides of a (B, S, H, D) tensor (or (total, H, D) with b = 0) whose last stride is 1.
 struct Strides {
@@ -48,7 +52,10 @@ template <typename T> struct Params {
   int64_t lse_b, lse_h;
   int B, H, Sq, Sk;  // dense: the lengths; varlen: max_seqlen (an upper bound)
   float scale;
-  bool causal;
+  float scale_log2;  // scale * log2(e): scores in the exp2 domain
+  // the band: key j visible from query i when band_lo <= j - i - (Sk - Sq) <= band_hi, i.e.
+  // (-left, right) of the window, causal's right = 0; an unbounded side is -+kUnbounded
+  int band_lo, band_hi;
   DropoutParams dropout;  // read only by the kDropout kernels
 };
 
@@ -61,6 +68,40 @@ template <typename T> __device__ __forceinline__ Seq sequence(const Params<T>& p
   if (p.cu_q == nullptr) return Seq{0, 0, p.Sq, p.Sk};
   const int q0 = p.cu_q[b], k0 = p.cu_k[b];
   return Seq{q0, k0, p.cu_q[b + 1] - q0, p.cu_k[b + 1] - k0};
+}
+
+// Query i's band in one sequence: the keys j whose distance from its (bottom-right aligned)
+// diagonal, d = j - i - shift with shift = Sk - Sq, lies in [lo, hi] (Params::band_lo / band_hi,
+// kernel parameters: read from the constant bank, no registers). A rectangle of queries [i0, i1]
+// x keys [j0, j1] holds d in [j0 - i1 - shift, j1 - i0 - shift]: it meets the band (some pair
+// visible) or lies inside it (every pair) by comparing that range with [lo, hi].
+struct Band {
+  int shift, lo, hi;
+  __device__ __forceinline__ bool has(int i, int j) const {
+    return j - i - shift >= lo && j - i - shift <= hi;
+  }
+  __device__ __forceinline__ bool meets(int i0, int i1, int j0, int j1) const {
+    return j0 - i1 - shift <= hi && j1 - i0 - shift >= lo;
+  }
+  __device__ __forceinline__ bool inside(int i0, int i1, int j0, int j1) const {
+    return j1 - i0 - shift <= hi && j0 - i1 - shift >= lo;
+  }
+  // Keys [key_begin(i0), key_end(i1, Sk)) hold every key some query in [i0, i1] sees, queries
+  // [query_begin(j0), query_end(j1, Sq)) every query that sees a key in [j0, j1]. d lies in
+  // [1 - Sk, Sq - 1]: clamping an unbounded side there keeps the sums in range.
+  __device__ __forceinline__ int key_begin(int i0) const { return max(0, i0 + shift + lo); }
+  __device__ __forceinline__ int key_end(int i1, int Sk) const {
+    return min(Sk, max(0, i1 + shift + min(hi, Sk - shift) + 1));
+  }
+  __device__ __forceinline__ int query_begin(int j0) const { return max(0, j0 - shift - hi); }
+  __device__ __forceinline__ int query_end(int j1, int Sq) const {
+    return min(Sq, max(0, j1 - shift - max(lo, -(Sq + shift)) + 1));
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ Band band_of(const Params<T>& p, const Seq& seq) {
+  return Band{seq.Sk - seq.Sq, p.band_lo, p.band_hi};
 }
 
 // Row 0 of head h of sequence b (row `start` of the packed tensor).

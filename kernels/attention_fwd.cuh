@@ -1,10 +1,11 @@
 // Attention forward, FlashAttention-2 style: one block per (query tile, head, sequence), 16 query
 // rows per warp (8 warps, 128 queries; 4 warps at D = 128). K/V tiles stream through two
-// shared-memory stages filled by cp.async (tile t + 1 loads while tile t is computed). Per tile
-// and warp: S = Q K^T in C fragments, masking only on tiles that need it (padding / sequence end
-// from a 64-bit key mask, causal only on tiles crossing the diagonal), online softmax with quad
-// shuffles, then the S fragments re-packed as the A operand of O += P V. O stays in registers
-// until the epilogue.
+// shared-memory stages filled by cp.async (tile t + 1 loads while tile t is computed); only the
+// key tiles the block's band reaches (causal / sliding window) are loaded, and a warp skips those
+// its own 16 rows' band misses. Per tile and warp: S = Q K^T in C fragments, masking only on
+// tiles that need it (padding / sequence end from a 64-bit key mask, the band only on tiles
+// crossing its edges), online softmax with quad shuffles, then the S fragments re-packed as the
+// A operand of O += P V. O stays in registers until the epilogue.
 #pragma once
 #include "kernels/attention_common.cuh"
 
@@ -40,17 +41,18 @@ fwd_kernel(const Params<T> p) {
   const int m0 = blockIdx.x * kBlockM;
   if (m0 >= seq.Sq) return;  // a tile past this sequence's end
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane & 3;
-  const int shift = seq.Sk - seq.Sq;
+  const Band band = band_of(p, seq);
   const int warp_first = m0 + warp * 16;
   const int row_lo = warp_first + (lane >> 2);  // this lane's rows: row_lo and row_lo + 8
   const T* q = row0(p.q, p.q_st, b, seq.q0, h);
   const T* k = row0(p.k, p.k_st, b, seq.k0, h);
   const T* v = row0(p.v, p.v_st, b, seq.k0, h);
   const uint8_t* mask = p.mask ? p.mask + (int64_t)b * p.Sk : nullptr;
-  // causal: the last query of the tile sees keys up to m0 + kBlockM - 1 + shift
-  const int n_end = p.causal ? min(seq.Sk, max(0, m0 + kBlockM + shift)) : seq.Sk;
-  const int n_tiles = (n_end + kBlockN - 1) / kBlockN;
-  const float scale_log2 = p.scale * kLog2e;
+  // the key tiles t_begin .. t_end - 1 hold every key the block's queries see; tile t sits in
+  // shared-memory stage t & 1
+  const int t_begin = band.key_begin(m0) / kBlockN;
+  const int n_end = band.key_end(min(m0 + kBlockM, seq.Sq) - 1, seq.Sk);
+  const int t_end = (n_end + kBlockN - 1) / kBlockN;
 
   auto load_kv = [&](int tile, int stage) {
     T* k_dst = kv_s + stage * 2 * kBlockN * kLd;
@@ -59,7 +61,7 @@ fwd_kernel(const Params<T> p) {
                                               tile * kBlockN, seq.Sk);
   };
   load_rows_async<kBlockM, D, Tr::kThreads>(q_s, q, p.q_st.s, m0, seq.Sq);
-  if (n_tiles > 0) load_kv(0, 0);
+  if (t_begin < t_end) load_kv(t_begin, t_begin & 1);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
@@ -78,14 +80,15 @@ fwd_kernel(const Params<T> p) {
   // row sum (the quad's shares are added in the epilogue: alpha is the same across the quad)
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
 
-  for (int t = 0; t < n_tiles; ++t) {
+  for (int t = t_begin; t < t_end; ++t) {
     const int n0 = t * kBlockN;
-    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
+    if (t + 1 < t_end) load_kv(t + 1, (t + 1) & 1);
     cp_async_commit();
     const T* k_s = kv_s + (t & 1) * 2 * kBlockN * kLd;
     const T* v_s = k_s + kBlockN * kLd;
     const uint64_t bits = key_bits(mask, n0, seq.Sk);
-    if (!p.causal || n0 <= warp_first + 15 + shift) {  // else no row of this warp sees the tile
+    // else no row of this warp sees the tile
+    if (band.meets(warp_first, warp_first + 15, n0, n0 + kBlockN - 1)) {
       // drawn before S exists: fewer live registers while Philox runs
       uint32_t keep = ~0u;
       if constexpr (kDropout)
@@ -106,16 +109,16 @@ fwd_kernel(const Params<T> p) {
 #pragma unroll
       for (int f = 0; f < kNF; ++f)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[f][e] *= scale_log2;
-      const bool all_visible =
-          (bits & kFull) == kFull && (!p.causal || n0 + kBlockN - 1 <= warp_first + shift);
+        for (int e = 0; e < 4; ++e) s[f][e] *= p.scale_log2;
+      const bool all_visible = (bits & kFull) == kFull &&
+                               band.inside(warp_first, warp_first + 15, n0, n0 + kBlockN - 1);
       if (!all_visible) {
 #pragma unroll
         for (int f = 0; f < kNF; ++f)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int col = f * 8 + 2 * c + (e & 1), row = row_lo + (e >> 1) * 8;
-            const bool visible = ((bits >> col) & 1) && (!p.causal || n0 + col <= row + shift);
+            const bool visible = ((bits >> col) & 1) && band.has(row, n0 + col);
             if (!visible) s[f][e] = -INFINITY;
           }
       }

@@ -709,11 +709,12 @@ int64_t emu_max_smem_per_block() { return fastbert::max_smem_per_block(); }
 int emu_attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out,
                           uintptr_t lse, int64_t B, int64_t Sq, int64_t Sk, int64_t H, int64_t D,
                           const int64_t* q_st, const int64_t* k_st, const int64_t* v_st,
-                          const int64_t* out_st, int causal, double scale, double p,
-                          uint64_t seed, int dtype, uintptr_t stream) {
+                          const int64_t* out_st, int causal, int64_t left, int64_t right,
+                          double scale, double p, uint64_t seed, int dtype, uintptr_t stream) {
   return guarded([&] {
     fastbert::attention_forward(q, k, v, mask, out, lse, B, Sq, Sk, H, D, s3(q_st), s3(k_st),
-                                s3(v_st), s3(out_st), causal, scale, p, seed, dtype, stream);
+                                s3(v_st), s3(out_st), causal, left, right, scale, p, seed, dtype,
+                                stream);
   });
 }
 
@@ -721,13 +722,13 @@ int emu_attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v
                            uintptr_t lse, uintptr_t mask, uintptr_t dq, uintptr_t dk,
                            uintptr_t dv, uintptr_t delta, uintptr_t acc, int64_t B, int64_t Sq,
                            int64_t Sk, int64_t H, int64_t D, const int64_t* const* st,
-                           int causal, double scale, double p, uint64_t seed, int dtype,
-                           uintptr_t stream) {
+                           int causal, int64_t left, int64_t right, double scale, double p,
+                           uint64_t seed, int dtype, uintptr_t stream) {
   return guarded([&] {
     fastbert::attention_backward(dout, q, k, v, out, lse, mask, dq, dk, dv, delta, acc, B, Sq,
                                  Sk, H, D, s3(st[0]), s3(st[1]), s3(st[2]), s3(st[3]),
-                                 s3(st[4]), s3(st[5]), s3(st[6]), s3(st[7]), causal, scale, p,
-                                 seed, dtype, stream);
+                                 s3(st[4]), s3(st[5]), s3(st[6]), s3(st[7]), causal, left, right,
+                                 scale, p, seed, dtype, stream);
   });
 }
 
@@ -736,12 +737,12 @@ int emu_attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_
                                  int64_t total_q, int64_t max_q, int64_t max_k, int64_t H,
                                  int64_t D, const int64_t* q_st, const int64_t* k_st,
                                  const int64_t* v_st, const int64_t* out_st, int causal,
-                                 double scale, double p, uint64_t seed, int dtype,
-                                 uintptr_t stream) {
+                                 int64_t left, int64_t right, double scale, double p,
+                                 uint64_t seed, int dtype, uintptr_t stream) {
   return guarded([&] {
     fastbert::attention_varlen_forward(q, k, v, cu_q, cu_k, out, lse, B, total_q, max_q, max_k,
                                        H, D, s3(q_st), s3(k_st), s3(v_st), s3(out_st), causal,
-                                       scale, p, seed, dtype, stream);
+                                       left, right, scale, p, seed, dtype, stream);
   });
 }
 
@@ -750,14 +751,14 @@ int emu_attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uint
                                   uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t delta,
                                   uintptr_t acc, int64_t B, int64_t total_q, int64_t max_q,
                                   int64_t max_k, int64_t H, int64_t D, const int64_t* const* st,
-                                  int causal, double scale, double p, uint64_t seed, int dtype,
-                                  uintptr_t stream) {
+                                  int causal, int64_t left, int64_t right, double scale, double p,
+                                  uint64_t seed, int dtype, uintptr_t stream) {
   return guarded([&] {
     fastbert::attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, delta,
                                         acc, B, total_q, max_q, max_k, H, D, s3(st[0]),
                                         s3(st[1]), s3(st[2]), s3(st[3]), s3(st[4]), s3(st[5]),
-                                        s3(st[6]), s3(st[7]), causal, scale, p, seed, dtype,
-                                        stream);
+                                        s3(st[6]), s3(st[7]), causal, left, right, scale, p, seed,
+                                        dtype, stream);
   });
 }
 

@@ -157,12 +157,12 @@ class EmuC:
         lib.emu_attention_smem_bytes.restype = lib.emu_max_smem_per_block.restype = L
         lib.emu_attention_smem_bytes.argtypes = [L]
         lib.emu_guard_begin.argtypes = [I, P, P, P, P]
-        lib.emu_attention_forward.argtypes = [P] * 6 + [L] * 5 + [P] * 4 + [I, D, D, U, I, P]
-        lib.emu_attention_backward.argtypes = [P] * 12 + [L] * 5 + [P, I, D, D, U, I, P]
-        lib.emu_attention_varlen_forward.argtypes = ([P] * 7 + [L] * 6 + [P] * 4 +
-                                                     [I, D, D, U, I, P])
-        lib.emu_attention_varlen_backward.argtypes = ([P] * 13 + [L] * 6 +
-                                                      [P, I, D, D, U, I, P])
+        # ..., causal, window left, window right, scale, dropout p, seed, dtype, stream
+        tail = [I, L, L, D, D, U, I, P]
+        lib.emu_attention_forward.argtypes = [P] * 6 + [L] * 5 + [P] * 4 + tail
+        lib.emu_attention_backward.argtypes = [P] * 12 + [L] * 5 + [P] + tail
+        lib.emu_attention_varlen_forward.argtypes = [P] * 7 + [L] * 6 + [P] * 4 + tail
+        lib.emu_attention_varlen_backward.argtypes = [P] * 13 + [L] * 6 + [P] + tail
         lib.emu_add_layer_norm_forward.argtypes = [P] * 7 + [L, L, D, D, U, I, I, P]
         lib.emu_add_layer_norm_backward_parts.argtypes = [L, L, P]
         lib.emu_add_layer_norm_backward.argtypes = [P] * 11 + [L, L, L, D, U, I, I, P]
@@ -240,7 +240,7 @@ class EmuC:
         return {re.match(r"void ([\w:]+)", name).group(1).split("::")[-1] for name in names}
 
     def attention_forward(self, q, k, v, mask, out, lse, B, Sq, Sk, H, D, q_st, k_st, v_st,
-                          out_st, causal, scale, p, seed, dtype, stream):
+                          out_st, causal, left, right, scale, p, seed, dtype, stream):
         e = ELEMENT_BYTES[dtype]
         buffers = {"q": (q, _strided_bytes(B, Sq, H, D, q_st, e)),
                    "k": (k, _strided_bytes(B, Sk, H, D, k_st, e)),
@@ -249,11 +249,12 @@ class EmuC:
                    "lse": (lse, B * H * Sq * 4)}
         self.guarded(buffers, lambda m: self.lib.emu_attention_forward(
             m["q"], m["k"], m["v"], m["mask"], m["out"], m["lse"], B, Sq, Sk, H, D,
-            *map(_strides, (q_st, k_st, v_st, out_st)), causal, scale, p, seed, dtype, stream))
+            *map(_strides, (q_st, k_st, v_st, out_st)), causal, left, right, scale, p, seed,
+            dtype, stream))
 
     def attention_backward(self, dout, q, k, v, out, lse, mask, dq, dk, dv, delta, acc, B, Sq, Sk,
                            H, D, *rest):
-        strides, (causal, scale, p, seed, dtype, stream) = rest[:8], rest[8:]
+        strides, (causal, left, right, scale, p, seed, dtype, stream) = rest[:8], rest[8:]
         dout_st, q_st, k_st, v_st, out_st, dq_st, dk_st, dv_st = strides
         e = ELEMENT_BYTES[dtype]
         buffers = {"dout": (dout, _strided_bytes(B, Sq, H, D, dout_st, e)),
@@ -270,15 +271,15 @@ class EmuC:
         self.guarded(buffers, lambda m: self.lib.emu_attention_backward(
             *(m[n] for n in ("dout", "q", "k", "v", "out", "lse", "mask", "dq", "dk", "dv",
                              "delta", "dq_accum")),
-            B, Sq, Sk, H, D, all_strides, causal, scale, p, seed, dtype, stream))
+            B, Sq, Sk, H, D, all_strides, causal, left, right, scale, p, seed, dtype, stream))
 
     @staticmethod
     def _total_k(cu_k, batch):
         return ctypes.c_int32.from_address(cu_k + 4 * batch).value
 
     def attention_varlen_forward(self, q, k, v, cu_q, cu_k, out, lse, B, total_q, max_q, max_k, H,
-                                 D, q_st, k_st, v_st, out_st, causal, scale, p, seed, dtype,
-                                 stream):
+                                 D, q_st, k_st, v_st, out_st, causal, left, right, scale, p, seed,
+                                 dtype, stream):
         e, total_k = ELEMENT_BYTES[dtype], self._total_k(cu_k, B)
         buffers = {"q": (q, _strided_bytes(1, total_q, H, D, q_st, e)),
                    "k": (k, _strided_bytes(1, total_k, H, D, k_st, e)),
@@ -289,11 +290,11 @@ class EmuC:
         self.guarded(buffers, lambda m: self.lib.emu_attention_varlen_forward(
             m["q"], m["k"], m["v"], m["cu_seqlens_q"], m["cu_seqlens_k"], m["out"], m["lse"], B,
             total_q, max_q, max_k, H, D, *map(_strides, (q_st, k_st, v_st, out_st)), causal,
-            scale, p, seed, dtype, stream))
+            left, right, scale, p, seed, dtype, stream))
 
     def attention_varlen_backward(self, dout, q, k, v, out, lse, cu_q, cu_k, dq, dk, dv, delta,
                                   acc, B, total_q, max_q, max_k, H, D, *rest):
-        strides, (causal, scale, p, seed, dtype, stream) = rest[:8], rest[8:]
+        strides, (causal, left, right, scale, p, seed, dtype, stream) = rest[:8], rest[8:]
         dout_st, q_st, k_st, v_st, out_st, dq_st, dk_st, dv_st = strides
         e, total_k = ELEMENT_BYTES[dtype], self._total_k(cu_k, B)
         buffers = {"dout": (dout, _strided_bytes(1, total_q, H, D, dout_st, e)),
@@ -311,7 +312,8 @@ class EmuC:
         self.guarded(buffers, lambda m: self.lib.emu_attention_varlen_backward(
             *(m[n] for n in ("dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k",
                              "dq", "dk", "dv", "delta", "dq_accum")),
-            B, total_q, max_q, max_k, H, D, all_strides, causal, scale, p, seed, dtype, stream))
+            B, total_q, max_q, max_k, H, D, all_strides, causal, left, right, scale, p, seed,
+            dtype, stream))
 
     def add_layer_norm_forward(self, x, residual, weight, bias, y, mean, rstd, rows, hidden, eps,
                                p, seed, dtype, weight_dtype, stream):

@@ -105,14 +105,16 @@ def test_kernels_without_gpu_raise_clean_errors():
     calls = {
         "fastbert.attention": [
             lambda: ext.attention_forward(0, 0, 0, 0, 0, 0, 1, 8, 8, 1, 64, zero3, zero3, zero3,
-                                          zero3, False, 0.125, 0.1, 7, 0, 0),
+                                          zero3, False, -1, -1, 0.125, 0.1, 7, 0, 0),
             lambda: ext.attention_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 8, 8, 1, 64,
-                                           *([zero3] * 8), False, 0.125, 0.1, 7, 0, 0)],
+                                           *([zero3] * 8), False, 4, 4, 0.125, 0.1, 7, 0, 0)],
         "fastbert.attention_varlen": [
             lambda: ext.attention_varlen_forward(0, 0, 0, 0, 0, 0, 0, 2, 8, 8, 8, 1, 64,
-                                                 *([zero3] * 4), False, 0.125, 0.1, 7, 0, 0),
+                                                 *([zero3] * 4), False, 2, -1, 0.125, 0.1, 7, 0,
+                                                 0),
             lambda: ext.attention_varlen_backward(*([0] * 13), 2, 8, 8, 8, 1, 64,
-                                                  *([zero3] * 8), True, 0.125, 0.0, 7, 1, 0)],
+                                                  *([zero3] * 8), True, -1, -1, 0.125, 0.0, 7, 1,
+                                                  0)],
         "fastbert.add_layer_norm": [
             lambda: ext.add_layer_norm_forward(0, 0, 0, 0, 0, 0, 0, 4, 8, 1e-5, 0.1, 7, 0, 0, 0),
             lambda: ext.add_layer_norm_backward_parts(4, 8),

@@ -46,18 +46,21 @@ def make_qkv(b, sq, sk, h, d, dtype, packed=False, device="cuda"):
     return tuple(torch.randn(b, s, h, d, dtype=dtype, device=device) for s in (sq, sk, sk))
 
 
-def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed=False, device="cuda"):
+def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed=False, device="cuda",
+                    window=ops.FULL_WINDOW, mask=None):
+    """`window` (left, right): flash-attn's sliding window; `mask` replaces mask_mode's."""
     q, k, v = make_qkv(b, sq, sk, h, d, dtype, packed, device)
-    mask = None if mask_mode is None else random_padding_mask(b, sk, device, mode=mask_mode)
+    if mask is None and mask_mode is not None:
+        mask = random_padding_mask(b, sk, device, mode=mask_mode)
     scale = 1.0 / math.sqrt(d)
     dout = torch.randn(b, sq, h, d, dtype=dtype, device=device)
 
-    out, lse = cuda_backend.attention_forward(q, k, v, mask, causal, 0.0, scale, 0)
+    out, lse = cuda_backend.attention_forward(q, k, v, mask, causal, 0.0, scale, 0, window=window)
     dq, dk, dv = cuda_backend.attention_backward(dout, q, k, v, out, lse, mask, causal, 0.0,
-                                                 scale, 0, False)
+                                                 scale, 0, False, window=window)
     # deterministic: dQ from its own kernel (no atomics); dK and dV are the same computation
     dq_det, dk_det, dv_det = cuda_backend.attention_backward(dout, q, k, v, out, lse, mask, causal,
-                                                             0.0, scale, 0, True)
+                                                             0.0, scale, 0, True, window=window)
     assert torch.equal(dk, dk_det) and torch.equal(dv, dv_det)
     assert out.shape == (b, sq, h, d) and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
@@ -65,14 +68,16 @@ def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed=False, dev
         assert g.shape == t.shape and g.dtype == dtype and g.is_contiguous()
 
     q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
-    exact_out, exact_lse = reference.attention_forward(q64, k64, v64, mask, causal, 0.0, scale)
+    vis = reference.attention_visible(mask, causal, b, sq, sk, device, window)
+    exact_out, exact_lse = reference.attention_forward(q64, k64, v64, mask, causal, 0.0, scale,
+                                                       visible=vis)
     exact = reference.attention_backward(do64, q64, k64, v64, exact_out, exact_lse, mask, causal,
-                                         0.0, scale)
+                                         0.0, scale, visible=vis)
     plain_out, plain_lse = reference.attention_forward(q, k, v, mask, causal, 0.0, scale,
-                                                       upcast=False)
+                                                       upcast=False, visible=vis)
     plain = reference.attention_backward(dout, q, k, v, plain_out, plain_lse, mask, causal, 0.0,
-                                         scale, upcast=False)
-    tag = f"b{b} sq{sq} sk{sk} h{h} d{d} {dtype} causal={causal} mask={mask_mode}"
+                                         scale, upcast=False, visible=vis)
+    tag = f"b{b} sq{sq} sk{sk} h{h} d{d} {dtype} causal={causal} mask={mask_mode} window={window}"
     assert_close_by_rule(out, plain_out, exact_out, f"out [{tag}]")
     for name, got, p, e in zip(("dq", "dk", "dv"), (dq, dk, dv), plain, exact):
         assert_close_by_rule(got, p, e, f"{name} [{tag}]")
@@ -86,6 +91,7 @@ def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed=False, dev
     empty_q = (~finite).transpose(1, 2)  # (B, Sq, H)
     assert (out[empty_q] == 0).all() and (dq[empty_q] == 0).all(), tag
     assert (dq_det[empty_q] == 0).all(), tag
+    return vis
 
 
 ATTENTION_CASES = [
@@ -180,7 +186,8 @@ def _packed_qkv(lens_q, lens_k, h, d, dtype, scale_by=1.0, device="cuda"):
     return q, k, v
 
 
-def varlen_reference(q, k, v, dout, lens_q, lens_k, causal, p, scale, keeps, upcast):
+def varlen_reference(q, k, v, dout, lens_q, lens_k, causal, p, scale, keeps, upcast,
+                     window=ops.FULL_WINDOW):
     """Per sequence, the dense reference; results packed like the kernels' (lse (H, total_q))."""
     parts = [[], [], [], [], []]
     qa = ka = 0
@@ -188,10 +195,11 @@ def varlen_reference(q, k, v, dout, lens_q, lens_k, causal, p, scale, keeps, upc
         qb, dob = q[qa:qa + lq][None], dout[qa:qa + lq][None]
         kb, vb = k[ka:ka + lk][None], v[ka:ka + lk][None]
         keep = keeps[b] if p > 0 else None
+        vis = reference.attention_visible(None, causal, 1, lq, lk, q.device, window)
         out, lse = reference.attention_forward(qb, kb, vb, None, causal, p, scale, keep,
-                                               upcast=upcast)
+                                               upcast=upcast, visible=vis)
         grads = reference.attention_backward(dob, qb, kb, vb, out, lse, None, causal, p, scale,
-                                             keep, upcast=upcast)
+                                             keep, upcast=upcast, visible=vis)
         for lst, t in zip(parts, (out[0], lse[0]) + tuple(g[0] for g in grads)):
             lst.append(t)
         qa, ka = qa + lq, ka + lk
@@ -200,7 +208,7 @@ def varlen_reference(q, k, v, dout, lens_q, lens_k, causal, p, scale, keeps, upc
 
 
 def varlen_keep_masks(backend, device, lens_q, lens_k, h, d, dtype, causal, p, seed, scale,
-                      slack):
+                      slack, window=ops.FULL_WINDOW):
     """The kernels' keep masks per sequence (1, H, Sq_b, Sk_b), read off the output with one-hot
     value rows (as attention_keep_mask does for the dense op; needs every Sk_b <= D)."""
     assert max(lens_k) <= d
@@ -209,9 +217,9 @@ def varlen_keep_masks(backend, device, lens_q, lens_k, h, d, dtype, causal, p, s
                    for lk in lens_k])
     out, _ = backend.attention_varlen_forward(q, k, v, _cu(lens_q, device), _cu(lens_k, device),
                                               max(lens_q) + slack, max(lens_k) + slack, causal,
-                                              p, scale, seed)
+                                              p, scale, seed, window=window)
     probs, _, _ = varlen_reference(q.double(), k.double(), v.double(), q.double(), lens_q,
-                                   lens_k, causal, 0.0, scale, None, upcast=True)
+                                   lens_k, causal, 0.0, scale, None, upcast=True, window=window)
     keeps, qa = [], 0
     for lq, lk in zip(lens_q, lens_k):
         dropped = out[qa:qa + lq, :, :lk].transpose(0, 1).double()[None]  # (1, H, Sq_b, Sk_b)
@@ -227,22 +235,23 @@ def varlen_keep_masks(backend, device, lens_q, lens_k, h, d, dtype, causal, p, s
 
 
 def check_attention_varlen(lens_q, lens_k, h, d, dtype, causal, p=0.0, slack=0, seed=17,
-                           backend=cuda_backend, device="cuda"):
+                           backend=cuda_backend, device="cuda", window=ops.FULL_WINDOW):
     """Packed attention against the per-sequence dense reference, forward and every gradient by
     the rule, both dQ paths; with dropout, given the mask read off the backend's output."""
     scale = 1.0 / math.sqrt(d)
     keeps = varlen_keep_masks(backend, device, lens_q, lens_k, h, d, dtype, causal, p, seed,
-                              scale, slack) if p else None
+                              scale, slack, window) if p else None
     q, k, v = _packed_qkv(lens_q, lens_k, h, d, dtype, device=device)
     cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
     max_q, max_k = max(lens_q) + slack, max(lens_k) + slack  # upper bounds are fine
     dout = torch.randn(sum(lens_q), h, d, dtype=dtype, device=device)
     out, lse = backend.attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, p,
-                                                scale, seed)
+                                                scale, seed, window=window)
     grads = backend.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-                                              causal, p, scale, seed, False)
+                                              causal, p, scale, seed, False, window=window)
     grads_det = backend.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q,
-                                                  max_k, causal, p, scale, seed, True)
+                                                  max_k, causal, p, scale, seed, True,
+                                                  window=window)
     assert out.shape == q.shape and out.is_contiguous() and lse.shape == (h, sum(lens_q))
     for g, t in zip(grads, (q, k, v)):
         assert g.shape == t.shape and g.dtype == dtype and g.is_contiguous()
@@ -250,10 +259,10 @@ def check_attention_varlen(lens_q, lens_k, h, d, dtype, causal, p=0.0, slack=0, 
 
     f64 = [t.double() for t in (q, k, v, dout)]
     exact_out, exact_lse, exact = varlen_reference(*f64, lens_q, lens_k, causal, p, scale, keeps,
-                                                   upcast=True)
+                                                   upcast=True, window=window)
     plain_out, _, plain = varlen_reference(q, k, v, dout, lens_q, lens_k, causal, p, scale, keeps,
-                                           upcast=False)
-    tag = f"lens_q={lens_q} lens_k={lens_k} h{h} d{d} {dtype} causal={causal} p={p}"
+                                           upcast=False, window=window)
+    tag = f"lens_q={lens_q} lens_k={lens_k} h{h} d{d} {dtype} causal={causal} p={p} w={window}"
     assert_close_by_rule(out, plain_out, exact_out, f"out [{tag}]")
     for name, got, pl, ex in zip(("dq", "dk", "dv"), grads, plain, exact):
         assert_close_by_rule(got, pl, ex, f"{name} [{tag}]")
@@ -263,6 +272,7 @@ def check_attention_varlen(lens_q, lens_k, h, d, dtype, causal, p=0.0, slack=0, 
     torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
     empty_q = (~finite).transpose(0, 1)  # (total_q, H): queries that see no key
     assert (out[empty_q] == 0).all() and (grads[0][empty_q] == 0).all(), tag
+    return empty_q
 
 
 VARLEN_CASES = [
@@ -347,7 +357,8 @@ def test_public_attention_varlen_op_runs_these_kernels(dtype):
 # gpu: attention with dropout
 # --------------------------------------------------------------------------------------------
 
-def attention_keep_mask(backend, device, b, sq, sk, h, d, dtype, causal, mask, p, seed, scale):
+def attention_keep_mask(backend, device, b, sq, sk, h, d, dtype, causal, mask, p, seed, scale,
+                        window=ops.FULL_WINDOW):
     """The keep mask (B, H, Sq, Sk) a backend draws for `seed`, read off its output: with v rows
     one-hot (v[b, j, h] = e_j, needs Sk <= D), out[b, i, h, :Sk] is the dropped probability row,
     P * keep / (1 - p). Also checks that scaling. Masked-out keys (P = 0) count as kept."""
@@ -355,12 +366,15 @@ def attention_keep_mask(backend, device, b, sq, sk, h, d, dtype, causal, mask, p
     q = 0.5 * torch.randn(b, sq, h, d, dtype=dtype, device=device)  # P stays far from underflow
     k = 0.5 * torch.randn(b, sk, h, d, dtype=dtype, device=device)
     v = torch.eye(sk, d, dtype=dtype, device=device)[None, :, None, :].expand(b, sk, h, d)
-    out, _ = backend.attention_forward(q, k, v.contiguous(), mask, causal, p, scale, seed)
+    out, _ = backend.attention_forward(q, k, v.contiguous(), mask, causal, p, scale, seed,
+                                       window=window)
     dropped = out.transpose(1, 2)[..., :sk].double()  # (B, H, Sq, Sk)
     assert (out[..., sk:] == 0).all()
     probs, _ = reference.attention_forward(q.double(), k.double(), torch.eye(sk, d).double()
                                            .to(device)[None, :, None, :].expand(b, sk, h, d),
-                                           mask, causal, 0.0, scale)
+                                           mask, causal, 0.0, scale,
+                                           visible=reference.attention_visible(
+                                               mask, causal, b, sq, sk, device, window))
     probs = probs.transpose(1, 2)[..., :sk]
     visible = probs > 0
     keep = (dropped != 0) | ~visible
@@ -371,29 +385,32 @@ def attention_keep_mask(backend, device, b, sq, sk, h, d, dtype, causal, mask, p
 
 
 def check_attention_dropout(backend, device, b, sq, sk, h, d, dtype, causal, mask_mode, p,
-                            seed=20261124):
+                            seed=20261124, window=ops.FULL_WINDOW):
     mask = None if mask_mode is None else random_padding_mask(b, sk, device, mode=mask_mode)
     scale = 1.0 / math.sqrt(d)
     keep, visible = attention_keep_mask(backend, device, b, sq, sk, h, d, dtype, causal, mask, p,
-                                        seed, scale)
+                                        seed, scale, window)
     assert_keep_rate(keep[visible], p, "attention")
 
     # the same seed with fresh q, k, v draws the same mask: forward and every gradient by the rule
     q, k, v = (torch.randn(b, s, h, d, dtype=dtype, device=device) for s in (sq, sk, sk))
     dout = torch.randn(b, sq, h, d, dtype=dtype, device=device)
-    out, lse = backend.attention_forward(q, k, v, mask, causal, p, scale, seed)
+    win = {"window": window}
+    out, lse = backend.attention_forward(q, k, v, mask, causal, p, scale, seed, **win)
     grads = backend.attention_backward(dout, q, k, v, out, lse, mask, causal, p, scale, seed,
-                                       False)
+                                       False, **win)
     q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+    vis = reference.attention_visible(mask, causal, b, sq, sk, device, window)
     exact_out, exact_lse = reference.attention_forward(q64, k64, v64, mask, causal, p, scale,
-                                                       keep)
+                                                       keep, visible=vis)
     exact = reference.attention_backward(do64, q64, k64, v64, exact_out, exact_lse, mask, causal,
-                                         p, scale, keep)
+                                         p, scale, keep, visible=vis)
     plain_out, plain_lse = reference.attention_forward(q, k, v, mask, causal, p, scale, keep,
-                                                       upcast=False)
+                                                       upcast=False, visible=vis)
     plain = reference.attention_backward(dout, q, k, v, plain_out, plain_lse, mask, causal, p,
-                                         scale, keep, upcast=False)
-    tag = f"b{b} sq{sq} sk{sk} h{h} d{d} {dtype} causal={causal} mask={mask_mode} p={p}"
+                                         scale, keep, upcast=False, visible=vis)
+    tag = (f"b{b} sq{sq} sk{sk} h{h} d{d} {dtype} causal={causal} mask={mask_mode} p={p} "
+           f"window={window}")
     assert_close_by_rule(out, plain_out, exact_out, f"out [{tag}]")
     for name, got, pl, ex in zip(("dq", "dk", "dv"), grads, plain, exact):
         assert_close_by_rule(got, pl, ex, f"{name} [{tag}]")
@@ -403,17 +420,17 @@ def check_attention_dropout(backend, device, b, sq, sk, h, d, dtype, causal, mas
     torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
 
     # same seed -> the same bits; another seed -> another mask
-    again = backend.attention_forward(q, k, v, mask, causal, p, scale, seed)
+    again = backend.attention_forward(q, k, v, mask, causal, p, scale, seed, **win)
     assert torch.equal(out, again[0]) and torch.equal(lse, again[1]), tag
     # (deterministic=True: the default adds dQ with atomics, so its bits may vary)
     grads_det = backend.attention_backward(dout, q, k, v, out, lse, mask, causal, p, scale, seed,
-                                           True)
+                                           True, **win)
     assert_close_by_rule(grads_det[0], plain[0], exact[0], f"deterministic dq [{tag}]")
     grads_again = backend.attention_backward(dout, q, k, v, out, lse, mask, causal, p, scale,
-                                             seed, True)
+                                             seed, True, **win)
     for g, g2 in zip(grads_det, grads_again):
         assert torch.equal(g, g2), tag
-    other, _ = backend.attention_forward(q, k, v, mask, causal, p, scale, seed + 1)
+    other, _ = backend.attention_forward(q, k, v, mask, causal, p, scale, seed + 1, **win)
     assert not torch.equal(out, other), tag
 
 

@@ -215,9 +215,3 @@ def test_window_validation(window):
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="fastbert.attention_varlen: argument 'window_size'"):
         fastbert.attention_varlen(q[0], q[0], q[0], cu, cu, 4, 4, window_size=window)
-
-
-def test_cuda_backend_refuses_windows_by_name():
-    from fastbert import cuda
-    assert "window" in cuda.unsupported("fastbert.attention", dtype=torch.float16, head_dim=64,
-                                        window=(64, 64))
