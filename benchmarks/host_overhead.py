@@ -181,8 +181,9 @@ def _fastest_us(step, rounds: int, iters: int) -> float:
 
 def model_rows(device: torch.device, rounds: int = 10, iters: int = 10) -> List[dict]:
     """Python calls and host µs per forward and per layer of whole models: fastbert's BertModel
-    on the Triton backend (launches stubbed as above) and transformers' BertModel (sdpa, its own
-    kernels), inference and training (dropout 0.1)."""
+    on the Triton backend (launches stubbed as above), transformers' BertModel (sdpa, its own
+    kernels) and that model under patch_hf (Triton backend, stubbed), inference and training
+    (dropout 0.1)."""
     import transformers
 
     import fastbert
@@ -196,6 +197,10 @@ def model_rows(device: torch.device, rounds: int = 10, iters: int = 10) -> List[
         "fastbert-triton": lambda n: BertModel(BertConfig(**MODEL_CONFIG, num_hidden_layers=n)),
         "transformers-sdpa": lambda n: transformers.BertModel(transformers.BertConfig(
             **MODEL_CONFIG, num_hidden_layers=n, attn_implementation="sdpa")),
+        # the drop-in: the same transformers model, patched (its lean path, fastbert/hf_lean.py)
+        "patch_hf-triton": lambda n: fastbert.patch_hf(transformers.BertModel(
+            transformers.BertConfig(**MODEL_CONFIG, num_hidden_layers=n,
+                                    attn_implementation="sdpa"))),
     }
     rows = []
     previous = fastbert.get_backend()

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import fastbert
-from fastbert import hf_layers
+from fastbert import hf_layers, hf_lean
 from fastbert.heads import span_loss
 from fastbert.hf_layers import base_class, key_padding_mask
 from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent
@@ -76,19 +76,48 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     with zeros. Everything else runs the original loop over the patched layers."""
     packed = _packing(self, hidden_states, attention_mask, args, kwargs, self.fastbert_unpad)
     kwargs.pop("fastbert_position_ids", None)
-    if packed is None:
-        return base_class(type(self)).forward(self, hidden_states, attention_mask, *args, **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+    if packed is None:
+        plan = _lean_padded_plan(self, hidden_states, attention_mask, args, kwargs)
+        if plan is None:
+            return base_class(type(self)).forward(self, hidden_states, attention_mask, *args,
+                                                  **kwargs)
+        x = hidden_states
+        for layer in self._modules["layer"]._modules.values():
+            x = hf_lean.layer_forward(layer, x, plan)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x)
     for name in ("cache", "past_key_values", "use_cache", "encoder_hidden_states",
                  "encoder_attention_mask"):
         kwargs.pop(name, None)
     # the layers see one (1, T, C) sequence of tokens (transformers' chunked feed-forward splits
     # dim 1); position-packed input is that grid already, so captured hidden states keep its shape
-    x = packed.rows(hidden_states)[None] if packed.indices is not None else hidden_states
-    for layer in self.layer:
-        x = layer(x, None, fastbert_packed=packed, **kwargs)
+    x = packed.rows(hidden_states) if packed.indices is not None else hidden_states[0]  # (T, C)
+    plan = hf_lean.plan(self, x, packed, None, kwargs)
+    if plan is not None:  # one function per layer (fastbert/hf_lean.py)
+        for layer in self._modules["layer"]._modules.values():
+            x = hf_lean.layer_forward(layer, x, plan)
+        x = x[None]
+    else:
+        x = x[None]
+        for layer in self.layer:
+            x = layer(x, None, fastbert_packed=packed, **kwargs)
     out = packed.grid(x[0]) if packed.indices is not None else x
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
+
+
+def _lean_padded_plan(encoder, hidden_states, attention_mask, args, kwargs):
+    """hf_lean's plan for a batch the original loop would run padded, where that loop returns
+    only the last hidden state (no cache, cross-attention or per-layer outputs), else None."""
+    if getattr(encoder, "fastbert_lean_layer", None) is None or any(
+            a is not None for a in args) or any(
+            kwargs.get(k) for k in ("cache", "past_key_values", "use_cache",
+                                    "encoder_hidden_states", "output_hidden_states")):
+        return None
+    if getattr(_config_of(encoder), "output_hidden_states", False):
+        return None
+    if attention_mask is not None and type(attention_mask) is not torch.Tensor:
+        return None
+    return hf_lean.plan(encoder, hidden_states, None, key_padding_mask(attention_mask), kwargs)
 
 
 def _pass_position_ids(module, args, kwargs):
@@ -136,6 +165,7 @@ class _Family:
     pre_hooks: dict = field(default_factory=dict)  # class around the encoder -> forward pre-hook
     gelu_modules: tuple = ()  # classes whose Linear+GELU is fused, given a GELU activation
     question_answering: Optional[type] = None  # its span-QA head (masked span loss, unpadded)
+    lean_layer: Optional[tuple] = None  # (Layer, Attention) classes: hf_lean runs these layers
 
 
 def _bert_layout(name: str, module, prefix: str) -> _Family:
@@ -148,7 +178,8 @@ def _bert_layout(name: str, module, prefix: str) -> _Family:
                     cls("Output"): hf_layers.add_norm_forward,
                     cls("Intermediate"): hf_layers.intermediate_forward},
                    gelu_modules=(cls("Intermediate"),),
-                   question_answering=cls("ForQuestionAnswering"))
+                   question_answering=cls("ForQuestionAnswering"),
+                   lean_layer=(cls("Layer"), cls("Attention")))
 
 
 def _families() -> list:
@@ -299,6 +330,7 @@ def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
     for encoder, family in encoders:
         _patch_encoder(encoder, family)
         encoder.fastbert_unpad = bool(unpad)
+        encoder.fastbert_lean_layer = family.lean_layer
     served = {f.name: f for _, f in encoders}.values()
     for module in model.modules():
         kind = base_class(type(module))

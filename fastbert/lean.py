@@ -29,7 +29,7 @@ where nn.Module.__getattr__ finds them, without its Python call.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -67,6 +67,12 @@ def _hooked(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def global_hooks() -> bool:
+    """Whether nn.Module hooks registered for every module are set."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
 def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
          attention_mask: Optional[torch.Tensor]) -> Optional[Plan]:
     """The plan for one forward of a BertModel on token ids ((T,) packed with `packed`, or
@@ -91,21 +97,42 @@ def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
         if settings is None or _layer_settings(layer) != settings:
             return None
     causal, attn_p, hidden_p, approximate, head_dim, _, _ = settings
+    hooked = False
+    for layer in layers:
+        hooked = hooked or _hooked(layer)
+
+    def fused_weights():
+        norms = [model.embeddings.LayerNorm]
+        for layer in layers:
+            norms += [layer.attn_norm, layer.ffn_norm, layer.ffn_in]
+        return norms
+
+    return resolve(weight.device, weight.dtype, weight.shape[1], packed, attention_mask,
+                   bool(causal), attn_p, hidden_p, approximate, head_dim,
+                   model.config.intermediate_size, hooked, fused_weights)
+
+
+def resolve(device: torch.device, x_dtype: torch.dtype, hidden: int,
+            packed: Optional[PackedBatch],
+            attention_mask: Optional[torch.Tensor], causal: bool, attn_p: float,
+            hidden_p: float, approximate: Optional[str], head_dim: int, ffn: int,
+            hooked_layers: bool, fused_weights: Callable[[], list]) -> Optional[Plan]:
+    """The plan of a forward whose layers were checked by the caller (this module's `plan`, or
+    fastbert/hf_lean.py for a patched transformers encoder): the backends and CPU GEMM routes, or
+    None where a fused weight is not contiguous for a GPU backend. fused_weights() lists the
+    modules whose weight and bias go to fused kernels (norms, the FFN's first linear).
+    x_dtype: the layers' input (the embeddings' output) before autocast."""
     p = Plan()
-    device, x_dtype = weight.device, weight.dtype  # the embeddings' output
     p.grad = torch.is_grad_enabled()
     p.cast = ops._autocast_dtype(device)
     dtype = p.cast or x_dtype
-    p.hooks = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
-                   or _module._global_backward_hooks or _module._global_backward_pre_hooks)
-    # no hooks on any layer either: BertModel may call layer_forward without the module call
-    p.direct = not p.hooks
-    for layer in layers:
-        p.direct = p.direct and not _hooked(layer)
-    p.causal, p.attn_p, p.hidden_p, p.approximate = bool(causal), attn_p, hidden_p, approximate
+    p.hooks = global_hooks()
+    # no hooks on any layer either: the caller may run layer_forward without the module call
+    p.direct = not p.hooks and not hooked_layers
+    p.causal, p.attn_p, p.hidden_p, p.approximate = causal, attn_p, hidden_p, approximate
     p.scale = 1.0 / math.sqrt(head_dim)
     p.packed = packed is not None
-    kw = dict(dtype=dtype, head_dim=head_dim, dropout_p=attn_p, causal=p.causal)
+    kw = dict(dtype=dtype, head_dim=head_dim, dropout_p=attn_p, causal=causal)
     if p.packed:
         p.cu_seqlens, p.max_seqlen, p.mask = packed.cu_seqlens.contiguous(), packed.max_seqlen, None
         p.attention_backend = ops.resolve_backend(varlen.OP, "auto", device, **kw)
@@ -116,12 +143,11 @@ def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
         p.attention_backend = ops.resolve_backend("fastbert.attention", "auto", device,
                                                   has_mask=p.mask is not None, **kw)
         p.attention = ops._backend_module(p.attention_backend).attention_forward
-    hidden, ffn = model.config.hidden_size, model.config.intermediate_size
     p.norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device, dtype=dtype,
                                          hidden=hidden, dropout_p=hidden_p)
     p.norm = ops._backend_module(p.norm_backend).add_layer_norm_forward
     p.embed_norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
-                                               dtype=dtype, hidden=weight.shape[1], dropout_p=0.0)
+                                               dtype=dtype, hidden=hidden, dropout_p=0.0)
     p.embed_norm = ops._backend_module(p.embed_norm_backend).add_layer_norm_forward
     p.gelu_backend = ops.resolve_backend("fastbert.linear_bias_gelu", "auto", device, dtype=dtype,
                                          in_features=hidden, out_features=ffn)
@@ -132,10 +158,7 @@ def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
         p.cpu_gelu = None
     if {p.norm_backend, p.embed_norm_backend, p.gelu_backend} != {"torch"}:
         # the Triton and CUDA kernels take contiguous weights (the public ops make them so)
-        norms = [model.embeddings.LayerNorm]
-        for layer in layers:
-            norms += [layer.attn_norm, layer.ffn_norm, layer.ffn_in]
-        if not all(n.weight.is_contiguous() and n.bias.is_contiguous() for n in norms):
+        if not all(n.weight.is_contiguous() and n.bias.is_contiguous() for n in fused_weights()):
             return None
     return p
 

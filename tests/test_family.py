@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fastbert
 from tests.helpers import assert_close_by_rule, random_padding_mask
-from tests.test_hf import _counting, assert_agree
+from tests.test_hf import assert_agree, count_fused_ops
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,10 +121,7 @@ def patched_copy(model, monkeypatch, unpad=True):
     params = dict(patched.named_parameters())
     assert fastbert.patch_hf(patched, unpad=unpad) is patched
     assert all(params[n] is p for n, p in patched.named_parameters())
-    calls = {"attention": 0, "attention_varlen": 0, "add_layer_norm": 0, "linear_bias_gelu": 0}
-    for op in calls:
-        monkeypatch.setattr(fastbert, op, _counting(getattr(fastbert, op), calls, op))
-    return patched, calls
+    return patched, count_fused_ops(monkeypatch)
 
 
 def check_calls(calls, layers, packed, gelu=True):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastbert
+from fastbert import lean
 from fastbert.model import BertConfig
 from tests.helpers import assert_close_by_rule, random_padding_mask
 
@@ -307,10 +308,7 @@ def test_patch_hf_keeps_parameters_and_outputs(head, unpad, monkeypatch):
     params = {n: p for n, p in patched.named_parameters()}
     assert fastbert.patch_hf(patched, unpad=unpad) is patched
     assert all(params[n] is p for n, p in patched.named_parameters())  # same Parameter objects
-    calls = {"attention": 0, "attention_varlen": 0, "add_layer_norm": 0, "linear_bias_gelu": 0}
-    for op in calls:
-        real = getattr(fastbert, op)
-        monkeypatch.setattr(fastbert, op, _counting(real, calls, op))
+    calls = count_fused_ops(monkeypatch)
     inputs = make_inputs(BertConfig(**CONFIGS[config_name]), head)
     if head == "BertForQuestionAnswering" and unpad:  # see test_head_matches_transformers
         inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
@@ -344,6 +342,26 @@ def _counting(fn, calls, name):
         calls[name] += 1
         return fn(*args, **kwargs)
     return wrapper
+
+
+def count_fused_ops(monkeypatch) -> dict:
+    """Calls of fastbert's fused ops, by the public ops or by the lean path's direct backend calls
+    (fastbert/lean.py, which a patched encoder takes through fastbert/hf_lean.py)."""
+    calls = {"attention": 0, "attention_varlen": 0, "add_layer_norm": 0, "linear_bias_gelu": 0}
+    for op in calls:
+        monkeypatch.setattr(fastbert, op, _counting(getattr(fastbert, op), calls, op))
+    attention = lean.attention
+
+    def lean_attention(p, *args):
+        calls["attention_varlen" if p.packed else "attention"] += 1
+        return attention(p, *args)
+
+    monkeypatch.setattr(lean, "attention", lean_attention)
+    monkeypatch.setattr(lean, "_add_layer_norm", _counting(lean._add_layer_norm, calls,
+                                                           "add_layer_norm"))
+    monkeypatch.setattr(lean, "linear_bias_gelu", _counting(lean.linear_bias_gelu, calls,
+                                                            "linear_bias_gelu"))
+    return calls
 
 
 def test_patch_hf_generate_with_kv_cache_matches_unpatched():
