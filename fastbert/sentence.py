@@ -146,6 +146,17 @@ def _alias(what: str, name: str, value, alias: str, alias_value):
     return value if value is not None else alias_value
 
 
+def _tokenizer_max_length(folder: Path, what: str) -> Optional[int]:
+    """tokenizer_config.json's model_max_length, unless absent or transformers' "no limit"
+    placeholder (1e30): sentence-transformers caps a Transformer module without max_seq_length at
+    min(max_position_embeddings, model_max_length), and so does SentenceEncoder."""
+    file = folder / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    limit = _read_json(file, what).get("model_max_length")
+    return int(limit) if isinstance(limit, (int, float)) and 2 <= limit < 1e9 else None
+
+
 class SentenceEncoder:
     """A BERT encoder with pooling (mean, cls or max) and optional L2 normalization."""
 
@@ -214,6 +225,8 @@ class SentenceEncoder:
         if not any((bert_dir / f).is_file() for f in _WEIGHT_FILES):
             raise FileNotFoundError(f"{what}: {bert_dir} has no weights; expected one of "
                                     f"{', '.join(_WEIGHT_FILES)}")
+        if st_max_length is None:  # as sentence-transformers: the tokenizer's limit applies too
+            st_max_length = _tokenizer_max_length(bert_dir, what)
         tokenizer = Tokenizer.from_pretrained(bert_dir)
         model = fastbert.BertModel.from_pretrained(str(bert_dir))
         model.pooler = None  # sentence embeddings pool the token vectors, not BERT's [CLS] pooler

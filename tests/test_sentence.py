@@ -215,6 +215,26 @@ def test_plain_bert_checkpoint_defaults_and_overrides(plain_bert):
     assert not torch.allclose(mean.encode(texts).norm(dim=1), torch.ones(3))
 
 
+def test_tokenizer_limit_caps_max_length_as_sentence_transformers(plain_bert, tmp_path):
+    """Without max_seq_length, sentence-transformers truncates at min(max_position_embeddings,
+    the tokenizer's model_max_length); SentenceEncoder reads the same limit and embeds alike."""
+    st = pytest.importorskip("sentence_transformers")
+    import shutil
+    folder = tmp_path / "capped"
+    shutil.copytree(plain_bert, folder)
+    config_file = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config_file.write_text(json.dumps({**tokenizer_config, "model_max_length": 12}))
+    reference = st.SentenceTransformer(str(folder), device="cpu")
+    ours = SentenceEncoder.from_pretrained(folder)
+    assert ours.max_length == reference.max_seq_length == 12
+    texts = ["a somewhat longer sentence about nothing in particular, and then some more", "x"]
+    want = reference.encode(texts, convert_to_tensor=True)
+    cosine = F.cosine_similarity(ours.encode(texts).double(), want.double(), dim=1)
+    assert cosine.min() >= 0.99999, cosine
+    assert SentenceEncoder.from_pretrained(folder, max_length=20).max_length == 20
+
+
 # --------------------------------------------------------------------------------------------
 # similarity and search
 # --------------------------------------------------------------------------------------------
