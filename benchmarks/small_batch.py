@@ -161,9 +161,10 @@ def provider_calls(models: Models, inputs: Inputs) -> Dict[str, Callable[[], Cal
         if not on_gpu:
             raise Unsupported("CUDA graphs: GPU only")
         import fastbert as fb
-        net = models.get("fastbert")
-        encoder = models._built.setdefault("graphs", fb.cuda_graphs(net, max_batch=32,
-                                                                    max_tokens=4096))
+        if "graphs" not in models._built:  # one encoder: its graphs serve every shape's bucket
+            models._built["graphs"] = fb.cuda_graphs(models.get("fastbert"), max_batch=32,
+                                                     max_tokens=4096)
+        encoder = models._built["graphs"]
 
         def call():
             fb.set_backend(default_backend)
