@@ -327,6 +327,28 @@ class BertPreTrainedModel(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "checkpointing_function", None) is not None for m in self.modules())
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1, offload: bool = False,
+                                        checkpointing_function=None) -> None:
+        """transformers >= 5.24's name for gradient_checkpointing_enable; as there, the default is
+        use_reentrant=False. Every layer is checkpointed, on the device (every_n_layers > 1 and
+        offload are not offered)."""
+        if every_n_layers != 1 or offload:
+            raise ValueError(f"{type(self).__name__}.activation_checkpointing_enable: "
+                             f"every_n_layers=1 and offload=False expected (fastbert checkpoints "
+                             f"every layer on the device), got every_n_layers={every_n_layers!r}, "
+                             f"offload={offload!r}")
+        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None \
+            else activation_checkpointing_kwargs
+        self.gradient_checkpointing_enable(kwargs, checkpointing_function)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.is_gradient_checkpointing
+
 
 class BertModel(BertPreTrainedModel):
     """The encoder: embeddings, num_hidden_layers BertLayers, and (optionally) the pooler.
@@ -352,6 +374,8 @@ class BertModel(BertPreTrainedModel):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.checkpointing_function = None  # set by gradient_checkpointing_enable
         self.apply(lambda m: init_weights(m, config.initializer_range))
+        if pre_norm:  # ModernBERT's own scheme (truncated, scaled projections)
+            prenorm.init_encoder(self, config)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 past_key_values: Optional[list] = None, *, cu_seqlens=None,

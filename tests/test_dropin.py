@@ -323,9 +323,10 @@ def test_gradient_checkpointing_uses_the_models_function_and_kwargs(use_reentran
     assert calls.count("bound") == layers, calls
 
 
+@pytest.mark.parametrize("api", ["gradient", "activation"])  # transformers 5.24 renamed it
 @pytest.mark.parametrize("unpad", [True, False])
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}, "own function"])
-def test_own_model_gradient_checkpointing_as_transformers_api(kwargs, unpad, monkeypatch):
+def test_own_model_gradient_checkpointing_as_transformers_api(kwargs, unpad, api, monkeypatch):
     config = fastbert.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=128,
                                  max_position_embeddings=32, hidden_dropout_prob=0.0,
@@ -337,14 +338,15 @@ def test_own_model_gradient_checkpointing_as_transformers_api(kwargs, unpad, mon
     def own_function(function, *args):
         calls.append(len(args))
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    enable = getattr(checkpointed, f"{api}_checkpointing_enable")
     if kwargs == "own function":
-        checkpointed.gradient_checkpointing_enable(checkpointing_function=own_function)
+        enable(checkpointing_function=own_function)
     else:
         real = torch.utils.checkpoint.checkpoint
         monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: (
             calls.append(k.get("use_reentrant")) or real(*a, **k)))
-        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    assert checkpointed.is_gradient_checkpointing
+        enable(kwargs)
+    assert getattr(checkpointed, f"is_{api}_checkpointing")
     ids = torch.randint(1, 100, (3, 10))
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[1, 6:] = 0
@@ -352,12 +354,16 @@ def test_own_model_gradient_checkpointing_as_transformers_api(kwargs, unpad, mon
     for m in (model, checkpointed):
         m(ids, mask, labels=labels).loss.backward()
     assert len(calls) == config.num_hidden_layers, calls
-    if kwargs != "own function":
-        assert set(calls) == {(kwargs or {"use_reentrant": True})["use_reentrant"]}
+    if kwargs != "own function":  # transformers' defaults: reentrant for the old name only
+        default = {"use_reentrant": api == "gradient"}
+        assert set(calls) == {(kwargs or default)["use_reentrant"]}
     for (name, p), q in zip(checkpointed.named_parameters(), model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
-    checkpointed.gradient_checkpointing_disable()
-    assert not checkpointed.is_gradient_checkpointing
+    getattr(checkpointed, f"{api}_checkpointing_disable")()
+    assert not getattr(checkpointed, f"is_{api}_checkpointing")
+    if api == "activation":
+        with pytest.raises(ValueError, match="every_n_layers=1 and offload=False expected"):
+            checkpointed.activation_checkpointing_enable(every_n_layers=2)
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
