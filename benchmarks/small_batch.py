@@ -138,7 +138,8 @@ def provider_calls(models: Models, inputs: Inputs) -> Dict[str, Callable[[], Cal
 
     def compiled():
         if not on_gpu:
-            raise Unsupported("torch.compile(mode='reduce-overhead') captures CUDA graphs: GPU only")
+            raise Unsupported("torch.compile(mode='reduce-overhead') captures CUDA graphs: "
+                              "GPU only")
         torch._dynamo.reset()  # one shape at a time: no recompile limit reached
         net = torch.compile(models.get("sdpa"), mode="reduce-overhead", dynamic=False)
         return lambda: net(input_ids=inputs.ids, attention_mask=inputs.mask).last_hidden_state
@@ -292,7 +293,8 @@ def main(argv=None) -> int:
     print(table(rows))
     if args.csv:
         from benchmarks import harness
-        harness.write_csv(args.csv, rows, harness.run_metadata(device, f"small-batch-{args.preset}"))
+        meta = harness.run_metadata(device, f"small-batch-{args.preset}")
+        harness.write_csv(args.csv, rows, meta)
     return 0
 
 

@@ -18,6 +18,10 @@ uint64 it fits; float, bool and None arguments by kind; constexpr arguments, opt
 num_stages, ...) and the autotuner's key arguments by value. The key may split a bucket Triton
 would not (that only costs one more ordinary call), never the reverse.
 
+Besides the binding and the lookup, the direct launch skips JITFunction.run's check that the
+globals a kernel read at compile time are unchanged (fastbert's kernels read module constants
+only) and its pre-run hooks (a kernel with any keeps the ordinary launch).
+
 The ordinary launch is kept, always, under TRITON_INTERPRET=1 (so the interpreter tier runs the
 kernels through Triton), with FASTBERT_PREBOUND=0 in the environment at import or `enabled =
 False`, for kernels with pre-run hooks or configs with pre-hooks, and for arguments of any other
@@ -64,9 +68,9 @@ def _runtime_spec(value) -> Any:
 
 
 class _Binding:
-    """One kernel's launch facts, gathered once: its JITFunction's parameters in signature
-    order, which are constexprs, their defaults, the autotuner's key names, the compiled
-    kernels per bucket, and whether the direct launch has worked for it yet."""
+    """One kernel's launch facts, gathered once: its JITFunction's parameter names in
+    signature order and a binder that keys a call (constexprs and the autotuner's keys by
+    value), the compiled kernels per bucket, and whether the direct launch has worked yet."""
 
     def __init__(self, kernel):
         self.kernel = kernel  # keeps id(kernel) from being reused while cached
@@ -92,7 +96,8 @@ def _make_binder(names, by_value, defaults):
     autotuner config supplies them) come back as _MISSING."""
     params = ", ".join(f"{n}=_default_{n}" if n in defaults else f"{n}=_MISSING" for n in names)
     # ints inline (most arguments are strides and sizes): _runtime_spec's codes, without a call
-    int_code = "(({n} & 15 == 0) + 2 * (-_INT32 <= {n} < _INT32) + 4 * ({n} < _INT64) + 8 * ({n} == 1))"
+    int_code = ("(({n} & 15 == 0) + 2 * (-_INT32 <= {n} < _INT32) + 4 * ({n} < _INT64)"
+                " + 8 * ({n} == 1))")
     keyed = "".join(f"{n}, " if value else
                     f"{int_code.format(n=n)} if {n}.__class__ is int else _runtime_spec({n}), "
                     for n, value in zip(names, by_value))
