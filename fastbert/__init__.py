@@ -31,6 +31,7 @@ _LAZY = {
     "BertForSequenceClassification": "fastbert.heads",
     "BertForTokenClassification": "fastbert.heads",
     "BertForQuestionAnswering": "fastbert.heads",
+    "BertForMultipleChoice": "fastbert.heads",
     "BertLMHeadModel": "fastbert.heads",
     "patch_hf": "fastbert.hf",
     "SentenceEncoder": "fastbert.sentence",

@@ -3,6 +3,7 @@ member's own names, with what the family fixes (fastbert/family.py). fastbert.mo
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -61,6 +62,10 @@ class BertConfig:
             raise ValueError(f"BertConfig: model_type {self.model_type!r} counts positions from "
                              f"pad_token_id + 1: pad_token_id expected an int, got "
                              f"{self.pad_token_id!r}")
+        if isinstance(self.pad_token_id, int) and self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"BertConfig: pad_token_id expected < vocab_size "
+                             f"({self.vocab_size}) for model_type {self.model_type!r}, got "
+                             f"{self.pad_token_id}")
         if self.embedding_dim != self.hidden_size and not family.projects_embeddings:
             raise ValueError(f"BertConfig: embedding_size expected None or hidden_size "
                              f"({self.hidden_size}) for model_type {self.model_type!r} (only "
@@ -172,3 +177,20 @@ class BertConfig:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+
+_dataclass_init = BertConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_family_defaults(self, *args, **kwargs):
+    """The dataclass's __init__; fields not given take the family's transformers defaults where
+    they differ from BERT's (family.field_defaults: a BertConfig(model_type="modernbert") has
+    ModernBERT-base's shape, eps, dropout and padding id)."""
+    model_type = args[0] if args else kwargs.get("model_type", "bert")
+    given = {f.name for f in fields(BertConfig)[:len(args)]} | kwargs.keys()
+    defaults = family_of(model_type).field_defaults
+    _dataclass_init(self, *args, **kwargs, **{k: v for k, v in defaults.items() if k not in given})
+
+
+BertConfig.__init__ = _init_with_family_defaults

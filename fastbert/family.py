@@ -33,6 +33,7 @@ _HEAD_SUFFIX = {
     "BertForTokenClassification": "ForTokenClassification",
     "BertForQuestionAnswering": "ForQuestionAnswering",
     "BertForMaskedLM": "ForMaskedLM",
+    "BertForMultipleChoice": "ForMultipleChoice",
     "BertLMHeadModel": "ForCausalLM",
 }
 
@@ -75,12 +76,15 @@ class Family:
     # config.json fields beyond BertConfig's that the model reads (BertConfig.setting), with the
     # family's transformers defaults
     settings: Dict[str, object] = field(default_factory=dict)
+    # BertConfig fields whose default in the family's transformers config differs from BERT's:
+    # a BertConfig built with this model_type and without them takes these
+    field_defaults: Dict[str, object] = field(default_factory=dict)
 
     def architecture(self, fastbert_class: str) -> str:
         """transformers' class for a fastbert class (BertForMaskedLM -> RobertaForMaskedLM)."""
         if fastbert_class not in self.heads:
-            raise ValueError(f"{fastbert_class}: transformers has no {self.model_type} "
-                             f"counterpart; model_type {self.model_type!r} serves "
+            raise ValueError(f"{fastbert_class}: fastbert serves no {self.model_type} version of "
+                             f"it; model_type {self.model_type!r} serves "
                              f"{', '.join(self.heads)}")
         return self.heads[fastbert_class]
 
@@ -175,7 +179,7 @@ _ROBERTA_LM_ALIAS = _lm_head_alias("lm_head.decoder")
 
 def _modernbert_renames() -> Tuple[Tuple[str, str], ...]:
     """ModernBERT's names: embeddings, layers (fastbert/prenorm.py's names are BertLayer's),
-    the MLM head (head, decoder) and the classifier (head, classifier)."""
+    the MLM head (head, decoder) and the classifier (head, classifier; span QA's as well)."""
     layer = (("qkv", "attn.Wqkv"), ("attn_out", "attn.Wo"), ("attn_norm", "attn_norm"),
              ("ffn_in", "mlp.Wi"), ("ffn_out", "mlp.Wo"), ("ffn_norm", "mlp_norm"))
     return (("bert.embeddings.word_embeddings.weight", "bert.embeddings.tok_embeddings.weight"),
@@ -184,7 +188,8 @@ def _modernbert_renames() -> Tuple[Tuple[str, str], ...]:
             *((f"bert.encoder.layer.{{n}}.{ours}.{kind}", f"bert.layers.{{n}}.{theirs}.{kind}")
               for ours, theirs in layer for kind in ("weight", "bias")),
             *_lm_head("head.dense", "head.norm", "decoder", "decoder.bias"),
-            *((f"classifier.{ours}.{kind}", f"{theirs}.{kind}")
+            *((f"{head}.{ours}.{kind}", f"{theirs}.{kind}")
+              for head in ("classifier", "qa_outputs")  # QA's head is the classifier's
               for ours, theirs in (("dense", "head.dense"), ("norm", "head.norm"),
                                    ("out_proj", "classifier"))
               for kind in ("weight", "bias")))
@@ -193,7 +198,7 @@ def _modernbert_renames() -> Tuple[Tuple[str, str], ...]:
 FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
     Family("bert", "bert.", heads={name: name for name in (
         *_ENCODER_HEADS, "BertLMHeadModel", "BertForPreTraining",
-        "BertForNextSentencePrediction")}),
+        "BertForNextSentencePrediction", "BertForMultipleChoice")}),
     Family("roberta", "roberta.", heads=_heads("Roberta", _ENCODER_HEADS + ("BertLMHeadModel",)),
            positions_after_padding=True, classifier="dense", mlm_activation="gelu",
            key_renames=_ROBERTA_LM, key_aliases=_ROBERTA_LM_ALIAS),
@@ -235,8 +240,7 @@ FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
            fixed_config=dict(type_vocab_size=0, layer_norm_eps=1e-12),
            config_defaults=dict(classifier_dropout=0.2)),
     Family("modernbert", "model.", heads=_heads("ModernBert", (
-        "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
-        "BertForMaskedLM")),
+        *_ENCODER_HEADS, "BertForMultipleChoice")),
            has_pooler=False, classifier="prediction_head", pre_norm=True,
            key_renames=_modernbert_renames(),
            config_names=dict(hidden_act="hidden_activation", layer_norm_eps="norm_eps",
@@ -248,7 +252,13 @@ FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
                          classifier_bias=False, decoder_bias=True, classifier_activation="gelu",
                          classifier_pooling="cls", embedding_dropout=0.0, local_attention=128,
                          global_attn_every_n_layers=3, layer_types=None, rope_parameters=None,
-                         global_rope_theta=160000.0, local_rope_theta=10000.0)),
+                         global_rope_theta=160000.0, local_rope_theta=10000.0,
+                         initializer_cutoff_factor=2.0, sparse_prediction=False,
+                         sparse_pred_ignore_index=-100),
+           field_defaults=dict(vocab_size=50368, num_hidden_layers=22, intermediate_size=1152,
+                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                               max_position_embeddings=8192, layer_norm_eps=1e-5,
+                               pad_token_id=50283)),
 )}
 
 

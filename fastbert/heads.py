@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastbert
+from fastbert import prenorm
 from fastbert.model import (BertConfig, BertModel, BertPreTrainedModel, ModelOutput, init_weights,
                             linear, linear_gelu)
 from fastbert.padding import first_tokens, mean_tokens
@@ -102,6 +103,8 @@ class BertLMPredictionHead(nn.Module):
                                    bias=config.setting("norm_bias", True))))
         self.decoder = nn.Linear(e, config.vocab_size, bias=config.setting("decoder_bias", True))
         self.apply(lambda m: init_weights(m, config.initializer_range))
+        if config.family.pre_norm:  # ModernBERT's scheme
+            prenorm.init_weights(self.transform["dense"], config, "out")
         self.decoder.weight = word_embeddings.weight  # tied
         self.bias = self.decoder.bias  # HF names the decoder bias cls.predictions.bias too
 
@@ -139,9 +142,11 @@ class ClassificationHead(nn.Module):
 class PredictionHeadClassifier(nn.Module):
     """ModernBERT's sequence classifier: each sequence's first token, or the mean of its real
     tokens (classifier_pooling "mean") -> dense -> GELU -> LayerNorm -> dropout -> out_proj
-    (its checkpoints name dense/norm head.dense/head.norm and out_proj classifier)."""
+    (its checkpoints name dense/norm head.dense/head.norm and out_proj classifier); per token,
+    its token-classification and span-QA head. num_labels: out_proj's width (default the
+    config's)."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, num_labels: Optional[int] = None):
         super().__init__()
         c = config.hidden_size
         self.pooling = config.setting("classifier_pooling", "cls")
@@ -153,8 +158,10 @@ class PredictionHeadClassifier(nn.Module):
         self.norm = nn.LayerNorm(c, eps=config.layer_norm_eps,
                                  bias=config.setting("norm_bias", True))
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.out_proj = nn.Linear(c, config.num_labels)
+        self.out_proj = nn.Linear(c, config.num_labels if num_labels is None else num_labels)
         self.apply(lambda m: init_weights(m, config.initializer_range))
+        prenorm.init_weights(self.dense, config, "out")  # ModernBERT's scheme
+        prenorm.init_weights(self.out_proj, config, "final_out")
 
     def forward(self, pooled):  # (B, C) -> (B, num_labels)
         x = linear_gelu(pooled, self.dense, self.gelu_approximate)
@@ -213,14 +220,16 @@ def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
                            ignore_index=ignore_index)
 
 
-def _token_logits(head: nn.Module, out, labels: Optional[Tensor], return_logits: bool):
+def _token_logits(head: nn.Module, out, labels: Optional[Tensor], return_logits: bool,
+                  unlabelled: int = -100):
     """(logits on the (B, S) grid or None, loss or None, labelled-row logits or None) of a
     per-token vocabulary head over the encoder's rows `out.last_hidden_state` (N, C). Without
-    logits wanted (and labels given), the head runs on the labelled rows only."""
+    logits wanted (and labels given), the head runs on the rows whose label is not
+    `unlabelled` only (the loss ignores -100 either way)."""
     rows, packed = out.last_hidden_state, out.packed
     row_labels = packed.rows(labels) if labels is not None else None  # (N,)
     if row_labels is not None and not return_logits:
-        chosen = torch.nonzero(row_labels != -100).flatten()  # one host sync: the label count
+        chosen = torch.nonzero(row_labels != unlabelled).flatten()  # one host sync: the count
         labelled = head(rows.index_select(0, chosen))  # (M, V)
         return None, _cross_entropy(labelled, row_labels.index_select(0, chosen)), labelled
     logits = head(rows)  # (N, V)
@@ -266,9 +275,16 @@ class BertForMaskedLM(BertPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None, return_logits: bool = True, **packing):
+        """ModernBERT's config.sparse_prediction, with labels: logits (M, V) at the rows whose
+        label is not sparse_pred_ignore_index only, as transformers returns them."""
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         return_packed=True, **packing)
-        logits, loss, labelled = _token_logits(self.cls["predictions"], out, labels, return_logits)
+        sparse = labels is not None and self.config.setting("sparse_prediction", False)
+        logits, loss, labelled = _token_logits(
+            self.cls["predictions"], out, labels, return_logits and not sparse,
+            self.config.setting("sparse_pred_ignore_index", -100))
+        if sparse:
+            return MaskedLMOutput(loss, labelled, labelled)
         return MaskedLMOutput(loss, logits, labelled)  # logits (B, S, V)
 
 
@@ -378,7 +394,10 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)
         self.dropout = nn.Dropout(config.qa_dropout) if config.qa_dropout else nn.Identity()
-        self.qa_outputs = _linear(config, config.hidden_size, config.num_labels)
+        if config.family.classifier == "prediction_head":  # ModernBERT: dense, GELU, norm first
+            self.qa_outputs = PredictionHeadClassifier(config)
+        else:
+            self.qa_outputs = _linear(config, config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 start_positions=None, end_positions=None, **packing):
@@ -394,6 +413,45 @@ class BertForQuestionAnswering(BertPreTrainedModel):
                 real = out.packed.grid(rows.new_ones(rows.shape[0], dtype=torch.bool))
             loss = span_loss(start_logits, end_logits, start_positions, end_positions, real)
         return QuestionAnsweringModelOutput(loss, start_logits, end_logits)
+
+
+@dataclass
+class MultipleChoiceModelOutput(ModelOutput):
+    loss: Optional[Tensor] = None
+    logits: Tensor = None  # (B, num_choices)
+
+
+class BertForMultipleChoice(BertPreTrainedModel):
+    """One score per choice: input_ids (B, K, S) run as B * K sequences, each pooled (BERT:
+    pooler -> dropout -> classifier; ModernBERT: its prediction head on the first token or the
+    mean, classifier_pooling) to one logit; loss: cross-entropy over the K choices, as in HF."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        on_pooler = config.family.classifier == "pooler"
+        self.bert = BertModel(config, add_pooling_layer=on_pooler)
+        if on_pooler:
+            p = config.classifier_dropout
+            self.dropout = nn.Dropout(p if p is not None else config.hidden_dropout_prob)
+            self.classifier = _linear(config, config.hidden_size, 1)
+        else:
+            self.classifier = PredictionHeadClassifier(config, num_labels=1)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, **packing):
+        choices = input_ids.shape[1]
+        flat = [t.reshape(-1, t.shape[-1]) if t is not None else None
+                for t in (input_ids, attention_mask, token_type_ids, position_ids)]
+        out = self.bert(*flat, return_packed=True, **packing)
+        if self.bert.pooler is not None:
+            logits = self.classifier(self.dropout(out.pooler_output))  # (B * K, 1)
+        elif self.classifier.pooling == "mean":
+            logits = self.classifier(_mean_rows(out, flat[1]))
+        else:
+            logits = self.classifier(_first_token_rows(out))
+        logits = logits.view(-1, choices)
+        loss = _cross_entropy(logits, labels) if labels is not None else None
+        return MultipleChoiceModelOutput(loss, logits)
 
 
 class BertLMHeadModel(BertPreTrainedModel):

@@ -18,6 +18,7 @@ Shapes: N token rows ((T,) packed or (B, S) padded), nh heads, hd head dim.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -63,6 +64,31 @@ def layer_kinds(config: BertConfig) -> List[Tuple[int, float]]:
     return [(-1 if t == "full_attention" else half, thetas[t]) for t in types]
 
 
+def init_weights(module: nn.Module, config: BertConfig, role: str) -> None:
+    """transformers' ModernBERT initialisation of a Linear or Embedding: a normal of the role's
+    std ("in": initializer_range; "out", a projection back into the residual stream:
+    initializer_range / sqrt(2 * layers); "final_out", a classifier: hidden_size ** -0.5),
+    truncated at initializer_cutoff_factor stds; biases zero."""
+    r = config.initializer_range
+    std = {"in": r, "out": r / math.sqrt(2.0 * config.num_hidden_layers),
+           "final_out": config.hidden_size ** -0.5}[role]
+    cutoff = config.setting("initializer_cutoff_factor", 2.0)
+    cutoff = 3.0 if cutoff is None else cutoff  # as transformers reads a null
+    nn.init.trunc_normal_(module.weight, std=std, a=-cutoff * std, b=cutoff * std)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+
+
+def init_encoder(model: nn.Module, config: BertConfig) -> None:
+    """A pre-norm BertModel's weights as transformers initialises ModernBertModel's (the word
+    embeddings' padding row included; LayerNorms one, biases zero as BERT's)."""
+    init_weights(model.embeddings.word_embeddings, config, "in")
+    for layer in model.encoder.layer:
+        for name, role in (("qkv", "in"), ("ffn_in", "in"), ("attn_out", "out"),
+                           ("ffn_out", "out")):
+            init_weights(getattr(layer, name), config, role)
+
+
 def rotary_tables(layers, positions: torch.Tensor, dtype: torch.dtype
                   ) -> Dict[float, Tuple[torch.Tensor, torch.Tensor]]:
     """theta -> (cos, sin) (N, hd / 2) at each token row's position (positions: N ints) for the
@@ -87,6 +113,17 @@ def _norm(module: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     if plain(module, nn.LayerNorm):
         return fastbert.add_layer_norm(x, None, module.weight, module.bias, module.eps)
     return module(x)
+
+
+def _add_norm(module: nn.Module, delta: torch.Tensor, x: torch.Tensor, dropout_p: float
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(module(s), s) with s = x + dropout(delta), the residual stream after a sublayer: one
+    fastbert.add_layer_norm pass (its pre-norm form) for a plain nn.LayerNorm."""
+    if plain(module, nn.LayerNorm):
+        return fastbert.add_layer_norm(delta, x, module.weight, module.bias, module.eps,
+                                       dropout_p=dropout_p, return_residual=True)
+    s = x + F.dropout(delta, dropout_p, dropout_p > 0.0)
+    return module(s), s
 
 
 class PreNormLayer(nn.Module):
@@ -134,8 +171,9 @@ class PreNormLayer(nn.Module):
                                           window_size=window, dropout_p=attn_p)
         else:
             y = fastbert.attention(q, k, v, attention_mask, window_size=window, dropout_p=attn_p)
-        x = x + F.dropout(linear(y.flatten(-2), self.attn_out), attn_p, training)
-        f = self._geglu(_norm(self.ffn_norm, x))
+        # the attention's residual add and ffn_norm in one pass
+        h, x = _add_norm(self.ffn_norm, linear(y.flatten(-2), self.attn_out), x, attn_p)
+        f = self._geglu(h)
         return x + linear(F.dropout(f, self.hidden_dropout if training else 0.0, training),
                           self.ffn_out)
 

@@ -1,8 +1,8 @@
 """Tier 1: fastbert's own classes on ModernBERT folders (issue 20). A transformers ModernBERT
 checkpoint (tiny random config, local window shorter than the sequence) loads into BertModel,
-BertForMaskedLM, BertForSequenceClassification and BertForTokenClassification with nothing
-missing or ignored and gives the
-same outputs at real tokens, loss and every gradient by the tolerance rule (fastbert fp32 vs
+BertForMaskedLM (sparse_prediction too), BertForSequenceClassification (cls and mean pooling),
+BertForTokenClassification, BertForQuestionAnswering and BertForMultipleChoice with nothing
+missing or ignored and gives the same outputs at real tokens, loss and every gradient by the tolerance rule (fastbert fp32 vs
 transformers fp32, both against transformers fp64), unpadded (the default), on the padded path
 and on packed input; what fastbert saves loads into transformers' ModernBERT classes with nothing
 missing or unexpected."""
@@ -28,11 +28,17 @@ FAMILY = FAMILIES["modernbert"]
 # transformers' class -> fastbert's
 OURS = {mb.ModernBertModel: "BertModel", mb.ModernBertForMaskedLM: "BertForMaskedLM",
         mb.ModernBertForSequenceClassification: "BertForSequenceClassification",
-        mb.ModernBertForTokenClassification: "BertForTokenClassification"}
+        mb.ModernBertForTokenClassification: "BertForTokenClassification",
+        mb.ModernBertForQuestionAnswering: "BertForQuestionAnswering",
+        mb.ModernBertForMultipleChoice: "BertForMultipleChoice"}
 HEADS = [(mb.ModernBertModel, {}), (mb.ModernBertForMaskedLM, {}),
+         (mb.ModernBertForMaskedLM, dict(sparse_prediction=True)),
          (mb.ModernBertForSequenceClassification, dict(classifier_pooling="cls")),
          (mb.ModernBertForSequenceClassification, dict(classifier_pooling="mean")),
-         (mb.ModernBertForTokenClassification, {})]
+         (mb.ModernBertForTokenClassification, {}),
+         (mb.ModernBertForQuestionAnswering, dict(num_labels=2)),
+         (mb.ModernBertForMultipleChoice, dict(classifier_pooling="cls")),
+         (mb.ModernBertForMultipleChoice, dict(classifier_pooling="mean"))]
 
 
 def _hf_model(cls, **overrides):
@@ -67,6 +73,15 @@ def _inputs(cls, ids, mask):
     elif cls is mb.ModernBertForTokenClassification:
         labels = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))
         inputs["labels"] = labels.masked_fill(mask == 0, -100)
+    elif cls is mb.ModernBertForQuestionAnswering:
+        # transformers' span loss runs over every position, padding included (fastbert's
+        # unpadded one masks padding out, heads.span_loss): the loss on a batch without padding
+        inputs.update(attention_mask=torch.ones_like(mask), start_positions=torch.tensor(
+            [1, 3, 2])[:ids.shape[0]], end_positions=torch.tensor([4, 9, 5])[:ids.shape[0]])
+    elif cls is mb.ModernBertForMultipleChoice:  # (2 questions, 2 choices, S): padded choices
+        inputs.update(input_ids=torch.cat([ids, ids.flip(0)])[:4].view(2, 2, -1),
+                      attention_mask=torch.cat([mask, mask.flip(0)])[:4].view(2, 2, -1),
+                      labels=torch.tensor([1, 0]))
     return inputs
 
 
@@ -78,9 +93,13 @@ def _run(model, inputs, real):
         h = out.last_hidden_state[real]
         weights = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(h.dtype)
         loss, fields = (h * weights).sum(), {"last_hidden_state": h}
-    else:
-        loss, logits = out.loss, out.logits
-        fields = {"loss": loss, "logits": logits[real] if logits.dim() == 3 else logits}
+    else:  # per-token outputs at real tokens; sparse MLM logits (M, V) and the others whole
+        loss, fields = out.loss, {"loss": out.loss}
+        for name in ("logits", "start_logits", "end_logits"):
+            value = getattr(out, name, None)
+            if value is not None:
+                on_grid = value.shape[:real.dim()] == real.shape
+                fields[name] = value[real] if on_grid else value
     loss.backward()
     if isinstance(model, transformers.PreTrainedModel):
         grads = {n: p.grad for n, p in model.named_parameters()}
@@ -134,6 +153,23 @@ def test_packed_input_matches_the_padded_batch(cls, tmp_path):
                                ours(ids, position_ids=position_ids)[0])
 
 
+def test_sparse_prediction_ignore_index(tmp_path):
+    """config.sparse_prediction with sparse_pred_ignore_index other than -100: the logits at the
+    rows whose label is not that index, the loss over them ignoring -100, as transformers."""
+    hf_model = _hf_model(mb.ModernBertForMaskedLM, sparse_prediction=True,
+                         sparse_pred_ignore_index=5)
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours(mb.ModernBertForMaskedLM, tmp_path)
+    ids, mask = padded_batch()
+    labels = _inputs(mb.ModernBertForMaskedLM, ids, mask)["labels"]
+    # 5 at padding (transformers selects every grid position whose label is not 5, padding
+    # included; fastbert's rows are the real tokens) and at every third real token
+    labels = labels.masked_fill((torch.arange(ids.shape[1]) % 3 == 0) | ~mask.bool(), 5)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    _agree(ours, hf_model, inputs, mask.bool())
+    assert ours(**inputs).logits.shape[0] == int((labels != 5).sum())
+
+
 def test_masked_lm_at_labelled_positions_only(tmp_path):
     """return_logits=False (transformers' sparse_prediction): the same loss, the decoder run at
     the labelled rows only."""
@@ -173,7 +209,8 @@ def test_save_pretrained_loads_back_in_transformers(cls, overrides, tmp_path):
 
 
 def _fresh_config(**overrides):
-    kw = dict(model_type="modernbert", vocab_size=64, hidden_size=32, num_hidden_layers=3,
+    kw = dict(model_type="modernbert", vocab_size=64, pad_token_id=0, hidden_size=32,
+              num_hidden_layers=3,
               num_attention_heads=2, intermediate_size=40, max_position_embeddings=64,
               layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
               num_labels=3, extra=dict(local_attention=8))
@@ -186,7 +223,8 @@ def test_models_built_in_fastbert_load_in_transformers(name, tmp_path):
     """A ModernBERT made in fastbert (BertConfig(model_type="modernbert")) is one transformers
     loads with nothing missing and computes the same function of."""
     torch.manual_seed(0)
-    ours = getattr(fastbert, name)(_fresh_config()).train()
+    labels = 2 if name == "BertForQuestionAnswering" else 3
+    ours = getattr(fastbert, name)(_fresh_config(num_labels=labels)).train()
     ours.save_pretrained(str(tmp_path))
     cls = next(c for c, n in OURS.items() if n == name)
     loaded, info = cls.from_pretrained(str(tmp_path), output_loading_info=True,
@@ -227,8 +265,65 @@ def test_modernbert_config_refusals():
             classifier_pooling="max")))
     with pytest.raises(ValueError, match="position_embedding_type 'rotary'"):
         BertConfig(position_embedding_type="rotary")
-    with pytest.raises(ValueError, match="ModernBertForQuestionAnswering|no modernbert"):
-        fastbert.BertForQuestionAnswering(_fresh_config(num_labels=2))
+    with pytest.raises(ValueError, match="fastbert serves no modernbert version"):
+        fastbert.BertForPreTraining(_fresh_config())
+    with pytest.raises(ValueError, match="head dim .* expected <= 256, got 260"):
+        fastbert.BertModel(_fresh_config(hidden_size=520, num_attention_heads=2))
+    with pytest.raises(ValueError, match="rope_scaling"):
+        fastbert.BertModel(_fresh_config(extra=dict(rope_scaling={"rope_type": "linear"})))
+
+
+def test_fresh_config_takes_modernbert_defaults():
+    """BertConfig(model_type="modernbert") without the fields is ModernBERT-base as
+    transformers' ModernBertConfig() has it, not BERT's defaults; given fields win."""
+    ours, theirs = BertConfig(model_type="modernbert"), transformers.ModernBertConfig()
+    for field, name in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                        ("num_hidden_layers", "num_hidden_layers"),
+                        ("num_attention_heads", "num_attention_heads"),
+                        ("intermediate_size", "intermediate_size"),
+                        ("max_position_embeddings", "max_position_embeddings"),
+                        ("layer_norm_eps", "norm_eps"), ("pad_token_id", "pad_token_id"),
+                        ("hidden_dropout_prob", "mlp_dropout"),
+                        ("attention_probs_dropout_prob", "attention_dropout"),
+                        ("classifier_dropout", "classifier_dropout"),
+                        ("initializer_range", "initializer_range")):
+        assert getattr(ours, field) == getattr(theirs, name), field
+    for name in ("initializer_cutoff_factor", "sparse_prediction", "sparse_pred_ignore_index",
+                 "local_attention", "classifier_pooling", "norm_bias"):
+        assert ours.setting(name, None) == getattr(theirs, name), name
+    assert BertConfig(model_type="modernbert", layer_norm_eps=1e-6).layer_norm_eps == 1e-6
+    assert BertConfig().vocab_size == 30522 and BertConfig().layer_norm_eps == 1e-12
+    with pytest.raises(ValueError, match="pad_token_id expected < vocab_size"):
+        BertConfig(model_type="modernbert", vocab_size=64)  # ModernBERT's padding id, 50283
+
+
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "BertForSequenceClassification",
+                                  "BertForQuestionAnswering"])
+def test_initialisation_follows_transformers(name):
+    """From scratch, every parameter has the distribution transformers' ModernBERT
+    _init_weights gives it: the same std (truncated normal: std 0.02, projections into the
+    residual stream 0.02 / sqrt(2 layers), classifiers hidden ** -0.5) and the same cutoff (2
+    stds), LayerNorms one, biases zero; compared parameter by parameter, by checkpoint name."""
+    cls = next(c for c, n in OURS.items() if n == name)
+    labels = 2 if name == "BertForQuestionAnswering" else 3
+    kw = dict(vocab_size=300, hidden_size=96, num_hidden_layers=8, num_attention_heads=4,
+              intermediate_size=128, num_labels=labels, pad_token_id=0)
+    torch.manual_seed(0)
+    ours = getattr(fastbert, name)(BertConfig(model_type="modernbert", **kw))
+    theirs = cls(transformers.ModernBertConfig(**kw, bos_token_id=1,
+                                                eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                                                mask_token_id=3))
+    got = FAMILY.to_checkpoint(dict(ours.named_parameters()), bare=False)
+    want = dict(theirs.named_parameters())
+    assert want.keys() <= got.keys(), want.keys() - got.keys()
+    for key, w in want.items():
+        g = got[key].detach()
+        if w.std() == 0:  # ones and zeros
+            assert torch.equal(g, w.detach()), key
+            continue
+        # sample stds of >= 192 truncated normals agree within ~15 %; the cutoff to a few %
+        assert abs(g.std() / w.std() - 1) < 0.15, (key, g.std().item(), w.std().item())
+        assert abs(g.abs().max() / w.abs().max() - 1) < 0.1, key
 
 
 def test_hub_style_config(tmp_path):
