@@ -86,10 +86,13 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
     else:
         h, x = _add_norm(layer.attn_norm, delta, x, 0.0)
     qkv = linear(h, attn.Wqkv).view(t, 3, -1, d)  # (T, 3, H, D)
-    # q and k heads turned in one call: (1, T, 2H, D), row t at cos[t]
-    qk = fastbert.apply_rotary(qkv[:, :2].flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
+    # q and k heads turned in one call: (1, T, 2H, D), row t at cos[t]; split and unbind, not
+    # slices: their backward joins the gradients (a slice's fills a zero tensor and adds to it)
+    qk, v = qkv.split([2, 1], dim=1)
+    qk = fastbert.apply_rotary(qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
+    q, k = qk.unbind(1)
     window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
-    y = fastbert.attention_varlen(qk[:, 0], qk[:, 1], qkv[:, 2], packed.cu_seqlens,
+    y = fastbert.attention_varlen(q, k, v.squeeze(1), packed.cu_seqlens,
                                   packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                                   window_size=(window, window),
                                   dropout_p=attn.attention_dropout if attn.training else 0.0,

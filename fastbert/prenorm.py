@@ -161,9 +161,12 @@ class PreNormLayer(nn.Module):
         qkv = linear(_norm(self.attn_norm, x), self.qkv).view(*rows, 3, nh, hd)
         cos, sin = rotary[self.rope_theta]  # (N, hd / 2)
         # queries and keys turned in one call, as one sequence of N rows of 2 * nh heads
-        qk = fastbert.apply_rotary(qkv[..., :2, :, :].reshape(1, -1, 2 * nh, hd), cos, sin)
+        # split and unbind, not slices: their backward joins the gradients (a slice's fills a
+        # zero tensor of the whole and adds into it)
+        qk, v = qkv.split([2, 1], dim=-3)
+        qk = fastbert.apply_rotary(qk.reshape(1, -1, 2 * nh, hd), cos, sin)
         q, k = qk.view(*rows, 2, nh, hd).unbind(-3)
-        v = qkv[..., 2, :, :]
+        v = v.squeeze(-3)
         window = (self.window, self.window)
         if packed is not None:
             y = fastbert.attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens,

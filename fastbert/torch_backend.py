@@ -159,9 +159,13 @@ class TorchBackend:
         acc = reference.acc_dtype(pre)
         act, gate = pre.to(acc).chunk(2, dim=-1)
         g = dout.to(acc)
-        dact = torch.ops.aten.gelu_backward(g * gate, act, approximate=approximate)
-        dgate = g * torch.nn.functional.gelu(act, approximate=approximate)
-        return reference.linear_backward(torch.cat([dact, dgate], dim=-1).to(x.dtype), x, weight)
+        # both halves written into one (M, 2N) gradient, not concatenated after
+        dpre = torch.empty(pre.shape, dtype=acc, device=pre.device)
+        dact, dgate = dpre.chunk(2, dim=-1)
+        torch.ops.aten.gelu_backward.grad_input(g * gate, act, approximate=approximate,
+                                                grad_input=dact)
+        torch.mul(g, torch.nn.functional.gelu(act, approximate=approximate), out=dgate)
+        return reference.linear_backward(dpre.to(x.dtype), x, weight)
 
     @staticmethod
     def apply_rotary(x, cos, sin, positions, interleaved, conjugate):

@@ -49,6 +49,7 @@ class Band:
     sk: int
     blocks: int  # query blocks per sequence
     span: int  # keys each block sees
+    first: int  # the key row block 0 starts at (sk - sq - left; negative: before the keys)
     key_index: Tensor  # (N * blocks * span,) row of the flattened (N * Sk) keys, clamped in range
     visible: Tensor  # (N * blocks, 1, BLOCK, span) bool
     additive: Tensor  # the same as 0 / -inf in the inputs' dtype, for ATen
@@ -81,7 +82,7 @@ def make_band(n: int, sq: int, sk: int, left: int, right: int, dtype: torch.dtyp
     additive = torch.zeros(visible.shape, dtype=dtype, device=device)
     additive.masked_fill_(~visible, float("-inf"))
     empty = ~visible.any(-1).view(n, blocks * BLOCK)[:, :sq]
-    return Band(n, sq, sk, blocks, span, key_index, visible, additive, empty)
+    return Band(n, sq, sk, blocks, span, shift - left, key_index, visible, additive, empty)
 
 
 _bands: "collections.OrderedDict" = collections.OrderedDict()
@@ -111,10 +112,22 @@ def _query_blocks(t: Tensor, band: Band, fill: float = 0.0) -> Tensor:
 
 
 def _key_spans(t: Tensor, band: Band) -> Tensor:
-    """(N, Sk, H, D) -> (N * blocks, span, H, D): the keys each query block can reach."""
-    flat = t.reshape(band.n * band.sk, *t.shape[2:])
-    return flat.index_select(0, band.key_index).view(band.n * band.blocks, band.span,
-                                                     *t.shape[2:])
+    """(N, Sk, H, D) -> (N * blocks, span, H, D): the keys each query block can reach, as
+    overlapping windows (a strided view) of one zero-padded copy of the keys: each sequence
+    padded to blocks * BLOCK rows, so block i's span starts i * BLOCK rows after block 0's
+    across sequences too (rows outside a sequence's keys are masked out by the band), instead
+    of gathering span / BLOCK copies of every key."""
+    n, sk, h, d = t.shape
+    rows = band.blocks * BLOCK
+    if sk > rows:  # more keys than query rows (cross-attention): gather them
+        flat = t.reshape(n * sk, h, d)
+        return flat.index_select(0, band.key_index).view(n * band.blocks, band.span, h, d)
+    front = max(0, -band.first)
+    back = max(0, (n * band.blocks - 1) * BLOCK + band.first + band.span - n * rows)
+    padded = t.new_zeros(front + n * rows + back, h, d)
+    padded[front:front + n * rows].view(n, rows, h, d)[:, :sk] = t
+    return padded.as_strided((n * band.blocks, band.span, h, d), (BLOCK * h * d, h * d, d, 1),
+                             (front + band.first) * h * d)
 
 
 def _lse_blocks(lse: Tensor, band: Band) -> Tensor:
