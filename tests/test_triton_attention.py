@@ -206,12 +206,15 @@ def test_dropout_keep_rate_scaling_and_seed():
 
 
 @pytest.mark.interpreter
-def test_dropout_queries_sharing_a_philox_call_are_independent():
-    # one philox call draws for 8 consecutive queries (16 bits each): every pair of them must be
-    # kept together with probability (1 - p)^2, not 1 - p as one shared draw would give
+def test_dropout_elements_sharing_a_philox_call_are_independent():
+    # one philox call draws for queries {i, i + 8} x keys {j, j + 1, j + 8, j + 9} (16 bits
+    # each): every pair of them must be kept together with probability (1 - p)^2, not 1 - p as
+    # one shared draw would give
     b, s, h, d, p = 2, 64, 2, 64, 0.3
     dropped, _ = recover_keep(b, s, s, h, d, torch.float32, False, None, p, seed=21)
-    groups = (dropped != 0).view(b, h, s // 8, 8, s).transpose(3, 4).reshape(-1, 8).double()
+    # (B, H, query // 16, query bit 3, query % 8, key // 16, key bit 3, key % 8 // 2, key bit 0)
+    keep = (dropped != 0).view(b, h, s // 16, 2, 8, s // 16, 2, 4, 2)
+    groups = keep.permute(0, 1, 2, 4, 5, 7, 3, 6, 8).reshape(-1, 8).double()
     q = (1 - p) ** 2
     for i, j in itertools.combinations(range(8), 2):
         both = (groups[:, i] * groups[:, j]).mean().item()

@@ -71,15 +71,16 @@ def use_deterministic(deterministic: bool) -> bool:
 # warpgroup (4 warps, 2 stages; 3 spilled 24 B): each warp's per-tile overhead (loads, barriers,
 # wgmma issue) serves twice the elements of 8 warps; with dropout 4 warps spill 84-104 B, so it
 # keeps 8 warps, 3 stages.
-# sm_80 (mma.sync): dK/dV on 8 warps (the 4-warp tile used a 616 B stack with dropout), at head
-# dim 64 without software pipelining (2 stages spilled 8 B in the varlen causal dropout variant).
+# sm_80 (mma.sync): the forward with dropout on 2 stages (3 spilled 252 B with a key mask);
+# dK/dV on 8 warps (the 4-warp tile used a 616 B stack with dropout), at head dim 64 without
+# software pipelining (2 stages spilled 8 B in the varlen causal dropout variant).
 def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
         if arch >= 90:
             return (128, 64, 8, 3) if dropout else (128, 64, 4, 2)
-        return (128, 64, 4, 3)
+        return (128, 64, 4, 2) if dropout else (128, 64, 4, 3)
     if bd <= 128:  # 3 stages need 104 KB: sm_86/89 give a block at most 99 KB
         return (128, 64, 8, 2) if 80 < arch < 90 else (128, 64, 8, 3)
     return (64, 32, 8, 2)

@@ -135,37 +135,39 @@ def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
 
 
 @triton.jit
-def _join8(a, b, c, d, e, f, g, h):
-    """(..., 2, 2, 2) with [..., x, y, z] = (a, b, ..., h)[4 * x + 2 * y + z]."""
-    return tl.join(tl.join(tl.join(a, e), tl.join(c, g)), tl.join(tl.join(b, f), tl.join(d, h)))
-
-
-@triton.jit
 def _dropout_keep(seed, off_bh, start_m, cols, row_stride, dropout_p, BLOCK_M: tl.constexpr,
                   KEYS_FIRST: tl.constexpr):
-    """Keep-mask of queries start_m + [0, BLOCK_M) x keys `cols`, the same for the same
-    (seed, batch*head, query, key): (M, N), or (N, M) with KEYS_FIRST (dK/dV's transposed tile).
-    One philox call (7 rounds, as FlashAttention's) gives 4 words, split into 8 16-bit draws for
-    8 consecutive queries (start_m is a multiple of 8): an eighth of a per-element generator's
-    work. An element is kept when its draw is >= dropout_p * 2**16 (probability 1 - dropout_p
-    within 2**-16), compared as integers. Counter: (query // 8) * row_stride + key, row_stride =
-    Sk (dense) or max_seqlen_k (varlen)."""
-    groups = start_m // 8 + tl.arange(0, BLOCK_M // 8)
-    if KEYS_FIRST:
-        counters = cols[:, None] + groups[None, :] * row_stride
-    else:
-        counters = groups[:, None] * row_stride + cols[None, :]
+    """Keep-mask of queries start_m + [0, BLOCK_M) x keys `cols` (consecutive), the same for
+    the same (seed, batch*head, query, key): (M, N), or (N, M) with KEYS_FIRST (dK/dV's
+    transposed tile). One philox call (7 rounds, as FlashAttention's) gives 4 words, split into
+    8 16-bit draws for queries {i, i + 8} x keys {j, j + 1, j + 8, j + 9} (i, j multiples of 16
+    plus 0..7 / 0, 2, 4, 6): the 8 elements one thread holds of an MMA accumulator tile (sm_80's
+    mma.sync and sm_90's wgmma), so the mask is generated where it is used, without a trip
+    through shared memory. An element is kept when its draw is >= dropout_p * 2**16
+    (probability 1 - dropout_p within 2**-16), compared as integers. Counter: query i * row_stride
+    + key j of the group's first element, row_stride = Sk (dense) or max_seqlen_k (varlen);
+    start_m and cols[0] are multiples of 16."""
+    # group index (a, r, b, c): query start_m + 16 a + r, key cols[16 b + 2 c]
+    a = tl.arange(0, BLOCK_M // 16)[:, None, None, None]
+    r = tl.arange(0, 8)[None, :, None, None]
+    BLOCK_N: tl.constexpr = cols.shape[0]
+    # the group's first keys, cols[16 b + 2 c]: (b, key bit 3, c, key bit 0) -> bits 3 and 0 = 0
+    firsts, _ = tl.split(tl.reshape(cols, (BLOCK_N // 16, 2, 4, 2)))
+    firsts, _ = tl.split(tl.permute(firsts, (0, 2, 1)))
+    counters = (start_m + 16 * a + r) * row_stride + firsts[None, None, :, :]
     r0, r1, r2, r3 = tl.randint4x(seed + off_bh, counters, 7)
     threshold = tl.cast(dropout_p * 65536.0, tl.uint32)
-    # query 8 * group + i keeps by draw i: the low then the high half of word i // 2
-    keep = _join8((r0 & 0xFFFF) >= threshold, (r0 >> 16) >= threshold,
-                  (r1 & 0xFFFF) >= threshold, (r1 >> 16) >= threshold,
-                  (r2 & 0xFFFF) >= threshold, (r2 >> 16) >= threshold,
-                  (r3 & 0xFFFF) >= threshold, (r3 >> 16) >= threshold)
-    if KEYS_FIRST:  # (N, M/8, 2, 2, 2) -> (N, M)
-        return tl.reshape(keep, (cols.shape[0], BLOCK_M))
-    else:  # (M/8, N, 2, 2, 2) -> (M, N)
-        return tl.reshape(tl.permute(keep, (0, 2, 3, 4, 1)), (BLOCK_M, cols.shape[0]))
+    # word 2 * (query bit 3) + (key bit 3), its low half for even keys, high for odd
+    keep_q0 = tl.join(tl.join((r0 & 0xFFFF) >= threshold, (r0 >> 16) >= threshold),
+                      tl.join((r1 & 0xFFFF) >= threshold, (r1 >> 16) >= threshold))
+    keep_q8 = tl.join(tl.join((r2 & 0xFFFF) >= threshold, (r2 >> 16) >= threshold),
+                      tl.join((r3 & 0xFFFF) >= threshold, (r3 >> 16) >= threshold))
+    keep = tl.join(keep_q0, keep_q8)  # (a, r, b, c, key bit 0, key bit 3, query bit 3)
+    keep = tl.reshape(tl.permute(keep, (0, 6, 1, 2, 5, 3, 4)), (BLOCK_M, BLOCK_N))
+    if KEYS_FIRST:
+        return tl.trans(keep)
+    else:
+        return keep
 
 
 @triton.jit
