@@ -52,9 +52,9 @@ def _patched_as(module: nn.Module, forward) -> bool:
     return type(module).__dict__.get("fastbert_forward") is forward
 
 
-def _layer_settings(layer: nn.Module, layer_class: type, attention_class: type):
-    """(attention dropout, hidden dropout, GELU approximation, causal) of a layer the lean path
-    can run, else None."""
+def _bert_settings(layer: nn.Module, layer_class: type, attention_class: type):
+    """(attention dropout, hidden dropout, GELU approximation, causal, head dim, scale) of a
+    BERT-layout layer the lean path can run, else None."""
     m = layer._modules
     if type(layer) is not layer_class or "crossattention" in m or _hooked(layer) \
             or getattr(layer, "chunk_size_feed_forward", 0) \
@@ -74,9 +74,27 @@ def _layer_settings(layer: nn.Module, layer_class: type, attention_class: type):
     hidden_p = hf_layers._dropout_p(so)
     if hf_layers._dropout_p(output) != hidden_p:
         return None
+    return _attention_settings(sa, hidden_p,
+                               getattr(intermediate, "fastbert_gelu_approximate", None))
+
+
+def _distilbert_settings(block: nn.Module):
+    """The same for a DistilBERT TransformerBlock (its FFN runs inside the patched block)."""
+    m = block._modules
+    if not _patched_as(block, hf_layers.distilbert_block_forward) or _hooked(block) \
+            or (getattr(block, "gradient_checkpointing", False) and block.training):
+        return None
+    sa, ffn = m["attention"], m["ffn"]
+    if not _patched_as(sa, hf_layers.distilbert_attention_forward) or _hooked(sa) \
+            or _hooked(ffn):
+        return None
+    return _attention_settings(sa, hf_layers._dropout_p(ffn),
+                               getattr(ffn, "fastbert_gelu_approximate", None))
+
+
+def _attention_settings(sa: nn.Module, hidden_p: float, approximate: Optional[str]) -> tuple:
     d = sa.attention_head_size
-    return (hf_layers._dropout_p(sa), hidden_p,
-            getattr(intermediate, "fastbert_gelu_approximate", None),
+    return (hf_layers._dropout_p(sa), hidden_p, approximate,
             bool(getattr(sa, "is_causal", False)), d, getattr(sa, "scaling", d ** -0.5))
 
 
@@ -84,35 +102,39 @@ def plan(encoder: nn.Module, x: torch.Tensor, packed: Optional[PackedBatch],
          key_mask: Optional[torch.Tensor], kwargs: dict) -> Optional[lean.Plan]:
     """The plan for one forward of a patched encoder on x ((T, C) packed with `packed`, or
     (B, S, C) with an optional (B, S) bool key mask), or None where the modules must serve it."""
-    classes = getattr(encoder, "fastbert_lean_layer", None)
-    if classes is None:
-        return None  # a family without the BERT layout (DistilBERT)
+    layout = getattr(encoder, "fastbert_lean_layer", None)  # ("bert", Layer, Attention) or
+    if layout is None:                                       # ("distilbert",), set by patch_hf
+        return None
     layers = list(encoder._modules["layer"]._modules.values())
     if (not layers or getattr(encoder, "gradient_checkpointing", False) and encoder.training
-            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
             or torch.autograd._profiler_enabled() or type(x) is not torch.Tensor
             or x.numel() == 0 or lean.global_hooks()):
         return None
     if key_mask is not None and (type(key_mask) is not torch.Tensor
                                  or key_mask.device != x.device):
         return None
-    settings = _layer_settings(layers[0], *classes)
-    if settings is None or hf_layers.wants_probabilities(layers[0].attention.self, kwargs):
+    bert = layout[0] == "bert"
+    settings = [_bert_settings(layer, *layout[1:]) if bert else _distilbert_settings(layer)
+                for layer in layers]
+    if settings[0] is None or settings.count(settings[0]) != len(settings):
         return None
-    for layer in layers[1:]:
-        if _layer_settings(layer, *classes) != settings:
-            return None
-    attn_p, hidden_p, approximate, causal, head_dim, scale = settings
-    ffn = layers[0].intermediate.dense.out_features if type(
-        layers[0].intermediate.dense) is nn.Linear else None
-    if ffn is None or not _weights_of_dtype(layers, x.dtype):
+    sa = layers[0].attention.self if bert else layers[0].attention
+    if hf_layers.wants_probabilities(sa, kwargs):
+        return None
+    attn_p, hidden_p, approximate, causal, head_dim, scale = settings[0]
+    ffn_in = layers[0].intermediate.dense if bert else layers[0].ffn.lin1
+    ffn = getattr(ffn_in, "out_features", None)  # a LoRA wrapper has it too
+    if not isinstance(ffn, int) or not _weights_of_dtype(layers, bert, x.dtype):
         return None
 
     def fused_weights():
         modules = []
         for layer in layers:
-            modules += [layer.attention.output.LayerNorm, layer.output.LayerNorm,
-                        layer.intermediate.dense]
+            modules += ([layer.attention.output.LayerNorm, layer.output.LayerNorm,
+                         layer.intermediate.dense] if bert else
+                        [layer.sa_layer_norm, layer.output_layer_norm, layer.ffn.lin1])
         return [m for m in modules if type(m) is nn.Linear
                 or (base_class(type(m)) is nn.LayerNorm and m.bias is not None)]
 
@@ -123,13 +145,25 @@ def plan(encoder: nn.Module, x: torch.Tensor, packed: Optional[PackedBatch],
     return p
 
 
-def _weights_of_dtype(layers, dtype: torch.dtype) -> bool:
+def run(encoder: nn.Module, x: torch.Tensor, p: lean.Plan) -> torch.Tensor:
+    """Every layer of the encoder on the plan."""
+    forward = layer_forward if encoder.fastbert_lean_layer[0] == "bert" else distilbert_forward
+    for layer in encoder._modules["layer"]._modules.values():
+        x = forward(layer, x, p)
+    return x
+
+
+def _weights_of_dtype(layers, bert: bool, dtype: torch.dtype) -> bool:
     """Plain projections hold weights of the layers' input dtype (the CPU GEMM route is chosen for
     it once per forward)."""
     for layer in layers:
-        attention = layer._modules["attention"]._modules
-        for parent in (attention["self"], attention["output"], layer._modules["intermediate"],
-                       layer._modules["output"]):
+        m = layer._modules
+        if bert:
+            attention = m["attention"]._modules
+            parents = (attention["self"], attention["output"], m["intermediate"], m["output"])
+        else:
+            parents = (m["attention"], m["ffn"])
+        for parent in parents:
             for child in parent._modules.values():
                 if type(child) is nn.Linear and child._parameters["weight"].dtype != dtype:
                     return False
@@ -140,10 +174,8 @@ def _plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not lean._hooked(module)
 
 
-def _qkv(p: lean.Plan, sa: nn.Module, x: torch.Tensor):
+def _qkv(p: lean.Plan, sa: nn.Module, projections, x: torch.Tensor):
     """hf_layers._qkv on the plan: (..., nh, hd) query, key and value."""
-    m = sa._modules
-    projections = (m["query"], m["key"], m["value"])
     d = sa.attention_head_size
     if (_plain_linear(projections[0]) and _plain_linear(projections[1])
             and _plain_linear(projections[2])
@@ -160,28 +192,47 @@ def _qkv(p: lean.Plan, sa: nn.Module, x: torch.Tensor):
     return tuple(t(x).view(*x.shape[:-1], -1, d) for t in projections)
 
 
-def _add_norm(p: lean.Plan, x, residual, norm: nn.Module):
+def _add_norm(p: lean.Plan, x, residual, norm: nn.Module, dropout_p: float):
     """hf_layers._add_norm on the plan."""
     if base_class(type(norm)) is nn.LayerNorm and not lean._hooked(norm) \
             and norm._parameters["weight"] is not None and norm._parameters["bias"] is not None:
-        return lean._add_layer_norm(p, x, residual, norm, p.hidden_p, p.norm, p.norm_backend)
-    return norm(F.dropout(x, p.hidden_p, training=p.hidden_p > 0) + residual)
+        return lean._add_layer_norm(p, x, residual, norm, dropout_p, p.norm, p.norm_backend)
+    return norm(F.dropout(x, dropout_p, training=dropout_p > 0) + residual)
+
+
+def _feed_forward_in(p: lean.Plan, h, dense: nn.Module, activation):
+    """activation(dense(h)), one linear_bias_gelu where hf_layers fuses it."""
+    if p.approximate is not None and _plain_linear(dense) \
+            and dense._parameters["bias"] is not None:
+        return lean.linear_bias_gelu(p, h, dense)
+    return activation(lean.linear(p, h, dense))
 
 
 def layer_forward(layer: nn.Module, x: torch.Tensor, p: lean.Plan) -> torch.Tensor:
-    """The patched layer's forward on the plan: x (T, C) packed or (B, S, C) -> the same shape."""
+    """A patched BERT-layout layer's forward on the plan: x (T, C) packed or (B, S, C) -> the
+    same shape."""
     m = layer._modules
     attention = m["attention"]._modules
-    q, k, v = _qkv(p, attention["self"], x)
+    sm = attention["self"]._modules
+    q, k, v = _qkv(p, attention["self"], (sm["query"], sm["key"], sm["value"]), x)
     y = lean.attention(p, q, k, v).flatten(-2)
     so = attention["output"]._modules
-    h = _add_norm(p, lean.linear(p, y, so["dense"]), x, so["LayerNorm"])
+    h = _add_norm(p, lean.linear(p, y, so["dense"]), x, so["LayerNorm"], p.hidden_p)
     intermediate = m["intermediate"]
-    dense = intermediate._modules["dense"]
-    if p.approximate is not None and _plain_linear(dense) \
-            and dense._parameters["bias"] is not None:
-        f = lean.linear_bias_gelu(p, h, dense)
-    else:
-        f = intermediate.intermediate_act_fn(lean.linear(p, h, dense))
+    f = _feed_forward_in(p, h, intermediate._modules["dense"], intermediate.intermediate_act_fn)
     out = m["output"]._modules
-    return _add_norm(p, lean.linear(p, f, out["dense"]), h, out["LayerNorm"])
+    return _add_norm(p, lean.linear(p, f, out["dense"]), h, out["LayerNorm"], p.hidden_p)
+
+
+def distilbert_forward(block: nn.Module, x: torch.Tensor, p: lean.Plan) -> torch.Tensor:
+    """hf_layers.distilbert_block_forward on the plan (no dropout after out_lin)."""
+    m = block._modules
+    sa = m["attention"]
+    sm = sa._modules
+    q, k, v = _qkv(p, sa, (sm["q_lin"], sm["k_lin"], sm["v_lin"]), x)
+    y = lean.attention(p, q, k, v).flatten(-2)
+    h = _add_norm(p, lean.linear(p, y, sm["out_lin"]), x, m["sa_layer_norm"], 0.0)
+    ffn = m["ffn"]
+    f = _feed_forward_in(p, h, ffn._modules["lin1"], ffn.activation)
+    return _add_norm(p, lean.linear(p, f, ffn._modules["lin2"]), h, m["output_layer_norm"],
+                     p.hidden_p)

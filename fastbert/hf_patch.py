@@ -82,10 +82,8 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if plan is None:
             return base_class(type(self)).forward(self, hidden_states, attention_mask, *args,
                                                   **kwargs)
-        x = hidden_states
-        for layer in self._modules["layer"]._modules.values():
-            x = hf_lean.layer_forward(layer, x, plan)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hf_lean.run(self, hidden_states, plan))
     for name in ("cache", "past_key_values", "use_cache", "encoder_hidden_states",
                  "encoder_attention_mask"):
         kwargs.pop(name, None)
@@ -94,9 +92,7 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     x = packed.rows(hidden_states) if packed.indices is not None else hidden_states[0]  # (T, C)
     plan = hf_lean.plan(self, x, packed, None, kwargs)
     if plan is not None:  # one function per layer (fastbert/hf_lean.py)
-        for layer in self._modules["layer"]._modules.values():
-            x = hf_lean.layer_forward(layer, x, plan)
-        x = x[None]
+        x = hf_lean.run(self, x, plan)[None]
     else:
         x = x[None]
         for layer in self.layer:
@@ -165,7 +161,8 @@ class _Family:
     pre_hooks: dict = field(default_factory=dict)  # class around the encoder -> forward pre-hook
     gelu_modules: tuple = ()  # classes whose Linear+GELU is fused, given a GELU activation
     question_answering: Optional[type] = None  # its span-QA head (masked span loss, unpadded)
-    lean_layer: Optional[tuple] = None  # (Layer, Attention) classes: hf_lean runs these layers
+    lean_layer: Optional[tuple] = None  # how hf_lean recognises its layers: ("bert", Layer,
+    #                                     Attention) or ("distilbert",)
 
 
 def _bert_layout(name: str, module, prefix: str) -> _Family:
@@ -179,7 +176,7 @@ def _bert_layout(name: str, module, prefix: str) -> _Family:
                     cls("Intermediate"): hf_layers.intermediate_forward},
                    gelu_modules=(cls("Intermediate"),),
                    question_answering=cls("ForQuestionAnswering"),
-                   lean_layer=(cls("Layer"), cls("Attention")))
+                   lean_layer=("bert", cls("Layer"), cls("Attention")))
 
 
 def _families() -> list:
@@ -202,7 +199,8 @@ def _families() -> list:
                  distil.TransformerBlock: hf_layers.distilbert_block_forward},
                 {distil.DistilBertModel: _pass_position_ids},
                 gelu_modules=(distil.FFN,),
-                question_answering=distil.DistilBertForQuestionAnswering),
+                question_answering=distil.DistilBertForQuestionAnswering,
+                lean_layer=("distilbert",)),
     ]
 
 

@@ -80,18 +80,31 @@ def test_bitwise_equal_to_the_patched_modules(monkeypatch, planned, mask_kind, u
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("family", ["RoBERTa", "ELECTRA"])
-def test_other_bert_layout_families(monkeypatch, planned, family):
+def _family_model(family: str):
     torch.manual_seed(0)
+    if family == "DistilBERT":
+        return transformers.DistilBertModel(transformers.DistilBertConfig(
+            vocab_size=TINY["vocab_size"], dim=TINY["hidden_size"], n_layers=2,
+            n_heads=TINY["num_attention_heads"], hidden_dim=TINY["intermediate_size"],
+            max_position_embeddings=TINY["max_position_embeddings"]))
     kind = {"RoBERTa": ("RobertaConfig", "RobertaModel"),
             "ELECTRA": ("ElectraConfig", "ElectraModel")}[family]
-    config = getattr(transformers, kind[0])(**TINY, pad_token_id=1)
-    model = fastbert.patch_hf(getattr(transformers, kind[1])(config))
+    return getattr(transformers, kind[1])(getattr(transformers, kind[0])(**TINY, pad_token_id=1))
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpad", "padded"])
+@pytest.mark.parametrize("family", ["RoBERTa", "ELECTRA", "DistilBERT"])
+def test_other_families(monkeypatch, planned, family, unpad):
+    model = fastbert.patch_hf(_family_model(family), unpad=unpad)
     ids, mask = _inputs()
-    lean_run = _run(model, ids, mask, True)
-    assert planned == [True]
-    _modules_path(monkeypatch)
-    assert all(torch.equal(a, b) for a, b in zip(lean_run, _run(model, ids, mask, True)))
+    for train in (True, False):
+        lean_run = _run(model, ids, mask, train)
+        assert planned[-1]
+        with monkeypatch.context() as m:
+            _modules_path(m)
+            modules_run = _run(model, ids, mask, train)
+        assert len(lean_run) == len(modules_run)
+        assert all(torch.equal(a, b) for a, b in zip(lean_run, modules_run))
 
 
 def test_packed_input_by_position_ids(monkeypatch, planned):
@@ -112,8 +125,8 @@ def test_lora_and_hooked_projections_run_as_modules(monkeypatch, planned):
     ids, mask = _inputs()
     with torch.no_grad():
         before = model(ids, attention_mask=mask).last_hidden_state
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"],
-                                                      init_lora_weights=False))
+    lora = peft.get_peft_model(model, peft.LoraConfig(
+        r=4, target_modules=["query", "value", "intermediate.dense"], init_lora_weights=False))
     seen = []
     lora.base_model.model.encoder.layer[1].output.dense.register_forward_hook(
         lambda *args: seen.append(1))
