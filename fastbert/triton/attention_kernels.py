@@ -389,6 +389,59 @@ def _attn_bwd_preprocess_kernel(
     tl.store(Delta + off_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base, lse_base,
+               delta_base, dq_base, Mask, off_b, off_bh, len_q, len_k, seqlen_k, stride_qs,
+               stride_ds, sm_scale, ds_scale, qk_scale, dropout_p, seed,
+               IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               DQ_ATOMIC: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOUNDARY: tl.constexpr):
+    """dK, dV (and the atomic dQ) of one query tile. Without BOUNDARY every query of the tile
+    exists: its loads, the log-sum-exp's and the dQ atomics skip the per-row checks."""
+    offs_m = start_m + offs_m0
+    if BOUNDARY:
+        row_ok = offs_m < len_q
+        qo_mask = row_ok[:, None] & d_ok[None, :]
+    else:  # a full tile: every query exists, no per-row checks
+        qo_mask = d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qo_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], mask=qo_mask,
+                 other=0.0)
+    if BOUNDARY:
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # +inf makes P = 0
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    # recompute P^T (N, M) from the saved log-sum-exp
+    st = _mm(k, tl.trans(q), EXACT_DOT)
+    pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E_K)
+    visible = _visible(offs_m[None, :], offs_n[:, None], Mask, off_b, len_q, len_k,
+                       IS_CAUSAL, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
+    pt = tl.where(visible, pt, 0.0)
+    dpt = _mm(v, tl.trans(do), EXACT_DOT)
+    # dS^T = P^T * (scale * dP^T - delta), the softmax scale in (delta comes scaled)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, off_bh, start_m, offs_n, seqlen_k, dropout_p, BLOCK_M,
+                             True)
+        # dV = (P * keep)^T dO / (1 - p): the 1 / (1 - p) goes on at the end. The select
+        # runs in fp32, before the cast (after it, it is a 16-bit select and repack).
+        pt_kept = tl.where(keep, pt, 0.0)
+        dv = _dot(pt_kept.to(do.dtype), do, dv, EXACT_DOT)
+        # a dropped element's dP is 0: only -P * delta is left of its dS
+        dst = pt_kept * (dpt * ds_scale) - pt * delta[None, :]
+    else:
+        dv = _dot(pt.to(do.dtype), do, dv, EXACT_DOT)
+        dst = pt * (dpt * sm_scale - delta[None, :])
+    dst = dst.to(q.dtype)
+    dk = _dot(dst, q, dk, EXACT_DOT)
+    if DQ_ATOMIC:
+        dq = _mm(tl.trans(dst), k, EXACT_DOT)
+        tl.atomic_add(dq_base + offs_m[:, None] * stride_ds + offs_d[None, :], dq,
+                      mask=qo_mask, sem="relaxed")  # a sum: no ordering needed
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, DK, DV, Mask, KvRange, CuSeqQ, CuSeqK,
@@ -450,44 +503,29 @@ def _attn_bwd_dkdv_kernel(
         hi = tl.where(live, hi, 0)
 
     ds_scale = sm_scale / (1.0 - dropout_p)  # dropout: a kept dP is scaled by 1 / (1 - p)
+    dq_base = DQ  # None without DQ_ATOMIC
+    if DQ_ATOMIC:
+        dq_base = _rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + off_h * stride_dh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < len_q
-        qo_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qo_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], mask=qo_mask,
-                     other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # +inf makes P = 0
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        # recompute P^T (N, M) from the saved log-sum-exp
-        st = _mm(k, tl.trans(q), EXACT_DOT)
-        pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E_K)
-        visible = _visible(offs_m[None, :], offs_n[:, None], Mask, off_b, len_q, len_k,
-                           IS_CAUSAL, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
-        pt = tl.where(visible, pt, 0.0)
-        dpt = _mm(v, tl.trans(do), EXACT_DOT)
-        # dS^T = P^T * (scale * dP^T - delta), the softmax scale in (delta comes scaled)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, off_bh, start_m, offs_n, seqlen_k, dropout_p, BLOCK_M,
-                                 True)
-            # dV = (P * keep)^T dO / (1 - p): the 1 / (1 - p) goes on at the end. The select
-            # runs in fp32, before the cast (after it, it is a 16-bit select and repack).
-            pt_kept = tl.where(keep, pt, 0.0)
-            dv = _dot(pt_kept.to(do.dtype), do, dv, EXACT_DOT)
-            # a dropped element's dP is 0: only -P * delta is left of its dS
-            dst = pt_kept * (dpt * ds_scale) - pt * delta[None, :]
-        else:
-            dv = _dot(pt.to(do.dtype), do, dv, EXACT_DOT)
-            dst = pt * (dpt * sm_scale - delta[None, :])
-        dst = dst.to(q.dtype)
-        dk = _dot(dst, q, dk, EXACT_DOT)
-        if DQ_ATOMIC:
-            dq_base = _rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + off_h * stride_dh
-            dq = _mm(tl.trans(dst), k, EXACT_DOT)
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_ds + offs_d[None, :], dq,
-                          mask=qo_mask, sem="relaxed")  # a sum: no ordering needed
+    # the full query tiles [lo, mid), then the one that runs past len_q (if any). With the dQ
+    # atomics one loop does all: two spill 76-100 B on sm_90 (255 registers), 44 B causal (varlen,
+    # dropout); so does a sliding window (two: 16 more instructions per tile on sm_90).
+    mid = lo
+    if not DQ_ATOMIC and not IS_CAUSAL and WINDOW_LEFT < 0 and WINDOW_RIGHT < 0:
+        mid = tl.maximum(lo + ((hi - lo) // BLOCK_M) * BLOCK_M, lo)
+    for start_m in range(lo, mid, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base,
+                            lse_base, delta_base, dq_base, Mask, off_b, off_bh, len_q, len_k,
+                            seqlen_k, stride_qs, stride_ds, sm_scale, ds_scale, qk_scale,
+                            dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, DQ_ATOMIC,
+                            EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, False)
+    for start_m in range(mid, hi, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base,
+                            lse_base, delta_base, dq_base, Mask, off_b, off_bh, len_q, len_k,
+                            seqlen_k, stride_qs, stride_ds, sm_scale, ds_scale, qk_scale,
+                            dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, DQ_ATOMIC,
+                            EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, True)
 
     kg_offs = off_h * stride_kgh + offs_n[:, None] * stride_kgs + offs_d[None, :]
     tl.store(_rows(DK, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
