@@ -97,7 +97,10 @@ def dkdv_config(bd: int, dtype: torch.dtype, arch: int = 90):
 def dq_config(bd: int, dtype: torch.dtype, arch: int = 90):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
-    return (128, 32, 4, 3) if bd <= 64 else (64, 32, 8, 3) if bd <= 128 else (32, 32, 8, 2)
+    if bd <= 64:  # sm_80: with dQ's full key tiles split from the boundary one, 4 warps
+        # spill 80 B (255 registers); 8 take 171
+        return (128, 32, 4, 3) if arch >= 90 else (128, 32, 8, 3)
+    return (64, 32, 8, 3) if bd <= 128 else (32, 32, 8, 2)
 
 
 PREPROCESS_BLOCK_M = 64

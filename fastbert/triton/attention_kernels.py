@@ -536,6 +536,39 @@ def _attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, start_m, offs_m, offs_n, offs_d,
+             d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k, stride_ks, stride_vs, sm_scale,
+             ds_scale, qk_scale, dropout_p, seed, IS_CAUSAL: tl.constexpr,
+             HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, EXACT_DOT: tl.constexpr,
+             BLOCK_M: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+             BOUNDARY: tl.constexpr):
+    """dQ plus one key tile's share. Without BOUNDARY every key of the tile exists and every
+    query sees it: no per-key check."""
+    cols = start_n + offs_n
+    if BOUNDARY:
+        kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _mm(q, tl.trans(k), EXACT_DOT)
+    p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E_K)
+    if BOUNDARY:
+        visible = _visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k, IS_CAUSAL,
+                           HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
+        p = tl.where(visible, p, 0.0)
+    dp = _mm(do, tl.trans(v), EXACT_DOT)
+    # dS = P * (scale * dP - delta), the softmax scale in (delta comes scaled)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
+                             BLOCK_M, False)
+        ds = p * tl.where(keep, dp * ds_scale - delta[:, None], -delta[:, None])
+    else:
+        ds = p * (dp * sm_scale - delta[:, None])
+    return _dot(ds.to(k.dtype), k, dq, EXACT_DOT)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, Mask, KvRange, CuSeqQ, CuSeqK,
@@ -591,24 +624,20 @@ def _attn_bwd_dq_kernel(
 
     ds_scale = sm_scale / (1.0 - dropout_p)  # dropout: a kept dP is scaled by 1 / (1 - p)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _mm(q, tl.trans(k), EXACT_DOT)
-        p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E_K)
-        visible = _visible(offs_m[:, None], cols[None, :], Mask, off_b, len_q, len_k, IS_CAUSAL,
-                           HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
-        p = tl.where(visible, p, 0.0)
-        dp = _mm(do, tl.trans(v), EXACT_DOT)
-        # dS = P * (scale * dP - delta), the softmax scale in (delta comes scaled)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, off_bh, start_m * BLOCK_M, cols, seqlen_k, dropout_p,
-                                 BLOCK_M, False)
-            ds = p * tl.where(keep, dp * ds_scale - delta[:, None], -delta[:, None])
-        else:
-            ds = p * (dp * sm_scale - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, EXACT_DOT)
+    # the key tiles every query sees whole [lo, mid) (no mask, causal or window; they skip the
+    # visibility select), then the one that runs past len_k (if any)
+    mid = lo
+    if not HAS_MASK and not IS_CAUSAL and WINDOW_LEFT < 0 and WINDOW_RIGHT < 0:
+        mid = tl.maximum(lo + ((hi - lo) // BLOCK_N) * BLOCK_N, lo)
+    for start_n in range(lo, mid, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, start_m, offs_m, offs_n,
+                      offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k, stride_ks,
+                      stride_vs, sm_scale, ds_scale, qk_scale, dropout_p, seed, IS_CAUSAL,
+                      HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, start_m, offs_m, offs_n,
+                      offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k, stride_ks,
+                      stride_vs, sm_scale, ds_scale, qk_scale, dropout_p, seed, IS_CAUSAL,
+                      HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, True)
     tl.store(_rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + do_offs,
              dq.to(DQ.dtype.element_ty), mask=qo_mask)
