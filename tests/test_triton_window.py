@@ -78,15 +78,18 @@ def test_padded_window(sq, sk, causal, window, dtype, deterministic):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_varlen_window(causal, window, dtype, deterministic):
     torch.manual_seed(1)
-    lengths = [70, 0, 1, 33, 130]
+    # 300: query tiles whose band has key tiles needing only the left bound, only the right
+    # one, or both (the forward runs them in separate loops)
+    lengths = [70, 0, 1, 33, 130, 300]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
                       device=DEVICE)
     q, k, v = torch.randn(int(cu[-1]), 3, 2, 16, dtype=dtype, device=DEVICE).unbind(1)
     dout = torch.randn_like(q)
     scale = 0.25
-    out, lse = varlen.attention_varlen_forward(q, k, v, cu, cu, 130, 130, causal, 0.0, scale, 0,
+    top = max(lengths)
+    out, lse = varlen.attention_varlen_forward(q, k, v, cu, cu, top, top, causal, 0.0, scale, 0,
                                                window=window)
-    dq, dk, dv = varlen.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, 130, 130,
+    dq, dk, dv = varlen.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, top, top,
                                                   causal, 0.0, scale, 0, deterministic,
                                                   window=window)
     for b, n in enumerate(lengths):

@@ -241,7 +241,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
               HAS_DROPOUT: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
               BOUNDARY: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """One key tile of the online softmax. Without BOUNDARY every key of the tile exists, is
-    real (no mask) and (causal) lies at or below every query's diagonal: no per-key check."""
+    real (no mask) and (causal, a window's right side) lies at or below every query's bound: no
+    per-key check but, in a sliding window, its left bound."""
     cols = start_n + offs_n
     if BOUNDARY:
         kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
@@ -253,6 +254,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     if BOUNDARY:
         s = tl.where(_fwd_visible(offs_m, cols, Mask, off_b, len_q, len_k, IS_CAUSAL, HAS_MASK,
                                   WINDOW_LEFT, WINDOW_RIGHT), s, float("-inf"))
+    elif WINDOW_LEFT >= 0:  # key j >= query i + Sk - Sq - left
+        first = offs_m + (len_k - len_q - WINDOW_LEFT)
+        s = tl.where(cols[None, :] >= first[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -321,14 +325,34 @@ def _attn_fwd_kernel(
         mid = tl.minimum(mid, tl.where(diagonal > 0, diagonal // BLOCK_N, 0) * BLOCK_N)
         # ... its last one keys below min(Sq, end of block) + Sk - Sq
         hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q)
-    # a sliding window: only the key tiles the block's band reaches, every one checked
+    # a sliding window: only the key tiles the block's band reaches
     if WINDOW_LEFT >= 0:
         lo = tl.maximum(lo, start_m * BLOCK_M + len_k - len_q - WINDOW_LEFT)
     if WINDOW_RIGHT >= 0:
         hi = tl.minimum(hi, tl.minimum(len_q, (start_m + 1) * BLOCK_M) + len_k - len_q
                         + WINDOW_RIGHT)
     lo = (lo // BLOCK_N) * BLOCK_N
-    mid = lo if WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0 else tl.maximum(mid, lo)
+    mid = tl.maximum(mid, lo)
+    right_only = hi
+    if WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0:
+        # Each tile of the band needs one side's bound only: below the block's lowest right
+        # bound (key count, causal, window) [lo, mid) checks the left bound alone (in the
+        # full-tile loop), above its highest left bound [right_only, hi) the right bounds
+        # alone; a tile between checks both (none at window 64 on 128 x 64 tiles).
+        mid = lo
+        if not HAS_MASK:
+            last = len_k - 1  # the block's first query's last visible key
+            if IS_CAUSAL:
+                last = tl.minimum(last, start_m * BLOCK_M + len_k - len_q)
+            if WINDOW_RIGHT >= 0:
+                last = tl.minimum(last, start_m * BLOCK_M + len_k - len_q + WINDOW_RIGHT)
+            mid = tl.minimum(tl.maximum((last + 1) // BLOCK_N * BLOCK_N, lo), hi)
+            if WINDOW_LEFT >= 0:  # the block's last query's first visible key
+                first = tl.minimum(len_q, (start_m + 1) * BLOCK_M) - 1 + len_k - len_q \
+                    - WINDOW_LEFT
+                right_only = tl.minimum(tl.maximum(tl.cdiv(first, BLOCK_N) * BLOCK_N, mid), hi)
+            else:
+                right_only = mid
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
@@ -339,12 +363,19 @@ def _attn_fwd_kernel(
                                   stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
                                   IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, False,
                                   WINDOW_LEFT, WINDOW_RIGHT)
-    for start_n in range(mid, hi, BLOCK_N):
+    for start_n in range(mid, right_only, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
                                   offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
                                   stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
                                   IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, True,
                                   WINDOW_LEFT, WINDOW_RIGHT)
+    if WINDOW_LEFT >= 0 and not HAS_MASK:  # the tiles past the left bound: -1 drops its check
+        for start_n in range(right_only, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
+                                      offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
+                                      stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
+                                      IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, True,
+                                      -1, WINDOW_RIGHT)
 
     empty = l_i == 0.0  # the query sees no key: out = 0, lse = +inf
     l_safe = tl.where(empty, 1.0, l_i)
