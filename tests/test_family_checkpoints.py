@@ -209,3 +209,50 @@ def test_roberta_packed_input_with_its_own_positions(tmp_path):
                 alone = ours(a, position_ids=pos[:, :4]).last_hidden_state[0]
                 torch.testing.assert_close(packed[:4], alone)
     assert ours.embeddings.position_embeddings.padding_idx == pad  # as transformers has it
+
+
+def test_bert_multiple_choice_matches_transformers(tmp_path):
+    """BertForMultipleChoice (BERT's: pooler -> dropout -> classifier, one logit per choice):
+    a transformers checkpoint loads with nothing missing or ignored, gives the same logits, loss
+    and every gradient by the tolerance rule, padded choices included, and what fastbert saves
+    loads back into transformers with nothing missing or unexpected."""
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=48,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     attn_implementation="eager")
+    torch.manual_seed(0)
+    hf_model = transformers.BertForMultipleChoice(config).train()
+    randomize_by_type_(hf_model)
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ours = fastbert.BertForMultipleChoice.from_pretrained(str(tmp_path / "hf")).train()
+    assert not [w for w in record if "from_pretrained" in str(w.message)]
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 64, (2, 3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 1, 6:] = 0
+    mask[1, 2, 3:] = 0
+    inputs = dict(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask,
+                  labels=torch.tensor([2, 0]))
+    results = []
+    for model in (ours, hf_model, copy.deepcopy(hf_model).double()):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        grads = grads_by_hf_name(model)
+        if model is ours:
+            grads = FAMILIES["bert"].to_checkpoint(grads, bare=False)
+        results.append((out.loss.detach(), out.logits.detach(), grads))
+    (loss, logits, grads), (p_loss, p_logits, p_grads), (e_loss, e_logits, e_grads) = results
+    assert logits.shape == (2, 3)
+    assert_close_by_rule(loss, p_loss, e_loss, "loss")
+    assert_close_by_rule(logits, p_logits, e_logits, "logits")
+    for name, grad in p_grads.items():
+        assert_close_by_rule(grads[name], grad, e_grads[name], f"d{name}")
+    ours.save_pretrained(str(tmp_path / "ours"))
+    loaded, info = transformers.BertForMultipleChoice.from_pretrained(
+        str(tmp_path / "ours"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, hf_model.state_dict()[key]), key
