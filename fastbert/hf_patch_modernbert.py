@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import fastbert
+from fastbert import hf_lean_modernbert
 from fastbert.hf_layers import base_class, plain
 from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent, linear
 from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
@@ -117,6 +118,25 @@ def _pack(attention_mask, position_ids, kwargs, batch: int, seqlen: int, device)
     return PackedBatch(cu, seqlen, batch=batch, seqlen=seqlen)
 
 
+def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict, approximate):
+    """Every layer on the public ops, then final_norm."""
+    delta = None  # the last layer's MLP output, added to x by the next norm's pass
+    for layer in model.layers:
+        cos, sin = rotary[layer.attention_type]
+        if getattr(layer, "gradient_checkpointing", False) and layer.training:
+            x, delta = torch.utils.checkpoint.checkpoint(_packed_layer, layer, x, delta, packed,
+                                                         cos, sin, approximate,
+                                                         use_reentrant=False)
+        else:
+            x, delta = _packed_layer(layer, x, delta, packed, cos, sin, approximate)
+    norm = model.final_norm
+    if delta is None:
+        return _norm(norm, x)
+    if plain(norm, nn.LayerNorm) and norm.weight is not None:
+        return fastbert.add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps)
+    return norm(x + delta)
+
+
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    inputs_embeds=None, **kwargs):
     """ModernBertModel.forward, unpadded (see the module docstring)."""
@@ -149,22 +169,11 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
         rotary[layer_type] = (cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous())
     act = config.hidden_activation
     approximate = _GELU_APPROXIMATE.get(act) if isinstance(act, str) else None
-    delta = None  # the last layer's MLP output, added to x by the next norm's pass
-    for layer in self.layers:
-        cos, sin = rotary[layer.attention_type]
-        if getattr(layer, "gradient_checkpointing", False) and layer.training:
-            x, delta = torch.utils.checkpoint.checkpoint(_packed_layer, layer, x, delta, packed,
-                                                         cos, sin, approximate,
-                                                         use_reentrant=False)
-        else:
-            x, delta = _packed_layer(layer, x, delta, packed, cos, sin, approximate)
-    norm = self.final_norm
-    if delta is None:
-        x = _norm(norm, x)
-    elif plain(norm, nn.LayerNorm) and norm.weight is not None:
-        x = fastbert.add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps)
+    plan = hf_lean_modernbert.plan(self, x, packed, approximate)
+    if plan is not None:  # the same ops on backends resolved once (fastbert/hf_lean_modernbert.py)
+        x = hf_lean_modernbert.run(self, x, plan, rotary)
     else:
-        x = norm(x + delta)
+        x = _layers(self, x, packed, rotary, approximate)
     out = BaseModelOutput(last_hidden_state=packed.grid(x))
     return out if kwargs.get("return_dict", getattr(config, "return_dict", True)) else out.to_tuple()
 

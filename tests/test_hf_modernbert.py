@@ -13,7 +13,7 @@ from transformers import ModernBertConfig  # noqa: E402
 from transformers.models.modernbert import modeling_modernbert as mb  # noqa: E402
 
 import fastbert  # noqa: E402
-from fastbert import hf_patch_modernbert  # noqa: E402
+from fastbert import hf_patch_modernbert, varlen  # noqa: E402
 from tests.helpers import assert_close_by_rule  # noqa: E402
 
 VOCAB, SEQ = 64, 21
@@ -221,14 +221,14 @@ def test_hidden_states_requested_run_transformers_forward():
 
 
 def test_local_layers_run_windowed_varlen(monkeypatch):
-    seen = []
-    attention_varlen = fastbert.attention_varlen
-    monkeypatch.setattr(fastbert, "attention_varlen", lambda *a, **kw: (
-        seen.append(kw["window_size"]) or attention_varlen(*a, **kw)))
+    seen = []  # at the torch backend's varlen forward: the lean path and the public op call it
+    forward = varlen._TorchVarlen.attention_varlen_forward
+    monkeypatch.setattr(varlen._TorchVarlen, "attention_varlen_forward", staticmethod(
+        lambda *a, **kw: seen.append(kw.get("window")) or forward(*a, **kw)))
     patched = fastbert.patch_hf(mb.ModernBertModel(tiny_config()))
     ids, mask = padded_batch()
     patched(ids, attention_mask=mask)
-    assert seen == [(-1, -1), (4, 4), (4, 4)]  # global, then local layers with +-4
+    assert seen == [None, (4, 4), (4, 4)]  # global (no window), then local layers with +-4
 
 
 def test_unservable_configs_are_refused_before_patching():

@@ -1,0 +1,303 @@
+"""The lean eager path of patch_hf's ModernBertModel (issue 22): fastbert/lean.py's plan for the
+packed forward of fastbert/hf_patch_modernbert.py.
+
+Its `_packed_layer` calls four public fused ops per layer (apply_rotary, attention_varlen with
+the layer's window, linear_geglu, add_layer_norm's pre-norm form) and model.linear per
+projection; each public op checks its arguments, resolves a backend and reads the autocast state
+on every call. Within one forward all of that is the same for every layer, so the patched forward
+resolves it once (`plan`) and `run` calls the chosen backends directly:
+
+    p = plan(model, x, packed, approximate)   # None: _packed_layer's public ops serve it
+    x = run(model, x, p, rotary)              # every layer, then final_norm
+
+Per call remains lean.py's rule (*): an op records autograd when grad mode is on and one of its
+inputs requires grad, through ops.apply_eager with the op's registered forward, setup_context and
+backward; otherwise the backend's forward runs (the CPU inference GEMM for plain projections).
+Seeds are drawn at the same points, so outputs, gradients and dropout are bitwise
+_packed_layer's (tests/test_hf_lean_modernbert.py). What _packed_layer decides per module (a
+plain nn.Linear / LayerNorm / Dropout, else a module call: a LoRA wrapper, a hooked module) is
+still decided per call. Submodules and parameters are read from _modules / _parameters
+(nn.Module.__getattr__'s Python call saved).
+
+`plan` returns None under torch.compile tracing, functorch transforms, a listening profiler,
+global module hooks, tensor subclasses, an empty batch, gradient checkpointing, heads of
+different sizes, an activation linear_geglu does not fuse, or plain projections whose weights
+are not of the input's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastbert import cpu, geglu, lean, ops, rotary, varlen
+from fastbert.hf_layers import base_class
+from fastbert.padding import PackedBatch
+
+
+class Plan:
+    """Everything the layers of one forward share, resolved once."""
+    __slots__ = ("grad", "cast", "dtype", "cpu_linear", "cu_seqlens", "max_seqlen", "scale",
+                 "positions", "rotary", "rotary_backend", "attention", "norms", "norm",
+                 "norm_backend", "geglu", "geglu_cpu", "geglu_backend", "approximate",
+                 "zero_bias")
+
+
+def _plain_norm(norm: nn.Module) -> bool:
+    """hf_layers.plain(norm, nn.LayerNorm) with a weight (global hooks are checked by plan)."""
+    return ((type(norm) is nn.LayerNorm or base_class(type(norm)) is nn.LayerNorm)
+            and not norm._forward_hooks and not norm._forward_pre_hooks
+            and norm._parameters["weight"] is not None)
+
+
+def _window(attn: nn.Module) -> int:
+    return attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
+
+
+def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch,
+         approximate: Optional[str]) -> Optional[Plan]:
+    """The plan for one forward of a patched ModernBertModel on its packed embeddings x (T, C),
+    or None where _packed_layer's public ops must serve it."""
+    layers = list(model._modules["layers"]._modules.values())
+    cu = packed.cu_seqlens
+    if (not layers or approximate is None or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled()
+            or lean.global_hooks() or type(x) is not torch.Tensor or x.numel() == 0
+            or x.dim() != 2 or type(cu) is not torch.Tensor or cu.device != x.device):
+        return None
+    device, dtype = x.device, x.dtype
+    head_dim = layers[0]._modules["attn"].head_dim
+    attention = set()  # (window, attention dropout) of the layers
+    norm_dropout = {0.0}  # the dropouts the pre-norm adds apply
+    norms, wi = [model._modules["final_norm"]], None
+    for layer in layers:
+        if layer.training and getattr(layer, "gradient_checkpointing", False):
+            return None  # checkpointed layers run _packed_layer under torch.utils.checkpoint
+        m = layer._modules
+        attn, mlp = m["attn"], m["mlp"]._modules
+        am = attn._modules
+        if attn.head_dim != head_dim:
+            return None
+        attention.add((_window(attn), attn.attention_dropout if attn.training else 0.0))
+        drop = am["out_drop"]
+        if type(drop) is nn.Dropout:
+            norm_dropout.add(drop.p if drop.training else 0.0)
+        for linear in (am["Wqkv"], am["Wo"], mlp["Wi"], mlp["Wo"]):
+            if type(linear) is nn.Linear and (
+                    linear._parameters["weight"].dtype != dtype
+                    or (linear._parameters["bias"] is not None
+                        and linear._parameters["bias"].dtype != dtype)):
+                return None  # the CPU GEMM route is chosen for x's dtype once
+        if type(mlp["Wi"]) is nn.Linear:
+            wi = mlp["Wi"]
+        norms += [m["attn_norm"], m["mlp_norm"]]
+    norms = [n for n in norms if _plain_norm(n)]
+
+    p = Plan()
+    p.grad = torch.is_grad_enabled()
+    p.cast = ops._autocast_dtype(device)
+    p.dtype = compute = p.cast or dtype
+    p.approximate = approximate
+    p.cu_seqlens, p.max_seqlen = cu.contiguous(), int(packed.max_seqlen)
+    p.scale = head_dim ** -0.5  # transformers' softmax scale
+    # apply_rotary's positions for the (1, T, 2H, D) layout _packed_layer turns
+    p.positions = torch.arange(x.shape[0], device=device).view(1, -1)
+    p.rotary_backend = ops.resolve_backend(rotary.OP, "auto", device, dtype=compute,
+                                           head_dim=head_dim)
+    p.rotary = ops._backend_module(p.rotary_backend).apply_rotary
+    p.attention = {}
+    for window, dropout_p in attention:
+        kw = ops.window_kw((window, window))
+        backend = ops.resolve_backend(varlen.OP, "auto", device, dtype=compute,
+                                      head_dim=head_dim, dropout_p=dropout_p, causal=False, **kw)
+        p.attention[window, dropout_p] = (backend, varlen._impl(backend).attention_varlen_forward,
+                                          kw)
+    hidden = x.shape[1]
+    p.norms = {}
+    for dropout_p in norm_dropout:
+        backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device, dtype=compute,
+                                      hidden=hidden, dropout_p=dropout_p, store_sum=True)
+        p.norms[dropout_p] = (backend, ops._backend_module(backend).add_layer_norm_forward)
+    p.norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
+                                         dtype=compute, hidden=hidden, dropout_p=0.0)
+    p.norm = ops._backend_module(p.norm_backend).add_layer_norm_forward
+    routes = cpu.inference_routes(dtype) if device.type == "cpu" else None
+    p.cpu_linear = routes[0] if routes is not None else None
+    p.geglu_backend, p.geglu, p.geglu_cpu = "torch", None, None
+    if wi is not None:
+        w = wi._parameters["weight"]
+        p.geglu_backend = ops.resolve_backend(geglu.OP, "auto", device, dtype=compute,
+                                              in_features=w.shape[1], out_features=w.shape[0])
+        p.geglu = ops._backend_module(p.geglu_backend).linear_geglu_forward
+        p.geglu_cpu = p.cpu_linear if p.geglu_backend == "torch" else None
+    # a bias-free LayerNorm gets the zero bias the public op makes per call, made once
+    p.zero_bias = None
+    for norm in norms:
+        w = norm._parameters["weight"]
+        if norm._parameters["bias"] is None:
+            if p.zero_bias is None:
+                p.zero_bias = torch.zeros_like(w)
+            elif w.dtype != p.zero_bias.dtype or w.shape != p.zero_bias.shape:
+                return None
+    backends = {p.geglu_backend, p.norm_backend} | {b for b, _ in p.norms.values()}
+    if backends != {"torch"}:
+        # the Triton kernels take contiguous weights (the public ops make them so)
+        for module in norms + ([wi] if wi is not None else []):
+            if not all(t is None or t.is_contiguous() for t in module._parameters.values()):
+                return None
+    return p
+
+
+def run(model: nn.Module, x: torch.Tensor, p: Plan, rotary_tables: dict) -> torch.Tensor:
+    """Every layer, then final_norm, on the plan: the patched forward's loop (hf_patch_modernbert).
+    rotary_tables: layer type -> (cos, sin) (T, D / 2)."""
+    delta = None
+    for layer in model._modules["layers"]._modules.values():
+        cos, sin = rotary_tables[layer.attention_type]
+        x, delta = layer_forward(layer, x, delta, p, cos, sin)
+    return _norm(p, model._modules["final_norm"], x, delta)
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor], p: Plan,
+                  cos: torch.Tensor, sin: torch.Tensor):
+    """hf_patch_modernbert._packed_layer on the plan: the same ops in the same order."""
+    m = layer._modules
+    attn = m["attn"]
+    am = attn._modules
+    t, d = x.shape[0], attn.head_dim
+    if delta is None:
+        h = _norm(p, m["attn_norm"], x, None)
+    else:
+        h, x = _add_norm(p, m["attn_norm"], delta, x, 0.0)
+    qkv = _linear(p, h, am["Wqkv"]).view(t, 3, -1, d)  # (T, 3, H, D)
+    qk, v = qkv.split([2, 1], dim=1)
+    qk = _rotary(p, qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
+    q, k = qk.unbind(1)
+    y = _attention(p, attn, q, k, v.squeeze(1))
+    a = _linear(p, y.reshape(t, -1), am["Wo"])
+    drop, dropout_p = am["out_drop"], 0.0  # fused into the add (_out_dropout's rule)
+    if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
+        dropout_p = drop.p if drop.training else 0.0
+    elif type(drop) is not nn.Identity:
+        a = drop(a)
+    h, x = _add_norm(p, m["mlp_norm"], a, x, dropout_p)
+    mlp = m["mlp"]
+    mm = mlp._modules
+    f, drop = _geglu(p, mlp, h), mm["drop"]
+    if type(drop) is not nn.Dropout or drop._forward_hooks or drop._forward_pre_hooks \
+            or drop.inplace:
+        f = drop(f)
+    elif drop.training and drop.p > 0.0:
+        f = torch.dropout(f, drop.p, True)  # what F.dropout calls
+    return x, _linear(p, f, mm["Wo"])
+
+
+def _linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """model.linear(x, module) for 2-D x on the plan."""
+    if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        return module(x)
+    w, b = module._parameters["weight"], module._parameters["bias"]
+    if p.cpu_linear is None or (p.grad and (x.requires_grad or w.requires_grad or (
+            b is not None and b.requires_grad))):  # (*)
+        return F.linear(x, w, b)
+    return p.cpu_linear(x, w, b)
+
+
+def _norm(p: Plan, norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]):
+    """norm(x) (delta None), else norm(x + delta): fastbert.add_layer_norm(delta, x, ...) for a
+    plain LayerNorm, as the patched forward's first attn_norm and final_norm."""
+    if type(norm) is nn.Identity and delta is None:
+        return x
+    if not (type(norm) is nn.LayerNorm and not norm._forward_hooks  # _plain_norm(norm), inline
+            and not norm._forward_pre_hooks and norm._parameters["weight"] is not None
+            or _plain_norm(norm)):
+        return norm(x) if delta is None else norm(x + delta)
+    w, b = norm._parameters["weight"], norm._parameters["bias"]
+    b = p.zero_bias if b is None else b
+    if delta is None:
+        x, residual = x, None
+    else:
+        x, residual = delta, x
+    if p.cast is not None:
+        x = x.to(p.cast)
+        residual = residual.to(p.cast) if residual is not None else None
+    if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad
+                   or (residual is not None and residual.requires_grad)):  # (*)
+        return ops.apply_eager("fastbert::add_layer_norm", ops._add_layer_norm_forward,
+                               ops._add_layer_norm_setup, ops._add_layer_norm_grad, x, residual,
+                               w, b, norm.eps, 0.0, None, p.norm_backend)[0]
+    return p.norm(x, residual, w, b, norm.eps, 0.0, 0)[0]
+
+
+def _add_norm(p: Plan, norm: nn.Module, delta: torch.Tensor, x: torch.Tensor,
+              dropout_p: float):
+    """hf_patch_modernbert._add_norm on the plan: (norm(s), s) with s = x + dropout(delta)."""
+    if not (type(norm) is nn.LayerNorm and not norm._forward_hooks  # _plain_norm(norm), inline
+            and not norm._forward_pre_hooks and norm._parameters["weight"] is not None
+            or _plain_norm(norm)):
+        s = x + F.dropout(delta, dropout_p, dropout_p > 0.0)
+        return norm(s), s
+    w, b = norm._parameters["weight"], norm._parameters["bias"]
+    b = p.zero_bias if b is None else b
+    if p.cast is not None:
+        delta, x = delta.to(p.cast), x.to(p.cast)
+    backend, forward = p.norms[dropout_p]
+    if p.grad and (delta.requires_grad or x.requires_grad or w.requires_grad
+                   or b.requires_grad):  # (*)
+        return ops.apply_eager("fastbert::add_layer_norm_residual",
+                               ops._add_layer_norm_residual_forward,
+                               ops._add_layer_norm_residual_setup,
+                               ops._add_layer_norm_residual_grad, delta, x, w, b, norm.eps,
+                               dropout_p, ops._draw_seed(dropout_p), backend)[:2]
+    seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
+    y, _, _, s = forward(delta, x, w, b, norm.eps, dropout_p, seed, store_sum=True)
+    return y, s
+
+
+def _rotary(p: Plan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """fastbert.apply_rotary(x, cos, sin) for x (1, T, 2H, D) on the plan."""
+    if x.dtype != p.dtype:  # a projection module returned another dtype: the public op decides
+        return rotary.apply_rotary(x, cos, sin)
+    if p.grad and x.requires_grad:  # (*)
+        return ops.apply_eager("fastbert::apply_rotary", rotary._rotary, rotary._setup,
+                               rotary._grad, x, cos, sin, p.positions, False, False,
+                               p.rotary_backend)
+    return p.rotary(x, cos, sin, p.positions, False, False)
+
+
+def _attention(p: Plan, attn: nn.Module, q, k, v) -> torch.Tensor:
+    """fastbert.attention_varlen(q, k, v, cu, cu, max, max, window_size=(w, w), ...) as
+    _packed_layer calls it, on the plan."""
+    window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # _window's
+    dropout_p = attn.attention_dropout if attn.training else 0.0
+    backend, forward, kw = p.attention[window, dropout_p]
+    if p.grad and (q.requires_grad or v.requires_grad):  # (*) q, k: one rotary output
+        return ops.apply_eager("fastbert::attention_varlen", varlen._varlen_forward,
+                               varlen._setup, varlen._grad, q, k, v, p.cu_seqlens, p.cu_seqlens,
+                               p.max_seqlen, p.max_seqlen, False, dropout_p, p.scale,
+                               ops._draw_seed(dropout_p), False, backend, window, window)[0]
+    seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
+    return forward(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen, False,
+                   dropout_p, p.scale, seed, **kw)[0]
+
+
+def _geglu(p: Plan, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """hf_patch_modernbert._geglu on the plan: gelu(a) * g with a, g = Wi(h).chunk(2)."""
+    wi = mlp._modules["Wi"]
+    if type(wi) is not nn.Linear or wi._forward_hooks or wi._forward_pre_hooks:
+        act, gate = wi(h).chunk(2, dim=-1)
+        return mlp.act(act) * gate
+    w, b = wi._parameters["weight"], wi._parameters["bias"]
+    if p.cast is not None:
+        h, w = h.to(p.cast), w.to(p.cast)
+        b = b.to(p.cast) if b is not None else None
+    if p.grad and (h.requires_grad or w.requires_grad
+                   or (b is not None and b.requires_grad)):  # (*)
+        return ops.apply_eager("fastbert::linear_geglu", geglu._forward, geglu._setup,
+                               geglu._grad, h, w, b, p.approximate, p.geglu_backend)[0]
+    if p.geglu_cpu is not None:  # linear_geglu's CPU inference route
+        act, gate = p.geglu_cpu(h, w, b).chunk(2, dim=-1)
+        return F.gelu(act, approximate=p.approximate).mul_(gate)
+    return p.geglu(h, w, b, p.approximate)[0]
