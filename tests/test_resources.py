@@ -250,8 +250,11 @@ def layer_norm_variants():
                         (ln._add_layer_norm_bwd_kernel, ln_tests._bwd_signature, backward_kinds)):
                     for residual, dropout in kinds:
                         sig = signature(dtype, weight_dtype, "i64" if dropout else "i32")
-                        constexprs = dict(HAS_RESIDUAL=residual, HAS_DROPOUT=dropout,
-                                          BLOCK_N=block_n, WHOLE_ROW=whole_row)
+                        # the pre-norm form's flags (ModernBERT) off: BERT's post-norm layers
+                        pre_norm = ("STORE_SUM" if kernel is ln._add_layer_norm_fwd_kernel
+                                    else "HAS_DSUM")
+                        constexprs = {"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout,
+                                      "BLOCK_N": block_n, "WHOLE_ROW": whole_row, pre_norm: False}
                         used = [k for k, on in (("residual", residual), ("dropout", dropout)) if on]
                         weight = "fp32" if weight_dtype != dtype else "as input"
                         tile = f"{block_n}{'' if whole_row else ' chunks'} w{warps}"
