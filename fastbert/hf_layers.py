@@ -72,8 +72,8 @@ def _fused_qkv_weight(sa: nn.Module, projections) -> tuple:
     """([Wq; Wk; Wv], [bq; bk; bv] or None). Training: concatenated per call, so gradients reach
     the three original parameters and no second copy outlives the step. Inference: cached per
     module, refreshed when a parameter is replaced or written in place (its version counter)."""
-    weights = [p.weight for p in projections]
-    biases = [p.bias for p in projections]
+    weights = [p._parameters["weight"] for p in projections]  # plain nn.Linear modules
+    biases = [p._parameters["bias"] for p in projections]
     has_bias = biases[0] is not None
     tensors = weights + (biases if has_bias else [])
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) \

@@ -132,11 +132,15 @@ def plan(encoder: nn.Module, x: torch.Tensor, packed: Optional[PackedBatch],
     def fused_weights():
         modules = []
         for layer in layers:
-            modules += ([layer.attention.output.LayerNorm, layer.output.LayerNorm,
-                         layer.intermediate.dense] if bert else
-                        [layer.sa_layer_norm, layer.output_layer_norm, layer.ffn.lin1])
-        return [m for m in modules if type(m) is nn.Linear
-                or (base_class(type(m)) is nn.LayerNorm and m.bias is not None)]
+            m = layer._modules
+            if bert:
+                modules += [m["attention"]._modules["output"]._modules["LayerNorm"],
+                            m["output"]._modules["LayerNorm"], m["intermediate"]._modules["dense"]]
+            else:
+                modules += [m["sa_layer_norm"], m["output_layer_norm"], m["ffn"]._modules["lin1"]]
+        return [m for m in modules  # those the fused ops take (with a weight and a bias)
+                if (type(m) is nn.Linear or base_class(type(m)) is nn.LayerNorm)
+                and m._parameters["weight"] is not None and m._parameters["bias"] is not None]
 
     p = lean.resolve(x.device, x.dtype, x.shape[-1], packed, key_mask, causal, attn_p,
                      hidden_p, approximate, head_dim, ffn, False, fused_weights)

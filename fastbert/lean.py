@@ -158,7 +158,8 @@ def resolve(device: torch.device, x_dtype: torch.dtype, hidden: int,
         p.cpu_gelu = None
     if {p.norm_backend, p.embed_norm_backend, p.gelu_backend} != {"torch"}:
         # the Triton and CUDA kernels take contiguous weights (the public ops make them so)
-        if not all(n.weight.is_contiguous() and n.bias.is_contiguous() for n in fused_weights()):
+        if not all(t is None or t.is_contiguous() for n in fused_weights()
+                   for t in (n._parameters["weight"], n._parameters.get("bias"))):
             return None
     return p
 

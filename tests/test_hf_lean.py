@@ -211,3 +211,32 @@ def test_python_calls_per_forward_against_transformers():
     ours = _counts(fastbert.patch_hf(_model()), ids, mask)
     for mode, ratio in MAX_RATIO.items():
         assert ours[mode] <= ratio * theirs[mode], (mode, ours, theirs)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpad", "padded"])
+def test_triton_backend_bitwise_equal_to_the_patched_modules(monkeypatch, planned, unpad):
+    """On the Triton kernels (TRITON_INTERPRET=1): the lean path launches what the modules'
+    path launches, dropout masks included."""
+    previous = fastbert.get_backend()
+    fastbert.set_backend("triton")
+    try:
+        torch.manual_seed(0)
+        model = fastbert.patch_hf(transformers.BertModel(transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+            attn_implementation="sdpa")), unpad=unpad)
+        ids = torch.randint(1, 50, (2, 8))
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5:] = 0
+        runs = []
+        for lean_path in (True, False):
+            if not lean_path:
+                _modules_path(monkeypatch)
+            runs.append([_run(model, ids, mask, train) for train in (False, True)])
+        assert planned == [True, True]
+        for lean_run, modules_run in zip(*runs):
+            assert len(lean_run) == len(modules_run)
+            assert all(torch.equal(a, b) for a, b in zip(lean_run, modules_run))
+    finally:
+        fastbert.set_backend(previous)
