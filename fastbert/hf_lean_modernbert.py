@@ -1,31 +1,35 @@
-"""The lean eager path of patch_hf's ModernBertModel (issue 22): fastbert/lean.py's plan for the
-packed forward of fastbert/hf_patch_modernbert.py.
+"""The lean eager path of ModernBERT's pre-norm layers (issue 22): fastbert/lean.py's plan for
+patch_hf's packed ModernBertModel forward (fastbert/hf_patch_modernbert.py) and for fastbert's own
+pre-norm BertModel on packed tokens (fastbert/prenorm.py).
 
-Its `_packed_layer` calls four public fused ops per layer (apply_rotary, attention_varlen with
-the layer's window, linear_geglu, add_layer_norm's pre-norm form) and model.linear per
-projection; each public op checks its arguments, resolves a backend and reads the autocast state
-on every call. Within one forward all of that is the same for every layer, so the patched forward
-resolves it once (`plan`) and `run` calls the chosen backends directly:
+Each layer calls four public fused ops (apply_rotary, attention_varlen with the layer's window,
+linear_geglu, add_layer_norm's pre-norm form) and model.linear per projection; each public op
+checks its arguments, resolves a backend and reads the autocast state on every call. Within one
+forward all of that is the same for every layer, so the forward resolves it once and one function
+per layer calls the chosen backends directly:
 
-    p = plan(model, x, packed, approximate)   # None: _packed_layer's public ops serve it
+    p = plan(model, x, packed, approximate)   # patch_hf's; None: _packed_layer's public ops
     x = run(model, x, p, rotary)              # every layer, then final_norm
+    p = prenorm_plan(model, x, packed)        # fastbert's own; None: PreNormLayer.forward
+    x = prenorm_run(model, x, p, rotary)
 
 Per call remains lean.py's rule (*): an op records autograd when grad mode is on and one of its
 inputs requires grad, through ops.apply_eager with the op's registered forward, setup_context and
 backward; otherwise the backend's forward runs (the CPU inference GEMM for plain projections).
-Seeds are drawn at the same points, so outputs, gradients and dropout are bitwise
-_packed_layer's (tests/test_hf_lean_modernbert.py). What _packed_layer decides per module (a
-plain nn.Linear / LayerNorm / Dropout, else a module call: a LoRA wrapper, a hooked module) is
-still decided per call. Submodules and parameters are read from _modules / _parameters
-(nn.Module.__getattr__'s Python call saved).
+Seeds are drawn at the same points, so outputs, gradients and dropout are bitwise the public
+ops' (tests/test_hf_lean_modernbert.py). What the layers decide per module (a plain nn.Linear /
+LayerNorm / Dropout, else a module call: a LoRA wrapper, a hooked module) is still decided per
+call. Submodules and parameters are read from _modules / _parameters (nn.Module.__getattr__'s
+Python call saved).
 
-`plan` returns None under torch.compile tracing, functorch transforms, a listening profiler,
+The plans return None under torch.compile tracing, functorch transforms, a listening profiler,
 global module hooks, tensor subclasses, an empty batch, gradient checkpointing, heads of
 different sizes, an activation linear_geglu does not fuse, or plain projections whose weights
-are not of the input's dtype.
+are not of the input's dtype; prenorm_plan also for hooked, wrapped or subclassed layers.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -56,18 +60,34 @@ def _window(attn: nn.Module) -> int:
     return attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
 
 
+def _plannable(x: torch.Tensor, packed: PackedBatch) -> bool:
+    """What every plan needs: eager plain tensors, no profiler or global hooks, tokens."""
+    cu = packed.cu_seqlens
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch.autograd._profiler_enabled() or lean.global_hooks()
+                or type(x) is not torch.Tensor or x.numel() == 0 or x.dim() != 2
+                or type(cu) is not torch.Tensor or cu.device != x.device)
+
+
+def _weights_of(dtype: torch.dtype, projections) -> bool:
+    """Plain projections hold weights of the layers' input dtype (the CPU GEMM route is chosen
+    for it once per forward)."""
+    for linear in projections:
+        if type(linear) is nn.Linear:
+            w, b = linear._parameters["weight"], linear._parameters["bias"]
+            if w.dtype != dtype or (b is not None and b.dtype != dtype):
+                return False
+    return True
+
+
 def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch,
          approximate: Optional[str]) -> Optional[Plan]:
     """The plan for one forward of a patched ModernBertModel on its packed embeddings x (T, C),
     or None where _packed_layer's public ops must serve it."""
     layers = list(model._modules["layers"]._modules.values())
-    cu = packed.cu_seqlens
-    if (not layers or approximate is None or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled()
-            or lean.global_hooks() or type(x) is not torch.Tensor or x.numel() == 0
-            or x.dim() != 2 or type(cu) is not torch.Tensor or cu.device != x.device):
+    if not layers or approximate is None or not _plannable(x, packed):
         return None
-    device, dtype = x.device, x.dtype
+    dtype = x.dtype
     head_dim = layers[0]._modules["attn"].head_dim
     attention = set()  # (window, attention dropout) of the layers
     norm_dropout = {0.0}  # the dropouts the pre-norm adds apply
@@ -84,25 +104,31 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch,
         drop = am["out_drop"]
         if type(drop) is nn.Dropout:
             norm_dropout.add(drop.p if drop.training else 0.0)
-        for linear in (am["Wqkv"], am["Wo"], mlp["Wi"], mlp["Wo"]):
-            if type(linear) is nn.Linear and (
-                    linear._parameters["weight"].dtype != dtype
-                    or (linear._parameters["bias"] is not None
-                        and linear._parameters["bias"].dtype != dtype)):
-                return None  # the CPU GEMM route is chosen for x's dtype once
+        if not _weights_of(dtype, (am["Wqkv"], am["Wo"], mlp["Wi"], mlp["Wo"])):
+            return None
         if type(mlp["Wi"]) is nn.Linear:
             wi = mlp["Wi"]
         norms += [m["attn_norm"], m["mlp_norm"]]
-    norms = [n for n in norms if _plain_norm(n)]
+    return _resolve(x, packed, approximate, head_dim, head_dim ** -0.5, attention, norm_dropout,
+                    norms, wi)
 
+
+def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: int,
+             scale: float, attention: set, norm_dropout: set, norms: list,
+             wi: Optional[nn.Linear]) -> Optional[Plan]:
+    """The plan of a forward whose layers the caller checked: attention: the layers'
+    (window, attention dropout) pairs; norm_dropout: the dropouts of the pre-norm adds; norms:
+    the layers' norms; wi: a plain GeGLU input projection (its shape), or None."""
+    device, dtype, cu = x.device, x.dtype, packed.cu_seqlens
+    norms = [n for n in norms if n is not None and _plain_norm(n)]
     p = Plan()
     p.grad = torch.is_grad_enabled()
     p.cast = ops._autocast_dtype(device)
     p.dtype = compute = p.cast or dtype
     p.approximate = approximate
     p.cu_seqlens, p.max_seqlen = cu.contiguous(), int(packed.max_seqlen)
-    p.scale = head_dim ** -0.5  # transformers' softmax scale
-    # apply_rotary's positions for the (1, T, 2H, D) layout _packed_layer turns
+    p.scale = scale
+    # apply_rotary's positions for the (1, T, 2H, D) layout both layers turn
     p.positions = torch.arange(x.shape[0], device=device).view(1, -1)
     p.rotary_backend = ops.resolve_backend(rotary.OP, "auto", device, dtype=compute,
                                            head_dim=head_dim)
@@ -160,6 +186,63 @@ def run(model: nn.Module, x: torch.Tensor, p: Plan, rotary_tables: dict) -> torc
     return _norm(p, model._modules["final_norm"], x, delta)
 
 
+def prenorm_plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Optional[Plan]:
+    """The plan for one packed forward of fastbert's own pre-norm BertModel (prenorm.py's
+    PreNormLayers) on its embeddings x (T, C), or None where the layers' public ops serve it."""
+    from fastbert.prenorm import PreNormLayer  # prenorm.py builds on model.py, which imports us
+    layers = list(model._modules["encoder"]._modules["layer"]._modules.values())
+    if not layers or not _plannable(x, packed) or (model.checkpointing_function is not None
+                                                   and model.training and torch.is_grad_enabled()):
+        return None
+    first = layers[0]
+    approximate, head_dim, dtype = first.gelu_approximate, first.head_dim, x.dtype
+    if approximate not in ("none", "tanh"):
+        return None  # linear_geglu says what is wrong
+    attention, norm_dropout, norms, wi = set(), {0.0}, [model._modules["final_norm"]], None
+    for layer in layers:
+        if type(layer) is not PreNormLayer or lean._hooked(layer) \
+                or layer.gelu_approximate != approximate or layer.head_dim != head_dim:
+            return None  # the layer is called as a module
+        m = layer._modules
+        attn_p = layer.attn_dropout if layer.training else 0.0
+        attention.add((layer.window, attn_p))
+        norm_dropout.add(attn_p)
+        if not _weights_of(dtype, (m["qkv"], m["attn_out"], m["ffn_in"], m["ffn_out"])):
+            return None
+        if type(m["ffn_in"]) is nn.Linear:
+            wi = m["ffn_in"]
+        norms += [m.get("attn_norm"), m["ffn_norm"]]
+    return _resolve(x, packed, approximate, head_dim, 1.0 / math.sqrt(head_dim), attention,
+                    norm_dropout, norms, wi)
+
+
+def prenorm_run(model: nn.Module, x: torch.Tensor, p: Plan, rotary_tables: dict):
+    """Every PreNormLayer, then final_norm, on the plan (BertModel's packed loop).
+    rotary_tables: prenorm.rotary_tables' theta -> (cos, sin)."""
+    for layer in model._modules["encoder"]._modules["layer"]._modules.values():
+        x = prenorm_layer_forward(layer, x, p, rotary_tables)
+    return _norm(p, model._modules["final_norm"], x, None)
+
+
+def prenorm_layer_forward(layer: nn.Module, x: torch.Tensor, p: Plan,
+                          rotary_tables: dict) -> torch.Tensor:
+    """PreNormLayer.forward on packed tokens on the plan: the same ops in the same order."""
+    m = layer._modules
+    training = layer.training
+    attn_p = layer.attn_dropout if training else 0.0
+    t, nh, hd = x.shape[0], layer.n_head, layer.head_dim
+    qkv = _linear(p, _norm(p, m.get("attn_norm"), x, None), m["qkv"]).view(t, 3, nh, hd)
+    cos, sin = rotary_tables[layer.rope_theta]
+    qk, v = qkv.split([2, 1], dim=-3)
+    q, k = _rotary(p, qk.reshape(1, -1, 2 * nh, hd), cos, sin).view(t, 2, nh, hd).unbind(-3)
+    y = _attention(p, q, k, v.squeeze(-3), layer.window, attn_p)
+    h, x = _add_norm(p, m["ffn_norm"], _linear(p, y.flatten(-2), m["attn_out"]), x, attn_p)
+    f = _geglu(p, m["ffn_in"], h)
+    if training and layer.hidden_dropout > 0.0:
+        f = torch.dropout(f, layer.hidden_dropout, True)  # what F.dropout calls
+    return x + _linear(p, f, m["ffn_out"])
+
+
 def layer_forward(layer: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor], p: Plan,
                   cos: torch.Tensor, sin: torch.Tensor):
     """hf_patch_modernbert._packed_layer on the plan: the same ops in the same order."""
@@ -175,7 +258,9 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
     qk, v = qkv.split([2, 1], dim=1)
     qk = _rotary(p, qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
     q, k = qk.unbind(1)
-    y = _attention(p, attn, q, k, v.squeeze(1))
+    y = _attention(p, q, k, v.squeeze(1),
+                   attn.sliding_window - 1 if attn.sliding_window is not None else -1,  # _window
+                   attn.attention_dropout if attn.training else 0.0)
     a = _linear(p, y.reshape(t, -1), am["Wo"])
     drop, dropout_p = am["out_drop"], 0.0  # fused into the add (_out_dropout's rule)
     if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
@@ -185,7 +270,7 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
     h, x = _add_norm(p, m["mlp_norm"], a, x, dropout_p)
     mlp = m["mlp"]
     mm = mlp._modules
-    f, drop = _geglu(p, mlp, h), mm["drop"]
+    f, drop = _geglu(p, mm["Wi"], h, mlp), mm["drop"]
     if type(drop) is not nn.Dropout or drop._forward_hooks or drop._forward_pre_hooks \
             or drop.inplace:
         f = drop(f)
@@ -208,8 +293,8 @@ def _linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def _norm(p: Plan, norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]):
     """norm(x) (delta None), else norm(x + delta): fastbert.add_layer_norm(delta, x, ...) for a
     plain LayerNorm, as the patched forward's first attn_norm and final_norm."""
-    if type(norm) is nn.Identity and delta is None:
-        return x
+    if norm is None or type(norm) is nn.Identity and delta is None:
+        return x  # layer 0's attn_norm (None in prenorm.py's layer)
     if not (type(norm) is nn.LayerNorm and not norm._forward_hooks  # _plain_norm(norm), inline
             and not norm._forward_pre_hooks and norm._parameters["weight"] is not None
             or _plain_norm(norm)):
@@ -267,11 +352,9 @@ def _rotary(p: Plan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return p.rotary(x, cos, sin, p.positions, False, False)
 
 
-def _attention(p: Plan, attn: nn.Module, q, k, v) -> torch.Tensor:
-    """fastbert.attention_varlen(q, k, v, cu, cu, max, max, window_size=(w, w), ...) as
-    _packed_layer calls it, on the plan."""
-    window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # _window's
-    dropout_p = attn.attention_dropout if attn.training else 0.0
+def _attention(p: Plan, q, k, v, window: int, dropout_p: float) -> torch.Tensor:
+    """fastbert.attention_varlen(q, k, v, cu, cu, max, max, window_size=(window, window),
+    dropout_p=dropout_p, softmax_scale=p.scale) on the plan."""
     backend, forward, kw = p.attention[window, dropout_p]
     if p.grad and (q.requires_grad or v.requires_grad):  # (*) q, k: one rotary output
         return ops.apply_eager("fastbert::attention_varlen", varlen._varlen_forward,
@@ -283,11 +366,13 @@ def _attention(p: Plan, attn: nn.Module, q, k, v) -> torch.Tensor:
                    dropout_p, p.scale, seed, **kw)[0]
 
 
-def _geglu(p: Plan, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """hf_patch_modernbert._geglu on the plan: gelu(a) * g with a, g = Wi(h).chunk(2)."""
-    wi = mlp._modules["Wi"]
+def _geglu(p: Plan, wi: nn.Module, h: torch.Tensor, mlp: Optional[nn.Module] = None):
+    """gelu(a) * g with a, g = wi(h).chunk(2) on the plan: hf_patch_modernbert._geglu (the
+    activation of `mlp` where wi is called as a module) or PreNormLayer._geglu (F.gelu)."""
     if type(wi) is not nn.Linear or wi._forward_hooks or wi._forward_pre_hooks:
         act, gate = wi(h).chunk(2, dim=-1)
+        if mlp is None:
+            return F.gelu(act, approximate=p.approximate) * gate
         return mlp.act(act) * gate
     w, b = wi._parameters["weight"], wi._parameters["bias"]
     if p.cast is not None:

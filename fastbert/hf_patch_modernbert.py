@@ -170,7 +170,7 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     act = config.hidden_activation
     approximate = _GELU_APPROXIMATE.get(act) if isinstance(act, str) else None
     plan = hf_lean_modernbert.plan(self, x, packed, approximate)
-    if plan is not None:  # the same ops on backends resolved once (fastbert/hf_lean_modernbert.py)
+    if plan is not None:  # the same ops, backends resolved once (hf_lean_modernbert.py)
         x = hf_lean_modernbert.run(self, x, plan, rotary)
     else:
         x = _layers(self, x, packed, rotary, approximate)

@@ -413,9 +413,13 @@ class BertModel(BertPreTrainedModel):
         plan = lean.plan(self, ids, packed, None)
         x = self._embed(ids, types, pos, input_ids.shape[-1], plan)  # (T, C)
         rotary = self._rotary(pos, x.dtype)
-        for layer in self.encoder.layer:
-            x = self._run_layer(layer, x, packed=packed, plan=plan, rotary=rotary)
-        x = self._final_norm(x)
+        pre = hf_lean_modernbert.prenorm_plan(self, x, packed) if rotary is not None else None
+        if pre is not None:  # pre-norm layers on backends resolved once (hf_lean_modernbert.py)
+            x = hf_lean_modernbert.prenorm_run(self, x, pre, rotary)
+        else:
+            for layer in self.encoder.layer:
+                x = self._run_layer(layer, x, packed=packed, plan=plan, rotary=rotary)
+            x = self._final_norm(x)
         pooled = self.pooler(first_tokens(x, packed.cu_seqlens), plan) \
             if self.pooler is not None else None  # (B, C)
         if return_packed:
@@ -506,3 +510,4 @@ class BertModel(BertPreTrainedModel):
 
 
 from fastbert import prenorm  # noqa: E402  (it builds on this module's config and linear)
+from fastbert import hf_lean_modernbert  # noqa: E402  (its checks use this module's too)
