@@ -221,3 +221,41 @@ def test_under_cpu_autocast(monkeypatch, planned, train):
     ids, mask = _inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _assert_same_as_public_ops(monkeypatch, planned, model, ids, mask, train)
+
+
+@pytest.mark.interpreter
+def test_triton_backend_bitwise_equal_to_the_public_ops(monkeypatch):
+    """On the Triton kernels (TRITON_INTERPRET=1), patched and own model: the lean path launches
+    what the public ops launch, dropout masks included."""
+    previous = fastbert.get_backend()
+    fastbert.set_backend("triton")
+    try:
+        small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, local_attention=4)
+        torch.manual_seed(0)
+        patched = fastbert.patch_hf(transformers.ModernBertModel(transformers.ModernBertConfig(
+            **dict(TINY, **small, attention_dropout=0.1, mlp_dropout=0.1))))
+        from fastbert.model import BertConfig, BertModel
+        torch.manual_seed(0)
+        own = BertModel(BertConfig(
+            model_type="modernbert", vocab_size=100, pad_token_id=0, hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1, max_position_embeddings=64,
+            **{k: v for k, v in small.items() if k != "local_attention"},
+            extra=dict(local_attention=4, global_attn_every_n_layers=2)))
+        ids = torch.randint(4, 100, (2, 8))
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5:] = 0
+        for model, name in ((patched, "plan"), (own, "prenorm_plan")):
+            taken, runs = [], []
+            monkeypatch.setattr(hf_lean_modernbert, name,
+                                _recording(taken, getattr(hf_lean_modernbert, name)))
+            runs.append([_run(model, ids, mask, train) for train in (False, True)])
+            monkeypatch.setattr(hf_lean_modernbert, name, lambda *args: None)
+            runs.append([_run(model, ids, mask, train) for train in (False, True)])
+            monkeypatch.undo()
+            assert taken == [True, True]
+            for lean_run, public_run in zip(*runs):
+                assert len(lean_run) == len(public_run)
+                assert all(torch.equal(a, b) for a, b in zip(lean_run, public_run))
+    finally:
+        fastbert.set_backend(previous)
