@@ -36,8 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastbert import cpu, geglu, lean, ops, rotary, varlen
-from fastbert.hf_layers import base_class
+from fastbert import cpu, geglu, hf_layers, lean, ops, rotary, varlen
 from fastbert.padding import PackedBatch
 
 
@@ -51,7 +50,7 @@ class Plan:
 
 def _plain_norm(norm: nn.Module) -> bool:
     """hf_layers.plain(norm, nn.LayerNorm) with a weight (global hooks are checked by plan)."""
-    return ((type(norm) is nn.LayerNorm or base_class(type(norm)) is nn.LayerNorm)
+    return ((type(norm) is nn.LayerNorm or hf_layers.base_class(type(norm)) is nn.LayerNorm)
             and not norm._forward_hooks and not norm._forward_pre_hooks
             and norm._parameters["weight"] is not None)
 

@@ -106,8 +106,9 @@ def _lean_padded_plan(encoder, hidden_states, attention_mask, args, kwargs):
     only the last hidden state (no cache, cross-attention or per-layer outputs), else None."""
     if getattr(encoder, "fastbert_lean_layer", None) is None or any(
             a is not None for a in args) or any(
-            kwargs.get(k) for k in ("cache", "past_key_values", "use_cache",
-                                    "encoder_hidden_states", "output_hidden_states")):
+            kwargs.get(k) is not None for k in ("cache", "past_key_values",
+                                                "encoder_hidden_states")) or any(
+            kwargs.get(k) not in (None, False) for k in ("use_cache", "output_hidden_states")):
         return None
     if getattr(_config_of(encoder), "output_hidden_states", False):
         return None

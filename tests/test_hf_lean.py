@@ -240,3 +240,20 @@ def test_triton_backend_bitwise_equal_to_the_patched_modules(monkeypatch, planne
             assert all(torch.equal(a, b) for a, b in zip(lean_run, modules_run))
     finally:
         fastbert.set_backend(previous)
+
+
+def test_cross_attention_runs_through_the_modules(planned):
+    """A decoder with cross-attention handed encoder states takes transformers' own loop."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**TINY, is_decoder=True, add_cross_attention=True,
+                                     attn_implementation="sdpa")
+    reference = transformers.BertModel(config).eval()
+    model = fastbert.patch_hf(copy.deepcopy(reference))
+    ids, mask = _inputs()
+    memory = torch.randn(4, 5, TINY["hidden_size"])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, encoder_hidden_states=memory).last_hidden_state
+        want = reference(ids, attention_mask=mask, encoder_hidden_states=memory).last_hidden_state
+    assert not any(planned)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
