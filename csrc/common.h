@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -76,6 +77,13 @@ template <typename F> void dispatch_float(int code, const char* op, F&& f) {
   } else {
     dispatch_half(code, op, f);
   }
+}
+
+// Whether every address is 16-byte aligned (the vectorised kernels' loads and stores need it).
+inline bool aligned16(std::initializer_list<uintptr_t> ptrs) {
+  for (uintptr_t p : ptrs)
+    if (p % 16 != 0) return false;
+  return true;
 }
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }

@@ -1,7 +1,6 @@
 // Host launchers for the GeGLU epilogues (kernels/geglu.cuh): bias + gelu(a) * g forward,
 // d(pre) of both halves + dbias backward.
 #include <algorithm>
-#include <initializer_list>
 #include <string>
 #include <type_traits>
 
@@ -15,12 +14,6 @@ namespace {
 
 constexpr const char* kOp = "fastbert.linear_geglu";
 constexpr int kRowsPerBlock = 8;  // geglu_bwd_kernel's blockDim.y
-
-bool aligned16(std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p % 16 != 0) return false;
-  return true;
-}
 
 // n: the N output columns (pre has 2N)
 void check_shapes(int64_t m, int64_t n) {

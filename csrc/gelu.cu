@@ -1,6 +1,5 @@
 // Host launchers for the FFN epilogues (kernels/gelu.cuh): bias + GELU, dGELU + dbias.
 #include <algorithm>
-#include <initializer_list>
 #include <type_traits>
 
 #include "csrc/common.h"
@@ -13,12 +12,6 @@ namespace {
 
 constexpr const char* kOp = "fastbert.linear_bias_gelu";
 constexpr int kRowsPerBlock = 8;  // gelu_bwd_kernel's blockDim.y
-
-bool aligned16(std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p % 16 != 0) return false;
-  return true;
-}
 
 void check_shapes(int64_t m, int64_t n) {
   check_arg(m >= 0 && m <= INT32_MAX, kOp, "rows must be in [0, 2^31), got " + std::to_string(m));

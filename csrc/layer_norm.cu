@@ -1,6 +1,5 @@
 // Host launchers for residual add + LayerNorm (kernels/layer_norm.cuh).
 #include <algorithm>
-#include <initializer_list>
 #include <type_traits>
 
 #include "csrc/common.h"
@@ -26,12 +25,6 @@ Config choose_config(int64_t rows, int64_t hidden, int vec) {
   const int64_t vectors = (hidden + vec - 1) / vec;
   const int threads = (int)std::min<int64_t>(1024, (vectors + 31) / 32 * 32);
   return {dim3(threads, 1), rows};
-}
-
-bool aligned16(std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p % 16 != 0) return false;
-  return true;
 }
 
 void check_shapes(int64_t rows, int64_t hidden, int dtype, int weight_dtype) {
