@@ -4,11 +4,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace fastbert {
 
@@ -84,6 +86,27 @@ inline bool aligned16(std::initializer_list<uintptr_t> ptrs) {
   for (uintptr_t p : ptrs)
     if (p % 16 != 0) return false;
   return true;
+}
+
+// How many row groups the dbias partial sums of an FFN epilogue's backward use: one per group of
+// rows_per_block rows, at most two per SM (the column sum that follows reads them all) and at most
+// gridDim.y's 65535.
+inline int64_t epilogue_backward_parts(const char* op, int64_t rows, int rows_per_block) {
+  const int64_t row_groups = (rows + rows_per_block - 1) / rows_per_block;
+  return std::max<int64_t>(1, std::min<int64_t>({row_groups, 2 * (int64_t)sm_count(op), 65535}));
+}
+
+// Calls run(std::integral_constant<int, V>{}) with V = 16 / sizeof(T) elements per access when
+// the row length n is a multiple of V and every address is 16-byte aligned, else V = 1: the
+// vectorised and scalar variants of the elementwise kernels.
+template <typename T, typename F>
+void by_width(int64_t n, std::initializer_list<uintptr_t> ptrs, F&& run) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (n % kVec == 0 && aligned16(ptrs)) {
+    run(std::integral_constant<int, kVec>{});
+  } else {
+    run(std::integral_constant<int, 1>{});
+  }
 }
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }

@@ -23,18 +23,6 @@ void check_shapes(int64_t m, int64_t n) {
                 std::to_string(2 * n));
 }
 
-// Calls run(integral_constant<int, V>) with V = 16 / sizeof(T) when every row of the (M, N)
-// output and of both (M, N) halves of pre starts 16-byte aligned, else V = 1.
-template <typename T, typename F> void by_width(int64_t n, std::initializer_list<uintptr_t> ptrs,
-                                                F&& run) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (n % kVec == 0 && aligned16(ptrs)) {
-    run(std::integral_constant<int, kVec>{});
-  } else {
-    run(std::integral_constant<int, 1>{});
-  }
-}
-
 }  // namespace
 
 void geglu_forward(uintptr_t pre, uintptr_t bias, uintptr_t out, int64_t m, int64_t n,
@@ -58,8 +46,7 @@ void geglu_forward(uintptr_t pre, uintptr_t bias, uintptr_t out, int64_t m, int6
 
 int64_t geglu_backward_parts(int64_t m, int64_t n) {
   require_device(kOp);
-  const int64_t row_groups = (m + kRowsPerBlock - 1) / kRowsPerBlock;
-  return std::max<int64_t>(1, std::min<int64_t>({row_groups, 2 * (int64_t)sm_count(kOp), 65535}));
+  return epilogue_backward_parts(kOp, m, kRowsPerBlock);
 }
 
 void geglu_backward(uintptr_t dout, uintptr_t pre, uintptr_t dpre, uintptr_t partial,

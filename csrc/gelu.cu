@@ -28,9 +28,7 @@ void bias_gelu_forward(uintptr_t acc, uintptr_t bias, uintptr_t pre, uintptr_t o
   if (m == 0) return;
   dispatch_float(dtype, kOp, [&](auto t) {
     using T = decltype(t);
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vectorised = n % kVec == 0 && aligned16({acc, pre, out});
-    auto run = [&](auto vec_tag) {
+    by_width<T>(n, {acc, pre, out}, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       const int64_t chunks = m * n / V;
       const int threads = 256;
@@ -40,19 +38,13 @@ void bias_gelu_forward(uintptr_t acc, uintptr_t bias, uintptr_t pre, uintptr_t o
           as_ptr<const T>(acc), as_ptr<const T>(bias), as_ptr<T>(pre), as_ptr<T>(out), m * n,
           (int)n, tanh_approx);
       check_launch(kOp, "bias_gelu_fwd_kernel");
-    };
-    if (vectorised) {
-      run(std::integral_constant<int, kVec>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
 }
 
 int64_t gelu_backward_parts(int64_t m, int64_t n) {
   require_device(kOp);
-  const int64_t row_groups = (m + kRowsPerBlock - 1) / kRowsPerBlock;
-  return std::max<int64_t>(1, std::min<int64_t>({row_groups, 2 * (int64_t)sm_count(kOp), 65535}));
+  return epilogue_backward_parts(kOp, m, kRowsPerBlock);
 }
 
 void gelu_backward(uintptr_t dout, uintptr_t pre, uintptr_t dpre, uintptr_t partial,
@@ -64,21 +56,14 @@ void gelu_backward(uintptr_t dout, uintptr_t pre, uintptr_t dpre, uintptr_t part
             "partial-sum block count must be in [1, 65535], got " + std::to_string(parts));
   dispatch_float(dtype, kOp, [&](auto t) {
     using T = decltype(t);
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vectorised = n % kVec == 0 && aligned16({dout, pre, dpre});
-    auto run = [&](auto vec_tag) {
+    by_width<T>(n, {dout, pre, dpre}, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       const dim3 grid((unsigned)((n + 32 * V - 1) / (32 * V)), (unsigned)parts);
       gelu_bwd_kernel<T, V><<<grid, dim3(32, kRowsPerBlock), 0, as_stream(stream)>>>(
           as_ptr<const T>(dout), as_ptr<const T>(pre), as_ptr<T>(dpre), as_ptr<float>(partial),
           (int)m, (int)n, tanh_approx);
       check_launch(kOp, "gelu_bwd_kernel");
-    };
-    if (vectorised) {
-      run(std::integral_constant<int, kVec>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
     column_sum_kernel<T><<<(unsigned)((n + 255) / 256), 256, 0, as_stream(stream)>>>(
         as_ptr<const float>(partial), (int)parts, (int)n, as_ptr<T>(dbias));
     check_launch(kOp, "column_sum_kernel (dbias)");

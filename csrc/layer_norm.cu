@@ -116,20 +116,13 @@ void add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, u
   dispatch_types(dtype, weight_dtype, [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vectorised = hidden % kVec == 0 && aligned16({x, residual, y});
-    auto run = [&](auto vec_tag) {
+    by_width<T>(hidden, {x, residual, y}, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       launch_forward<T, W, V>(as_ptr<const T>(x), as_ptr<const T>(residual),
                               as_ptr<const W>(weight), as_ptr<const W>(bias), as_ptr<T>(y),
                               as_ptr<float>(mean), as_ptr<float>(rstd), rows, hidden,
                               (float)eps, dropout_p, seed, as_stream(stream));
-    };
-    if (vectorised) {
-      run(std::integral_constant<int, kVec>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
 }
 
@@ -154,9 +147,7 @@ void add_layer_norm_backward(uintptr_t dy, uintptr_t x, uintptr_t residual, uint
   dispatch_types(dtype, weight_dtype, [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vectorised = hidden % kVec == 0 && aligned16({dy, x, residual, dx, dresidual});
-    auto run = [&](auto vec_tag) {
+    by_width<T>(hidden, {dy, x, residual, dx, dresidual}, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       launch_backward<T, W, V>(as_ptr<const T>(dy), as_ptr<const T>(x),
                                as_ptr<const T>(residual), as_ptr<const W>(weight),
@@ -164,12 +155,7 @@ void add_layer_norm_backward(uintptr_t dy, uintptr_t x, uintptr_t residual, uint
                                as_ptr<T>(dx), as_ptr<T>(dresidual), as_ptr<float>(partial),
                                as_ptr<W>(dweight), as_ptr<W>(dbias), rows, hidden, parts,
                                dropout_p, seed, as_stream(stream));
-    };
-    if (vectorised) {
-      run(std::integral_constant<int, kVec>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
 }
 
