@@ -70,35 +70,42 @@ def _packing(encoder, hidden_states, attention_mask, args, kwargs, unpad: bool):
 
 def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     """*Encoder.forward / DistilBERT's Transformer.forward. Packed batches (see _packing) run every
-    layer on the real tokens only: each layer is called as a module (so its hooks, FSDP and
-    transformers' gradient checkpointing with the model's own function and kwargs all apply), with
-    the packing passed down to the attention as `fastbert_packed`. Padded outputs are repadded
-    with zeros. Everything else runs the original loop over the patched layers."""
+    layer on the real tokens only, padded outputs repadded with zeros. Where no layer needs its
+    module call (fastbert/hf_lean.py's plan), each layer runs as one function; otherwise each is
+    called as a module (so its hooks, FSDP and transformers' gradient checkpointing with the
+    model's own function and kwargs all apply), with the packing passed down to the attention as
+    `fastbert_packed`. A padded batch takes the same plan, else the original loop over the
+    patched layers."""
     packed = _packing(self, hidden_states, attention_mask, args, kwargs, self.fastbert_unpad)
     kwargs.pop("fastbert_position_ids", None)
-    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
     if packed is None:
         plan = _lean_padded_plan(self, hidden_states, attention_mask, args, kwargs)
         if plan is None:
             return base_class(type(self)).forward(self, hidden_states, attention_mask, *args,
                                                   **kwargs)
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hf_lean.run(self, hidden_states, plan))
+        out = hf_lean.run(self, hidden_states, plan)
+    else:
+        out = _packed_layers(self, hidden_states, packed, kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
+
+
+def _packed_layers(encoder, hidden_states, packed: PackedBatch, kwargs):
+    """The encoder's layers on the packed real tokens -> the encoder's output (zeros at padding)."""
     for name in ("cache", "past_key_values", "use_cache", "encoder_hidden_states",
                  "encoder_attention_mask"):
         kwargs.pop(name, None)
     # the layers see one (1, T, C) sequence of tokens (transformers' chunked feed-forward splits
     # dim 1); position-packed input is that grid already, so captured hidden states keep its shape
     x = packed.rows(hidden_states) if packed.indices is not None else hidden_states[0]  # (T, C)
-    plan = hf_lean.plan(self, x, packed, None, kwargs)
+    plan = hf_lean.plan(encoder, x, packed, None, kwargs)
     if plan is not None:  # one function per layer (fastbert/hf_lean.py)
-        x = hf_lean.run(self, x, plan)[None]
+        x = hf_lean.run(encoder, x, plan)[None]
     else:
         x = x[None]
-        for layer in self.layer:
+        for layer in encoder.layer:
             x = layer(x, None, fastbert_packed=packed, **kwargs)
-    out = packed.grid(x[0]) if packed.indices is not None else x
-    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
+    return packed.grid(x[0]) if packed.indices is not None else x
 
 
 def _lean_padded_plan(encoder, hidden_states, attention_mask, args, kwargs):
