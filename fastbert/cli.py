@@ -648,6 +648,7 @@ def main(argv=None) -> int:
         args.bench_args = unknown + args.bench_args
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    previous_backend = fastbert.get_backend()  # main() called in-process leaves it as it was
     if getattr(args, "backend", None):
         fastbert.set_backend(args.backend)
     if hasattr(args, "seed"):  # new weights (a fresh model or head) start the same on every run/rank
@@ -660,6 +661,8 @@ def main(argv=None) -> int:
             raise
         print(f"fastbert {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        fastbert.set_backend(previous_backend)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,16 @@ def _seed_and_precision():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _default_backend_unchanged():
+    """Every test starts on the process's default backend: one that sets another (the CLI, a
+    benchmark step) and fails before restoring it must not reroute the tests after it."""
+    from fastbert import ops
+    before = ops.get_backend()
+    yield
+    ops.set_backend(before)
+
+
 # Tables that tests compute for reading (static kernel resources), printed after the results
 # instead of inside the pass/fail stream; see the static_table fixture.
 _STATIC_TABLES = []

@@ -7,6 +7,7 @@ torch.utils.checkpoint) through fastbert's ops gives the plain run's gradients, 
 
 One spawn runs all four distributed cases (the process start and imports dominate), and each
 test checks its case."""
+import faulthandler
 import os
 import re
 import socket
@@ -69,37 +70,55 @@ def train(model: nn.Module, rows: slice, reduce_loss=None):
     return losses, params
 
 
-def _rank_main(rank: int, port: int, out_dir: str):
+def _rank_main(rank: int, port: int, out_dir: str, work: str):
+    """One rank: `work` is "train" (the four cases) or "ping" (one all_reduce: can gloo run
+    here at all). Its stderr, and faulthandler's Python stack on a fatal signal, go to
+    out_dir/rank<N>.log, so a rank that dies says where."""
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(log)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if os.path.isdir("/sys/class/net/lo"):
+        # gloo otherwise binds to the address the hostname resolves to, which on a sandboxed
+        # machine may be an interface the two ranks cannot reach each other through
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # env://, as under torchrun
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        half = BATCH // WORLD
-        rows = slice(rank * half, (rank + 1) * half)
-
-        def mean_over_ranks(loss):  # each rank's loss is its half's mean: the batch's is their mean
-            dist.all_reduce(loss)
-            return loss.item() / WORLD
-
-        results = {}
-        for kind, wrap in CASES:
-            model = make_model(kind)
-            if wrap == "ddp":
-                model = nn.parallel.DistributedDataParallel(model)
-            else:
-                mesh = init_device_mesh("cpu", (WORLD,))
-                for layer in model.bert.encoder.layer:
-                    fully_shard(layer, mesh=mesh)
-                fully_shard(model, mesh=mesh)
-            results[(kind, wrap)] = train(model, rows, mean_over_ranks)
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "results.pt"))
+        if work == "ping":
+            dist.all_reduce(torch.ones(4))
+        else:
+            _train_cases(rank, out_dir)
+        dist.barrier()  # neither rank closes its connections while the other still uses them
     finally:
         dist.destroy_process_group()
+
+
+def _train_cases(rank: int, out_dir: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    half = BATCH // WORLD
+    rows = slice(rank * half, (rank + 1) * half)
+
+    def mean_over_ranks(loss):  # each rank's loss is its half's mean: the batch's is their mean
+        dist.all_reduce(loss)
+        return loss.item() / WORLD
+
+    results = {}
+    for kind, wrap in CASES:
+        model = make_model(kind)
+        if wrap == "ddp":
+            model = nn.parallel.DistributedDataParallel(model)
+        else:
+            mesh = init_device_mesh("cpu", (WORLD,))
+            for layer in model.bert.encoder.layer:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        results[(kind, wrap)] = train(model, rows, mean_over_ranks)
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "results.pt"))
 
 
 def _free_port() -> int:
@@ -108,12 +127,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(work: str, out_dir: str):
+    """None when both ranks finished, else what went wrong with each rank's log tail."""
+    try:
+        mp.spawn(_rank_main, args=(_free_port(), out_dir, work), nprocs=WORLD, join=True)
+        return None
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        logs = []
+        for rank in range(WORLD):
+            path = os.path.join(out_dir, f"rank{rank}.log")
+            tail = open(path).read()[-3000:] if os.path.exists(path) else "(no log)"
+            logs.append(f"--- rank {rank} ---\n{tail}")
+        return f"{work}: {e}\n" + "\n".join(logs)
+
+
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
     out_dir = str(tmp_path_factory.mktemp("scale_out"))
-    mp.spawn(_rank_main, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    failure = _spawn("train", out_dir)
+    if failure is not None:
+        # the machine, not the training, when two processes cannot even all_reduce one tensor
+        ping = _spawn("ping", str(tmp_path_factory.mktemp("gloo_ping")))
+        if ping is not None:
+            pytest.skip(f"two gloo processes cannot run on this machine:\n{ping}")
+        pytest.fail(f"distributed training failed while gloo itself works:\n{failure}")
     return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
 
 
