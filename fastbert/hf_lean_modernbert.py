@@ -3,7 +3,8 @@ patch_hf's packed ModernBertModel forward (fastbert/hf_patch_modernbert.py) and 
 pre-norm BertModel on packed tokens (fastbert/prenorm.py).
 
 Each layer calls four public fused ops (apply_rotary, attention_varlen with the layer's window,
-linear_geglu, add_layer_norm's pre-norm form) and model.linear per projection; each public op
+linear_geglu, add_layer_norm's pre-norm form; on the Triton backend attention_varlen turns q and
+k itself, rotary=, and apply_rotary is not called) and model.linear per projection; each public op
 checks its arguments, resolves a backend and reads the autocast state on every call. Within one
 forward all of that is the same for every layer, so the forward resolves it once and one function
 per layer calls the chosen backends directly:
@@ -233,8 +234,11 @@ def prenorm_layer_forward(layer: nn.Module, x: torch.Tensor, p: Plan,
     qkv = _linear(p, _norm(p, m.get("attn_norm"), x, None), m["qkv"]).view(t, 3, nh, hd)
     cos, sin = rotary_tables[layer.rope_theta]
     qk, v = qkv.split([2, 1], dim=-3)
-    q, k = _rotary(p, qk.reshape(1, -1, 2 * nh, hd), cos, sin).view(t, 2, nh, hd).unbind(-3)
-    y = _attention(p, q, k, v.squeeze(-3), layer.window, attn_p)
+    tables = _fused_rotary(p, qk, layer.window, attn_p, cos, sin)
+    if tables is None:
+        qk = _rotary(p, qk.reshape(1, -1, 2 * nh, hd), cos, sin).view(t, 2, nh, hd)
+    q, k = qk.unbind(-3)
+    y = _attention(p, q, k, v.squeeze(-3), layer.window, attn_p, tables)
     h, x = _add_norm(p, m["ffn_norm"], _linear(p, y.flatten(-2), m["attn_out"]), x, attn_p)
     f = _geglu(p, m["ffn_in"], h)
     if training and layer.hidden_dropout > 0.0:
@@ -255,11 +259,13 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
         h, x = _add_norm(p, m["attn_norm"], delta, x, 0.0)
     qkv = _linear(p, h, am["Wqkv"]).view(t, 3, -1, d)  # (T, 3, H, D)
     qk, v = qkv.split([2, 1], dim=1)
-    qk = _rotary(p, qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
+    window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # _window
+    attn_p = attn.attention_dropout if attn.training else 0.0
+    tables = _fused_rotary(p, qk, window, attn_p, cos, sin)
+    if tables is None:
+        qk = _rotary(p, qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
     q, k = qk.unbind(1)
-    y = _attention(p, q, k, v.squeeze(1),
-                   attn.sliding_window - 1 if attn.sliding_window is not None else -1,  # _window
-                   attn.attention_dropout if attn.training else 0.0)
+    y = _attention(p, q, k, v.squeeze(1), window, attn_p, tables)
     a = _linear(p, y.reshape(t, -1), am["Wo"])
     drop, dropout_p = am["out_drop"], 0.0  # fused into the add (_out_dropout's rule)
     if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
@@ -351,16 +357,30 @@ def _rotary(p: Plan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return p.rotary(x, cos, sin, p.positions, False, False)
 
 
-def _attention(p: Plan, q, k, v, window: int, dropout_p: float) -> torch.Tensor:
+def _fused_rotary(p: Plan, qk: torch.Tensor, window: int, dropout_p: float, cos, sin):
+    """The rotary arguments of _attention when its Triton kernel turns q and k (the public
+    layers' varlen.rotary_in_kernel), else None: the layer turns them with _rotary first."""
+    if p.attention[window, dropout_p][0] != "triton" or qk.dtype != p.dtype:
+        return None
+    positions = p.positions[0]  # row t at cos[t]
+    return cos, sin, positions, positions
+
+
+def _attention(p: Plan, q, k, v, window: int, dropout_p: float,
+               tables: Optional[tuple] = None) -> torch.Tensor:
     """fastbert.attention_varlen(q, k, v, cu, cu, max, max, window_size=(window, window),
-    dropout_p=dropout_p, softmax_scale=p.scale) on the plan."""
+    dropout_p=dropout_p, softmax_scale=p.scale) on the plan; tables: _fused_rotary's (its
+    rotary=(cos, sin), rotary_seqlen_offsets=cu[:-1])."""
     backend, forward, kw = p.attention[window, dropout_p]
     if p.grad and (q.requires_grad or v.requires_grad):  # (*) q, k: one rotary output
         return ops.apply_eager("fastbert::attention_varlen", varlen._varlen_forward,
                                varlen._setup, varlen._grad, q, k, v, p.cu_seqlens, p.cu_seqlens,
                                p.max_seqlen, p.max_seqlen, False, dropout_p, p.scale,
-                               ops._draw_seed(dropout_p), False, backend, window, window)[0]
+                               ops._draw_seed(dropout_p), False, backend, window, window,
+                               *(tables or ()))[0]
     seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
+    if tables is not None:
+        kw = dict(kw, rotary=tables)
     return forward(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen, False,
                    dropout_p, p.scale, seed, **kw)[0]
 

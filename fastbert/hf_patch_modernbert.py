@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import fastbert
-from fastbert import hf_lean_modernbert
+from fastbert import hf_lean_modernbert, varlen
 from fastbert.hf_layers import base_class, plain
 from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent, linear
 from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
@@ -90,14 +90,19 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
     # q and k heads turned in one call: (1, T, 2H, D), row t at cos[t]; split and unbind, not
     # slices: their backward joins the gradients (a slice's fills a zero tensor and adds to it)
     qk, v = qkv.split([2, 1], dim=1)
-    qk = fastbert.apply_rotary(qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
-    q, k = qk.unbind(1)
     window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
+    dropout_p = attn.attention_dropout if attn.training else 0.0
+    turn = {}
+    if varlen.rotary_in_kernel(qkv, dropout_p, window=(window, window)):
+        # the Triton kernel turns q and k as it loads them; row t at cos[t]: offsets cu_seqlens
+        turn = dict(rotary=(cos, sin), rotary_seqlen_offsets=packed.cu_seqlens[:-1])
+    else:
+        qk = fastbert.apply_rotary(qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
+    q, k = qk.unbind(1)
     y = fastbert.attention_varlen(q, k, v.squeeze(1), packed.cu_seqlens,
                                   packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
-                                  window_size=(window, window),
-                                  dropout_p=attn.attention_dropout if attn.training else 0.0,
-                                  softmax_scale=d ** -0.5)
+                                  window_size=(window, window), dropout_p=dropout_p,
+                                  softmax_scale=d ** -0.5, **turn)
     a, p = _out_dropout(attn.out_drop, linear(y.reshape(t, -1), attn.Wo))
     h, x = _add_norm(layer.mlp_norm, a, x, p)
     mlp = layer.mlp

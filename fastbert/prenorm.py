@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastbert
+from fastbert import varlen
 from fastbert.config import BertConfig
 from fastbert.model import linear, plain
 from fastbert.padding import PackedBatch
@@ -164,14 +165,19 @@ class PreNormLayer(nn.Module):
         # split and unbind, not slices: their backward joins the gradients (a slice's fills a
         # zero tensor of the whole and adds into it)
         qk, v = qkv.split([2, 1], dim=-3)
-        qk = fastbert.apply_rotary(qk.reshape(1, -1, 2 * nh, hd), cos, sin)
-        q, k = qk.view(*rows, 2, nh, hd).unbind(-3)
         v = v.squeeze(-3)
         window = (self.window, self.window)
+        turn = {}
+        if packed is not None and varlen.rotary_in_kernel(qkv, attn_p, window=window):
+            # the Triton kernel turns q and k as it loads them; row t at cos[t]
+            turn = dict(rotary=(cos, sin), rotary_seqlen_offsets=packed.cu_seqlens[:-1])
+        else:
+            qk = fastbert.apply_rotary(qk.reshape(1, -1, 2 * nh, hd), cos, sin)
+        q, k = qk.view(*rows, 2, nh, hd).unbind(-3)
         if packed is not None:
             y = fastbert.attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens,
                                           packed.max_seqlen, packed.max_seqlen,
-                                          window_size=window, dropout_p=attn_p)
+                                          window_size=window, dropout_p=attn_p, **turn)
         else:
             y = fastbert.attention(q, k, v, attention_mask, window_size=window, dropout_p=attn_p)
         # the attention's residual add and ffn_norm in one pass

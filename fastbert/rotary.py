@@ -64,6 +64,41 @@ def _positions(x: Tensor, cu_seqlens: Optional[Tensor], seqlen_offsets) -> Tenso
     return positions + (offsets[sequence] if isinstance(offsets, Tensor) else offsets)
 
 
+def check_tables(op: str, x_name: str, x: Tensor, cos: Tensor, sin: Tensor,
+                 names=("cos", "sin")) -> None:
+    """cos and sin: float tensors (S_ro, R / 2) of one shape on x's device, R <= x's head dim,
+    needing no gradient; else a clear error."""
+    for name, t in zip(names, (cos, sin)):
+        ops._expect_tensor(op, name, t)
+        ops._expect_float(op, name, t)
+        ops._expect_same_device(op, x_name, x, name, t)
+        if t.dim() != 2 or t.shape != cos.shape or not 1 <= 2 * t.shape[1] <= x.shape[-1]:
+            raise ValueError(f"{op}: argument '{name}' expected shape (S_ro, R / 2) like "
+                             f"'{names[0]}', with R <= head dim {x.shape[-1]}, got "
+                             f"{tuple(t.shape)}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: argument '{name}' requires grad, but cos and sin get no "
+                             f"gradient (as in flash-attn): pass them detached")
+
+
+def check_offsets(op: str, name: str, seqlen_offsets, batch: int, x: Tensor,
+                  x_name: str = "x") -> int:
+    """seqlen_offsets: an int >= 0 or an integer (batch,) tensor on x's device. -> the smallest
+    position known on the host (the int, or 0 for a tensor: not read, no sync)."""
+    if isinstance(seqlen_offsets, Tensor):
+        ops._expect_same_device(op, x_name, x, name, seqlen_offsets)
+        if seqlen_offsets.shape != (batch,) or seqlen_offsets.is_floating_point():
+            raise ValueError(f"{op}: argument '{name}' expected an int or an integer tensor "
+                             f"({batch},), got {seqlen_offsets.dtype} "
+                             f"{tuple(seqlen_offsets.shape)}")
+        return 0
+    if isinstance(seqlen_offsets, int) and not isinstance(seqlen_offsets, bool) \
+            and seqlen_offsets >= 0:
+        return seqlen_offsets
+    raise ValueError(f"{op}: argument '{name}' expected an int >= 0 or a tensor ({batch},), "
+                     f"got {seqlen_offsets!r}")
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, cu_seqlens: Optional[Tensor] = None,
                  max_seqlen: Optional[int] = None, interleaved: bool = False,
                  seqlen_offsets: Union[int, Tensor] = 0, backend: str = "auto") -> Tensor:
@@ -80,30 +115,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, cu_seqlens: Optional[Te
         layout = "(total, H, D) with cu_seqlens" if packed else "(B, S, H, D)"
         raise ValueError(f"{OP}: argument 'x' expected a {layout} tensor, got shape "
                          f"{tuple(x.shape)}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        ops._expect_tensor(OP, name, t)
-        ops._expect_float(OP, name, t)
-        ops._expect_same_device(OP, "x", x, name, t)
-        if t.dim() != 2 or t.shape != cos.shape or not 1 <= 2 * t.shape[1] <= x.shape[-1]:
-            raise ValueError(f"{OP}: argument '{name}' expected shape (S_ro, R / 2) like 'cos', "
-                             f"with R <= head dim {x.shape[-1]}, got {tuple(t.shape)}")
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{OP}: argument '{name}' requires grad, but cos and sin get no "
-                             f"gradient (as in flash-attn): pass them detached")
+    check_tables(OP, "x", x, cos, sin)
     batch = cu_seqlens.numel() - 1 if packed else x.shape[0]
-    if isinstance(seqlen_offsets, Tensor):
-        ops._expect_same_device(OP, "x", x, "seqlen_offsets", seqlen_offsets)
-        if seqlen_offsets.shape != (batch,) or seqlen_offsets.is_floating_point():
-            raise ValueError(f"{OP}: argument 'seqlen_offsets' expected an int or an integer "
-                             f"tensor ({batch},), got {seqlen_offsets.dtype} "
-                             f"{tuple(seqlen_offsets.shape)}")
-        start = 0  # per-sequence offsets are not read on the host (no sync)
-    elif isinstance(seqlen_offsets, int) and not isinstance(seqlen_offsets, bool) \
-            and seqlen_offsets >= 0:
-        start = seqlen_offsets
-    else:
-        raise ValueError(f"{OP}: argument 'seqlen_offsets' expected an int >= 0 or a tensor "
-                         f"({batch},), got {seqlen_offsets!r}")
+    start = check_offsets(OP, "seqlen_offsets", seqlen_offsets, batch, x)
     if packed:
         ops._expect_tensor(OP, "cu_seqlens", cu_seqlens)
         ops._expect_same_device(OP, "x", x, "cu_seqlens", cu_seqlens)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import collections
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from fastbert import ops, reference, window as sliding
+from fastbert import ops, reference, rotary as rotary_module, window as sliding
 from fastbert.padding import gather_tokens, scatter_tokens, varlen_to_padded_index
 from fastbert.torch_backend import TorchBackend
 
@@ -249,10 +249,21 @@ def _impl(backend: str):
 def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, causal: bool, dropout_p: float,
                     scale: float, seed: Optional[Tensor], deterministic: bool, backend: str,
-                    window_left: int = -1, window_right: int = -1) -> Tuple[Tensor, Tensor]:
+                    window_left: int = -1, window_right: int = -1, cos: Optional[Tensor] = None,
+                    sin: Optional[Tensor] = None, positions_q: Optional[Tensor] = None,
+                    positions_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """cos, sin, positions_*: q and k come un-rotated; RoPE turns them first (attention_varlen's
+    `rotary`), inside the Triton kernel, as an apply_rotary pass on the other backends."""
+    kw = ops.window_kw((window_left, window_right))
+    if cos is not None:
+        if backend == "triton":
+            kw["rotary"] = (cos, sin, positions_q, positions_k)
+        else:
+            q = rotary_module._rotary(q, cos, sin, positions_q, False, False, backend)
+            k = rotary_module._rotary(k, cos, sin, positions_k, False, False, backend)
     out, lse = _impl(backend).attention_varlen_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, dropout_p, scale,
-        ops._seed_int(seed), **ops.window_kw((window_left, window_right)))
+        ops._seed_int(seed), **kw)
     return out, lse
 
 
@@ -262,7 +273,8 @@ _varlen_fwd = torch.library.custom_op("fastbert::attention_varlen_fwd",
 
 @_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, dropout_p, scale,
-      seed, deterministic, backend, window_left=-1, window_right=-1):
+      seed, deterministic, backend, window_left=-1, window_right=-1, cos=None, sin=None,
+      positions_q=None, positions_k=None):
     total, h, d = q.shape
     return q.new_empty(total, h, d), q.new_empty(h, total, dtype=torch.float32)
 
@@ -292,9 +304,11 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def _setup(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed, deterministic, backend,
-     window_left, window_right) = inputs
+     window_left, window_right, *turn) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.inputs = len(inputs)
+    ctx.rotary = bool(turn) and turn[0] is not None  # q, k saved un-rotated, and the tables
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed, *(turn if ctx.rotary else ()))
     ctx.args = (max_q, max_k, causal, dropout_p, scale)
     ctx.window = (window_left, window_right)
     ctx.deterministic, ctx.backend = deterministic, backend
@@ -304,12 +318,20 @@ def _setup(ctx, inputs, output):
 
 def _grad(ctx, dout, dlse):
     if dout is None:
-        return (None,) * 15
-    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+        return (None,) * ctx.inputs
+    q, k, v, out, lse, cu_q, cu_k, seed, *turn = ctx.saved_tensors
+    if ctx.rotary:  # turn q and k again for the kernels; their gradients turn back after
+        cos, sin, pos_q, pos_k = turn
+        rotate = ops._backward_impl(ctx, rotary_module._rotary_op, rotary_module._rotary)
+        q = rotate(q, cos, sin, pos_q, False, False, ctx.backend)
+        k = rotate(k, cos, sin, pos_k, False, False, ctx.backend)
     backward = ops._backward_impl(ctx, _varlen_bwd, _varlen_backward)
     dq, dk, dv = backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, seed,
                           ctx.deterministic, ctx.backend, *ctx.window)
-    return dq, dk, dv, *([None] * 12)
+    if ctx.rotary:  # a rotation's gradient is its inverse
+        dq = rotate(dq, cos, sin, pos_q, False, True, ctx.backend)
+        dk = rotate(dk, cos, sin, pos_k, False, True, ctx.backend)
+    return dq, dk, dv, *([None] * (ctx.inputs - 3))
 
 
 _varlen_fwd.register_autograd(_grad, setup_context=_setup)
@@ -345,10 +367,41 @@ def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int, m
                          f"({longest}), got {max_seqlen}")
 
 
+def rotary_in_kernel(x: Tensor, dropout_p: float = 0.0, causal: bool = False,
+                     window: Tuple[int, int] = ops.FULL_WINDOW) -> bool:
+    """Whether attention_varlen(..., rotary=...) on q, k, v like x (its device, dtype and head
+    dim, under the autocast state) turns q and k inside its kernel: the auto-resolved backend is
+    Triton. Callers that can turn them themselves (ModernBERT's layers) pass the tables only
+    then, and keep their apply_rotary call on the other backends."""
+    dtype = ops._autocast_dtype(x.device) or x.dtype
+    return ops.resolve_backend(OP, "auto", x.device, dtype=dtype, head_dim=x.shape[-1],
+                               dropout_p=dropout_p, causal=causal,
+                               **ops.window_kw(window)) == "triton"
+
+
+def _check_rotary(q: Tensor, tables, offsets, batch: int, longest: int) -> None:
+    """attention_varlen's rotary=(cos, sin) and rotary_seqlen_offsets, as apply_rotary checks
+    its own."""
+    if not isinstance(tables, (tuple, list)) or len(tables) != 2:
+        raise TypeError(f"{OP}: argument 'rotary' expected a pair (cos, sin) of (S_ro, R / 2) "
+                        f"tensors, got {type(tables).__name__}"
+                        + (f" of {len(tables)}" if isinstance(tables, (tuple, list)) else ""))
+    cos, sin = tables
+    rotary_module.check_tables(OP, "q", q, cos, sin,
+                               names=("rotary[0] (cos)", "rotary[1] (sin)"))
+    start = rotary_module.check_offsets(OP, "rotary_seqlen_offsets", offsets, batch, q, "q")
+    if longest + start > cos.shape[0]:
+        raise ValueError(f"{OP}: argument 'rotary' expected tables of at least {longest + start} "
+                         f"positions (the longest sequence + rotary_seqlen_offsets), got "
+                         f"{cos.shape[0]}")
+
+
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      window_size: Tuple[int, int] = ops.FULL_WINDOW, dropout_p: float = 0.0,
                      softmax_scale: Optional[float] = None, deterministic: bool = False,
+                     rotary: Optional[Tuple[Tensor, Tensor]] = None,
+                     rotary_seqlen_offsets: Union[int, Tensor] = 0,
                      backend: str = "auto") -> Tensor:
     """Attention over packed sequences. q (total_q, H, D), k and v (total_k, H, D) -> (total_q, H, D).
 
@@ -357,6 +410,15 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     sees local keys j <= i + len_k - len_q. window_size (left, right): local query i sees local
     keys i + len_k - len_q - left <= j <= i + len_k - len_q + right (-1 = unbounded), as in
     flash-attn. A query that sees no key returns zeros.
+
+    rotary=(cos, sin): q and k are un-rotated; RoPE turns them first, as
+    `apply_rotary(x, cos, sin, cu_seqlens=cu_seqlens_*, max_seqlen=max_seqlen_*,
+    seqlen_offsets=rotary_seqlen_offsets)` would (non-interleaved; positions restart per
+    sequence, shifted by the offsets: an int, or (B,) per sequence). The Triton backend turns
+    them inside its forward kernel as the tiles load, saving that pass over q and k (its
+    backward turns them again for the gradient kernels and turns dq, dk back); the torch and
+    CUDA backends have no fused kernel and run apply_rotary, then attention. cos and sin get no
+    gradient.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         ops._expect_tensor(OP, name, t)
@@ -388,10 +450,27 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     window = ops._window(OP, window_size)
     dropout_p = ops._expect_dropout(OP, dropout_p)
     softmax_scale = ops._softmax_scale(OP, softmax_scale, d)
+    if rotary is not None:
+        _check_rotary(q, rotary, rotary_seqlen_offsets, cu_seqlens_q.shape[0] - 1,
+                      max(max_seqlen_q, max_seqlen_k))
     q, k, v = ops._attention_operands(q, k, v)
     chosen = ops.resolve_backend(OP, backend, q.device, dtype=q.dtype, head_dim=d,
                                  dropout_p=dropout_p, causal=bool(causal), **ops.window_kw(window))
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if rotary is not None:
+        offsets = rotary_seqlen_offsets
+        pos_q = rotary_module._positions(q, cu_q, offsets)
+        pos_k = pos_q if cu_seqlens_k is cu_seqlens_q and total_k == total_q else \
+            rotary_module._positions(k, cu_k, offsets)
+        args = (q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
+                dropout_p, float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic),
+                chosen, *window, rotary[0].contiguous(), rotary[1].contiguous(), pos_q, pos_k)
+        if ops._inference(q, k, v):
+            return _varlen_forward(*args)[0]
+        if ops._eager(q, k, v, cu_q, cu_k):
+            return ops._EagerOp.apply("fastbert::attention_varlen", _varlen_forward, _setup,
+                                      _grad, *args)[0]
+        return _varlen_fwd(*args)[0]
     if ops._inference(q, k, v):  # no autograd: skip the custom op's dispatch
         return _impl(chosen).attention_varlen_forward(
             q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,

@@ -31,7 +31,8 @@ import torch
 from tests.helpers import TRITON_TYPE, compile_resources, pointers, ptxas_version
 
 triton = pytest.importorskip("triton")
-from fastbert.triton import attention, layer_norm as ln, linear_gelu as lg  # noqa: E402
+from fastbert.triton import attention, attention_varlen, layer_norm as ln  # noqa: E402
+from fastbert.triton import linear_gelu as lg  # noqa: E402
 from tests import test_triton_attention as attn_tests  # noqa: E402  (their launch signatures)
 from tests import test_triton_layer_norm as ln_tests  # noqa: E402
 from tests import test_triton_linear_gelu as lg_tests  # noqa: E402
@@ -148,14 +149,21 @@ _FLAG_NAMES = {"IS_CAUSAL": "causal", "HAS_MASK": "mask", "HAS_DROPOUT": "dropou
 # attention dropout (0.0 in every ModernBERT config). (Listed with dropout, the sm_80 varlen
 # deterministic dQ kernel spills 52 B: not a variant these models launch.)
 MODERNBERT_WINDOW = (64, 64)
+# On the Triton backend ModernBERT's forward turns q and k inside the attention kernel
+# (ROTARY_HALF = head dim / 2, attention_varlen's rotary=), in its global and local layers.
+MODERNBERT_ROTARY_HALF = 32
 
 
 def _flag_sets(shape: ModelShape, layout: AttentionLayout, phase: str) -> list:
-    """(causal, dropout, window) per launch: the flag sets above without a window, and
-    ModernBERT's local layers (head dim 64, packed) with theirs, without dropout, both phases."""
-    sets = [(causal, dropout, (-1, -1)) for causal, dropout in _attention_flag_sets(phase)]
+    """(causal, dropout, window, rotary half) per launch: the flag sets above without a window,
+    and ModernBERT's local layers (head dim 64, packed) with theirs, without dropout, both
+    phases; its forwards (global and local) with RoPE in the kernel."""
+    sets = [(causal, dropout, (-1, -1), 0) for causal, dropout in _attention_flag_sets(phase)]
     if shape.head_dim == 64 and layout.name == "varlen":
-        sets += [(causal, False, MODERNBERT_WINDOW) for causal in CAUSAL]
+        sets += [(causal, False, MODERNBERT_WINDOW, 0) for causal in CAUSAL]
+        if phase == "forward":
+            sets += [(False, False, window, MODERNBERT_ROTARY_HALF)
+                     for window in ((-1, -1), MODERNBERT_WINDOW)]
     return sets
 
 
@@ -190,7 +198,7 @@ def attention_variants():
             layout_flags = dict(layout.constexprs)
             if not set(layout.requires) <= declared or kernel.phase not in layout.phases:
                 continue
-            for has_mask, (causal, dropout, window) in itertools.product(
+            for has_mask, (causal, dropout, window, rotary) in itertools.product(
                     layout.masks, _flag_sets(shape, layout, kernel.phase)):
                 if kernel.phase == "mask" and not has_mask:
                     continue
@@ -199,6 +207,11 @@ def attention_variants():
                              EXACT_DOT=attention.exact_dot(dtype), BLOCK_D=bd, **tiles,
                              WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1],
                              **layout_flags, **dict(kernel.constexprs))
+                if rotary:  # with the varlen launcher's tiles for it
+                    flags["ROTARY_HALF"] = rotary
+                    m, n, warps, stages = attention_varlen.rotary_fwd_config(bd, dtype,
+                                                                             capability)
+                    flags.update(BLOCK_M=m, BLOCK_N=n)
                 constexprs = {k: v for k, v in flags.items() if k in declared}
                 for name in layout.absent + (() if has_mask else ("Mask", "KvRange")):
                     if name in fn.arg_names:
@@ -211,6 +224,8 @@ def attention_variants():
                 used = [v for k, v in _FLAG_NAMES.items() if constexprs.get(k)]
                 if constexprs.get("WINDOW_LEFT", -1) >= 0:
                     used.append(f"window {window[0]}")
+                if rotary:
+                    used.append("rotary")
                 # a kernel without the layout's flags serves every layout: no layout in its name
                 where = [layout.name] if set(layout_flags) & declared else []
                 what = " ".join([kernel.phase, *where, "+".join(used) or "plain",

@@ -355,8 +355,12 @@ _SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 def _signature(fn, dtype, constexprs, has_mask, has_dropout, dq_dtype, varlen=False):
     """The launcher's runtime argument types, and the arguments divisible by 16 where they
-    usually are (pointers, strides, head dim; not varlen's lse head stride, total_q)."""
+    usually are (pointers, strides, head dim; not varlen's lse head stride, total_q).
+    The forward's rotary arguments, which launchers without RoPE leave at their defaults
+    (ROTARY_HALF = 0, no tables), are added to `constexprs` so when ROTARY_HALF is not set."""
     sig, aligned = {}, []
+    if "ROTARY_HALF" in fn.arg_names and not constexprs.setdefault("ROTARY_HALF", 0):
+        constexprs.update(Cos=None, Sin=None, PosQ=None, PosK=None)
     for name in fn.arg_names:
         if name in constexprs:
             continue
@@ -370,6 +374,10 @@ def _signature(fn, dtype, constexprs, has_mask, has_dropout, dq_dtype, varlen=Fa
             sig[name] = "*u8"
         elif name in ("KvRange", "CuSeqQ", "CuSeqK"):
             sig[name] = "*i32"
+        elif name in ("Cos", "Sin"):  # the rotary tables, in the model's dtype
+            sig[name] = "*" + TRITON_TYPE[dtype]
+        elif name in ("PosQ", "PosK"):
+            sig[name] = "*i64"
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         elif name == "seed":

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbert.triton.rotary_tile import rope_tile
+
 LOG2E = 1.4426950408889634
 # the same constants as kernel-visible globals (Triton kernels may only read constexpr globals)
 LOG2E_K = tl.constexpr(LOG2E)
@@ -239,7 +241,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
               off_b, off_bh, len_q, len_k, seqlen_k, stride_ks, stride_vs, qk_scale, dropout_p,
               seed, start_m, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-              BOUNDARY: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+              BOUNDARY: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+              Cos=None, Sin=None, pos_k=None, ROTARY_HALF: tl.constexpr = 0):
     """One key tile of the online softmax. Without BOUNDARY every key of the tile exists, is
     real (no mask) and (causal, a window's right side) lies at or below every query's bound: no
     per-key check but, in a sliding window, its left bound."""
@@ -249,6 +252,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     else:
         kv_mask = d_ok[None, :]
     k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    if ROTARY_HALF > 0:  # RoPE turns the keys as they arrive
+        k = rope_tile(k, k_base + cols[:, None] * stride_ks, offs_d, kv_mask, Cos, Sin,
+                      tl.load(pos_k + cols, mask=cols < len_k, other=0), ROTARY_HALF)
     # s stays unscaled: the scale (> 0) commutes with the max and folds into exp2's FFMA below
     s = _mm(q, tl.trans(k), EXACT_DOT)
     if BOUNDARY:
@@ -288,6 +294,9 @@ def _attn_fwd_kernel(
     IS_VARLEN: tl.constexpr, EXACT_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,  # -1: unbounded
+    # > 0: q and k come un-rotated, RoPE turns them as they load (rotary_tile.py) with the
+    # contiguous (positions, ROTARY_HALF) tables Cos, Sin at each row's PosQ / PosK entry
+    ROTARY_HALF: tl.constexpr = 0, Cos=None, Sin=None, PosQ=None, PosK=None,
 ):
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -307,6 +316,12 @@ def _attn_fwd_kernel(
     q_base = _rows(Q, off_b, q_start, stride_qb, IS_VARLEN) + off_h * stride_qh
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    pos_k = PosK  # None without ROTARY_HALF
+    if ROTARY_HALF > 0:  # the query tile turns once
+        q = rope_tile(q, q_base + offs_m[:, None] * stride_qs, offs_d,
+                      row_ok[:, None] & d_ok[None, :], Cos, Sin,
+                      tl.load(PosQ + q_start + offs_m, mask=row_ok, other=0), ROTARY_HALF)
+        pos_k = PosK + k_start
     k_base = _rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh
     v_base = _rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
 
@@ -362,20 +377,20 @@ def _attn_fwd_kernel(
                                   offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
                                   stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
                                   IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, False,
-                                  WINDOW_LEFT, WINDOW_RIGHT)
+                                  WINDOW_LEFT, WINDOW_RIGHT, Cos, Sin, pos_k, ROTARY_HALF)
     for start_n in range(mid, right_only, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
                                   offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
                                   stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
                                   IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, True,
-                                  WINDOW_LEFT, WINDOW_RIGHT)
+                                  WINDOW_LEFT, WINDOW_RIGHT, Cos, Sin, pos_k, ROTARY_HALF)
     if WINDOW_LEFT >= 0 and not HAS_MASK:  # the tiles past the left bound: -1 drops its check
         for start_n in range(right_only, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
                                       offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
                                       stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
                                       IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, True,
-                                      -1, WINDOW_RIGHT)
+                                      -1, WINDOW_RIGHT, Cos, Sin, pos_k, ROTARY_HALF)
 
     empty = l_i == 0.0  # the query sees no key: out = 0, lse = +inf
     l_safe = tl.where(empty, 1.0, l_i)
