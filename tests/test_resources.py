@@ -448,6 +448,8 @@ STATIC_BOUNDS = [
 
 
 def test_static_model_bounds():
+    if not triton.__version__.startswith("3.9."):  # another compiler emits other code
+        pytest.skip(f"the bounds are Triton 3.9's compiled code; this is {triton.__version__}")
     from benchmarks import static_model
     estimates = static_model.estimates()
     over = []

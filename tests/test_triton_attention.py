@@ -426,7 +426,7 @@ def compile_all_kernels(dtype, head_dim, target, causal, has_mask, has_dropout,
         compiled["preprocess", None] = compile_variant(
             kernels._attn_bwd_preprocess_kernel, dtype, target, 4, 1, False, False,
             BLOCK_M=kernels.PREPROCESS_BLOCK_M, BLOCK_D=bd, **specialized)
-    m, n, w, s = kernels.dkdv_config(bd, dtype, target)
+    m, n, w, s = kernels.dkdv_config(bd, dtype, target, has_dropout)
     for atomic in (True, False):
         compiled["dkdv", atomic] = compile_variant(
             kernels._attn_bwd_dkdv_kernel, dtype, target, w, s, has_mask, has_dropout,

@@ -74,23 +74,31 @@ def use_deterministic(deterministic: bool) -> bool:
 # sm_80 (mma.sync): the forward with dropout on 2 stages (3 spilled 252 B with a key mask);
 # dK/dV on 8 warps (the 4-warp tile used a 616 B stack with dropout), at head dim 64 without
 # software pipelining (2 stages spilled 8 B in the varlen causal dropout variant).
+# Triton before 3.9 (3.6 is what the GPU machines have) allocates registers differently: with
+# dropout, sm_90's 64x64 dK/dV tile spills 12-24 B there and sm_80's head-dim-32 forward 32 B,
+# so those take the tiles its ptxas compiles spill-free (32x128 on 8 warps; 64x64 on 4).
+_OLD_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
+
+
 def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
         if arch >= 90:
             return (128, 64, 8, 3) if dropout else (128, 64, 4, 2)
+        if dropout and bd <= 32 and _OLD_TRITON:
+            return (64, 64, 4, 2)
         return (128, 64, 4, 2) if dropout else (128, 64, 4, 3)
     if bd <= 128:  # 3 stages need 104 KB: sm_86/89 give a block at most 99 KB
         return (128, 64, 8, 2) if 80 < arch < 90 else (128, 64, 8, 3)
     return (64, 32, 8, 2)
 
 
-def dkdv_config(bd: int, dtype: torch.dtype, arch: int = 90):
+def dkdv_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False):
     if dtype == torch.float32:
         return (32, 64, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
-        return (64, 64, 4, 1) if arch >= 90 else (32, 128, 8, 1)
+        return (64, 64, 4, 1) if arch >= 90 and not (dropout and _OLD_TRITON) else (32, 128, 8, 1)
     return (32, 64, 8, 2) if bd <= 128 else (16, 32, 8, 2)
 
 
@@ -219,7 +227,7 @@ def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batc
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kg_strides = (dk.stride(0), dk.stride(row_dim), dk.stride(-2))
 
-    block_m, block_n, warps, stages = dkdv_config(bd, q.dtype, gpu)
+    block_m, block_n, warps, stages = dkdv_config(bd, q.dtype, gpu, dropout_p > 0)
     launch(_attn_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, block_n), h, batch),
         q, k, v, dout, lse, delta, dq_acc, dk, dv, mask_u8, kv_range, cu_q, cu_k,
         *qkv_strides, *do_strides, *kg_strides, *lse_strides,
