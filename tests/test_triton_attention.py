@@ -414,7 +414,7 @@ def compile_all_kernels(dtype, head_dim, target, causal, has_mask, has_dropout,
     value 1). -> {(kernel name, dQ atomic): compiled}."""
     bd = kernels.block_d(head_dim)
     flags = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout,
-                 IS_VARLEN=varlen,
+                 IS_VARLEN=varlen, WINDOW_LEFT=-1, WINDOW_RIGHT=-1,  # as the launchers' flags()
                  EXACT_DOT=dtype == torch.float32,  # never the interpreter-only bf16 upcast here
                  **specialized)
     compiled = {}
