@@ -317,3 +317,25 @@ def test_gpu_fused_rotary_at_modernbert_base_sizes(dtype, window):
     got = _fused(q, k, v, dout, cu, max(lengths), cos, sin, cu[:-1], False, window, 0.0, 0.125,
                  False)
     _check(got, q, k, v, dout, cos, sin, _positions(cu, cu[:-1]), cu, False, window, 0.0, 0.125)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_backend_composes_apply_rotary_and_attention():
+    """No fused kernel there: rotary= is apply_rotary, then attention, bitwise."""
+    if ops._backend_module("cuda") is None:
+        pytest.skip("the CUDA extension is not built here")
+    torch.manual_seed(0)
+    lengths = [200, 1, 77]
+    cu, q, k, v = _packed(lengths, 4, 64, BF16)
+    dout = torch.randn(q.shape, dtype=BF16, device=q.device)
+    cos, sin = _tables(300, 32, BF16)
+    got = _fused(q, k, v, dout, cu, 200, cos, sin, 0, False, (16, 16), 0.0, 0.125, True,
+                 backend="cuda")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    qr, kr = (fastbert.apply_rotary(t, cos, sin, cu_seqlens=cu, max_seqlen=200, backend="cuda")
+              for t in (q, k))
+    out = fastbert.attention_varlen(qr, kr, v, cu, cu, 200, 200, window_size=(16, 16),
+                                    softmax_scale=0.125, deterministic=True, backend="cuda")
+    out.backward(dout)
+    for a, b in zip(got, (out.detach(), q.grad, k.grad, v.grad)):
+        assert torch.equal(a, b)
