@@ -11,7 +11,9 @@ builds) and its SASS read with the cuobjdump Triton ships. Per kernel:
   static instruction count per iteration (a branch-skipped path or a retry loop inside it counts
   once), the MMA work it issues against the useful FLOPs of its tile (HMMA.16816 = 4096 FLOP per
   warp; HGMMA.64xNxK = 2*64*N*K per warpgroup), and warp-instructions per useful kFLOP
-  (instructions x warps / kFLOP: the issue cost of the tensor-core work);
+  (instructions x warps / kFLOP: the issue cost of the tensor-core work); the same for the
+  next-shortest loop holding MMAs (the attention forward with a key mask: the tiles of a mask
+  with holes, which check the mask alone);
 - memory-bound kernels (LayerNorm, dGELU, delta, mask ranges): issue clocks per unit of work (a
   row, a tile; instructions x warps / 4 schedulers) against the DRAM clocks that unit's bytes take
   (bytes / DRAM bytes per SM-clock): at or below 1 the kernel can run at the memory roofline;
@@ -70,12 +72,15 @@ class Sass:
         """Index one past the last EXIT (the trap and alignment NOPs after it never issue)."""
         return max(i for i, (_, code) in enumerate(self.lines) if re.search(r"\bEXIT\b", code)) + 1
 
+    def mma_loops(self) -> list:
+        """Every loop holding MMAs, shortest first."""
+        return [loop for loop in reversed(self.loops()) if self.mma_flops(*loop)]
+
     def main_loop(self) -> Optional[tuple]:
         """The shortest loop holding MMAs (a kernel that splits full tiles from the boundary tile
         runs the leaner loop all but once), else the longest loop, else None."""
-        loops = self.loops()
-        with_mma = [loop for loop in loops if self.mma_flops(*loop)]
-        return with_mma[-1] if with_mma else loops[0] if loops else None
+        loops, with_mma = self.loops(), self.mma_loops()
+        return with_mma[0] if with_mma else loops[0] if loops else None
 
     def mma_flops(self, first: int, last: int, warps: int = 4) -> int:
         """FLOPs the MMA instructions in [first, last] issue per CTA (each warp runs the code)."""
@@ -174,6 +179,7 @@ class Estimate:
     loop_instructions: Optional[int]  # static instructions per main-loop iteration
     mma_issued_per_useful: Optional[float]
     warp_instructions_per_kflop: Optional[float]
+    next_loop_warp_instructions_per_kflop: Optional[float]  # the next-shortest MMA loop
     issue_per_dram_clocks: Optional[float]  # memory-bound: issue clocks / DRAM clocks per unit
     issue_clocks: Optional[float]  # per unit (memory-bound) or per CTA (GEMM epilogue)
     dram_clocks: Optional[float]
@@ -204,12 +210,18 @@ def estimate(row, variant, usage: dict, sass_text: str, shape) -> Estimate:
     first, last = loop if loop else (0, sass.end() - 1)
     count = last - first + 1
     values = dict(loop_instructions=count if loop else None, mma_issued_per_useful=None,
-                  warp_instructions_per_kflop=None, issue_per_dram_clocks=None,
+                  warp_instructions_per_kflop=None, next_loop_warp_instructions_per_kflop=None,
+                  issue_per_dram_clocks=None,
                   issue_clocks=None, dram_clocks=None, epilogue_clocks=None, mma_clocks=None,
                   epilogue_exposed_clocks=None)
     if job.flops:
         values["mma_issued_per_useful"] = sass.mma_flops(first, last, warps) / job.flops
         values["warp_instructions_per_kflop"] = count * warps / (job.flops / 1000)
+        mma_loops = sass.mma_loops()
+        if len(mma_loops) > 1 and mma_loops[0] == loop:
+            next_first, next_last = mma_loops[1]
+            values["next_loop_warp_instructions_per_kflop"] = \
+                (next_last - next_first + 1) * warps / (job.flops / 1000)
     if job.dram_bytes:
         issue, dram = count * warps / SCHEDULERS, job.dram_bytes / dram_rate
         values.update(issue_clocks=issue, dram_clocks=dram, issue_per_dram_clocks=issue / dram)

@@ -52,7 +52,10 @@ def make_qkv(b, sq, sk, h, d, dtype, packed=False, device=DEVICE):
 def make_mask(b, sk, mode, device=DEVICE):
     """(B, Sk) bool key-padding mask or None. Modes of tests.helpers.random_padding_mask (right
     padding), plus "left" (left padding, row 0 fully padded) and "scattered" (arbitrary holes, row
-    0 real only in its second half) for the skipping of key tiles at either end of the range."""
+    0 real only in its second half) for the skipping of key tiles at either end of the range, and
+    "tiles" (B >= 2, Sk > 192): holes that leave the forward's 64-key tiles fully real ([0, 64),
+    [192, Sk)), fully padded ([64, 128)) and mixed ([128, 192)) in one row; row 1 starts in the
+    middle of a tile (key 67), the last row is fully padded."""
     if mode is None:
         return None
     if mode == "left":
@@ -60,6 +63,13 @@ def make_mask(b, sk, mode, device=DEVICE):
     if mode == "scattered":
         mask = torch.rand(b, sk, device=device) < 0.6
         mask[0, : sk // 2] = False
+        return mask
+    if mode == "tiles":
+        mask = torch.rand(b, sk, device=device) < 0.5
+        mask[:, :64] = mask[:, 192:] = True
+        mask[:, 64:128] = False
+        mask[1, :67] = False
+        mask[-1] = False
         return mask
     return random_padding_mask(b, sk, device, mode=mode)
 
@@ -146,6 +156,11 @@ INTERPRETER_CASES = [
     # Sk - Sq = 33 puts a key tile's first query one past a query-tile start
     (1, 65, 65, 1, 64, F16, True, None, False, False),
     (2, 40, 73, 1, 32, F32, True, None, False, True),
+    # a mask whose holes leave tiles fully real, fully padded and mixed (the forward's tiles
+    # that check the mask alone), with a boundary tile after them (Sk = 260) and causal
+    (3, 130, 260, 1, 64, BF16, False, "tiles", False, False),
+    (3, 260, 260, 2, 32, F16, True, "tiles", True, True),
+    (3, 70, 260, 1, 64, F32, True, "tiles", False, False),
 ]
 
 
@@ -418,7 +433,7 @@ def compile_all_kernels(dtype, head_dim, target, causal, has_mask, has_dropout,
                  EXACT_DOT=dtype == torch.float32,  # never the interpreter-only bf16 upcast here
                  **specialized)
     compiled = {}
-    m, n, w, s = kernels.fwd_config(bd, dtype, target, has_dropout)
+    m, n, w, s = kernels.fwd_config(bd, dtype, target, has_dropout, has_mask)
     compiled["fwd", None] = compile_variant(kernels._attn_fwd_kernel, dtype, target, w, s,
                                             has_mask, has_dropout, **flags, BLOCK_M=m,
                                             BLOCK_N=n, BLOCK_D=bd)

@@ -71,7 +71,9 @@ def use_deterministic(deterministic: bool) -> bool:
 # warpgroup (4 warps, 2 stages; 3 spilled 24 B): each warp's per-tile overhead (loads, barriers,
 # wgmma issue) serves twice the elements of 8 warps; with dropout 4 warps spill 84-104 B, so it
 # keeps 8 warps, 3 stages.
-# sm_80 (mma.sync): the forward with dropout on 2 stages (3 spilled 252 B with a key mask);
+# sm_80 (mma.sync): the forward with dropout or a key mask on 2 stages (3 spilled 252 B with
+# both, 216 B with the mask alone since tiles checking only the mask have their own loop; under
+# Triton 3.6 2 stages spill 12 B with both, 44 B with the mask: there 8 warps, or 3 stages);
 # dK/dV on 8 warps (the 4-warp tile used a 616 B stack with dropout), at head dim 64 without
 # software pipelining (2 stages spilled 8 B in the varlen causal dropout variant).
 # Triton before 3.9 (3.6 is what the GPU machines have) allocates registers differently: with
@@ -80,7 +82,8 @@ def use_deterministic(deterministic: bool) -> bool:
 _OLD_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
 
 
-def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False):
+def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False,
+               mask: bool = False):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
@@ -88,7 +91,9 @@ def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = Fals
             return (128, 64, 8, 3) if dropout else (128, 64, 4, 2)
         if dropout and bd <= 32 and _OLD_TRITON:
             return (64, 64, 4, 2)
-        return (128, 64, 4, 2) if dropout else (128, 64, 4, 3)
+        if mask and _OLD_TRITON:
+            return (128, 64, 8, 2) if dropout else (128, 64, 4, 3)
+        return (128, 64, 4, 2) if dropout or mask else (128, 64, 4, 3)
     if bd <= 128:  # 3 stages need 104 KB: sm_86/89 give a block at most 99 KB
         return (128, 64, 8, 2) if 80 < arch < 90 else (128, 64, 8, 3)
     return (64, 32, 8, 2)
@@ -174,7 +179,8 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1,
     with on_device(q.device):
         mask_u8, kv_range = _mask_args(mask)
         bd = block_d(d)
-        block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device), dropout_p > 0)
+        block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device), dropout_p > 0,
+                                                     mask is not None)
         launch(_attn_fwd_kernel, (triton.cdiv(sq, block_m), h, b),
             q, k, v, out, lse, mask_u8, kv_range, None, None,
             q.stride(0), q.stride(1), q.stride(2),

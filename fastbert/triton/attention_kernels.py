@@ -243,9 +243,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
               HAS_DROPOUT: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
               BOUNDARY: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
               Cos=None, Sin=None, pos_k=None, ROTARY_HALF: tl.constexpr = 0):
-    """One key tile of the online softmax. Without BOUNDARY every key of the tile exists, is
-    real (no mask) and (causal, a window's right side) lies at or below every query's bound: no
-    per-key check but, in a sliding window, its left bound."""
+    """One key tile of the online softmax. Without BOUNDARY every key of the tile exists and
+    (causal, a window's right side) lies at or below every query's bound: no per-key check but,
+    in a sliding window, its left bound, and with HAS_MASK the mask alone."""
     cols = start_n + offs_n
     if BOUNDARY:
         kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
@@ -263,6 +263,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d,
     elif WINDOW_LEFT >= 0:  # key j >= query i + Sk - Sq - left
         first = offs_m + (len_k - len_q - WINDOW_LEFT)
         s = tl.where(cols[None, :] >= first[:, None], s, float("-inf"))
+    if HAS_MASK and not BOUNDARY:  # one byte load and compare per key, no bounds to check
+        real = tl.load(Mask + off_b * len_k + cols)
+        s = tl.where(real[None, :] != 0, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # a row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -326,15 +329,14 @@ def _attn_fwd_kernel(
     v_base = _rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
 
     lo, hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
-    # Tiles [lo, mid) hold only existing, real keys (and, causal, keys every query of the block
-    # sees): they skip the per-key checks. lo and mid are multiples of BLOCK_N (or mid = hi).
-    # With a mask, the full tiles are those of its dense range (all of [lo, hi) for right
-    # padding) when that starts on a tile; a mask with holes checks every key.
+    # Tiles [lo, mid) hold only existing keys (and, causal, keys every query of the block sees):
+    # they skip the bound checks. lo and mid are multiples of BLOCK_N (or mid = hi). With a mask,
+    # those of its dense range (all of [lo, hi) for right padding, when it starts on a tile) skip
+    # the mask too; the others, [full_end, mid) (a mask with holes), check the mask alone.
     mid = tl.minimum(hi, (len_k // BLOCK_N) * BLOCK_N)
     if HAS_MASK:
         dense = tl.load(KvRange + off_b * KV_RANGE_SIZE + 2)
-        mid = tl.where(lo % BLOCK_N == 0, tl.minimum(mid, lo + (dense - lo) // BLOCK_N * BLOCK_N),
-                       0)  # (raised to the aligned lo below)
+        dense_end = tl.where(lo % BLOCK_N == 0, lo + (dense - lo) // BLOCK_N * BLOCK_N, 0)
     if IS_CAUSAL:  # the block's first query sees keys up to start_m * BLOCK_M + Sk - Sq ...
         diagonal = start_m * BLOCK_M + len_k - len_q + 1
         mid = tl.minimum(mid, tl.where(diagonal > 0, diagonal // BLOCK_N, 0) * BLOCK_N)
@@ -368,15 +370,25 @@ def _attn_fwd_kernel(
                 right_only = tl.minimum(tl.maximum(tl.cdiv(first, BLOCK_N) * BLOCK_N, mid), hi)
             else:
                 right_only = mid
+    full_end = mid
+    if HAS_MASK:  # (a window with a mask has no full tiles: mid = lo)
+        full_end = tl.minimum(tl.maximum(dense_end, lo), mid)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, mid, BLOCK_N):
+    if HAS_MASK:  # (tiles in any order; this one compiles to the shortest full-tile loops)
+        for start_n in range(full_end, mid, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
+                                      offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
+                                      stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
+                                      IS_CAUSAL, True, HAS_DROPOUT, EXACT_DOT, BLOCK_M, False,
+                                      WINDOW_LEFT, WINDOW_RIGHT, Cos, Sin, pos_k, ROTARY_HALF)
+    for start_n in range(lo, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
                                   offs_d, d_ok, Mask, off_b, off_bh, len_q, len_k, seqlen_k,
                                   stride_ks, stride_vs, qk_scale, dropout_p, seed, start_m,
-                                  IS_CAUSAL, HAS_MASK, HAS_DROPOUT, EXACT_DOT, BLOCK_M, False,
+                                  IS_CAUSAL, False, HAS_DROPOUT, EXACT_DOT, BLOCK_M, False,
                                   WINDOW_LEFT, WINDOW_RIGHT, Cos, Sin, pos_k, ROTARY_HALF)
     for start_n in range(mid, right_only, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n,
