@@ -360,7 +360,8 @@ def _rotary(p: Plan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def _fused_rotary(p: Plan, qk: torch.Tensor, window: int, dropout_p: float, cos, sin):
     """The rotary arguments of _attention when its Triton kernel turns q and k (the public
     layers' varlen.rotary_in_kernel), else None: the layer turns them with _rotary first."""
-    if p.attention[window, dropout_p][0] != "triton" or qk.dtype != p.dtype:
+    if p.attention[window, dropout_p][0] != "triton" or qk.dtype != p.dtype or \
+            not varlen.rotary_pays_in_kernel((window, window)):
         return None
     positions = p.positions[0]  # row t at cos[t]
     return cos, sin, positions, positions
