@@ -17,7 +17,7 @@ import triton
 from fastbert.triton.attention_kernels import (  # noqa: F401 (the kernels are this module's API)
     _DTYPES, _INTERPRET, LOG2E, MAX_HEAD_DIM, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
     _attn_bwd_preprocess_kernel, _attn_fwd_kernel, _key_range_kernel)
-from fastbert.triton.launch import launch
+from fastbert.triton.launch import TRITON_BEFORE_3_9, launch
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -76,12 +76,9 @@ def use_deterministic(deterministic: bool) -> bool:
 # Triton 3.6 2 stages spill 12 B with both, 44 B with the mask: there 8 warps, or 3 stages);
 # dK/dV on 8 warps (the 4-warp tile used a 616 B stack with dropout), at head dim 64 without
 # software pipelining (2 stages spilled 8 B in the varlen causal dropout variant).
-# Triton before 3.9 (3.6 is what the GPU machines have) allocates registers differently: with
-# dropout, sm_90's 64x64 dK/dV tile spills 12-24 B there and sm_80's head-dim-32 forward 32 B,
-# so those take the tiles its ptxas compiles spill-free (32x128 on 8 warps; 64x64 on 4).
-_OLD_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
-
-
+# Under Triton before 3.9 (TRITON_BEFORE_3_9), with dropout, sm_90's 64x64 dK/dV tile
+# spills 12-24 B and sm_80's head-dim-32 forward 32 B, so those take the tiles its ptxas
+# compiles spill-free (32x128 on 8 warps; 64x64 on 4).
 def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False,
                mask: bool = False):
     if dtype == torch.float32:
@@ -89,9 +86,9 @@ def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = Fals
     if bd <= 64:
         if arch >= 90:
             return (128, 64, 8, 3) if dropout else (128, 64, 4, 2)
-        if dropout and bd <= 32 and _OLD_TRITON:
+        if dropout and bd <= 32 and TRITON_BEFORE_3_9:
             return (64, 64, 4, 2)
-        if mask and _OLD_TRITON:
+        if mask and TRITON_BEFORE_3_9:
             return (128, 64, 8, 2) if dropout else (128, 64, 4, 3)
         return (128, 64, 4, 2) if dropout or mask else (128, 64, 4, 3)
     if bd <= 128:  # 3 stages need 104 KB: sm_86/89 give a block at most 99 KB
@@ -103,7 +100,7 @@ def dkdv_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = Fal
     if dtype == torch.float32:
         return (32, 64, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
-        return (64, 64, 4, 1) if arch >= 90 and not (dropout and _OLD_TRITON) else (32, 128, 8, 1)
+        return (64, 64, 4, 1) if arch >= 90 and not (dropout and TRITON_BEFORE_3_9) else (32, 128, 8, 1)
     return (32, 64, 8, 2) if bd <= 128 else (16, 32, 8, 2)
 
 

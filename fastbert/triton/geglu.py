@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastbert.triton.launch import launch
+from fastbert.triton.launch import TRITON_BEFORE_3_9, launch
 from fastbert.triton.linear_gelu import (BWD_BLOCK_M, BWD_NUM_WARPS, INTERPRET,
                                          INTERPRETER_CONFIGS, SUPPORTED_DTYPES, _config, _gelu,
                                          _gelu_grad, _prune_to_shared_memory, backward_launch,
@@ -26,11 +26,12 @@ from fastbert.triton.linear_gelu import (BWD_BLOCK_M, BWD_NUM_WARPS, INTERPRET,
 
 # Two fp32 accumulators per program (the GELU half's tile and the gate half's): linear_gelu.py's
 # tiles per warp doubled, and every one of its configs spilled (1.3-13 KB on sm_80/sm_90). These
-# hold half its accumulator per thread.
+# hold half its accumulator per thread. The 64x64 tile on 4 warps spills 8 B on sm_80 under
+# Triton before 3.9, so there it takes 8.
 GPU_CONFIGS = [
     _config(128, 64, 32, stages=3, warps=8),
     _config(64, 128, 32, stages=3, warps=8),
-    _config(64, 64, 32, stages=4, warps=4),
+    _config(64, 64, 32, stages=4, warps=8 if TRITON_BEFORE_3_9 else 4),
 ]
 CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
 

@@ -40,6 +40,9 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton before 3.9 (3.6 is what the GPU machines have) ships an older LLVM and ptxas whose
+# register allocation spills some tiles 3.9 compiles spill-free: launchers pick others there.
+TRITON_BEFORE_3_9 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
 ENV_SWITCH = "FASTBERT_PREBOUND"
 enabled = not INTERPRET and os.environ.get(ENV_SWITCH, "1") != "0"
 
