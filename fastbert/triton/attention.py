@@ -249,8 +249,9 @@ def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batc
             **kernel_flags,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
-    else:
-        dq = dq_acc.to(q.dtype)
+    else:  # the kernel adds up dQ / ds_scale (see _dkdv_tile)
+        dq = _alloc(q.shape, q.dtype, q.device)
+        torch.mul(dq_acc, scale / (1.0 - dropout_p), out=dq)
     return dq, dk, dv
 
 

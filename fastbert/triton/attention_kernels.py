@@ -13,7 +13,8 @@ tile starts past its own sequence's end returns at once, and key loops cover onl
   that sees no key, whose output is 0).
 - Backward: a preprocess computes delta = scale * rowsum(dO * O); one kernel per key tile
   recomputes P = exp(S - lse) and accumulates dV = P^T dO and dK = dS^T Q, where dS = P * (scale
-  * dP - delta) carries the softmax scale (so neither dK nor dQ is multiplied by it).
+  * dP - delta) carries the softmax scale (and, with dropout, 1 / (1 - p): it adds up dS divided
+  by both and multiplies dK, and the launcher the atomic dQ, once at the end).
   dQ either goes out from that same kernel by fp32 atomics (fast, order-dependent) or, with
   deterministic=True or torch.use_deterministic_algorithms(True), from a second pass over query
   tiles with no atomics (bitwise reproducible).
@@ -158,12 +159,14 @@ def _dropout_keep(seed, off_bh, start_m, cols, row_stride, dropout_p, BLOCK_M: t
     firsts, _ = tl.split(tl.permute(firsts, (0, 2, 1)))
     counters = (start_m + 16 * a + r) * row_stride + firsts[None, None, :, :]
     r0, r1, r2, r3 = tl.randint4x(seed + off_bh, counters, 7)
-    threshold = tl.cast(dropout_p * 65536.0, tl.uint32)
+    # a draw d (16 bits) is kept when d >= threshold, compared in the high half of a word:
+    # the high draw as the word itself, the low one shifted up (no mask, no shift down)
+    threshold = tl.cast(dropout_p * 65536.0, tl.uint32) << 16
     # word 2 * (query bit 3) + (key bit 3), its low half for even keys, high for odd
-    keep_q0 = tl.join(tl.join((r0 & 0xFFFF) >= threshold, (r0 >> 16) >= threshold),
-                      tl.join((r1 & 0xFFFF) >= threshold, (r1 >> 16) >= threshold))
-    keep_q8 = tl.join(tl.join((r2 & 0xFFFF) >= threshold, (r2 >> 16) >= threshold),
-                      tl.join((r3 & 0xFFFF) >= threshold, (r3 >> 16) >= threshold))
+    keep_q0 = tl.join(tl.join((r0 << 16) >= threshold, r0 >= threshold),
+                      tl.join((r1 << 16) >= threshold, r1 >= threshold))
+    keep_q8 = tl.join(tl.join((r2 << 16) >= threshold, r2 >= threshold),
+                      tl.join((r3 << 16) >= threshold, r3 >= threshold))
     keep = tl.join(keep_q0, keep_q8)  # (a, r, b, c, key bit 0, key bit 3, query bit 3)
     keep = tl.reshape(tl.permute(keep, (0, 6, 1, 2, 5, 3, 4)), (BLOCK_M, BLOCK_N))
     if KEYS_FIRST:
@@ -448,14 +451,47 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _per_query(x, KEY_MAJOR: tl.constexpr):
+    """A per-query vector broadcast over the keys of a (M, N) tile, or (N, M) with KEY_MAJOR."""
+    if KEY_MAJOR:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _per_key(x, KEY_MAJOR: tl.constexpr):
+    """A per-key vector broadcast over the queries of a (M, N) tile, or (N, M) with KEY_MAJOR."""
+    if KEY_MAJOR:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
+def _keys_first(x, KEY_MAJOR: tl.constexpr):
+    """The (N, M) view of a tile held (M, N), or (N, M) with KEY_MAJOR."""
+    if KEY_MAJOR:
+        return x
+    else:
+        return tl.trans(x)
+
+
+@triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base, lse_base,
-               delta_base, dq_base, Mask, off_b, off_bh, len_q, len_k, seqlen_k, stride_qs,
-               stride_ds, sm_scale, ds_scale, qk_scale, dropout_p, seed,
+               delta_base, dq_base, Mask, key_real, off_b, off_bh, len_q, len_k, seqlen_k,
+               stride_qs, stride_ds, delta_unscale, qk_scale, dropout_p, seed,
                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                DQ_ATOMIC: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOUNDARY: tl.constexpr):
-    """dK, dV (and the atomic dQ) of one query tile. Without BOUNDARY every query of the tile
-    exists: its loads, the log-sum-exp's and the dQ atomics skip the per-row checks."""
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOUNDARY: tl.constexpr,
+               KEY_MAJOR: tl.constexpr):
+    """dK, dV (and the atomic dQ) of one query tile, dK and dQ divided by ds_scale. Without
+    BOUNDARY every query of the tile exists: its loads, the log-sum-exp's and the dQ atomics
+    skip the per-row checks. P and dS are held (M, N), as the forward held P: the log-sum-exp
+    and delta are then per row (two per thread) and the dropout mask's philox groups lie in
+    one thread; dV and dK take P^T, dS^T as shared-memory MMA operands. KEY_MAJOR holds them
+    (N, M) instead: P^T and dS^T are the registers' own MMA operands, and dQ takes dS through
+    shared memory (see _attn_bwd_dkdv_kernel for which tiles do which)."""
     offs_m = start_m + offs_m0
     if BOUNDARY:
         row_ok = offs_m < len_q
@@ -471,30 +507,43 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_
     else:
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
-    # recompute P^T (N, M) from the saved log-sum-exp
-    st = _mm(k, tl.trans(q), EXACT_DOT)
-    pt = tl.math.exp2(st * qk_scale - lse[None, :] * LOG2E_K)
-    visible = _visible(offs_m[None, :], offs_n[:, None], Mask, off_b, len_q, len_k,
-                       IS_CAUSAL, HAS_MASK, WINDOW_LEFT, WINDOW_RIGHT)
-    pt = tl.where(visible, pt, 0.0)
-    dpt = _mm(v, tl.trans(do), EXACT_DOT)
-    # dS^T = P^T * (scale * dP^T - delta), the softmax scale in (delta comes scaled)
+    # recompute P from the saved log-sum-exp
+    if KEY_MAJOR:
+        s = _mm(k, tl.trans(q), EXACT_DOT)
+    else:
+        s = _mm(q, tl.trans(k), EXACT_DOT)
+    p = tl.math.exp2(s * qk_scale - _per_query(lse * LOG2E_K, KEY_MAJOR))
+    # keys past len_k need no check: their K and V rows load as 0 (nothing reaches dQ) and
+    # their dK, dV rows are not stored; queries past len_q have P = 0 (lse = +inf)
+    if HAS_MASK:
+        p = tl.where(_per_key(key_real, KEY_MAJOR), p, 0.0)
+    if IS_CAUSAL or WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0:
+        visible = _visible(_per_query(offs_m, KEY_MAJOR), _per_key(offs_n, KEY_MAJOR), Mask,
+                           off_b, len_q, len_k, IS_CAUSAL, False, WINDOW_LEFT, WINDOW_RIGHT)
+        p = tl.where(visible, p, 0.0)
+    if KEY_MAJOR:
+        dp = _mm(v, tl.trans(do), EXACT_DOT)
+    else:
+        dp = _mm(do, tl.trans(v), EXACT_DOT)
+    # dS / ds_scale = P * (dP * keep - delta / ds_scale): the kernel multiplies dK by ds_scale
+    # once at the end, the launcher the atomic dQ (one multiply per element less per tile)
+    delta = _per_query(delta * delta_unscale, KEY_MAJOR)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, off_bh, start_m, offs_n, seqlen_k, dropout_p, BLOCK_M,
-                             True)
+                             KEY_MAJOR)
         # dV = (P * keep)^T dO / (1 - p): the 1 / (1 - p) goes on at the end. The select
         # runs in fp32, before the cast (after it, it is a 16-bit select and repack).
-        pt_kept = tl.where(keep, pt, 0.0)
-        dv = _dot(pt_kept.to(do.dtype), do, dv, EXACT_DOT)
+        p_kept = tl.where(keep, p, 0.0)
+        dv = _dot(_keys_first(p_kept.to(do.dtype), KEY_MAJOR), do, dv, EXACT_DOT)
         # a dropped element's dP is 0: only -P * delta is left of its dS
-        dst = pt_kept * (dpt * ds_scale) - pt * delta[None, :]
+        ds = p_kept * dp - p * delta
     else:
-        dv = _dot(pt.to(do.dtype), do, dv, EXACT_DOT)
-        dst = pt * (dpt * sm_scale - delta[None, :])
-    dst = dst.to(q.dtype)
-    dk = _dot(dst, q, dk, EXACT_DOT)
+        dv = _dot(_keys_first(p.to(do.dtype), KEY_MAJOR), do, dv, EXACT_DOT)
+        ds = p * (dp - delta)
+    ds = _keys_first(ds.to(q.dtype), KEY_MAJOR)
+    dk = _dot(ds, q, dk, EXACT_DOT)
     if DQ_ATOMIC:
-        dq = _mm(tl.trans(dst), k, EXACT_DOT)
+        dq = _mm(tl.trans(ds), k, EXACT_DOT)
         tl.atomic_add(dq_base + offs_m[:, None] * stride_ds + offs_d[None, :], dq,
                       mask=qo_mask, sem="relaxed")  # a sum: no ordering needed
     return dk, dv
@@ -560,34 +609,46 @@ def _attn_bwd_dkdv_kernel(
         live = (start_n * BLOCK_N < key_hi) & ((start_n + 1) * BLOCK_N > key_lo)
         hi = tl.where(live, hi, 0)
 
-    ds_scale = sm_scale / (1.0 - dropout_p)  # dropout: a kept dP is scaled by 1 / (1 - p)
+    # sm_90's square 64x64 tile (one warpgroup) holds P and dS (M, N) (see _dkdv_tile); the
+    # tall key tiles (sm_80's 32x128 on 8 warps, fp32, wide heads) hold them (N, M): there
+    # (M, N) spilled 36-244 B (255 registers, sm_80 with dropout)
+    KEY_MAJOR: tl.constexpr = BLOCK_N > BLOCK_M
+    key_real = None
+    if HAS_MASK:  # this tile's keys are those of every query tile: their mask is read once
+        key_real = tl.load(Mask + off_b * len_k + offs_n, mask=offs_n < len_k, other=0) != 0
+    # dS = ds_scale * P * (dP * keep - delta / ds_scale): a kept dP is scaled by 1 / (1 - p),
+    # and delta comes multiplied by the softmax scale
+    ds_scale = sm_scale / (1.0 - dropout_p)
+    delta_unscale = (1.0 - dropout_p) / sm_scale
     dq_base = DQ  # None without DQ_ATOMIC
     if DQ_ATOMIC:
         dq_base = _rows(DQ, off_b, q_start, stride_db, IS_VARLEN) + off_h * stride_dh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # the full query tiles [lo, mid), then the one that runs past len_q (if any). With the dQ
-    # atomics one loop does all: two spill 76-100 B on sm_90 (255 registers), 44 B causal (varlen,
-    # dropout); so does a sliding window (two: 16 more instructions per tile on sm_90).
+    # the full query tiles [lo, mid), then the one that runs past len_q (if any). One loop does
+    # all causal (two spilled 44 B with the dQ atomics, varlen, dropout), with the dQ atomics
+    # and a key mask or KEY_MAJOR (two spill 108 B on sm_90, 12 B on sm_80 with Triton 3.6) and
+    # with a sliding window (two: 16 more instructions per tile on sm_90).
     mid = lo
-    if not DQ_ATOMIC and not IS_CAUSAL and WINDOW_LEFT < 0 and WINDOW_RIGHT < 0:
+    ONE_LOOP: tl.constexpr = IS_CAUSAL or (DQ_ATOMIC and (HAS_MASK or KEY_MAJOR))
+    if not ONE_LOOP and WINDOW_LEFT < 0 and WINDOW_RIGHT < 0:
         mid = tl.maximum(lo + ((hi - lo) // BLOCK_M) * BLOCK_M, lo)
     for start_m in range(lo, mid, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base,
-                            lse_base, delta_base, dq_base, Mask, off_b, off_bh, len_q, len_k,
-                            seqlen_k, stride_qs, stride_ds, sm_scale, ds_scale, qk_scale,
+                            lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh, len_q,
+                            len_k, seqlen_k, stride_qs, stride_ds, delta_unscale, qk_scale,
                             dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, DQ_ATOMIC,
-                            EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, False)
+                            EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, False, KEY_MAJOR)
     for start_m in range(mid, hi, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base,
-                            lse_base, delta_base, dq_base, Mask, off_b, off_bh, len_q, len_k,
-                            seqlen_k, stride_qs, stride_ds, sm_scale, ds_scale, qk_scale,
+                            lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh, len_q,
+                            len_k, seqlen_k, stride_qs, stride_ds, delta_unscale, qk_scale,
                             dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, DQ_ATOMIC,
-                            EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, True)
+                            EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, True, KEY_MAJOR)
 
     kg_offs = off_h * stride_kgh + offs_n[:, None] * stride_kgs + offs_d[None, :]
     tl.store(_rows(DK, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
+             (dk * ds_scale).to(DK.dtype.element_ty), mask=kv_mask)
     if HAS_DROPOUT:
         dv = dv * (1.0 / (1.0 - dropout_p))
     tl.store(_rows(DV, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
