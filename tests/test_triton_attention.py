@@ -82,9 +82,13 @@ def no_key_visible(mask, causal, b, sq, sk, device):
     return ~visible.any(-1)
 
 
-def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed, deterministic):
-    """Kernel forward and backward vs the fp64 reference, by the tolerance rule (fp32: ~1e-5)."""
+def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed, deterministic,
+                    shift=0.0):
+    """Kernel forward and backward vs the fp64 reference, by the tolerance rule (fp32: ~1e-5).
+    shift: q and k at -shift and +shift (+ 0.1 * noise): every score near -shift^2 * D."""
     q, k, v = make_qkv(b, sq, sk, h, d, dtype, packed)
+    if shift:
+        q, k = ((t.float() * 0.1 + sign * shift).to(dtype) for t, sign in ((q, -1), (k, 1)))
     mask = make_mask(b, sk, mask_mode, q.device)
     scale = 1.0 / math.sqrt(d)
     dout = torch.randn(b, sq, h, d, dtype=dtype, device=q.device)
@@ -179,6 +183,17 @@ def _case_id(case):
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=_case_id)
 def test_forward_backward_vs_reference(case):
     check_attention(*case)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,head_dim", [(BF16, 64), (F16, 128)])
+def test_backward_with_every_score_below_the_exp_range(dtype, head_dim):
+    """Every scaled score near -128 or below (lse too): the keys past the last key tile's end,
+    which the dK/dV kernel loads as zero rows, must not reach the atomic dQ as P = exp(-lse) =
+    inf (NaN through dS * 0). Sk = 70 leaves 58 of them (head dim 64: the 64x64 (query, key)
+    tile) or 26 (128: the 32x64 (key, query) tile). (fp32's 1e-5 bound is out of reach at these
+    scores.)"""
+    check_attention(1, 70, 70, 1, head_dim, dtype, False, None, False, False, shift=4.0)
 
 
 def recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed):

@@ -478,8 +478,8 @@ def _keys_first(x, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base, lse_base,
-               delta_base, dq_base, Mask, key_real, off_b, off_bh, len_q, len_k, seqlen_k,
+def _dkdv_tile(dk, dv, k, k_s, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base,
+               lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh, len_q, len_k, seqlen_k,
                stride_qs, stride_ds, delta_unscale, qk_scale, dropout_p, seed,
                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                DQ_ATOMIC: tl.constexpr, EXACT_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -491,7 +491,8 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_
     and delta are then per row (two per thread) and the dropout mask's philox groups lie in
     one thread; dV and dK take P^T, dS^T as shared-memory MMA operands. KEY_MAJOR holds them
     (N, M) instead: P^T and dS^T are the registers' own MMA operands, and dQ takes dS through
-    shared memory (see _attn_bwd_dkdv_kernel for which tiles do which)."""
+    shared memory (see _attn_bwd_dkdv_kernel for which tiles do which). S takes the keys k_s,
+    dQ k (they differ past len_k, see there)."""
     offs_m = start_m + offs_m0
     if BOUNDARY:
         row_ok = offs_m < len_q
@@ -509,13 +510,13 @@ def _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_
         delta = tl.load(delta_base + offs_m)
     # recompute P from the saved log-sum-exp
     if KEY_MAJOR:
-        s = _mm(k, tl.trans(q), EXACT_DOT)
+        s = _mm(k_s, tl.trans(q), EXACT_DOT)
     else:
-        s = _mm(q, tl.trans(k), EXACT_DOT)
+        s = _mm(q, tl.trans(k_s), EXACT_DOT)
     p = tl.math.exp2(s * qk_scale - _per_query(lse * LOG2E_K, KEY_MAJOR))
-    # keys past len_k need no check: their K and V rows load as 0 (nothing reaches dQ) and
-    # their dK, dV rows are not stored; queries past len_q have P = 0 (lse = +inf)
-    if HAS_MASK:
+    # keys past len_k need no check but with KEY_MAJOR's dQ atomics (see k_s in
+    # _attn_bwd_dkdv_kernel); queries past len_q have P = 0 (lse = +inf)
+    if HAS_MASK or (DQ_ATOMIC and KEY_MAJOR):
         p = tl.where(_per_key(key_real, KEY_MAJOR), p, 0.0)
     if IS_CAUSAL or WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0:
         visible = _visible(_per_query(offs_m, KEY_MAJOR), _per_key(offs_n, KEY_MAJOR), Mask,
@@ -580,9 +581,21 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
+    # sm_90's square 64x64 tile (one warpgroup) holds P and dS (M, N) (see _dkdv_tile); the
+    # tall key tiles (sm_80's 32x128 on 8 warps, fp32, wide heads) hold them (N, M): there
+    # (M, N) spilled 36-244 B (255 registers, sm_80 with dropout)
+    KEY_MAJOR: tl.constexpr = BLOCK_N > BLOCK_M
     kv_mask = (offs_n[:, None] < len_k) & d_ok[None, :]
-    k = tl.load(_rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh
-                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_rows = _rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh + offs_d[None, :]
+    k = tl.load(k_rows + offs_n[:, None] * stride_ks, mask=kv_mask, other=0.0)
+    # S's keys past len_k: zero rows give them P = exp(-lse), which overflows where every score
+    # of a query is below -88, and the dQ atomics' dS * 0 is then NaN. (M, N) tiles give them
+    # copies of the last key instead (P <= 1; their dK, dV rows are not stored and dQ takes
+    # the zero rows); (N, M) tiles zero their P with the dQ atomics (see _dkdv_tile).
+    k_s = k
+    if not KEY_MAJOR:
+        k_s = tl.load(k_rows + tl.minimum(offs_n, len_k - 1)[:, None] * stride_ks,
+                      mask=d_ok[None, :], other=0.0)
     v = tl.load(_rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
                 + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     q_base = _rows(Q, off_b, q_start, stride_qb, IS_VARLEN) + off_h * stride_qh
@@ -609,13 +622,11 @@ def _attn_bwd_dkdv_kernel(
         live = (start_n * BLOCK_N < key_hi) & ((start_n + 1) * BLOCK_N > key_lo)
         hi = tl.where(live, hi, 0)
 
-    # sm_90's square 64x64 tile (one warpgroup) holds P and dS (M, N) (see _dkdv_tile); the
-    # tall key tiles (sm_80's 32x128 on 8 warps, fp32, wide heads) hold them (N, M): there
-    # (M, N) spilled 36-244 B (255 registers, sm_80 with dropout)
-    KEY_MAJOR: tl.constexpr = BLOCK_N > BLOCK_M
     key_real = None
     if HAS_MASK:  # this tile's keys are those of every query tile: their mask is read once
         key_real = tl.load(Mask + off_b * len_k + offs_n, mask=offs_n < len_k, other=0) != 0
+    elif DQ_ATOMIC and KEY_MAJOR:
+        key_real = offs_n < len_k
     # dS = ds_scale * P * (dP * keep - delta / ds_scale): a kept dP is scaled by 1 / (1 - p),
     # and delta comes multiplied by the softmax scale
     ds_scale = sm_scale / (1.0 - dropout_p)
@@ -634,15 +645,15 @@ def _attn_bwd_dkdv_kernel(
     if not ONE_LOOP and WINDOW_LEFT < 0 and WINDOW_RIGHT < 0:
         mid = tl.maximum(lo + ((hi - lo) // BLOCK_M) * BLOCK_M, lo)
     for start_m in range(lo, mid, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base,
-                            lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh, len_q,
-                            len_k, seqlen_k, stride_qs, stride_ds, delta_unscale, qk_scale,
+        dk, dv = _dkdv_tile(dk, dv, k, k_s, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base,
+                            do_base, lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh,
+                            len_q, len_k, seqlen_k, stride_qs, stride_ds, delta_unscale, qk_scale,
                             dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, DQ_ATOMIC,
                             EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, False, KEY_MAJOR)
     for start_m in range(mid, hi, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base, do_base,
-                            lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh, len_q,
-                            len_k, seqlen_k, stride_qs, stride_ds, delta_unscale, qk_scale,
+        dk, dv = _dkdv_tile(dk, dv, k, k_s, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base,
+                            do_base, lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh,
+                            len_q, len_k, seqlen_k, stride_qs, stride_ds, delta_unscale, qk_scale,
                             dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, DQ_ATOMIC,
                             EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, True, KEY_MAJOR)
 
