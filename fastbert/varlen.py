@@ -370,8 +370,8 @@ def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int, m
 def rotary_pays_in_kernel(window: Tuple[int, int]) -> bool:
     """Whether a layer should have the Triton forward turn q and k rather than make an
     apply_rotary pass first. The fused forward turns each key tile again for every query tile:
-    by the static model (sm_90, head dim 64) 1.02 -> 1.88 warp-insns/kFLOP in a global layer,
-    1.34 -> 2.19 in a window-64 one. A banded layer's attention work per token is bounded by its
+    by the static model (sm_90, head dim 64, fp16-bf16) 1.02 -> 1.9-2.0 warp-insns/kFLOP in a
+    global layer, 1.34 -> 2.2-2.3 in a window-64 one. A banded layer's attention work per token is bounded by its
     window, so the pass saved (a read and a write of q and k) outweighs the extra issue; a
     global layer's grows with the sequence, and from ~512 tokens its extra issue costs about
     what the pass does. Estimated from instruction counts, not timed on a GPU."""
