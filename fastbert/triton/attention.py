@@ -14,9 +14,10 @@ from typing import Optional
 import torch
 import triton
 
-from fastbert.triton.attention_kernels import (  # noqa: F401 (the kernels are this module's API)
-    _DTYPES, _INTERPRET, LOG2E, MAX_HEAD_DIM, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
-    _attn_bwd_preprocess_kernel, _attn_fwd_kernel, _key_range_kernel)
+from fastbert.triton.attention_bwd_kernels import (  # noqa: F401 (the kernels are this module's API)
+    _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel)
+from fastbert.triton.attention_kernels import (  # noqa: F401
+    _DTYPES, _INTERPRET, LOG2E, MAX_HEAD_DIM, _attn_fwd_kernel, _key_range_kernel)
 from fastbert.triton.launch import TRITON_BEFORE_3_9, launch
 
 
