@@ -9,7 +9,8 @@
 #      cuda_graphs / Triton with and without pre-bound launches against transformers eager / sdpa
 #      and torch.compile reduce-overhead; benchmarks/small_batch.py, preset "check")
 #      and the Triton kernels at a09870e (before issue 21; FASTBERT_BEFORE_REV) and now, timed
-#      side by side (needs the git history)
+#      side by side (needs the git history), and RoPE fused into the attention forward against
+#      an apply_rotary pass, for global and local layers (benchmarks/rope_fusion.py)
 #   4. the quick benchmarks -> <device>.csv (written case by case) and the host-overhead numbers
 #   5. compute-sanitizer memcheck (then racecheck, time allowing) on a small case
 #   6. a summary that fits one screen (also in summary.txt)
@@ -173,6 +174,12 @@ EOF
 } >> "$LOG" 2>&1
 rm -rf "$BEFORE_DIR"
 
+# ---- 3c. RoPE inside the attention forward vs an apply_rotary pass (issue 20), per layer kind --
+{
+    step "python -m benchmarks.rope_fusion"
+    run_stage rope_fusion "$(limit 40 130)" "$PY" -m benchmarks.rope_fusion
+} >> "$LOG" 2>&1
+
 # ---- 4. quick benchmarks (CSV written case by case, so a cut run keeps what it measured) ----
 {
     BUDGET=$(( $(left) - 90 ))
@@ -233,7 +240,7 @@ rm -f "$SANITIZE_PY"
 {
     echo "== gpu_check summary ($(( SECONDS - START )) s of $TOTAL s)"
     sed -n '/== device/,/cuda available/p' "$LOG" | grep -v "^==" | grep -v "^$" | head -n 4
-    for s in build triton_tests info gpu_tests small_batch before_after benchmarks sanitizer_memcheck sanitizer_racecheck; do
+    for s in build triton_tests info gpu_tests small_batch before_after rope_fusion benchmarks sanitizer_memcheck sanitizer_racecheck; do
         [[ -n "${STAGE_RC[$s]:-}" ]] && printf '%-20s exit %-3s %4s s\n' "$s" "${STAGE_RC[$s]}" "${STAGE_S[$s]}"
     done
     echo "-- tests (tests.txt)"
@@ -262,6 +269,8 @@ EOF
     grep -A6 "^small-batch inference latency" "$LOG" | head -n 7 | cut -c1-160
     echo "-- Triton kernels before / after issue 21 (log.txt)"
     grep -A14 "^kernel (bf16, BERT-base)" "$LOG" | cut -c1-160
+    echo "-- RoPE fused vs an apply_rotary pass (log.txt)"
+    grep -A5 "^layer .*fused speedup" "$LOG" | cut -c1-160
     echo "-- sanitizer (sanitizer.txt)"
     grep -E "^backends|ERROR SUMMARY|exit status|not found|not run" "$SAN" | cut -c1-160
 } > "$SUMMARY" 2>&1

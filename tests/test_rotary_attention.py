@@ -341,3 +341,16 @@ def test_gpu_cuda_backend_composes_apply_rotary_and_attention():
     out.backward(dout)
     for a, b in zip(got, (out.detach(), q.grad, k.grad, v.grad)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("window", [(-1, -1), (4, 4)])
+def test_rope_fusion_benchmark_compares_the_same_work(window):
+    """benchmarks/rope_fusion times its two variants as equals: they compute the same attention
+    (Triton kernels, fresh packed input)."""
+    from benchmarks import rope_fusion
+    qkv, cu, cos, sin = rope_fusion.make_inputs(24, "cpu", torch.float32, heads=2, head_dim=16,
+                                                sequences=3)
+    calls = rope_fusion.variants(qkv, cu, cos, sin, 24, window)
+    with torch.no_grad():
+        torch.testing.assert_close(calls["fused"](), calls["unfused"](), rtol=1e-5, atol=1e-5)
