@@ -11,6 +11,7 @@ import faulthandler
 import os
 import re
 import socket
+import warnings
 
 import pytest
 import torch
@@ -152,7 +153,13 @@ def distributed_results(tmp_path_factory):
         ping = _spawn("ping", str(tmp_path_factory.mktemp("gloo_ping")))
         if ping is not None:
             pytest.skip(f"two gloo processes cannot run on this machine:\n{ping}")
-        pytest.fail(f"distributed training failed while gloo itself works:\n{failure}")
+        # once more: a rank the machine killed (CI saw a SIGABRT that never reproduced) rarely
+        # is again, while a failure of the training itself repeats; the first one is reported
+        out_dir = str(tmp_path_factory.mktemp("scale_out_again"))
+        again = _spawn("train", out_dir)
+        if again is not None:
+            pytest.fail(f"distributed training failed twice while gloo itself works:\n{again}")
+        warnings.warn(f"distributed training failed once, then passed:\n{failure}")
     return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
 
 
