@@ -371,10 +371,11 @@ def rotary_pays_in_kernel(window: Tuple[int, int]) -> bool:
     """Whether a layer should have the Triton forward turn q and k rather than make an
     apply_rotary pass first. The fused forward turns each key tile again for every query tile:
     by the static model (sm_90, head dim 64, fp16-bf16) 1.02 -> 1.9-2.0 warp-insns/kFLOP in a
-    global layer, 1.34 -> 2.2-2.3 in a window-64 one. A banded layer's attention work per token is bounded by its
-    window, so the pass saved (a read and a write of q and k) outweighs the extra issue; a
-    global layer's grows with the sequence, and from ~512 tokens its extra issue costs about
-    what the pass does. Estimated from instruction counts, not timed on a GPU."""
+    global layer, 1.34 -> 2.2-2.3 in a window-64 one. A banded layer's attention work per token
+    is bounded by its window, so the pass saved (a read and a write of q and k) outweighs the
+    extra issue; a global layer's grows with the sequence, and from ~512 tokens its extra issue
+    costs about what the pass does. Estimated from instruction counts, not timed on a GPU
+    (benchmarks/rope_fusion.py times it)."""
     return window[0] >= 0 and window[1] >= 0
 
 
@@ -471,20 +472,21 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     chosen = ops.resolve_backend(OP, backend, q.device, dtype=q.dtype, head_dim=d,
                                  dropout_p=dropout_p, causal=bool(causal), **ops.window_kw(window))
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    if rotary is not None:
-        offsets = rotary_seqlen_offsets
-        pos_q = rotary_module._positions(q, cu_q, offsets)
+    turn = ()
+    if rotary is not None:  # the tables and every row's position ride after the window
+        pos_q = rotary_module._positions(q, cu_q, rotary_seqlen_offsets)
         pos_k = pos_q if cu_seqlens_k is cu_seqlens_q and total_k == total_q else \
-            rotary_module._positions(k, cu_k, offsets)
-        args = (q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
-                dropout_p, float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic),
-                chosen, *window, rotary[0].contiguous(), rotary[1].contiguous(), pos_q, pos_k)
-        if ops._inference(q, k, v):
-            return _varlen_forward(*args)[0]
-        if ops._eager(q, k, v, cu_q, cu_k):
-            return ops._EagerOp.apply("fastbert::attention_varlen", _varlen_forward, _setup,
-                                      _grad, *args)[0]
-        return _varlen_fwd(*args)[0]
+            rotary_module._positions(k, cu_k, rotary_seqlen_offsets)
+        turn = (rotary[0].contiguous(), rotary[1].contiguous(), pos_q, pos_k)
+    args = (q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
+            float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic), chosen, *window,
+            *turn)
+    if ops._inference(q, k, v):  # no autograd: skip the custom op's dispatch
+        return _varlen_forward(*args)[0]
+    if ops._eager(q, k, v, cu_q, cu_k):
+        return ops._EagerOp.apply("fastbert::attention_varlen", _varlen_forward, _setup, _grad,
+                                  *args)[0]
+    return _varlen_fwd(*args)[0]
     if ops._inference(q, k, v):  # no autograd: skip the custom op's dispatch
         return _impl(chosen).attention_varlen_forward(
             q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
