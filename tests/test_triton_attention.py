@@ -16,10 +16,13 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastbert
 from fastbert import reference
 from fastbert.triton import attention as kernels
+from fastbert.triton.attention_kernels import _philox_7_rounds
 from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, assert_fp32_close,
                            poison_, random_padding_mask, rule_factor)
 
@@ -233,6 +236,45 @@ def test_dropout_keep_rate_scaling_and_seed():
     other, _ = recover_keep(b, s, s, h, d, torch.float32, False, None, p, seed=99)
     assert torch.equal(again, same_inputs)
     assert not torch.equal(again != 0, other != 0)
+
+
+@triton.jit
+def _philox_both_kernel(Counters, Mine, Theirs, seed, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    counters = tl.load(Counters + offs)
+    m0, m1, m2, m3 = _philox_7_rounds(seed, counters)
+    t0, t1, t2, t3 = tl.randint4x(seed, counters, 7)
+    for i, word in enumerate((m0, m1, m2, m3)):
+        tl.store(Mine + i * N + offs, word.to(tl.int32, bitcast=True))
+    for i, word in enumerate((t0, t1, t2, t3)):
+        tl.store(Theirs + i * N + offs, word.to(tl.int32, bitcast=True))
+
+
+def check_philox_is_randint4x(device):
+    """The dropout mask's philox (whole 64-bit products: inline PTX compiled, tl.umulhi in the
+    interpreter) gives tl.randint4x(seed, counters, 7)'s words bit for bit, so the mask is the
+    same as with randint4x, for 32- and 64-bit seeds and any int32 counter."""
+    n = 256
+    generator = torch.Generator().manual_seed(3)
+    counters = torch.randint(-2 ** 31, 2 ** 31, (n,), dtype=torch.int64, generator=generator)
+    counters[:4] = torch.tensor([0, 1, -1, 2 ** 31 - 1])
+    counters = counters.to(torch.int32).to(device)
+    for seed in (0, 1234, 2 ** 31 + 5, 2 ** 40 + 3, 2 ** 63 - 1):
+        mine = torch.zeros(4, n, dtype=torch.int32, device=device)
+        theirs = torch.ones(4, n, dtype=torch.int32, device=device)
+        _philox_both_kernel[(1,)](counters, mine, theirs, seed, N=n)
+        assert torch.equal(mine, theirs), seed
+        assert len(set(mine.flatten().tolist())) > 4 * n - 4  # words, not a constant
+
+
+@pytest.mark.interpreter
+def test_dropout_philox_is_randint4x():
+    check_philox_is_randint4x(DEVICE)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_philox_is_randint4x():
+    check_philox_is_randint4x("cuda")
 
 
 @pytest.mark.interpreter

@@ -52,6 +52,7 @@ LN2_K = tl.constexpr(0.6931471805599453)
 # Triton's interpreter computes bf16 tl.dot wrongly (numpy has no bf16, it multiplies the raw
 # bits), so under TRITON_INTERPRET=1 bf16 dot operands are upcast to fp32 first.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET_K = tl.constexpr(_INTERPRET)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -138,6 +139,53 @@ def _visible(rows_m, cols_n, Mask, off_b, seqlen_q, seqlen_k,
     return visible
 
 
+# Philox-4x32's constants (tl.randint4x's)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+# a * factor as 32 x 32 -> 64 bits, returned as (high, low) words
+_MUL_WIDE = "{{ .reg .u64 t; mul.wide.u32 t, $2, {}; mov.b64 {{$1, $0}}, t; }}"
+MUL_WIDE_A = tl.constexpr(_MUL_WIDE.format(PHILOX_ROUND_A.value))
+MUL_WIDE_B = tl.constexpr(_MUL_WIDE.format(PHILOX_ROUND_B.value))
+
+
+@triton.jit
+def _mul_wide(a, factor: tl.constexpr, MUL_WIDE: tl.constexpr):
+    """(high, low) 32-bit halves of the uint32 a times factor (MUL_WIDE its PTX), as one
+    32 x 32 -> 64-bit multiply (IMAD.WIDE.U32); tl.umulhi and * compile to two (IMAD.HI.U32,
+    IMAD). PTX, because a uint64 product in Triton made its layout pass compute the philox in
+    another layout and move the keep mask through shared memory (sm_90 dQ: 40 B spilled)."""
+    if INTERPRET_K:
+        return tl.umulhi(a, factor), a * factor
+    else:
+        return tl.inline_asm_elementwise(MUL_WIDE, "=r,=r,r", [a], dtype=(tl.uint32, tl.uint32),
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _philox_7_rounds(seed, counters):
+    """tl.randint4x(seed, counters, 7) for int32 counters, bit for bit (tests check it), with
+    each round's two products taken whole (_mul_wide): 4 instructions a round instead of 6."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = counters.to(tl.uint32)
+    c1 = c0 * 0  # the counters' high word, and the two words randint4x leaves 0
+    c2 = c1
+    c3 = c1
+    for _ in tl.static_range(7):
+        high_b, low_b = _mul_wide(c2, PHILOX_ROUND_B, MUL_WIDE_B)
+        high_a, low_a = _mul_wide(c0, PHILOX_ROUND_A, MUL_WIDE_A)
+        c0 = high_b ^ c1 ^ k0
+        c2 = high_a ^ c3 ^ k1
+        c1 = low_b
+        c3 = low_a
+        k0 = tl.add(k0, PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, PHILOX_KEY_B, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
 @triton.jit
 def _dropout_keep(seed, off_bh, start_m, cols, row_stride, dropout_p, BLOCK_M: tl.constexpr,
                   KEYS_FIRST: tl.constexpr):
@@ -159,7 +207,7 @@ def _dropout_keep(seed, off_bh, start_m, cols, row_stride, dropout_p, BLOCK_M: t
     firsts, _ = tl.split(tl.reshape(cols, (BLOCK_N // 16, 2, 4, 2)))
     firsts, _ = tl.split(tl.permute(firsts, (0, 2, 1)))
     counters = (start_m + 16 * a + r) * row_stride + firsts[None, None, :, :]
-    r0, r1, r2, r3 = tl.randint4x(seed + off_bh, counters, 7)
+    r0, r1, r2, r3 = _philox_7_rounds(seed + off_bh, counters)
     # a draw d (16 bits) is kept when d >= threshold, compared in the high half of a word:
     # the high draw as the word itself, the low one shifted up (no mask, no shift down)
     threshold = tl.cast(dropout_p * 65536.0, tl.uint32) << 16
