@@ -171,13 +171,13 @@ def _constexpr_names(fn) -> set:
     return {p.name for p in fn.params if p.is_constexpr}
 
 
-def _tiles(kernel: AttentionKernel, bd, dtype, capability, dropout, has_mask):
+def _tiles(kernel: AttentionKernel, bd, dtype, capability, dropout, has_mask, causal):
     if kernel.config is None:
         return {}, 4, 3  # the launcher passes no num_warps/num_stages: Triton's defaults
     config = getattr(attention, kernel.config)
     parameters = inspect.signature(config).parameters
-    # the forward's depends on dropout and the mask
-    args = (bd, dtype, capability, dropout, has_mask)[:len(parameters)]
+    # the forward's depends on dropout, the mask and causal
+    args = (bd, dtype, capability, dropout, has_mask, causal)[:len(parameters)]
     m, n, warps, stages = config(*args)
     return {"BLOCK_M": m, "BLOCK_N": n}, warps, stages
 
@@ -203,7 +203,8 @@ def attention_variants():
                     layout.masks, _flag_sets(shape, layout, kernel.phase)):
                 if kernel.phase == "mask" and not has_mask:
                     continue
-                tiles, warps, stages = _tiles(kernel, bd, dtype, capability, dropout, has_mask)
+                tiles, warps, stages = _tiles(kernel, bd, dtype, capability, dropout, has_mask,
+                                              causal)
                 flags = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_DROPOUT=dropout,
                              EXACT_DOT=attention.exact_dot(dtype), BLOCK_D=bd, **tiles,
                              WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1],
@@ -421,8 +422,7 @@ STATIC_BOUNDS = [
     ("_attn_fwd_kernel", "forward padded mask+dropout", 90, NEXT, 2.47,
      "today; target 2.5 reached"),
     ("_attn_bwd_dkdv_kernel", "", 90, "mma_issued_per_useful", 1.05, "target"),
-    ("_attn_bwd_dkdv_kernel", "backward varlen", 90, WI, 1.0, "target"),
-    ("_attn_bwd_dkdv_kernel", "backward padded", 90, WI, 1.14, "today; target 1.0"),
+    ("_attn_bwd_dkdv_kernel", "backward", 90, WI, 1.0, "target"),
     ("_attn_bwd_dkdv_kernel", "deterministic", 90, WI, 1.01, "today; target 1.2 reached"),
     ("_attn_bwd_dq_kernel", "deterministic", 90, "mma_issued_per_useful", 1.0, "target 1.05"),
     ("_attn_bwd_dq_kernel", "deterministic", 90, WI, 1.2, "target"),

@@ -86,13 +86,16 @@ def no_key_visible(mask, causal, b, sq, sk, device):
 
 
 def check_attention(b, sq, sk, h, d, dtype, causal, mask_mode, packed, deterministic,
-                    shift=0.0):
+                    shift=0.0, padding_high=False):
     """Kernel forward and backward vs the fp64 reference, by the tolerance rule (fp32: ~1e-5).
-    shift: q and k at -shift and +shift (+ 0.1 * noise): every score near -shift^2 * D."""
+    shift: q and k at -shift and +shift (+ 0.1 * noise): every score near -shift^2 * D;
+    padding_high: the mask's padding keys at -shift instead (their scores near +shift^2 * D)."""
     q, k, v = make_qkv(b, sq, sk, h, d, dtype, packed)
+    mask = make_mask(b, sk, mask_mode, q.device)
     if shift:
         q, k = ((t.float() * 0.1 + sign * shift).to(dtype) for t, sign in ((q, -1), (k, 1)))
-    mask = make_mask(b, sk, mask_mode, q.device)
+        if padding_high:
+            k = torch.where(mask[:, :, None, None], k, -k)
     scale = 1.0 / math.sqrt(d)
     dout = torch.randn(b, sq, h, d, dtype=dtype, device=q.device)
 
@@ -197,6 +200,18 @@ def test_backward_with_every_score_below_the_exp_range(dtype, head_dim):
     tile) or 26 (128: the 32x64 (key, query) tile). (fp32's 1e-5 bound is out of reach at these
     scores.)"""
     check_attention(1, 70, 70, 1, head_dim, dtype, False, None, False, False, shift=4.0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,causal,mask_mode,deterministic", [
+    (BF16, False, "scattered", False), (F16, True, "left", False), (BF16, True, "random", True)])
+def test_backward_with_padding_keys_scoring_far_above_the_real_ones(dtype, causal, mask_mode,
+                                                                    deterministic):
+    """Real keys' scaled scores near -128, padding keys' near +128: a padding key's P that is
+    not zeroed is exp(256) = inf and reaches dQ as NaN. The 64x64 dK/dV tile computes S against
+    the first real key in their place (and zeroes their dK, dV rows at the end)."""
+    check_attention(2, 70, 70, 1, 64, dtype, causal, mask_mode, False, deterministic, shift=4.0,
+                    padding_high=True)
 
 
 def recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed):
@@ -490,7 +505,7 @@ def compile_all_kernels(dtype, head_dim, target, causal, has_mask, has_dropout,
                  EXACT_DOT=dtype == torch.float32,  # never the interpreter-only bf16 upcast here
                  **specialized)
     compiled = {}
-    m, n, w, s = kernels.fwd_config(bd, dtype, target, has_dropout, has_mask)
+    m, n, w, s = kernels.fwd_config(bd, dtype, target, has_dropout, has_mask, causal)
     compiled["fwd", None] = compile_variant(kernels._attn_fwd_kernel, dtype, target, w, s,
                                             has_mask, has_dropout, **flags, BLOCK_M=m,
                                             BLOCK_N=n, BLOCK_D=bd)

@@ -81,7 +81,7 @@ def use_deterministic(deterministic: bool) -> bool:
 # spills 12-24 B and sm_80's head-dim-32 forward 32 B, so those take the tiles its ptxas
 # compiles spill-free (32x128 on 8 warps; 64x64 on 4).
 def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False,
-               mask: bool = False):
+               mask: bool = False, causal: bool = False):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
@@ -91,6 +91,8 @@ def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = Fals
             return (64, 64, 4, 2)
         if mask and TRITON_BEFORE_3_9:
             return (128, 64, 8, 2) if dropout else (128, 64, 4, 3)
+        if mask and causal and bd > 32:  # 2 stages spilled 44 B (260 B with dropout), 3 none
+            return (128, 64, 4, 3)
         return (128, 64, 4, 2) if dropout or mask else (128, 64, 4, 3)
     if bd <= 128:  # 3 stages need 104 KB: sm_86/89 give a block at most 99 KB
         return (128, 64, 8, 2) if 80 < arch < 90 else (128, 64, 8, 3)
@@ -178,7 +180,7 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1,
         mask_u8, kv_range = _mask_args(mask)
         bd = block_d(d)
         block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device), dropout_p > 0,
-                                                     mask is not None)
+                                                     mask is not None, causal)
         launch(_attn_fwd_kernel, (triton.cdiv(sq, block_m), h, b),
             q, k, v, out, lse, mask_u8, kv_range, None, None,
             q.stride(0), q.stride(1), q.stride(2),

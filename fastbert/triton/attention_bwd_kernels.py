@@ -106,9 +106,10 @@ def _dkdv_tile(dk, dv, k, k_s, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base
     else:
         s = _mm(q, tl.trans(k_s), EXACT_DOT)
     p = tl.math.exp2(s * qk_scale - _per_query(lse * LOG2E_K, KEY_MAJOR))
-    # keys past len_k need no check but with KEY_MAJOR's dQ atomics (see k_s in
-    # _attn_bwd_dkdv_kernel); queries past len_q have P = 0 (lse = +inf)
-    if HAS_MASK or (DQ_ATOMIC and KEY_MAJOR):
+    # P is zeroed for the keys key_real leaves out (None: none checked): a key mask's unless
+    # it is in the keys (MASK_IN_KEYS), and those past len_k only with KEY_MAJOR's dQ atomics
+    # (see k_s in _attn_bwd_dkdv_kernel); queries past len_q have P = 0 (lse = +inf)
+    if key_real is not None:
         p = tl.where(_per_key(key_real, KEY_MAJOR), p, 0.0)
     if IS_CAUSAL or WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0:
         visible = _visible(_per_query(offs_m, KEY_MAJOR), _per_key(offs_n, KEY_MAJOR), Mask,
@@ -177,15 +178,35 @@ def _attn_bwd_dkdv_kernel(
     # tall key tiles (sm_80's 32x128 on 8 warps, fp32, wide heads) hold them (N, M): there
     # (M, N) spilled 36-244 B (255 registers, sm_80 with dropout)
     KEY_MAJOR: tl.constexpr = BLOCK_N > BLOCK_M
+    key_real = None
+    if HAS_MASK:  # this tile's keys are those of every query tile: their mask is read once
+        key_lo, key_hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
+        key_real = tl.load(Mask + off_b * len_k + offs_n, mask=offs_n < len_k, other=0) != 0
+    elif DQ_ATOMIC and KEY_MAJOR:
+        key_real = offs_n < len_k
+    # (M, N) tiles without a window take a key mask in their keys (MASK_IN_KEYS, below), not
+    # as a select per element of P
+    MASK_IN_KEYS: tl.constexpr = HAS_MASK and not KEY_MAJOR and WINDOW_LEFT < 0 \
+        and WINDOW_RIGHT < 0
     kv_mask = (offs_n[:, None] < len_k) & d_ok[None, :]
     k_rows = _rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh + offs_d[None, :]
-    k = tl.load(k_rows + offs_n[:, None] * stride_ks, mask=kv_mask, other=0.0)
+    if MASK_IN_KEYS:
+        k = tl.load(k_rows + offs_n[:, None] * stride_ks, mask=key_real[:, None] & d_ok[None, :],
+                    other=0.0)
+    else:
+        k = tl.load(k_rows + offs_n[:, None] * stride_ks, mask=kv_mask, other=0.0)
     # S's keys past len_k: zero rows give them P = exp(-lse), which overflows where every score
     # of a query is below -88, and the dQ atomics' dS * 0 is then NaN. (M, N) tiles give them
     # copies of the last key instead (P <= 1; their dK, dV rows are not stored and dQ takes
     # the zero rows); (N, M) tiles zero their P with the dQ atomics (see _dkdv_tile).
+    # MASK_IN_KEYS: every key that is not real (padding, past len_k) takes a copy of the
+    # first real key, which every query that sees a real key sees (P <= 1), dQ takes K with
+    # their rows 0, and their dK, dV rows are zeroed once at the end.
     k_s = k
-    if not KEY_MAJOR:
+    if MASK_IN_KEYS:
+        k_s = tl.load(k_rows + tl.where(key_real, offs_n, key_lo)[:, None] * stride_ks,
+                      mask=d_ok[None, :], other=0.0)
+    elif not KEY_MAJOR:
         k_s = tl.load(k_rows + tl.minimum(offs_n, len_k - 1)[:, None] * stride_ks,
                       mask=d_ok[None, :], other=0.0)
     v = tl.load(_rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
@@ -210,15 +231,9 @@ def _attn_bwd_dkdv_kernel(
     if WINDOW_LEFT >= 0:
         hi = tl.minimum(hi, (start_n + 1) * BLOCK_N - (len_k - len_q) + WINDOW_LEFT)
     if HAS_MASK:
-        key_lo, key_hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
         live = (start_n * BLOCK_N < key_hi) & ((start_n + 1) * BLOCK_N > key_lo)
         hi = tl.where(live, hi, 0)
 
-    key_real = None
-    if HAS_MASK:  # this tile's keys are those of every query tile: their mask is read once
-        key_real = tl.load(Mask + off_b * len_k + offs_n, mask=offs_n < len_k, other=0) != 0
-    elif DQ_ATOMIC and KEY_MAJOR:
-        key_real = offs_n < len_k
     # dS = ds_scale * P * (dP * keep - delta / ds_scale): a kept dP is scaled by 1 / (1 - p),
     # and delta comes multiplied by the softmax scale
     ds_scale = sm_scale / (1.0 - dropout_p)
@@ -230,25 +245,32 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # the full query tiles [lo, mid), then the one that runs past len_q (if any). One loop does
     # all causal (two spilled 44 B with the dQ atomics, varlen, dropout), with the dQ atomics
-    # and a key mask or KEY_MAJOR (two spill 108 B on sm_90, 12 B on sm_80 with Triton 3.6) and
-    # with a sliding window (two: 16 more instructions per tile on sm_90).
+    # on KEY_MAJOR (two spill 12 B on sm_80 with Triton 3.6; with a key mask, 108 B on sm_90
+    # until MASK_IN_KEYS) and with a sliding window (two: 16 more instructions per tile on
+    # sm_90).
+    p_mask = key_real  # the keys _dkdv_tile zeroes P of (None: none)
+    if MASK_IN_KEYS:
+        p_mask = None
     mid = lo
-    ONE_LOOP: tl.constexpr = IS_CAUSAL or (DQ_ATOMIC and (HAS_MASK or KEY_MAJOR))
+    ONE_LOOP: tl.constexpr = IS_CAUSAL or (DQ_ATOMIC and KEY_MAJOR)
     if not ONE_LOOP and WINDOW_LEFT < 0 and WINDOW_RIGHT < 0:
         mid = tl.maximum(lo + ((hi - lo) // BLOCK_M) * BLOCK_M, lo)
     for start_m in range(lo, mid, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, k_s, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base,
-                            do_base, lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh,
+                            do_base, lse_base, delta_base, dq_base, Mask, p_mask, off_b, off_bh,
                             len_q, len_k, seqlen_k, stride_qs, stride_ds, delta_unscale, qk_scale,
                             dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, DQ_ATOMIC,
                             EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, False, KEY_MAJOR)
     for start_m in range(mid, hi, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, k_s, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base,
-                            do_base, lse_base, delta_base, dq_base, Mask, key_real, off_b, off_bh,
+                            do_base, lse_base, delta_base, dq_base, Mask, p_mask, off_b, off_bh,
                             len_q, len_k, seqlen_k, stride_qs, stride_ds, delta_unscale, qk_scale,
                             dropout_p, seed, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, DQ_ATOMIC,
                             EXACT_DOT, BLOCK_M, WINDOW_LEFT, WINDOW_RIGHT, True, KEY_MAJOR)
 
+    if MASK_IN_KEYS:
+        dk = tl.where(key_real[:, None], dk, 0.0)
+        dv = tl.where(key_real[:, None], dv, 0.0)
     kg_offs = off_h * stride_kgh + offs_n[:, None] * stride_kgs + offs_d[None, :]
     tl.store(_rows(DK, off_b, k_start, stride_kgb, IS_VARLEN) + kg_offs,
              (dk * ds_scale).to(DK.dtype.element_ty), mask=kv_mask)
