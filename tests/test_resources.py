@@ -447,7 +447,7 @@ STATIC_BOUNDS = [
     ("_attn_fwd_kernel", "forward padded mask+dropout", 80, WI, 2.09, "today"),
     ("_attn_fwd_kernel", "forward padded mask+dropout", 80, NEXT, 2.73, "today"),
     ("_attn_bwd_dkdv_kernel", "", 80, "mma_issued_per_useful", 1.0, "today"),
-    ("_attn_bwd_dkdv_kernel", "backward", 80, WI, 2.43, "today"),
+    ("_attn_bwd_dkdv_kernel", "backward", 80, WI, 2.11, "today"),
     ("_attn_bwd_dkdv_kernel", "deterministic", 80, WI, 1.6, "today"),
     ("_attn_bwd_dq_kernel", "deterministic", 80, WI, 1.5, "today"),
     ("_add_layer_norm_fwd_kernel", "", 80, "issue_per_dram_clocks", 1.0, "today"),

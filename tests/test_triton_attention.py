@@ -203,15 +203,17 @@ def test_backward_with_every_score_below_the_exp_range(dtype, head_dim):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype,causal,mask_mode,deterministic", [
-    (BF16, False, "scattered", False), (F16, True, "left", False), (BF16, True, "random", True)])
-def test_backward_with_padding_keys_scoring_far_above_the_real_ones(dtype, causal, mask_mode,
-                                                                    deterministic):
-    """Real keys' scaled scores near -128, padding keys' near +128: a padding key's P that is
-    not zeroed is exp(256) = inf and reaches dQ as NaN. The 64x64 dK/dV tile computes S against
-    the first real key in their place (and zeroes their dK, dV rows at the end)."""
-    check_attention(2, 70, 70, 1, 64, dtype, causal, mask_mode, False, deterministic, shift=4.0,
-                    padding_high=True)
+@pytest.mark.parametrize("dtype,head_dim,causal,mask_mode,deterministic", [
+    (BF16, 64, False, "scattered", False), (F16, 128, False, "scattered", False),
+    (F16, 64, True, "left", False), (BF16, 64, True, "random", True)])
+def test_backward_with_padding_keys_scoring_far_above_the_real_ones(dtype, head_dim, causal,
+                                                                    mask_mode, deterministic):
+    """Real keys' scaled scores near -128 (-181 at head dim 128), padding keys' as far above: a
+    padding key's P that is not zeroed is exp(256) = inf and reaches dQ as NaN. The dK/dV
+    kernel computes S against the first real key in their place (and zeroes their dK, dV rows
+    at the end); head dim 64 runs the (query, key) tile, 128 the (key, query) one."""
+    check_attention(2, 70, 70, 1, head_dim, dtype, causal, mask_mode, False, deterministic,
+                    shift=4.0, padding_high=True)
 
 
 def recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed):

@@ -15,6 +15,10 @@ import triton.language as tl
 
 from fastbert.triton.attention_kernels import (LOG2E_K, _dot, _dropout_keep, _key_range, _mm,
                                                _rows, _sequence, _visible)
+from fastbert.triton.launch import TRITON_BEFORE_3_9
+
+# see ONE_LOOP in _attn_bwd_dkdv_kernel
+BEFORE_3_9_K = tl.constexpr(TRITON_BEFORE_3_9)
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
@@ -106,9 +110,9 @@ def _dkdv_tile(dk, dv, k, k_s, v, start_m, offs_m0, offs_n, offs_d, d_ok, q_base
     else:
         s = _mm(q, tl.trans(k_s), EXACT_DOT)
     p = tl.math.exp2(s * qk_scale - _per_query(lse * LOG2E_K, KEY_MAJOR))
-    # P is zeroed for the keys key_real leaves out (None: none checked): a key mask's unless
-    # it is in the keys (MASK_IN_KEYS), and those past len_k only with KEY_MAJOR's dQ atomics
-    # (see k_s in _attn_bwd_dkdv_kernel); queries past len_q have P = 0 (lse = +inf)
+    # P is zeroed for the keys key_real leaves out (None: none checked): a key mask's with a
+    # window (else it is in the keys, see MASK_IN_KEYS); keys past len_k need no check (see
+    # k_s in _attn_bwd_dkdv_kernel), queries past len_q have P = 0 (lse = +inf)
     if key_real is not None:
         p = tl.where(_per_key(key_real, KEY_MAJOR), p, 0.0)
     if IS_CAUSAL or WINDOW_LEFT >= 0 or WINDOW_RIGHT >= 0:
@@ -182,12 +186,9 @@ def _attn_bwd_dkdv_kernel(
     if HAS_MASK:  # this tile's keys are those of every query tile: their mask is read once
         key_lo, key_hi = _key_range(KvRange, off_b, len_k, HAS_MASK)
         key_real = tl.load(Mask + off_b * len_k + offs_n, mask=offs_n < len_k, other=0) != 0
-    elif DQ_ATOMIC and KEY_MAJOR:
-        key_real = offs_n < len_k
-    # (M, N) tiles without a window take a key mask in their keys (MASK_IN_KEYS, below), not
-    # as a select per element of P
-    MASK_IN_KEYS: tl.constexpr = HAS_MASK and not KEY_MAJOR and WINDOW_LEFT < 0 \
-        and WINDOW_RIGHT < 0
+    # without a window a key mask goes into the keys (MASK_IN_KEYS, below), not into a select
+    # per element of P
+    MASK_IN_KEYS: tl.constexpr = HAS_MASK and WINDOW_LEFT < 0 and WINDOW_RIGHT < 0
     kv_mask = (offs_n[:, None] < len_k) & d_ok[None, :]
     k_rows = _rows(K, off_b, k_start, stride_kb, IS_VARLEN) + off_h * stride_kh + offs_d[None, :]
     if MASK_IN_KEYS:
@@ -196,17 +197,17 @@ def _attn_bwd_dkdv_kernel(
     else:
         k = tl.load(k_rows + offs_n[:, None] * stride_ks, mask=kv_mask, other=0.0)
     # S's keys past len_k: zero rows give them P = exp(-lse), which overflows where every score
-    # of a query is below -88, and the dQ atomics' dS * 0 is then NaN. (M, N) tiles give them
-    # copies of the last key instead (P <= 1; their dK, dV rows are not stored and dQ takes
-    # the zero rows); (N, M) tiles zero their P with the dQ atomics (see _dkdv_tile).
+    # of a query is below -88, and the dQ atomics' dS * 0 is then NaN. They take copies of the
+    # last key instead (P <= 1; their dK, dV rows are not stored and dQ takes the zero rows).
     # MASK_IN_KEYS: every key that is not real (padding, past len_k) takes a copy of the
     # first real key, which every query that sees a real key sees (P <= 1), dQ takes K with
-    # their rows 0, and their dK, dV rows are zeroed once at the end.
+    # their rows 0, and their dK, dV rows are zeroed once at the end. (Without dQ, the
+    # key-major tile needs no copies: nothing reads the rows past len_k.)
     k_s = k
     if MASK_IN_KEYS:
         k_s = tl.load(k_rows + tl.where(key_real, offs_n, key_lo)[:, None] * stride_ks,
                       mask=d_ok[None, :], other=0.0)
-    elif not KEY_MAJOR:
+    elif DQ_ATOMIC or not KEY_MAJOR:
         k_s = tl.load(k_rows + tl.minimum(offs_n, len_k - 1)[:, None] * stride_ks,
                       mask=d_ok[None, :], other=0.0)
     v = tl.load(_rows(V, off_b, k_start, stride_vb, IS_VARLEN) + off_h * stride_vh
@@ -244,15 +245,14 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # the full query tiles [lo, mid), then the one that runs past len_q (if any). One loop does
-    # all causal (two spilled 44 B with the dQ atomics, varlen, dropout), with the dQ atomics
-    # on KEY_MAJOR (two spill 12 B on sm_80 with Triton 3.6; with a key mask, 108 B on sm_90
-    # until MASK_IN_KEYS) and with a sliding window (two: 16 more instructions per tile on
-    # sm_90).
+    # all causal (two spilled 44 B with the dQ atomics, varlen, dropout), the dQ atomics on
+    # KEY_MAJOR under Triton before 3.9 (two spill 12-20 B on sm_80 with 3.6's ptxas) and a
+    # sliding window (two: 16 more instructions per tile on sm_90).
     p_mask = key_real  # the keys _dkdv_tile zeroes P of (None: none)
     if MASK_IN_KEYS:
         p_mask = None
     mid = lo
-    ONE_LOOP: tl.constexpr = IS_CAUSAL or (DQ_ATOMIC and KEY_MAJOR)
+    ONE_LOOP: tl.constexpr = IS_CAUSAL or (DQ_ATOMIC and KEY_MAJOR and BEFORE_3_9_K)
     if not ONE_LOOP and WINDOW_LEFT < 0 and WINDOW_RIGHT < 0:
         mid = tl.maximum(lo + ((hi - lo) // BLOCK_M) * BLOCK_M, lo)
     for start_m in range(lo, mid, BLOCK_M):
