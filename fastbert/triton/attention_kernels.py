@@ -167,6 +167,7 @@ def _mul_wide(a, factor: tl.constexpr, MUL_WIDE: tl.constexpr):
 def _philox_7_rounds(seed, counters):
     """tl.randint4x(seed, counters, 7) for int32 counters, bit for bit (tests check it), with
     each round's two products taken whole (_mul_wide): 4 instructions a round instead of 6."""
+    tl.static_assert(counters.dtype.primitive_bitwidth == 32, "int32 counters only")
     seed = seed.to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
