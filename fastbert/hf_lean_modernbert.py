@@ -3,11 +3,11 @@ patch_hf's packed ModernBertModel forward (fastbert/hf_patch_modernbert.py) and 
 pre-norm BertModel on packed tokens (fastbert/prenorm.py).
 
 Each layer calls four public fused ops (apply_rotary, attention_varlen with the layer's window,
-linear_geglu, add_layer_norm's pre-norm form; on the Triton backend attention_varlen turns q and
-k itself, rotary=, and apply_rotary is not called) and model.linear per projection; each public op
-checks its arguments, resolves a backend and reads the autocast state on every call. Within one
-forward all of that is the same for every layer, so the forward resolves it once and one function
-per layer calls the chosen backends directly:
+linear_geglu, add_layer_norm's pre-norm form; where the attention backend turns q and k itself,
+rotary= (Triton, torch's banded path: varlen.rotary_in_kernel), apply_rotary is not called) and
+model.linear per projection; each public op checks its arguments, resolves a backend and reads
+the autocast state on every call. Within one forward all of that is the same for every layer, so
+the forward resolves it once and one function per layer calls the chosen backends directly:
 
     p = plan(model, x, packed, approximate)   # patch_hf's; None: _packed_layer's public ops
     x = run(model, x, p, rotary)              # every layer, then final_norm
@@ -358,9 +358,10 @@ def _rotary(p: Plan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def _fused_rotary(p: Plan, qk: torch.Tensor, window: int, dropout_p: float, cos, sin):
-    """The rotary arguments of _attention when its Triton kernel turns q and k (the public
-    layers' varlen.rotary_in_kernel), else None: the layer turns them with _rotary first."""
-    if p.attention[window, dropout_p][0] != "triton" or qk.dtype != p.dtype or \
+    """The rotary arguments of _attention when its backend turns q and k (the public layers'
+    varlen.rotary_in_kernel), else None: the layer turns them with _rotary first."""
+    backend = p.attention[window, dropout_p][0]
+    if not varlen.turns_rotary(backend, p.grad and qk.requires_grad) or qk.dtype != p.dtype or \
             not varlen.rotary_pays_in_kernel((window, window)):
         return None
     positions = p.positions[0]  # row t at cos[t]

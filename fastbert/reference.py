@@ -312,3 +312,28 @@ def rotary_forward(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
     o1, o2 = x1 * c - x2 * s, x1 * s + x2 * c
     turned = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), -1)
     return torch.cat((turned.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def rotary_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                interleaved: bool = False, conjugate: bool = False) -> None:
+    """rotary_forward's math written into `out` (x's shape, any strides) with no concatenations:
+    in place on fp32 halves, ~2 passes over x instead of ~5. The torch backend's apply_rotary,
+    and how its banded attention writes turned q and k straight into its block layout."""
+    half = cos.shape[-1]
+    acc = acc_dtype(x)
+    c = cos.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, half).to(acc)
+    s = sin.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, half).to(acc)
+    if conjugate:
+        s = -s
+    pairs = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else \
+        (slice(0, half), slice(half, 2 * half))
+    x1, x2 = (x[..., p].to(acc) for p in pairs)
+    o1, o2 = (out[..., p] for p in pairs)
+    if x.dtype == acc:  # written in place: x1 c - x2 s, x1 s + x2 c
+        torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1.0)
+        torch.mul(x1, s, out=o2).addcmul_(x2, c)
+    else:
+        o1.copy_(x1 * c - x2 * s)
+        o2.copy_(x1 * s + x2 * c)
+    if x.shape[-1] > 2 * half:
+        out[..., 2 * half:] = x[..., 2 * half:]

@@ -169,24 +169,7 @@ class TorchBackend:
 
     @staticmethod
     def apply_rotary(x, cos, sin, positions, interleaved, conjugate):
-        """reference.rotary_forward's math written into one output (no concatenations): in
-        place on fp32 halves, ~2 passes over x instead of ~5."""
-        half = cos.shape[-1]
-        acc = reference.acc_dtype(x)
-        c = cos.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, half).to(acc)
-        s = sin.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, half).to(acc)
-        if conjugate:
-            s = -s
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        pairs = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else \
-            (slice(0, half), slice(half, 2 * half))
-        x1, x2 = (x[..., p].to(acc) for p in pairs)
-        o1, o2 = (out[..., p] for p in pairs)
-        if x.dtype == acc:  # written in place: x1 c - x2 s, x1 s + x2 c
-            torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1.0)
-            torch.mul(x1, s, out=o2).addcmul_(x2, c)
-        else:
-            o1.copy_(x1 * c - x2 * s)
-            o2.copy_(x1 * s + x2 * c)
-        out[..., 2 * half:] = x[..., 2 * half:]
+        reference.rotary_into(out, x, cos, sin, positions, interleaved, conjugate)
         return out
+

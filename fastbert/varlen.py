@@ -166,14 +166,24 @@ def _packed_band(q, cu_q, cu_k, causal, window) -> Optional[sliding.Band]:
 class _TorchVarlen:
     @staticmethod
     def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p, scale, seed,
-                                 window=ops.FULL_WINDOW):
+                                 window=ops.FULL_WINDOW, rotary=None):
+        """rotary: (cos, sin, positions_q, positions_k): q and k come un-rotated. A banded
+        layer turns them as it copies them into its block layout; others make the pass."""
         if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
         band = _packed_band(q, cu_q, cu_k, causal, window)
         if band is not None:  # a local layer: O(T * window)
-            out, lse = sliding.forward(q[None], k[None], v[None], band, dropout_p, scale, seed)
+            if rotary is not None:
+                cos, sin, pos_q, pos_k = rotary
+                rotary = (cos, sin, pos_q[None], pos_k[None])
+            out, lse = sliding.forward(q[None], k[None], v[None], band, dropout_p, scale, seed,
+                                       rotary)
             return out[0], lse[0]
+        if rotary is not None:
+            cos, sin, pos_q, pos_k = rotary
+            q = TorchBackend.apply_rotary(q, cos, sin, pos_q, False, False)
+            k = TorchBackend.apply_rotary(k, cos, sin, pos_k, False, False)
         flash = TorchBackend._cpu_flash(q, dropout_p)
         if flash and window == ops.FULL_WINDOW:
             runs = _runs(cu_q, cu_k)
@@ -253,10 +263,11 @@ def _varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
                     sin: Optional[Tensor] = None, positions_q: Optional[Tensor] = None,
                     positions_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """cos, sin, positions_*: q and k come un-rotated; RoPE turns them first (attention_varlen's
-    `rotary`), inside the Triton kernel, as an apply_rotary pass on the other backends."""
+    `rotary`): inside the Triton kernel, in the torch backend's banded copy (else its own pass),
+    as an apply_rotary pass on CUDA."""
     kw = ops.window_kw((window_left, window_right))
     if cos is not None:
-        if backend == "triton":
+        if backend in ("triton", "torch"):  # the torch backend turns them where it pays
             kw["rotary"] = (cos, sin, positions_q, positions_k)
         else:
             q = rotary_module._rotary(q, cos, sin, positions_q, False, False, backend)
@@ -367,6 +378,14 @@ def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int, m
                          f"({longest}), got {max_seqlen}")
 
 
+def turns_rotary(backend: str, grad: bool) -> bool:
+    """Whether `backend`'s forward turns q and k with no pass of its own (in a banded layer):
+    Triton always; torch without autograd only (its banded copy turns them for free, but its
+    backward would then turn q and k again and dq, dk back: two passes where apply_rotary's
+    backward makes one)."""
+    return backend == "triton" or (backend == "torch" and not grad)
+
+
 def rotary_pays_in_kernel(window: Tuple[int, int]) -> bool:
     """Whether a layer should have the Triton forward turn q and k rather than make an
     apply_rotary pass first. The fused forward turns each key tile again for every query tile:
@@ -375,23 +394,23 @@ def rotary_pays_in_kernel(window: Tuple[int, int]) -> bool:
     is bounded by its window, so the pass saved (a read and a write of q and k) outweighs the
     extra issue; a global layer's grows with the sequence, and from ~512 tokens its extra issue
     costs about what the pass does. Estimated from instruction counts, not timed on a GPU
-    (benchmarks/rope_fusion.py times it)."""
+    (benchmarks/rope_fusion.py times it). The torch backend's banded path turns them in the
+    copy into its block layout, which costs nothing extra (a CPU gain, benchmarks/README.md)."""
     return window[0] >= 0 and window[1] >= 0
 
 
 def rotary_in_kernel(x: Tensor, dropout_p: float = 0.0, causal: bool = False,
                      window: Tuple[int, int] = ops.FULL_WINDOW) -> bool:
     """Whether attention_varlen(..., rotary=...) on q, k, v like x (its device, dtype and head
-    dim, under the autocast state) should turn q and k inside its kernel: the layer is banded
-    (rotary_pays_in_kernel) and the auto-resolved backend is Triton. Callers that can turn them
-    themselves (ModernBERT's layers) pass the tables only then, and keep their apply_rotary
-    call otherwise."""
+    dim, under the autocast state) should turn q and k itself: the layer is banded
+    (rotary_pays_in_kernel) and the auto-resolved backend turns them (turns_rotary). Callers that can turn them themselves (ModernBERT's layers) pass the
+    tables only then, and keep their apply_rotary call otherwise."""
     if not rotary_pays_in_kernel(window):
         return False
     dtype = ops._autocast_dtype(x.device) or x.dtype
-    return ops.resolve_backend(OP, "auto", x.device, dtype=dtype, head_dim=x.shape[-1],
-                               dropout_p=dropout_p, causal=causal,
-                               **ops.window_kw(window)) == "triton"
+    backend = ops.resolve_backend(OP, "auto", x.device, dtype=dtype, head_dim=x.shape[-1],
+                                  dropout_p=dropout_p, causal=causal, **ops.window_kw(window))
+    return turns_rotary(backend, torch.is_grad_enabled() and x.requires_grad)
 
 
 def _check_rotary(q: Tensor, tables, offsets, batch: int, longest: int) -> None:
@@ -431,9 +450,10 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     seqlen_offsets=rotary_seqlen_offsets)` would (non-interleaved; positions restart per
     sequence, shifted by the offsets: an int, or (B,) per sequence). The Triton backend turns
     them inside its forward kernel as the tiles load, saving that pass over q and k (its
-    backward turns them again for the gradient kernels and turns dq, dk back); the torch and
-    CUDA backends have no fused kernel and run apply_rotary, then attention. cos and sin get no
-    gradient.
+    backward turns them again for the gradient kernels and turns dq, dk back); the torch
+    backend's banded path (a finite window) writes them turned into the block layout it copies
+    them to anyway; otherwise (CUDA, the torch backend's other paths) apply_rotary runs, then
+    attention. cos and sin get no gradient.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         ops._expect_tensor(OP, name, t)

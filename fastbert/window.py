@@ -9,6 +9,7 @@ span's dK/dV back onto the keys it was gathered from.
 
     band = make_band(...)                                   # once per mask / cu_seqlens
     out, lse = forward(q, k, v, band, dropout_p, scale, seed)        # q (N, Sq, H, D)
+    out, lse = forward(q, k, v, band, ..., rotary=(cos, sin, pos_q, pos_k))  # RoPE on the way in
     dq, dk, dv = backward(dout, q, k, v, out, lse, band, dropout_p, scale, seed)
 
 Padded attention is N = B sequences; packed self-attention (cu_seqlens_q == cu_seqlens_k) is one
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastbert import reference
+from fastbert import cpu, reference
 
 # Query rows per block: each block computes BLOCK x (BLOCK + left + right) scores, so the work is
 # S * (BLOCK + window); smaller blocks waste less but gather the keys more often.
@@ -54,6 +55,7 @@ class Band:
     visible: Tensor  # (N * blocks, 1, BLOCK, span) bool
     additive: Tensor  # the same as 0 / -inf in the inputs' dtype, for ATen
     empty: Tensor  # (N, Sq) bool: queries that see no key
+    has_empty: bool  # empty.any(), read once (every packed query sees itself in a band)
 
 
 def make_band(n: int, sq: int, sk: int, left: int, right: int, dtype: torch.dtype, device,
@@ -82,7 +84,8 @@ def make_band(n: int, sq: int, sk: int, left: int, right: int, dtype: torch.dtyp
     additive = torch.zeros(visible.shape, dtype=dtype, device=device)
     additive.masked_fill_(~visible, float("-inf"))
     empty = ~visible.any(-1).view(n, blocks * BLOCK)[:, :sq]
-    return Band(n, sq, sk, blocks, span, shift - left, key_index, visible, additive, empty)
+    return Band(n, sq, sk, blocks, span, shift - left, key_index, visible, additive, empty,
+                bool(empty.any()))
 
 
 _bands: "collections.OrderedDict" = collections.OrderedDict()
@@ -105,27 +108,53 @@ def cached_band(owner: Optional[Tensor], key: tuple, make) -> Band:
     return band
 
 
-def _query_blocks(t: Tensor, band: Band, fill: float = 0.0) -> Tensor:
-    """(N, Sq, H, D) -> (N * blocks, BLOCK, H, D), padded at the end with `fill`."""
-    t = F.pad(t, (0, 0, 0, 0, 0, band.blocks * BLOCK - band.sq), value=fill)
-    return t.reshape(band.n * band.blocks, BLOCK, *t.shape[2:])
+def _query_blocks(t: Tensor, band: Band, role: str, fill: float = 0.0,
+                  turn: Optional[tuple] = None) -> Tensor:
+    """(N, Sq, H, D) -> (N * blocks, BLOCK, H, D), padded at the end with `fill`; turn:
+    (cos, sin, positions (N, Sq)) writes the rows turned by RoPE (the copy is made anyway);
+    role: which cpu.scratch buffer (the layouts are read only by the fused call that takes
+    them; backward builds its own)."""
+    rows = band.blocks * BLOCK
+    blocks = cpu.scratch(role, (band.n, rows, *t.shape[2:]), t)
+    if turn is None:
+        blocks[:, :band.sq] = t
+    else:
+        reference.rotary_into(blocks[:, :band.sq], t, *turn)
+    if band.sq < rows:
+        blocks[:, band.sq:] = fill
+    return blocks.view(band.n * band.blocks, BLOCK, *t.shape[2:])
 
 
-def _key_spans(t: Tensor, band: Band) -> Tensor:
+def _key_spans(t: Tensor, band: Band, role: str, turn: Optional[tuple] = None) -> Tensor:
     """(N, Sk, H, D) -> (N * blocks, span, H, D): the keys each query block can reach, as
     overlapping windows (a strided view) of one zero-padded copy of the keys: each sequence
     padded to blocks * BLOCK rows, so block i's span starts i * BLOCK rows after block 0's
     across sequences too (rows outside a sequence's keys are masked out by the band), instead
-    of gathering span / BLOCK copies of every key."""
+    of gathering span / BLOCK copies of every key. turn: as _query_blocks' (positions (N, Sk))."""
     n, sk, h, d = t.shape
     rows = band.blocks * BLOCK
     if sk > rows:  # more keys than query rows (cross-attention): gather them
+        if turn is not None:
+            turned = torch.empty_like(t, memory_format=torch.contiguous_format)
+            reference.rotary_into(turned, t, *turn)
+            t = turned
         flat = t.reshape(n * sk, h, d)
         return flat.index_select(0, band.key_index).view(n * band.blocks, band.span, h, d)
     front = max(0, -band.first)
     back = max(0, (n * band.blocks - 1) * BLOCK + band.first + band.span - n * rows)
-    padded = t.new_zeros(front + n * rows + back, h, d)
-    padded[front:front + n * rows].view(n, rows, h, d)[:, :sk] = t
+    padded = cpu.scratch(role, (front + n * rows + back, h, d), t)
+    # zeros only around the keys (the masked rows must hold finite values)
+    if front:
+        padded[:front] = 0.0
+    if back:
+        padded[front + n * rows:] = 0.0
+    keys = padded[front:front + n * rows].view(n, rows, h, d)
+    if sk < rows:
+        keys[:, sk:] = 0.0
+    if turn is None:
+        keys[:, :sk] = t
+    else:
+        reference.rotary_into(keys[:, :sk], t, *turn)
     return padded.as_strided((n * band.blocks, band.span, h, d), (BLOCK * h * d, h * d, d, 1),
                              (front + band.first) * h * d)
 
@@ -152,14 +181,20 @@ def _aten(q: Tensor, dropout_p: float) -> bool:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, band: Band, dropout_p: float, scale: float,
-            seed: int) -> Tuple[Tensor, Tensor]:
-    """q (N, Sq, H, D), k and v (N, Sk, H, D) -> (out (N, Sq, H, D), lse (N, H, Sq) fp32)."""
+            seed: int, rotary: Optional[tuple] = None) -> Tuple[Tensor, Tensor]:
+    """q (N, Sq, H, D), k and v (N, Sk, H, D) -> (out (N, Sq, H, D), lse (N, H, Sq) fp32).
+    rotary: (cos, sin, positions_q (N, Sq), positions_k (N, Sk)): q and k come un-rotated and
+    are turned as they are copied into the block layout (no apply_rotary pass of their own)."""
     n, sq, h, d = q.shape
     if sq == 0 or band.sk == 0:  # nothing to compute, or no key to see
         return (q.new_zeros(n, sq, h, d),
                 torch.full((n, h, sq), float("inf"), dtype=torch.float32, device=q.device))
-    qb = _query_blocks(q, band)
-    kb, vb = _key_spans(k, band), _key_spans(v, band)
+    turn_q = turn_k = None
+    if rotary is not None:
+        cos, sin, positions_q, positions_k = rotary
+        turn_q, turn_k = (cos, sin, positions_q), (cos, sin, positions_k)
+    qb = _query_blocks(q, band, "q", turn=turn_q)
+    kb, vb = _key_spans(k, band, "k", turn_k), _key_spans(v, band, "v")
     if _aten(q, dropout_p):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *(t.transpose(1, 2) for t in (qb, kb, vb)), attn_mask=band.additive, scale=scale)
@@ -170,9 +205,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, band: Band, dropout_p: float, scale
                                                visible=band.visible)
     out = out.reshape(n, band.blocks * BLOCK, h, d)[:, :sq]
     lse = lse.view(n, band.blocks, h, BLOCK).transpose(1, 2).reshape(n, h, -1)[..., :sq]
-    # the contract: zeros and lse = +inf for a query that sees no key
-    out = out.masked_fill(band.empty.view(n, sq, 1, 1), 0.0)
-    lse = lse.masked_fill(band.empty.view(n, 1, sq), float("inf"))
+    if band.has_empty:  # the contract: zeros and lse = +inf for a query that sees no key
+        out = out.masked_fill(band.empty.view(n, sq, 1, 1), 0.0)
+        lse = lse.masked_fill(band.empty.view(n, 1, sq), float("inf"))
     return out.contiguous(), lse.contiguous()
 
 
@@ -182,8 +217,9 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     n, sq, h, d = q.shape
     if sq == 0 or band.sk == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    qb, dob, ob = (_query_blocks(t, band) for t in (q, dout, out))
-    kb, vb = _key_spans(k, band), _key_spans(v, band)
+    qb, dob, ob = (_query_blocks(t, band, role) for t, role in ((q, "q"), (dout, "dout"),
+                                                                  (out, "out")))
+    kb, vb = _key_spans(k, band, "k"), _key_spans(v, band, "v")
     lse_b = _lse_blocks(lse, band)
     if _aten(q, dropout_p):
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -240,6 +240,40 @@ def test_torch_backend_composes_apply_rotary_and_attention(offsets, causal, wind
         softmax_scale=0.25, backend="torch"))  # the tables do turn q and k
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_torch_backend_turns_q_k_in_its_banded_copy(monkeypatch, dtype, mode):
+    """Without autograd a banded layer on the torch backend writes q and k turned into its block
+    layout (no apply_rotary pass; its scratch buffers reused across calls): the output is
+    bitwise apply_rotary then attention_varlen, and an earlier call's output stays as it was."""
+    from fastbert import cpu
+    from fastbert.torch_backend import TorchBackend
+    monkeypatch.setattr(cpu, "WORKSPACE_MIN_ELEMENTS", 0)  # the reuse, at test sizes
+    passes = []
+    monkeypatch.setattr(TorchBackend, "apply_rotary", lambda *args: passes.append(1) or
+                        reference.rotary_forward(*args[:5], conjugate=args[5]))
+    torch.manual_seed(2)
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    cases, outs = [], []
+    for lengths in ([70, 1, 33], [70, 1, 33], [5, 90]):  # a repeat, then another band
+        cu, q, k, v = _packed(lengths, 2, 16, dtype, "cpu")
+        cos, sin = _tables(256, 8, dtype, "cpu")
+        cases.append((lengths, cu, q, k, v, cos, sin))
+        with context():
+            outs.append(fastbert.attention_varlen(
+                q, k, v, cu, cu, max(lengths), max(lengths), window_size=(6, 6),
+                softmax_scale=0.25, rotary=(cos, sin), rotary_seqlen_offsets=cu[:-1],
+                backend="torch"))
+    assert passes == []
+    monkeypatch.undo()
+    for got, (lengths, cu, q, k, v, cos, sin) in zip(outs, cases):
+        qr, kr = (fastbert.apply_rotary(t, cos, sin, cu_seqlens=cu, max_seqlen=max(lengths),
+                                        seqlen_offsets=cu[:-1], backend="torch") for t in (q, k))
+        want = fastbert.attention_varlen(qr, kr, v, cu, cu, max(lengths), max(lengths),
+                                         window_size=(6, 6), softmax_scale=0.25, backend="torch")
+        assert torch.equal(got, want.detach())
+
+
 def _bad_calls(q, k, v, cu, cos, sin):
     """(what, rotary, rotary_seqlen_offsets, error type, words the message holds)."""
     meta = torch.empty(cos.shape, device="meta")
