@@ -67,18 +67,22 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                                int64_t window_left, int64_t window_right, double scale,
                                double dropout_p, uint64_t seed, int dtype, uintptr_t stream);
 
+// Residual add + LayerNorm over rows (rows, hidden), contiguous; residual may be 0. sum: 0, or
+// where the pre-norm sum dropout(x) + residual goes (x's dtype; add_layer_norm's return_residual),
+// and dsum: 0, or its gradient, added to the one through the norm.
 void add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias,
-                            uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t rows,
-                            int64_t hidden, double eps, double dropout_p, uint64_t seed,
-                            int dtype, int weight_dtype, uintptr_t stream);
+                            uintptr_t y, uintptr_t sum, uintptr_t mean, uintptr_t rstd,
+                            int64_t rows, int64_t hidden, double eps, double dropout_p,
+                            uint64_t seed, int dtype, int weight_dtype, uintptr_t stream);
 
 int64_t add_layer_norm_backward_parts(int64_t rows, int64_t hidden);
 
-void add_layer_norm_backward(uintptr_t dy, uintptr_t x, uintptr_t residual, uintptr_t weight,
-                             uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dresidual,
-                             uintptr_t partial, uintptr_t dweight, uintptr_t dbias, int64_t rows,
-                             int64_t hidden, int64_t parts, double dropout_p, uint64_t seed,
-                             int dtype, int weight_dtype, uintptr_t stream);
+void add_layer_norm_backward(uintptr_t dy, uintptr_t dsum, uintptr_t x, uintptr_t residual,
+                             uintptr_t weight, uintptr_t mean, uintptr_t rstd, uintptr_t dx,
+                             uintptr_t dresidual, uintptr_t partial, uintptr_t dweight,
+                             uintptr_t dbias, int64_t rows, int64_t hidden, int64_t parts,
+                             double dropout_p, uint64_t seed, int dtype, int weight_dtype,
+                             uintptr_t stream);
 
 void bias_gelu_forward(uintptr_t acc, uintptr_t bias, uintptr_t pre, uintptr_t out, int64_t m,
                        int64_t n, bool tanh_approx, int dtype, uintptr_t stream);

@@ -301,23 +301,27 @@ def _kernel_weight(x: Tensor, weight: Tensor) -> Tensor:
     return weight if weight.dtype in (x.dtype, torch.float32) else weight.float()
 
 
-def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed):
+def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False):
+    """(y, mean, rstd), and with store_sum the pre-norm sum dropout(x) + residual in x's dtype
+    as a fourth (the kernel writes it from its fp32 sums in the same pass)."""
     op = "fastbert.add_layer_norm"
     _require_extension(op)
     rows, hidden = x.shape
     w, bias_k = _kernel_weight(x, weight), _kernel_weight(x, bias)
     y = _empty(x.shape, x.dtype, x.device)
+    s = _empty(x.shape, x.dtype, x.device) if store_sum else None
     mean = _empty((rows,), torch.float32, x.device)
     rstd = _empty((rows,), torch.float32, x.device)
     with _on_device(x.device):
         _C.add_layer_norm_forward(x.data_ptr(), _ptr(residual), w.data_ptr(), bias_k.data_ptr(),
-                                  y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows, hidden,
-                                  float(eps), float(dropout_p), int(seed),
+                                  y.data_ptr(), _ptr(s), mean.data_ptr(), rstd.data_ptr(), rows,
+                                  hidden, float(eps), float(dropout_p), int(seed),
                                   _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype], _stream(x))
-    return y, mean, rstd
+    return (y, mean, rstd, s) if store_sum else (y, mean, rstd)
 
 
-def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed):
+def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None):
+    """dsum: the gradient reaching the pre-norm sum as an output (return_residual), or None."""
     op = "fastbert.add_layer_norm"
     _require_extension(op)
     rows, hidden = x.shape
@@ -329,11 +333,12 @@ def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed
     with _on_device(x.device):
         parts = _C.add_layer_norm_backward_parts(rows, hidden)
         partial = _empty((2, parts, hidden), torch.float32, x.device)
-        _C.add_layer_norm_backward(dy.data_ptr(), x.data_ptr(), _ptr(residual), w.data_ptr(),
-                                   mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), _ptr(dres),
-                                   partial.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), rows,
-                                   hidden, parts, float(dropout_p), int(seed),
-                                   _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype], _stream(x))
+        _C.add_layer_norm_backward(dy.data_ptr(), _ptr(dsum), x.data_ptr(), _ptr(residual),
+                                   w.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+                                   _ptr(dres), partial.data_ptr(), dweight.data_ptr(),
+                                   dbias.data_ptr(), rows, hidden, parts, float(dropout_p),
+                                   int(seed), _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype],
+                                   _stream(x))
     return dx, dres, dweight.to(weight.dtype), dbias.to(weight.dtype)
 
 

@@ -7,11 +7,11 @@ the same kernel entry points (`fastbert/torch_backend.py`, `fastbert/triton/__in
     attention_forward(q, k, v, mask, causal, dropout_p, scale, seed) -> (out, lse)
     attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
                        deterministic) -> (dq, dk, dv)
-    add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed) -> (y, mean, rstd)
-    add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed)
-        -> (dx, dresidual, dweight, dbias)
-        (a backend serving return_residual also takes store_sum=True, returning the pre-norm
-        sum as a fourth output, and dsum=, its gradient; the CUDA one does not)
+    add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False)
+        -> (y, mean, rstd), or (y, mean, rstd, s) with store_sum (return_residual: the pre-norm
+        sum s = dropout(x) + residual in x's dtype)
+    add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None)
+        -> (dx, dresidual, dweight, dbias) (dsum: the gradient reaching s, or None)
     linear_bias_gelu_forward(x, weight, bias, approximate) -> (out, pre)
     linear_bias_gelu_backward(dout, x, weight, pre, approximate) -> (dx, dweight, dbias)
     attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -121,8 +121,6 @@ def _why_not(name: str, op: str, device: torch.device, kw: dict) -> Optional[str
         return f"backend {name!r} is not available here ({_load_errors.get(name, 'unknown reason')})"
     if name != "torch" and kw.get("dtype") == torch.float64:
         return "float64 runs only on the torch backend"
-    if name == "cuda" and kw.get("store_sum"):  # add_layer_norm(..., return_residual=True)
-        return "the CUDA LayerNorm kernels do not store the pre-norm sum (return_residual)"
     return module.unsupported(op, **kw)
 
 
@@ -477,9 +475,9 @@ def _add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], 
                              backend: str, dsum: Optional[Tensor] = None
                              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """dsum: the gradient reaching the pre-norm sum as an output (return_residual), or None."""
-    kw = {} if dsum is None else dict(dsum=dsum.contiguous())  # only backends that store it
     dx, dres, dw, db = _backend_module(backend).add_layer_norm_backward(
-        dy.contiguous(), x, residual, weight, mean, rstd, dropout_p, _seed_int(seed), **kw)
+        dy.contiguous(), x, residual, weight, mean, rstd, dropout_p, _seed_int(seed),
+        dsum=dsum.contiguous() if dsum is not None else None)
     # custom ops cannot return None; an empty tensor stands for "no residual"
     return dx, (dres if dres is not None else x.new_empty(0)), dw, db
 
@@ -567,8 +565,8 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     (nn.LayerNorm(bias=False)).
 
     return_residual=True: the pre-norm form, (y, s) with s = dropout(x) + residual in x's dtype,
-    the next pre-norm layer's residual, from the same pass (gradients reaching s and y are
-    summed in one backward). The CUDA backend does not store s: "auto" then takes Triton."""
+    the next pre-norm layer's residual, from the same pass on every backend (gradients reaching
+    s and y are summed in one backward)."""
     op = "fastbert.add_layer_norm"
     _expect_tensor(op, "x", x)
     _expect_float(op, "x", x)

@@ -8,6 +8,10 @@
 // Dropout on x (template flag kDropout, so the plain path compiles as before): the pre-norm sum is
 // x * keep / (1 - p) + residual; backward regenerates the mask and gives dx = ds * keep / (1 - p),
 // dresidual = ds.
+//
+// The pre-norm form (add_layer_norm(..., return_residual=True), template flag kSum, so the plain
+// path compiles as before): forward also stores the sum (sum_out, in x's dtype) and backward adds
+// the gradient reaching it (dsum) to ds. The launchers pass kSum = (that pointer is not null).
 #pragma once
 #include "kernels/common.cuh"
 #include "kernels/philox.cuh"
@@ -50,13 +54,14 @@ __device__ __forceinline__ float row_group_sum(float v, float* red) {
   return warp_sum(v);
 }
 
-// y = LayerNorm(dropout(x) + residual) * weight + bias. Shared memory: blockDim.y * hidden floats
-// (the pre-norm sums, so x and residual are read once) + 32 floats for block reductions.
-template <typename T, typename W, int VEC, bool kDropout>
+// y = LayerNorm(dropout(x) + residual) * weight + bias, and with kSum sum_out = dropout(x) +
+// residual. Shared memory: blockDim.y * hidden floats (the pre-norm sums, so x and residual are
+// read once) + 32 floats for block reductions.
+template <typename T, typename W, int VEC, bool kDropout, bool kSum>
 __global__ void add_layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                           const W* __restrict__ weight,
                                           const W* __restrict__ bias, T* __restrict__ y,
-                                          float* __restrict__ mean_out,
+                                          T* __restrict__ sum_out, float* __restrict__ mean_out,
                                           float* __restrict__ rstd_out, int rows, int hidden,
                                           float eps, const DropoutParams dropout) {
   extern __shared__ float ln_smem[];
@@ -100,6 +105,12 @@ __global__ void add_layer_norm_fwd_kernel(const T* __restrict__ x, const T* __re
       yv.v[i] = from_float<T>(xhat * to_float(weight[c + i]) + to_float(bias[c + i]));
     }
     store_vec<T, VEC>(y + offset + c, yv);
+    if constexpr (kSum) {
+      Vec<T, VEC> sv;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) sv.v[i] = from_float<T>(sums[c + i]);
+      store_vec<T, VEC>(sum_out + offset + c, sv);
+    }
   }
   if (threadIdx.x == 0) {
     mean_out[row] = mean;
@@ -107,13 +118,14 @@ __global__ void add_layer_norm_fwd_kernel(const T* __restrict__ x, const T* __re
   }
 }
 
-// ds = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight; dresidual = ds,
-// dx = ds (times keep / (1 - p) with dropout).
+// ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsum with kSum), g = dy * weight;
+// dresidual = ds, dx = ds (times keep / (1 - p) with dropout).
 // dweight/dbias: each block sums its rows (grid-stride, fixed order) into per-block partials
 // partial_dw/partial_db[blockIdx.x][hidden]; column_sum_kernel then adds the partials in a fixed
 // order, so the result is deterministic. Shared memory: 2 * blockDim.y * hidden + 32 floats.
-template <typename T, typename W, int VEC, bool kDropout>
-__global__ void add_layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+template <typename T, typename W, int VEC, bool kDropout, bool kSum>
+__global__ void add_layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dsum,
+                                          const T* __restrict__ x,
                                           const T* __restrict__ residual,
                                           const W* __restrict__ weight,
                                           const float* __restrict__ mean,
@@ -163,8 +175,9 @@ __global__ void add_layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __r
     for (int c = threadIdx.x * VEC; c < hidden; c += blockDim.x * VEC) {
       Vec<T, VEC> gv = load_vec<T, VEC>(dy + offset + c);
       Vec<T, VEC> xv = load_vec<T, VEC>(x + offset + c);
-      Vec<T, VEC> rv;
+      Vec<T, VEC> rv, dsumv;
       if (residual) rv = load_vec<T, VEC>(residual + offset + c);
+      if constexpr (kSum) dsumv = load_vec<T, VEC>(dsum + offset + c);
       float keep[VEC];
       if constexpr (kDropout) dropout_scales<VEC>(dropout, offset + c, keep);
       Vec<T, VEC> dsv, dxv;
@@ -175,7 +188,8 @@ __global__ void add_layer_norm_bwd_kernel(const T* __restrict__ dy, const T* __r
         s += residual ? to_float(rv.v[i]) : 0.f;
         float xhat = (s - mu) * rs;
         float gw = to_float(gv.v[i]) * to_float(weight[c + i]);
-        const float ds = rs * (gw - mean_g - xhat * mean_gx);
+        float ds = rs * (gw - mean_g - xhat * mean_gx);
+        if constexpr (kSum) ds += to_float(dsumv.v[i]);
         dsv.v[i] = from_float<T>(ds);
         if constexpr (kDropout) {
           dxv.v[i] = from_float<T>(ds * keep[i]);

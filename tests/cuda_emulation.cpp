@@ -763,12 +763,12 @@ int emu_attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uint
 }
 
 int emu_add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias,
-                               uintptr_t y, uintptr_t mean, uintptr_t rstd, int64_t rows,
-                               int64_t hidden, double eps, double p, uint64_t seed, int dtype,
-                               int weight_dtype, uintptr_t stream) {
+                               uintptr_t y, uintptr_t sum, uintptr_t mean, uintptr_t rstd,
+                               int64_t rows, int64_t hidden, double eps, double p, uint64_t seed,
+                               int dtype, int weight_dtype, uintptr_t stream) {
   return guarded([&] {
-    fastbert::add_layer_norm_forward(x, residual, weight, bias, y, mean, rstd, rows, hidden, eps,
-                                     p, seed, dtype, weight_dtype, stream);
+    fastbert::add_layer_norm_forward(x, residual, weight, bias, y, sum, mean, rstd, rows, hidden,
+                                     eps, p, seed, dtype, weight_dtype, stream);
   });
 }
 
@@ -776,15 +776,16 @@ int emu_add_layer_norm_backward_parts(int64_t rows, int64_t hidden, int64_t* par
   return guarded([&] { *parts = fastbert::add_layer_norm_backward_parts(rows, hidden); });
 }
 
-int emu_add_layer_norm_backward(uintptr_t dy, uintptr_t x, uintptr_t residual, uintptr_t weight,
-                                uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dresidual,
-                                uintptr_t partial, uintptr_t dweight, uintptr_t dbias,
-                                int64_t rows, int64_t hidden, int64_t parts, double p,
-                                uint64_t seed, int dtype, int weight_dtype, uintptr_t stream) {
+int emu_add_layer_norm_backward(uintptr_t dy, uintptr_t dsum, uintptr_t x, uintptr_t residual,
+                                uintptr_t weight, uintptr_t mean, uintptr_t rstd, uintptr_t dx,
+                                uintptr_t dresidual, uintptr_t partial, uintptr_t dweight,
+                                uintptr_t dbias, int64_t rows, int64_t hidden, int64_t parts,
+                                double p, uint64_t seed, int dtype, int weight_dtype,
+                                uintptr_t stream) {
   return guarded([&] {
-    fastbert::add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dx, dresidual, partial,
-                                      dweight, dbias, rows, hidden, parts, p, seed, dtype,
-                                      weight_dtype, stream);
+    fastbert::add_layer_norm_backward(dy, dsum, x, residual, weight, mean, rstd, dx, dresidual,
+                                      partial, dweight, dbias, rows, hidden, parts, p, seed,
+                                      dtype, weight_dtype, stream);
   });
 }
 

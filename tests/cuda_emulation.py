@@ -163,9 +163,9 @@ class EmuC:
         lib.emu_attention_backward.argtypes = [P] * 12 + [L] * 5 + [P] + tail
         lib.emu_attention_varlen_forward.argtypes = [P] * 7 + [L] * 6 + [P] * 4 + tail
         lib.emu_attention_varlen_backward.argtypes = [P] * 13 + [L] * 6 + [P] + tail
-        lib.emu_add_layer_norm_forward.argtypes = [P] * 7 + [L, L, D, D, U, I, I, P]
+        lib.emu_add_layer_norm_forward.argtypes = [P] * 8 + [L, L, D, D, U, I, I, P]
         lib.emu_add_layer_norm_backward_parts.argtypes = [L, L, P]
-        lib.emu_add_layer_norm_backward.argtypes = [P] * 11 + [L, L, L, D, U, I, I, P]
+        lib.emu_add_layer_norm_backward.argtypes = [P] * 12 + [L, L, L, D, U, I, I, P]
         lib.emu_bias_gelu_forward.argtypes = [P] * 4 + [L, L, I, I, P]
         lib.emu_gelu_backward_parts.argtypes = [L, L, P]
         lib.emu_gelu_backward.argtypes = [P] * 5 + [L, L, L, I, I, P]
@@ -315,35 +315,36 @@ class EmuC:
             B, total_q, max_q, max_k, H, D, all_strides, causal, left, right, scale, p, seed,
             dtype, stream))
 
-    def add_layer_norm_forward(self, x, residual, weight, bias, y, mean, rstd, rows, hidden, eps,
-                               p, seed, dtype, weight_dtype, stream):
+    def add_layer_norm_forward(self, x, residual, weight, bias, y, sum_, mean, rstd, rows, hidden,
+                               eps, p, seed, dtype, weight_dtype, stream):
         e, w = ELEMENT_BYTES[dtype], ELEMENT_BYTES[weight_dtype]
         buffers = {"x": (x, rows * hidden * e), "residual": (residual, rows * hidden * e),
                    "weight": (weight, hidden * w), "bias": (bias, hidden * w),
-                   "y": (y, rows * hidden * e), "mean": (mean, rows * 4),
-                   "rstd": (rstd, rows * 4)}
+                   "y": (y, rows * hidden * e), "sum": (sum_, rows * hidden * e),
+                   "mean": (mean, rows * 4), "rstd": (rstd, rows * 4)}
         self.guarded(buffers, lambda m: self.lib.emu_add_layer_norm_forward(
-            *(m[n] for n in ("x", "residual", "weight", "bias", "y", "mean", "rstd")), rows,
-            hidden, eps, p, seed, dtype, weight_dtype, stream))
+            *(m[n] for n in ("x", "residual", "weight", "bias", "y", "sum", "mean", "rstd")),
+            rows, hidden, eps, p, seed, dtype, weight_dtype, stream))
 
     def add_layer_norm_backward_parts(self, rows, hidden):
         parts = L()
         self._status(self.lib.emu_add_layer_norm_backward_parts(rows, hidden, ctypes.byref(parts)))
         return parts.value
 
-    def add_layer_norm_backward(self, dy, x, residual, weight, mean, rstd, dx, dresidual, partial,
-                                dweight, dbias, rows, hidden, parts, p, seed, dtype, weight_dtype,
-                                stream):
+    def add_layer_norm_backward(self, dy, dsum, x, residual, weight, mean, rstd, dx, dresidual,
+                                partial, dweight, dbias, rows, hidden, parts, p, seed, dtype,
+                                weight_dtype, stream):
         e, w = ELEMENT_BYTES[dtype], ELEMENT_BYTES[weight_dtype]
-        buffers = {"dy": (dy, rows * hidden * e), "x": (x, rows * hidden * e),
+        buffers = {"dy": (dy, rows * hidden * e), "dsum": (dsum, rows * hidden * e),
+                   "x": (x, rows * hidden * e),
                    "residual": (residual, rows * hidden * e), "weight": (weight, hidden * w),
                    "mean": (mean, rows * 4), "rstd": (rstd, rows * 4),
                    "dx": (dx, rows * hidden * e), "dresidual": (dresidual, rows * hidden * e),
                    "partial": (partial, 2 * parts * hidden * 4),
                    "dweight": (dweight, hidden * w), "dbias": (dbias, hidden * w)}
         self.guarded(buffers, lambda m: self.lib.emu_add_layer_norm_backward(
-            *(m[n] for n in ("dy", "x", "residual", "weight", "mean", "rstd", "dx", "dresidual",
-                             "partial", "dweight", "dbias")),
+            *(m[n] for n in ("dy", "dsum", "x", "residual", "weight", "mean", "rstd", "dx",
+                             "dresidual", "partial", "dweight", "dbias")),
             rows, hidden, parts, p, seed, dtype, weight_dtype, stream))
 
     def bias_gelu_forward(self, acc, bias, pre, out, m, n, tanh_approx, dtype, stream):

@@ -8,9 +8,10 @@ tests/test_cuda_attention.py (gpu tier and host emulation) and tests/test_cuda_a
   GPU raises a clean RuntimeError naming the op; the Philox header, built for the host, gives
   Random123's known answers.
   `python -m pytest -m compile tests/test_cuda*.py`
-- gpu: add_layer_norm and linear_bias_gelu, forward and all gradients, by the tolerance rule
-  (tests/helpers.py) against an fp64 reference, odd shapes, determinism, the public ops with
-  backend="cuda", and the whole BertModel; compute-sanitizer on small cases of every op.
+- gpu: add_layer_norm (also its pre-norm form: the stored sum and the gradient reaching it) and
+  linear_bias_gelu, forward and all gradients, by the tolerance rule (tests/helpers.py) against an
+  fp64 reference, odd shapes, determinism, the public ops with backend="cuda", and the whole
+  BertModel; compute-sanitizer on small cases of every op.
   With a GPU present, a built extension that cannot run there fails the gpu tests (unless
   FASTBERT_ALLOW_CUDA_SKIP=1).
   Dropout: the kernels' keep mask is read off their output (see layer_norm_keep_mask), then
@@ -21,6 +22,7 @@ tests/test_cuda_attention.py (gpu tier and host emulation) and tests/test_cuda_a
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -33,7 +35,7 @@ import torch
 
 import fastbert
 from fastbert import cuda as cuda_backend
-from fastbert import reference
+from fastbert import ops, reference
 from tests.cuda_helpers import (ALL_DTYPES, HALF_DTYPES, ROOT, assert_keep_rate,
                                 philox4x32_10, require_built)
 # autouse fixtures: imported, so they apply to every test in this module
@@ -116,10 +118,9 @@ def test_kernels_without_gpu_raise_clean_errors():
                                                   *([zero3] * 8), True, -1, -1, 0.125, 0.0, 7, 1,
                                                   0)],
         "fastbert.add_layer_norm": [
-            lambda: ext.add_layer_norm_forward(0, 0, 0, 0, 0, 0, 0, 4, 8, 1e-5, 0.1, 7, 0, 0, 0),
+            lambda: ext.add_layer_norm_forward(*([0] * 8), 4, 8, 1e-5, 0.1, 7, 0, 0, 0),
             lambda: ext.add_layer_norm_backward_parts(4, 8),
-            lambda: ext.add_layer_norm_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 1, 0.1, 7,
-                                                0, 0, 0)],
+            lambda: ext.add_layer_norm_backward(*([0] * 12), 4, 8, 1, 0.1, 7, 0, 0, 0)],
         "fastbert.linear_bias_gelu": [
             lambda: ext.bias_gelu_forward(0, 0, 0, 0, 4, 8, False, 0, 0),
             lambda: ext.gelu_backward_parts(4, 8),
@@ -200,9 +201,21 @@ def test_philox_header_gives_known_answers(tmp_path):
 # gpu: add_layer_norm
 # --------------------------------------------------------------------------------------------
 
+def check_pre_norm_sum(s, x, residual, p, keep, tag):
+    """The pre-norm sum dropout(x) + residual a kernel stored: x's dtype, its own buffer, by the
+    tolerance rule against fp64 (plain: the same sum in x's dtype)."""
+    assert s.dtype == x.dtype and s.shape == x.shape, tag
+    assert s.data_ptr() not in (x.data_ptr(), residual.data_ptr() if residual is not None else 0)
+    r64 = residual.double() if residual is not None else None
+    exact = reference.prenorm_sum(x.double(), r64, p, keep, torch.float64)
+    plain = reference.prenorm_sum(x, residual, p, keep, x.dtype)
+    assert_close_by_rule(s, plain, exact, f"sum [{tag}]")
+
+
 def check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual, backend=cuda_backend,
-                     device="cuda", x_offset=0):
-    """x_offset > 0: x and residual start that many elements into their buffers (unaligned)."""
+                     device="cuda", x_offset=0, pre_norm=False):
+    """x_offset > 0: x and residual start that many elements into their buffers (unaligned).
+    pre_norm: the return_residual form (store_sum, and a gradient dsum reaching the sum)."""
     def rows_at_offset():
         flat = torch.randn(rows * hidden + x_offset, dtype=dtype, device=device)
         return flat[x_offset:].view(rows, hidden)
@@ -212,26 +225,36 @@ def check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual, backend=c
     weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(weight_dtype)
     bias = (0.1 * torch.randn(hidden, device=device)).to(weight_dtype)
     dy = torch.randn_like(x)
+    dsum = torch.randn_like(x) if pre_norm else None
     eps = 1e-5
 
-    y, mean, rstd = backend.add_layer_norm_forward(x, residual, weight, bias, eps, 0.0, 0)
-    dx, dres, dw, db = backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, 0.0, 0)
+    y, mean, rstd, *s = backend.add_layer_norm_forward(x, residual, weight, bias, eps, 0.0, 0,
+                                                       store_sum=pre_norm)
+    dx, dres, dw, db = backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, 0.0, 0,
+                                                       dsum=dsum)
     assert y.dtype == dtype and dw.dtype == weight_dtype and db.dtype == weight_dtype
-    assert (dres is None) == (residual is None)
+    assert (dres is None) == (residual is None) and len(s) == pre_norm
 
     r64 = residual.double() if residual is not None else None
     x64, w64, b64, dy64 = x.double(), weight.double(), bias.double(), dy.double()
+    ds64 = dsum.double() if pre_norm else None
     ey, emean, erstd = reference.add_layer_norm_forward(x64, r64, w64, b64, eps)
-    edx, edres, edw, edb = reference.add_layer_norm_backward(dy64, x64, r64, w64, emean, erstd)
+    edx, edres, edw, edb = reference.add_layer_norm_backward(dy64, x64, r64, w64, emean, erstd,
+                                                             dsum=ds64)
     py, pmean, prstd = reference.add_layer_norm_forward(x, residual, weight, bias, eps,
                                                         upcast=False)
     pdx, pdres, pdw, pdb = reference.add_layer_norm_backward(dy, x, residual, weight, pmean,
-                                                             prstd)
+                                                             prstd, dsum=dsum)
     tag = (f"rows{rows} hidden{hidden} {dtype} weight {weight_dtype} residual={with_residual} "
-           f"x_offset={x_offset}")
+           f"x_offset={x_offset} pre_norm={pre_norm}")
     torch.testing.assert_close(mean.double(), emean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rstd.double(), erstd, rtol=1e-4, atol=1e-5)
     assert_close_by_rule(y, py, ey, f"y [{tag}]")
+    if pre_norm:
+        check_pre_norm_sum(s[0], x, residual, 0.0, None, tag)
+        # the same pass as the plain form: y and the statistics do not change
+        plain = backend.add_layer_norm_forward(x, residual, weight, bias, eps, 0.0, 0)
+        assert all(torch.equal(a, b) for a, b in zip((y, mean, rstd), plain)), tag
     assert_close_by_rule(dx, pdx, edx, f"dx [{tag}]")
     if residual is not None:
         assert torch.equal(dres, dx) and dres.data_ptr() != dx.data_ptr()
@@ -244,8 +267,9 @@ def check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual, backend=c
 @pytest.mark.parametrize("rows, hidden", [(1, 32), (37, 100), (300, 384), (64, 768),
                                           (33, 1024), (20, 1536), (7, 4096), (9, 1030)])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_add_layer_norm_matches_reference(rows, hidden, dtype, with_residual):
-    check_layer_norm(rows, hidden, dtype, dtype, with_residual)
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_add_layer_norm_matches_reference(rows, hidden, dtype, with_residual, pre_norm):
+    check_layer_norm(rows, hidden, dtype, dtype, with_residual, pre_norm=pre_norm)
 
 
 @pytest.mark.gpu
@@ -288,6 +312,35 @@ def test_public_add_layer_norm_op_runs_these_kernels():
         assert torch.equal(got.reshape(w.shape), w)
 
 
+def check_public_pre_norm(device):
+    """fastbert.add_layer_norm(..., return_residual=True, backend="cuda") through autograd matches
+    the torch backend in fp32 (1e-5): y, the sum and every gradient, with gradients reaching both
+    outputs and the sum alone; with and without residual and bias."""
+    x = torch.randn(2, 9, 40, device=device, requires_grad=True)
+    residual = torch.randn_like(x, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(40, device=device)).requires_grad_()
+    bias = (0.1 * torch.randn(40, device=device)).requires_grad_()
+    dy, dsum = torch.randn_like(x), torch.randn_like(x)
+    for r, b, uses in ((residual, bias, "both"), (None, None, "both"), (residual, None, "sum")):
+        leaves = [t for t in (x, r, weight, b) if t is not None]
+        results = []
+        for name in ("cuda", "torch"):
+            y, s = fastbert.add_layer_norm(x, r, weight, b, 1e-5, return_residual=True,
+                                           backend=name)
+            outputs, grads = ((y, s), (dy, dsum)) if uses == "both" else ((s,), (dsum,))
+            results.append((y, s, *torch.autograd.grad(outputs, leaves, grads)))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_public_add_layer_norm_pre_norm_runs_these_kernels():
+    check_public_pre_norm("cuda")
+    assert ops.resolve_backend("fastbert.add_layer_norm", "cuda", torch.device("cuda"),
+                               dtype=torch.bfloat16, hidden=768, dropout_p=0.1,
+                               store_sum=True) == "cuda"
+
+
 def layer_norm_keep_mask(backend, device, rows, hidden, dtype, p, seed):
     """The keep mask (rows, hidden) a backend draws for `seed`, read off its output: with x = 1,
     no residual, weight 1 and bias 0 the pre-norm sum is 1 / (1 - p) where kept and 0 where
@@ -305,7 +358,8 @@ def layer_norm_keep_mask(backend, device, rows, hidden, dtype, p, seed):
 
 
 def check_layer_norm_dropout(backend, device, rows, hidden, dtype, with_residual, p,
-                             seed=424242):
+                             seed=424242, pre_norm=False):
+    """pre_norm: the return_residual form, whose sum and backward use the plain form's mask."""
     keep = layer_norm_keep_mask(backend, device, rows, hidden, dtype, p, seed)
     assert_keep_rate(keep, p, "add_layer_norm")
 
@@ -314,23 +368,31 @@ def check_layer_norm_dropout(backend, device, rows, hidden, dtype, with_residual
     weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
     bias = (0.1 * torch.randn(hidden, device=device)).to(dtype)
     dy = torch.randn_like(x)
+    dsum = torch.randn_like(x) if pre_norm else None
     eps = 1e-5
-    y, mean, rstd = backend.add_layer_norm_forward(x, residual, weight, bias, eps, p, seed)
-    dx, dres, dw, db = backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, p, seed)
+    forward = functools.partial(backend.add_layer_norm_forward, x, residual, weight, bias, eps, p,
+                                store_sum=pre_norm)
+    backward = functools.partial(backend.add_layer_norm_backward, dy, x, residual, weight,
+                                 dsum=dsum)
+    y, mean, rstd, *s = forward(seed)
+    dx, dres, dw, db = backward(mean, rstd, p, seed)
 
     r64 = residual.double() if residual is not None else None
     x64, w64, b64, dy64 = x.double(), weight.double(), bias.double(), dy.double()
+    ds64 = dsum.double() if pre_norm else None
     ey, emean, erstd = reference.add_layer_norm_forward(x64, r64, w64, b64, eps, p, keep)
     edx, edres, edw, edb = reference.add_layer_norm_backward(dy64, x64, r64, w64, emean, erstd,
-                                                             p, keep)
+                                                             p, keep, dsum=ds64)
     py, pmean, prstd = reference.add_layer_norm_forward(x, residual, weight, bias, eps, p, keep,
                                                         upcast=False)
     pdx, pdres, pdw, pdb = reference.add_layer_norm_backward(dy, x, residual, weight, pmean,
-                                                             prstd, p, keep)
-    tag = f"rows{rows} hidden{hidden} {dtype} residual={with_residual} p={p}"
+                                                             prstd, p, keep, dsum=dsum)
+    tag = f"rows{rows} hidden{hidden} {dtype} residual={with_residual} p={p} pre_norm={pre_norm}"
     torch.testing.assert_close(mean.double(), emean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rstd.double(), erstd, rtol=1e-4, atol=1e-5)
     assert_close_by_rule(y, py, ey, f"y [{tag}]")
+    if pre_norm:
+        check_pre_norm_sum(s[0], x, residual, p, keep, tag)
     assert_close_by_rule(dx, pdx, edx, f"dx [{tag}]")
     assert (dx[~keep] == 0).all(), tag  # backward regenerated forward's mask
     if residual is not None:
@@ -338,11 +400,11 @@ def check_layer_norm_dropout(backend, device, rows, hidden, dtype, with_residual
     assert_close_by_rule(dw, pdw, edw, f"dweight [{tag}]")
     assert_close_by_rule(db, pdb, edb, f"dbias [{tag}]")
 
-    again = backend.add_layer_norm_forward(x, residual, weight, bias, eps, p, seed)
-    assert all(torch.equal(a, b) for a, b in zip((y, mean, rstd), again)), tag
-    grads_again = backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, p, seed)
+    again = forward(seed)
+    assert all(torch.equal(a, b) for a, b in zip((y, mean, rstd, *s), again)), tag
+    grads_again = backward(mean, rstd, p, seed)
     assert all(torch.equal(a, b) for a, b in zip((dx, dw, db), grads_again[:1] + grads_again[2:]))
-    other = backend.add_layer_norm_forward(x, residual, weight, bias, eps, p, seed + 1)
+    other = forward(seed + 1)
     assert not torch.equal(y, other[0]), tag
 
 
@@ -352,9 +414,11 @@ def check_layer_norm_dropout(backend, device, rows, hidden, dtype, with_residual
                                           (5, 4096)])
 @pytest.mark.parametrize("with_residual", [True, False])
 @pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("pre_norm", [False, True])
 def test_add_layer_norm_dropout_matches_reference_with_its_mask(rows, hidden, dtype,
-                                                                with_residual, p):
-    check_layer_norm_dropout(cuda_backend, "cuda", rows, hidden, dtype, with_residual, p)
+                                                                with_residual, p, pre_norm):
+    check_layer_norm_dropout(cuda_backend, "cuda", rows, hidden, dtype, with_residual, p,
+                             pre_norm=pre_norm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,9 +556,11 @@ for dtype in (torch.float16, torch.bfloat16):
     for hidden in (100, 768, 2048):
         x = torch.randn(9, hidden, dtype=dtype, device="cuda")
         w = torch.randn(hidden, device="cuda")
-        for p in (0.0, 0.2):
-            y, mean, rstd = cb.add_layer_norm_forward(x, x.clone(), w, w.clone(), 1e-5, p, 7)
-            cb.add_layer_norm_backward(torch.randn_like(y), x, x.clone(), w, mean, rstd, p, 7)
+        for p, pre_norm in ((0.0, False), (0.2, False), (0.0, True), (0.2, True)):
+            y, mean, rstd, *s = cb.add_layer_norm_forward(x, x.clone(), w, w.clone(), 1e-5, p, 7,
+                                                          store_sum=pre_norm)
+            cb.add_layer_norm_backward(torch.randn_like(y), x, x.clone(), w, mean, rstd, p, 7,
+                                       dsum=torch.randn_like(y) if pre_norm else None)
     x = torch.randn(13, 40, dtype=dtype, device="cuda")
     w = torch.randn(72, 40, dtype=dtype, device="cuda")
     out, pre = cb.linear_bias_gelu_forward(x, w, torch.randn(72, dtype=dtype, device="cuda"),

@@ -27,7 +27,7 @@ from tests.cuda_helpers import assert_keep_rate, emulated_backend, philox4x32_10
 # autouse fixtures: imported, so they apply to every test in this module
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
 from tests.test_cuda import (check_layer_norm, check_layer_norm_dropout, check_linear_gelu,
-                             layer_norm_keep_mask)
+                             check_public_pre_norm, layer_norm_keep_mask)
 from tests.test_cuda_attention import attention_keep_mask
 from tests.test_cuda_modernbert import check_geglu, check_public_ops, check_rotary
 
@@ -192,6 +192,22 @@ def test_emulated_add_layer_norm_matches_reference(emulated_backend, rows, hidde
 
 
 @pytest.mark.compile
+@pytest.mark.parametrize("rows, hidden, dtype, weight_dtype, with_residual, x_offset", [
+    (300, 7, F16, F16, False, 0),      # no residual: the sum is x
+    (37, 768, BF16, F32, True, 0),     # vectorised sum and dsum
+    (64, 768, F16, F16, True, 1),      # unaligned rows: the scalar path
+    (9, 1000, F32, F32, False, 0),
+    (5, 4096, BF16, BF16, True, 0),    # block mode
+    (7, 1030, F16, F16, True, 0),      # block mode, scalar
+])
+def test_emulated_add_layer_norm_pre_norm_matches_reference(emulated_backend, rows, hidden, dtype,
+                                                            weight_dtype, with_residual, x_offset):
+    """The pre-norm form (return_residual): the stored sum, and every gradient with dsum added."""
+    check_layer_norm(rows, hidden, dtype, weight_dtype, with_residual, emulated_backend, "cpu",
+                     x_offset, pre_norm=True)
+
+
+@pytest.mark.compile
 @pytest.mark.parametrize("rows, hidden, dtype, with_residual, p", [
     (40, 768, BF16, True, 0.1),
     (7, 1000, F32, False, 0.5),
@@ -204,6 +220,21 @@ def test_emulated_add_layer_norm_dropout_matches_reference(emulated_backend, row
     """Forward and every gradient given the forward's mask (backward regenerates it: dx is 0
     exactly where forward dropped), keep rate, same seed same bits, another seed another mask."""
     check_layer_norm_dropout(emulated_backend, "cpu", rows, hidden, dtype, with_residual, p)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("rows, hidden, dtype, with_residual, p", [
+    (40, 768, BF16, True, 0.1),
+    (7, 1000, F32, False, 0.5),
+    (33, 100, F16, True, 0.3),   # unvectorised
+    (3, 4095, F32, False, 0.1),  # block mode, unvectorised
+])
+def test_emulated_add_layer_norm_pre_norm_dropout_matches_reference(emulated_backend, rows,
+                                                                    hidden, dtype, with_residual,
+                                                                    p):
+    """The pre-norm form with dropout: the sum holds forward's mask, backward regenerates it."""
+    check_layer_norm_dropout(emulated_backend, "cpu", rows, hidden, dtype, with_residual, p,
+                             pre_norm=True)
 
 
 @pytest.mark.compile
@@ -394,3 +425,25 @@ def test_emulated_public_rotary_and_geglu_ops_run_these_kernels(emulated_backend
                             lambda *args, _run=run, _name=name: calls.append(_name) or _run(*args))
     check_public_ops("cpu")
     assert sorted(set(calls)) == ["apply_rotary", "linear_geglu_backward", "linear_geglu_forward"]
+
+
+@pytest.mark.compile
+def test_emulated_public_pre_norm_op_runs_these_kernels(emulated_backend, monkeypatch):
+    """fastbert.add_layer_norm(..., return_residual=True, backend="cuda") through autograd, on
+    CPU tensors: ops is told the emulated backend serves them."""
+    from fastbert import ops
+
+    device_reason = ops._device_reason
+    monkeypatch.setitem(ops._modules, "cuda", emulated_backend)
+    monkeypatch.setattr(ops, "_device_reason",
+                        lambda name, device: None if name == "cuda" else device_reason(name,
+                                                                                       device))
+    calls = []
+    for name in ("add_layer_norm_forward", "add_layer_norm_backward"):
+        run = getattr(emulated_backend, name)
+        monkeypatch.setattr(emulated_backend, name,
+                            lambda *args, _run=run, _name=name, **kw: calls.append((_name, kw))
+                            or _run(*args, **kw))
+    check_public_pre_norm("cpu")
+    assert {name for name, _ in calls} == {"add_layer_norm_forward", "add_layer_norm_backward"}
+    assert all(kw.get("store_sum") or kw.get("dsum") is not None for _, kw in calls)

@@ -435,18 +435,23 @@ def test_return_residual_eager_and_compiled_equal_the_custom_op(monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_cuda_backend_refuses_return_residual(monkeypatch):
-    """The CUDA LayerNorm kernels do not store the pre-norm sum: named, the backend refuses;
-    "auto" takes the next backend (on a GPU, Triton)."""
+def test_cuda_backend_serves_return_residual(monkeypatch):
+    """The CUDA LayerNorm kernels store the pre-norm sum too: ops does not refuse
+    return_residual (store_sum) there, the CUDA module's own rules decide as for the plain form."""
+    from fastbert import cuda as cuda_backend
+
     monkeypatch.setattr(ops, "_device_reason", lambda name, device: None)  # as on a GPU
-    monkeypatch.setattr(ops, "_backend_module", lambda name: _TorchLike)
-    kw = dict(dtype=torch.float16, hidden=768, dropout_p=0.0)
-    assert ops._why_not("cuda", "fastbert.add_layer_norm", torch.device("cpu"), kw) is None
-    why = ops._why_not("cuda", "fastbert.add_layer_norm", torch.device("cpu"),
-                       dict(kw, store_sum=True))
-    assert "pre-norm sum" in why
-    assert ops._why_not("triton", "fastbert.add_layer_norm", torch.device("cpu"),
-                        dict(kw, store_sum=True)) is None
+    monkeypatch.setattr(ops, "_backend_module",
+                        lambda name: cuda_backend if name == "cuda" else _TorchLike)
+    op, cpu = "fastbert.add_layer_norm", torch.device("cpu")
+    for hidden in (768, 8192):
+        kw = dict(dtype=torch.float16, hidden=hidden, dropout_p=0.1)
+        plain = ops._why_not("cuda", op, cpu, kw)
+        assert ops._why_not("cuda", op, cpu, dict(kw, store_sum=True)) == plain
+        assert (plain is None) == (hidden == 768)
+        assert ops._why_not("triton", op, cpu, dict(kw, store_sum=True)) is None
+    assert ops.resolve_backend(op, "cuda", cpu, dtype=torch.bfloat16, hidden=768, dropout_p=0.0,
+                               store_sum=True) == "cuda"
 
 
 class _TorchLike:
