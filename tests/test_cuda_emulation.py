@@ -407,10 +407,8 @@ def test_emulated_geglu_takes_zero_rows(emulated_backend):
     assert out.shape == (0, 40) and dx.shape == (0, 24) and (dw == 0).all() and (db == 0).all()
 
 
-@pytest.mark.compile
-def test_emulated_public_rotary_and_geglu_ops_run_these_kernels(emulated_backend, monkeypatch):
-    """fastbert.apply_rotary / fastbert.linear_geglu with backend="cuda" through autograd, on
-    CPU tensors: ops is told the emulated backend serves them."""
+def _serve_cuda_by(emulated_backend, monkeypatch) -> None:
+    """ops is told the emulated backend is "cuda" and serves CPU tensors."""
     from fastbert import ops
 
     device_reason = ops._device_reason
@@ -418,6 +416,13 @@ def test_emulated_public_rotary_and_geglu_ops_run_these_kernels(emulated_backend
     monkeypatch.setattr(ops, "_device_reason",
                         lambda name, device: None if name == "cuda" else device_reason(name,
                                                                                        device))
+
+
+@pytest.mark.compile
+def test_emulated_public_rotary_and_geglu_ops_run_these_kernels(emulated_backend, monkeypatch):
+    """fastbert.apply_rotary / fastbert.linear_geglu with backend="cuda" through autograd, on
+    CPU tensors: ops is told the emulated backend serves them."""
+    _serve_cuda_by(emulated_backend, monkeypatch)
     calls = []
     for name in ("apply_rotary", "linear_geglu_forward", "linear_geglu_backward"):
         run = getattr(emulated_backend, name)
@@ -431,13 +436,7 @@ def test_emulated_public_rotary_and_geglu_ops_run_these_kernels(emulated_backend
 def test_emulated_public_pre_norm_op_runs_these_kernels(emulated_backend, monkeypatch):
     """fastbert.add_layer_norm(..., return_residual=True, backend="cuda") through autograd, on
     CPU tensors: ops is told the emulated backend serves them."""
-    from fastbert import ops
-
-    device_reason = ops._device_reason
-    monkeypatch.setitem(ops._modules, "cuda", emulated_backend)
-    monkeypatch.setattr(ops, "_device_reason",
-                        lambda name, device: None if name == "cuda" else device_reason(name,
-                                                                                       device))
+    _serve_cuda_by(emulated_backend, monkeypatch)
     calls = []
     for name in ("add_layer_norm_forward", "add_layer_norm_backward"):
         run = getattr(emulated_backend, name)
