@@ -156,7 +156,7 @@ def _key_spans(t: Tensor, band: Band, role: str, turn: Optional[tuple] = None) -
     else:
         reference.rotary_into(keys[:, :sk], t, *turn)
     return padded.as_strided((n * band.blocks, band.span, h, d), (BLOCK * h * d, h * d, d, 1),
-                             (front + band.first) * h * d)
+                             padded.storage_offset() + (front + band.first) * h * d)
 
 
 def _lse_blocks(lse: Tensor, band: Band) -> Tensor:
