@@ -403,8 +403,9 @@ def rotary_in_kernel(x: Tensor, dropout_p: float = 0.0, causal: bool = False,
                      window: Tuple[int, int] = ops.FULL_WINDOW) -> bool:
     """Whether attention_varlen(..., rotary=...) on q, k, v like x (its device, dtype and head
     dim, under the autocast state) should turn q and k itself: the layer is banded
-    (rotary_pays_in_kernel) and the auto-resolved backend turns them (turns_rotary). Callers that can turn them themselves (ModernBERT's layers) pass the
-    tables only then, and keep their apply_rotary call otherwise."""
+    (rotary_pays_in_kernel) and the auto-resolved backend turns them (turns_rotary). Callers
+    that can turn them themselves (ModernBERT's layers) pass the tables only then, and keep
+    their apply_rotary call otherwise."""
     if not rotary_pays_in_kernel(window):
         return False
     dtype = ops._autocast_dtype(x.device) or x.dtype
@@ -503,16 +504,6 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             *turn)
     if ops._inference(q, k, v):  # no autograd: skip the custom op's dispatch
         return _varlen_forward(*args)[0]
-    if ops._eager(q, k, v, cu_q, cu_k):
-        return ops._EagerOp.apply("fastbert::attention_varlen", _varlen_forward, _setup, _grad,
-                                  *args)[0]
-    return _varlen_fwd(*args)[0]
-    if ops._inference(q, k, v):  # no autograd: skip the custom op's dispatch
-        return _impl(chosen).attention_varlen_forward(
-            q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
-            softmax_scale, ops._seed_int(ops._draw_seed(dropout_p)), **ops.window_kw(window))[0]
-    args = (q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), dropout_p,
-            float(softmax_scale), ops._draw_seed(dropout_p), bool(deterministic), chosen, *window)
     if ops._eager(q, k, v, cu_q, cu_k):
         return ops._EagerOp.apply("fastbert::attention_varlen", _varlen_forward, _setup, _grad,
                                   *args)[0]
