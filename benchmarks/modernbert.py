@@ -54,16 +54,44 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
         import fastbert
         return fastbert.patch_hf(_hf_model(model, device, dtype, "sdpa"))
 
+    def gemm_floor():
+        if mode != "infer":
+            raise Skipped("the GEMM floor is timed for inference only")
+        return _gemm_floor(_hf_model(model, device, dtype, "sdpa"), sum(lengths), device, dtype)
+
     providers = {
         "transformers-sdpa": provider(lambda: _hf_model(model, device, dtype, "sdpa")),
         "transformers-flash_attention_2": provider(flash_attention),
         "patch_hf": provider(patched, backend="auto"),
+        "gemm-floor": gemm_floor,
     }
     padding = 1.0 - sum(lengths) / (batch * seqlen)
     return Case("model", mode, f"{model} B{batch} S{seqlen}", providers,
                 work={"tokens": float(sum(lengths))},
                 params=dict(model=model, seqlen=seqlen, padding=round(padding, 3)),
                 measure_memory=True, gpu_rep_scale=8.0)
+
+
+def _gemm_floor(hf: torch.nn.Module, tokens: int, device: torch.device, dtype: torch.dtype):
+    """The patched forward's projections alone (Wqkv, Wo, Wi, the MLP's Wo of every layer) on
+    `tokens` rows, through the route the patched model takes (fastbert.cpu's oneDNN GEMM on CPU,
+    F.linear on GPU): no attention, norm, RoPE or activation. A lower bound on patch_hf's
+    inference time on this device, so speedup_vs:gemm-floor says how much of it is left above
+    the GEMMs, and transformers-sdpa / gemm-floor bounds what any speedup over sdpa can be."""
+    import torch.nn.functional as F
+    from fastbert import cpu
+    linears = [m for layer in hf.layers for m in (layer.attn.Wqkv, layer.attn.Wo, layer.mlp.Wi,
+                                                  layer.mlp.Wo)]
+    g = torch.Generator().manual_seed(tokens)
+    inputs = [torch.randn(tokens, m.in_features, generator=g).to(device, dtype) for m in linears]
+
+    def forward():
+        with torch.inference_mode():
+            for m, x in zip(linears, inputs):
+                w, b = m.weight, m.bias
+                y = cpu.linear(x, w, b) if cpu.should_use(x, w, b) else F.linear(x, w, b)
+        return y
+    return forward
 
 
 def modernbert_cases(device: torch.device, cfg: dict) -> List[Case]:

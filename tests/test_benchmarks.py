@@ -275,6 +275,10 @@ def test_quick_cpu_suite_writes_csv_and_plots(tmp_path, capsys):
     assert not [r for r in rows if r["provider"] in ("sdpa-efficient", "sdpa-cudnn")]
     assert set(value("attention", "fastbert-triton", "status")) == {"unsupported"}
     assert set(value("model", "transformers-sdpa+compile", "status")) == {"skipped"}
+    # ModernBERT inference is also timed against its own GEMMs alone (the floor)
+    assert value("model", "gemm-floor", "status", "infer") == ["ok"]
+    assert value("model", "gemm-floor", "status", "train") == ["skipped"]
+    assert float(value("model", "patch_hf", "speedup_vs:gemm-floor", "infer")[0]) > 0
     assert all(r["note"] for r in rows if r["metric"] == "status" and r["value"] != "ok")
 
     assert len(list(tmp_path.glob("*.png"))) == 3
@@ -285,3 +289,26 @@ def test_quick_cpu_suite_writes_csv_and_plots(tmp_path, capsys):
     assert "speedup of fastbert over each baseline" in printed
     assert "±: spread of a ratio" in printed
     assert "not timed:" in printed
+
+
+def test_modernbert_gemm_floor_runs_each_projection_of_every_layer_on_the_real_tokens(monkeypatch):
+    import torch.nn.functional as F
+    from benchmarks import modernbert
+    from benchmarks.models import _hf_model
+    from fastbert import cpu
+    hf = _hf_model("modernbert-tiny", torch.device("cpu"), torch.float32, "sdpa")
+    calls = []
+
+    def record(route):
+        def linear(x, w, b=None):
+            calls.append((tuple(x.shape), w))
+            return route(x, w, b)
+        return linear
+    monkeypatch.setattr(F, "linear", record(F.linear))
+    monkeypatch.setattr(cpu, "linear", record(cpu.linear))
+    modernbert._gemm_floor(hf, 37, torch.device("cpu"), torch.float32)()
+    expected = [m.weight for layer in hf.layers
+                for m in (layer.attn.Wqkv, layer.attn.Wo, layer.mlp.Wi, layer.mlp.Wo)]
+    assert len(calls) == len(expected) == 4 * len(hf.layers)
+    for (shape, w), want in zip(calls, expected):
+        assert w is want and shape == (37, want.shape[1])
