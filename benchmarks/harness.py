@@ -69,7 +69,7 @@ class Timing:
 
 
 def is_fastbert(provider: str) -> bool:
-    return provider.startswith("fastbert") or provider == "patch_hf"
+    return provider.startswith(("fastbert", "patch_hf"))
 
 
 def rotate(calls: Sequence[Callable[[], Any]]) -> Callable[[], Any]:

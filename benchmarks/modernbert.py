@@ -5,6 +5,9 @@ transformers without flash-attn runs ModernBERT padded with sdpa: every layer co
 padding, and its local layers apply a dense S x S sliding-window mask. The patched model runs the
 real tokens only, its local layers windowed in O(S * window) (fastbert/window.py on CPU). On a
 GPU with flash-attn installed, transformers' flash_attention_2 (unpadded, windowed) is timed too.
+Inference is also timed against `gemm-floor`, the patched forward's GEMMs alone, and on a CPU
+with native bf16 dot products with `fastbert.cpu.set_bf16(True)` (`patch_hf-bf16-gemms`: fp32
+activations, bf16 GEMMs with fp32 accumulation; opt-in, its results are not fp32's).
 Shapes from benchmarks/suite.py's MODELS (e.g. "modernbert-base-3l": ModernBERT-base layers, one
 global and two local with window 128), the same weights for every provider, fp32 on CPU.
 """
@@ -16,7 +19,7 @@ from typing import List
 
 import torch
 
-from benchmarks.harness import Case, Skipped, rotate
+from benchmarks.harness import Case, Skipped, Unsupported, rotate
 from benchmarks.models import _hf_model, _step
 from benchmarks.suite import MODELS, lengths_to_mask, padded_lengths
 
@@ -54,6 +57,23 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
         import fastbert
         return fastbert.patch_hf(_hf_model(model, device, dtype, "sdpa"))
 
+    def patched_bf16_gemms():
+        from fastbert import cpu
+        if mode != "infer" or device.type != "cpu":
+            raise Unsupported("bf16 GEMMs under fp32 are fastbert's CPU inference mode")
+        native, why = cpu.bf16_support()
+        if not native:
+            raise Unsupported(f"bf16 GEMMs on this CPU would be emulated: {why}")
+        step = provider(patched, backend="auto")()
+
+        def call():
+            cpu.set_bf16(True)  # per call, as the backend: providers are interleaved
+            try:
+                return step()
+            finally:
+                cpu.set_bf16(False)
+        return call
+
     def gemm_floor():
         if mode != "infer":
             raise Skipped("the GEMM floor is timed for inference only")
@@ -63,6 +83,7 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
         "transformers-sdpa": provider(lambda: _hf_model(model, device, dtype, "sdpa")),
         "transformers-flash_attention_2": provider(flash_attention),
         "patch_hf": provider(patched, backend="auto"),
+        "patch_hf-bf16-gemms": patched_bf16_gemms,
         "gemm-floor": gemm_floor,
     }
     padding = 1.0 - sum(lengths) / (batch * seqlen)

@@ -279,6 +279,11 @@ def test_quick_cpu_suite_writes_csv_and_plots(tmp_path, capsys):
     assert value("model", "gemm-floor", "status", "infer") == ["ok"]
     assert value("model", "gemm-floor", "status", "train") == ["skipped"]
     assert float(value("model", "patch_hf", "speedup_vs:gemm-floor", "infer")[0]) > 0
+    # bf16 GEMMs: timed where the CPU has native bf16, else recorded with the reason
+    from fastbert import cpu
+    bf16 = value("model", "patch_hf-bf16-gemms", "status", "infer")
+    assert bf16 == (["ok"] if cpu.bf16_support()[0] else ["unsupported"])
+    assert value("model", "patch_hf-bf16-gemms", "status", "train") == ["unsupported"]
     assert all(r["note"] for r in rows if r["metric"] == "status" and r["value"] != "ok")
 
     assert len(list(tmp_path.glob("*.png"))) == 3
