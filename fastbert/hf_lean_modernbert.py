@@ -24,9 +24,10 @@ call. Submodules and parameters are read from _modules / _parameters (nn.Module.
 Python call saved).
 
 The plans return None under torch.compile tracing, functorch transforms, a listening profiler,
-global module hooks, tensor subclasses, an empty batch, gradient checkpointing, heads of
-different sizes, an activation linear_geglu does not fuse, or plain projections whose weights
-are not of the input's dtype; prenorm_plan also for hooked, wrapped or subclassed layers.
+global module hooks, tensor subclasses, an empty batch, heads of different sizes, an activation
+linear_geglu does not fuse, or plain projections whose weights are not of the input's dtype;
+plan also for a layer that runs through its module call (module_called: hooked, wrapped or
+checkpointed), prenorm_plan for hooked, wrapped or subclassed layers and checkpointing.
 """
 from __future__ import annotations
 
@@ -54,6 +55,20 @@ def _plain_norm(norm: nn.Module) -> bool:
     return ((type(norm) is nn.LayerNorm or hf_layers.base_class(type(norm)) is nn.LayerNorm)
             and not norm._forward_hooks and not norm._forward_pre_hooks
             and norm._parameters["weight"] is not None)
+
+
+def module_called(layer: nn.Module) -> bool:
+    """Whether a layer runs through its own module call (its patched forward, _layer_forward):
+    hooks on it or on its attention or MLP (FSDP2's per-layer sharding among them), or module
+    hooks set for every module, so they fire as in transformers' own forward; gradient
+    checkpointing in training, so transformers' GradientCheckpointingLayer runs it with the
+    model's own checkpoint function and kwargs; a layer whose class patch_hf did not give
+    (wrapped after patching)."""
+    from fastbert.hf_lean import _hooked  # hf_lean -> hf_layers -> model imports this module
+    m = layer._modules
+    return (not type(layer).__dict__.get("fastbert_patched") or _hooked(layer)
+            or _hooked(m["attn"]) or _hooked(m["mlp"]) or lean.global_hooks()
+            or (layer.training and getattr(layer, "gradient_checkpointing", False)))
 
 
 def _window(attn: nn.Module) -> int:
@@ -93,8 +108,8 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch,
     norm_dropout = {0.0}  # the dropouts the pre-norm adds apply
     norms, wi = [model._modules["final_norm"]], None
     for layer in layers:
-        if layer.training and getattr(layer, "gradient_checkpointing", False):
-            return None  # checkpointed layers run _packed_layer under torch.utils.checkpoint
+        if module_called(layer):
+            return None  # the layer runs through its module call (hf_patch_modernbert._layers)
         m = layer._modules
         attn, mlp = m["attn"], m["mlp"]._modules
         am = attn._modules

@@ -21,6 +21,10 @@ A local layer's window is transformers' `sliding_window` (|i - j| <= local_atten
 in O(T * window). Decided at call time, per module (fastbert/hf_layers.py's rule): a plain
 nn.Linear runs on the CPU inference GEMM path (Wi fused with the GeGLU), a plain nn.LayerNorm on
 fastbert.add_layer_norm; anything else (a LoRA wrapper, a hooked module) is called as a module.
+So are the layers (hf_lean_modernbert.module_called) with hooks on them, their attention or MLP
+(FSDP2's sharding hooks among them), checkpointed in training (transformers' checkpointing, with
+the model's own function and kwargs) or wrapped after patching: their patched forwards
+(_layer_forward, _attention_forward) run the same packed computation inside the module call.
 Packed input (batch 1 with cu_seq_lens_q, or position_ids restarting per sequence, as
 DataCollatorWithFlattening makes it) runs each sequence on its own, as transformers' flash-attention
 path does (its sdpa path lets packed sequences see each other). What the packed path does not
@@ -32,10 +36,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 import fastbert
 from fastbert import hf_lean_modernbert, varlen
+from fastbert.hf_lean import _hooked as hooked
 from fastbert.hf_layers import base_class, plain
 from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent, linear
 from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
@@ -79,13 +83,28 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
                   cos: torch.Tensor, sin: torch.Tensor, approximate):
     """One ModernBertEncoderLayer on packed tokens whose input is x + delta (T, C); delta is the
     previous layer's MLP output not yet added (None for the first layer), so each residual add
-    shares a pass with the norm after it. cos, sin (T, D / 2) per token. Returns (x, delta)."""
-    attn = layer.attn
-    t, d = x.shape[0], attn.head_dim
+    shares a pass with the norm after it. cos, sin (T, D / 2) per token. Returns (x, delta).
+    A hooked attention or MLP is called as a module (on the packed tokens, as _layer_forward)."""
+    attn, mlp = layer.attn, layer.mlp
     if delta is None:
         h = _norm(layer.attn_norm, x)
     else:
         h, x = _add_norm(layer.attn_norm, delta, x, 0.0)
+    if hooked(attn):
+        a, p = attn(h, position_embeddings=(cos, sin), fastbert_packed=packed)[0], 0.0
+    else:
+        a, p = _attend(attn, h, packed, cos, sin)
+    h, x = _add_norm(layer.mlp_norm, a, x, p)
+    if hooked(mlp):
+        return x, mlp(h)
+    return x, linear(mlp.drop(_geglu(mlp, h, approximate)), mlp.Wo)
+
+
+def _attend(attn: nn.Module, h: torch.Tensor, packed: PackedBatch, cos: torch.Tensor,
+            sin: torch.Tensor):
+    """ModernBertAttention on packed tokens h (T, C): (Wo's output, the dropout out_drop leaves
+    to the residual add, _out_dropout's rule)."""
+    t, d = h.shape[0], attn.head_dim
     qkv = linear(h, attn.Wqkv).view(t, 3, -1, d)  # (T, 3, H, D)
     # q and k heads turned in one call: (1, T, 2H, D), row t at cos[t]; split and unbind, not
     # slices: their backward joins the gradients (a slice's fills a zero tensor and adds to it)
@@ -103,10 +122,19 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
                                   packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                                   window_size=(window, window), dropout_p=dropout_p,
                                   softmax_scale=d ** -0.5, **turn)
-    a, p = _out_dropout(attn.out_drop, linear(y.reshape(t, -1), attn.Wo))
-    h, x = _add_norm(layer.mlp_norm, a, x, p)
-    mlp = layer.mlp
-    return x, linear(mlp.drop(_geglu(mlp, h, approximate)), mlp.Wo)
+    return _out_dropout(attn.out_drop, linear(y.reshape(t, -1), attn.Wo))
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                       fastbert_packed=None, **kwargs):
+    """ModernBertAttention.forward. From a patched layer (fastbert_packed: the PackedBatch) on
+    packed tokens hidden_states (T, C), position_embeddings its (cos, sin) (T, D / 2): (output,
+    None), out_drop applied; transformers' own forward otherwise."""
+    if fastbert_packed is None:
+        return base_class(type(self)).forward(self, hidden_states, position_embeddings,
+                                             attention_mask, **kwargs)
+    a, p = _attend(self, hidden_states, fastbert_packed, *position_embeddings)
+    return (F.dropout(a, p, True) if p > 0.0 else a), None
 
 
 def _pack(attention_mask, position_ids, kwargs, batch: int, seqlen: int, device) -> PackedBatch:
@@ -123,15 +151,27 @@ def _pack(attention_mask, position_ids, kwargs, batch: int, seqlen: int, device)
     return PackedBatch(cu, seqlen, batch=batch, seqlen=seqlen)
 
 
+def _layer_forward(self, hidden_states, attention_mask=None, position_embeddings=None,
+                   fastbert_packed=None, **kwargs):
+    """ModernBertEncoderLayer.forward. From the patched model's forward (fastbert_packed:
+    (packed, cos, sin, approximate)) on its packed tokens hidden_states (1, T, C): the layer's
+    output (1, T, C), both residual adds done; transformers' own forward otherwise."""
+    if fastbert_packed is None:
+        return base_class(type(self)).forward(self, hidden_states, attention_mask=attention_mask,
+                                             position_embeddings=position_embeddings, **kwargs)
+    x, delta = _packed_layer(self, hidden_states[0], None, *fastbert_packed)
+    return (x + delta)[None]
+
+
 def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict, approximate):
     """Every layer on the public ops, then final_norm."""
     delta = None  # the last layer's MLP output, added to x by the next norm's pass
     for layer in model.layers:
         cos, sin = rotary[layer.attention_type]
-        if getattr(layer, "gradient_checkpointing", False) and layer.training:
-            x, delta = torch.utils.checkpoint.checkpoint(_packed_layer, layer, x, delta, packed,
-                                                         cos, sin, approximate,
-                                                         use_reentrant=False)
+        if hf_lean_modernbert.module_called(layer):
+            if delta is not None:  # the layer's input is a tensor: the pending add is made
+                x, delta = x + delta, None
+            x = layer(x[None], fastbert_packed=(packed, cos, sin, approximate))[0]
         else:
             x, delta = _packed_layer(layer, x, delta, packed, cos, sin, approximate)
     norm = model.final_norm
@@ -236,12 +276,17 @@ def patch(model: nn.Module, unpad: bool = True) -> nn.Module:
     if problems:
         raise ValueError("patch_hf: cannot serve " + "; ".join(problems) +
                          " (nothing was patched)")
+    from fastbert.hf_patch import _patch
     for m in found:
         if not type(m).__dict__.get("fastbert_patched"):
             _patch_keeping_output_capture(m)
+        for layer in m.layers:
+            for module, forward in ((layer, _layer_forward), (layer.attn, _attention_forward)):
+                if not type(module).__dict__.get("fastbert_patched"):
+                    _patch(module, forward)
     # span QA: padding masked out of the start/end softmax, as for the BERT family (unpadded)
     from transformers.models.modernbert import modeling_modernbert
-    from fastbert.hf_patch import _patch, _question_answering_forward
+    from fastbert.hf_patch import _question_answering_forward
     for m in model.modules():
         if type(m) is modeling_modernbert.ModernBertForQuestionAnswering:
             _patch(m, _question_answering_forward)

@@ -211,6 +211,67 @@ def test_gradient_checkpointing_and_call_time_modules():
             real=mask.bool())
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_layers_run_the_models_own_checkpoint_function(reentrant):
+    """gradient_checkpointing_enable's function and kwargs (use_reentrant either way), called
+    once per layer, and the gradients of the uncheckpointed model."""
+    models = triplet(mb.ModernBertForMaskedLM, tiny_config())
+    calls = []
+    for m in models:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        for layer in m.model.layers:
+            function = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = (
+                lambda *a, f=function, **kw: calls.append(1) or f(*a, **kw))
+    ids, mask = padded_batch()
+    compare(models, dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)),
+            ["loss", "logits"], real=mask.bool())
+    assert len(calls) == 3 * len(models[0].model.layers)
+
+
+def test_hooks_on_layers_attention_and_mlp_fire_as_unpatched():
+    """A forward hook on an encoder layer, its attention and its MLP (FSDP2 shards layers with
+    such hooks) fires in the patched model on the real tokens, with what transformers' hooks see
+    there; outputs and gradients unchanged; the hook that changes the layer's output is
+    honoured."""
+    models = triplet(mb.ModernBertModel, tiny_config())
+    seen = [{} for _ in models]
+    for m, record in zip(models, seen):
+        layer = m.layers[1]
+
+        def keep(name, index=None, record=record):
+            def hook(module, args, output):
+                out = output[0] if index is not None else output
+                record[name] = out.reshape(-1, out.shape[-1])
+            return hook
+        layer.register_forward_hook(keep("layer"))
+        layer.attn.register_forward_hook(keep("attn", 0))
+        layer.mlp.register_forward_hook(keep("mlp"))
+        m.layers[2].register_forward_hook(lambda module, args, output: output * 0.5)
+    ids, mask = padded_batch()
+    compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
+            real=mask.bool())
+    real = mask.bool().reshape(-1)
+    for name in ("layer", "attn", "mlp"):
+        got, want = seen[0][name], seen[1][name][real]  # packed (T, C) / padded (B * S, C)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_unhooked_layers_keep_the_lean_path():
+    """transformers' output-capturing hooks, left on the layers after hidden states were asked
+    for once, capture nothing later: the patched forward keeps its one-plan path."""
+    from fastbert import hf_lean_modernbert
+    patched, _, _ = triplet(mb.ModernBertModel, tiny_config())
+    ids, mask = padded_batch()
+    patched.eval()
+    with torch.no_grad():
+        patched(ids, attention_mask=mask, output_hidden_states=True)
+        assert patched.layers[0]._forward_hooks  # installed by transformers, kept
+        assert not any(hf_lean_modernbert.module_called(layer) for layer in patched.layers)
+        patched.layers[0].register_forward_pre_hook(lambda module, args: None)
+        assert hf_lean_modernbert.module_called(patched.layers[0])
+
+
 def test_hidden_states_requested_run_transformers_forward():
     patched, plain, _ = triplet(mb.ModernBertModel, tiny_config())
     ids, mask = padded_batch()
