@@ -218,9 +218,12 @@ _patched_classes: dict = {}  # (original class, forward) -> its Fastbert subclas
 def _patched_class(base: type, forward) -> type:
     key = (base, forward)
     if key not in _patched_classes:
+        # the original's __module__: transformers reads it (is_custom_code: a class outside
+        # transformers initialises missing weights another way in from_pretrained)
         _patched_classes[key] = type(f"Fastbert{base.__name__}", (base,), {
             "forward": _with_signature_of(forward, base.forward), "fastbert_forward": forward,
-            "fastbert_patched": True, "__reduce_ex__": _reduce_patched})
+            "fastbert_patched": True, "__reduce_ex__": _reduce_patched,
+            "__module__": base.__module__})
     return _patched_classes[key]
 
 

@@ -272,6 +272,22 @@ def test_unhooked_layers_keep_the_lean_path():
         assert hf_lean_modernbert.module_called(patched.layers[0])
 
 
+def test_patched_classes_read_as_transformers_own():
+    """transformers reads a class's module (is_custom_code): a patched class loading a
+    checkpoint with missing weights initialises them as the original class does."""
+    config = tiny_config()
+    patched = fastbert.patch_hf(mb.ModernBertModel(config))
+    assert not type(patched).is_custom_code()
+    assert type(patched.layers[0]).__module__ == mb.__name__
+    loaded = []
+    for cls in (type(patched), mb.ModernBertModel):
+        torch.manual_seed(5)
+        loaded.append(cls.from_pretrained(None, config=copy.deepcopy(config), state_dict={}))
+    want = loaded[1].state_dict()
+    for name, value in loaded[0].state_dict().items():
+        assert torch.equal(value, want[name]), name
+
+
 def test_hidden_states_requested_run_transformers_forward():
     patched, plain, _ = triplet(mb.ModernBertModel, tiny_config())
     ids, mask = padded_batch()
