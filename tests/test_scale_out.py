@@ -1,7 +1,8 @@
 """Tier 1: scale-out gives the single-process answer (issue 19 point 8). Two CPU processes on gloo,
 started torchrun-style (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment), train
 fastbert's own BertForSequenceClassification and a patch_hf'd transformers one under DDP and under
-FSDP2's fully_shard, each rank on its half of the batch: every step's loss and the final weights
+FSDP2's fully_shard (and a patch_hf'd ModernBERT one under FSDP2), each rank on its half of the
+batch: every step's loss and the final weights
 equal one process training on the whole batch. Activation checkpointing (non-reentrant
 torch.utils.checkpoint) through fastbert's ops gives the plain run's gradients, dropout included.
 
@@ -27,7 +28,8 @@ STEPS = 3
 BATCH = 8  # split in two halves, one per rank
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=32, num_labels=3)
-CASES = [(model, wrap) for model in ("fastbert", "patched_hf") for wrap in ("ddp", "fsdp2")]
+CASES = [(model, wrap) for model in ("fastbert", "patched_hf") for wrap in ("ddp", "fsdp2")] + [
+    ("patched_modernbert", "fsdp2")]  # FSDP2's hooks on each layer: its module call must run
 
 
 def make_model(kind: str, dropout: float = 0.0) -> nn.Module:
@@ -37,8 +39,19 @@ def make_model(kind: str, dropout: float = 0.0) -> nn.Module:
     if kind == "fastbert":
         return fastbert.BertForSequenceClassification(fastbert.BertConfig(**TINY, **dropouts))
     transformers = pytest.importorskip("transformers")
+    if kind == "patched_modernbert":  # window 8 < the batch's longest rows
+        config = transformers.ModernBertConfig(
+            **TINY, local_attention=8, global_attn_every_n_layers=2, pad_token_id=0,
+            bos_token_id=1, cls_token_id=1, eos_token_id=2, sep_token_id=2, mask_token_id=3,
+            attention_dropout=dropout, mlp_dropout=dropout, attn_implementation="sdpa")
+        return fastbert.patch_hf(transformers.ModernBertForSequenceClassification(config))
     model = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY, **dropouts))
     return fastbert.patch_hf(model)
+
+
+def layers_of(model: nn.Module) -> nn.ModuleList:
+    """The encoder layers (BERT's or ModernBERT's)."""
+    return model.model.layers if hasattr(model, "model") else model.bert.encoder.layer
 
 
 def make_batch():
@@ -114,7 +127,7 @@ def _train_cases(rank: int, out_dir: str):
             model = nn.parallel.DistributedDataParallel(model)
         else:
             mesh = init_device_mesh("cpu", (WORLD,))
-            for layer in model.bert.encoder.layer:
+            for layer in layers_of(model):
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
         results[(kind, wrap)] = train(model, rows, mean_over_ranks)
