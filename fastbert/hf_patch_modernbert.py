@@ -160,7 +160,7 @@ def _layer_forward(self, hidden_states, attention_mask=None, position_embeddings
         return base_class(type(self)).forward(self, hidden_states, attention_mask=attention_mask,
                                              position_embeddings=position_embeddings, **kwargs)
     x, delta = _packed_layer(self, hidden_states[0], None, *fastbert_packed)
-    return (x + delta)[None]
+    return x[None] + delta[None]  # a new tensor, not a view (FSDP2 warns of a layer's views)
 
 
 def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict, approximate):

@@ -243,6 +243,7 @@ def test_hooks_on_layers_attention_and_mlp_fire_as_unpatched():
             def hook(module, args, output):
                 out = output[0] if index is not None else output
                 record[name] = out.reshape(-1, out.shape[-1])
+                record[name + " is a view"] = out._is_view()
             return hook
         layer.register_forward_hook(keep("layer"))
         layer.attn.register_forward_hook(keep("attn", 0))
@@ -255,6 +256,7 @@ def test_hooks_on_layers_attention_and_mlp_fire_as_unpatched():
     for name in ("layer", "attn", "mlp"):
         got, want = seen[0][name], seen[1][name][real]  # packed (T, C) / padded (B * S, C)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    assert not seen[0]["layer is a view"]  # FSDP2 warns of a wrapped layer's view outputs
 
 
 def test_unhooked_layers_keep_the_lean_path():
