@@ -106,7 +106,8 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     if chosen == "torch" and cpu.should_use(x2, weight, bias):
         # CPU inference: the oneDNN GEMM, then GELU and the product in place on its output
         act, gate = cpu.linear(x2, weight, bias).chunk(2, dim=-1)
-        return torch.nn.functional.gelu(act, approximate=approximate).mul_(gate).view(*lead, -1)
+        return ops.own_view(torch.nn.functional.gelu(act, approximate=approximate).mul_(gate),
+                            (*lead, n2 // 2))
     x2 = x2.contiguous()
     b = bias.contiguous() if bias is not None else None
     if ops._inference(x2, weight, bias):
@@ -117,4 +118,4 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
             out = ops._EagerOp.apply("fastbert::linear_geglu", _forward, _setup, _grad, *args)[0]
         else:
             out = _fwd(*args)[0]
-    return out.view(*lead, n2 // 2)
+    return ops.own_view(out, (*lead, n2 // 2))

@@ -190,6 +190,14 @@ def _inference(*tensors: Optional[Tensor]) -> bool:
                 and any(t is not None and t.requires_grad for t in tensors))
 
 
+def own_view(t: Tensor, shape) -> Tensor:
+    """t.view(shape) that autograd sees as a tensor of its own, not a view of t. A module that
+    returns a view makes FSDP2 warn (an in-place op on it would skip the pre-backward
+    all-gather), and transformers' layers return none. Only for a fresh op output that nothing
+    else holds or saves for backward: an in-place change to the result is then tracked on it."""
+    return torch.ops.aten._unsafe_view(t, shape)
+
+
 class _EagerOp(torch.autograd.Function):
     """One custom op's implementation, setup_context and backward (the functions registered with
     it) as an autograd.Function. The backward functions see ctx.eager and call the backward
@@ -628,7 +636,7 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
                                _add_layer_norm_setup, _add_layer_norm_grad, *args)[0]
         else:
             y = _add_layer_norm_fwd(*args)[0]
-    return y.view(shape)
+    return own_view(y, shape)
 
 
 def _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape):
@@ -647,7 +655,7 @@ def _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape
                                   *args)[:2]
         else:
             y, s = _add_layer_norm_residual_fwd(*args)[:2]
-    return y.view(shape), s.view(shape)
+    return own_view(y, shape), own_view(s, shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,7 +752,8 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
     if chosen == "torch" and cpu.should_use(x.reshape(-1, k), weight, bias):
         # CPU inference: oneDNN GEMM on a prepacked weight with GELU as its post-op
         with _profiled("fastbert::linear_bias_gelu_fwd"):
-            return cpu.linear_gelu(x.reshape(-1, k), weight, bias, approximate).view(*lead, n)
+            return own_view(cpu.linear_gelu(x.reshape(-1, k), weight, bias, approximate),
+                            (*lead, n))
     x2 = x.reshape(-1, k).contiguous()
     if _inference(x2, weight, bias):
         out, _ = _linear_bias_gelu_forward(x2, weight.contiguous(), bias.contiguous(),
@@ -756,4 +765,4 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
                                  _linear_bias_gelu_setup, _linear_bias_gelu_grad, *args)[0]
         else:
             out = _linear_bias_gelu_fwd(*args)[0]
-    return out.view(*lead, n)
+    return own_view(out, (*lead, n))

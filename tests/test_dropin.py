@@ -109,6 +109,37 @@ def test_a_hooked_linear_is_called_as_a_module():
     assert_close_by_rule(hooked[real], plain[real], exact[real], name="hooked intermediate")
 
 
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_layer_outputs_are_tensors_of_their_own_and_inplace_ops_on_them_train(arch):
+    """A layer returns no view (FSDP2 warns of a wrapped module's views: an in-place op on one
+    skips the pre-backward all-gather), and an in-place op on its output, here in a forward
+    hook, gives the unpatched model's loss and gradients."""
+    head = "ForSequenceClassification"
+    base = make_model(arch, head, **NO_DROPOUT[arch]).train()
+    model = fastbert.patch_hf(copy.deepcopy(base))
+    inputs = make_inputs(base, head)
+    views = []
+
+    def double_in_place(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        views.append(out._is_view())
+        out.mul_(2.0)
+
+    def loss_and_grads(m):
+        layers = next(mod.layer for mod in m.modules()
+                      if isinstance(getattr(mod, "layer", None), torch.nn.ModuleList))
+        handles = [layer.register_forward_hook(double_in_place) for layer in layers]
+        m.zero_grad()
+        loss = m(**inputs).loss
+        loss.backward()
+        for handle in handles:
+            handle.remove()
+        return {"loss": loss.detach(), **{n: p.grad for n, p in m.named_parameters()}}
+    got = loss_and_grads(model)
+    assert views and not any(views), views
+    plain, exact = _exact_and_plain(base, loss_and_grads)
+    for name in plain:
+        assert_close_by_rule(got[name], plain[name], exact[name], name=f"{arch} {name}")
 # --------------------------------------------------------------------------------------------
 # 2. output_attentions
 # --------------------------------------------------------------------------------------------
