@@ -42,7 +42,7 @@ from fastbert import hf_lean_modernbert, varlen
 from fastbert.hf_lean import _hooked as hooked
 from fastbert.hf_layers import base_class, plain
 from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent, linear
-from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
+from fastbert.padding import PackedBatch, has_holes, pack_mask, pack_position_ids
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +182,16 @@ def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict
     return norm(x + delta)
 
 
+def _window_meets_holes(model: nn.Module, attention_mask, seqlen: int) -> bool:
+    """A mask with padding between real tokens (padding.has_holes) where a local layer's window
+    is shorter than the rows: transformers' window counts positions, which packing would close
+    up, so such a batch runs transformers' forward."""
+    windows = [layer.attn.sliding_window for layer in model.layers]
+    return (attention_mask is not None
+            and any(w is not None and w - 1 < seqlen - 1 for w in windows)
+            and has_holes(attention_mask))
+
+
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    inputs_embeds=None, **kwargs):
     """ModernBertModel.forward, unpadded (see the module docstring)."""
@@ -191,7 +201,9 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     if (wants_layers or (input_ids is None) == (inputs_embeds is None)
             or (attention_mask is not None and (not torch.is_tensor(attention_mask)
                                                 or attention_mask.dim() != 2))
-            or not _can_pack_data_dependent()):
+            or not _can_pack_data_dependent()
+            or _window_meets_holes(self, attention_mask, (input_ids if input_ids is not None
+                                                          else inputs_embeds).shape[1])):
         return base_class(type(self)).forward(self, input_ids=input_ids,
                                              attention_mask=attention_mask,
                                              position_ids=position_ids,

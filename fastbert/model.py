@@ -24,7 +24,7 @@ import fastbert
 from fastbert import cpu, lean
 from fastbert.config import _GELU_APPROXIMATE, BertConfig  # noqa: F401  (re-exported)
 from fastbert.family import fastbert_base_class
-from fastbert.padding import (PackedBatch, first_tokens, pack_mask, pack_position_ids,
+from fastbert.padding import (PackedBatch, first_tokens, has_holes, pack_mask, pack_position_ids,
                               positions_in_sequence)
 
 
@@ -439,10 +439,16 @@ class BertModel(BertPreTrainedModel):
         if not unpad or past_key_values is not None or not _can_pack_data_dependent():
             return None
         if attention_mask is not None:
+            if self._window_excludes(input_ids.shape[-1]) and has_holes(attention_mask):
+                return None  # a window counts positions, which packing would close up
             return pack_mask(attention_mask)
         if position_ids is not None and input_ids.shape[0] == 1 and position_ids.numel() > 1:
             return pack_position_ids(position_ids, self.config.max_position_embeddings)
         return None  # no padding: the padded path computes on real tokens only already
+
+    def _window_excludes(self, length: int) -> bool:
+        """Whether some layer's sliding window leaves out keys of a length-token row."""
+        return any(0 <= getattr(layer, "window", -1) < length - 1 for layer in self.encoder.layer)
 
     def _default_positions(self, input_ids, past: int = 0):
         """Position ids when none are given: past, past + 1, ... ((1, S), BERT), or, where

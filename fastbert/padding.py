@@ -50,6 +50,15 @@ def pack_mask(attention_mask: Tensor) -> PackedBatch:
     return PackedBatch(cu_seqlens, s, indices, b, s)
 
 
+def has_holes(attention_mask: Tensor) -> bool:
+    """Whether some row's real tokens are not one run (padding between them, [1, 0, 1]): packing
+    closes such gaps, so distances between packed tokens are no longer positions' distances (a
+    sliding window measures the latter). One host sync."""
+    real = attention_mask.bool()
+    runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)  # runs of real tokens
+    return bool((runs > 1).any())
+
+
 def pack_position_ids(position_ids: Tensor, max_position: int) -> PackedBatch:
     """(1, T) position ids restarting per sequence at the first token's position: 0 as
     transformers' DataCollatorWithFlattening makes them, or RoBERTa's pad_token_id + 1. One host

@@ -50,6 +50,18 @@ def padded_batch(batch=3):
     return ids, mask
 
 
+def masks_of_other_shapes(batch=3):
+    """(ids, mask) pairs: left padding, and padding between real tokens (gaps of 3 and 1, longer
+    than nothing and shorter than the +-4 window, so packing would bring farther keys into it)."""
+    ids, mask = padded_batch(batch)
+    left = mask.flip(1)
+    holes = torch.ones_like(mask)
+    holes[1, 5:8] = 0
+    holes[2, [2, 9, 11]] = 0
+    holes[2, 17:] = 0
+    return [("left padding", ids.flip(1), left), ("holes", ids.masked_fill(holes == 0, 0), holes)]
+
+
 def packed_batch():
     """DataCollatorWithFlattening's form: (1, T) ids, position ids restarting at 0, no mask; and
     the same sequences as a padded batch (ids, mask), the reference's input: transformers' sdpa
@@ -112,6 +124,23 @@ def test_base_model_padded_and_packed():
     torch.testing.assert_close(patched(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                                        max_length_q=SEQ, max_length_k=SEQ).last_hidden_state,
                                patched(input_ids=ids, position_ids=position_ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("case", ["left padding", "holes"])
+def test_left_padding_and_padding_between_real_tokens(case, monkeypatch):
+    """Left padding packs as right padding does. Padding between real tokens would close up in
+    packing, so the +-4 window would reach keys farther than 4 positions away: such a batch runs
+    transformers' own forward (the packed layers are not called)."""
+    models = triplet(mb.ModernBertModel, tiny_config())
+    ids, mask = dict((name, (i, m)) for name, i, m in masks_of_other_shapes())[case]
+    packed_calls = []
+    real_layers = hf_patch_modernbert._layers
+    monkeypatch.setattr(hf_patch_modernbert.hf_lean_modernbert, "plan", lambda *a: None)
+    monkeypatch.setattr(hf_patch_modernbert, "_layers",
+                        lambda *a: packed_calls.append(1) or real_layers(*a))
+    compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
+            real=mask.bool())
+    assert len(packed_calls) == (1 if case == "left padding" else 0)
 
 
 @pytest.mark.parametrize("sparse", [False, True])

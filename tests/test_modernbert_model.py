@@ -22,7 +22,8 @@ from fastbert.model import BertConfig  # noqa: E402
 from tests.helpers import assert_close_by_rule  # noqa: E402
 from tests.test_model import _run_on_backend  # noqa: E402
 from tests.test_hf import grads_by_hf_name  # noqa: E402
-from tests.test_hf_modernbert import SEQ, packed_batch, padded_batch, tiny_config  # noqa: E402
+from tests.test_hf_modernbert import (SEQ, masks_of_other_shapes, packed_batch,  # noqa: E402
+                                      padded_batch, tiny_config)
 
 FAMILY = FAMILIES["modernbert"]
 # transformers' class -> fastbert's
@@ -132,6 +133,17 @@ def test_checkpoint_loads_and_matches_transformers(cls, overrides, unpad, tmp_pa
     ours = _load_ours(cls, tmp_path, unpad=unpad)
     ids, mask = padded_batch()
     _agree(ours, hf_model, _inputs(cls, ids, mask), mask.bool())
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_left_padding_and_padding_between_real_tokens(unpad, tmp_path):
+    """As transformers: padding between real tokens keeps the window counting positions (the
+    unpadded model takes its padded path for such a batch, where the window is shorter)."""
+    hf_model = _hf_model(mb.ModernBertModel)
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours(mb.ModernBertModel, tmp_path, unpad=unpad)
+    for _, ids, mask in masks_of_other_shapes():
+        _agree(ours, hf_model, _inputs(mb.ModernBertModel, ids, mask), mask.bool())
 
 
 @pytest.mark.parametrize("cls", [mb.ModernBertModel, mb.ModernBertForMaskedLM])
