@@ -371,6 +371,9 @@ class BertModel(BertPreTrainedModel):
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps,
                                        bias=config.setting("norm_bias", True)) \
             if pre_norm else None
+        # the narrowest sliding window (half width), or -1: none (see _pack)
+        self.local_window = min((layer.window for layer in self.encoder.layer
+                                 if getattr(layer, "window", -1) >= 0), default=-1)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.checkpointing_function = None  # set by gradient_checkpointing_enable
         self.apply(lambda m: init_weights(m, config.initializer_range))
@@ -439,16 +442,15 @@ class BertModel(BertPreTrainedModel):
         if not unpad or past_key_values is not None or not _can_pack_data_dependent():
             return None
         if attention_mask is not None:
-            if self._window_excludes(input_ids.shape[-1]) and has_holes(attention_mask):
-                return None  # a window counts positions, which packing would close up
+            if 0 <= self.local_window < input_ids.shape[-1] - 1 and (
+                    torch.compiler.is_compiling() or has_holes(attention_mask)):
+                # a window counts positions, which packing closes up at padding between real
+                # tokens (padding.has_holes; unknowable while tracing, so then padded too)
+                return None
             return pack_mask(attention_mask)
         if position_ids is not None and input_ids.shape[0] == 1 and position_ids.numel() > 1:
             return pack_position_ids(position_ids, self.config.max_position_embeddings)
         return None  # no padding: the padded path computes on real tokens only already
-
-    def _window_excludes(self, length: int) -> bool:
-        """Whether some layer's sliding window leaves out keys of a length-token row."""
-        return any(0 <= getattr(layer, "window", -1) < length - 1 for layer in self.encoder.layer)
 
     def _default_positions(self, input_ids, past: int = 0):
         """Position ids when none are given: past, past + 1, ... ((1, S), BERT), or, where

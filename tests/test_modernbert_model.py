@@ -430,8 +430,10 @@ def test_checkpointing_and_wrapped_modules_compute_the_same():
 
 @pytest.mark.parametrize("unpad", [False, True])
 def test_torch_compile_fullgraph_matches_eager(unpad):
-    """As tests/test_model.py's for BERT: unpadded where dynamo captures the data-dependent
-    token count, else the compiled model runs padded (windowed fastbert.attention)."""
+    """As tests/test_model.py's for BERT, where the compiled model runs padded (windowed
+    fastbert.attention); so it does with unpad and dynamo capturing the data-dependent token
+    count, as the window is shorter than the rows (a mask's holes cannot be read while
+    tracing, see BertModel._pack)."""
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=unpad):
         torch._dynamo.reset()
         torch.manual_seed(0)
