@@ -157,12 +157,14 @@ def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: i
                                           kw)
     hidden = x.shape[1]
     p.norms = {}
+    norm_dtype = ops.norm_dtype(device.type, dtype) if p.cast is not None else dtype
     for dropout_p in norm_dropout:
-        backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device, dtype=compute,
-                                      hidden=hidden, dropout_p=dropout_p, store_sum=True)
+        backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
+                                      dtype=norm_dtype, hidden=hidden, dropout_p=dropout_p,
+                                      store_sum=True)
         p.norms[dropout_p] = (backend, ops._backend_module(backend).add_layer_norm_forward)
     p.norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
-                                         dtype=compute, hidden=hidden, dropout_p=0.0)
+                                         dtype=norm_dtype, hidden=hidden, dropout_p=0.0)
     p.norm = ops._backend_module(p.norm_backend).add_layer_norm_forward
     routes = cpu.inference_routes(dtype) if device.type == "cpu" else None
     p.cpu_linear = routes[0] if routes is not None else None
@@ -325,9 +327,8 @@ def _norm(p: Plan, norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
         x, residual = x, None
     else:
         x, residual = delta, x
-    if p.cast is not None:
-        x = x.to(p.cast)
-        residual = residual.to(p.cast) if residual is not None else None
+    if p.cast is not None:  # as the public op (ops.norm_dtype)
+        x, residual = ops.norm_inputs(x, residual)
     if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad
                    or (residual is not None and residual.requires_grad)):  # (*)
         return ops.apply_eager("fastbert::add_layer_norm", ops._add_layer_norm_forward,
@@ -346,8 +347,8 @@ def _add_norm(p: Plan, norm: nn.Module, delta: torch.Tensor, x: torch.Tensor,
         return norm(s), s
     w, b = norm._parameters["weight"], norm._parameters["bias"]
     b = p.zero_bias if b is None else b
-    if p.cast is not None:
-        delta, x = delta.to(p.cast), x.to(p.cast)
+    if p.cast is not None:  # as the public op (ops.norm_dtype)
+        delta, x = ops.norm_inputs(delta, x)
     backend, forward = p.norms[dropout_p]
     if p.grad and (delta.requires_grad or x.requires_grad or w.requires_grad
                    or b.requires_grad):  # (*)

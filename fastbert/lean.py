@@ -143,11 +143,12 @@ def resolve(device: torch.device, x_dtype: torch.dtype, hidden: int,
         p.attention_backend = ops.resolve_backend("fastbert.attention", "auto", device,
                                                   has_mask=p.mask is not None, **kw)
         p.attention = ops._backend_module(p.attention_backend).attention_forward
-    p.norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device, dtype=dtype,
-                                         hidden=hidden, dropout_p=hidden_p)
+    norm_dtype = ops.norm_dtype(device.type, x_dtype) if p.cast is not None else x_dtype
+    p.norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
+                                         dtype=norm_dtype, hidden=hidden, dropout_p=hidden_p)
     p.norm = ops._backend_module(p.norm_backend).add_layer_norm_forward
     p.embed_norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
-                                               dtype=dtype, hidden=hidden, dropout_p=0.0)
+                                               dtype=norm_dtype, hidden=hidden, dropout_p=0.0)
     p.embed_norm = ops._backend_module(p.embed_norm_backend).add_layer_norm_forward
     p.gelu_backend = ops.resolve_backend("fastbert.linear_bias_gelu", "auto", device, dtype=dtype,
                                          in_features=hidden, out_features=ffn)
@@ -183,9 +184,8 @@ def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, forward,
                     backend: str):
     """fastbert.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=...)."""
-    if p.cast is not None:
-        x = x.to(p.cast)
-        residual = residual.to(p.cast) if residual is not None else None
+    if p.cast is not None:  # as the public op (ops.norm_dtype)
+        x, residual = ops.norm_inputs(x, residual)
     shape = x.shape
     if not p.packed:
         x = x.reshape(-1, shape[-1])

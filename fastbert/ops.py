@@ -33,6 +33,7 @@ that layout to torch.compile).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from typing import Optional, Tuple
@@ -278,6 +279,25 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def norm_dtype(device_type: str, *dtypes: torch.dtype) -> torch.dtype:
+    """The dtype add_layer_norm computes in under autocast, for inputs of `dtypes`, as torch
+    computes LayerNorm(x + residual) there: CUDA autocast runs layer_norm in fp32, CPU autocast
+    in its input's dtype, the sum's (the wider of x and residual). So a residual stream stays
+    fp32 as in the model the op replaces; the GEMM reading the output casts it down anyway."""
+    wide = functools.reduce(torch.promote_types, dtypes)
+    return wide if device_type == "cpu" or wide not in _HALF else torch.float32
+
+
+def norm_inputs(x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """x and residual in norm_dtype (under autocast)."""
+    dtype = norm_dtype(x.device.type, x.dtype, *([residual.dtype] if residual is not None
+                                                  else []))
+    return x.to(dtype), (residual.to(dtype) if residual is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,7 +590,8 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
                    eps: float = 1e-12, *, dropout_p: float = 0.0, return_residual: bool = False,
                    backend: str = "auto"):
     """LayerNorm(dropout(x) + residual) over the last dim, statistics in fp32; bias may be None
-    (nn.LayerNorm(bias=False)).
+    (nn.LayerNorm(bias=False)). Under autocast it runs in the dtype torch's add and layer_norm
+    would (norm_dtype): fp32 on CUDA, the wider of x and residual on CPU.
 
     return_residual=True: the pre-norm form, (y, s) with s = dropout(x) + residual in x's dtype,
     the next pre-norm layer's residual, from the same pass on every backend (gradients reaching
@@ -610,9 +631,8 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     if not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{op}: argument 'eps' expected a positive float, got {eps!r}")
     dropout_p = _expect_dropout(op, dropout_p)
-    if cast is not None:
-        x = x.to(cast)
-        residual = residual.to(cast) if residual is not None else None
+    if cast is not None:  # as autocast runs LayerNorm(x + residual) (norm_dtype)
+        x, residual = norm_inputs(x, residual)
     if not isinstance(return_residual, bool):
         raise TypeError(f"{op}: argument 'return_residual' expected a bool, got "
                         f"{type(return_residual).__name__}")

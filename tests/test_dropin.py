@@ -16,7 +16,7 @@ import torch
 import fastbert
 from fastbert import hf_layers
 from fastbert.heads import span_loss
-from tests.helpers import assert_close_by_rule
+from tests.helpers import FLOOR, assert_close_by_rule
 from tests.test_family import ARCHS, NO_DROPOUT, make_inputs, make_model
 from tests.test_hf import assert_agree
 
@@ -140,6 +140,41 @@ def test_layer_outputs_are_tensors_of_their_own_and_inplace_ops_on_them_train(ar
     plain, exact = _exact_and_plain(base, loss_and_grads)
     for name in plain:
         assert_close_by_rule(got[name], plain[name], exact[name], name=f"{arch} {name}")
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_bf16_autocast_keeps_the_fp32_residual_stream_and_trains_as_unpatched(arch):
+    """Under bf16 autocast (transformers Trainer's bf16=True) a layer's LayerNorm(dense(h) +
+    residual) takes the sum's dtype on CPU (fp32 over an fp32 residual stream; CUDA autocast
+    runs every layer_norm in fp32): the patched layers pass the dtypes the unpatched ones do
+    (they passed bf16, up to 2.2x the unpatched model's error on the logits), and the loss,
+    logits and every gradient meet the tolerance rule against an fp64 run."""
+    head = "ForMaskedLM"
+    base = make_model(arch, head, **NO_DROPOUT[arch]).train()
+    model = fastbert.patch_hf(copy.deepcopy(base))
+    inputs = make_inputs(base, head)
+    real = inputs["attention_mask"].bool()
+
+    def run(m, autocast=True):
+        layers = next(mod.layer for mod in m.modules()
+                      if isinstance(getattr(mod, "layer", None), torch.nn.ModuleList))
+        dtypes = []
+        handles = [layer.register_forward_hook(lambda mod, args, out: dtypes.append(
+            (out[0] if isinstance(out, tuple) else out).dtype)) for layer in layers]
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m(**inputs)
+        out.loss.backward()
+        for handle in handles:
+            handle.remove()
+        return dtypes, {"loss": out.loss.detach().float(), "logits": out.logits.detach()[real],
+                        **{n: p.grad for n, p in m.named_parameters()}}
+    (got_dtypes, got), (plain_dtypes, plain) = run(model), run(base)
+    exact = run(copy.deepcopy(base).double(), autocast=False)[1]
+    assert got_dtypes == plain_dtypes, (got_dtypes, plain_dtypes)
+    for name in plain:  # bf16 math: bf16's floor (key.bias's exact gradient is 0: noise only)
+        assert_close_by_rule(got[name].float(), plain[name].float(), exact[name],
+                             name=f"{arch} {name}", floor=FLOOR[torch.bfloat16])
+
+
 # --------------------------------------------------------------------------------------------
 # 2. output_attentions
 # --------------------------------------------------------------------------------------------

@@ -166,9 +166,12 @@ def test_add_layer_norm_return_residual_fp32_inference_and_autocast():
         y, s = fastbert.add_layer_norm(x, r, w, None, 1e-5, return_residual=True)
     torch.testing.assert_close(s, x + r, rtol=0, atol=0)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (16,), w, None, 1e-5))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU: the dtype of x + r, as torch's
         y, s = fastbert.add_layer_norm(x, r, w, b, 1e-5, return_residual=True)
-    assert y.dtype == s.dtype == torch.bfloat16 and y.shape == s.shape == x.shape
+        y16, s16 = fastbert.add_layer_norm(x.bfloat16(), r.bfloat16(), w, b, 1e-5,
+                                           return_residual=True)
+    assert y.dtype == s.dtype == torch.float32 and y.shape == s.shape == x.shape
+    assert y16.dtype == s16.dtype == torch.bfloat16
 
 
 def test_linear_bias_gelu_gradcheck():
@@ -270,7 +273,7 @@ def test_dropout_reproducible_and_scaled():
     assert abs(keep_rate - 0.7) < 0.01
 
 
-def test_autocast_runs_ops_in_low_precision():
+def test_autocast_runs_ops_in_low_precision_and_norms_as_torch_would():
     x = torch.randn(2, 4, 8)
     w, b = torch.randn(16, 8), torch.randn(16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -278,7 +281,12 @@ def test_autocast_runs_ops_in_low_precision():
         y = fastbert.add_layer_norm(h, h.float(), torch.ones(16), torch.zeros(16), backend="torch")
         q = torch.randn(2, 4, 2, 8)
         o = fastbert.attention(q, q, q, backend="torch")
-    assert h.dtype == y.dtype == o.dtype == torch.bfloat16
+    assert h.dtype == o.dtype == torch.bfloat16
+    assert y.dtype == torch.float32  # the sum's dtype, as LayerNorm(h + residual) on CPU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fastbert.add_layer_norm(h, None, torch.ones(16), torch.zeros(16)).dtype == h.dtype
+    assert ops.norm_dtype("cuda", torch.bfloat16) == torch.float32  # CUDA autocast's layer_norm
+    assert ops.norm_dtype("cpu", torch.bfloat16, torch.float32) == torch.float32
 
 
 # --------------------------------------------------------------------------------------------

@@ -248,9 +248,8 @@ def _tile_label(constexprs, warps, stages):
 
 def layer_norm_variants():
     # (residual, dropout): embeddings (no residual, dropout after), every layer in training and
-    # in eval. Backward runs for the training ones. Weights in the input dtype (a half or bf16
-    # model), or fp32 under bf16 autocast over fp32 parameters (FASTBERT_RESOURCES=full: fp16
-    # autocast too).
+    # in eval. Backward runs for the training ones. Weights in the input dtype (a half, bf16 or,
+    # under autocast, fp32 model), or fp32 beside bf16 rows (FASTBERT_RESOURCES=full: fp16 too).
     # Rows wider than any model here (up to MAX_HIDDEN, walked in chunks) are listed too: the
     # op serves them, and held whole in registers they spilled (issue 19).
     forward_kinds = [(False, False), (True, True), (True, False)]
@@ -259,7 +258,9 @@ def layer_norm_variants():
     widths.update({f"hidden {h}": h for h in (ln.MAX_BLOCK_N, ln.MAX_HIDDEN)})
     for model, hidden in widths.items():
         block_n, warps, whole_row = ln._row_config(hidden)
-        for capability, dtype in itertools.product(CAPABILITIES, DTYPES):
+        # fp32 rows: the norms under CUDA autocast (ops.norm_dtype), model widths only
+        dtypes = DTYPES + ((torch.float32,) if model in MODELS else ())
+        for capability, dtype in itertools.product(CAPABILITIES, dtypes):
             for weight_dtype in (dtype, torch.float32) if FULL or dtype == torch.bfloat16 \
                     else (dtype,):
                 for kernel, signature, kinds in (
@@ -385,9 +386,10 @@ def test_variant_list_covers_the_model():
     att = rows["attention"]
     assert all("large" in models for row, (_, models) in att.items() if "base" in models)
     assert any(models == ["MiniLM"] for _, models in att.values())
-    for family in FAMILIES:
+    for family in FAMILIES:  # and fp32 norms (autocast's, ops.norm_dtype)
+        extra = (torch.float32,) if family == "layer_norm" else ()
         assert {(r.capability, r.dtype) for r in rows[family]} == {
-            (c, TRITON_TYPE[d]) for c in CAPABILITIES for d in DTYPES}
+            (c, TRITON_TYPE[d]) for c in CAPABILITIES for d in DTYPES + extra}
     fwd = [r for r in att if r.kernel == "_attn_fwd_kernel" and "padded" in r.what]
     flag_sets = {r.what.split()[2] for r in fwd}
     if FULL:  # every combination of causal, mask, dropout
