@@ -183,13 +183,13 @@ def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict
 
 
 def _window_meets_holes(model: nn.Module, attention_mask, seqlen: int) -> bool:
-    """A mask with padding between real tokens (padding.has_holes; unknowable while tracing, so
-    any mask then) where a local layer's window is shorter than the rows: transformers' window
-    counts positions, which packing would close up, so such a batch runs transformers' forward."""
+    """A mask with padding between real tokens (padding.has_holes, True while tracing) where a
+    local layer's window is shorter than the rows: transformers' window counts positions, which
+    packing would close up, so such a batch runs transformers' forward."""
     windows = [layer.attn.sliding_window for layer in model.layers]
     return (attention_mask is not None
             and any(w is not None and w - 1 < seqlen - 1 for w in windows)
-            and (torch.compiler.is_compiling() or has_holes(attention_mask)))
+            and has_holes(attention_mask))
 
 
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,

@@ -442,10 +442,9 @@ class BertModel(BertPreTrainedModel):
         if not unpad or past_key_values is not None or not _can_pack_data_dependent():
             return None
         if attention_mask is not None:
-            if 0 <= self.local_window < input_ids.shape[-1] - 1 and (
-                    torch.compiler.is_compiling() or has_holes(attention_mask)):
+            if 0 <= self.local_window < input_ids.shape[-1] - 1 and has_holes(attention_mask):
                 # a window counts positions, which packing closes up at padding between real
-                # tokens (padding.has_holes; unknowable while tracing, so then padded too)
+                # tokens (padding.has_holes, True while tracing)
                 return None
             return pack_mask(attention_mask)
         if position_ids is not None and input_ids.shape[0] == 1 and position_ids.numel() > 1:

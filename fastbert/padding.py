@@ -53,7 +53,10 @@ def pack_mask(attention_mask: Tensor) -> PackedBatch:
 def has_holes(attention_mask: Tensor) -> bool:
     """Whether some row's real tokens are not one run (padding between them, [1, 0, 1]): packing
     closes such gaps, so distances between packed tokens are no longer positions' distances (a
-    sliding window measures the latter). One host sync."""
+    sliding window measures the latter). One host sync; True while torch.compile traces (the
+    answer would need a data-dependent guard), so callers then take the path exact for any mask."""
+    if torch.compiler.is_compiling():
+        return True
     real = attention_mask.bool()
     runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)  # runs of real tokens
     return bool((runs > 1).any())
