@@ -129,8 +129,11 @@ class Work:
     gemm_k: int = 0  # linear+GELU: the K its epilogue is weighed against
 
 
-def work(kernel: str, constexprs: dict, element_size: int, shape) -> Work:
+def work(kernel: str, constexprs: dict, element_size: int, shape, stream_size: int = 0) -> Work:
+    """stream_size: the LayerNorm's residual, y and their gradients' element size where it is
+    not x's (autocast's bf16 x beside the fp32 residual stream); element_size is x's."""
     c = constexprs
+    stream_size = stream_size or element_size
     if kernel == "_attn_fwd_kernel":  # S = Q K^T, O += P V
         return Work("key tile", flops=4 * c["BLOCK_M"] * c["BLOCK_N"] * shape.head_dim)
     if kernel == "_attn_bwd_dkdv_kernel":  # S^T, dP^T, dV, dK (and the atomic dQ)
@@ -144,11 +147,11 @@ def work(kernel: str, constexprs: dict, element_size: int, shape) -> Work:
     if kernel == "_key_range_kernel":
         return Work(f"{c['BLOCK']} mask bytes", dram_bytes=c["BLOCK"])
     if kernel == "_add_layer_norm_fwd_kernel":  # x (+ residual) in, y out, mean and rstd
-        tensors = 2 + c["HAS_RESIDUAL"]
-        return Work("row", dram_bytes=tensors * shape.hidden * element_size + 8)
+        per_column = element_size + (1 + c["HAS_RESIDUAL"]) * stream_size
+        return Work("row", dram_bytes=per_column * shape.hidden + 8)
     if kernel == "_add_layer_norm_bwd_kernel":  # dy, x (+ residual) in; dx (+ dresidual) out
-        tensors = 3 + 2 * c["HAS_RESIDUAL"]
-        return Work("row", dram_bytes=tensors * shape.hidden * element_size + 8)
+        per_column = 2 * element_size + (1 + 2 * c["HAS_RESIDUAL"]) * stream_size
+        return Work("row", dram_bytes=per_column * shape.hidden + 8)
     if kernel == "_gelu_bwd_dbias_kernel":  # dout, pre in; dpre out
         return Work(f"{c['BLOCK_M']}x{c['BLOCK_N']} tile",
                     dram_bytes=3 * c["BLOCK_M"] * c["BLOCK_N"] * element_size)
@@ -201,8 +204,10 @@ def occupancy(regs: int, shared: int, warps: int, capability: int) -> tuple:
 def estimate(row, variant, usage: dict, sass_text: str, shape) -> Estimate:
     sass = Sass.parse(sass_text)
     constexprs = dict(variant.constexprs)
-    element_size = 4 if row.dtype == "fp32" else 2
-    job = work(row.kernel, constexprs, element_size, shape)
+    # "bf16+fp32": x's dtype, then the residual stream's (autocast's LayerNorm rows)
+    parts = row.dtype.split("+")
+    element_size, stream_size = (4 if t == "fp32" else 2 for t in (parts[0], parts[-1]))
+    job = work(row.kernel, constexprs, element_size, shape, stream_size)
     warps = variant.num_warps
     flop_rate, dram_rate, _ = MACHINES[row.capability]
     ctas, occ = occupancy(usage["regs"], usage["shared"], warps, row.capability)

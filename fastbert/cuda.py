@@ -301,11 +301,19 @@ def _kernel_weight(x: Tensor, weight: Tensor) -> Tensor:
     return weight if weight.dtype in (x.dtype, torch.float32) else weight.float()
 
 
-def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False):
-    """(y, mean, rstd), and with store_sum the pre-norm sum dropout(x) + residual in x's dtype
-    as a fourth (the kernel writes it from its fp32 sums in the same pass)."""
+def _one_dtype(dtype: torch.dtype, *tensors: Optional[Tensor]):
+    """The kernels take x, residual, y and their gradients in one dtype: mixed inputs (autocast's
+    bf16 x beside an fp32 residual) are cast to it here (a pass the Triton kernels do without)."""
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False,
+                           out_dtype=None):
+    """(y, mean, rstd), and with store_sum the pre-norm sum dropout(x) + residual as a fourth
+    (the kernel writes it from its fp32 sums in the same pass); both in out_dtype (x's if None)."""
     op = "fastbert.add_layer_norm"
     _require_extension(op)
+    x, residual = _one_dtype(out_dtype or x.dtype, x, residual)
     rows, hidden = x.shape
     w, bias_k = _kernel_weight(x, weight), _kernel_weight(x, bias)
     y = _empty(x.shape, x.dtype, x.device)
@@ -321,9 +329,12 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, stor
 
 
 def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None):
-    """dsum: the gradient reaching the pre-norm sum as an output (return_residual), or None."""
+    """dsum: the gradient reaching the pre-norm sum as an output (return_residual), or None.
+    dx and dresidual in x's and residual's dtypes, dy (and dsum) in y's."""
     op = "fastbert.add_layer_norm"
     _require_extension(op)
+    x_dtype, res_dtype = x.dtype, residual.dtype if residual is not None else None
+    x, residual, dsum = _one_dtype(dy.dtype, x, residual, dsum)
     rows, hidden = x.shape
     w = _kernel_weight(x, weight)
     dx = _empty(x.shape, x.dtype, x.device)
@@ -339,6 +350,7 @@ def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed
                                    dbias.data_ptr(), rows, hidden, parts, float(dropout_p),
                                    int(seed), _DTYPE_CODES[x.dtype], _DTYPE_CODES[w.dtype],
                                    _stream(x))
+    dx, dres = dx.to(x_dtype), dres.to(res_dtype) if dres is not None else None
     return dx, dres, dweight.to(weight.dtype), dbias.to(weight.dtype)
 
 

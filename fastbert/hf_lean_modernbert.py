@@ -327,14 +327,13 @@ def _norm(p: Plan, norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
         x, residual = x, None
     else:
         x, residual = delta, x
-    if p.cast is not None:  # as the public op (ops.norm_dtype)
-        x, residual = ops.norm_inputs(x, residual)
+    out_dtype = ops.norm_out_dtype(x, residual) if p.cast is not None else None  # as the op
     if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad
                    or (residual is not None and residual.requires_grad)):  # (*)
         return ops.apply_eager("fastbert::add_layer_norm", ops._add_layer_norm_forward,
                                ops._add_layer_norm_setup, ops._add_layer_norm_grad, x, residual,
-                               w, b, norm.eps, 0.0, None, p.norm_backend)[0]
-    return p.norm(x, residual, w, b, norm.eps, 0.0, 0)[0]
+                               w, b, norm.eps, 0.0, None, p.norm_backend, out_dtype)[0]
+    return p.norm(x, residual, w, b, norm.eps, 0.0, 0, out_dtype=out_dtype)[0]
 
 
 def _add_norm(p: Plan, norm: nn.Module, delta: torch.Tensor, x: torch.Tensor,
@@ -347,8 +346,7 @@ def _add_norm(p: Plan, norm: nn.Module, delta: torch.Tensor, x: torch.Tensor,
         return norm(s), s
     w, b = norm._parameters["weight"], norm._parameters["bias"]
     b = p.zero_bias if b is None else b
-    if p.cast is not None:  # as the public op (ops.norm_dtype)
-        delta, x = ops.norm_inputs(delta, x)
+    out_dtype = ops.norm_out_dtype(delta, x) if p.cast is not None else None  # as the op
     backend, forward = p.norms[dropout_p]
     if p.grad and (delta.requires_grad or x.requires_grad or w.requires_grad
                    or b.requires_grad):  # (*)
@@ -356,9 +354,10 @@ def _add_norm(p: Plan, norm: nn.Module, delta: torch.Tensor, x: torch.Tensor,
                                ops._add_layer_norm_residual_forward,
                                ops._add_layer_norm_residual_setup,
                                ops._add_layer_norm_residual_grad, delta, x, w, b, norm.eps,
-                               dropout_p, ops._draw_seed(dropout_p), backend)[:2]
+                               dropout_p, ops._draw_seed(dropout_p), backend, out_dtype)[:2]
     seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
-    y, _, _, s = forward(delta, x, w, b, norm.eps, dropout_p, seed, store_sum=True)
+    y, _, _, s = forward(delta, x, w, b, norm.eps, dropout_p, seed, store_sum=True,
+                         out_dtype=out_dtype)
     return y, s
 
 

@@ -184,8 +184,7 @@ def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, forward,
                     backend: str):
     """fastbert.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=...)."""
-    if p.cast is not None:  # as the public op (ops.norm_dtype)
-        x, residual = ops.norm_inputs(x, residual)
+    out_dtype = ops.norm_out_dtype(x, residual) if p.cast is not None else None  # as the op
     shape = x.shape
     if not p.packed:
         x = x.reshape(-1, shape[-1])
@@ -195,10 +194,11 @@ def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, 
                    or (residual is not None and residual.requires_grad)):  # (*)
         y = ops.apply_eager("fastbert::add_layer_norm", ops._add_layer_norm_forward,
                             ops._add_layer_norm_setup, ops._add_layer_norm_grad, x, residual, w,
-                            b, float(norm.eps), dropout_p, ops._draw_seed(dropout_p), backend)[0]
+                            b, float(norm.eps), dropout_p, ops._draw_seed(dropout_p), backend,
+                            out_dtype)[0]
     else:
         seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
-        y = forward(x, residual, w, b, float(norm.eps), dropout_p, seed)[0]
+        y = forward(x, residual, w, b, float(norm.eps), dropout_p, seed, out_dtype=out_dtype)[0]
     return y if p.packed else y.view(shape)
 
 

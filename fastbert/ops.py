@@ -7,11 +7,14 @@ the same kernel entry points (`fastbert/torch_backend.py`, `fastbert/triton/__in
     attention_forward(q, k, v, mask, causal, dropout_p, scale, seed) -> (out, lse)
     attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
                        deterministic) -> (dq, dk, dv)
-    add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False)
+    add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False,
+                           out_dtype=None)
         -> (y, mean, rstd), or (y, mean, rstd, s) with store_sum (return_residual: the pre-norm
-        sum s = dropout(x) + residual in x's dtype)
+        sum s = dropout(x) + residual); y and s in out_dtype (x's if None; under autocast x and
+        residual may differ in dtype)
     add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None)
-        -> (dx, dresidual, dweight, dbias) (dsum: the gradient reaching s, or None)
+        -> (dx, dresidual, dweight, dbias) (dsum: the gradient reaching s, or None), each
+        gradient in its input's dtype
     linear_bias_gelu_forward(x, weight, bias, approximate) -> (out, pre)
     linear_bias_gelu_backward(dout, x, weight, pre, approximate) -> (dx, dweight, dbias)
     attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -293,11 +296,12 @@ def norm_dtype(device_type: str, *dtypes: torch.dtype) -> torch.dtype:
     return wide if device_type == "cpu" or wide not in _HALF else torch.float32
 
 
-def norm_inputs(x: Tensor, residual: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-    """x and residual in norm_dtype (under autocast)."""
+def norm_out_dtype(x: Tensor, residual: Optional[Tensor]) -> Optional[torch.dtype]:
+    """norm_dtype for these inputs (under autocast), None where it is x's own: the out_dtype the
+    add_layer_norm kernels take beside x and residual as they are."""
     dtype = norm_dtype(x.device.type, x.dtype, *([residual.dtype] if residual is not None
                                                   else []))
-    return x.to(dtype), (residual.to(dtype) if residual is not None else None)
+    return None if dtype == x.dtype else dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,10 +484,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
 # --------------------------------------------------------------------------------------------
 
 def _add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                            eps: float, dropout_p: float, seed: Optional[Tensor],
-                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                            eps: float, dropout_p: float, seed: Optional[Tensor], backend: str,
+                            out_dtype: Optional[torch.dtype] = None
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """out_dtype: y's dtype when it is not x's (under autocast, ops.norm_dtype; x and residual
+    may then differ in dtype, and the kernels read both as they are)."""
     y, mean, rstd = _backend_module(backend).add_layer_norm_forward(
-        x, residual, weight, bias, eps, dropout_p, _seed_int(seed))
+        x, residual, weight, bias, eps, dropout_p, _seed_int(seed), out_dtype=out_dtype)
     return y, mean, rstd
 
 
@@ -492,9 +499,9 @@ _add_layer_norm_fwd = torch.library.custom_op("fastbert::add_layer_norm_fwd",
 
 
 @_add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, seed, backend):
+def _(x, residual, weight, bias, eps, dropout_p, seed, backend, out_dtype=None):
     rows = x.shape[0]
-    return (torch.empty_like(x), x.new_empty(rows, dtype=torch.float32),
+    return (torch.empty_like(x, dtype=out_dtype), x.new_empty(rows, dtype=torch.float32),
             x.new_empty(rows, dtype=torch.float32))
 
 
@@ -521,7 +528,7 @@ def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, backend, dsum=None):
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps, dropout_p, seed, backend = inputs
+    x, residual, weight, bias, eps, dropout_p, seed, backend, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
     ctx.dropout_p, ctx.backend = dropout_p, backend
@@ -531,12 +538,12 @@ def _add_layer_norm_setup(ctx, inputs, output):
 
 def _add_layer_norm_grad(ctx, dy, dmean, drstd):
     if dy is None:
-        return (None,) * 8
+        return (None,) * 9
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
     backward = _backward_impl(ctx, _add_layer_norm_bwd, _add_layer_norm_backward)
     dx, dres, dw, db = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed,
                                 ctx.backend)
-    return dx, (dres if residual is not None else None), dw, db, None, None, None, None
+    return dx, (dres if residual is not None else None), dw, db, None, None, None, None, None
 
 
 _add_layer_norm_fwd.register_autograd(_add_layer_norm_grad, setup_context=_add_layer_norm_setup)
@@ -547,10 +554,12 @@ _add_layer_norm_fwd.register_autograd(_add_layer_norm_grad, setup_context=_add_l
 
 def _add_layer_norm_residual_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor,
                                      bias: Tensor, eps: float, dropout_p: float,
-                                     seed: Optional[Tensor], backend: str
+                                     seed: Optional[Tensor], backend: str,
+                                     out_dtype: Optional[torch.dtype] = None
                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     y, mean, rstd, s = _backend_module(backend).add_layer_norm_forward(
-        x, residual, weight, bias, eps, dropout_p, _seed_int(seed), store_sum=True)
+        x, residual, weight, bias, eps, dropout_p, _seed_int(seed), store_sum=True,
+        out_dtype=out_dtype)
     return y, s, mean, rstd
 
 
@@ -559,10 +568,10 @@ _add_layer_norm_residual_fwd = torch.library.custom_op(
 
 
 @_add_layer_norm_residual_fwd.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, seed, backend):
+def _(x, residual, weight, bias, eps, dropout_p, seed, backend, out_dtype=None):
     rows = x.shape[0]
-    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(rows, dtype=torch.float32),
-            x.new_empty(rows, dtype=torch.float32))
+    return (torch.empty_like(x, dtype=out_dtype), torch.empty_like(x, dtype=out_dtype),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
 def _add_layer_norm_residual_setup(ctx, inputs, output):
@@ -572,14 +581,14 @@ def _add_layer_norm_residual_setup(ctx, inputs, output):
 
 def _add_layer_norm_residual_grad(ctx, dy, dsum, dmean, drstd):
     if dy is None and dsum is None:
-        return (None,) * 8
+        return (None,) * 9
     if dy is None:  # only the sum is used: nothing flows through the norm
         dy = torch.zeros_like(dsum)
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
     backward = _backward_impl(ctx, _add_layer_norm_bwd, _add_layer_norm_backward)
     dx, dres, dw, db = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed,
                                 ctx.backend, dsum)
-    return dx, (dres if residual is not None else None), dw, db, None, None, None, None
+    return dx, (dres if residual is not None else None), dw, db, None, None, None, None, None
 
 
 _add_layer_norm_residual_fwd.register_autograd(_add_layer_norm_residual_grad,
@@ -631,26 +640,28 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     if not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{op}: argument 'eps' expected a positive float, got {eps!r}")
     dropout_p = _expect_dropout(op, dropout_p)
-    if cast is not None:  # as autocast runs LayerNorm(x + residual) (norm_dtype)
-        x, residual = norm_inputs(x, residual)
+    # under autocast, the dtype torch's LayerNorm(x + residual) would give (norm_dtype); the
+    # kernels read x and residual as they are and compute in fp32 (no cast pass)
+    out_dtype = norm_out_dtype(x, residual) if cast is not None else None
     if not isinstance(return_residual, bool):
         raise TypeError(f"{op}: argument 'return_residual' expected a bool, got "
                         f"{type(return_residual).__name__}")
     store = dict(store_sum=True) if return_residual else {}
-    chosen = resolve_backend(op, backend, x.device, dtype=x.dtype, hidden=hidden,
+    chosen = resolve_backend(op, backend, x.device, dtype=out_dtype or x.dtype, hidden=hidden,
                              dropout_p=dropout_p, **store)
     shape = x.shape
     x2 = x.reshape(-1, hidden).contiguous()
     r2 = residual.reshape(-1, hidden).contiguous() if residual is not None else None
     if return_residual:
-        return _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape)
+        return _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape,
+                                        out_dtype)
     if _inference(x2, r2, weight, bias):
         y = _backend_module(chosen).add_layer_norm_forward(
             x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
-            _seed_int(_draw_seed(dropout_p)))[0]
+            _seed_int(_draw_seed(dropout_p)), out_dtype=out_dtype)[0]
     else:
         args = (x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
-                _draw_seed(dropout_p), chosen)
+                _draw_seed(dropout_p), chosen, out_dtype)
         if _eager(x2, r2, weight, bias):
             y = _EagerOp.apply("fastbert::add_layer_norm", _add_layer_norm_forward,
                                _add_layer_norm_setup, _add_layer_norm_grad, *args)[0]
@@ -659,15 +670,15 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     return own_view(y, shape)
 
 
-def _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape):
+def _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape, out_dtype):
     """add_layer_norm(..., return_residual=True) on checked (rows, C) inputs: (y, s)."""
     if _inference(x2, r2, weight, bias):
         y, _, _, s = _backend_module(chosen).add_layer_norm_forward(
             x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
-            _seed_int(_draw_seed(dropout_p)), store_sum=True)
+            _seed_int(_draw_seed(dropout_p)), store_sum=True, out_dtype=out_dtype)
     else:
         args = (x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
-                _draw_seed(dropout_p), chosen)
+                _draw_seed(dropout_p), chosen, out_dtype)
         if _eager(x2, r2, weight, bias):
             y, s = _EagerOp.apply("fastbert::add_layer_norm_residual",
                                   _add_layer_norm_residual_forward,

@@ -95,8 +95,11 @@ class TorchBackend:
     # which the tests hold them to): the reference's elementwise chains are many times slower.
     # Casts that are no-ops in fp32 are skipped, not called (see reference.py's docstring).
     @staticmethod
-    def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False):
-        """store_sum: the pre-norm sum (in x's dtype) as a fourth output."""
+    def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False,
+                               out_dtype=None):
+        """store_sum: the pre-norm sum as a fourth output. y and the sum in out_dtype (default
+        x's); residual may differ from x in dtype."""
+        out_dtype = out_dtype or x.dtype
         keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
             if dropout_p > 0.0 else None
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # reference.acc_dtype
@@ -104,11 +107,11 @@ class TorchBackend:
         if weight.dtype != acc or bias.dtype != acc:
             weight, bias = weight.to(acc), bias.to(acc)
         y, mean, rstd = torch.native_layer_norm(s, s.shape[-1:], weight, bias, eps)
-        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        y = y if y.dtype == out_dtype else y.to(out_dtype)
         if not store_sum:
             return y, mean.view(-1), rstd.view(-1)
         # an output never aliases an input (x itself without residual and dropout)
-        s = s.to(x.dtype, copy=s is x)
+        s = s.to(out_dtype, copy=s is x)
         return y, mean.view(-1), rstd.view(-1), s
 
     @staticmethod

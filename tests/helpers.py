@@ -199,3 +199,51 @@ def compile_resources(module: str, kernel: str, signature: dict, constexprs: dic
     compiled = aot_compile(fn, signature, constexprs, capability, num_warps, num_stages,
                            aligned=aligned)
     return resource_usage(compiled, capability)
+
+
+def check_mixed_dtype_layer_norm(backend, device="cpu", rows=19, hidden=96, dropout_p=0.0,
+                                 seed=5, low=torch.bfloat16, pre_norm=False, factor=2.0):
+    """A backend's add_layer_norm entry points on autocast's mixed inputs: x in `low` (a
+    projection's output) beside an fp32 residual stream, y (and the pre-norm sum) asked in fp32.
+    fp32 outputs and gradients match fp64 to fp32's precision (x's values are exact in fp32, so
+    nothing is lost reading them as they are); dx, in x's dtype, by the tolerance rule against
+    plain PyTorch's fp32 gradient rounded to it. Dropout's keep mask is read off the same
+    backend on an all-ones x (the backends draw it from the seed)."""
+    from fastbert import reference
+
+    x = torch.randn(rows, hidden, device=device).to(low)
+    residual = torch.randn(rows, hidden, device=device)
+    weight = 1.0 + 0.5 * torch.randn(hidden, device=device)
+    bias = 0.5 * torch.randn(hidden, device=device)
+    dy, dsum = torch.randn(rows, hidden, device=device), torch.randn(rows, hidden, device=device)
+    keep = None
+    if dropout_p > 0.0:
+        ones = torch.ones(rows, hidden, device=device)
+        keep = backend.add_layer_norm_forward(ones, None, torch.ones_like(weight),
+                                              torch.zeros_like(bias), 1e-5, dropout_p, seed)[0] > 0
+    y, mean, rstd, *s = backend.add_layer_norm_forward(
+        x, residual, weight, bias, 1e-5, dropout_p, seed, store_sum=pre_norm,
+        out_dtype=torch.float32)
+    grads = backend.add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed,
+                                            dsum=dsum if pre_norm else None)
+    assert y.dtype == mean.dtype == rstd.dtype == torch.float32 and y.shape == x.shape
+    assert [g.dtype for g in grads] == [low] + [torch.float32] * 3
+
+    d = [t.double() for t in (x, residual, weight, bias, dy)]
+    ey, emean, erstd = reference.add_layer_norm_forward(*d[:4], 1e-5, dropout_p, keep)
+    edx, edres, edw, edb = reference.add_layer_norm_backward(
+        d[4], d[0], d[1], d[2], emean, erstd, dropout_p, keep,
+        dsum=dsum.double() if pre_norm else None)
+    close = dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(y.double(), ey, **close)
+    torch.testing.assert_close(rstd.double(), erstd, **close)
+    if pre_norm:
+        es = reference.prenorm_sum(d[0], d[1], dropout_p, keep, torch.float64)
+        assert s[0].dtype == torch.float32
+        torch.testing.assert_close(s[0].double(), es, **close)
+    dx, dres, dw, db = grads
+    torch.testing.assert_close(dres.double(), edres, **close)
+    for name, got, want in (("dweight", dw, edw), ("dbias", db, edb)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5,
+                                   atol=2e-5 * max(1.0, want.abs().max().item()), msg=name)
+    assert_close_by_rule(dx, edx.float().to(low), edx, "dx", factor=factor)

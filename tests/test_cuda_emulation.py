@@ -24,6 +24,7 @@ import torch
 from fastbert import reference
 from tests import cuda_emulation
 from tests.cuda_helpers import assert_keep_rate, emulated_backend, philox4x32_10  # noqa: F401
+from tests.helpers import check_mixed_dtype_layer_norm
 # autouse fixtures: imported, so they apply to every test in this module
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
 from tests.test_cuda import (check_layer_norm, check_layer_norm_dropout, check_linear_gelu,
@@ -235,6 +236,15 @@ def test_emulated_add_layer_norm_pre_norm_dropout_matches_reference(emulated_bac
     """The pre-norm form with dropout: the sum holds forward's mask, backward regenerates it."""
     check_layer_norm_dropout(emulated_backend, "cpu", rows, hidden, dtype, with_residual, p,
                              pre_norm=True)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("low, p, pre_norm", [(BF16, 0.0, False), (F16, 0.2, True)])
+def test_emulated_add_layer_norm_mixed_dtypes_as_autocast_gives_them(emulated_backend, low, p,
+                                                                     pre_norm):
+    """A bf16/fp16 x beside an fp32 residual, y asked in fp32 (CUDA autocast's norm): the
+    launcher casts to the kernels' one dtype and each gradient back to its input's."""
+    check_mixed_dtype_layer_norm(emulated_backend, low=low, dropout_p=p, pre_norm=pre_norm)
 
 
 @pytest.mark.compile

@@ -9,7 +9,8 @@ import torch
 
 import fastbert
 from fastbert import ops, reference
-from tests.helpers import random_padding_mask
+from fastbert.torch_backend import TorchBackend
+from tests.helpers import check_mixed_dtype_layer_norm, random_padding_mask
 
 f64 = torch.float64
 
@@ -172,6 +173,12 @@ def test_add_layer_norm_return_residual_fp32_inference_and_autocast():
                                            return_residual=True)
     assert y.dtype == s.dtype == torch.float32 and y.shape == s.shape == x.shape
     assert y16.dtype == s16.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dropout_p, pre_norm", [(0.0, False), (0.3, True)])
+def test_add_layer_norm_torch_backend_reads_mixed_dtypes(dropout_p, pre_norm):
+    """autocast's bf16 x beside an fp32 residual, y asked in fp32, on the torch backend."""
+    check_mixed_dtype_layer_norm(TorchBackend, dropout_p=dropout_p, pre_norm=pre_norm)
 
 
 def test_linear_bias_gelu_gradcheck():

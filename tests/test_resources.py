@@ -258,16 +258,23 @@ def layer_norm_variants():
     widths.update({f"hidden {h}": h for h in (ln.MAX_BLOCK_N, ln.MAX_HIDDEN)})
     for model, hidden in widths.items():
         block_n, warps, whole_row = ln._row_config(hidden)
-        # fp32 rows: the norms under CUDA autocast (ops.norm_dtype), model widths only
-        dtypes = DTYPES + ((torch.float32,) if model in MODELS else ())
-        for capability, dtype in itertools.product(CAPABILITIES, dtypes):
+        # (x dtype, residual/y dtype where not x's). Model widths only: the norms under CUDA
+        # autocast (ops.norm_dtype), fp32 ones and a bf16 x beside the fp32 residual stream
+        streams = [(d, None) for d in DTYPES]
+        if model in MODELS:
+            streams += [(torch.float32, None), (torch.bfloat16, torch.float32)]
+        for capability, (dtype, stream) in itertools.product(CAPABILITIES, streams):
             for weight_dtype in (dtype, torch.float32) if FULL or dtype == torch.bfloat16 \
                     else (dtype,):
+                if stream is not None and weight_dtype != stream:
+                    continue  # autocast's models keep fp32 weights
                 for kernel, signature, kinds in (
                         (ln._add_layer_norm_fwd_kernel, ln_tests._fwd_signature, forward_kinds),
                         (ln._add_layer_norm_bwd_kernel, ln_tests._bwd_signature, backward_kinds)):
                     for residual, dropout in kinds:
-                        sig = signature(dtype, weight_dtype, "i64" if dropout else "i32")
+                        if stream is not None and not residual:
+                            continue
+                        sig = signature(dtype, weight_dtype, "i64" if dropout else "i32", stream)
                         # the pre-norm form's flags (ModernBERT) off: BERT's post-norm layers
                         pre_norm = ("STORE_SUM" if kernel is ln._add_layer_norm_fwd_kernel
                                     else "HAS_DSUM")
@@ -277,7 +284,8 @@ def layer_norm_variants():
                         weight = "fp32" if weight_dtype != dtype else "as input"
                         tile = f"{block_n}{'' if whole_row else ' chunks'} w{warps}"
                         what = f"{'+'.join(used) or 'plain'}, weight {weight}, {tile}"
-                        yield model, Row(kernel.__name__, what, TRITON_TYPE[dtype], capability), \
+                        label = TRITON_TYPE[dtype] + (f"+{TRITON_TYPE[stream]}" if stream else "")
+                        yield model, Row(kernel.__name__, what, label, capability), \
                             _variant(kernel, capability, sig, constexprs, warps, 3,
                                      pointers(sig) + ["hidden"])
 
@@ -386,10 +394,10 @@ def test_variant_list_covers_the_model():
     att = rows["attention"]
     assert all("large" in models for row, (_, models) in att.items() if "base" in models)
     assert any(models == ["MiniLM"] for _, models in att.values())
-    for family in FAMILIES:  # and fp32 norms (autocast's, ops.norm_dtype)
-        extra = (torch.float32,) if family == "layer_norm" else ()
+    for family in FAMILIES:  # and autocast's norms: fp32, and bf16 beside fp32 (ops.norm_dtype)
+        extra = ("fp32", "bf16+fp32") if family == "layer_norm" else ()
         assert {(r.capability, r.dtype) for r in rows[family]} == {
-            (c, TRITON_TYPE[d]) for c in CAPABILITIES for d in DTYPES + extra}
+            (c, d) for c in CAPABILITIES for d in [TRITON_TYPE[d] for d in DTYPES] + list(extra)}
     fwd = [r for r in att if r.kernel == "_attn_fwd_kernel" and "padded" in r.what]
     flag_sets = {r.what.split()[2] for r in fwd}
     if FULL:  # every combination of causal, mask, dropout

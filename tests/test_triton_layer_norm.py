@@ -9,7 +9,7 @@ import torch
 import fastbert
 from fastbert import reference
 from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, assert_fp32_close,
-                           pointers, rule_factor)
+                           check_mixed_dtype_layer_norm, pointers, rule_factor)
 
 pytest.importorskip("triton")
 from fastbert.triton import layer_norm as ln  # noqa: E402  (after importorskip)
@@ -270,6 +270,18 @@ def test_pre_norm_public_op_autograd():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("low", LOW_PRECISION)
+@pytest.mark.parametrize("dropout_p, pre_norm", [(0.0, False), (0.2, True), (0.0, True)])
+@pytest.mark.parametrize("hidden", [96, 5000])  # whole row, chunked
+def test_mixed_dtypes_read_as_they_are(low, dropout_p, pre_norm, hidden):
+    """CUDA autocast's norm: a bf16/fp16 x beside the fp32 residual stream, y (and the pre-norm
+    sum) in fp32, each gradient in its input's dtype, with no cast pass (the kernels load each
+    pointer in its own dtype)."""
+    check_mixed_dtype_layer_norm(ln, rows=5, hidden=hidden, low=low, dropout_p=dropout_p,
+                                 pre_norm=pre_norm, factor=rule_factor(low))
+
+
+@pytest.mark.interpreter
 def test_dweight_dbias_deterministic():
     x, residual, weight, bias, dy = make_inputs(130, 200, torch.float16, True)
     first = run_kernels(x, residual, weight, bias, dy, eps=1e-5)
@@ -354,18 +366,22 @@ def _block_sizes():
                    + [ln.MAX_BLOCK_N + 1, ln.MAX_HIDDEN]})
 
 
-def _fwd_signature(dtype, weight_dtype, seed_type):
+def _fwd_signature(dtype, weight_dtype, seed_type, stream_dtype=None):
+    """stream_dtype: the residual's, y's and the sum's dtype where it is not x's (autocast's
+    bf16 x beside an fp32 residual stream)."""
     t, w = TRITON_TYPE[dtype], TRITON_TYPE[weight_dtype]
-    return {"X": f"*{t}", "RESIDUAL": f"*{t}", "W": f"*{w}", "B": f"*{w}", "Y": f"*{t}",
-            "MEAN": "*fp32", "RSTD": "*fp32", "SUM": f"*{t}", "hidden": "i32", "eps": "fp32",
+    r = TRITON_TYPE[stream_dtype or dtype]
+    return {"X": f"*{t}", "RESIDUAL": f"*{r}", "W": f"*{w}", "B": f"*{w}", "Y": f"*{r}",
+            "MEAN": "*fp32", "RSTD": "*fp32", "SUM": f"*{r}", "hidden": "i32", "eps": "fp32",
             "dropout_p": "fp32", "seed": seed_type}
 
 
-def _bwd_signature(dtype, weight_dtype, seed_type):
+def _bwd_signature(dtype, weight_dtype, seed_type, stream_dtype=None):
     t, w = TRITON_TYPE[dtype], TRITON_TYPE[weight_dtype]
-    return {"DY": f"*{t}", "X": f"*{t}", "RESIDUAL": f"*{t}", "W": f"*{w}", "MEAN": "*fp32",
-            "RSTD": "*fp32", "DX": f"*{t}", "DRESIDUAL": f"*{t}", "DW_PARTIAL": "*fp32",
-            "DB_PARTIAL": "*fp32", "DSUM": f"*{t}", "rows": "i32", "hidden": "i32",
+    r = TRITON_TYPE[stream_dtype or dtype]
+    return {"DY": f"*{r}", "X": f"*{t}", "RESIDUAL": f"*{r}", "W": f"*{w}", "MEAN": "*fp32",
+            "RSTD": "*fp32", "DX": f"*{t}", "DRESIDUAL": f"*{r}", "DW_PARTIAL": "*fp32",
+            "DB_PARTIAL": "*fp32", "DSUM": f"*{r}", "rows": "i32", "hidden": "i32",
             "rows_per_program": "i32",
             "dropout_p": "fp32", "seed": seed_type}
 
@@ -392,6 +408,18 @@ def test_compiles_ahead_of_time(capability):
                                          "WHOLE_ROW": whole_row, sum_flag: with_sum},
                                         capability, num_warps,
                                         aligned=pointers(sig) + ["hidden"])
+    # ... autocast's mixed inputs (a half x beside the fp32 residual stream, fp32 out) ...
+    block_n, num_warps, whole_row = ln._row_config(768)
+    for dtype in LOW_PRECISION:
+        for has_dropout in (False, True):
+            seed_type = "i64" if has_dropout else "i32"
+            for kernel, signature, sum_flag in kernels:
+                for with_sum in (False, True):
+                    sig = signature(dtype, torch.float32, seed_type, torch.float32)
+                    aot_compile(kernel, sig,
+                                {"HAS_RESIDUAL": True, "HAS_DROPOUT": has_dropout,
+                                 "BLOCK_N": block_n, "WHOLE_ROW": whole_row, sum_flag: with_sum},
+                                capability, num_warps, aligned=pointers(sig) + ["hidden"])
     # ... and every row width the launcher can pick, with all features on
     for block_n, num_warps, whole_row in _block_sizes():
         for kernel, signature, sum_flag in kernels:

@@ -245,14 +245,16 @@ def _backward_programs(rows: int, device: torch.device) -> int:
 
 
 def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor,
-                           eps: float, dropout_p: float, seed: int, store_sum: bool = False):
-    """(y, mean, rstd), and with store_sum the pre-norm sum dropout(x) + residual in x's dtype
-    as a fourth."""
+                           eps: float, dropout_p: float, seed: int, store_sum: bool = False,
+                           out_dtype: Optional[torch.dtype] = None):
+    """(y, mean, rstd), and with store_sum the pre-norm sum dropout(x) + residual as a fourth,
+    both in out_dtype (x's if None). x and residual are read in their own dtypes (autocast's bf16
+    x beside an fp32 residual: no cast pass)."""
     rows, hidden = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=out_dtype)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-    s = torch.empty_like(x) if store_sum else None
+    s = torch.empty_like(x, dtype=out_dtype) if store_sum else None
     if rows == 0:
         return (y, mean, rstd, s) if store_sum else (y, mean, rstd)
     block_n, num_warps, whole_row = _row_config(hidden)
@@ -269,7 +271,8 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
                             mean: Tensor, rstd: Tensor, dropout_p: float, seed: int,
                             dsum: Optional[Tensor] = None
                             ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-    """dsum: the gradient of the pre-norm sum as an output (return_residual), or None."""
+    """dsum: the gradient of the pre-norm sum as an output (return_residual), or None. dx and
+    dresidual in x's and residual's dtypes, dy and dsum in y's: each read or written as it is."""
     rows, hidden = x.shape
     dx = torch.empty_like(x)
     dresidual = torch.empty_like(residual) if residual is not None else None
