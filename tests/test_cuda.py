@@ -40,7 +40,7 @@ from tests.cuda_helpers import (ALL_DTYPES, HALF_DTYPES, ROOT, assert_keep_rate,
                                 philox4x32_10, require_built)
 # autouse fixtures: imported, so they apply to every test in this module
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
-from tests.helpers import assert_close_by_rule, random_padding_mask
+from tests.helpers import assert_close_by_rule, check_mixed_dtype_layer_norm, random_padding_mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,6 +277,13 @@ def test_add_layer_norm_matches_reference(rows, hidden, dtype, with_residual, pr
 @pytest.mark.parametrize("hidden", [768, 2048])
 def test_add_layer_norm_fp32_weight(dtype, hidden):
     check_layer_norm(50, hidden, dtype, torch.float32, True)
+
+
+@pytest.mark.gpu
+def test_add_layer_norm_autocast_mixed_dtypes():
+    """CUDA autocast's norm: bf16 x beside the fp32 residual stream, y in fp32."""
+    check_mixed_dtype_layer_norm(cuda_backend, device="cuda", rows=300, hidden=768,
+                                 pre_norm=True)
 
 
 @pytest.mark.gpu

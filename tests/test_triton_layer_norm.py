@@ -453,3 +453,11 @@ def test_bert_dropout_gpu():
     assert abs(keep.float().mean().item() - 0.9) < 2e-3
     exact, plain = exact_and_plain(x, residual, weight, bias, dy, 1e-5, 0.1, keep)
     check(got, exact, plain, x, residual, weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p, pre_norm", [(0.0, False), (0.1, True)])
+def test_autocast_mixed_dtypes_gpu(dropout_p, pre_norm):
+    """CUDA autocast's norm at BERT-base width: bf16 x beside the fp32 residual stream."""
+    check_mixed_dtype_layer_norm(ln, device="cuda", rows=4096, hidden=768, dropout_p=dropout_p,
+                                 pre_norm=pre_norm)
