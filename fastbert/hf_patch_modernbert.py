@@ -33,6 +33,8 @@ data-dependent shapes) runs transformers' own forward.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ from fastbert import hf_lean_modernbert, varlen
 from fastbert.hf_lean import _hooked as hooked
 from fastbert.hf_layers import base_class, plain
 from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent, linear
-from fastbert.padding import PackedBatch, has_holes, pack_mask, pack_position_ids
+from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -137,14 +139,22 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     return (F.dropout(a, p, True) if p > 0.0 else a), None
 
 
-def _pack(attention_mask, position_ids, kwargs, batch: int, seqlen: int, device) -> PackedBatch:
-    """The real tokens as packed sequences (hf_patch._packing's rules for packed input)."""
+def _pack(model: nn.Module, attention_mask, position_ids, kwargs, batch: int, seqlen: int,
+          device) -> Optional[PackedBatch]:
+    """The real tokens as packed sequences (hf_patch._packing's rules for packed input); None
+    for a mask with padding between real tokens where a local layer's window is shorter than the
+    rows (transformers' window counts positions, which packing would close up: such a batch runs
+    transformers' forward)."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None and batch == 1:
         return PackedBatch(cu.to(torch.int32), int(kwargs.get("max_length_q") or seqlen),
                            batch=1, seqlen=seqlen)
-    if attention_mask is not None and not bool(attention_mask.all()):
-        return pack_mask(attention_mask)
+    if attention_mask is not None:  # one host sync answers holes, padding and the token count
+        windows = (layer.attn.sliding_window for layer in model.layers)
+        packed = pack_mask(attention_mask, whole_grid=True, refuse_holes=any(
+            w is not None and w - 1 < seqlen - 1 for w in windows))
+        if packed is None or packed.indices is not None:
+            return packed
     if position_ids is not None and batch == 1 and seqlen > 1:
         return pack_position_ids(position_ids, seqlen)  # one sync: the sequence count
     cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
@@ -182,36 +192,26 @@ def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict
     return norm(x + delta)
 
 
-def _window_meets_holes(model: nn.Module, attention_mask, seqlen: int) -> bool:
-    """A mask with padding between real tokens (padding.has_holes, True while tracing) where a
-    local layer's window is shorter than the rows: transformers' window counts positions, which
-    packing would close up, so such a batch runs transformers' forward."""
-    windows = [layer.attn.sliding_window for layer in model.layers]
-    return (attention_mask is not None
-            and any(w is not None and w - 1 < seqlen - 1 for w in windows)
-            and has_holes(attention_mask))
-
-
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    inputs_embeds=None, **kwargs):
     """ModernBertModel.forward, unpadded (see the module docstring)."""
     config = self.config
     wants_layers = any(kwargs.get(f, getattr(config, f, False))
                        for f in ("output_hidden_states", "output_attentions"))
-    if (wants_layers or (input_ids is None) == (inputs_embeds is None)
+    grid = input_ids if input_ids is not None else inputs_embeds
+    packed = None
+    if not (wants_layers or (input_ids is None) == (inputs_embeds is None)
             or (attention_mask is not None and (not torch.is_tensor(attention_mask)
                                                 or attention_mask.dim() != 2))
-            or not _can_pack_data_dependent()
-            or _window_meets_holes(self, attention_mask, (input_ids if input_ids is not None
-                                                          else inputs_embeds).shape[1])):
+            or not _can_pack_data_dependent()):
+        packed = _pack(self, attention_mask, position_ids, kwargs, *grid.shape[:2], grid.device)
+    if packed is None:
         return base_class(type(self)).forward(self, input_ids=input_ids,
                                              attention_mask=attention_mask,
                                              position_ids=position_ids,
                                              inputs_embeds=inputs_embeds, **kwargs)
     from transformers.modeling_outputs import BaseModelOutput
-    grid = input_ids if input_ids is not None else inputs_embeds
     batch, seqlen = grid.shape[:2]
-    packed = _pack(attention_mask, position_ids, kwargs, batch, seqlen, grid.device)
     if position_ids is None:
         position_ids = torch.arange(seqlen, device=grid.device).unsqueeze(0)
     positions = packed.rows(position_ids.expand(batch, seqlen))  # (T,)

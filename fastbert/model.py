@@ -24,7 +24,7 @@ import fastbert
 from fastbert import cpu, lean
 from fastbert.config import _GELU_APPROXIMATE, BertConfig  # noqa: F401  (re-exported)
 from fastbert.family import fastbert_base_class
-from fastbert.padding import (PackedBatch, first_tokens, has_holes, pack_mask, pack_position_ids,
+from fastbert.padding import (PackedBatch, first_tokens, pack_mask, pack_position_ids,
                               positions_in_sequence)
 
 
@@ -442,11 +442,10 @@ class BertModel(BertPreTrainedModel):
         if not unpad or past_key_values is not None or not _can_pack_data_dependent():
             return None
         if attention_mask is not None:
-            if 0 <= self.local_window < input_ids.shape[-1] - 1 and has_holes(attention_mask):
-                # a window counts positions, which packing closes up at padding between real
-                # tokens (padding.has_holes, True while tracing)
-                return None
-            return pack_mask(attention_mask)
+            # a window counts positions, which packing closes up at padding between real
+            # tokens: such a mask (or any while tracing) runs padded
+            return pack_mask(attention_mask,
+                             refuse_holes=0 <= self.local_window < input_ids.shape[-1] - 1)
         if position_ids is not None and input_ids.shape[0] == 1 and position_ids.numel() > 1:
             return pack_position_ids(position_ids, self.config.max_position_embeddings)
         return None  # no padding: the padded path computes on real tokens only already

@@ -39,27 +39,46 @@ class PackedBatch:
         return scatter_tokens(t, self.indices, self.batch, self.seqlen)
 
 
-def pack_mask(attention_mask: Tensor) -> PackedBatch:
+def pack_mask(attention_mask: Tensor, *, refuse_holes: bool = False,
+              whole_grid: bool = False) -> Optional[PackedBatch]:
     """(B, S) mask, nonzero = real token, any pattern (right or left padding, holes): the tokens of
-    row b, in order, become sequence b. One host sync: the number of real tokens."""
+    row b, in order, become sequence b. One host sync, which answers every question asked of the
+    mask (a GPU forward with several would stall the host each time):
+
+    - refuse_holes: None instead where some row's real tokens are not one run ([1, 0, 1]):
+      packing closes such gaps, so distances between packed tokens are no longer positions'
+      distances, which a sliding window measures. None while torch.compile traces (the answer
+      would need a data-dependent guard): the caller then takes the path exact for any mask.
+    - whole_grid: a mask with no padding gives the grid itself (indices None, nothing to gather).
+    """
     b, s = attention_mask.shape
     real = attention_mask.bool()
     lengths = real.sum(1, dtype=torch.int32)
     cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    indices = torch.nonzero(real.flatten()).flatten()
-    return PackedBatch(cu_seqlens, s, indices, b, s)
-
-
-def has_holes(attention_mask: Tensor) -> bool:
-    """Whether some row's real tokens are not one run (padding between them, [1, 0, 1]): packing
-    closes such gaps, so distances between packed tokens are no longer positions' distances (a
-    sliding window measures the latter). One host sync; True while torch.compile traces (the
-    answer would need a data-dependent guard), so callers then take the path exact for any mask."""
+    flat = real.flatten()
     if torch.compiler.is_compiling():
-        return True
-    real = attention_mask.bool()
-    runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)  # runs of real tokens
-    return bool((runs > 1).any())
+        if refuse_holes:
+            return None
+        return PackedBatch(cu_seqlens, s, torch.nonzero(flat).flatten(), b, s)
+    facts = [cu_seqlens[-1]]
+    if refuse_holes:  # runs of real tokens per row
+        runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)
+        facts.append((runs > 1).any().to(torch.int32))
+    total, *holes = torch.stack(facts).tolist()  # the one host sync
+    if refuse_holes and holes[0]:
+        return None
+    if whole_grid and total == b * s:
+        return PackedBatch(cu_seqlens, s, batch=b, seqlen=s)
+    return PackedBatch(cu_seqlens, s, _real_indices(flat, total), b, s)
+
+
+def _real_indices(flat: Tensor, total: int) -> Tensor:
+    """(total,) int64: where a flat mask's `total` real tokens are. Given the count, nonzero_static
+    needs no host sync of its own on a GPU; on the CPU, where a sync costs nothing, nonzero is
+    faster (27 vs 70 us at 32 x 512)."""
+    if flat.device.type == "cpu":
+        return torch.nonzero(flat).flatten()
+    return torch.nonzero_static(flat, size=total).flatten()
 
 
 def pack_position_ids(position_ids: Tensor, max_position: int) -> PackedBatch:

@@ -7,13 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 from transformers import ModernBertConfig  # noqa: E402
 from transformers.models.modernbert import modeling_modernbert as mb  # noqa: E402
 
 import fastbert  # noqa: E402
-from fastbert import hf_patch_modernbert, varlen  # noqa: E402
+from fastbert import hf_patch_modernbert, padding, varlen  # noqa: E402
 from tests.helpers import FLOOR, assert_close_by_rule  # noqa: E402
 
 VOCAB, SEQ = 64, 21
@@ -141,6 +142,60 @@ def test_left_padding_and_padding_between_real_tokens(case, monkeypatch):
     compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
             real=mask.bool())
     assert len(packed_calls) == (1 if case == "left padding" else 0)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what stalls the host on a GPU: .item()/bool() (aten._local_scalar_dense),
+    nonzero (its output size), and Tensor.tolist, which CPU tensors do not dispatch."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        tolist = torch.Tensor.tolist
+        self._tolist = tolist
+        torch.Tensor.tolist = lambda t: self.reads.append("tolist") or tolist(t)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def test_one_host_sync_packs_a_masked_batch(monkeypatch):
+    """On a GPU each host read before the layers waits for the queue to drain: a masked batch's
+    packing asks its questions (holes beside a short window, any padding, the token count) in
+    one read, where it took three (has_holes, mask.all(), nonzero). The device path of the
+    indices (nonzero_static, given the count) runs here too; on the meta device it needs no data
+    at all, where nonzero cannot run."""
+    real_indices = padding._real_indices
+    meta = torch.ones(4, 6, dtype=torch.bool, device="meta").flatten()
+    assert real_indices(meta, 17).shape == (17,)  # the device path: from the count alone
+    with pytest.raises(Exception):
+        torch.nonzero(meta)
+    monkeypatch.setattr(padding, "_real_indices",
+                        lambda flat, total: torch.nonzero_static(flat, size=total).flatten())
+    model = mb.ModernBertModel(tiny_config())
+    ids, mask = padded_batch()
+    cases = [("right padding", ids, mask), *masks_of_other_shapes(),
+             ("no padding", ids, torch.ones_like(mask))]
+    for name, ids, mask in cases:
+        with HostReads() as host:
+            packed = hf_patch_modernbert._pack(model, mask, None, {}, *ids.shape, ids.device)
+        assert host.reads == ["tolist"], (name, host.reads)
+        if name == "holes":
+            assert packed is None  # the window would reach across the closed gaps
+            continue
+        want = mask.bool().flatten().nonzero().flatten()
+        assert packed.indices is None if name == "no padding" else torch.equal(packed.indices,
+                                                                                want), name
+        assert packed.cu_seqlens.tolist() == [0, *mask.sum(1).cumsum(0).tolist()], name
 
 
 @pytest.mark.parametrize("hooked", [False, True])
