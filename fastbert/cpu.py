@@ -16,8 +16,10 @@ module calls them for inference (no autograd graph), and falls back to the publi
 
 Prepacked weights (bf16 mode, or PREPACK_FP32) live in a small cache keyed by the weight tensor's
 identity and invalidated when its storage, shape or version counter (bumped by every in-place
-write, e.g. `load_state_dict` or an optimizer step) changes; the cache holds the weight only
-weakly, so models are freed as usual.
+write, e.g. `load_state_dict`) changes, and by every torch.optim step (fused optimizers write
+without bumping version counters); the cache holds the weight only weakly, so models are freed as
+usual. A write through `.data` (`w.data.mul_(2)`, peft's merge_and_unload) reaches neither
+signal: call `clear_cache()` after one. (fp32 GEMMs, the default, take weights as they are.)
 
 bf16 mode (`set_bf16(True)`, opt-in): fp32 activations are rounded to bf16 for each GEMM and
 multiplied with a cached bf16 copy of the weight (fp32 accumulation inside oneDNN); outputs come
@@ -240,13 +242,31 @@ class _Packed:
 _cache: "collections.OrderedDict[tuple, _Packed]" = collections.OrderedDict()
 
 
+_optimizer_steps = 0  # torch.optim steps since import (once _count_optimizer_steps is hooked)
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+@functools.lru_cache(maxsize=None)
+def _count_optimizer_steps() -> None:
+    """Hook every torch.optim optimizer's step, once: fused optimizers (AdamW(fused=True), the
+    Trainer's default) write parameters without bumping their version counters."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _signature(weight: Tensor) -> Optional[tuple]:
     """What must be unchanged for a packed copy to stay valid; None if it cannot be tracked."""
     try:
         version = weight._version
     except RuntimeError:  # an inference tensor has no version counter: writes would go unseen
         return None
-    return (weight.data_ptr(), version, tuple(weight.shape), tuple(weight.stride()), weight.dtype)
+    _count_optimizer_steps()
+    return (weight.data_ptr(), version, _optimizer_steps, tuple(weight.shape),
+            tuple(weight.stride()), weight.dtype)
 
 
 def _drop(key):

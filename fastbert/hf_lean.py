@@ -184,15 +184,11 @@ def _qkv(p: lean.Plan, sa: nn.Module, projections, x: torch.Tensor):
     if (_plain_linear(projections[0]) and _plain_linear(projections[1])
             and _plain_linear(projections[2])
             and len({t._parameters["bias"] is None for t in projections}) == 1):
-        w, b = hf_layers._fused_qkv_weight(sa, projections)
-        if p.cpu_linear is None or (p.grad and (x.requires_grad or w.requires_grad
-                                                or (b is not None and b.requires_grad))):  # (*)
-            qkv = F.linear(x, w, b)
-        elif x.dim() == 2:
-            qkv = p.cpu_linear(x, w, b)
-        else:
-            qkv = p.cpu_linear(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], -1)
-        return qkv.view(*x.shape[:-1], 3, -1, d).unbind(-3)
+        if p.grad and hf_layers._wants_grad(projections, x):  # (*)
+            w, b = hf_layers._fused_qkv_weight(projections)
+            return F.linear(x, w, b).view(*x.shape[:-1], 3, -1, d).unbind(-3)
+        # inference: each projection's GEMM on its weights as they are (hf_layers._qkv)
+        return tuple(lean.linear(p, x, t).view(*x.shape[:-1], -1, d) for t in projections)
     return tuple(t(x).view(*x.shape[:-1], -1, d) for t in projections)
 
 

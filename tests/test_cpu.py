@@ -150,6 +150,30 @@ def test_cache_follows_in_place_weight_changes(prepack):
     assert cpu.cache_size() == (1 if prepack else 0)
 
 
+def test_cache_follows_fused_optimizer_steps_and_clear_cache():
+    """A fused optimizer (AdamW(fused=True), the Trainer's default) writes parameters without
+    bumping their version counters: every torch.optim step invalidates the packed copies. A
+    write through .data reaches no signal: clear_cache() is the documented remedy."""
+    cpu.PREPACK_FP32 = True
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(10, 64)
+    optimizer = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        cpu.linear(x, lin.weight, lin.bias)
+    version = lin.weight._version
+    lin(x).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        out = cpu.linear(x, lin.weight, lin.bias)
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        lin.weight.data.mul_(2.0)
+        cpu.clear_cache()
+        out = cpu.linear(x, lin.weight, lin.bias)
+        torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    if lin.weight._version != version:
+        pytest.skip("this torch's fused AdamW bumps version counters: the step hook is moot")
+
+
 def test_cache_follows_replaced_weight_and_frees_it():
     cpu.PREPACK_FP32 = True
     lin = torch.nn.Linear(64, 48)

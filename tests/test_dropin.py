@@ -344,26 +344,52 @@ def test_own_qa_head_masks_padding_when_unpadded():
 # the fused QKV weight, gradient checkpointing
 # --------------------------------------------------------------------------------------------
 
-def test_fused_qkv_inference_weight_follows_writes_and_replacements():
+@pytest.mark.parametrize("change", ["in place", "through .data", "fused AdamW step",
+                                    "replaced", ".data reassigned", "to float64"])
+def test_inference_projections_follow_every_weight_change(change):
+    """Between two inference forwards the weights change in the ways training and serving code
+    changes them: fused optimizers (the Trainer's default AdamW) and writes through .data (EMA,
+    peft's merge_and_unload) do not bump version counters, so a fused QKV copy kept between
+    calls went stale (the Trainer's eval after a step was 3.9e-2 off). The patched model must
+    compute what the unpatched one does after the same change."""
     reference = make_model("bert", "Model")
     model = fastbert.patch_hf(copy.deepcopy(reference))
     inputs = make_inputs(model, "Model")
     real = inputs["attention_mask"].bool()
-    for change in ("write", "replace"):
+    with torch.no_grad():
+        model(**inputs)  # a first inference forward (one that filled a cache)
+    if change == "fused AdamW step":  # the same gradients on both, so the same new weights
+        reference(**inputs).last_hidden_state.square().mean().backward()
+        for mine, theirs in zip(model.parameters(), reference.parameters()):
+            mine.grad = None if theirs.grad is None else theirs.grad.clone()
+        for m in (model, reference):
+            torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True).step()
+    for m in (model, reference):
+        sa = m.encoder.layer[1].attention.self
         with torch.no_grad():
-            model(**inputs)  # fills the cache
-            for m in (model, reference):
-                sa = m.encoder.layer[1].attention.self
-                if change == "write":
-                    sa.value.weight.mul_(-1.5)
-                else:
-                    sa.key.weight = torch.nn.Parameter(torch.randn_like(sa.key.weight))
-            if change == "replace":
-                model.encoder.layer[1].attention.self.key.weight.data.copy_(
-                    reference.encoder.layer[1].attention.self.key.weight)
+            if change == "fused AdamW step":
+                continue
+            if change == "in place":
+                sa.value.weight.mul_(-1.5)
+            elif change == "through .data":
+                sa.query.weight.data.mul_(2.0)
+                sa.key.bias.data.add_(0.5)
+            elif change == "replaced":
+                sa.key.weight = torch.nn.Parameter(sa.key.weight * -0.5)
+            elif change == ".data reassigned":
+                sa.value.weight.data = sa.value.weight.data * 3.0
+            else:
+                m.double()
+    if change == "to float64":
+        with torch.no_grad():
             got = model(**inputs).last_hidden_state
-            plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
-        assert_close_by_rule(got[real], plain[real], exact[real], name=f"after a {change}")
+            want = reference(**inputs).last_hidden_state
+        torch.testing.assert_close(got[real], want[real], rtol=1e-10, atol=1e-10)
+        return
+    with torch.no_grad():
+        got = model(**inputs).last_hidden_state
+        plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+    assert_close_by_rule(got[real], plain[real], exact[real], name=f"after {change}")
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
