@@ -39,6 +39,55 @@ def plain(module: nn.Module, kind: type = nn.Linear) -> bool:
     return base_class(type(module)) is kind and model.plain(module, type(module))
 
 
+# attention implementations computing what fastbert.attention does; any other (a function
+# registered with transformers' AttentionInterface, flex) runs transformers' own forward
+SERVED_ATTENTION = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3"})
+
+
+def serves_attention(config) -> bool:
+    """Whether fastbert computes the attention `config` selects (read per call: the model's
+    set_attn_implementation may change it after patching)."""
+    implementation = getattr(config, "_attn_implementation", None)
+    return implementation is None or implementation in SERVED_ATTENTION
+
+
+# activation module class -> the GELU it computes, as fastbert's fused ops take it ("none": erf,
+# "tanh"), or how to read it off the module ("approximate": nn.GELU's attribute; "erf?":
+# transformers' GELUActivation, erf unless built with its Python formula). Filled on first use.
+_GELU_KINDS: dict = {}
+
+
+def _gelu_kinds() -> dict:
+    kinds = {nn.GELU: "approximate"}
+    try:
+        from transformers import activations
+    except ImportError:
+        return kinds
+    kinds[activations.GELUActivation] = "erf?"
+    for name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
+        if hasattr(activations, name):
+            kinds[getattr(activations, name)] = "tanh"
+    return kinds
+
+
+def gelu_approximate(act) -> Optional[str]:
+    """The GELU an activation computes ("none", "tanh"), read off the module itself (it may have
+    been replaced after the config was written), or None for any other activation or a hooked
+    one: those run as they are, after the GEMM. Per layer and forward: kept to three calls."""
+    if not _GELU_KINDS:
+        _GELU_KINDS.update(_gelu_kinds())
+    kind = _GELU_KINDS.get(type(act))
+    if kind is None:
+        return "none" if act is F.gelu else None
+    if act._forward_hooks or act._forward_pre_hooks:
+        return None
+    if kind == "approximate":
+        return act.approximate
+    if kind == "erf?":
+        return "none" if act.__dict__.get("act") is F.gelu else None
+    return kind
+
+
 def _dropout_p(module: nn.Module) -> float:
     return module.dropout.p if module.training else 0.0
 
@@ -204,6 +253,11 @@ def key_padding_mask(attention_mask):
 def self_attention_forward(self, hidden_states, attention_mask=None, cache=None,
                            past_key_values=None, fastbert_packed=None, **kwargs):
     """*SelfAttention.forward (transformers >= 5 interface)."""
+    if not serves_attention(getattr(self, "config", None)):
+        given = {k: v for k, v in (("cache", cache), ("past_key_values", past_key_values))
+                 if v is not None}
+        return base_class(type(self)).forward(self, hidden_states, attention_mask, **given,
+                                              **kwargs)
     cache = cache if cache is not None else past_key_values
     return _attend(self, (self.query, self.key, self.value), hidden_states, attention_mask,
                    fastbert_packed, cache, wants_probabilities(self, kwargs))
@@ -217,8 +271,8 @@ def add_norm_forward(self, hidden_states, input_tensor):
 
 def intermediate_forward(self, hidden_states):
     """*Intermediate: gelu(dense(h)) as one fastbert.linear_bias_gelu for a plain Linear with a
-    bias and a GELU activation (fastbert_gelu_approximate, set at patch time from the config)."""
-    approximate = getattr(self, "fastbert_gelu_approximate", None)
+    bias and a GELU activation module (gelu_approximate); any other runs after the GEMM."""
+    approximate = gelu_approximate(self.intermediate_act_fn)
     if approximate is not None and plain(self.dense) and self.dense.bias is not None:
         return fastbert.linear_bias_gelu(hidden_states, self.dense.weight, self.dense.bias,
                                          approximate=approximate)
@@ -227,6 +281,8 @@ def intermediate_forward(self, hidden_states):
 
 def distilbert_attention_forward(self, hidden_states, attention_mask=None, fastbert_packed=None,
                                  **kwargs):
+    if not serves_attention(getattr(self, "config", None)):
+        return base_class(type(self)).forward(self, hidden_states, attention_mask, **kwargs)
     y, probs = _attend(self, (self.q_lin, self.k_lin, self.v_lin), hidden_states, attention_mask,
                        fastbert_packed, want_probs=wants_probabilities(self, kwargs))
     return linear(y, self.out_lin), probs
@@ -238,7 +294,7 @@ def distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs)
     a, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     h = _add_norm(a, hidden_states, self.sa_layer_norm)
     ffn = self.ffn
-    approximate = getattr(ffn, "fastbert_gelu_approximate", None)
+    approximate = gelu_approximate(ffn.activation)
     if approximate is not None and plain(ffn.lin1) and ffn.lin1.bias is not None:
         f = fastbert.linear_bias_gelu(h, ffn.lin1.weight, ffn.lin1.bias, approximate=approximate)
     else:

@@ -75,7 +75,7 @@ def _bert_settings(layer: nn.Module, layer_class: type, attention_class: type):
     if hf_layers._dropout_p(output) != hidden_p:
         return None
     return _attention_settings(sa, hidden_p,
-                               getattr(intermediate, "fastbert_gelu_approximate", None))
+                               hf_layers.gelu_approximate(intermediate.intermediate_act_fn))
 
 
 def _distilbert_settings(block: nn.Module):
@@ -89,7 +89,7 @@ def _distilbert_settings(block: nn.Module):
             or _hooked(ffn):
         return None
     return _attention_settings(sa, hf_layers._dropout_p(ffn),
-                               getattr(ffn, "fastbert_gelu_approximate", None))
+                               hf_layers.gelu_approximate(ffn.activation))
 
 
 def _attention_settings(sa: nn.Module, hidden_p: float, approximate: Optional[str]) -> tuple:

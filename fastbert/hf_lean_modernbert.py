@@ -9,7 +9,7 @@ model.linear per projection; each public op checks its arguments, resolves a bac
 the autocast state on every call. Within one forward all of that is the same for every layer, so
 the forward resolves it once and one function per layer calls the chosen backends directly:
 
-    p = plan(model, x, packed, approximate)   # patch_hf's; None: _packed_layer's public ops
+    p = plan(model, x, packed)                # patch_hf's; None: _packed_layer's public ops
     x = run(model, x, p, rotary)              # every layer, then final_norm
     p = prenorm_plan(model, x, packed)        # fastbert's own; None: PreNormLayer.forward
     x = prenorm_run(model, x, p, rotary)
@@ -95,12 +95,15 @@ def _weights_of(dtype: torch.dtype, projections) -> bool:
     return True
 
 
-def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch,
-         approximate: Optional[str]) -> Optional[Plan]:
+def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Optional[Plan]:
     """The plan for one forward of a patched ModernBertModel on its packed embeddings x (T, C),
     or None where _packed_layer's public ops must serve it."""
     layers = list(model._modules["layers"]._modules.values())
-    if not layers or approximate is None or not _plannable(x, packed):
+    if not layers or not _plannable(x, packed):
+        return None
+    # the GELU of the layers' own activation modules (one may have been replaced), the same in all
+    approximate = hf_layers.gelu_approximate(layers[0]._modules["mlp"]._modules["act"])
+    if approximate is None:
         return None
     dtype = x.dtype
     head_dim = layers[0]._modules["attn"].head_dim
@@ -113,7 +116,7 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch,
         m = layer._modules
         attn, mlp = m["attn"], m["mlp"]._modules
         am = attn._modules
-        if attn.head_dim != head_dim:
+        if attn.head_dim != head_dim or hf_layers.gelu_approximate(mlp["act"]) != approximate:
             return None
         attention.add((_window(attn), attn.attention_dropout if attn.training else 0.0))
         drop = am["out_drop"]

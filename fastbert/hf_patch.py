@@ -20,7 +20,7 @@ import fastbert
 from fastbert import hf_layers, hf_lean
 from fastbert.heads import span_loss
 from fastbert.hf_layers import base_class, key_padding_mask
-from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent
+from fastbert.model import _can_pack_data_dependent
 from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
 
 # attention implementations whose masks reach the layers as something other than a tensor or None
@@ -76,6 +76,10 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     model's own function and kwargs all apply), with the packing passed down to the attention as
     `fastbert_packed`. A padded batch takes the same plan, else the original loop over the
     patched layers."""
+    if not hf_layers.serves_attention(_config_of(self)):  # e.g. a custom AttentionInterface
+        kwargs.pop("fastbert_position_ids", None)
+        return base_class(type(self)).forward(self, hidden_states, attention_mask, *args,
+                                              **kwargs)
     packed = _packing(self, hidden_states, attention_mask, args, kwargs, self.fastbert_unpad)
     kwargs.pop("fastbert_position_ids", None)
     if packed is None:
@@ -167,7 +171,6 @@ class _Family:
     attention: type  # the self-attention class: head size, mask and interface checks
     forwards: dict = field(default_factory=dict)  # class inside the encoder -> patched forward
     pre_hooks: dict = field(default_factory=dict)  # class around the encoder -> forward pre-hook
-    gelu_modules: tuple = ()  # classes whose Linear+GELU is fused, given a GELU activation
     question_answering: Optional[type] = None  # its span-QA head (masked span loss, unpadded)
     lean_layer: Optional[tuple] = None  # how hf_lean recognises its layers: ("bert", Layer,
     #                                     Attention) or ("distilbert",)
@@ -182,7 +185,6 @@ def _bert_layout(name: str, module, prefix: str) -> _Family:
                     cls("SelfOutput"): hf_layers.add_norm_forward,
                     cls("Output"): hf_layers.add_norm_forward,
                     cls("Intermediate"): hf_layers.intermediate_forward},
-                   gelu_modules=(cls("Intermediate"),),
                    question_answering=cls("ForQuestionAnswering"),
                    lean_layer=("bert", cls("Layer"), cls("Attention")))
 
@@ -206,7 +208,6 @@ def _families() -> list:
                  distil_attention: hf_layers.distilbert_attention_forward,
                  distil.TransformerBlock: hf_layers.distilbert_block_forward},
                 {distil.DistilBertModel: _pass_position_ids},
-                gelu_modules=(distil.FFN,),
                 question_answering=distil.DistilBertForQuestionAnswering,
                 lean_layer=("distilbert",)),
     ]
@@ -356,12 +357,7 @@ def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
 
 
 def _patch_encoder(encoder: nn.Module, family: _Family) -> None:
-    config = _config_of(encoder)  # DistilBERT names its activation `activation`
-    act = getattr(config, "hidden_act", None) or getattr(config, "activation", None)
-    approximate = _GELU_APPROXIMATE.get(act) if isinstance(act, str) else None
     for module in encoder.modules():
         kind = base_class(type(module))
-        if kind in family.gelu_modules:
-            module.fastbert_gelu_approximate = approximate  # None: not a GELU, never fused
         if kind in family.forwards:
             _patch(module, family.forwards[kind])

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 import fastbert
 from fastbert import hf_lean_modernbert, varlen
 from fastbert.hf_lean import _hooked as hooked
-from fastbert.hf_layers import base_class, plain
-from fastbert.model import _GELU_APPROXIMATE, _can_pack_data_dependent, linear
+from fastbert.hf_layers import base_class, gelu_approximate, plain, serves_attention
+from fastbert.model import _can_pack_data_dependent, linear
 from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
 
 
@@ -73,8 +73,10 @@ def _out_dropout(drop: nn.Module, a: torch.Tensor):
     return drop(a), 0.0
 
 
-def _geglu(mlp: nn.Module, h: torch.Tensor, approximate) -> torch.Tensor:
-    """gelu(a) * g with a, g = Wi(h).chunk(2): fused for a plain Wi and a GELU activation."""
+def _geglu(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """act(a) * g with a, g = Wi(h).chunk(2): fused for a plain Wi and a GELU activation module
+    (the layer's own: it may have been replaced after the config was written)."""
+    approximate = gelu_approximate(mlp.act)
     if approximate is not None and plain(mlp.Wi):
         return fastbert.linear_geglu(h, mlp.Wi.weight, mlp.Wi.bias, approximate=approximate)
     act, gate = mlp.Wi(h).chunk(2, dim=-1)
@@ -82,7 +84,7 @@ def _geglu(mlp: nn.Module, h: torch.Tensor, approximate) -> torch.Tensor:
 
 
 def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
-                  cos: torch.Tensor, sin: torch.Tensor, approximate):
+                  cos: torch.Tensor, sin: torch.Tensor):
     """One ModernBertEncoderLayer on packed tokens whose input is x + delta (T, C); delta is the
     previous layer's MLP output not yet added (None for the first layer), so each residual add
     shares a pass with the norm after it. cos, sin (T, D / 2) per token. Returns (x, delta).
@@ -99,7 +101,7 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
     h, x = _add_norm(layer.mlp_norm, a, x, p)
     if hooked(mlp):
         return x, mlp(h)
-    return x, linear(mlp.drop(_geglu(mlp, h, approximate)), mlp.Wo)
+    return x, linear(mlp.drop(_geglu(mlp, h)), mlp.Wo)
 
 
 def _attend(attn: nn.Module, h: torch.Tensor, packed: PackedBatch, cos: torch.Tensor,
@@ -164,7 +166,7 @@ def _pack(model: nn.Module, attention_mask, position_ids, kwargs, batch: int, se
 def _layer_forward(self, hidden_states, attention_mask=None, position_embeddings=None,
                    fastbert_packed=None, **kwargs):
     """ModernBertEncoderLayer.forward. From the patched model's forward (fastbert_packed:
-    (packed, cos, sin, approximate)) on its packed tokens hidden_states (1, T, C): the layer's
+    (packed, cos, sin)) on its packed tokens hidden_states (1, T, C): the layer's
     output (1, T, C), both residual adds done; transformers' own forward otherwise."""
     if fastbert_packed is None:
         return base_class(type(self)).forward(self, hidden_states, attention_mask=attention_mask,
@@ -173,7 +175,7 @@ def _layer_forward(self, hidden_states, attention_mask=None, position_embeddings
     return x[None] + delta[None]  # a new tensor, not a view (FSDP2 warns of a layer's views)
 
 
-def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict, approximate):
+def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict):
     """Every layer on the public ops, then final_norm."""
     delta = None  # the last layer's MLP output, added to x by the next norm's pass
     for layer in model.layers:
@@ -181,9 +183,9 @@ def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict
         if hf_lean_modernbert.module_called(layer):
             if delta is not None:  # the layer's input is a tensor: the pending add is made
                 x, delta = x + delta, None
-            x = layer(x[None], fastbert_packed=(packed, cos, sin, approximate))[0]
+            x = layer(x[None], fastbert_packed=(packed, cos, sin))[0]
         else:
-            x, delta = _packed_layer(layer, x, delta, packed, cos, sin, approximate)
+            x, delta = _packed_layer(layer, x, delta, packed, cos, sin)
     norm = model.final_norm
     if delta is None:
         return _norm(norm, x)
@@ -203,7 +205,7 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     if not (wants_layers or (input_ids is None) == (inputs_embeds is None)
             or (attention_mask is not None and (not torch.is_tensor(attention_mask)
                                                 or attention_mask.dim() != 2))
-            or not _can_pack_data_dependent()):
+            or not _can_pack_data_dependent() or not serves_attention(config)):
         packed = _pack(self, attention_mask, position_ids, kwargs, *grid.shape[:2], grid.device)
     if packed is None:
         return base_class(type(self)).forward(self, input_ids=input_ids,
@@ -224,13 +226,11 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     for layer_type in set(config.layer_types):
         cos, sin = self.rotary_emb(x, positions[None], layer_type)  # (1, T, D): halves repeated
         rotary[layer_type] = (cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous())
-    act = config.hidden_activation
-    approximate = _GELU_APPROXIMATE.get(act) if isinstance(act, str) else None
-    plan = hf_lean_modernbert.plan(self, x, packed, approximate)
+    plan = hf_lean_modernbert.plan(self, x, packed)
     if plan is not None:  # the same ops, backends resolved once (hf_lean_modernbert.py)
         x = hf_lean_modernbert.run(self, x, plan, rotary)
     else:
-        x = _layers(self, x, packed, rotary, approximate)
+        x = _layers(self, x, packed, rotary)
     out = BaseModelOutput(last_hidden_state=packed.grid(x))
     return out if kwargs.get("return_dict", getattr(config, "return_dict", True)) else out.to_tuple()
 

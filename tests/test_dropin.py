@@ -392,6 +392,87 @@ def test_inference_projections_follow_every_weight_change(change):
     assert_close_by_rule(got[real], plain[real], exact[real], name=f"after {change}")
 
 
+def _hot_attention(module, q, k, v, attention_mask, scaling=None, **kwargs):
+    """sdpa at 4x the softmax temperature: a custom attention function, as a user registers."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, q, k, v, attention_mask,
+                                  scaling=4.0 * q.shape[-1] ** -0.5, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "modernbert"])
+@pytest.mark.parametrize("when", ["before patching", "after patching"])
+def test_a_custom_attention_function_runs_as_transformers_calls_it(arch, when):
+    """A function registered with transformers' AttentionInterface and chosen with
+    set_attn_implementation was never called by the patched layers (2.4e-3 off): such a model
+    runs transformers' own forward, and the served implementations come back when reselected."""
+    from transformers import AttentionInterface
+    AttentionInterface.register("fastbert_test_hot", _hot_attention)
+    if arch == "modernbert":
+        from tests.test_hf_modernbert import mb, padded_batch, tiny_config
+        reference = mb.ModernBertModel(tiny_config()).eval()
+        ids, mask = padded_batch()
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    else:
+        reference = make_model(arch, "Model", **NO_DROPOUT[arch])
+        inputs = make_inputs(reference, "Model")
+    real = inputs["attention_mask"].bool()
+    model = copy.deepcopy(reference)
+    if when == "after patching":
+        fastbert.patch_hf(model)
+    for m in (model, reference):
+        m.set_attn_implementation("fastbert_test_hot")
+    if when == "before patching":
+        fastbert.patch_hf(model)
+    for implementation in ("fastbert_test_hot", "sdpa"):
+        for m in (model, reference):
+            m.set_attn_implementation(implementation)
+        got = model(**inputs).last_hidden_state
+        plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+        assert_close_by_rule(got[real], plain[real], exact[real], name=implementation)
+
+
+def _replace_activations(model, make):
+    """Every FFN activation module of a BERT-family model replaced by make()."""
+    for module in model.modules():
+        if hasattr(module, "intermediate_act_fn"):
+            module.intermediate_act_fn = make()
+        elif type(module).__name__ == "FFN":  # DistilBERT
+            module.activation = make()
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+@pytest.mark.parametrize("when", ["before patching", "after patching"])
+def test_a_replaced_or_hooked_activation_runs_as_the_module_says(arch, when):
+    """The fused Linear+GELU follows the activation module the layer holds, not the config: a
+    ReLU put in its place (before or after patching) ran as GELU (5.6e-2 off); a GELU with a
+    forward hook runs as a module call, so the hook fires."""
+    reference = make_model(arch, "Model", **NO_DROPOUT[arch])
+    model = copy.deepcopy(reference)
+    if when == "before patching":
+        for m in (model, reference):
+            _replace_activations(m, torch.nn.ReLU)
+        fastbert.patch_hf(model)
+    else:
+        fastbert.patch_hf(model)
+        for m in (model, reference):
+            _replace_activations(m, torch.nn.ReLU)
+    inputs = make_inputs(model, "Model")
+    real = inputs["attention_mask"].bool()
+    got = model(**inputs).last_hidden_state
+    plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+    assert_close_by_rule(got[real], plain[real], exact[real], name=f"ReLU {when}")
+    calls = []
+    for m in (model, reference):
+        _replace_activations(m, lambda: torch.nn.GELU(approximate="tanh"))
+    for module in model.modules():
+        if type(module) is torch.nn.GELU:
+            module.register_forward_hook(lambda *a: calls.append(1))
+    got = model(**inputs).last_hidden_state
+    plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+    assert_close_by_rule(got[real], plain[real], exact[real], name="hooked tanh GELU")
+    assert len(calls) == model.config.num_hidden_layers  # DistilBERT's n_layers, aliased
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing_uses_the_models_function_and_kwargs(use_reentrant, monkeypatch):
     head = "ForTokenClassification"

@@ -144,6 +144,17 @@ def test_left_padding_and_padding_between_real_tokens(case, monkeypatch):
     assert len(packed_calls) == (1 if case == "left padding" else 0)
 
 
+def test_a_replaced_activation_runs_as_the_module_says():
+    """The GeGLU's GELU follows each layer's activation module, not config.hidden_activation: a
+    ReLU put in one layer after patching ran as GELU (3.7e-3 off)."""
+    models = triplet(mb.ModernBertModel, tiny_config())
+    for m in models:
+        m.layers[1].mlp.act = nn.ReLU()
+    ids, mask = padded_batch()
+    compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
+            real=mask.bool())
+
+
 class HostReads(TorchDispatchMode):
     """Counts what stalls the host on a GPU: .item()/bool() (aten._local_scalar_dense),
     nonzero (its output size), and Tensor.tolist, which CPU tensors do not dispatch."""
