@@ -169,7 +169,10 @@ def _weights_of_dtype(layers, bert: bool, dtype: torch.dtype) -> bool:
             parents = (m["attention"], m["ffn"])
         for parent in parents:
             for child in parent._modules.values():
-                if type(child) is nn.Linear and child._parameters["weight"].dtype != dtype:
+                # no weight Parameter: torch.nn.utils.prune or the old weight_norm made it an
+                # attribute their pre-hook sets, so the module must be called
+                if type(child) is nn.Linear and getattr(child._parameters.get("weight"), "dtype",
+                                                        None) != dtype:
                     return False
     return True
 

@@ -89,8 +89,9 @@ def _weights_of(dtype: torch.dtype, projections) -> bool:
     for it once per forward)."""
     for linear in projections:
         if type(linear) is nn.Linear:
-            w, b = linear._parameters["weight"], linear._parameters["bias"]
-            if w.dtype != dtype or (b is not None and b.dtype != dtype):
+            w, b = linear._parameters.get("weight"), linear._parameters.get("bias")
+            # no weight Parameter: prune or the old weight_norm set it from a pre-hook
+            if w is None or w.dtype != dtype or (b is not None and b.dtype != dtype):
                 return False
     return True
 

@@ -162,6 +162,10 @@ class TorchBackend:
         acc = reference.acc_dtype(pre)
         act, gate = pre.to(acc).chunk(2, dim=-1)
         g = dout.to(acc)
+        if torch._C._are_functorch_transforms_active():  # torch.func.grad: no out= ops there
+            dpre = torch.cat([torch.ops.aten.gelu_backward(g * gate, act, approximate=approximate),
+                              g * torch.nn.functional.gelu(act, approximate=approximate)], -1)
+            return reference.linear_backward(dpre.to(x.dtype), x, weight)
         # both halves written into one (M, 2N) gradient, not concatenated after
         dpre = torch.empty(pre.shape, dtype=acc, device=pre.device)
         dact, dgate = dpre.chunk(2, dim=-1)
@@ -172,6 +176,8 @@ class TorchBackend:
 
     @staticmethod
     def apply_rotary(x, cos, sin, positions, interleaved, conjugate):
+        if torch._C._are_functorch_transforms_active():  # torch.func.grad: no out= ops there
+            return reference.rotary_forward(x, cos, sin, positions, interleaved, conjugate)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         reference.rotary_into(out, x, cos, sin, positions, interleaved, conjugate)
         return out

@@ -431,6 +431,61 @@ def test_a_custom_attention_function_runs_as_transformers_calls_it(arch, when):
         assert_close_by_rule(got[real], plain[real], exact[real], name=implementation)
 
 
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_pruned_linears_run_as_their_modules(arch):
+    """torch.nn.utils.prune turns a Linear's weight into an attribute its pre-hook sets (the old
+    hook-based weight_norm too): the patched model raised KeyError: 'weight'."""
+    import torch.nn.utils.prune as prune
+    if arch == "modernbert":
+        from tests.test_hf_modernbert import mb, padded_batch, tiny_config
+        reference = mb.ModernBertModel(tiny_config()).eval()
+        ids, mask = padded_batch()
+        inputs = dict(input_ids=ids, attention_mask=mask)
+        pick = lambda m: (m.layers[0].mlp.Wo, m.layers[1].attn.Wqkv)  # noqa: E731
+    else:
+        reference = make_model(arch, "Model")
+        inputs = make_inputs(reference, "Model")
+        pick = lambda m: (m.encoder.layer[0].intermediate.dense,  # noqa: E731
+                          m.encoder.layer[1].attention.self.key)
+    model = copy.deepcopy(reference)
+    for m in (model, reference):
+        for linear in pick(m):
+            prune.l1_unstructured(linear, "weight", amount=0.5)
+    fastbert.patch_hf(model)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        got = model(**inputs).last_hidden_state
+        plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+    assert_close_by_rule(got[real], plain[real], exact[real], name="pruned")
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_torch_func_grad_through_the_patched_model(arch):
+    """torch.func.grad over functional_call (per-sample gradients, meta-learning): the torch
+    backend's GeGLU and rotary backward wrote with out= ops, which a functorch transform refuses
+    (ModernBERT raised); every gradient against the unpatched model's, by the tolerance rule."""
+    from torch.func import functional_call, grad
+    if arch == "modernbert":
+        from tests.test_hf_modernbert import mb, padded_batch, tiny_config
+        reference = mb.ModernBertModel(tiny_config()).eval()
+        ids, mask = padded_batch()
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    else:
+        reference = make_model(arch, "Model")
+        inputs = make_inputs(reference, "Model")
+    real = inputs["attention_mask"].bool()
+    model = fastbert.patch_hf(copy.deepcopy(reference))
+
+    def grads(m):
+        def loss(params):
+            out = functional_call(m, params, (), inputs).last_hidden_state
+            return out[real].square().sum()
+        return grad(loss)({k: v.detach() for k, v in m.named_parameters()})
+    got, plain, exact = grads(model), grads(reference), grads(copy.deepcopy(reference).double())
+    for name in got:
+        assert_close_by_rule(got[name], plain[name], exact[name], name=name)
+
+
 def _replace_activations(model, make):
     """Every FFN activation module of a BERT-family model replaced by make()."""
     for module in model.modules():
