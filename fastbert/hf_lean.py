@@ -171,8 +171,8 @@ def _weights_of_dtype(layers, bert: bool, dtype: torch.dtype) -> bool:
             for child in parent._modules.values():
                 # no weight Parameter: torch.nn.utils.prune or the old weight_norm made it an
                 # attribute their pre-hook sets, so the module must be called
-                if type(child) is nn.Linear and getattr(child._parameters.get("weight"), "dtype",
-                                                        None) != dtype:
+                if type(child) is nn.Linear and ("weight" not in child._parameters
+                                                 or child._parameters["weight"].dtype != dtype):
                     return False
     return True
 

@@ -89,9 +89,12 @@ def _weights_of(dtype: torch.dtype, projections) -> bool:
     for it once per forward)."""
     for linear in projections:
         if type(linear) is nn.Linear:
-            w, b = linear._parameters.get("weight"), linear._parameters.get("bias")
+            params = linear._parameters
             # no weight Parameter: prune or the old weight_norm set it from a pre-hook
-            if w is None or w.dtype != dtype or (b is not None and b.dtype != dtype):
+            if "weight" not in params or "bias" not in params:
+                return False
+            w, b = params["weight"], params["bias"]
+            if w.dtype != dtype or (b is not None and b.dtype != dtype):
                 return False
     return True
 
