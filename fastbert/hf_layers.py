@@ -253,7 +253,8 @@ def key_padding_mask(attention_mask):
 def self_attention_forward(self, hidden_states, attention_mask=None, cache=None,
                            past_key_values=None, fastbert_packed=None, **kwargs):
     """*SelfAttention.forward (transformers >= 5 interface)."""
-    if not serves_attention(getattr(self, "config", None)):
+    if kwargs.pop("fastbert_dense_mask", False) or not serves_attention(
+            getattr(self, "config", None)):  # a caller's 4-D mask (hf_patch._mark_dense_mask)
         given = {k: v for k, v in (("cache", cache), ("past_key_values", past_key_values))
                  if v is not None}
         return base_class(type(self)).forward(self, hidden_states, attention_mask, **given,
@@ -281,7 +282,8 @@ def intermediate_forward(self, hidden_states):
 
 def distilbert_attention_forward(self, hidden_states, attention_mask=None, fastbert_packed=None,
                                  **kwargs):
-    if not serves_attention(getattr(self, "config", None)):
+    if kwargs.pop("fastbert_dense_mask", False) or not serves_attention(
+            getattr(self, "config", None)):
         return base_class(type(self)).forward(self, hidden_states, attention_mask, **kwargs)
     y, probs = _attend(self, (self.q_lin, self.k_lin, self.v_lin), hidden_states, attention_mask,
                        fastbert_packed, want_probs=wants_probabilities(self, kwargs))

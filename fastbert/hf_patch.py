@@ -76,7 +76,8 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     model's own function and kwargs all apply), with the packing passed down to the attention as
     `fastbert_packed`. A padded batch takes the same plan, else the original loop over the
     patched layers."""
-    if not hf_layers.serves_attention(_config_of(self)):  # e.g. a custom AttentionInterface
+    if kwargs.get("fastbert_dense_mask") or not hf_layers.serves_attention(_config_of(self)):
+        # a caller's 4-D mask (its attention modules see the flag) or a custom attention function
         kwargs.pop("fastbert_position_ids", None)
         return base_class(type(self)).forward(self, hidden_states, attention_mask, *args,
                                               **kwargs)
@@ -128,14 +129,25 @@ def _lean_padded_plan(encoder, hidden_states, attention_mask, args, kwargs):
     return hf_lean.plan(encoder, hidden_states, None, key_padding_mask(attention_mask), kwargs)
 
 
-def _pass_position_ids(module, args, kwargs):
-    """Forward pre-hook of DistilBertModel, which hands its Transformer no position_ids: pass them
-    along, so packed input is recognised there. (A hook, not a patched class: transformers keys
+def _mark_dense_mask(module, args, kwargs):
+    """Forward pre-hook of each family's base model: a mask of more than two dims from the caller
+    (per-query structure: block-diagonal packing, a custom pattern) is no padding mask, so this
+    call's encoder and attention modules run transformers' own forward; fastbert_dense_mask
+    reaches them through transformers' **kwargs. (Hooks, not patched classes: transformers keys
     its output capturing on the model class's name.)"""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if type(mask) is torch.Tensor and mask.dim() > 2:
+        kwargs["fastbert_dense_mask"] = True
+    return args, kwargs
+
+
+def _distilbert_pre_hook(module, args, kwargs):
+    """_mark_dense_mask for DistilBertModel, which also hands its Transformer no position_ids:
+    they are passed along, so packed input is recognised there."""
     position_ids = kwargs.get("position_ids", args[3] if len(args) > 3 else None)
     if position_ids is not None:
         kwargs["fastbert_position_ids"] = position_ids
-    return args, kwargs
+    return _mark_dense_mask(module, args, kwargs)
 
 
 def _question_answering_forward(self, *args, start_positions=None, end_positions=None,
@@ -185,6 +197,7 @@ def _bert_layout(name: str, module, prefix: str) -> _Family:
                     cls("SelfOutput"): hf_layers.add_norm_forward,
                     cls("Output"): hf_layers.add_norm_forward,
                     cls("Intermediate"): hf_layers.intermediate_forward},
+                   {cls("Model"): _mark_dense_mask},
                    question_answering=cls("ForQuestionAnswering"),
                    lean_layer=("bert", cls("Layer"), cls("Attention")))
 
@@ -207,7 +220,7 @@ def _families() -> list:
                 {distil.Transformer: _encoder_forward,
                  distil_attention: hf_layers.distilbert_attention_forward,
                  distil.TransformerBlock: hf_layers.distilbert_block_forward},
-                {distil.DistilBertModel: _pass_position_ids},
+                {distil.DistilBertModel: _distilbert_pre_hook},
                 question_answering=distil.DistilBertForQuestionAnswering,
                 lean_layer=("distilbert",)),
     ]

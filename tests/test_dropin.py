@@ -486,6 +486,37 @@ def test_torch_func_grad_through_the_patched_model(arch):
         assert_close_by_rule(got[name], plain[name], exact[name], name=name)
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("kind", ["block-diagonal bool", "causal additive"])
+def test_a_callers_4d_mask_is_honoured_as_transformers_does(arch, kind):
+    """A (B, 1, S, S) mask from the caller has per-query structure: its last query row was taken
+    as a key-padding mask (two sequences packed in a row by a block-diagonal mask: 3.0 off).
+    Such a call runs transformers' attention; a 2-D mask after it takes the fast path again."""
+    reference = make_model(arch, "Model", **NO_DROPOUT[arch])
+    model = fastbert.patch_hf(copy.deepcopy(reference))
+    s = 10
+    ids = torch.randint(3, reference.config.vocab_size, (2, s))
+    if kind == "block-diagonal bool":
+        mask = torch.zeros(2, 1, s, s, dtype=torch.bool)
+        mask[:, :, :6, :6] = mask[:, :, 6:, 6:] = True
+    else:
+        mask = torch.full((2, 1, s, s), torch.finfo(torch.float32).min).triu(1)
+    def run(m):
+        dtype = next(m.parameters()).dtype
+        given = mask.to(dtype) if mask.is_floating_point() else mask
+        return m(input_ids=ids, attention_mask=given).last_hidden_state
+
+    with torch.no_grad():
+        got = run(model)
+        plain, exact = _exact_and_plain(reference, run)
+        assert_close_by_rule(got, plain, exact, name=kind)
+        inputs = make_inputs(model, "Model")  # then a padded 2-D batch, as before
+        real = inputs["attention_mask"].bool()
+        got = model(**inputs).last_hidden_state
+        plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+        assert_close_by_rule(got[real], plain[real], exact[real], name="2-D after")
+
+
 def _replace_activations(model, make):
     """Every FFN activation module of a BERT-family model replaced by make()."""
     for module in model.modules():
