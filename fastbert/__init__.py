@@ -13,8 +13,9 @@ first time something that needs it is used.
 """
 import importlib
 
-from fastbert.ops import (BACKENDS, add_layer_norm, attention, get_backend, linear_bias_gelu,
-                          set_backend)
+from fastbert.ops import BACKENDS, attention, get_backend, set_backend
+from fastbert.layer_norm import add_layer_norm
+from fastbert.linear_gelu import linear_bias_gelu
 from fastbert.geglu import linear_geglu
 from fastbert.rotary import apply_rotary
 from fastbert.varlen import attention_varlen

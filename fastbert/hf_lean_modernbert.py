@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastbert import cpu, geglu, hf_layers, lean, ops, rotary, varlen
+from fastbert import cpu, geglu, hf_layers, layer_norm, lean, ops, rotary, varlen
 from fastbert.padding import PackedBatch
 
 
@@ -164,7 +164,7 @@ def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: i
                                           kw)
     hidden = x.shape[1]
     p.norms = {}
-    norm_dtype = ops.norm_dtype(device.type, dtype) if p.cast is not None else dtype
+    norm_dtype = layer_norm.norm_dtype(device.type, dtype) if p.cast is not None else dtype
     for dropout_p in norm_dropout:
         backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
                                       dtype=norm_dtype, hidden=hidden, dropout_p=dropout_p,
@@ -334,11 +334,13 @@ def _norm(p: Plan, norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
         x, residual = x, None
     else:
         x, residual = delta, x
-    out_dtype = ops.norm_out_dtype(x, residual) if p.cast is not None else None  # as the op
+    # as the op
+    out_dtype = layer_norm.norm_out_dtype(x, residual) if p.cast is not None else None
     if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad
                    or (residual is not None and residual.requires_grad)):  # (*)
-        return ops.apply_eager("fastbert::add_layer_norm", ops._add_layer_norm_forward,
-                               ops._add_layer_norm_setup, ops._add_layer_norm_grad, x, residual,
+        return ops.apply_eager("fastbert::add_layer_norm", layer_norm._add_layer_norm_forward,
+                               layer_norm._add_layer_norm_setup, layer_norm._add_layer_norm_grad,
+                               x, residual,
                                w, b, norm.eps, 0.0, None, p.norm_backend, out_dtype)[0]
     return p.norm(x, residual, w, b, norm.eps, 0.0, 0, out_dtype=out_dtype)[0]
 
@@ -353,14 +355,15 @@ def _add_norm(p: Plan, norm: nn.Module, delta: torch.Tensor, x: torch.Tensor,
         return norm(s), s
     w, b = norm._parameters["weight"], norm._parameters["bias"]
     b = p.zero_bias if b is None else b
-    out_dtype = ops.norm_out_dtype(delta, x) if p.cast is not None else None  # as the op
+    # as the op
+    out_dtype = layer_norm.norm_out_dtype(delta, x) if p.cast is not None else None
     backend, forward = p.norms[dropout_p]
     if p.grad and (delta.requires_grad or x.requires_grad or w.requires_grad
                    or b.requires_grad):  # (*)
         return ops.apply_eager("fastbert::add_layer_norm_residual",
-                               ops._add_layer_norm_residual_forward,
-                               ops._add_layer_norm_residual_setup,
-                               ops._add_layer_norm_residual_grad, delta, x, w, b, norm.eps,
+                               layer_norm._add_layer_norm_residual_forward,
+                               layer_norm._add_layer_norm_residual_setup,
+                               layer_norm._add_layer_norm_residual_grad, delta, x, w, b, norm.eps,
                                dropout_p, ops._draw_seed(dropout_p), backend, out_dtype)[:2]
     seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
     y, _, _, s = forward(delta, x, w, b, norm.eps, dropout_p, seed, store_sum=True,

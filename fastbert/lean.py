@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
-from fastbert import cpu, ops, varlen
+from fastbert import cpu, layer_norm, linear_gelu, ops, varlen
 from fastbert.padding import PackedBatch
 
 
@@ -143,7 +143,8 @@ def resolve(device: torch.device, x_dtype: torch.dtype, hidden: int,
         p.attention_backend = ops.resolve_backend("fastbert.attention", "auto", device,
                                                   has_mask=p.mask is not None, **kw)
         p.attention = ops._backend_module(p.attention_backend).attention_forward
-    norm_dtype = ops.norm_dtype(device.type, x_dtype) if p.cast is not None else x_dtype
+    norm_dtype = (layer_norm.norm_dtype(device.type, x_dtype) if p.cast is not None
+                  else x_dtype)
     p.norm_backend = ops.resolve_backend("fastbert.add_layer_norm", "auto", device,
                                          dtype=norm_dtype, hidden=hidden, dropout_p=hidden_p)
     p.norm = ops._backend_module(p.norm_backend).add_layer_norm_forward
@@ -184,7 +185,8 @@ def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, forward,
                     backend: str):
     """fastbert.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=...)."""
-    out_dtype = ops.norm_out_dtype(x, residual) if p.cast is not None else None  # as the op
+    # as the op
+    out_dtype = layer_norm.norm_out_dtype(x, residual) if p.cast is not None else None
     shape = x.shape
     if not p.packed:
         x = x.reshape(-1, shape[-1])
@@ -192,10 +194,10 @@ def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, 
     w, b = norm._parameters["weight"], norm._parameters["bias"]
     if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad
                    or (residual is not None and residual.requires_grad)):  # (*)
-        y = ops.apply_eager("fastbert::add_layer_norm", ops._add_layer_norm_forward,
-                            ops._add_layer_norm_setup, ops._add_layer_norm_grad, x, residual, w,
-                            b, float(norm.eps), dropout_p, ops._draw_seed(dropout_p), backend,
-                            out_dtype)[0]
+        y = ops.apply_eager("fastbert::add_layer_norm", layer_norm._add_layer_norm_forward,
+                            layer_norm._add_layer_norm_setup, layer_norm._add_layer_norm_grad,
+                            x, residual, w, b, float(norm.eps), dropout_p,
+                            ops._draw_seed(dropout_p), backend, out_dtype)[0]
     else:
         seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
         y = forward(x, residual, w, b, float(norm.eps), dropout_p, seed, out_dtype=out_dtype)[0]
@@ -227,13 +229,15 @@ def linear_bias_gelu(p: Plan, x, module: nn.Linear):
     if not p.packed:
         x = x.reshape(-1, shape[-1])
     if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad):  # (*)
-        y = ops.apply_eager("fastbert::linear_bias_gelu", ops._linear_bias_gelu_forward,
-                            ops._linear_bias_gelu_setup, ops._linear_bias_gelu_grad, x, w, b,
+        y = ops.apply_eager("fastbert::linear_bias_gelu", linear_gelu._linear_bias_gelu_forward,
+                            linear_gelu._linear_bias_gelu_setup,
+                            linear_gelu._linear_bias_gelu_grad, x, w, b,
                             p.approximate, True, p.gelu_backend)[0]
     elif p.cpu_gelu is not None:
         y = p.cpu_gelu(x, w, b, p.approximate)
     else:
-        y = ops._linear_bias_gelu_forward(x, w, b, p.approximate, False, p.gelu_backend)[0]
+        y = linear_gelu._linear_bias_gelu_forward(x, w, b, p.approximate, False,
+                                                  p.gelu_backend)[0]
     return y if p.packed else y.view(*shape[:-1], -1)
 
 

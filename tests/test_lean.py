@@ -79,7 +79,7 @@ def test_autocast_training_bitwise_equal_to_public_ops(public_ops, unpad):
         return [out.last_hidden_state] + [p.grad for p in model.parameters()]
 
     lean_run = run()
-    assert lean_run[0].dtype == torch.float32  # the norms keep the fp32 stream (ops.norm_dtype)
+    assert lean_run[0].dtype == torch.float32  # the norms keep the fp32 stream (layer_norm.norm_dtype)
     public_ops()
     assert all(torch.equal(a, b) for a, b in zip(lean_run, run()))
 

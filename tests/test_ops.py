@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastbert
-from fastbert import ops, reference
+from fastbert import layer_norm, linear_gelu, ops, reference
 from fastbert.torch_backend import TorchBackend
 from tests.helpers import check_mixed_dtype_layer_norm, random_padding_mask
 
@@ -292,8 +292,8 @@ def test_autocast_runs_ops_in_low_precision_and_norms_as_torch_would():
     assert y.dtype == torch.float32  # the sum's dtype, as LayerNorm(h + residual) on CPU
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fastbert.add_layer_norm(h, None, torch.ones(16), torch.zeros(16)).dtype == h.dtype
-    assert ops.norm_dtype("cuda", torch.bfloat16) == torch.float32  # CUDA autocast's layer_norm
-    assert ops.norm_dtype("cpu", torch.bfloat16, torch.float32) == torch.float32
+    assert layer_norm.norm_dtype("cuda", torch.bfloat16) == torch.float32  # autocast's layer_norm
+    assert layer_norm.norm_dtype("cpu", torch.bfloat16, torch.float32) == torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,17 +346,16 @@ def test_opcheck_linear_bias_gelu():
 
 
 def test_linear_bias_gelu_keeps_no_pre_activation_without_grad(monkeypatch):
-    from fastbert import ops
     seen = []
-    real = ops._linear_bias_gelu_forward
+    real = linear_gelu._linear_bias_gelu_forward
 
     def spy(x, w, b, approximate, store_pre, backend):
         out, pre = real(x, w, b, approximate, store_pre, backend)
         seen.append((store_pre, tuple(pre.shape)))
         return out, pre
 
-    monkeypatch.setattr(ops, "_linear_bias_gelu_forward", spy)
-    monkeypatch.setattr(ops.cpu, "should_use", lambda *a: False)  # not the oneDNN path
+    monkeypatch.setattr(linear_gelu, "_linear_bias_gelu_forward", spy)
+    monkeypatch.setattr(linear_gelu.cpu, "should_use", lambda *a: False)  # not the oneDNN path
     x, w, b = torch.randn(6, 8), torch.randn(10, 8, requires_grad=True), torch.randn(10)
     with torch.no_grad():
         fastbert.linear_bias_gelu(x, w, b)
@@ -375,7 +374,7 @@ def test_inference_calls_skip_the_custom_op_and_agree(monkeypatch):
     with_grad = (fastbert.attention(qg, k, v, mask).detach(),
                  fastbert.add_layer_norm(xg, x, w, b).detach())
     monkeypatch.setattr(ops, "_attention_fwd", None)  # a call through the op would fail
-    monkeypatch.setattr(ops, "_add_layer_norm_fwd", None)
+    monkeypatch.setattr(layer_norm, "_add_layer_norm_fwd", None)
     # a model's LayerNorm weights are nn.Parameters: they too take the direct path
     wp, bp = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
     with torch.no_grad():
@@ -417,8 +416,9 @@ def test_eager_training_calls_skip_the_custom_op_and_equal_it(monkeypatch):
     for got, want in zip(eager, through_ops):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     for module, name in ((ops, "_attention_fwd"), (ops, "_attention_bwd"),
-                         (ops, "_add_layer_norm_fwd"), (ops, "_add_layer_norm_bwd"),
-                         (ops, "_linear_bias_gelu_fwd"), (ops, "_linear_bias_gelu_bwd"),
+                         (layer_norm, "_add_layer_norm_fwd"), (layer_norm, "_add_layer_norm_bwd"),
+                         (linear_gelu, "_linear_bias_gelu_fwd"),
+                         (linear_gelu, "_linear_bias_gelu_bwd"),
                          (varlen, "_varlen_fwd"), (varlen, "_varlen_bwd")):
         monkeypatch.setattr(module, name, None)  # a call through a custom op would fail
     for got, want in zip(_every_op_fwd_bwd(seed=3), eager):

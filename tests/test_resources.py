@@ -259,7 +259,7 @@ def layer_norm_variants():
     for model, hidden in widths.items():
         block_n, warps, whole_row = ln._row_config(hidden)
         # (x dtype, residual/y dtype where not x's). Model widths only: the norms under CUDA
-        # autocast (ops.norm_dtype), fp32 ones and a bf16 x beside the fp32 residual stream
+        # autocast (layer_norm.norm_dtype), fp32 ones and a bf16 x beside the fp32 residual stream
         streams = [(d, None) for d in DTYPES]
         if model in MODELS:
             streams += [(torch.float32, None), (torch.bfloat16, torch.float32)]
@@ -394,7 +394,7 @@ def test_variant_list_covers_the_model():
     att = rows["attention"]
     assert all("large" in models for row, (_, models) in att.items() if "base" in models)
     assert any(models == ["MiniLM"] for _, models in att.values())
-    for family in FAMILIES:  # and autocast's norms: fp32, and bf16 beside fp32 (ops.norm_dtype)
+    for family in FAMILIES:  # and autocast's norms: fp32, and bf16 beside fp32 (layer_norm.norm_dtype)
         extra = ("fp32", "bf16+fp32") if family == "layer_norm" else ()
         assert {(r.capability, r.dtype) for r in rows[family]} == {
             (c, d) for c in CAPABILITIES for d in [TRITON_TYPE[d] for d in DTYPES] + list(extra)}

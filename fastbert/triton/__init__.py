@@ -1,4 +1,5 @@
-"""Triton backend: one module per op (kernels + launchers); ops.py registers and dispatches them."""
+"""Triton backend: one module per op (kernels + launchers). fastbert/ops.py chooses backends and
+holds the attention op; each other op's registration and autograd live in fastbert/<op>.py."""
 from fastbert.triton.attention import attention_backward, attention_forward
 from fastbert.triton.attention_varlen import (attention_varlen_backward,
                                               attention_varlen_forward)

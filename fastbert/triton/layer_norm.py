@@ -11,7 +11,7 @@ single torch reduction over the programs finishes them.
 The pre-norm form (add_layer_norm's return_residual) stores the sum dropout(x) + residual the
 forward computes anyway (STORE_SUM), and its backward adds the gradient arriving at that sum
 (HAS_DSUM) to the one through the norm: a pre-norm layer's residual add costs no pass of its own.
-Autograd lives in fastbert/ops.py; this module only runs kernels.
+Autograd lives in fastbert/layer_norm.py; this module only runs kernels.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ and per-program dbias partials (deterministic: fixed rows per program, one torch
 two GEMMs dx = dpre @ W and dW = dpre.T @ x then go to torch.matmul (cuBLAS): on H100 cuBLAS is at
 least as fast as a Triton GEMM for these plain layouts, and fusing dGELU into a Triton GEMM's
 prologue would have to recompute it in both GEMMs (or write dpre anyway), so it saves no traffic.
-Autograd lives in fastbert/ops.py; this module only runs kernels.
+Autograd lives in fastbert/linear_gelu.py; this module only runs kernels.
 """
 from __future__ import annotations
 
