@@ -3,9 +3,10 @@ follow: a fused path serves a plain module only (an nn.Linear / nn.LayerNorm wit
 anything else -- a LoRA wrapper, a quantized linear, a hooked module -- is called as a module, so
 what a user attaches after patching is honoured.
 
-    _attend(sa, h, mask, packed, ...)   self-attention: one fused QKV GEMM when query, key and
-                                        value are plain, fastbert.attention / attention_varlen,
-                                        or the reference math when probabilities are asked for
+    _attend(sa, h, mask, packed, ...)   self-attention: one fused QKV GEMM in training when
+                                        query, key and value are plain (three in inference),
+                                        fastbert.attention / attention_varlen, or the reference
+                                        math when probabilities are asked for
     model.linear(x, module)             a projection: the CPU inference GEMM path for a plain
                                         nn.Linear, the module's own call otherwise
     _add_norm(x, residual, norm, p)     LN(dropout(x) + residual), fused for a plain LayerNorm
@@ -51,41 +52,29 @@ def serves_attention(config) -> bool:
     return implementation is None or implementation in SERVED_ATTENTION
 
 
-# activation module class -> the GELU it computes, as fastbert's fused ops take it ("none": erf,
-# "tanh"), or how to read it off the module ("approximate": nn.GELU's attribute; "erf?":
-# transformers' GELUActivation, erf unless built with its Python formula). Filled on first use.
-_GELU_KINDS: dict = {}
-
-
-def _gelu_kinds() -> dict:
-    kinds = {nn.GELU: "approximate"}
-    try:
-        from transformers import activations
-    except ImportError:
-        return kinds
-    kinds[activations.GELUActivation] = "erf?"
-    for name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
-        if hasattr(activations, name):
-            kinds[getattr(activations, name)] = "tanh"
-    return kinds
+# transformers.activations' GELU classes, by name (no import, and no table filled while
+# torch.compile traces) -> the GELU they compute as fastbert's fused ops take it ("none": erf,
+# "tanh"), or "erf?": GELUActivation, erf unless built with its Python formula
+_HF_GELUS = {"GELUActivation": "erf?", "NewGELUActivation": "tanh", "GELUTanh": "tanh",
+             "PytorchGELUTanh": "tanh"}
 
 
 def gelu_approximate(act) -> Optional[str]:
     """The GELU an activation computes ("none", "tanh"), read off the module itself (it may have
     been replaced after the config was written), or None for any other activation or a hooked
-    one: those run as they are, after the GEMM. Per layer and forward: kept to three calls."""
-    if not _GELU_KINDS:
-        _GELU_KINDS.update(_gelu_kinds())
-    kind = _GELU_KINDS.get(type(act))
-    if kind is None:
+    one: those run as they are, after the GEMM. Per layer and forward: kept to a few calls."""
+    kind = type(act)
+    if kind is nn.GELU:
+        variant = act.approximate
+    elif kind.__module__ == "transformers.activations":
+        variant = _HF_GELUS.get(kind.__name__)
+        if variant == "erf?":
+            variant = "none" if act.__dict__.get("act") is F.gelu else None
+    else:
         return "none" if act is F.gelu else None
-    if act._forward_hooks or act._forward_pre_hooks:
+    if variant is None or act._forward_hooks or act._forward_pre_hooks:
         return None
-    if kind == "approximate":
-        return act.approximate
-    if kind == "erf?":
-        return "none" if act.__dict__.get("act") is F.gelu else None
-    return kind
+    return variant
 
 
 def _dropout_p(module: nn.Module) -> float:

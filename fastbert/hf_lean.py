@@ -140,7 +140,8 @@ def plan(encoder: nn.Module, x: torch.Tensor, packed: Optional[PackedBatch],
                 modules += [m["sa_layer_norm"], m["output_layer_norm"], m["ffn"]._modules["lin1"]]
         return [m for m in modules  # those the fused ops take (with a weight and a bias)
                 if (type(m) is nn.Linear or base_class(type(m)) is nn.LayerNorm)
-                and m._parameters["weight"] is not None and m._parameters["bias"] is not None]
+                and m._parameters.get("weight") is not None  # (pruned: not a Parameter)
+                and m._parameters.get("bias") is not None]
 
     p = lean.resolve(x.device, x.dtype, x.shape[-1], packed, key_mask, causal, attn_p,
                      hidden_p, approximate, head_dim, ffn, False, fused_weights)

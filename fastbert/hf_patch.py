@@ -150,6 +150,9 @@ def _distilbert_pre_hook(module, args, kwargs):
     return _mark_dense_mask(module, args, kwargs)
 
 
+_pass_position_ids = _distilbert_pre_hook  # its earlier name, which older pickles refer to
+
+
 def _question_answering_forward(self, *args, start_positions=None, end_positions=None,
                                 **kwargs):
     """*ForQuestionAnswering.forward, unpadded: the span loss never picks a padding position (its
@@ -307,7 +310,7 @@ def _problems(model: nn.Module, encoders: list) -> list:
 def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
     """Run a transformers BERT, RoBERTa, XLM-RoBERTa, ELECTRA or DistilBERT (the base model or any
     task head) on fastbert's ops, in place: self-attention on fastbert.attention (one fused QKV
-    GEMM), every residual+LayerNorm on fastbert.add_layer_norm, the FFN's first Linear+GELU on
+    GEMM in training), every residual+LayerNorm on fastbert.add_layer_norm, the FFN's first Linear+GELU on
     fastbert.linear_bias_gelu (other activations stay as they are). The Parameter objects stay the
     same, so an optimizer made before patching keeps training the model. Returns the model.
 

@@ -151,7 +151,7 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
     (nn.LayerNorm(bias=False)). Under autocast it runs in the dtype torch's add and layer_norm
     would (norm_dtype): fp32 on CUDA, the wider of x and residual on CPU.
 
-    return_residual=True: the pre-norm form, (y, s) with s = dropout(x) + residual in x's dtype,
+    return_residual=True: the pre-norm form, (y, s) with s = dropout(x) + residual in y's dtype,
     the next pre-norm layer's residual, from the same pass on every backend (gradients reaching
     s and y are summed in one backward)."""
     op = "fastbert.add_layer_norm"

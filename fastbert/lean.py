@@ -175,7 +175,7 @@ def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         return module(x)
     w, b = module._parameters["weight"], module._parameters["bias"]
     if p.cpu_linear is None or (p.grad and (x.requires_grad or w.requires_grad
-                                            or b.requires_grad)):  # (*)
+                                            or (b is not None and b.requires_grad))):  # (*)
         return F.linear(x, w, b)
     if p.packed:
         return p.cpu_linear(x, w, b)

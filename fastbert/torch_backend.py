@@ -102,7 +102,12 @@ class TorchBackend:
         out_dtype = out_dtype or x.dtype
         keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
             if dropout_p > 0.0 else None
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # reference.acc_dtype
+        # fp64 where any of x, residual and y is (reference.acc_dtype), else fp32: a mixed call
+        # under autocast keeps an fp64 residual's precision (inline: a call per norm counts)
+        f64 = torch.float64
+        acc = f64 if (x.dtype == f64 or out_dtype == f64 or (residual is not None and
+                                                             residual.dtype == f64)) \
+            else torch.float32
         s = reference.prenorm_sum(x, residual, dropout_p, keep, acc)  # (rows, C)
         if weight.dtype != acc or bias.dtype != acc:
             weight, bias = weight.to(acc), bias.to(acc)
@@ -118,7 +123,10 @@ class TorchBackend:
     def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None):
         keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
             if dropout_p > 0.0 else None
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # reference.acc_dtype
+        f64 = torch.float64  # as in the forward
+        acc = f64 if (x.dtype == f64 or dy.dtype == f64 or (residual is not None and
+                                                            residual.dtype == f64)) \
+            else torch.float32
         s = reference.prenorm_sum(x, residual, dropout_p, keep, acc)
         w = weight if weight.dtype == acc else weight.to(acc)
         ds, dweight, dbias = torch.ops.aten.native_layer_norm_backward(

@@ -517,6 +517,53 @@ def test_a_callers_4d_mask_is_honoured_as_transformers_does(arch, kind):
         assert_close_by_rule(got[real], plain[real], exact[real], name="2-D after")
 
 
+def test_a_fresh_process_compiles_the_patched_model_in_one_graph():
+    """torch.compile(fullgraph=True) as the first call of a process: a per-call check filling a
+    table on first use mutated it while dynamo traced, which broke the graph (fullgraph raised;
+    7 graphs without it)."""
+    script = """
+import copy, torch, transformers, fastbert
+config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128)
+model = transformers.BertModel(config).eval()
+patched = fastbert.patch_hf(copy.deepcopy(model))
+ids = torch.randint(1, 100, (2, 8)); mask = torch.ones(2, 8, dtype=torch.long); mask[1, 5:] = 0
+run = torch.compile(lambda i, a: patched(i, attention_mask=a).last_hidden_state,
+                    backend="eager", fullgraph=True)
+with torch.no_grad():
+    got, want = run(ids, mask), model(ids, attention_mask=mask).last_hidden_state
+print((got - want)[mask.bool()].abs().max().item())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 1e-5, done.stdout
+
+
+def test_bias_free_projections_in_inference_with_grad_enabled():
+    """Q/K/V without biases, a frozen model run outside no_grad (the CPU inference GEMM route
+    with autograd on): the inference projections read a missing bias's requires_grad."""
+    reference = make_model("bert", "Model")
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Linear) and module.out_features == 64:
+            module.bias = None
+    reference.requires_grad_(False)
+    model = fastbert.patch_hf(copy.deepcopy(reference))
+    inputs = make_inputs(model, "Model")
+    real = inputs["attention_mask"].bool()
+    got = model(**inputs).last_hidden_state
+    plain, exact = _exact_and_plain(reference, lambda m: m(**inputs).last_hidden_state)
+    assert_close_by_rule(got[real], plain[real], exact[real], name="bias-free")
+
+
+def test_pickles_of_earlier_versions_find_their_hooks():
+    """A DistilBERT patched and pickled before its pre-hook was renamed names it
+    fastbert.hf_patch._pass_position_ids: that name still loads."""
+    from fastbert import hf_patch
+    old = b"cfastbert.hf_patch\n_pass_position_ids\n."
+    assert pickle.loads(old) is hf_patch._distilbert_pre_hook
+
+
 def _replace_activations(model, make):
     """Every FFN activation module of a BERT-family model replaced by make()."""
     for module in model.modules():

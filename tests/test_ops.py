@@ -181,6 +181,24 @@ def test_add_layer_norm_torch_backend_reads_mixed_dtypes(dropout_p, pre_norm):
     check_mixed_dtype_layer_norm(TorchBackend, dropout_p=dropout_p, pre_norm=pre_norm)
 
 
+def test_add_layer_norm_keeps_an_fp64_residuals_precision():
+    """Mixed inputs (autocast) with an fp64 residual: the torch backend accumulates in fp64, as
+    when both were cast up first."""
+    x, r = torch.randn(7, 16), torch.randn(7, 16, dtype=torch.float64)
+    w, b, dy = torch.randn(16), torch.randn(16), torch.randn(7, 16, dtype=torch.float64)
+    y, mean, rstd = TorchBackend.add_layer_norm_forward(x, r, w, b, 1e-5, 0.0, 0,
+                                                        out_dtype=torch.float64)
+    dx, dr, dw, db = TorchBackend.add_layer_norm_backward(dy, x, r, w, mean, rstd, 0.0, 0)
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    ey, emean, erstd = reference.add_layer_norm_forward(x64, r, w64, b64, 1e-5)
+    edx, edr, edw, edb = reference.add_layer_norm_backward(dy, x64, r, w64, emean, erstd)
+    assert y.dtype == dr.dtype == torch.float64 and dx.dtype == torch.float32
+    for got, want in ((y, ey), (dr, edr), (dx, edx.float()), (dw, edw.float()), (db, edb.float())):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12 if got.dtype ==
+                                   torch.float64 else 1e-6, atol=1e-12 if got.dtype ==
+                                   torch.float64 else 1e-6)
+
+
 def test_linear_bias_gelu_gradcheck():
     x = torch.randn(2, 3, 5, dtype=f64, requires_grad=True)
     w = torch.randn(4, 5, dtype=f64, requires_grad=True)
