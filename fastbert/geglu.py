@@ -76,28 +76,7 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     """gelu(x @ W_a.T + b_a) * (x @ W_g.T + b_g) with weight = [W_a; W_g] (2N, K) and bias
     = [b_a; b_g] (2N,) or None; x (..., K) -> (..., N). approximate: "none" is the exact erf
     GELU, "tanh" the approximation."""
-    for name, t in (("x", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
-        ops._expect_tensor(OP, name, t)
-        ops._expect_float(OP, name, t)
-        ops._expect_same_device(OP, "x", x, name, t)
-    if x.dim() < 1:
-        raise ValueError(f"{OP}: argument 'x' expected at least 1 dim (..., K), got a scalar")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] % 2:
-        raise ValueError(f"{OP}: argument 'weight' expected shape (2N, K={x.shape[-1]}) (the "
-                         f"GELU half stacked on the gate half), got {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{OP}: argument 'bias' expected shape ({weight.shape[0]},), got "
-                         f"{tuple(bias.shape)}")
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"{OP}: argument 'approximate' expected 'none' or 'tanh', got "
-                         f"{approximate!r}")
-    cast = ops._autocast_dtype(x.device)
-    if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
-    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"{OP}: arguments 'x', 'weight', 'bias' expected one dtype, got "
-                        f"{x.dtype}, {weight.dtype}, {bias.dtype if bias is not None else None}")
+    x, weight, bias = ops._gelu_linear_operands(OP, x, weight, bias, approximate, halves=True)
     n2, k = weight.shape
     chosen = ops.resolve_backend(OP, backend, x.device, dtype=x.dtype, in_features=k,
                                  out_features=n2)

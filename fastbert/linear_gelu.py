@@ -74,27 +74,7 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
                      backend: str = "auto") -> Tensor:
     """gelu(x @ weight.T + bias), weight (N, K) as in nn.Linear; x (..., K) -> (..., N)."""
     op = "fastbert.linear_bias_gelu"
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        ops._expect_tensor(op, name, t)
-        ops._expect_float(op, name, t)
-        ops._expect_same_device(op, "x", x, name, t)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: argument 'x' expected at least 1 dim (..., K), got a scalar")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"{op}: argument 'weight' expected shape (N, K={x.shape[-1]}), got "
-                         f"{tuple(weight.shape)}")
-    if tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{op}: argument 'bias' expected shape ({weight.shape[0]},), got "
-                         f"{tuple(bias.shape)}")
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"{op}: argument 'approximate' expected 'none' or 'tanh', got "
-                         f"{approximate!r}")
-    cast = ops._autocast_dtype(x.device)
-    if cast is not None:
-        x, weight, bias = x.to(cast), weight.to(cast), bias.to(cast)
-    elif not (weight.dtype == x.dtype and bias.dtype == x.dtype):
-        raise TypeError(f"{op}: arguments 'x', 'weight', 'bias' expected one dtype, got "
-                        f"{x.dtype}, {weight.dtype}, {bias.dtype}")
+    x, weight, bias = ops._gelu_linear_operands(op, x, weight, bias, approximate)
     n, k = weight.shape
     chosen = ops.resolve_backend(op, backend, x.device, dtype=x.dtype, in_features=k,
                                  out_features=n)
@@ -103,7 +83,7 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
         # CPU inference: oneDNN GEMM on a prepacked weight with GELU as its post-op
         with ops._profiled("fastbert::linear_bias_gelu_fwd"):
             return ops.own_view(cpu.linear_gelu(x.reshape(-1, k), weight, bias, approximate),
-                            (*lead, n))
+                                (*lead, n))
     x2 = x.reshape(-1, k).contiguous()
     if ops._inference(x2, weight, bias):
         out, _ = _linear_bias_gelu_forward(x2, weight.contiguous(), bias.contiguous(),

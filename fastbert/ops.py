@@ -284,6 +284,39 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device.type)
 
 
+def _gelu_linear_operands(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          approximate: str, halves: bool = False):
+    """The checks linear_bias_gelu and linear_geglu share: x (..., K), weight (N, K) (halves: 2N
+    rows, two stacked halves), bias (weight rows,) (None only for halves: linear_geglu's is
+    optional), approximate "none" or "tanh"; one dtype, or all cast to autocast's.
+    Returns (x, weight, bias)."""
+    for name, t in (("x", x), ("weight", weight)) + (
+            (("bias", bias),) if bias is not None or not halves else ()):
+        _expect_tensor(op, name, t)
+        _expect_float(op, name, t)
+        _expect_same_device(op, "x", x, name, t)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: argument 'x' expected at least 1 dim (..., K), got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or (halves and weight.shape[0] % 2):
+        want = (f"(2N, K={x.shape[-1]}) (the GELU half stacked on the gate half)" if halves
+                else f"(N, K={x.shape[-1]})")
+        raise ValueError(f"{op}: argument 'weight' expected shape {want}, got "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: argument 'bias' expected shape ({weight.shape[0]},), got "
+                         f"{tuple(bias.shape)}")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{op}: argument 'approximate' expected 'none' or 'tanh', got "
+                         f"{approximate!r}")
+    cast = _autocast_dtype(x.device)
+    if cast is not None:
+        return x.to(cast), weight.to(cast), bias.to(cast) if bias is not None else None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{op}: arguments 'x', 'weight', 'bias' expected one dtype, got "
+                        f"{x.dtype}, {weight.dtype}, {bias.dtype if bias is not None else None}")
+    return x, weight, bias
+
+
 # --------------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------------
