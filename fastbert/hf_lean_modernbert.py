@@ -9,7 +9,7 @@ model.linear per projection; each public op checks its arguments, resolves a bac
 the autocast state on every call. Within one forward all of that is the same for every layer, so
 the forward resolves it once and one function per layer calls the chosen backends directly:
 
-    p = plan(model, x, packed)                # patch_hf's; None: _packed_layer's public ops
+    p = plan(model, x, packed, local)         # patch_hf's; None: _packed_layer's public ops
     x = run(model, x, p, rotary)              # every layer, then final_norm
     p = prenorm_plan(model, x, packed)        # fastbert's own; None: PreNormLayer.forward
     x = prenorm_run(model, x, p, rotary)
@@ -47,7 +47,7 @@ class Plan:
     __slots__ = ("grad", "cast", "dtype", "cpu_linear", "cu_seqlens", "max_seqlen", "scale",
                  "positions", "rotary", "rotary_backend", "attention", "norms", "norm",
                  "norm_backend", "geglu", "geglu_cpu", "geglu_backend", "approximate",
-                 "zero_bias")
+                 "zero_bias", "local_window")
 
 
 def _plain_norm(norm: nn.Module) -> bool:
@@ -71,8 +71,11 @@ def module_called(layer: nn.Module) -> bool:
             or (layer.training and getattr(layer, "gradient_checkpointing", False)))
 
 
-def _window(attn: nn.Module) -> int:
-    return attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
+def _window(attn: nn.Module, local: int) -> int:
+    """flash-attn's window of a layer: the config's sliding_window as the model has it now (the
+    attention module's own copy is made at construction; transformers' sdpa path reads the
+    config's at every call), -1 for a global layer."""
+    return local if attn.sliding_window is not None else -1
 
 
 def _plannable(x: torch.Tensor, packed: PackedBatch) -> bool:
@@ -99,9 +102,10 @@ def _weights_of(dtype: torch.dtype, projections) -> bool:
     return True
 
 
-def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Optional[Plan]:
+def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch, local: int) -> Optional[Plan]:
     """The plan for one forward of a patched ModernBertModel on its packed embeddings x (T, C),
-    or None where _packed_layer's public ops must serve it."""
+    or None where _packed_layer's public ops must serve it. local: the config's sliding_window
+    (read once per forward by the caller)."""
     layers = list(model._modules["layers"]._modules.values())
     if not layers or not _plannable(x, packed):
         return None
@@ -122,7 +126,7 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Optional[Pla
         am = attn._modules
         if attn.head_dim != head_dim or hf_layers.gelu_approximate(mlp["act"]) != approximate:
             return None
-        attention.add((_window(attn), attn.attention_dropout if attn.training else 0.0))
+        attention.add((_window(attn, local), attn.attention_dropout if attn.training else 0.0))
         drop = am["out_drop"]
         if type(drop) is nn.Dropout:
             norm_dropout.add(drop.p if drop.training else 0.0)
@@ -131,8 +135,11 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Optional[Pla
         if type(mlp["Wi"]) is nn.Linear:
             wi = mlp["Wi"]
         norms += [m["attn_norm"], m["mlp_norm"]]
-    return _resolve(x, packed, approximate, head_dim, head_dim ** -0.5, attention, norm_dropout,
-                    norms, wi)
+    p = _resolve(x, packed, approximate, head_dim, head_dim ** -0.5, attention, norm_dropout,
+                 norms, wi)
+    if p is not None:
+        p.local_window = local
+    return p
 
 
 def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: int,
@@ -281,16 +288,17 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
         h = _norm(p, m["attn_norm"], x, None)
     else:
         h, x = _add_norm(p, m["attn_norm"], delta, x, 0.0)
-    qkv = _linear(p, h, am["Wqkv"]).view(t, 3, -1, d)  # (T, 3, H, D)
+    qkv = _linear(p, h, am["Wqkv"])
+    qkv = qkv.view(t, 3, qkv.shape[-1] // (3 * d), d)  # (T, 3, H, D); T may be 0
     qk, v = qkv.split([2, 1], dim=1)
-    window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # _window
+    window = p.local_window if attn.sliding_window is not None else -1  # _window
     attn_p = attn.attention_dropout if attn.training else 0.0
     tables = _fused_rotary(p, qk, window, attn_p, cos, sin)
     if tables is None:
-        qk = _rotary(p, qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
+        qk = _rotary(p, qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, qk.shape[2], d)
     q, k = qk.unbind(1)
     y = _attention(p, q, k, v.squeeze(1), window, attn_p, tables)
-    a = _linear(p, y.reshape(t, -1), am["Wo"])
+    a = _linear(p, y.reshape(t, y.shape[1] * y.shape[2]), am["Wo"])  # T may be 0
     drop, dropout_p = am["out_drop"], 0.0  # fused into the add (_out_dropout's rule)
     if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
         dropout_p = drop.p if drop.training else 0.0

@@ -109,24 +109,26 @@ def _attend(attn: nn.Module, h: torch.Tensor, packed: PackedBatch, cos: torch.Te
     """ModernBertAttention on packed tokens h (T, C): (Wo's output, the dropout out_drop leaves
     to the residual add, _out_dropout's rule)."""
     t, d = h.shape[0], attn.head_dim
-    qkv = linear(h, attn.Wqkv).view(t, 3, -1, d)  # (T, 3, H, D)
+    qkv = linear(h, attn.Wqkv)
+    qkv = qkv.view(t, 3, qkv.shape[-1] // (3 * d), d)  # (T, 3, H, D); T may be 0
     # q and k heads turned in one call: (1, T, 2H, D), row t at cos[t]; split and unbind, not
     # slices: their backward joins the gradients (a slice's fills a zero tensor and adds to it)
     qk, v = qkv.split([2, 1], dim=1)
-    window = attn.sliding_window - 1 if attn.sliding_window is not None else -1  # flash-attn's
+    # flash-attn's window: the config's as it is now (hf_lean_modernbert._window)
+    window = attn.config.sliding_window if attn.sliding_window is not None else -1
     dropout_p = attn.attention_dropout if attn.training else 0.0
     turn = {}
     if varlen.rotary_in_kernel(qkv, dropout_p, window=(window, window)):
         # the Triton kernel turns q and k as it loads them; row t at cos[t]: offsets cu_seqlens
         turn = dict(rotary=(cos, sin), rotary_seqlen_offsets=packed.cu_seqlens[:-1])
     else:
-        qk = fastbert.apply_rotary(qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, -1, d)
+        qk = fastbert.apply_rotary(qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, qk.shape[2], d)
     q, k = qk.unbind(1)
     y = fastbert.attention_varlen(q, k, v.squeeze(1), packed.cu_seqlens,
                                   packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                                   window_size=(window, window), dropout_p=dropout_p,
                                   softmax_scale=d ** -0.5, **turn)
-    return _out_dropout(attn.out_drop, linear(y.reshape(t, -1), attn.Wo))
+    return _out_dropout(attn.out_drop, linear(y.reshape(t, y.shape[1] * y.shape[2]), attn.Wo))
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
@@ -142,19 +144,18 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
 
 def _pack(model: nn.Module, attention_mask, position_ids, kwargs, batch: int, seqlen: int,
-          device) -> Optional[PackedBatch]:
+          device, local: int) -> Optional[PackedBatch]:
     """The real tokens as packed sequences (hf_patch._packing's rules for packed input); None
     for a mask with padding between real tokens where a local layer's window is shorter than the
     rows (transformers' window counts positions, which packing would close up: such a batch runs
-    transformers' forward)."""
+    transformers' forward). local: the config's sliding_window."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None and batch == 1:
         return PackedBatch(cu.to(torch.int32), int(kwargs.get("max_length_q") or seqlen),
                            batch=1, seqlen=seqlen)
     if attention_mask is not None:  # one host sync answers holes, padding and the token count
-        windows = (layer.attn.sliding_window for layer in model.layers)
-        packed = pack_mask(attention_mask, whole_grid=True, refuse_holes=any(
-            w is not None and w - 1 < seqlen - 1 for w in windows))
+        short = local < seqlen - 1 and "sliding_attention" in model.config.layer_types
+        packed = pack_mask(attention_mask, whole_grid=True, refuse_holes=short)
         if packed is None or packed.indices is not None:
             return packed
     if position_ids is not None and batch == 1 and seqlen > 1:
@@ -201,12 +202,14 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     wants_layers = any(kwargs.get(f, getattr(config, f, False))
                        for f in ("output_hidden_states", "output_attentions"))
     grid = input_ids if input_ids is not None else inputs_embeds
+    local = config.sliding_window  # read per call, as transformers' sdpa path does
     packed = None
     if not (wants_layers or (input_ids is None) == (inputs_embeds is None)
             or (attention_mask is not None and (not torch.is_tensor(attention_mask)
-                                                or attention_mask.dim() != 2))
+                                                or attention_mask.shape != grid.shape[:2]))
             or not _can_pack_data_dependent() or not serves_attention(config)):
-        packed = _pack(self, attention_mask, position_ids, kwargs, *grid.shape[:2], grid.device)
+        packed = _pack(self, attention_mask, position_ids, kwargs, *grid.shape[:2], grid.device,
+                       local)
     if packed is None:
         return base_class(type(self)).forward(self, input_ids=input_ids,
                                              attention_mask=attention_mask,
@@ -226,7 +229,7 @@ def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
     for layer_type in set(config.layer_types):
         cos, sin = self.rotary_emb(x, positions[None], layer_type)  # (1, T, D): halves repeated
         rotary[layer_type] = (cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous())
-    plan = hf_lean_modernbert.plan(self, x, packed)
+    plan = hf_lean_modernbert.plan(self, x, packed, local)
     if plan is not None:  # the same ops, backends resolved once (hf_lean_modernbert.py)
         x = hf_lean_modernbert.run(self, x, plan, rotary)
     else:

@@ -179,7 +179,7 @@ def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         return F.linear(x, w, b)
     if p.packed:
         return p.cpu_linear(x, w, b)
-    return p.cpu_linear(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], -1)
+    return p.cpu_linear(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])
 
 
 def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, forward,

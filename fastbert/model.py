@@ -59,7 +59,7 @@ def cpu_gemm(x: torch.Tensor, weight: torch.Tensor,
     MKL's F.linear at 2 threads on the AVX2 dev CPU, parity at 1 thread), else None."""
     x2 = x.reshape(-1, x.shape[-1])
     if cpu.should_use(x2, weight, bias):
-        return cpu.linear(x2, weight, bias).view(*x.shape[:-1], -1)
+        return cpu.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])  # 0 rows too
     return None
 
 
@@ -372,6 +372,10 @@ class BertModel(BertPreTrainedModel):
                                        bias=config.setting("norm_bias", True)) \
             if pre_norm else None
         # the narrowest sliding window (half width), or -1: none (see _pack)
+        # the longest row the learned position table serves (None: sinusoidal or rotary)
+        table = self.embeddings.position_embeddings
+        self.longest_row = (table.num_embeddings - config.position_offset if table is not None
+                            else None)
         self.local_window = min((layer.window for layer in self.encoder.layer
                                  if getattr(layer, "window", -1) >= 0), default=-1)
         self.pooler = BertPooler(config) if add_pooling_layer else None
@@ -395,6 +399,7 @@ class BertModel(BertPreTrainedModel):
         and max_seqlen with no host sync at all; its output keeps the (1, T, C) shape.
         past_key_values: one dict per layer (start with empty ones), filled and extended by each
         call, so a later call passes only the new tokens (see BertLayer; decoders only, padded)."""
+        self._check_inputs(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens)
         packed = self._pack(input_ids, attention_mask, position_ids, past_key_values, cu_seqlens,
                             max_seqlen, self.config.unpad if unpad is None else unpad)
         if packed is None:
@@ -428,6 +433,24 @@ class BertModel(BertPreTrainedModel):
         if return_packed:
             return BertModelOutput(last_hidden_state=x, pooler_output=pooled, packed=packed)
         return BertModelOutput(last_hidden_state=packed.grid(x), pooler_output=pooled)
+
+    def _check_inputs(self, input_ids, attention_mask, position_ids, past_key_values,
+                      cu_seqlens) -> None:
+        """What the shapes alone refuse, before anything runs: a mask of another shape than the
+        ids (packing would misplace or drop rows), and a sequence longer than the learned
+        position table (an embedding lookup would fail without naming it)."""
+        if (attention_mask is not None and past_key_values is None
+                and tuple(attention_mask.shape) != tuple(input_ids.shape)):
+            raise ValueError(f"BertModel: argument 'attention_mask' expected shape "
+                             f"{tuple(input_ids.shape)} like 'input_ids', got "
+                             f"{tuple(attention_mask.shape)}")
+        longest = self.longest_row
+        if longest is not None and position_ids is None and cu_seqlens is None \
+                and past_key_values is None and input_ids.shape[-1] > longest:
+            raise ValueError(f"BertModel: argument 'input_ids' expected at most {longest} tokens "
+                             f"a row (max_position_embeddings="
+                             f"{self.config.max_position_embeddings}), got "
+                             f"{input_ids.shape[-1]}")
 
     def _pack(self, input_ids, attention_mask, position_ids, past_key_values, cu_seqlens,
               max_seqlen, unpad: bool) -> Optional[PackedBatch]:

@@ -60,6 +60,8 @@ def pack_mask(attention_mask: Tensor, *, refuse_holes: bool = False,
         if refuse_holes:
             return None
         return PackedBatch(cu_seqlens, s, torch.nonzero(flat).flatten(), b, s)
+    if flat.device.type == "cpu" and not (refuse_holes or whole_grid):  # no question to read
+        return PackedBatch(cu_seqlens, s, torch.nonzero(flat).flatten(), b, s)
     facts = [cu_seqlens[-1]]
     if refuse_holes:  # runs of real tokens per row
         runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)

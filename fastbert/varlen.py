@@ -425,7 +425,7 @@ def _check_rotary(q: Tensor, tables, offsets, batch: int, longest: int) -> None:
     rotary_module.check_tables(OP, "q", q, cos, sin,
                                names=("rotary[0] (cos)", "rotary[1] (sin)"))
     start = rotary_module.check_offsets(OP, "rotary_seqlen_offsets", offsets, batch, q, "q")
-    if longest + start > cos.shape[0]:
+    if q.shape[0] and longest + start > cos.shape[0]:  # no tokens: nothing to turn
         raise ValueError(f"{OP}: argument 'rotary' expected tables of at least {longest + start} "
                          f"positions (the longest sequence + rotary_seqlen_offsets), got "
                          f"{cos.shape[0]}")

@@ -155,6 +155,26 @@ def test_a_replaced_activation_runs_as_the_module_says():
             real=mask.bool())
 
 
+def test_config_window_changed_after_patching_and_a_batch_without_tokens():
+    """transformers' sdpa path reads config.sliding_window at every call: the patched layers
+    used the window their modules were built with (1.0e-2 off after local_attention 4 -> 8).
+    A batch whose rows are all padding runs (zeros at padding, as everywhere; it raised), and a
+    mask of another shape than the ids gets transformers' own error."""
+    models = triplet(mb.ModernBertModel, tiny_config())
+    ids, mask = padded_batch()
+    for m in models:
+        m.config.local_attention = 16
+    compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
+            real=mask.bool())
+    patched, plain = models[0], models[1]
+    with torch.no_grad():
+        empty = patched(input_ids=ids, attention_mask=torch.zeros_like(mask)).last_hidden_state
+    assert empty.shape == (*ids.shape, patched.config.hidden_size) and not empty.any()
+    for m in (patched, plain):
+        with pytest.raises(RuntimeError, match="must match"):
+            m(input_ids=ids, attention_mask=mask[:, :-2])
+
+
 class HostReads(TorchDispatchMode):
     """Counts what stalls the host on a GPU: .item()/bool() (aten._local_scalar_dense),
     nonzero (its output size), and Tensor.tolist, which CPU tensors do not dispatch."""
@@ -196,9 +216,11 @@ def test_one_host_sync_packs_a_masked_batch(monkeypatch):
     ids, mask = padded_batch()
     cases = [("right padding", ids, mask), *masks_of_other_shapes(),
              ("no padding", ids, torch.ones_like(mask))]
+    local = model.config.sliding_window
     for name, ids, mask in cases:
         with HostReads() as host:
-            packed = hf_patch_modernbert._pack(model, mask, None, {}, *ids.shape, ids.device)
+            packed = hf_patch_modernbert._pack(model, mask, None, {}, *ids.shape, ids.device,
+                                               local)
         assert host.reads == ["tolist"], (name, host.reads)
         if name == "holes":
             assert packed is None  # the window would reach across the closed gaps

@@ -190,6 +190,33 @@ def test_mlm_loss_ignores_minus_100():
     assert out[0] is out.loss and out[1] is out.logits  # HF-style tuple indexing
 
 
+def test_mlm_batch_without_a_labelled_token_gives_nan_as_transformers():
+    """No label set anywhere (a short batch the 15 % masking left untouched): the decoder runs on
+    zero rows, and the loss is NaN as torch's mean over nothing (transformers' too), where the
+    CPU GEMM's view of zero rows raised."""
+    model = BertForMaskedLM(small_config()).eval()
+    ids, mask = random_batch()
+    labels = torch.full_like(ids, -100)
+    for grad in (False, True):  # the CPU inference GEMM (no autograd) and F.linear
+        for kw in ({}, dict(return_logits=False)):
+            with torch.set_grad_enabled(grad):
+                out = model(ids, mask, labels=labels, **kw)
+            assert torch.isnan(out.loss), (grad, kw)
+
+
+def test_inputs_the_model_cannot_take_are_refused_by_name():
+    """A mask of another shape than the ids (packing would misplace or drop rows) and a row
+    longer than the learned position table, refused before anything runs."""
+    model = BertModel(small_config()).eval()
+    ids, mask = random_batch()
+    for bad in (mask[:, :-2], mask[:2]):
+        with pytest.raises(ValueError, match="'attention_mask' expected shape"):
+            model(ids, bad)
+    long = torch.randint(1, 100, (2, SMALL["max_position_embeddings"] + 1))
+    with pytest.raises(ValueError, match="'input_ids' expected at most 64 tokens"):
+        model(long)
+
+
 def test_causal_lm_loss_is_shifted():
     model = BertLMHeadModel(small_config()).eval()
     ids, _ = random_batch(2, 6)
