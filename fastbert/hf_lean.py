@@ -185,15 +185,14 @@ def _plain_linear(module: nn.Module) -> bool:
 def _qkv(p: lean.Plan, sa: nn.Module, projections, x: torch.Tensor):
     """hf_layers._qkv on the plan: (..., nh, hd) query, key and value."""
     d = sa.attention_head_size
-    if (_plain_linear(projections[0]) and _plain_linear(projections[1])
+    if (p.grad and _plain_linear(projections[0]) and _plain_linear(projections[1])
             and _plain_linear(projections[2])
-            and len({t._parameters["bias"] is None for t in projections}) == 1):
-        if p.grad and hf_layers._wants_grad(projections, x):  # (*)
-            w, b = hf_layers._fused_qkv_weight(projections)
-            return F.linear(x, w, b).view(*x.shape[:-1], 3, -1, d).unbind(-3)
-        # inference: each projection's GEMM on its weights as they are (hf_layers._qkv)
-        return tuple(lean.linear(p, x, t).view(*x.shape[:-1], -1, d) for t in projections)
-    return tuple(t(x).view(*x.shape[:-1], -1, d) for t in projections)
+            and len({t._parameters["bias"] is None for t in projections}) == 1
+            and hf_layers._wants_grad(projections, x)):  # (*)
+        w, b = hf_layers._fused_qkv_weight(projections)
+        return F.linear(x, w, b).view(*x.shape[:-1], 3, -1, d).unbind(-3)
+    # each projection's GEMM on its weights as they are, or its module call (lean.linear)
+    return tuple(lean.linear(p, x, t).view(*x.shape[:-1], -1, d) for t in projections)
 
 
 def _add_norm(p: lean.Plan, x, residual, norm: nn.Module, dropout_p: float):

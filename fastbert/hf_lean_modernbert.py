@@ -342,14 +342,14 @@ def _norm(p: Plan, norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
         x, residual = x, None
     else:
         x, residual = delta, x
-    # as the op
+    # the output dtype the public op picks under autocast
     out_dtype = layer_norm.norm_out_dtype(x, residual) if p.cast is not None else None
     if p.grad and (x.requires_grad or w.requires_grad or b.requires_grad
                    or (residual is not None and residual.requires_grad)):  # (*)
         return ops.apply_eager("fastbert::add_layer_norm", layer_norm._add_layer_norm_forward,
                                layer_norm._add_layer_norm_setup, layer_norm._add_layer_norm_grad,
-                               x, residual,
-                               w, b, norm.eps, 0.0, None, p.norm_backend, out_dtype)[0]
+                               x, residual, w, b, norm.eps, 0.0, None, p.norm_backend,
+                               out_dtype)[0]
     return p.norm(x, residual, w, b, norm.eps, 0.0, 0, out_dtype=out_dtype)[0]
 
 
@@ -363,7 +363,7 @@ def _add_norm(p: Plan, norm: nn.Module, delta: torch.Tensor, x: torch.Tensor,
         return norm(s), s
     w, b = norm._parameters["weight"], norm._parameters["bias"]
     b = p.zero_bias if b is None else b
-    # as the op
+    # the output dtype the public op picks under autocast
     out_dtype = layer_norm.norm_out_dtype(delta, x) if p.cast is not None else None
     backend, forward = p.norms[dropout_p]
     if p.grad and (delta.requires_grad or x.requires_grad or w.requires_grad

@@ -185,7 +185,7 @@ def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def _add_layer_norm(p: Plan, x, residual, norm: nn.LayerNorm, dropout_p: float, forward,
                     backend: str):
     """fastbert.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p=...)."""
-    # as the op
+    # the output dtype the public op picks under autocast
     out_dtype = layer_norm.norm_out_dtype(x, residual) if p.cast is not None else None
     shape = x.shape
     if not p.packed:

@@ -371,11 +371,11 @@ class BertModel(BertPreTrainedModel):
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps,
                                        bias=config.setting("norm_bias", True)) \
             if pre_norm else None
-        # the narrowest sliding window (half width), or -1: none (see _pack)
         # the longest row the learned position table serves (None: sinusoidal or rotary)
         table = self.embeddings.position_embeddings
         self.longest_row = (table.num_embeddings - config.position_offset if table is not None
                             else None)
+        # the narrowest sliding window (half width), or -1: none (see _pack)
         self.local_window = min((layer.window for layer in self.encoder.layer
                                  if getattr(layer, "window", -1) >= 0), default=-1)
         self.pooler = BertPooler(config) if add_pooling_layer else None

@@ -56,11 +56,12 @@ def pack_mask(attention_mask: Tensor, *, refuse_holes: bool = False,
     lengths = real.sum(1, dtype=torch.int32)
     cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     flat = real.flatten()
-    if torch.compiler.is_compiling():
-        if refuse_holes:
-            return None
-        return PackedBatch(cu_seqlens, s, torch.nonzero(flat).flatten(), b, s)
-    if flat.device.type == "cpu" and not (refuse_holes or whole_grid):  # no question to read
+    tracing = torch.compiler.is_compiling()
+    if tracing and refuse_holes:
+        return None
+    if tracing or (flat.device.type == "cpu" and not (refuse_holes or whole_grid)):
+        # nothing to read: no question asked on the CPU (where nonzero's own sync is free), or
+        # none answerable while tracing
         return PackedBatch(cu_seqlens, s, torch.nonzero(flat).flatten(), b, s)
     facts = [cu_seqlens[-1]]
     if refuse_holes:  # runs of real tokens per row
