@@ -9,8 +9,7 @@ attention probabilities asked for -- the encoder checks that once per forward (`
 each layer as one function (`layer_forward`) on lean.py's direct backend calls:
 
     plan = hf_lean.plan(encoder, x, packed, mask, kwargs)   # None: the modules serve it
-    for layer in encoder.layer:
-        x = hf_lean.layer_forward(layer, x, plan)
+    x = hf_lean.run(encoder, x, plan)                         # each layer: layer_forward
 
 The ops, their order, the seeds drawn and therefore outputs, gradients and dropout masks are
 those of the patched modules (tests/test_hf_lean.py). The projections and norms are still decided
@@ -151,11 +150,16 @@ def plan(encoder: nn.Module, x: torch.Tensor, packed: Optional[PackedBatch],
 
 
 def run(encoder: nn.Module, x: torch.Tensor, p: lean.Plan) -> torch.Tensor:
-    """Every layer of the encoder on the plan."""
+    """Every layer of the encoder on the plan. Each layer gets its input in a list it empties,
+    and drops every temporary once read (del), so the next large output can take its memory:
+    otherwise the forward's peak grows, and the allocator returns and re-faults that much memory
+    (a page fault per 4 KB) on every forward."""
     forward = layer_forward if encoder.fastbert_lean_layer[0] == "bert" else distilbert_forward
+    carry = [x]
+    del x
     for layer in encoder._modules["layer"]._modules.values():
-        x = forward(layer, x, p)
-    return x
+        carry = [forward(layer, carry, p)]
+    return carry[0]
 
 
 def _weights_of_dtype(layers, bert: bool, dtype: torch.dtype) -> bool:
@@ -211,31 +215,47 @@ def _feed_forward_in(p: lean.Plan, h, dense: nn.Module, activation):
     return activation(lean.linear(p, h, dense))
 
 
-def layer_forward(layer: nn.Module, x: torch.Tensor, p: lean.Plan) -> torch.Tensor:
-    """A patched BERT-layout layer's forward on the plan: x (T, C) packed or (B, S, C) -> the
-    same shape."""
+def layer_forward(layer: nn.Module, carry: list, p: lean.Plan) -> torch.Tensor:
+    """A patched BERT-layout layer's forward on the plan: carry [x], x (T, C) packed or
+    (B, S, C), emptied here (run) -> the same shape."""
+    x, = carry
+    del carry[:]
     m = layer._modules
     attention = m["attention"]._modules
     sm = attention["self"]._modules
     q, k, v = _qkv(p, attention["self"], (sm["query"], sm["key"], sm["value"]), x)
     y = lean.attention(p, q, k, v).flatten(-2)
+    del q, k, v
     so = attention["output"]._modules
-    h = _add_norm(p, lean.linear(p, y, so["dense"]), x, so["LayerNorm"], p.hidden_p)
+    a = lean.linear(p, y, so["dense"])
+    del y
+    h = _add_norm(p, a, x, so["LayerNorm"], p.hidden_p)
+    del a, x
     intermediate = m["intermediate"]
     f = _feed_forward_in(p, h, intermediate._modules["dense"], intermediate.intermediate_act_fn)
     out = m["output"]._modules
-    return _add_norm(p, lean.linear(p, f, out["dense"]), h, out["LayerNorm"], p.hidden_p)
+    a = lean.linear(p, f, out["dense"])
+    del f
+    return _add_norm(p, a, h, out["LayerNorm"], p.hidden_p)
 
 
-def distilbert_forward(block: nn.Module, x: torch.Tensor, p: lean.Plan) -> torch.Tensor:
-    """hf_layers.distilbert_block_forward on the plan (no dropout after out_lin)."""
+def distilbert_forward(block: nn.Module, carry: list, p: lean.Plan) -> torch.Tensor:
+    """hf_layers.distilbert_block_forward on the plan (no dropout after out_lin); carry as
+    layer_forward's."""
+    x, = carry
+    del carry[:]
     m = block._modules
     sa = m["attention"]
     sm = sa._modules
     q, k, v = _qkv(p, sa, (sm["q_lin"], sm["k_lin"], sm["v_lin"]), x)
     y = lean.attention(p, q, k, v).flatten(-2)
-    h = _add_norm(p, lean.linear(p, y, sm["out_lin"]), x, m["sa_layer_norm"], 0.0)
+    del q, k, v
+    a = lean.linear(p, y, sm["out_lin"])
+    del y
+    h = _add_norm(p, a, x, m["sa_layer_norm"], 0.0)
+    del a, x
     ffn = m["ffn"]
     f = _feed_forward_in(p, h, ffn._modules["lin1"], ffn.activation)
-    return _add_norm(p, lean.linear(p, f, ffn._modules["lin2"]), h, m["output_layer_norm"],
-                     p.hidden_p)
+    a = lean.linear(p, f, ffn._modules["lin2"])
+    del f
+    return _add_norm(p, a, h, m["output_layer_norm"], p.hidden_p)

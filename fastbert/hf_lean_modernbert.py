@@ -210,11 +210,12 @@ def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: i
 def run(model: nn.Module, x: torch.Tensor, p: Plan, rotary_tables: dict) -> torch.Tensor:
     """Every layer, then final_norm, on the plan: the patched forward's loop (hf_patch_modernbert).
     rotary_tables: layer type -> (cos, sin) (T, D / 2)."""
-    delta = None
+    carry = [x, None]  # (x, delta), handed over so that layer_forward can drop them when read
+    del x
     for layer in model._modules["layers"]._modules.values():
         cos, sin = rotary_tables[layer.attention_type]
-        x, delta = layer_forward(layer, x, delta, p, cos, sin)
-    return _norm(p, model._modules["final_norm"], x, delta)
+        carry = layer_forward(layer, carry, p, cos, sin)
+    return _norm(p, model._modules["final_norm"], *carry)
 
 
 def prenorm_plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Optional[Plan]:
@@ -262,24 +263,38 @@ def prenorm_layer_forward(layer: nn.Module, x: torch.Tensor, p: Plan,
     training = layer.training
     attn_p = layer.attn_dropout if training else 0.0
     t, nh, hd = x.shape[0], layer.n_head, layer.head_dim
+    # every temporary dropped once read, as layer_forward explains
     qkv = _linear(p, _norm(p, m.get("attn_norm"), x, None), m["qkv"]).view(t, 3, nh, hd)
     cos, sin = rotary_tables[layer.rope_theta]
     qk, v = qkv.split([2, 1], dim=-3)
+    del qkv
     tables = _fused_rotary(p, qk, layer.window, attn_p, cos, sin)
     if tables is None:
         qk = _rotary(p, qk.reshape(1, -1, 2 * nh, hd), cos, sin).view(t, 2, nh, hd)
     q, k = qk.unbind(-3)
+    del qk
     y = _attention(p, q, k, v.squeeze(-3), layer.window, attn_p, tables)
-    h, x = _add_norm(p, m["ffn_norm"], _linear(p, y.flatten(-2), m["attn_out"]), x, attn_p)
+    del q, k, v
+    a = _linear(p, y.flatten(-2), m["attn_out"])
+    del y
+    h, x = _add_norm(p, m["ffn_norm"], a, x, attn_p)
+    del a
     f = _geglu(p, m["ffn_in"], h)
+    del h
     if training and layer.hidden_dropout > 0.0:
         f = torch.dropout(f, layer.hidden_dropout, True)  # what F.dropout calls
     return x + _linear(p, f, m["ffn_out"])
 
 
-def layer_forward(layer: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor], p: Plan,
-                  cos: torch.Tensor, sin: torch.Tensor):
-    """hf_patch_modernbert._packed_layer on the plan: the same ops in the same order."""
+def layer_forward(layer: nn.Module, carry: list, p: Plan, cos: torch.Tensor,
+                  sin: torch.Tensor) -> list:
+    """hf_patch_modernbert._packed_layer on the plan: the same ops in the same order. carry: [x,
+    delta] (delta None before layer 0), emptied here; returns the next layer's."""
+    # Each tensor is dropped once read (del, and the caller's carry emptied), so that the next
+    # large output can take its memory: otherwise the forward's peak grows, and the allocator
+    # returns and re-faults that much memory (a page fault per 4 KB) on every forward.
+    x, delta = carry
+    del carry[:]
     m = layer._modules
     attn = m["attn"]
     am = attn._modules
@@ -288,32 +303,40 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
         h = _norm(p, m["attn_norm"], x, None)
     else:
         h, x = _add_norm(p, m["attn_norm"], delta, x, 0.0)
+    del delta
     qkv = _linear(p, h, am["Wqkv"])
+    del h
     qkv = qkv.view(t, 3, qkv.shape[-1] // (3 * d), d)  # (T, 3, H, D); T may be 0
     qk, v = qkv.split([2, 1], dim=1)
+    del qkv
     window = p.local_window if attn.sliding_window is not None else -1  # _window
     attn_p = attn.attention_dropout if attn.training else 0.0
     tables = _fused_rotary(p, qk, window, attn_p, cos, sin)
     if tables is None:
         qk = _rotary(p, qk.flatten(1, 2)[None], cos, sin)[0].view(t, 2, qk.shape[2], d)
     q, k = qk.unbind(1)
+    del qk
     y = _attention(p, q, k, v.squeeze(1), window, attn_p, tables)
+    del q, k, v
     a = _linear(p, y.reshape(t, y.shape[1] * y.shape[2]), am["Wo"])  # T may be 0
+    del y
     drop, dropout_p = am["out_drop"], 0.0  # fused into the add (_out_dropout's rule)
     if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
         dropout_p = drop.p if drop.training else 0.0
     elif type(drop) is not nn.Identity:
         a = drop(a)
     h, x = _add_norm(p, m["mlp_norm"], a, x, dropout_p)
+    del a
     mlp = m["mlp"]
     mm = mlp._modules
     f, drop = _geglu(p, mm["Wi"], h, mlp), mm["drop"]
+    del h
     if type(drop) is not nn.Dropout or drop._forward_hooks or drop._forward_pre_hooks \
             or drop.inplace:
         f = drop(f)
     elif drop.training and drop.p > 0.0:
         f = torch.dropout(f, drop.p, True)  # what F.dropout calls
-    return x, _linear(p, f, mm["Wo"])
+    return [x, _linear(p, f, mm["Wo"])]
 
 
 def _linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:

@@ -267,12 +267,18 @@ def attention(p: Plan, q, k, v):
 
 def layer_forward(layer, x: torch.Tensor, p: Plan) -> torch.Tensor:
     """BertLayer.forward on the plan: the same ops in the same order (see BertLayer)."""
+    # every temporary dropped once read, as fastbert/hf_lean.py's run explains
     m = layer._modules
     qkv = linear(p, x, m["qkv"]).view(*x.shape[:-1], 3, layer.n_head, layer.head_dim)
     q, k, v = qkv.unbind(-3)
+    del qkv
     y = attention(p, q, k, v).flatten(-2)
-    h = _add_layer_norm(p, linear(p, y, m["attn_out"]), x, m["attn_norm"], p.hidden_p, p.norm,
-                        p.norm_backend)
+    del q, k, v
+    a = linear(p, y, m["attn_out"])
+    del y
+    h = _add_layer_norm(p, a, x, m["attn_norm"], p.hidden_p, p.norm, p.norm_backend)
+    del a
     f = linear_bias_gelu(p, h, m["ffn_in"])
-    return _add_layer_norm(p, linear(p, f, m["ffn_out"]), h, m["ffn_norm"], p.hidden_p, p.norm,
-                           p.norm_backend)
+    a = linear(p, f, m["ffn_out"])
+    del f
+    return _add_layer_norm(p, a, h, m["ffn_norm"], p.hidden_p, p.norm, p.norm_backend)

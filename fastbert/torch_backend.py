@@ -38,11 +38,12 @@ class TorchBackend:
         return additive.masked_fill_(~visible, float("-inf")), ~visible.any(-1)
 
     @staticmethod
-    def _band(q, k, mask, band):
+    def _band(q, k, mask, band, block):
         """The blocked layout of a sliding window finite on both sides (fastbert/window.py)."""
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-        return sliding.cached_band(mask, (b, sq, sk, band, q.dtype, q.device), lambda: (
-            sliding.make_band(b, sq, sk, *band, q.dtype, q.device, key_padding_mask=mask)))
+        return sliding.cached_band(mask, (b, sq, sk, band, block, q.dtype, q.device), lambda: (
+            sliding.make_band(b, sq, sk, *band, q.dtype, q.device, key_padding_mask=mask,
+                              block=block)))
 
     @staticmethod
     def _visible(q, k, mask, causal, window):
@@ -53,8 +54,9 @@ class TorchBackend:
     def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1, -1)):
         band = sliding.bounded(window, causal)
         if band is not None:  # a local layer: O(S * window)
-            return sliding.forward(q, k, v, TorchBackend._band(q, k, mask, band), dropout_p,
-                                   scale, seed)
+            block = sliding.forward_block(q, dropout_p)
+            return sliding.forward(q, k, v, TorchBackend._band(q, k, mask, band, block),
+                                   dropout_p, scale, seed)
         if TorchBackend._cpu_flash(q, dropout_p):
             additive, empty = TorchBackend._additive_mask(q, k, mask, causal, window)
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -76,8 +78,10 @@ class TorchBackend:
                            deterministic, window=(-1, -1)):
         band = sliding.bounded(window, causal)
         if band is not None:
-            return sliding.backward(dout, q, k, v, out, lse, TorchBackend._band(q, k, mask, band),
-                                    dropout_p, scale, seed)
+            block = sliding.BACKWARD_BLOCK
+            return sliding.backward(dout, q, k, v, out, lse,
+                                    TorchBackend._band(q, k, mask, band, block), dropout_p, scale,
+                                    seed)
         if TorchBackend._cpu_flash(q, dropout_p):
             additive, _ = TorchBackend._additive_mask(q, k, mask, causal, window)
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -145,22 +145,25 @@ def _forward_per_sequence(q, k, v, runs, causal, scale):
     return out, lse
 
 
-def _packed_band(q, cu_q, cu_k, causal, window) -> Optional[sliding.Band]:
+def _packed_band(q, cu_q, cu_k, causal, window, dropout_p: float,
+                 backward: bool) -> Optional[sliding.Band]:
     """The blocked layout over the packed tokens themselves (no padding computed) for a window
     finite on both sides, when queries and keys share cu_seqlens (self-attention: within a
-    sequence, packed distance is position distance); None otherwise."""
+    sequence, packed distance is position distance); None otherwise. Its block size: the
+    backward's, or for a forward window.forward_block's."""
     band = sliding.bounded(window, causal)
     same = cu_q is cu_k or (cu_q.device.type == "cpu" and torch.equal(cu_q, cu_k))
     if band is None or not same:
         return None
     total = q.shape[0]
+    block = sliding.BACKWARD_BLOCK if backward else sliding.forward_block(q, dropout_p)
 
     def make():
         tokens = torch.arange(total, device=q.device, dtype=cu_q.dtype)
         sequence = torch.searchsorted(cu_q[1:].contiguous(), tokens, right=True)
         return sliding.make_band(1, total, total, *band, q.dtype, q.device,
-                                 sequence_ids=sequence)
-    return sliding.cached_band(cu_q, ("varlen", total, band, q.dtype, q.device), make)
+                                 sequence_ids=sequence, block=block)
+    return sliding.cached_band(cu_q, ("varlen", total, band, block, q.dtype, q.device), make)
 
 
 class _TorchVarlen:
@@ -172,7 +175,7 @@ class _TorchVarlen:
         if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
-        band = _packed_band(q, cu_q, cu_k, causal, window)
+        band = _packed_band(q, cu_q, cu_k, causal, window, dropout_p, backward=False)
         if band is not None:  # a local layer: O(T * window)
             if rotary is not None:
                 cos, sin, pos_q, pos_k = rotary
@@ -216,7 +219,7 @@ class _TorchVarlen:
                                   dropout_p, scale, seed, deterministic, window=ops.FULL_WINDOW):
         if q.shape[0] == 0 or k.shape[0] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        band = _packed_band(q, cu_q, cu_k, causal, window)
+        band = _packed_band(q, cu_q, cu_k, causal, window, dropout_p, backward=True)
         if band is not None:
             grads = sliding.backward(dout[None], q[None], k[None], v[None], out[None], lse[None],
                                      band, dropout_p, scale, seed)

@@ -13,8 +13,10 @@ f64 = torch.float64
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """16-row query blocks, so short sequences (fast tests) still span several blocks."""
-    monkeypatch.setattr(sliding, "BLOCK", 16)
+    """8-row query blocks in forward, 16 in backward, so short sequences (fast tests) still span
+    several blocks and backward reads a forward made on another layout."""
+    monkeypatch.setattr(sliding, "FORWARD_BLOCK", 8)
+    monkeypatch.setattr(sliding, "BACKWARD_BLOCK", 16)
     sliding._bands.clear()
     yield
     sliding._bands.clear()
@@ -171,7 +173,8 @@ def test_window_dropout_is_reproducible_and_stays_in_the_band():
 
 def test_local_layer_never_builds_a_dense_mask(monkeypatch):
     """A window finite on both sides runs the blocked path: no (S x S) mask anywhere, the band's
-    mask holds S * (BLOCK + window) entries per sequence, forward and backward."""
+    mask holds S * (block + window) entries per sequence. Training shares one band (backward's
+    block size) between forward and backward; inference builds its own (the forward's)."""
     def dense(*a, **kw):
         raise AssertionError("a dense S x S mask was built")
     monkeypatch.setattr(reference, "attention_visible", dense)
@@ -183,16 +186,18 @@ def test_local_layer_never_builds_a_dense_mask(monkeypatch):
     sliding._bands.clear()
     s, left, right = 300, 8, 8
     q, k, v = (torch.randn(2, s, 2, 8, requires_grad=True) for _ in range(3))
-    fastbert.attention(q, k, v, torch.ones(2, s, dtype=torch.bool),
-                       window_size=(left, right)).sum().backward()
+    mask = torch.ones(2, s, dtype=torch.bool)
+    fastbert.attention(q, k, v, mask, window_size=(left, right)).sum().backward()
     cu = torch.tensor([0, 180, 300], dtype=torch.int32)
     qp, kp, vp = (t.detach()[0].requires_grad_() for t in (q, k, v))
     fastbert.attention_varlen(qp, kp, vp, cu, cu, 180, 180, window_size=(left, right),
                               causal=True).sum().backward()
-    assert len(made) == 2  # one band per call site, shared by forward and backward
-    blocks = -(-s // sliding.BLOCK)
-    assert made[0].visible.numel() == 2 * blocks * sliding.BLOCK * (sliding.BLOCK + left + right)
-    assert made[1].visible.numel() == blocks * sliding.BLOCK * (sliding.BLOCK + left)
+    fastbert.attention(q.detach(), k.detach(), v.detach(), mask, window_size=(left, right))
+    blocks = [sliding.BACKWARD_BLOCK, sliding.BACKWARD_BLOCK, sliding.FORWARD_BLOCK]
+    assert [band.block for band in made] == blocks
+    for band, block, batch, span in zip(made, blocks, (2, 1, 2),
+                                        (left + right, left, left + right)):
+        assert band.visible.numel() == batch * -(-s // block) * block * (block + span)
 
 
 def test_window_opcheck():
