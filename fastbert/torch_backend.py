@@ -78,10 +78,9 @@ class TorchBackend:
                            deterministic, window=(-1, -1)):
         band = sliding.bounded(window, causal)
         if band is not None:
-            block = sliding.BACKWARD_BLOCK
             return sliding.backward(dout, q, k, v, out, lse,
-                                    TorchBackend._band(q, k, mask, band, block), dropout_p, scale,
-                                    seed)
+                                    TorchBackend._band(q, k, mask, band, sliding.BACKWARD_BLOCK),
+                                    dropout_p, scale, seed)
         if TorchBackend._cpu_flash(q, dropout_p):
             additive, _ = TorchBackend._additive_mask(q, k, mask, causal, window)
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
