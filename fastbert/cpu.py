@@ -14,12 +14,13 @@ module calls them for inference (no autograd graph), and falls back to the publi
         z = cpu.linear_add(x, weight, bias, residual)   # x @ weight.T + bias + residual
     print(cpu.describe())                      # which CPU path is active and why
 
-Prepacked weights (bf16 mode, or PREPACK_FP32) live in a small cache keyed by the weight tensor's
-identity and invalidated when its storage, shape or version counter (bumped by every in-place
-write, e.g. `load_state_dict`) changes, and by every torch.optim step (fused optimizers write
-without bumping version counters); the cache holds the weight only weakly, so models are freed as
-usual. A write through `.data` (`w.data.mul_(2)`, peft's merge_and_unload) reaches neither
-signal: call `clear_cache()` after one. (fp32 GEMMs, the default, take weights as they are.)
+Prepacked weights (bf16 mode, or fp32 per PREPACK_FP32: by default on AVX-512 CPUs) live in a
+small cache keyed by the weight tensor's identity and invalidated when its storage, shape or
+version counter (bumped by every in-place write, e.g. `load_state_dict`) changes, and by every
+torch.optim step (fused optimizers write without bumping version counters); the cache holds the
+weight only weakly, so models are freed as usual; `clear_cache()` frees the copies. A write through `.data` (`w.data.mul_(2)`, peft's merge_and_unload) reaches neither
+signal: call `clear_cache()` after one. (fp32 GEMMs on a CPU without AVX-512 take weights as
+they are.)
 
 bf16 mode (`set_bf16(True)`, opt-in): fp32 activations are rounded to bf16 for each GEMM and
 multiplied with a cached bf16 copy of the weight (fp32 accumulation inside oneDNN); outputs come
@@ -44,15 +45,19 @@ from torch import Tensor
 # least recently used is dropped and repacked when it is needed again.
 CACHE_SIZE = 256
 
-# Chosen by measurement on the development CPU (AVX2 AMD EPYC; benchmarks/README.md, "CPU
-# inference GEMMs"), where oneDNN's GEMM ran 1.1-1.2x MKL's at 2 threads but its post-ops lost:
-# - fp32 weights prepacked into oneDNN's blocked layout ran no faster than the plain weight (its
-#   brgemm kernel blocks the plain layout on the fly), so fp32 GEMMs take the weight as it is and
-#   need no second copy; bf16 mode always packs (its bf16 weight copy is cached anyway).
-# - GELU as a oneDNN post-op was slower than ATen's vectorised F.gelu after the GEMM (erf 0.85x,
-#   tanh 0.8x of the separate pass), and the residual add as a binary post-op was no faster than
-#   a separate add_.
-PREPACK_FP32 = False
+# Chosen by measurement (benchmarks/README.md, "CPU inference GEMMs"):
+# - fp32 weights prepacked into oneDNN's blocked layout (a cached second copy of each weight):
+#   no faster than the plain weight on the first development CPU (AVX2 AMD EPYC; oneDNN's brgemm
+#   kernel blocks the plain layout on the fly), 1.02-1.07x at BERT-base's projections (1,024
+#   rows) and 1.2x a whole patched BERT-base forward of 1 x 16 tokens on an AVX-512 one (Zen 5).
+#   PREPACK_FP32 None decides by the CPU: prepacked where it has AVX-512, for weights of at least
+#   PREPACK_MIN_ELEMENTS (below that, the cache lookup costs more than packing saves); True /
+#   False: always / never. bf16 mode always packs (its bf16 weight copy is cached anyway).
+# - GELU as a oneDNN post-op was slower than ATen's vectorised F.gelu after the GEMM on the AVX2
+#   CPU (erf 0.85x, tanh 0.8x of the separate pass), and the residual add as a binary post-op was
+#   no faster than a separate add_.
+PREPACK_FP32: Optional[bool] = None
+PREPACK_MIN_ELEMENTS = 1 << 16
 GELU_POST_OP = False
 RESIDUAL_POST_OP = False
 
@@ -101,6 +106,18 @@ def _cpu_flags() -> frozenset:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def _has_avx512() -> bool:
+    return bool(_cpu_flags() & {"avx512_f", "avx512f"})  # torch's name, /proc/cpuinfo's
+
+
+def _packs_fp32(weight: Tensor) -> bool:
+    """Whether fp32 GEMMs take `weight` prepacked (PREPACK_FP32's rule)."""
+    if PREPACK_FP32 is None:
+        return weight.shape[0] * weight.shape[1] >= PREPACK_MIN_ELEMENTS and _has_avx512()
+    return PREPACK_FP32
 
 
 def bf16_support() -> Tuple[bool, str]:
@@ -303,7 +320,7 @@ def packed_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
 
 def _onednn_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
     """The weight as the oneDNN op takes it: plain fp32, or packed (cached) where that pays."""
-    if dtype == torch.float32 and weight.dtype == torch.float32 and not PREPACK_FP32:
+    if dtype == torch.float32 and weight.dtype == torch.float32 and not _packs_fp32(weight):
         return weight.detach().contiguous()
     return packed_weight(weight, dtype, rows_hint)
 
@@ -503,9 +520,11 @@ def inference_routes(dtype: torch.dtype) -> Optional[Tuple[Callable, Callable]]:
             return None
     elif dtype != torch.bfloat16 or not (bf16_support()[0] and _private_ops_reason() is None):
         return None
-    if (dtype == torch.float32 and not _bf16 and not PREPACK_FP32 and not GELU_POST_OP
+    if (dtype == torch.float32 and not _bf16 and not GELU_POST_OP
             and _variant_reason("none", "", dtype) is None):
-        return _fp32_linear, _fp32_linear_gelu
+        if PREPACK_FP32 is False or (PREPACK_FP32 is None and not _has_avx512()):
+            return _fp32_linear, _fp32_linear_gelu
+        return _fp32_packed_linear, _fp32_packed_linear_gelu
     return linear, linear_gelu
 
 
@@ -523,6 +542,24 @@ def _fp32_linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     return torch.ops.aten.gelu_(_fp32_linear(x, weight, bias), approximate=approximate)
 
 
+def _fp32_packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """_fp32_linear on the weight prepacked where PREPACK_FP32 packs it (its size test inline:
+    this runs once per projection)."""
+    try:
+        w = weight if weight.shape[0] * weight.shape[1] < (
+            PREPACK_MIN_ELEMENTS if PREPACK_FP32 is None else 0) \
+            else packed_weight(weight, torch.float32, x.shape[0])
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    except Exception as e:  # as in _run: remember, and take the public path from now on
+        _disable_variant("none", "", torch.float32, e)
+        return _fallback(x, weight, bias, "none", "", None, torch.float32)
+
+
+def _fp32_packed_linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             approximate: str) -> Tensor:
+    return torch.ops.aten.gelu_(_fp32_packed_linear(x, weight, bias), approximate=approximate)
+
+
 def describe() -> str:
     """One line: which CPU inference path is active and why."""
     if not _enabled:
@@ -534,14 +571,20 @@ def describe() -> str:
         reason = _variant_reason("none", "", _compute_dtype(torch.empty(0)))
     if reason is not None:
         return f"CPU inference GEMMs ({mode}): F.linear (MKL), because {reason}"
-    weights = "prepacked weights" if (PREPACK_FP32 or _bf16) else "plain weights"
+    if _bf16 or PREPACK_FP32:
+        weights = "prepacked weights"
+    elif PREPACK_FP32 is None and _has_avx512():
+        weights = (f"fp32 weights of >= {PREPACK_MIN_ELEMENTS} elements prepacked (AVX-512 CPU; "
+                   f"a cached second copy of each)")
+    else:
+        weights = "plain weights"
     gelu = "GELU as oneDNN post-op" if GELU_POST_OP else "GELU in place after the GEMM"
     add = "residual add as oneDNN post-op" if RESIDUAL_POST_OP else "residual add after the GEMM"
     ok, why = bf16_support()
     bf16 = ("bf16 mode on" if _bf16 else "bf16 mode available (fastbert.cpu.set_bf16(True))") \
         if ok else f"bf16 mode not offered: {why}"
     return (f"CPU inference GEMMs ({mode}): oneDNN inner product on {weights}, {gelu}, {add} "
-            f"(choices measured on an AVX2 CPU; no-grad CPU inputs only, training keeps "
+            f"(choices measured on AVX2 and AVX-512 CPUs; no-grad CPU inputs only, training keeps "
             f"F.linear); {bf16}; {_wait_policy()}")
 
 

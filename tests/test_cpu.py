@@ -113,6 +113,49 @@ def test_packed_weight_serves_other_row_counts():
     assert cpu.cache_size() == 1
 
 
+@pytest.mark.parametrize("avx512", [True, False])
+def test_default_prepacks_large_weights_on_avx512_only(monkeypatch, avx512):
+    """PREPACK_FP32 None (the default): on an AVX-512 CPU weights of at least
+    PREPACK_MIN_ELEMENTS go prepacked, smaller ones plain; elsewhere every weight goes plain. The
+    per-forward routes of the lean paths (inference_routes) follow the same rule."""
+    monkeypatch.setattr(cpu, "PREPACK_FP32", None)
+    monkeypatch.setattr(cpu, "_has_avx512", lambda: avx512)
+    monkeypatch.setattr(cpu, "PREPACK_MIN_ELEMENTS", 64 * 96)
+    x, small, b, _ = _inputs(37, 64, 95, seed=8)
+    _, large, _, _ = _inputs(37, 64, 96, seed=9)
+    linear, linear_gelu = cpu.inference_routes(torch.float32)
+    with torch.no_grad():
+        for w, n in ((small, 95), (large, 96)):
+            bias = b[:n] if n <= b.shape[0] else None
+            outs = (cpu.linear(x, w, bias), linear(x, w, bias))
+            for out in outs:
+                assert_close_by_rule(out, F.linear(x, w, bias), _exact(x, w, bias, "linear")
+                                     if bias is not None else F.linear(x.double(), w.double()),
+                                     f"{n} outputs")
+            gelu = linear_gelu(x, w, None, "none")
+            assert_close_by_rule(gelu, F.gelu(F.linear(x, w)),
+                                 F.gelu(F.linear(x.double(), w.double())), f"{n} gelu")
+            assert cpu.cache_size() == (1 if avx512 and n == 96 else 0)
+
+
+def test_packed_route_falls_back_after_a_failure(monkeypatch):
+    """The lean paths' prepacked route, like _run: a failing oneDNN call is remembered and the
+    public F.linear serves this call and the next ones."""
+    monkeypatch.setattr(cpu, "PREPACK_FP32", True)
+    x, w, b, _ = _inputs(20, 64, 48, seed=10)
+    linear, _ = cpu.inference_routes(torch.float32)
+    assert linear is cpu._fp32_packed_linear
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no oneDNN here")
+    monkeypatch.setattr(cpu, "packed_weight", broken)
+    with torch.no_grad():
+        out = linear(x, w, b)
+    assert_close_by_rule(out, F.linear(x, w, b), _exact(x, w, b, "linear"), "fallback")
+    assert cpu._variant_reason("none", "", torch.float32) is not None
+    assert cpu.inference_routes(torch.float32)[0] is cpu.linear
+
+
 def test_no_bias_and_empty_rows():
     x, w, _, _ = _inputs(33, 64, 80, seed=4)
     with torch.no_grad():
