@@ -31,9 +31,7 @@ def _variants():
         # the padded (B, max_seqlen) grid with an additive mask instead of per-sequence calls
         "fastbert-padded-attention": {(varlen, "MIN_TOKENS_PER_CALL"): 10 ** 9},
         "fastbert-gelu-post-op": {(cpu, "GELU_POST_OP"): True},
-        # shipped: prepacked on AVX-512 CPUs (weights >= cpu.PREPACK_MIN_ELEMENTS), plain elsewhere
         "fastbert-prepacked-weights": {(cpu, "PREPACK_FP32"): True},
-        "fastbert-plain-weights": {(cpu, "PREPACK_FP32"): False},
         "fastbert-mkl": {(cpu, "_enabled"): False},  # F.linear for every GEMM
     }
 

@@ -7,7 +7,9 @@ real tokens only, its local layers windowed in O(S * window) (fastbert/window.py
 GPU with flash-attn installed, transformers' flash_attention_2 (unpadded, windowed) is timed too.
 Inference is also timed against `gemm-floor`, the patched forward's GEMMs alone, and on a CPU
 with native bf16 dot products with `fastbert.cpu.set_bf16(True)` (`patch_hf-bf16-gemms`: fp32
-activations, bf16 GEMMs with fp32 accumulation; opt-in, its results are not fp32's).
+activations, bf16 GEMMs with fp32 accumulation; opt-in, its results are not fp32's), and with
+`fastbert.cpu.PREPACK_FP32 = True` (`patch_hf-prepacked`: fp32 weights cached in oneDNN's layout;
+opt-in, fp32 results).
 Shapes from benchmarks/suite.py's MODELS (e.g. "modernbert-base-3l": ModernBERT-base layers, one
 global and two local with window 128), the same weights for every provider, fp32 on CPU.
 """
@@ -74,6 +76,20 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
                 cpu.set_bf16(False)
         return call
 
+    def patched_prepacked():
+        from fastbert import cpu
+        if mode != "infer" or device.type != "cpu":
+            raise Unsupported("prepacked fp32 weights are an opt-in of fastbert's CPU inference")
+        step = provider(patched, backend="auto")()
+
+        def call():
+            cpu.PREPACK_FP32 = True  # per call, as the backend: providers are interleaved
+            try:
+                return step()
+            finally:
+                cpu.PREPACK_FP32 = False
+        return call
+
     def gemm_floor():
         if mode != "infer":
             raise Skipped("the GEMM floor is timed for inference only")
@@ -83,6 +99,7 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
         "transformers-sdpa": provider(lambda: _hf_model(model, device, dtype, "sdpa")),
         "transformers-flash_attention_2": provider(flash_attention),
         "patch_hf": provider(patched, backend="auto"),
+        "patch_hf-prepacked": patched_prepacked,
         "patch_hf-bf16-gemms": patched_bf16_gemms,
         "gemm-floor": gemm_floor,
     }

@@ -14,13 +14,12 @@ module calls them for inference (no autograd graph), and falls back to the publi
         z = cpu.linear_add(x, weight, bias, residual)   # x @ weight.T + bias + residual
     print(cpu.describe())                      # which CPU path is active and why
 
-Prepacked weights (bf16 mode, or fp32 per PREPACK_FP32: by default on AVX-512 CPUs) live in a
+Prepacked weights (bf16 mode, or fp32 with PREPACK_FP32 = True, both opt-in) live in a
 small cache keyed by the weight tensor's identity and invalidated when its storage, shape or
 version counter (bumped by every in-place write, e.g. `load_state_dict`) changes, and by every
 torch.optim step (fused optimizers write without bumping version counters); the cache holds the
 weight only weakly, so models are freed as usual; `clear_cache()` frees the copies. A write through `.data` (`w.data.mul_(2)`, peft's merge_and_unload) reaches neither
-signal: call `clear_cache()` after one. (fp32 GEMMs on a CPU without AVX-512 take weights as
-they are.)
+signal: call `clear_cache()` after one. (fp32 GEMMs, the default, take weights as they are.)
 
 bf16 mode (`set_bf16(True)`, opt-in): fp32 activations are rounded to bf16 for each GEMM and
 multiplied with a cached bf16 copy of the weight (fp32 accumulation inside oneDNN); outputs come
@@ -45,19 +44,18 @@ from torch import Tensor
 # least recently used is dropped and repacked when it is needed again.
 CACHE_SIZE = 256
 
-# Chosen by measurement (benchmarks/README.md, "CPU inference GEMMs"):
+# Chosen by measurement (benchmarks/README.md, "CPU inference GEMMs" and "A third machine"):
 # - fp32 weights prepacked into oneDNN's blocked layout (a cached second copy of each weight):
 #   no faster than the plain weight on the first development CPU (AVX2 AMD EPYC; oneDNN's brgemm
 #   kernel blocks the plain layout on the fly), 1.02-1.07x at BERT-base's projections (1,024
 #   rows) and 1.2x a whole patched BERT-base forward of 1 x 16 tokens on an AVX-512 one (Zen 5).
-#   PREPACK_FP32 None decides by the CPU: prepacked where it has AVX-512, for weights of at least
-#   PREPACK_MIN_ELEMENTS (below that, the cache lookup costs more than packing saves); True /
-#   False: always / never. bf16 mode always packs (its bf16 weight copy is cached anyway).
+#   Off by default all the same: a write through `.data` (EMA, peft's merge) reaches neither of
+#   the cache's signals, and the drop-in rule is that no derived copy goes stale unasked.
+#   PREPACK_FP32 = True opts in (packing again per call costs what it saves: no gain).
 # - GELU as a oneDNN post-op was slower than ATen's vectorised F.gelu after the GEMM on the AVX2
 #   CPU (erf 0.85x, tanh 0.8x of the separate pass), and the residual add as a binary post-op was
 #   no faster than a separate add_.
-PREPACK_FP32: Optional[bool] = None
-PREPACK_MIN_ELEMENTS = 1 << 16
+PREPACK_FP32 = False
 GELU_POST_OP = False
 RESIDUAL_POST_OP = False
 
@@ -106,18 +104,6 @@ def _cpu_flags() -> frozenset:
     except OSError:
         pass
     return frozenset()
-
-
-@functools.lru_cache(maxsize=None)
-def _has_avx512() -> bool:
-    return bool(_cpu_flags() & {"avx512_f", "avx512f"})  # torch's name, /proc/cpuinfo's
-
-
-def _packs_fp32(weight: Tensor) -> bool:
-    """Whether fp32 GEMMs take `weight` prepacked (PREPACK_FP32's rule)."""
-    if PREPACK_FP32 is None:
-        return weight.shape[0] * weight.shape[1] >= PREPACK_MIN_ELEMENTS and _has_avx512()
-    return PREPACK_FP32
 
 
 def bf16_support() -> Tuple[bool, str]:
@@ -320,7 +306,9 @@ def packed_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
 
 def _onednn_weight(weight: Tensor, dtype: torch.dtype, rows_hint: int) -> Tensor:
     """The weight as the oneDNN op takes it: plain fp32, or packed (cached) where that pays."""
-    if dtype == torch.float32 and weight.dtype == torch.float32 and not _packs_fp32(weight):
+    # an inference tensor has no version counter, so its packed copy would be made per call
+    if dtype == torch.float32 and weight.dtype == torch.float32 and (
+            not PREPACK_FP32 or weight.is_inference()):
         return weight.detach().contiguous()
     return packed_weight(weight, dtype, rows_hint)
 
@@ -522,9 +510,9 @@ def inference_routes(dtype: torch.dtype) -> Optional[Tuple[Callable, Callable]]:
         return None
     if (dtype == torch.float32 and not _bf16 and not GELU_POST_OP
             and _variant_reason("none", "", dtype) is None):
-        if PREPACK_FP32 is False or (PREPACK_FP32 is None and not _has_avx512()):
-            return _fp32_linear, _fp32_linear_gelu
-        return _fp32_packed_linear, _fp32_packed_linear_gelu
+        if PREPACK_FP32:
+            return _fp32_packed_linear, _fp32_packed_linear_gelu
+        return _fp32_linear, _fp32_linear_gelu
     return linear, linear_gelu
 
 
@@ -543,12 +531,9 @@ def _fp32_linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 
 def _fp32_packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """_fp32_linear on the weight prepacked where PREPACK_FP32 packs it (its size test inline:
-    this runs once per projection)."""
+    """_fp32_linear on the prepacked weight (PREPACK_FP32; an inference tensor as it is)."""
     try:
-        w = weight if weight.shape[0] * weight.shape[1] < (
-            PREPACK_MIN_ELEMENTS if PREPACK_FP32 is None else 0) \
-            else packed_weight(weight, torch.float32, x.shape[0])
+        w = weight if weight.is_inference() else packed_weight(weight, torch.float32, x.shape[0])
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     except Exception as e:  # as in _run: remember, and take the public path from now on
         _disable_variant("none", "", torch.float32, e)
@@ -571,13 +556,8 @@ def describe() -> str:
         reason = _variant_reason("none", "", _compute_dtype(torch.empty(0)))
     if reason is not None:
         return f"CPU inference GEMMs ({mode}): F.linear (MKL), because {reason}"
-    if _bf16 or PREPACK_FP32:
-        weights = "prepacked weights"
-    elif PREPACK_FP32 is None and _has_avx512():
-        weights = (f"fp32 weights of >= {PREPACK_MIN_ELEMENTS} elements prepacked (AVX-512 CPU; "
-                   f"a cached second copy of each)")
-    else:
-        weights = "plain weights"
+    weights = "prepacked weights" if (PREPACK_FP32 or _bf16) else \
+        "plain weights (fastbert.cpu.PREPACK_FP32 = True prepacks them: faster on AVX-512 CPUs)"
     gelu = "GELU as oneDNN post-op" if GELU_POST_OP else "GELU in place after the GEMM"
     add = "residual add as oneDNN post-op" if RESIDUAL_POST_OP else "residual add after the GEMM"
     ok, why = bf16_support()

@@ -33,9 +33,10 @@ from fastbert import cpu, reference
 # S * (block + window); smaller blocks waste less but gather the keys more often. Measured on the
 # dev CPU (Zen 5, 2 threads; ModernBERT-base local layer, 2679 packed tokens, window 128), forward
 # ATen kernel plus copies: 16 rows 9.9 ms, 32 9.8, 64 11.4, 128 14.4; backward, where every span's
-# dK/dV is added back onto its keys: 32 rows 47.9 ms, 48 40.7, 64 31.6, 96 35.3. A forward that a
-# backward will follow (its inputs require grad) uses the backward's blocks, so one band serves
-# both; so does one with dropout, whose mask is drawn over the block layout (forward_block).
+# dK/dV is added back onto its keys: 32 rows 47.9 ms, 48 40.7, 64 31.6, 96 35.3. A forward whose
+# q requires grad (a training step) uses the backward's blocks, so one band serves both (with
+# grads for k and v only, each builds its own: lse travels per query, so either is correct); so
+# does one with dropout, whose mask is drawn over the block layout (forward_block).
 FORWARD_BLOCK = 32
 BACKWARD_BLOCK = 64
 

@@ -2,14 +2,14 @@
 
 Runs tests/models/<family>/test_modeling_<family>.py of a transformers source tree (with its
 common model tests) three times -- unpatched, every model patch_hf'd (unpadded), and
-patch_hf(unpad=False) -- and lists every test that passes unpatched but fails patched. A conftest
+patch_hf(unpad=False) (not for ModernBERT, which runs unpadded only) -- and lists every test that passes unpatched but fails patched. A conftest
 patches each model at the end of its outermost __init__, so every way the tests build a model
 (Model(config), from_pretrained, Auto*, deepcopy) gives a patched one.
 
     # a transformers source tree: e.g. from the fetched mirror (no work tree there)
     git --git-dir=/work/.mirror/zucchini-nlp+transformers/repo archive HEAD tests utils \\
         | tar -x -C /tmp/transformers-src
-    python scripts/hf_suite.py /tmp/transformers-src                    # all five families
+    python scripts/hf_suite.py /tmp/transformers-src                    # all six families
     python scripts/hf_suite.py /tmp/transformers-src --family bert -k attention
     python scripts/hf_suite.py SRC --common ../shared/peer/transformers-bert/tests
 
@@ -34,8 +34,10 @@ FAMILIES = {  # family -> transformers modeling module
     "xlm_roberta": "transformers.models.xlm_roberta.modeling_xlm_roberta",
     "electra": "transformers.models.electra.modeling_electra",
     "distilbert": "transformers.models.distilbert.modeling_distilbert",
+    "modernbert": "transformers.models.modernbert.modeling_modernbert",
 }
 MODES = ("none", "unpad", "pad")
+FAMILY_MODES = {"modernbert": ("none", "unpad")}  # patch_hf refuses unpad=False for ModernBERT
 
 CONFTEST = '''\
 # fastbert's patch hook (scripts/hf_suite.py): FASTBERT_PATCH=none|unpad|pad
@@ -126,7 +128,7 @@ def run(src: str, families: list, keyword: str | None, common: str | None) -> in
     for family in families:
         test_file = f"tests/models/{family}/test_modeling_{family}.py"
         outcomes = {}
-        for mode in MODES:
+        for mode in FAMILY_MODES.get(family, MODES):
             xml = os.path.join(work, f"{family}-{mode}.xml")
             command = [sys.executable, "-m", "pytest", test_file, "-q", "-W", "ignore",
                        "--tb=no", f"--junitxml={xml}"] + (["-k", keyword] if keyword else [])
@@ -154,7 +156,7 @@ def _report(family: str, outcomes: dict) -> int:
     """Prints, per patched mode, the tests that pass unpatched and not patched; their count."""
     regressions = 0
     passing = sorted(n for n, o in outcomes["none"].items() if o == "pass")
-    for mode in MODES[1:]:
+    for mode in [m for m in outcomes if m != "none"]:
         broken = [n.split("::")[-1] for n in passing if outcomes[mode].get(n) != "pass"]
         regressions += len(broken)
         print(f"{family:12s} {mode:6s} {len(passing) - len(broken):4d} of {len(passing)} "
@@ -167,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("transformers_src", help="a transformers source tree (tests/, utils/)")
     parser.add_argument("--family", action="append", choices=list(FAMILIES),
-                        help="a family to run (repeatable; default all five)")
+                        help="a family to run (repeatable; default all six)")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     parser.add_argument("--common", help="folder of common test files matching the installed "
                                          "transformers, copied over the tree's")

@@ -284,6 +284,10 @@ def test_quick_cpu_suite_writes_csv_and_plots(tmp_path, capsys):
     bf16 = value("model", "patch_hf-bf16-gemms", "status", "infer")
     assert bf16 == (["ok"] if cpu.bf16_support()[0] else ["unsupported"])
     assert value("model", "patch_hf-bf16-gemms", "status", "train") == ["unsupported"]
+    # prepacked fp32 weights (opt-in): timed for CPU inference, and switched off after each call
+    assert value("model", "patch_hf-prepacked", "status", "infer") == ["ok"]
+    assert value("model", "patch_hf-prepacked", "status", "train") == ["unsupported"]
+    assert cpu.PREPACK_FP32 is False
     assert all(r["note"] for r in rows if r["metric"] == "status" and r["value"] != "ok")
 
     assert len(list(tmp_path.glob("*.png"))) == 3

@@ -113,29 +113,36 @@ def test_packed_weight_serves_other_row_counts():
     assert cpu.cache_size() == 1
 
 
-@pytest.mark.parametrize("avx512", [True, False])
-def test_default_prepacks_large_weights_on_avx512_only(monkeypatch, avx512):
-    """PREPACK_FP32 None (the default): on an AVX-512 CPU weights of at least
-    PREPACK_MIN_ELEMENTS go prepacked, smaller ones plain; elsewhere every weight goes plain. The
-    per-forward routes of the lean paths (inference_routes) follow the same rule."""
-    monkeypatch.setattr(cpu, "PREPACK_FP32", None)
-    monkeypatch.setattr(cpu, "_has_avx512", lambda: avx512)
-    monkeypatch.setattr(cpu, "PREPACK_MIN_ELEMENTS", 64 * 96)
-    x, small, b, _ = _inputs(37, 64, 95, seed=8)
-    _, large, _, _ = _inputs(37, 64, 96, seed=9)
+@pytest.mark.parametrize("prepack", [True, False])
+def test_lean_routes_follow_prepack(monkeypatch, prepack):
+    """inference_routes (the lean paths' per-forward choice) on fp32: plain weights by default
+    (nothing cached), the prepacked route with PREPACK_FP32 = True (one cached copy, made by the
+    route itself); both match the reference, with and without bias, GELU included."""
+    monkeypatch.setattr(cpu, "PREPACK_FP32", prepack)
+    x, w, b, _ = _inputs(37, 64, 96, seed=8)
     linear, linear_gelu = cpu.inference_routes(torch.float32)
+    assert linear is (cpu._fp32_packed_linear if prepack else cpu._fp32_linear)
     with torch.no_grad():
-        for w, n in ((small, 95), (large, 96)):
-            bias = b[:n] if n <= b.shape[0] else None
-            outs = (cpu.linear(x, w, bias), linear(x, w, bias))
-            for out in outs:
-                assert_close_by_rule(out, F.linear(x, w, bias), _exact(x, w, bias, "linear")
-                                     if bias is not None else F.linear(x.double(), w.double()),
-                                     f"{n} outputs")
-            gelu = linear_gelu(x, w, None, "none")
-            assert_close_by_rule(gelu, F.gelu(F.linear(x, w)),
-                                 F.gelu(F.linear(x.double(), w.double())), f"{n} gelu")
-            assert cpu.cache_size() == (1 if avx512 and n == 96 else 0)
+        out = linear(x, w, b)
+        assert cpu.cache_size() == (1 if prepack else 0)
+        assert_close_by_rule(out, F.linear(x, w, b), _exact(x, w, b, "linear"), "linear")
+        gelu = linear_gelu(x, w, None, "none")
+        assert_close_by_rule(gelu, F.gelu(F.linear(x, w)),
+                             F.gelu(F.linear(x.double(), w.double())), "gelu, no bias")
+    assert cpu.cache_size() == (1 if prepack else 0)
+
+
+def test_prepack_leaves_inference_tensor_weights_plain():
+    """A weight made under inference_mode has no version counter: packing it would be redone on
+    every call, so both routes take it as it is."""
+    cpu.PREPACK_FP32 = True
+    with torch.inference_mode():
+        w, x = torch.randn(48, 64), torch.randn(9, 64)
+        linear, _ = cpu.inference_routes(torch.float32)
+        outs = (linear(x, w, None), cpu.linear(x, w))
+    for out in outs:
+        torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert cpu.cache_size() == 0
 
 
 def test_packed_route_falls_back_after_a_failure(monkeypatch):

@@ -21,7 +21,8 @@ TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_h
 # 1044 in training: patched 877 and 1964 then (0.86x, 1.9x; before the lean path 2.4x and 6.9x),
 # the own model unpadded 818 and 2122 (0.81x, 2.0x; before 2.2x and 6.9x); since the per-call
 # activation, window, attention and holes checks (stops 31-33) patched 1009 and 2070, own 882
-# and 2162; with the forward's own window block size (stop 34) 1011 and 2072, own 886 and 2166.
+# and 2162; with the forward's own window block size (stop 34) 1011 and 2072, own 886 and
+# 2166-2168.
 # Training is mostly the torch backend's Python: windowed and packed attention backward,
 # LayerNorm backward.
 MAX_RATIO = {"inference": 1.0, "training": 2.0}

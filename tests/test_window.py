@@ -13,8 +13,8 @@ f64 = torch.float64
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """8-row query blocks in forward, 16 in backward, so short sequences (fast tests) still span
-    several blocks and backward reads a forward made on another layout."""
+    """8-row query blocks in a forward no backward follows, 16 otherwise, so short sequences
+    (fast tests) still span several blocks."""
     monkeypatch.setattr(sliding, "FORWARD_BLOCK", 8)
     monkeypatch.setattr(sliding, "BACKWARD_BLOCK", 16)
     sliding._bands.clear()
@@ -153,6 +153,38 @@ def test_window_gradcheck(packed, dropout_p):
         return fastbert.attention(q, k, v, mask, window_size=(5, 3), dropout_p=dropout_p)
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_backward_on_other_blocks_than_its_forward(packed):
+    """q needs no gradient, k and v do: the forward runs in FORWARD_BLOCK-row blocks and the
+    backward in BACKWARD_BLOCK ones (lse travels per query, not per block); out, dK and dV by the
+    rule against the plain math."""
+    torch.manual_seed(3)
+    window, s = (5, 3), 40
+    q = torch.randn(2, s, 3, 16)
+    k, v = (torch.randn(2, s, 3, 16, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, s, 2 * s], dtype=torch.int32)
+
+    def run(q, k, v, fastbert_call):
+        if not fastbert_call:
+            return plain_attention(q, k, v, None, False, window)
+        if packed:
+            flat = (t.reshape(2 * s, 3, 16) for t in (q, k, v))
+            return fastbert.attention_varlen(*flat, cu, cu, s, s,
+                                             window_size=window).view(2, s, 3, 16)
+        return fastbert.attention(q, k, v, window_size=window)
+
+    fast, plain = run(q, k, v, True), run(q, k, v, False)
+    kd, vd = (t.detach().double().requires_grad_() for t in (k, v))
+    exact = run(q.double(), kd, vd, False)
+    g = torch.randn_like(fast)
+    assert_close_by_rule(fast, plain, exact, "out")
+    for what, a, b, c in zip("kv", _grads(fast, (k, v), g), _grads(plain, (k, v), g),
+                             _grads(exact, (kd, vd), g.double())):
+        assert_close_by_rule(a, b, c, f"d{what}")
+    assert {band.block for _, band in sliding._bands.values()} == {sliding.FORWARD_BLOCK,
+                                                                   sliding.BACKWARD_BLOCK}
 
 
 def test_window_dropout_is_reproducible_and_stays_in_the_band():
