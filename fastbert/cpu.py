@@ -499,8 +499,9 @@ def linear_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tens
 def inference_routes(dtype: torch.dtype) -> Optional[Tuple[Callable, Callable]]:
     """(linear, linear_gelu) as this module computes them for CPU inputs of `dtype` that
     `should_use` accepts, resolved once for a caller that checks should_use's per-tensor
-    conditions itself (fastbert/lean.py, once per model forward): for fp32 on plain weights the
-    oneDNN op itself, without the per-call checks; None where should_use refuses `dtype`."""
+    conditions itself (fastbert/lean.py, once per model forward): for fp32 the oneDNN op itself
+    (plain or, with PREPACK_FP32, prepacked weights), without the per-call checks; None where
+    should_use refuses `dtype`."""
     if not _enabled or _compiling() or _autocast_on():
         return None
     if dtype == torch.float32:
@@ -510,16 +511,17 @@ def inference_routes(dtype: torch.dtype) -> Optional[Tuple[Callable, Callable]]:
         return None
     if (dtype == torch.float32 and not _bf16 and not GELU_POST_OP
             and _variant_reason("none", "", dtype) is None):
-        if PREPACK_FP32:
-            return _fp32_packed_linear, _fp32_packed_linear_gelu
         return _fp32_linear, _fp32_linear_gelu
     return linear, linear_gelu
 
 
 def _fp32_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """_run's oneDNN call for contiguous fp32 x with rows, fp32 weights taken as they are."""
+    """_run's oneDNN call for contiguous fp32 x with rows: fp32 weights as they are, or prepacked
+    with PREPACK_FP32 (an inference tensor as it is: no version counter to keep a copy by)."""
     try:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        w = weight if not PREPACK_FP32 or weight.is_inference() else \
+            packed_weight(weight, torch.float32, x.shape[0])
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     except Exception as e:  # as in _run: remember, and take the public path from now on
         _disable_variant("none", "", torch.float32, e)
         return _fallback(x, weight, bias, "none", "", None, torch.float32)
@@ -528,21 +530,6 @@ def _fp32_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 def _fp32_linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                       approximate: str) -> Tensor:
     return torch.ops.aten.gelu_(_fp32_linear(x, weight, bias), approximate=approximate)
-
-
-def _fp32_packed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """_fp32_linear on the prepacked weight (PREPACK_FP32; an inference tensor as it is)."""
-    try:
-        w = weight if weight.is_inference() else packed_weight(weight, torch.float32, x.shape[0])
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-    except Exception as e:  # as in _run: remember, and take the public path from now on
-        _disable_variant("none", "", torch.float32, e)
-        return _fallback(x, weight, bias, "none", "", None, torch.float32)
-
-
-def _fp32_packed_linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             approximate: str) -> Tensor:
-    return torch.ops.aten.gelu_(_fp32_packed_linear(x, weight, bias), approximate=approximate)
 
 
 def describe() -> str:

@@ -121,7 +121,7 @@ def test_lean_routes_follow_prepack(monkeypatch, prepack):
     monkeypatch.setattr(cpu, "PREPACK_FP32", prepack)
     x, w, b, _ = _inputs(37, 64, 96, seed=8)
     linear, linear_gelu = cpu.inference_routes(torch.float32)
-    assert linear is (cpu._fp32_packed_linear if prepack else cpu._fp32_linear)
+    assert linear is cpu._fp32_linear  # the lean paths' fast route, packing per PREPACK_FP32
     with torch.no_grad():
         out = linear(x, w, b)
         assert cpu.cache_size() == (1 if prepack else 0)
@@ -151,7 +151,7 @@ def test_packed_route_falls_back_after_a_failure(monkeypatch):
     monkeypatch.setattr(cpu, "PREPACK_FP32", True)
     x, w, b, _ = _inputs(20, 64, 48, seed=10)
     linear, _ = cpu.inference_routes(torch.float32)
-    assert linear is cpu._fp32_packed_linear
+    assert linear is cpu._fp32_linear
 
     def broken(*args, **kwargs):
         raise RuntimeError("no oneDNN here")
