@@ -18,8 +18,9 @@ Prepacked weights (bf16 mode, or fp32 with PREPACK_FP32 = True, both opt-in) liv
 small cache keyed by the weight tensor's identity and invalidated when its storage, shape or
 version counter (bumped by every in-place write, e.g. `load_state_dict`) changes, and by every
 torch.optim step (fused optimizers write without bumping version counters); the cache holds the
-weight only weakly, so models are freed as usual; `clear_cache()` frees the copies. A write through `.data` (`w.data.mul_(2)`, peft's merge_and_unload) reaches neither
-signal: call `clear_cache()` after one. (fp32 GEMMs, the default, take weights as they are.)
+weight only weakly, so models are freed as usual; `clear_cache()` frees the copies. A write
+through `.data` (`w.data.mul_(2)`, peft's merge_and_unload) reaches neither signal: call
+`clear_cache()` after one. (fp32 GEMMs, the default, take weights as they are.)
 
 bf16 mode (`set_bf16(True)`, opt-in): fp32 activations are rounded to bf16 for each GEMM and
 multiplied with a cached bf16 copy of the weight (fp32 accumulation inside oneDNN); outputs come
@@ -517,7 +518,8 @@ def inference_routes(dtype: torch.dtype) -> Optional[Tuple[Callable, Callable]]:
 
 def _fp32_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """_run's oneDNN call for contiguous fp32 x with rows: fp32 weights as they are, or prepacked
-    with PREPACK_FP32 (an inference tensor as it is: no version counter to keep a copy by)."""
+    with PREPACK_FP32 (an inference tensor as it is): _onednn_weight's rule, inline because this
+    runs once per projection."""
     try:
         w = weight if not PREPACK_FP32 or weight.is_inference() else \
             packed_weight(weight, torch.float32, x.shape[0])
