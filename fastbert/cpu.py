@@ -17,8 +17,10 @@ module calls them for inference (no autograd graph), and falls back to the publi
 Prepacked weights (bf16 mode, or fp32 with PREPACK_FP32 = True, both opt-in) live in a
 small cache keyed by the weight tensor's identity and invalidated when its storage, shape or
 version counter (bumped by every in-place write, e.g. `load_state_dict`) changes, and by every
-torch.optim step (fused optimizers write without bumping version counters); the cache holds the
-weight only weakly, so models are freed as usual; `clear_cache()` frees the copies. A write
+torch.optim step (fused optimizers write without bumping version counters). There is one copy
+per live weight, with no count limit (an LRU bound would repack every call on a model with more
+weights than the bound): the cache holds each weight only weakly and drops its copy when the
+weight is freed, so models are freed as usual; `clear_cache()` frees the copies at once. A write
 through `.data` (`w.data.mul_(2)`, peft's merge_and_unload) reaches neither signal: call
 `clear_cache()` after one. (fp32 GEMMs, the default, take weights as they are.)
 
@@ -29,7 +31,6 @@ offered only on CPUs with native bf16 dot products (AVX512-BF16 or AMX) that tor
 """
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import os
@@ -40,10 +41,6 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-# Largest number of prepacked weights kept (BERT-large has 24 x 6 linears plus heads); past it the
-# least recently used is dropped and repacked when it is needed again.
-CACHE_SIZE = 256
 
 # Chosen by measurement (benchmarks/README.md, "CPU inference GEMMs" and "A third machine"):
 # - fp32 weights prepacked into oneDNN's blocked layout (a cached second copy of each weight):
@@ -243,7 +240,7 @@ class _Packed:
         self.ref, self.signature, self.tensor = ref, signature, tensor
 
 
-_cache: "collections.OrderedDict[tuple, _Packed]" = collections.OrderedDict()
+_cache: "dict[tuple, _Packed]" = {}  # (id(weight), kind) -> its packed copy
 
 
 _optimizer_steps = 0  # torch.optim steps since import (once _count_optimizer_steps is hooked)
@@ -273,9 +270,12 @@ def _signature(weight: Tensor) -> Optional[tuple]:
             tuple(weight.stride()), weight.dtype)
 
 
-def _drop(key):
+def _drop(key, ref):
+    """The weight behind `ref` was freed: forget its copy (not a later weight's under its id)."""
     with _lock:
-        _cache.pop(key, None)
+        entry = _cache.get(key)
+        if entry is not None and entry.ref is ref:
+            del _cache[key]
 
 
 def _cached(weight: Tensor, kind: tuple, make: Callable[[Tensor], Tensor]) -> Tensor:
@@ -287,15 +287,11 @@ def _cached(weight: Tensor, kind: tuple, make: Callable[[Tensor], Tensor]) -> Te
     with _lock:
         entry = _cache.get(key)
         if entry is not None and entry.ref() is weight and entry.signature == signature:
-            _cache.move_to_end(key)
             return entry.tensor
     tensor = make(weight.detach())
-    ref = weakref.ref(weight, lambda _, key=key: _drop(key))
+    ref = weakref.ref(weight, functools.partial(_drop, key))
     with _lock:
-        _cache[key] = _Packed(ref, signature, tensor)
-        _cache.move_to_end(key)
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
+        _cache[key] = _Packed(ref, signature, tensor)  # replaces a stale copy of this weight
     return tensor
 
 

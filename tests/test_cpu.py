@@ -2,6 +2,7 @@
 public fallback, and when the path is (not) taken."""
 import gc
 import types
+import weakref
 
 import pytest
 import torch
@@ -244,15 +245,36 @@ def test_cache_follows_replaced_weight_and_frees_it():
     assert cpu.cache_size() == 0, "the cache keeps a freed model's weights alive"
 
 
-def test_cache_is_bounded(monkeypatch):
+def test_cache_keeps_every_live_weight_and_drops_freed_ones():
+    """More weights than any fixed bound would hold (the old LRU of 256 repacked every call on a
+    model with more): each is packed once and served from the cache after; a freed weight's copy
+    goes with it, and the callback of a freed weight never drops the copy of a later weight that
+    reuses its id."""
     cpu.PREPACK_FP32 = True
-    monkeypatch.setattr(cpu, "CACHE_SIZE", 3)
-    weights = [torch.randn(8, 16) for _ in range(5)]
+    weights = [torch.randn(8, 16) for _ in range(300)]
     x = torch.randn(4, 16)
     with torch.no_grad():
-        for w in weights:
+        first = [cpu.packed_weight(w, torch.float32, 4) for w in weights]
+        again = [cpu.packed_weight(w, torch.float32, 4) for w in weights]
+        assert all(a is b for a, b in zip(first, again)), "a live weight was repacked"
+        for w in weights[:5]:
             torch.testing.assert_close(cpu.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    assert cpu.cache_size() == 3
+    assert cpu.cache_size() == 300
+    del first, again
+    weights = weights[:10]
+    gc.collect()
+    assert cpu.cache_size() == 10
+    old = torch.randn(8, 16)
+    cpu.packed_weight(old, torch.float32, 4)
+    key = (id(old), "packed", torch.float32)
+    stale_ref = cpu._cache[key].ref
+    new = torch.randn(8, 16)
+    # a later weight under the same id (as CPython reuses them): its copy replaces the old one
+    cpu._cache[key] = cpu._Packed(weakref.ref(new), None, None)
+    cpu._drop(key, stale_ref)  # the freed weight's callback, arriving late
+    assert key in cpu._cache, "a freed weight's callback dropped another weight's copy"
+    cpu._drop(key, cpu._cache[key].ref)
+    assert key not in cpu._cache
 
 
 def test_inference_tensor_weight_is_not_cached():
