@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastbert
-from fastbert import model
+from fastbert import cpu_train, model
 from fastbert.model import linear
 from fastbert.padding import PackedBatch, _sequence_and_position
 
@@ -119,7 +119,7 @@ def _qkv(sa: nn.Module, projections, h: torch.Tensor):
     if (all(plain(p) for p in projections) and len({p.bias is None for p in projections}) == 1
             and _wants_grad(projections, h)):
         w, b = _fused_qkv_weight(projections)
-        return F.linear(h, w, b).view(*h.shape[:-1], 3, -1, d).unbind(-3)
+        return cpu_train.linear_nd(h, w, b).view(*h.shape[:-1], 3, -1, d).unbind(-3)
     return tuple(linear(h, p).view(*h.shape[:-1], -1, d) for p in projections)
 
 

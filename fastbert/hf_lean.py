@@ -143,7 +143,8 @@ def plan(encoder: nn.Module, x: torch.Tensor, packed: Optional[PackedBatch],
                 and m._parameters.get("bias") is not None]
 
     p = lean.resolve(x.device, x.dtype, x.shape[-1], packed, key_mask, causal, attn_p,
-                     hidden_p, approximate, head_dim, ffn, False, fused_weights)
+                     hidden_p, approximate, head_dim, ffn, False, fused_weights,
+                     x.numel() // max(x.shape[-1], 1))
     if p is not None:
         p.scale = scale  # transformers' own value (head_dim ** -0.5), bit for bit
     return p
@@ -194,7 +195,8 @@ def _qkv(p: lean.Plan, sa: nn.Module, projections, x: torch.Tensor):
             and len({t._parameters["bias"] is None for t in projections}) == 1
             and hf_layers._wants_grad(projections, x)):  # (*)
         w, b = hf_layers._fused_qkv_weight(projections)
-        return F.linear(x, w, b).view(*x.shape[:-1], 3, -1, d).unbind(-3)
+        y = F.linear(x, w, b) if p.train_linear is None else p.train_linear(x, w, b)
+        return y.view(*x.shape[:-1], 3, -1, d).unbind(-3)
     # each projection's GEMM on its weights as they are, or its module call (lean.linear)
     return tuple(lean.linear(p, x, t).view(*x.shape[:-1], -1, d) for t in projections)
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastbert import cpu, geglu, hf_layers, layer_norm, lean, ops, rotary, varlen
+from fastbert import cpu, cpu_train, geglu, hf_layers, layer_norm, lean, ops, rotary, varlen
 from fastbert.padding import PackedBatch
 
 
@@ -47,7 +47,7 @@ class Plan:
     __slots__ = ("grad", "cast", "dtype", "cpu_linear", "cu_seqlens", "max_seqlen", "scale",
                  "positions", "rotary", "rotary_backend", "attention", "norms", "norm",
                  "norm_backend", "geglu", "geglu_cpu", "geglu_backend", "approximate",
-                 "zero_bias", "local_window")
+                 "zero_bias", "local_window", "train_linear")
 
 
 def _plain_norm(norm: nn.Module) -> bool:
@@ -182,6 +182,9 @@ def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: i
     p.norm = ops._backend_module(p.norm_backend).add_layer_norm_forward
     routes = cpu.inference_routes(dtype) if device.type == "cpu" else None
     p.cpu_linear = routes[0] if routes is not None else None
+    # CPU training GEMMs (fastbert/cpu_train.py) where the rows make the route pay
+    p.train_linear = cpu_train.linear_nd if (
+        p.grad and x.shape[0] >= cpu_train.MIN_ROWS and device.type == "cpu") else None
     p.geglu_backend, p.geglu, p.geglu_cpu = "torch", None, None
     if wi is not None:
         w = wi._parameters["weight"]
@@ -346,7 +349,7 @@ def _linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     w, b = module._parameters["weight"], module._parameters["bias"]
     if p.cpu_linear is None or (p.grad and (x.requires_grad or w.requires_grad or (
             b is not None and b.requires_grad))):  # (*)
-        return F.linear(x, w, b)
+        return F.linear(x, w, b) if p.train_linear is None else p.train_linear(x, w, b)
     return p.cpu_linear(x, w, b)
 
 

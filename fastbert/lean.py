@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
-from fastbert import cpu, layer_norm, linear_gelu, ops, varlen
+from fastbert import cpu, cpu_train, layer_norm, linear_gelu, ops, varlen
 from fastbert.padding import PackedBatch
 
 
@@ -45,7 +45,7 @@ class Plan:
     __slots__ = ("grad", "cast", "hooks", "direct", "packed", "mask", "cu_seqlens", "max_seqlen",
                  "causal", "attn_p", "hidden_p", "scale", "approximate", "attention",
                  "attention_backend", "norm", "norm_backend", "embed_norm", "embed_norm_backend",
-                 "gelu_backend", "cpu_linear", "cpu_gelu")
+                 "gelu_backend", "cpu_linear", "cpu_gelu", "train_linear")
 
 
 def _layer_settings(layer) -> Optional[tuple]:
@@ -109,19 +109,19 @@ def plan(model, ids: torch.Tensor, packed: Optional[PackedBatch],
 
     return resolve(weight.device, weight.dtype, weight.shape[1], packed, attention_mask,
                    bool(causal), attn_p, hidden_p, approximate, head_dim,
-                   model.config.intermediate_size, hooked, fused_weights)
+                   model.config.intermediate_size, hooked, fused_weights, ids.numel())
 
 
 def resolve(device: torch.device, x_dtype: torch.dtype, hidden: int,
             packed: Optional[PackedBatch],
             attention_mask: Optional[torch.Tensor], causal: bool, attn_p: float,
             hidden_p: float, approximate: Optional[str], head_dim: int, ffn: int,
-            hooked_layers: bool, fused_weights: Callable[[], list]) -> Optional[Plan]:
+            hooked_layers: bool, fused_weights: Callable[[], list], rows: int) -> Optional[Plan]:
     """The plan of a forward whose layers were checked by the caller (this module's `plan`, or
     fastbert/hf_lean.py for a patched transformers encoder): the backends and CPU GEMM routes, or
     None where a fused weight is not contiguous for a GPU backend. fused_weights() lists the
     modules whose weight and bias go to fused kernels (norms, the FFN's first linear).
-    x_dtype: the layers' input (the embeddings' output) before autocast."""
+    x_dtype: the layers' input (the embeddings' output) before autocast; rows: its token rows."""
     p = Plan()
     p.grad = torch.is_grad_enabled()
     p.cast = ops._autocast_dtype(device)
@@ -156,6 +156,9 @@ def resolve(device: torch.device, x_dtype: torch.dtype, hidden: int,
     # CPU inference GEMMs (fastbert/cpu.py), for the calls that record no autograd
     routes = cpu.inference_routes(x_dtype) if device.type == "cpu" else None
     p.cpu_linear, p.cpu_gelu = routes if routes is not None else (None, None)
+    # CPU training GEMMs (fastbert/cpu_train.py) where the rows make the route pay
+    p.train_linear = cpu_train.linear_nd if (
+        p.grad and rows >= cpu_train.MIN_ROWS and device.type == "cpu") else None
     if p.gelu_backend != "torch":
         p.cpu_gelu = None
     if {p.norm_backend, p.embed_norm_backend, p.gelu_backend} != {"torch"}:
@@ -176,7 +179,7 @@ def linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     w, b = module._parameters["weight"], module._parameters["bias"]
     if p.cpu_linear is None or (p.grad and (x.requires_grad or w.requires_grad
                                             or (b is not None and b.requires_grad))):  # (*)
-        return F.linear(x, w, b)
+        return F.linear(x, w, b) if p.train_linear is None else p.train_linear(x, w, b)
     if p.packed:
         return p.cpu_linear(x, w, b)
     return p.cpu_linear(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])

@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch.nn.modules import module as _module
 
 import fastbert
-from fastbert import cpu, lean
+from fastbert import cpu, cpu_train, lean
 from fastbert.config import _GELU_APPROXIMATE, BertConfig  # noqa: F401  (re-exported)
 from fastbert.family import fastbert_base_class
 from fastbert.padding import (PackedBatch, first_tokens, pack_mask, pack_position_ids,
@@ -56,10 +56,13 @@ def plain(module: nn.Module, kind: type = nn.Linear) -> bool:
 def cpu_gemm(x: torch.Tensor, weight: torch.Tensor,
              bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """x @ weight.T + bias by oneDNN's CPU inference GEMM where fastbert/cpu.py serves it (1.1-1.2x
-    MKL's F.linear at 2 threads on the AVX2 dev CPU, parity at 1 thread), else None."""
+    MKL's F.linear at 2 threads on the AVX2 dev CPU, parity at 1 thread), or its training GEMMs
+    where fastbert/cpu_train.py does, else None."""
     x2 = x.reshape(-1, x.shape[-1])
     if cpu.should_use(x2, weight, bias):
         return cpu.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])  # 0 rows too
+    if cpu_train.should_use(x2, weight, bias):
+        return cpu_train.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     return None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from fastbert import reference, window as sliding
+from fastbert import cpu_train, reference, window as sliding
 
 
 class TorchBackend:
@@ -145,7 +145,9 @@ class TorchBackend:
 
     @staticmethod
     def linear_bias_gelu_forward(x, weight, bias, approximate):
-        pre = torch.nn.functional.linear(x, weight, bias)  # (M, N)
+        # (M, N); oneDNN's GEMM from cpu_train.MIN_ROWS rows (MKL's runs at half its rate on AMD)
+        pre = torch.nn.functional.linear(x, weight, bias) if x.shape[0] < cpu_train.MIN_ROWS \
+            else cpu_train.gemm(x, weight, bias)
         if pre.dtype == torch.float32 or pre.dtype == torch.float64:  # reference.acc_dtype
             act = torch.nn.functional.gelu(pre, approximate=approximate)
             return act, pre
@@ -157,13 +159,16 @@ class TorchBackend:
         acc = torch.float64 if pre.dtype == torch.float64 else torch.float32
         if pre.dtype == acc and dout.dtype == acc and x.dtype == acc:
             dpre = torch.ops.aten.gelu_backward(dout, pre, approximate=approximate)
-            return reference.linear_backward(dpre, x, weight)
+            return (reference.linear_backward if x.shape[0] < cpu_train.MIN_ROWS
+                    else cpu_train.linear_backward)(dpre, x, weight)
         dpre = torch.ops.aten.gelu_backward(dout.to(acc), pre.to(acc), approximate=approximate)
-        return reference.linear_backward(dpre.to(x.dtype), x, weight)
+        return (reference.linear_backward if x.shape[0] < cpu_train.MIN_ROWS
+                else cpu_train.linear_backward)(dpre.to(x.dtype), x, weight)
 
     @staticmethod
     def linear_geglu_forward(x, weight, bias, approximate):
-        pre = torch.nn.functional.linear(x, weight, bias)  # (M, 2N)
+        pre = torch.nn.functional.linear(x, weight, bias) if x.shape[0] < cpu_train.MIN_ROWS \
+            else cpu_train.gemm(x, weight, bias)  # (M, 2N), as linear_bias_gelu_forward's
         act, gate = pre.to(reference.acc_dtype(pre)).chunk(2, dim=-1)
         out = torch.nn.functional.gelu(act, approximate=approximate).mul_(gate)
         return out.to(x.dtype), pre
@@ -176,14 +181,16 @@ class TorchBackend:
         if torch._C._are_functorch_transforms_active():  # torch.func.grad: no out= ops there
             dpre = torch.cat([torch.ops.aten.gelu_backward(g * gate, act, approximate=approximate),
                               g * torch.nn.functional.gelu(act, approximate=approximate)], -1)
-            return reference.linear_backward(dpre.to(x.dtype), x, weight)
+            return (reference.linear_backward if x.shape[0] < cpu_train.MIN_ROWS
+                    else cpu_train.linear_backward)(dpre.to(x.dtype), x, weight)
         # both halves written into one (M, 2N) gradient, not concatenated after
         dpre = torch.empty(pre.shape, dtype=acc, device=pre.device)
         dact, dgate = dpre.chunk(2, dim=-1)
         torch.ops.aten.gelu_backward.grad_input(g * gate, act, approximate=approximate,
                                                 grad_input=dact)
         torch.mul(g, torch.nn.functional.gelu(act, approximate=approximate), out=dgate)
-        return reference.linear_backward(dpre.to(x.dtype), x, weight)
+        return (reference.linear_backward if x.shape[0] < cpu_train.MIN_ROWS
+                else cpu_train.linear_backward)(dpre.to(x.dtype), x, weight)
 
     @staticmethod
     def apply_rotary(x, cos, sin, positions, interleaved, conjugate):

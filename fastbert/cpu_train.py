@@ -1,0 +1,167 @@
+"""CPU training GEMMs through oneDNN: x @ weight.T + bias with autograd, forward and backward.
+
+A training step records autograd, so fastbert/cpu.py's inference route does not serve it and
+`F.linear` runs its three GEMMs (forward, dx, dweight) on ATen's BLAS: MKL in torch's CPU builds,
+which on AMD CPUs runs at about half oneDNN's rate on the same cores (2,679 x 768 x 2,304, Zen 5,
+2 threads: forward 213 against 412 GFLOP/s, dx 214 against 395, dweight 223 against 357, the
+transposed operands passed to oneDNN as strided views, no copies). This module gives autograd
+the oneDNN GEMMs for plain fp32 CPU tensors with at least MIN_ROWS rows (below that the op's
+dispatch costs more than the GEMM gains), on the weights as they are (nothing is cached):
+
+    y = cpu_train.linear_nd(x, weight, bias)      # F.linear, differentiable, x (..., K)
+    pre = cpu_train.gemm(x, weight, bias)         # no autograd: inside a fused op's forward
+    dx, dweight, dbias = cpu_train.linear_backward(dy, x, weight)   # and in its backward
+
+A double backward (create_graph=True) takes F.linear's differentiable formulas. The oneDNN ops
+are checked once against fp64 before first use, and any failure sends every later call to the
+public path, as in fastbert/cpu.py.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastbert import cpu, reference
+
+# Rows from which the oneDNN route is taken (a 2-layer BERT-base step at 8 x 128 tokens has 1,024,
+# ModernBERT-base's quick case 2,679; tiny test models stay on F.linear)
+MIN_ROWS = 256
+
+_state: dict = {}  # "reason": None when the route works here, else why not (probed once)
+
+
+def _gemm_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a @ b.T (+ bias) by oneDNN's inner product; a and b may be strided views."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def _probe() -> Optional[str]:
+    """The forward and both backward GEMMs on strided operands, against fp64."""
+    reason = cpu._private_ops_reason()
+    if reason is not None:
+        return reason
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*shape, generator=g) for shape in ((37, 24), (40, 24), (37, 40)))
+    b = torch.randn(40, generator=g)
+    try:
+        got = (_gemm_nt(x, w, b), _gemm_nt(dy, w.t()), _gemm_nt(dy.t(), x.t()))
+    except Exception as e:  # any failure means: do not use the route here
+        return f"torch.ops.mkldnn._linear_pointwise failed: {type(e).__name__}: {e}"
+    xd, wd, dyd = x.double(), w.double(), dy.double()
+    exact = (xd @ wd.t() + b.double(), dyd @ wd, dyd.t() @ xd)
+    err = max((a.double() - e).abs().max().item() for a, e in zip(got, exact))
+    if not err <= 1e-4:
+        return f"torch.ops.mkldnn._linear_pointwise disagrees with fp64 (max error {err:.2e})"
+    return None
+
+
+def reason() -> Optional[str]:
+    """Why the oneDNN training route is not used here, or None."""
+    if "reason" not in _state:
+        _state["reason"] = _probe()
+    return _state["reason"]
+
+
+def _failed(error: Exception) -> None:
+    _state["reason"] = (f"torch.ops.mkldnn._linear_pointwise failed at run time: "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+
+
+def route_open(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
+    """Whether a forward of `rows` token rows in `dtype` on `device` takes the route: the
+    per-forward half of should_use (fastbert/lean.py decides it once per plan)."""
+    return (device.type == "cpu" and dtype == torch.float32 and rows >= MIN_ROWS
+            and cpu.is_enabled() and not cpu._compiling() and not cpu._autocast_on()
+            and not torch._C._are_functorch_transforms_active() and reason() is None)
+
+
+def _gemm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Plain contiguous fp32 CPU tensors, x (rows >= MIN_ROWS, K), weight (N, K), bias (N,), with
+    the route open."""
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return False  # tensor subclasses keep their own dispatch
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] \
+            or x.layout != torch.strided or weight.dtype != torch.float32 \
+            or weight.device.type != "cpu" or not (x.is_contiguous() and weight.is_contiguous()):
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"
+                             or bias.shape != weight.shape[:1]):
+        return False
+    return route_open(x.device, x.dtype, x.shape[0])
+
+
+def should_use(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """Whether `linear` serves F.linear(x, weight, bias): plain contiguous fp32 CPU tensors, x
+    (rows >= MIN_ROWS, K), where autograd is recorded (grad mode on and something requires
+    grad), outside torch.compile tracing, functorch transforms and CPU autocast."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        return False
+    return _gemm_ok(x, weight, bias)
+
+
+def linear_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear(x, weight, bias) for x (..., K), by `linear` where should_use serves it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if should_use(x2, weight, bias):
+        return linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ weight.T + bias with no autograd (inside a fused op's forward), by oneDNN where the
+    route serves these tensors, else F.linear."""
+    if _gemm_ok(x, weight, bias):
+        try:
+            return _gemm_nt(x, weight, bias)
+        except Exception as e:
+            _failed(e)
+    return F.linear(x, weight, bias)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _gemm_nt(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx, dweight, dbias = linear_backward(dy, x, weight, ctx.needs_input_grad)
+        return dx, dweight, dbias if ctx.has_bias else None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ weight.T + bias for x (rows, K) with autograd; callers check should_use first."""
+    try:
+        return _Linear.apply(x, weight, bias)
+    except Exception as e:  # remember, and take the public path from now on
+        _failed(e)
+        return F.linear(x, weight, bias)
+
+
+def linear_backward(dy: Tensor, x: Tensor, weight: Tensor,
+                    needs: Tuple[bool, ...] = (True, True, True)
+                    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dx, dweight, dbias) of x @ weight.T + bias for 2-D fp32 CPU dy (rows, N), contiguous x
+    (rows, K) and weight (N, K);
+    needs: which of the three to compute. F.linear's formulas (reference.linear_backward) under
+    create_graph or where the route is closed."""
+    if torch.is_grad_enabled() or dy.dim() != 2 or dy.dtype != torch.float32 \
+            or dy.device.type != "cpu" or not _gemm_ok(x, weight, None):
+        dx, dweight, dbias = reference.linear_backward(dy, x, weight)
+        return (dx if needs[0] else None, dweight if needs[1] else None,
+                dbias if needs[2] else None)
+    dy = dy.contiguous()  # autograd may hand an expanded or transposed gradient
+    try:
+        dx = _gemm_nt(dy, weight.t()) if needs[0] else None  # (rows, K)
+        dweight = _gemm_nt(dy.t(), x.t()) if needs[1] else None  # (N, K)
+    except Exception as e:
+        _failed(e)
+        return linear_backward(dy, x, weight, needs)
+    return dx, dweight, dy.sum(0) if needs[2] else None
