@@ -549,8 +549,8 @@ def describe() -> str:
     bf16 = ("bf16 mode on" if _bf16 else "bf16 mode available (fastbert.cpu.set_bf16(True))") \
         if ok else f"bf16 mode not offered: {why}"
     return (f"CPU inference GEMMs ({mode}): oneDNN inner product on {weights}, {gelu}, {add} "
-            f"(choices measured on AVX2 and AVX-512 CPUs; no-grad CPU inputs only, training keeps "
-            f"F.linear); {bf16}; {_wait_policy()}")
+            f"(choices measured on AVX2 and AVX-512 CPUs; no-grad CPU inputs only: training's "
+            f"are fastbert.cpu_train's); {bf16}; {_wait_policy()}")
 
 
 def _wait_policy() -> str:

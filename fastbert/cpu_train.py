@@ -5,8 +5,8 @@ A training step records autograd, so fastbert/cpu.py's inference route does not 
 which on AMD CPUs runs at about half oneDNN's rate on the same cores (2,679 x 768 x 2,304, Zen 5,
 2 threads: forward 213 against 412 GFLOP/s, dx 214 against 395, dweight 223 against 357, the
 transposed operands passed to oneDNN as strided views, no copies). This module gives autograd
-the oneDNN GEMMs for plain fp32 CPU tensors with at least MIN_ROWS rows (below that the op's
-dispatch costs more than the GEMM gains), on the weights as they are (nothing is cached):
+the oneDNN GEMMs for plain fp32 CPU tensors with at least MIN_ROWS rows, on the weights as they
+are (nothing is cached):
 
     y = cpu_train.linear_nd(x, weight, bias)      # F.linear, differentiable, x (..., K)
     pre = cpu_train.gemm(x, weight, bias)         # no autograd: inside a fused op's forward
@@ -26,9 +26,11 @@ from torch import Tensor
 
 from fastbert import cpu, reference
 
-# Rows from which the oneDNN route is taken (a 2-layer BERT-base step at 8 x 128 tokens has 1,024,
-# ModernBERT-base's quick case 2,679; tiny test models stay on F.linear)
-MIN_ROWS = 256
+# Rows from which the route is taken. At BERT-base's widths it pays from the smallest batches (one
+# 768 x 768 linear, forward + backward, 16 / 128 / 512 rows: 1.6x / 2.1x / 2.1x F.linear; 768 x
+# 3,072: 2.2x / 1.6x / 2.0x, Zen 5, 2 threads); the bound keeps small inputs, whose GEMMs cost
+# microseconds either way, on F.linear's cheaper dispatch (no autograd.Function in Python).
+MIN_ROWS = 128
 
 _state: dict = {}  # "reason": None when the route works here, else why not (probed once)
 
@@ -63,6 +65,18 @@ def reason() -> Optional[str]:
     if "reason" not in _state:
         _state["reason"] = _probe()
     return _state["reason"]
+
+
+def describe() -> str:
+    """One line: which GEMMs CPU training runs and why."""
+    if not cpu.is_enabled():
+        return ("CPU training GEMMs: F.linear; the oneDNN path is switched off "
+                "(fastbert.cpu.set_enabled)")
+    why = reason()
+    if why is not None:
+        return f"CPU training GEMMs: F.linear, because {why}"
+    return (f"CPU training GEMMs (fp32, from {MIN_ROWS} rows): oneDNN inner product, forward, dx "
+            f"and dweight")
 
 
 def _failed(error: Exception) -> None:

@@ -42,8 +42,9 @@ def collect() -> dict:
     info["cuda_extension"] = cuda.extension_info()
     info["backends"] = backends
     info["auto_order"] = auto_order(device)
-    from fastbert import cpu, varlen
+    from fastbert import cpu, cpu_train, varlen
     info["cpu_inference"] = cpu.describe()
+    info["cpu_training"] = cpu_train.describe()
     info["cpu_attention"] = varlen.describe_cpu()
     return info
 
@@ -82,12 +83,14 @@ def main(argv=None) -> int:
         _print_backends(info)
         _print_auto_order(info, args.verbose)
         print(info["cpu_inference"])
+        print(info["cpu_training"])
         return 0
     # a CPU-only machine: what runs here first, then what a GPU would do, briefly
     print("this machine: CPU only (no CUDA device)")
     print("  runs here: every op, the model, patch_hf, training, the CLI and SentenceEncoder, on the "
           "torch backend")
     print("  " + info["cpu_inference"])
+    print("  " + info["cpu_training"])
     print("  " + info["cpu_attention"])
     print("  " + _cpu_dtypes())
     print("  Triton kernels run on CPU only under TRITON_INTERPRET=1 (a test tier; slow)")
