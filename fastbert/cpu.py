@@ -59,7 +59,7 @@ RESIDUAL_POST_OP = False
 
 _enabled = True
 _bf16 = False
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered by _drop when a collection frees a weight under it
 
 
 # --------------------------------------------------------------------------------------------

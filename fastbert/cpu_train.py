@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastbert import cpu, reference
 
@@ -35,9 +36,26 @@ MIN_ROWS = 128
 _state: dict = {}  # "reason": None when the route works here, else why not (probed once)
 
 
+# dweight sums over the rows: one oneDNN GEMM over thousands of them rounded 3x worse than MKL's
+# (max error against fp64, 2,679-4,096 rows), past the tolerance rule; blocks of DWEIGHT_BLOCK
+# rows, each added onto the sum by the GEMM itself (a oneDNN binary post-op), came to 1.0-1.33x
+# MKL's error at the same speed as one GEMM
+DWEIGHT_BLOCK = 256
+
+
 def _gemm_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """a @ b.T (+ bias) by oneDNN's inner product; a and b may be strided views."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def _dweight(dy: Tensor, x: Tensor, block: int) -> Tensor:
+    """dy.T @ x (N, K) for dy (rows, N), x (rows, K), in row blocks summed in fp32."""
+    total = None
+    for start in range(0, dy.shape[0], block):
+        a, b = dy[start:start + block].t(), x[start:start + block].t()
+        total = _gemm_nt(a, b) if total is None else \
+            torch.ops.mkldnn._linear_pointwise.binary(a, total, b, None, "add")
+    return total
 
 
 def _probe() -> Optional[str]:
@@ -46,10 +64,11 @@ def _probe() -> Optional[str]:
     if reason is not None:
         return reason
     g = torch.Generator().manual_seed(0)
-    x, w, dy = (torch.randn(*shape, generator=g) for shape in ((37, 24), (40, 24), (37, 40)))
-    b = torch.randn(40, generator=g)
+    # explicit dtype and device: the first call may come under set_default_dtype or torch.device
+    x, w, dy, b = (torch.randn(*shape, generator=g, dtype=torch.float32, device="cpu")
+                   for shape in ((37, 24), (40, 24), (37, 40), (40,)))
     try:
-        got = (_gemm_nt(x, w, b), _gemm_nt(dy, w.t()), _gemm_nt(dy.t(), x.t()))
+        got = (_gemm_nt(x, w, b), _gemm_nt(dy, w.t()), _dweight(dy, x, 16))
     except Exception as e:  # any failure means: do not use the route here
         return f"torch.ops.mkldnn._linear_pointwise failed: {type(e).__name__}: {e}"
     xd, wd, dyd = x.double(), w.double(), dy.double()
@@ -61,7 +80,11 @@ def _probe() -> Optional[str]:
 
 
 def reason() -> Optional[str]:
-    """Why the oneDNN training route is not used here, or None."""
+    """Why the oneDNN training route is not used here, or None (torch.backends.mkldnn's switch
+    read per call, the ops probed once)."""
+    why = cpu._private_ops_reason()
+    if why is not None:
+        return why
     if "reason" not in _state:
         _state["reason"] = _probe()
     return _state["reason"]
@@ -89,7 +112,9 @@ def route_open(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
     per-forward half of should_use (fastbert/lean.py decides it once per plan)."""
     return (device.type == "cpu" and dtype == torch.float32 and rows >= MIN_ROWS
             and cpu.is_enabled() and not cpu._compiling() and not cpu._autocast_on()
-            and not torch._C._are_functorch_transforms_active() and reason() is None)
+            and not torch._C._are_functorch_transforms_active()
+            and _get_current_dispatch_mode() is None  # e.g. FlopCounterMode counts aten's GEMMs
+            and reason() is None)
 
 
 def _gemm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
@@ -119,6 +144,8 @@ def should_use(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool
 
 def linear_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """F.linear(x, weight, bias) for x (..., K), by `linear` where should_use serves it."""
+    if x.dim() < 2 or x.shape[-1] == 0:
+        return F.linear(x, weight, bias)  # which says what is wrong, or serves it
     x2 = x.reshape(-1, x.shape[-1])
     if should_use(x2, weight, bias):
         return linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
@@ -139,9 +166,15 @@ def gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # as F.linear: x kept only for dweight, the weight only for dx
+        dx, dweight = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if dweight else None, weight if dx else None)
         ctx.has_bias = bias is not None
-        return _gemm_nt(x, weight, bias)
+        try:
+            return _gemm_nt(x, weight, bias)
+        except Exception as e:  # remember, and take the public path from now on
+            _failed(e)
+            return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -152,29 +185,38 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x @ weight.T + bias for x (rows, K) with autograd; callers check should_use first."""
-    try:
-        return _Linear.apply(x, weight, bias)
-    except Exception as e:  # remember, and take the public path from now on
-        _failed(e)
-        return F.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias)
 
 
-def linear_backward(dy: Tensor, x: Tensor, weight: Tensor,
+def _operand_ok(t: Tensor) -> bool:
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.dim() == 2
+            and t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided
+            and t.is_contiguous())
+
+
+def linear_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
                     needs: Tuple[bool, ...] = (True, True, True)
                     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dweight, dbias) of x @ weight.T + bias for 2-D fp32 CPU dy (rows, N), contiguous x
-    (rows, K) and weight (N, K);
-    needs: which of the three to compute. F.linear's formulas (reference.linear_backward) under
-    create_graph or where the route is closed."""
-    if torch.is_grad_enabled() or dy.dim() != 2 or dy.dtype != torch.float32 \
-            or dy.device.type != "cpu" or not _gemm_ok(x, weight, None):
-        dx, dweight, dbias = reference.linear_backward(dy, x, weight)
+    """(dx, dweight, dbias) of x @ weight.T + bias for dy (rows, N), x (rows, K), weight (N, K);
+    needs: which of the three to compute (x may be None where dweight is not needed, weight where
+    dx is not). oneDNN for 2-D fp32 CPU operands with the route open, else F.linear's formulas
+    (reference.linear_backward), as under create_graph."""
+    if torch.is_grad_enabled() or type(dy) is not torch.Tensor or dy.dim() != 2 \
+            or dy.dtype != torch.float32 or dy.device.type != "cpu" or dy.layout != torch.strided \
+            or not all(_operand_ok(t) for t in (x, weight) if t is not None) \
+            or not route_open(dy.device, dy.dtype, dy.shape[0]):
+        if x is not None and weight is not None:
+            dx, dweight, dbias = reference.linear_backward(dy, x, weight)
+        else:  # _Linear's, 2-D fp32
+            dx = torch.matmul(dy, weight) if needs[0] else None
+            dweight = torch.matmul(dy.t(), x) if needs[1] else None
+            dbias = dy.sum(0)
         return (dx if needs[0] else None, dweight if needs[1] else None,
                 dbias if needs[2] else None)
     dy = dy.contiguous()  # autograd may hand an expanded or transposed gradient
     try:
         dx = _gemm_nt(dy, weight.t()) if needs[0] else None  # (rows, K)
-        dweight = _gemm_nt(dy.t(), x.t()) if needs[1] else None  # (N, K)
+        dweight = _dweight(dy, x, DWEIGHT_BLOCK) if needs[1] else None  # (N, K)
     except Exception as e:
         _failed(e)
         return linear_backward(dy, x, weight, needs)

@@ -103,6 +103,95 @@ def test_double_backward_takes_differentiable_formulas():
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
 
 
+def test_dweight_over_many_rows_keeps_the_rule(onednn_calls):
+    """dweight sums over the rows: at one BERT-base B8 S512 step's size (4,096 x 768 x 768) one
+    oneDNN GEMM rounded 3x worse than MKL; the row blocks must stay within the rule."""
+    x, w, b, dy = _leaves((4096,), 768, 768, True, seed=11)
+    ours = _grads(cpu_train.linear_nd, x, w, b, dy, torch.float32)
+    plain = _grads(F.linear, x, w, b, dy, torch.float32)
+    exact = _grads(F.linear, x, w, b, dy, torch.float64)
+    for name, o, p, e in zip(("out", "dx", "dweight", "dbias"), ours, plain, exact):
+        assert_close_by_rule(o, p, e, f"{name} 4096 rows")
+    assert sorted(onednn_calls) == [(768, 768), (4096, 768), (4096, 768)]  # dweight's first block
+    # (the later blocks add onto it through the binary op), dx, y
+
+
+def test_saves_only_what_backward_reads():
+    """As F.linear: with a frozen weight, x is not kept (an in-place write to it after the
+    forward is allowed); with an input that needs no gradient, the weight is not kept."""
+    def frozen_weight(fn):
+        w = torch.randn(48, 32, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(300, 32, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        h = x * 1.0
+        y = fn(h, w)
+        h.mul_(2.0)  # allowed: dx needs only the weight
+        y.sum().backward()
+        return x.grad
+
+    def input_without_grad(fn):
+        w = torch.randn(48, 32, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        v = w * 1.0
+        y = fn(torch.randn(300, 32, generator=torch.Generator().manual_seed(4)), v)
+        v.mul_(2.0)  # allowed: dweight needs only x
+        y.sum().backward()
+        return w.grad
+    for case in (frozen_weight, input_without_grad):
+        torch.testing.assert_close(case(cpu_train.linear_nd), case(F.linear), rtol=1e-5,
+                                   atol=1e-4)
+
+
+def test_run_time_failures_fall_back(monkeypatch):
+    """A oneDNN call failing after the probe passed: the forward and the backward finish on
+    F.linear's formulas and the route stays closed."""
+    assert cpu_train.reason() is None
+
+    def broken(*args, **kw):
+        raise RuntimeError("no primitive for this shape")
+    x, w = torch.randn(300, 32, requires_grad=True), torch.randn(48, 32, requires_grad=True)
+    monkeypatch.setattr(cpu_train, "_gemm_nt", broken)
+    y = cpu_train.linear(x, w, None)  # forward fails
+    torch.testing.assert_close(y, F.linear(x, w))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(300, 32), rtol=1e-5, atol=1e-5)
+    assert "no primitive" in cpu_train.reason()
+    monkeypatch.undo()
+    cpu_train._state.clear()
+    y = cpu_train.linear(x, w, None)
+    monkeypatch.setattr(cpu_train, "_gemm_nt", broken)
+    y.sum().backward()  # backward fails
+    torch.testing.assert_close(w.grad, 2 * x.sum(0).expand(48, 32), rtol=1e-4, atol=1e-4)
+    assert "no primitive" in cpu_train.reason()
+
+
+def test_switches_and_modes_close_the_route(onednn_calls):
+    """torch.backends.mkldnn switched off, a dispatch mode (FlopCounterMode counts aten's GEMMs)
+    and the first call under another default dtype or device do not mislead the route."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, w = torch.randn(300, 32, requires_grad=True), torch.randn(48, 32, requires_grad=True)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not cpu_train.should_use(x, w)
+        assert "switched off" in cpu_train.describe() or "F.linear" in cpu_train.describe()
+    with FlopCounterMode(display=False) as counter:
+        cpu_train.linear_nd(x, w).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 300 * 32 * 48
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert cpu_train.reason() is None  # the probe builds fp32 CPU tensors whatever the default
+    finally:
+        torch.set_default_dtype(previous)
+    assert onednn_calls == []
+    assert cpu_train.should_use(x, w)
+
+
+def test_edge_shapes_behave_as_f_linear():
+    w = torch.randn(48, 0, requires_grad=True)
+    x = torch.randn(300, 0, requires_grad=True)
+    torch.testing.assert_close(cpu_train.linear_nd(x, w), F.linear(x, w))
+    with pytest.raises(RuntimeError):
+        cpu_train.linear_nd(torch.tensor(1.0, requires_grad=True), torch.randn(48, 32))
+
+
 def test_a_failing_op_falls_back_for_good(monkeypatch):
     def broken(*args, **kw):
         raise RuntimeError("no primitive for this shape")
