@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastbert import cpu, reference
@@ -114,6 +115,7 @@ def route_open(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
             and cpu.is_enabled() and not cpu._compiling() and not cpu._autocast_on()
             and not torch._C._are_functorch_transforms_active()
             and _get_current_dispatch_mode() is None  # e.g. FlopCounterMode counts aten's GEMMs
+            and forward_ad._current_level < 0  # forward-mode AD: _Linear has no jvp
             and reason() is None)
 
 
@@ -123,9 +125,9 @@ def _gemm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return False  # tensor subclasses keep their own dispatch
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] \
-            or x.layout != torch.strided or weight.dtype != torch.float32 \
+            or 0 in weight.shape or x.layout != torch.strided or weight.dtype != torch.float32 \
             or weight.device.type != "cpu" or not (x.is_contiguous() and weight.is_contiguous()):
-        return False
+        return False  # (oneDNN builds no primitive for an empty weight)
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"
                              or bias.shape != weight.shape[:1]):
         return False

@@ -58,6 +58,8 @@ def cpu_gemm(x: torch.Tensor, weight: torch.Tensor,
     """x @ weight.T + bias by oneDNN's CPU inference GEMM where fastbert/cpu.py serves it (1.1-1.2x
     MKL's F.linear at 2 threads on the AVX2 dev CPU, parity at 1 thread), or its training GEMMs
     where fastbert/cpu_train.py does, else None."""
+    if x.dim() == 0 or x.shape[-1] == 0:
+        return None  # the module call serves it or says what is wrong
     x2 = x.reshape(-1, x.shape[-1])
     if cpu.should_use(x2, weight, bias):
         return cpu.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])  # 0 rows too

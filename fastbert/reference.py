@@ -254,8 +254,8 @@ def linear_bias_gelu_backward(dout: Tensor, x: Tensor, weight: Tensor, pre: Tens
 
 def linear_backward(dpre: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of x @ weight.T + bias, given the gradient at its output."""
-    dpre2d = dpre.reshape(-1, dpre.shape[-1])  # (M, N)
-    x2d = x.reshape(-1, x.shape[-1])  # (M, K)
+    dpre2d = dpre.flatten(0, -2)  # (M, N); flatten, not reshape(-1, N): N or K may be 0
+    x2d = x.flatten(0, -2)  # (M, K)
     dx = torch.matmul(dpre, weight)
     dweight = torch.matmul(dpre2d.t(), x2d)
     acc = acc_dtype(dpre)

@@ -90,6 +90,16 @@ def test_expanded_gradient_and_frozen_weight(onednn_calls):
     assert sorted(onednn_calls) == [(300, 32), (300, 48)]  # dx and y: no dweight
 
 
+def test_forward_mode_ad_stays_on_f_linear():
+    """_Linear has no jvp: under a dual level the route is closed, tangents as F.linear's."""
+    import torch.autograd.forward_ad as fwad
+    x, tangent = torch.randn(300, 32), torch.randn(300, 32)
+    w = torch.randn(48, 32, requires_grad=True)
+    with fwad.dual_level():
+        out = cpu_train.linear_nd(fwad.make_dual(x, tangent), w)
+        torch.testing.assert_close(fwad.unpack_dual(out).tangent, F.linear(tangent, w))
+
+
 def test_double_backward_takes_differentiable_formulas():
     """create_graph=True: the gradients are themselves differentiable, as F.linear's."""
     x0 = torch.randn(300, 16, dtype=torch.float64)
@@ -188,6 +198,11 @@ def test_edge_shapes_behave_as_f_linear():
     w = torch.randn(48, 0, requires_grad=True)
     x = torch.randn(300, 0, requires_grad=True)
     torch.testing.assert_close(cpu_train.linear_nd(x, w), F.linear(x, w))
+    # no output features: oneDNN builds no primitive for it; F.linear trains it
+    w = torch.randn(0, 32, requires_grad=True)
+    x = torch.randn(300, 32, requires_grad=True)
+    cpu_train.linear_nd(x, w).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(300, 32)) and cpu_train.reason() is None
     with pytest.raises(RuntimeError):
         cpu_train.linear_nd(torch.tensor(1.0, requires_grad=True), torch.randn(48, 32))
 
