@@ -109,8 +109,8 @@ def _failed(error: Exception) -> None:
 
 
 def route_open(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
-    """Whether a forward of `rows` token rows in `dtype` on `device` takes the route: the
-    per-forward half of should_use (fastbert/lean.py decides it once per plan)."""
+    """Whether `rows` token rows in `dtype` on `device` take the route: should_use's checks that
+    do not depend on the tensors' layout (the lean plans pre-check the rows themselves)."""
     return (device.type == "cpu" and dtype == torch.float32 and rows >= MIN_ROWS
             and cpu.is_enabled() and not cpu._compiling() and not cpu._autocast_on()
             and not torch._C._are_functorch_transforms_active()
@@ -119,15 +119,20 @@ def route_open(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
             and reason() is None)
 
 
+def _operand_ok(t: Tensor) -> bool:
+    """A plain (or Parameter) 2-D contiguous fp32 CPU tensor."""
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.dim() == 2
+            and t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided
+            and t.is_contiguous())
+
+
 def _gemm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Plain contiguous fp32 CPU tensors, x (rows >= MIN_ROWS, K), weight (N, K), bias (N,), with
     the route open."""
-    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
-        return False  # tensor subclasses keep their own dispatch
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] \
-            or 0 in weight.shape or x.layout != torch.strided or weight.dtype != torch.float32 \
-            or weight.device.type != "cpu" or not (x.is_contiguous() and weight.is_contiguous()):
-        return False  # (oneDNN builds no primitive for an empty weight)
+    if type(x) is not torch.Tensor or not (_operand_ok(x) and _operand_ok(weight)) \
+            or x.shape[1] != weight.shape[1] or 0 in weight.shape:
+        return False  # (tensor subclasses keep their own dispatch; oneDNN builds no primitive
+        # for an empty weight)
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"
                              or bias.shape != weight.shape[:1]):
         return False
@@ -188,12 +193,6 @@ class _Linear(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x @ weight.T + bias for x (rows, K) with autograd; callers check should_use first."""
     return _Linear.apply(x, weight, bias)
-
-
-def _operand_ok(t: Tensor) -> bool:
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.dim() == 2
-            and t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided
-            and t.is_contiguous())
 
 
 def linear_backward(dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
