@@ -4,8 +4,13 @@ Everything else about the package lives in pyproject.toml. The extension is buil
 found and FASTBERT_BUILD_CUDA is not "0"; otherwise one line says why it was skipped and the
 pure-Python package (torch and Triton backends) installs as usual.
 FASTBERT_CUDA_ARCHS picks the GPU architectures (CMake syntax, default "80;90a").
+
+The CPU extension `fastbert._cpu` (csrc/cpu/: fastbert's fp32 CPU attention) is built with the
+C++ compiler on x86-64 unless FASTBERT_BUILD_CPU is "0"; if it cannot be built, one line says why
+and ATen's CPU attention serves instead.
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -39,8 +44,34 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def cpu_skip_reason():
+    if os.environ.get("FASTBERT_BUILD_CPU", "1") == "0":
+        return "FASTBERT_BUILD_CPU=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"its kernels are x86-64 (AVX-512, AVX2) and this is {platform.machine()}"
+    return None
+
+
+class CPUExtension(Extension):
+    """fastbert._cpu: pybind11, no torch, GCC vector extensions (the ISA chosen at run time)."""
+
+    def __init__(self):
+        import pybind11
+        super().__init__("fastbert._cpu", sources=["csrc/cpu/attention.cpp"],
+                         include_dirs=[str(ROOT), pybind11.get_include()], language="c++",
+                         extra_compile_args=["-O3", "-std=c++17", "-pthread"],
+                         extra_link_args=["-pthread"])
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
+        if isinstance(ext, CPUExtension):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # a missing or non-GCC compiler: ATen's attention serves
+                print(f"fastbert: could not build the CPU extension fastbert._cpu ({e}); ATen's "
+                      f"CPU attention serves instead", file=sys.stderr, flush=True)
+            return
         import pybind11
 
         # In editable installs setuptools points this into the source tree, next to fastbert/.
@@ -70,14 +101,20 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
 
 
+ext_modules, cmdclass = [], {"build_ext": CMakeBuild}
+cpu_reason = cpu_skip_reason()
+if cpu_reason is None:
+    ext_modules.append(CPUExtension())
+elif BUILD_COMMANDS & set(sys.argv[1:]):
+    print(f"fastbert: skipping the CPU extension fastbert._cpu ({cpu_reason})", file=sys.stderr,
+          flush=True)
 reason = skip_reason()
 if reason is None:
-    ext_modules, cmdclass = [CMakeExtension("fastbert._C")], {"build_ext": CMakeBuild}
+    ext_modules.append(CMakeExtension("fastbert._C"))
 else:
     # setup.py also runs for metadata queries; say it once, when something is being built
     if BUILD_COMMANDS & set(sys.argv[1:]):
         print(f"fastbert: skipping the CUDA extension fastbert._C ({reason}); the torch and Triton "
               f"backends still install", file=sys.stderr, flush=True)
-    ext_modules, cmdclass = [], {}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -245,8 +245,10 @@ def test_torch_backend_composes_apply_rotary_and_attention(offsets, causal, wind
 def test_torch_backend_turns_q_k_in_its_banded_copy(monkeypatch, dtype, mode):
     """Without autograd a banded layer on the torch backend writes q and k turned into its block
     layout (no apply_rotary pass; its scratch buffers reused across calls): the output is
-    bitwise apply_rotary then attention_varlen, and an earlier call's output stays as it was."""
-    from fastbert import cpu
+    bitwise apply_rotary then attention_varlen, and an earlier call's output stays as it was.
+    (ATen's banded path: fastbert's CPU kernel, which reads q and k in place, is off.)"""
+    from fastbert import cpu, cpu_attention
+    monkeypatch.setattr(cpu_attention, "_enabled", False)
     from fastbert.torch_backend import TorchBackend
     monkeypatch.setattr(cpu, "WORKSPACE_MIN_ELEMENTS", 0)  # the reuse, at test sizes
     passes = []
@@ -266,6 +268,7 @@ def test_torch_backend_turns_q_k_in_its_banded_copy(monkeypatch, dtype, mode):
                 backend="torch"))
     assert passes == []
     monkeypatch.undo()
+    monkeypatch.setattr(cpu_attention, "_enabled", False)
     for got, (lengths, cu, q, k, v, cos, sin) in zip(outs, cases):
         qr, kr = (fastbert.apply_rotary(t, cos, sin, cu_seqlens=cu, max_seqlen=max(lengths),
                                         seqlen_offsets=cu[:-1], backend="torch") for t in (q, k))

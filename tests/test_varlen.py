@@ -31,11 +31,17 @@ def per_sequence(q, k, v, lengths_q, lengths_k, causal, dtype=torch.float64):
     return torch.cat(outs) if outs else q.new_zeros(0, *q.shape[1:]).to(dtype)
 
 
-@pytest.fixture(params=["per-sequence", "padded"])
+@pytest.fixture(params=["per-sequence", "padded", "fastbert-cpu-kernel"])
 def cpu_path(request, monkeypatch):
-    """Both CPU forwards of the torch backend: ATen's fused attention once per run of equal-length
-    sequences, or once on the padded grid (chosen by tokens per call; forced here)."""
-    from fastbert import varlen
+    """Every CPU forward of the torch backend: ATen's fused attention once per run of
+    equal-length sequences, or once on the padded grid (chosen by tokens per call; forced here),
+    or fastbert's CPU kernel (fp32 where it is built; the others then run with it off)."""
+    from fastbert import cpu_attention, varlen
+    if request.param == "fastbert-cpu-kernel":
+        if cpu_attention.reason() is not None:
+            pytest.skip(cpu_attention.reason())
+        return request.param
+    monkeypatch.setattr(cpu_attention, "_enabled", False)
     monkeypatch.setattr(varlen, "MIN_TOKENS_PER_CALL", 0 if request.param == "per-sequence"
                         else 10 ** 9)
     return request.param

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastbert
-from fastbert import reference, varlen, window as sliding
+from fastbert import cpu_attention, reference, varlen, window as sliding
 from tests.helpers import assert_close_by_rule, random_padding_mask
 
 f64 = torch.float64
@@ -14,7 +14,9 @@ f64 = torch.float64
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """8-row query blocks in a forward no backward follows, 16 otherwise, so short sequences
-    (fast tests) still span several blocks."""
+    (fast tests) still span several blocks. These tests are the blocked ATen path's: fastbert's
+    CPU kernel, which would take fp32 forwards, is off (tests/test_cpu_attention.py has its own)."""
+    monkeypatch.setattr(cpu_attention, "_enabled", False)
     monkeypatch.setattr(sliding, "FORWARD_BLOCK", 8)
     monkeypatch.setattr(sliding, "BACKWARD_BLOCK", 16)
     sliding._bands.clear()

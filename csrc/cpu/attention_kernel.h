@@ -1,0 +1,255 @@
+// The fp32 CPU attention kernel of fastbert._cpu, for one instruction set. attention.cpp
+// includes this file once per ISA under `#pragma GCC target(...)`, with FB_NS (namespace),
+// FB_W (floats per vector register), FB_JG (keys per register tile of S^T) and FB_R (query rows
+// per register tile of O) defined.
+//
+// One task is a block of BM = 32 query rows of one sequence and one head (FlashAttention-2's
+// outer loop). Its q is scaled and transposed once into Qt (D x 32: the 32 rows are the lanes of
+// QV vector registers); then the keys the block can see, and only those (a sliding window bounds
+// the range: a local layer costs O(rows * window)), are visited in blocks of BN. Per block
+// S^T = K Qt reads the K rows in place (one broadcast per element), the online softmax runs
+// down the key axis with every query row in its own lane (no horizontal reductions), and
+// O += P V reads the V rows in place. Qt, S^T and O stay in per-thread tiles in L1/L2.
+namespace FB_NS {
+
+constexpr int W = FB_W;
+constexpr int JG = FB_JG;
+constexpr int R = FB_R;
+constexpr int BM = 32;       // query rows per task
+constexpr int QV = BM / W;   // vector registers per row of S^T
+constexpr int BN = 48;       // keys per block
+static_assert(BM % W == 0 && BN % JG == 0 && BM % R == 0, "tile sizes must divide");
+
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef float vfu __attribute__((vector_size(4 * W), aligned(4)));  // unaligned access
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+
+static inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void store(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
+static inline vf splat(float x) { return x - vf{}; }  // x - (+0) is x: a plain broadcast
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline vi lane_index() {
+  vi i;
+  for (int e = 0; e < W; ++e) i[e] = e;
+  return i;
+}
+
+// 2^x for x <= 0 (every argument here: a score minus a running max): x = n + f with
+// n = round(x) and |f| <= 1/2, 2^f by the Taylor series of e^(f ln 2) to degree 7 (truncation
+// error below 1e-8), 2^n written into the exponent bits. Below 2^-126 (and -inf) it gives 0.
+static inline vf exp2_nonpositive(vf x) {
+  const vf clamped = x < -126.0f ? splat(-126.0f) : x;
+  const vi n = __builtin_convertvector(clamped - 0.5f, vi);  // toward zero: rounds x <= 0
+  const vf t = (clamped - __builtin_convertvector(n, vf)) * 0.6931471805599453f;
+  vf p = splat(1.0f / 5040.0f);
+  p = p * t + 1.0f / 720.0f;
+  p = p * t + 1.0f / 120.0f;
+  p = p * t + 1.0f / 24.0f;
+  p = p * t + 1.0f / 6.0f;
+  p = p * t + 0.5f;
+  p = p * t + 1.0f;
+  p = p * t + 1.0f;
+  const vi bits = (n + 127) << 23;
+  const vf r = p * (vf)bits;  // a vector cast reinterprets the bits
+  return x < -126.0f ? splat(0.0f) : r;
+}
+
+// S^T[JG][BM] = K[JG][D] Qt[D][BM]: K rows at `k` with stride k_tok.
+static inline void scores_tile(const float* k, int64_t k_tok, const float* qt, int64_t dim,
+                               float* st) {
+  vf acc[JG][QV];
+#pragma GCC unroll 16
+  for (int j = 0; j < JG; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < QV; ++c) acc[j][c] = splat(0.0f);
+  for (int64_t d = 0; d < dim; ++d) {
+    vf q[QV];
+#pragma GCC unroll 4
+    for (int c = 0; c < QV; ++c) q[c] = load(qt + d * BM + c * W);
+#pragma GCC unroll 16
+    for (int j = 0; j < JG; ++j) {
+      const vf b = splat(k[j * k_tok + d]);
+#pragma GCC unroll 4
+      for (int c = 0; c < QV; ++c) acc[j][c] += b * q[c];
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < JG; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < QV; ++c) store(st + j * BM + c * W, acc[j][c]);
+}
+
+// O[R][NV*W] += P[R][n] V[n][NV*W]: P read from S^T's lanes, V rows in place (stride v_tok).
+template <int NV>
+static inline void pv_tile(const float* pt, int n, const float* v, int64_t v_tok, float* o,
+                           int64_t dim) {
+  vf acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = load(o + r * dim + c * W);
+  for (int j = 0; j < n; ++j) {
+    const float* row = v + j * v_tok;
+    vf vv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) vv[c] = load(row + c * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf b = splat(pt[j * BM + r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] += b * vv[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) store(o + r * dim + c * W, acc[r][c]);
+}
+
+static inline void pv(int nv, const float* pt, int n, const float* v, int64_t v_tok, float* o,
+                      int64_t dim) {
+  switch (nv) {
+    case 1: pv_tile<1>(pt, n, v, v_tok, o, dim); break;
+    case 2: pv_tile<2>(pt, n, v, v_tok, o, dim); break;
+    case 3: pv_tile<3>(pt, n, v, v_tok, o, dim); break;
+    default: pv_tile<4>(pt, n, v, v_tok, o, dim); break;
+  }
+}
+
+struct Scratch {
+  std::vector<float> qt, st, o, tail;
+  explicit Scratch(int64_t dim) : qt(dim * BM), st(BN * BM), o(BM * dim), tail(JG * dim) {}
+};
+
+static void run_task(const Args& a, const Task& t, Scratch& sc) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const int64_t dim = a.dim, h = t.head;
+  const int64_t q0 = a.cu_q[t.seq], lq = a.cu_q[t.seq + 1] - q0;
+  const int64_t k0 = a.cu_k[t.seq], lk = a.cu_k[t.seq + 1] - k0;
+  const int64_t keys_total = a.cu_k[a.seqs];
+  const int64_t shift = lk - lq;  // bottom-right alignment, as flash-attn's
+  const int rows = static_cast<int>(std::min<int64_t>(BM, lq - t.row0));
+  auto lo = [&](int64_t i) { return a.left < 0 ? 0 : std::max<int64_t>(0, i + shift - a.left); };
+  auto hi = [&](int64_t i) {
+    return a.right < 0 ? lk - 1 : std::min<int64_t>(lk - 1, i + shift + a.right);
+  };
+  const int64_t first = t.row0, last = t.row0 + rows - 1;
+  const int64_t kbegin = lo(first), kend = hi(last) + 1;  // lo and hi grow with the row
+
+  float* qt = sc.qt.data();
+  float* st = sc.st.data();
+  float* o = sc.o.data();
+  // Qt[d][lane] = q[row0 + lane][d] * scale * log2(e) (scores in base 2); idle lanes are 0
+  const float qscale = a.scale * 1.4426950408889634f;
+  for (int r = 0; r < BM; ++r) {
+    if (r < rows) {
+      const float* src = a.q + (q0 + t.row0 + r) * a.q_tok + h * a.q_head;
+      for (int64_t d = 0; d < dim; ++d) qt[d * BM + r] = src[d] * qscale;
+    } else {
+      for (int64_t d = 0; d < dim; ++d) qt[d * BM + r] = 0.0f;
+    }
+  }
+  std::fill(o, o + BM * dim, 0.0f);
+  vf m[QV], l[QV];
+  for (int c = 0; c < QV; ++c) {
+    m[c] = splat(-inf);
+    l[c] = splat(0.0f);
+  }
+  // per lane: the first and last key its row may see (window edges; no edge: the whole range)
+  vi row_lo[QV], row_hi[QV];
+  for (int c = 0; c < QV; ++c) {
+    const vi i = lane_index() + static_cast<int32_t>(t.row0 + c * W);
+    row_lo[c] = a.left < 0 ? vi{} : i + static_cast<int32_t>(shift - a.left);
+    row_hi[c] = a.right < 0 ? vi{} + static_cast<int32_t>(lk - 1)
+                            : i + static_cast<int32_t>(shift + a.right);
+  }
+
+  for (int64_t kb = kbegin; kb < kend; kb += BN) {
+    const int n = static_cast<int>(std::min<int64_t>(BN, kend - kb));
+    const float* kblock = a.k + (k0 + kb) * a.k_tok + h * a.k_head;
+    for (int g = 0; g * JG < n; ++g) {
+      if (k0 + kb + (g + 1) * JG <= keys_total) {
+        scores_tile(kblock + g * JG * a.k_tok, a.k_tok, qt, dim, st + g * JG * BM);
+      } else {  // the last keys of the tensor: a zero-padded copy, never a read past its end
+        float* tail = sc.tail.data();
+        for (int j = 0; j < JG; ++j) {
+          const bool real = g * JG + j < n;
+          const float* src = kblock + (g * JG + j) * a.k_tok;
+          for (int64_t d = 0; d < dim; ++d) tail[j * dim + d] = real ? src[d] : 0.0f;
+        }
+        scores_tile(tail, dim, qt, dim, st + g * JG * BM);
+      }
+    }
+    // a block every row sees whole needs no mask (idle lanes are never read back)
+    if (!(kb >= lo(last) && kb + n - 1 <= hi(first))) {
+      for (int j = 0; j < n; ++j) {
+        const int32_t key = static_cast<int32_t>(kb + j);
+        for (int c = 0; c < QV; ++c) {
+          const vf s = load(st + j * BM + c * W);
+          store(st + j * BM + c * W, (key >= row_lo[c]) & (key <= row_hi[c]) ? s : splat(-inf));
+        }
+      }
+    }
+    // online softmax down the keys, every query row in its own lane
+    vf alpha[QV];
+    bool rescale = false;
+    for (int c = 0; c < QV; ++c) {
+      vf mx = splat(-inf);
+      for (int j = 0; j < n; ++j) mx = vmax(mx, load(st + j * BM + c * W));
+      const vf m_new = vmax(m[c], mx);
+      const vf base = m_new == -inf ? splat(0.0f) : m_new;  // a row with nothing visible yet
+      vf sum = splat(0.0f);
+      for (int j = 0; j < n; ++j) {
+        const vf p = exp2_nonpositive(load(st + j * BM + c * W) - base);
+        store(st + j * BM + c * W, p);
+        sum += p;
+      }
+      alpha[c] = exp2_nonpositive(m[c] - base);  // 0 for a row's first visible block
+      l[c] = l[c] * alpha[c] + sum;
+      for (int e = 0; e < W; ++e) rescale |= alpha[c][e] != 1.0f;
+      m[c] = m_new;
+    }
+    if (rescale)
+      for (int r = 0; r < rows; ++r) {
+        const vf s = splat(alpha[r / W][r % W]);
+        float* orow = o + r * dim;
+        for (int64_t d = 0; d < dim; d += W) store(orow + d, load(orow + d) * s);
+      }
+    const float* vblock = a.v + (k0 + kb) * a.v_tok + h * a.v_head;
+    for (int r0 = 0; r0 < rows; r0 += R)
+      for (int64_t d = 0; d < dim; d += 4 * W) {
+        const int nv = static_cast<int>(std::min<int64_t>(4 * W, dim - d)) / W;
+        pv(nv, st + r0, n, vblock + d, a.v_tok, o + r0 * dim + d, dim);
+      }
+  }
+  // out = O / l; a row that saw no key gets zeros and lse = +inf (the op contract)
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = q0 + t.row0 + r;
+    float* dst = a.out + i * a.o_tok + h * a.o_head;
+    const float sum = l[r / W][r % W], mx = m[r / W][r % W];
+    if (sum == 0.0f) {
+      std::fill(dst, dst + dim, 0.0f);
+      a.lse[h * a.lse_head + i] = inf;
+      continue;
+    }
+    const vf inv = splat(1.0f / sum);
+    const float* orow = o + r * dim;
+    for (int64_t d = 0; d < dim; d += W) store(dst + d, load(orow + d) * inv);
+    a.lse[h * a.lse_head + i] = (mx + std::log2(sum)) * 0.6931471805599453f;
+  }
+}
+
+static void run(const Args& a, const std::vector<Task>& tasks, int threads) {
+  std::atomic<size_t> next{0};
+  auto worker = [&]() {
+    Scratch sc(a.dim);
+    for (size_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();)
+      run_task(a, tasks[t], sc);
+  };
+  std::vector<std::thread> pool;
+  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace FB_NS

@@ -1,0 +1,117 @@
+"""fastbert's own fp32 CPU attention forward (the extension fastbert._cpu, csrc/cpu/): packed
+variable-length sequences with flash-attn's sliding window and causal mask, the torch backend's
+attention_varlen forward on CPU wherever it applies.
+
+ATen's fused CPU attention runs its tiles on MKL's sgemm, which on AMD CPUs takes half-rate code
+paths (F.linear's own GEMMs there reach half of oneDNN's); its banded form also needs the keys
+copied into per-block spans. This kernel (FlashAttention-2's loop: 32 query rows per task, S^T
+and O in per-thread tiles, the online softmax in base 2) reads q, k and v in place, visits only
+the keys a row block can see, and keeps its tiles in AVX-512 or AVX2+FMA registers, chosen at run
+time. Measured on a Zen 5 CPU, 2 threads, ModernBERT-base's attention over 2,679 packed tokens
+(8 sequences of 209-494): global 2.1x, window 128 2.5x ATen's path (benchmarks/README.md).
+
+    from fastbert import cpu_attention
+    if cpu_attention.serves(q, k, v, dropout_p):            # q, k, v (T, H, D) fp32 on CPU
+        out, lse = cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window)
+
+The output contract is attention_varlen's (out (T, H, D), lse (H, T) fp32; zeros and lse = +inf
+for a query that sees no key), so a training forward's backward (ATen's, from out and lse) is
+unchanged. No dropout (the backward's mask would differ), no fp16/bf16 (ATen's brgemm serves
+those), head_dim a multiple of the vector width (16 or 8 floats) up to 256. Without the
+extension (not built: no C++ compiler, not x86-64, FASTBERT_BUILD_CPU=0) or the ISA, `reason()`
+says why and the ATen paths serve as before. `set_enabled(False)` switches it off.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    from fastbert import _cpu
+    _import_error: Optional[str] = None
+except ImportError as e:
+    _cpu = None
+    _import_error = f"{type(e).__name__}: {e}"
+
+MAX_HEAD_DIM = 256
+_enabled = True
+_WIDTH = _cpu.vector_width() if _cpu is not None else 0
+
+
+def set_enabled(enabled: bool) -> None:
+    """Switch the kernel on or off for this process (off: ATen's fused attention serves)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def use_isa(name: str) -> None:
+    """Run the kernel with instruction set `name` ("avx512", "avx2"; "" for the best this CPU
+    has): tests reach the AVX2 kernel on an AVX-512 CPU this way."""
+    global _WIDTH
+    _cpu.set_isa(name)
+    _WIDTH = _cpu.vector_width()
+
+
+def reason() -> Optional[str]:
+    """Why the kernel cannot serve at all here, or None."""
+    if _cpu is None:
+        return f"the extension fastbert._cpu is not built ({_import_error})"
+    if _WIDTH == 0:
+        return "this CPU has neither AVX-512 nor AVX2 with FMA"
+    if not _enabled:
+        return "switched off (fastbert.cpu_attention.set_enabled(False))"
+    return None
+
+
+def describe() -> str:
+    why = reason()
+    return (f"fastbert's CPU attention kernel ({_cpu.isa()}, fp32, head_dim a multiple of "
+            f"{_WIDTH} up to {MAX_HEAD_DIM})" if why is None else f"ATen's fused attention ({why})")
+
+
+def takes(x: Tensor, dropout_p: float) -> bool:
+    """Whether the kernel serves attention on q, k, v like x (its device, dtype, head dim) with
+    this dropout, before their layout is known."""
+    d = x.shape[-1]
+    return (_enabled and _WIDTH != 0 and dropout_p == 0.0 and x.device.type == "cpu"
+            and x.dtype == torch.float32 and d % _WIDTH == 0 and d <= MAX_HEAD_DIM)
+
+
+def serves(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """Whether varlen_forward takes these inputs: `takes`, plain (T, H, D) CPU fp32 tensors of
+    one head count and head dim. (Attribute reads only: this runs once per attention call.)"""
+    d = q.shape[-1]
+    if not _enabled or _WIDTH == 0 or dropout_p != 0.0 or d % _WIDTH or d > MAX_HEAD_DIM:
+        return False
+    for t in (q, k, v):
+        if (t.__class__ is not Tensor or t.ndim != 3 or t.device.type != "cpu"
+                or t.dtype != torch.float32 or t.shape[1:] != q.shape[1:]):
+            return False
+    return True
+
+
+def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool,
+                   scale: float, window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor]:
+    """attention_varlen's forward on inputs `serves` took: (out (T, H, D), lse (H, T) fp32).
+    window: flash-attn's (left, right), -1 unbounded; causal bounds right at 0."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    total, heads, dim = q.shape
+    # each head's features must be contiguous: a copy (held until the kernel returns) if not
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    (q_tok, q_head, _), (k_tok, k_head, _), (v_tok, v_head, _) = q.stride(), k.stride(), v.stride()
+    out = torch.empty(total, heads, dim)
+    lse = torch.empty(heads, total)
+    contiguous = torch.contiguous_format
+    offsets_q = cu_q.to(torch.int64, memory_format=contiguous)  # tiny; the kernel reads int64
+    offsets_k = offsets_q if cu_k is cu_q else cu_k.to(torch.int64, memory_format=contiguous)
+    _cpu.attention_varlen_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        offsets_q.data_ptr(), offsets_k.data_ptr(), offsets_q.shape[0] - 1, total, k.shape[0],
+        heads, dim, q_tok, q_head, k_tok, k_head, v_tok, v_head, heads * dim, dim, total, scale,
+        left, right, torch.get_num_threads())
+    return out, lse

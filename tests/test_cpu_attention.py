@@ -1,0 +1,181 @@
+"""fastbert's CPU attention kernel (fastbert._cpu, csrc/cpu/): forward and lse against the
+reference by the tolerance rule on both of its instruction sets, packed sequences with empty
+ones, unequal query and key lengths, sliding windows, causal; strided views of one projection;
+a training forward's gradients through ATen's backward; the route's conditions and bad
+cu_seqlens. The extension is built by `pip install` on x86-64 (CI builds it)."""
+import pytest
+import torch
+
+import fastbert
+from fastbert import cpu_attention
+from tests.helpers import assert_close_by_rule
+
+pytestmark = pytest.mark.skipif(cpu_attention._cpu is None or cpu_attention._WIDTH == 0,
+                                reason=f"{cpu_attention.reason()}")
+
+
+def _isas():
+    best = cpu_attention._cpu.isa() if cpu_attention._cpu is not None else ""
+    return ["avx512", "avx2"] if best == "avx512" else ["avx2"]
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    cpu_attention.use_isa(request.param)
+    yield request.param
+    cpu_attention.use_isa("")
+
+
+def cu_of(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def reference_varlen(q, k, v, lengths_q, lengths_k, scale, causal, window, dtype):
+    """Per sequence in `dtype`: out (Tq, H, D) and lse (H, Tq), zeros and +inf where a query sees
+    no key; key j visible from query i when i + Lk - Lq - left <= j <= i + Lk - Lq + right."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = torch.zeros(q.shape, dtype=dtype)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=dtype)
+    sq = sk = 0
+    for lq, lk in zip(lengths_q, lengths_k):
+        if lq and lk:
+            s = torch.einsum("ihd,jhd->hij", q[sq:sq + lq], k[sk:sk + lk]) * scale
+            i = torch.arange(lq).view(-1, 1) + lk - lq
+            j = torch.arange(lk).view(1, -1)
+            visible = torch.ones(lq, lk, dtype=torch.bool)
+            if left >= 0:
+                visible &= j >= i - left
+            if right >= 0:
+                visible &= j <= i + right
+            s = s.masked_fill(~visible, float("-inf"))
+            row_lse = torch.logsumexp(s, -1)  # (H, lq), -inf where nothing is visible
+            p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)
+            out[sq:sq + lq] = torch.einsum("hij,jhd->ihd", p, v[sk:sk + lk])
+            lse[:, sq:sq + lq] = row_lse.masked_fill(row_lse == float("-inf"), float("inf"))
+        sq, sk = sq + lq, sk + lk
+    return out, lse
+
+
+CASES = [  # lengths_q, lengths_k (None: the same), heads, window, causal
+    ([5, 0, 37, 64, 1], None, 2, (-1, -1), False),
+    ([100, 3, 200], None, 3, (64, 64), False),
+    ([50, 70], [60, 40], 2, (10, 0), False),
+    ([129, 33], None, 1, (-1, -1), True),
+    ([70, 33], None, 2, (5, 7), False),
+    ([40, 8], [0, 8], 1, (-1, -1), False),
+    ([64], None, 2, (0, 0), False),
+    ([30, 45], [90, 10], 2, (-1, 3), True),
+]
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("lengths_q, lengths_k, heads, window, causal", CASES)
+def test_matches_reference(isa, lengths_q, lengths_k, heads, window, causal, head_dim):
+    lengths_k = lengths_k or lengths_q
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    g = torch.Generator().manual_seed(sum(lengths_q) * 7 + head_dim)
+    qkv = torch.randn(max(tq, tk), 3, heads, head_dim, generator=g)  # strided views, as a layer's
+    q, k, v = qkv[:tq, 0], qkv[:tk, 1], qkv[:tk, 2]
+    scale = head_dim ** -0.5
+    assert cpu_attention.serves(q, k, v, 0.0)
+    out, lse = cpu_attention.varlen_forward(q, k, v, cu_of(lengths_q), cu_of(lengths_k), causal,
+                                            scale, window)
+    plain = reference_varlen(q, k, v, lengths_q, lengths_k, scale, causal, window, torch.float32)
+    exact = reference_varlen(q, k, v, lengths_q, lengths_k, scale, causal, window, torch.float64)
+    assert_close_by_rule(out, plain[0], exact[0], f"out ({isa})")
+    seen = torch.isfinite(exact[1])
+    assert torch.equal(torch.isinf(lse), ~seen), "lse is +inf exactly where no key is visible"
+    assert_close_by_rule(lse[seen], plain[1][seen], exact[1][seen], f"lse ({isa})")
+    assert torch.equal(out[~seen.any(0)], torch.zeros_like(out[~seen.any(0)]))
+
+
+def test_a_training_forward_backs_through_aten_by_the_rule():
+    """The kernel's (out, lse) feed the torch backend's backward (ATen's, from out and lse):
+    every gradient of a windowed and a global layer by the rule against fp64."""
+    lengths = [33, 0, 70, 5]
+    cu = cu_of(lengths)
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(sum(lengths), 2, 32, generator=g) for _ in range(3)]
+    dout = torch.randn(sum(lengths), 2, 32, generator=g)
+    for window in ((-1, -1), (8, 8)):
+        results = {}
+        for dtype in (torch.float32, torch.float64):
+            q, k, v = (t.to(dtype).clone().requires_grad_() for t in base)
+            out = fastbert.attention_varlen(q, k, v, cu, cu, 70, 70, window_size=window)
+            out.backward(dout.to(dtype))
+            results[dtype] = (out, q.grad, k.grad, v.grad)
+        with torch.no_grad():
+            q, k, v = (t.clone() for t in base)
+            plain = reference_varlen(q, k, v, lengths, lengths, 32 ** -0.5, False, window,
+                                     torch.float32)[0]
+        assert_close_by_rule(results[torch.float32][0], plain, results[torch.float64][0], "out")
+        # the plain fp32 gradients: the same autograd on the fp32 reference
+        qs, ks, vs = (t.clone().requires_grad_() for t in base)
+        reference_varlen(qs, ks, vs, lengths, lengths, 32 ** -0.5, False, window,
+                         torch.float32)[0].backward(dout)
+        for name, got, plain_grad, exact in zip("qkv", results[torch.float32][1:],
+                                                (qs.grad, ks.grad, vs.grad),
+                                                results[torch.float64][1:]):
+            assert_close_by_rule(got, plain_grad, exact, f"d{name} window {window}")
+
+
+def test_features_with_a_stride_are_copied_first():
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(30, 2, 64, generator=g)[..., ::2] for _ in range(3))
+    cu = cu_of([12, 18])
+    assert cpu_attention.serves(q, k, v, 0.0)
+    out, _ = cpu_attention.varlen_forward(q, k, v, cu, cu, False, 0.2)
+    want, _ = cpu_attention.varlen_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu,
+                                           False, 0.2)
+    assert torch.equal(out, want)
+
+
+def test_rotary_through_the_kernel_is_apply_rotary_then_attention():
+    lengths = [20, 45]
+    cu = cu_of(lengths)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(65, 2, 32, generator=g) for _ in range(3))
+    angles = torch.arange(45.0).view(-1, 1) * torch.rand(1, 16, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    with torch.inference_mode():
+        fused = fastbert.attention_varlen(q, k, v, cu, cu, 45, 45, window_size=(4, 4),
+                                          rotary=(cos, sin))
+        qr = fastbert.apply_rotary(q, cos, sin, cu_seqlens=cu, max_seqlen=45)
+        kr = fastbert.apply_rotary(k, cos, sin, cu_seqlens=cu, max_seqlen=45)
+        cpu_attention.set_enabled(False)
+        try:
+            aten = fastbert.attention_varlen(qr, kr, v, cu, cu, 45, 45, window_size=(4, 4))
+        finally:
+            cpu_attention.set_enabled(True)
+    torch.testing.assert_close(fused, aten, rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_kernel_does_not_take():
+    q = torch.randn(10, 2, 32)
+    assert cpu_attention.serves(q, q, q, 0.0)
+    assert not cpu_attention.serves(q, q, q, 0.1)  # dropout: the backward's mask would differ
+    assert not cpu_attention.serves(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0.0)
+    assert not cpu_attention.serves(q.double(), q.double(), q.double(), 0.0)
+    odd = torch.randn(10, 2, 20)  # not a multiple of the vector width
+    assert not cpu_attention.serves(odd, odd, odd, 0.0)
+    wide = torch.randn(10, 1, 272)
+    assert not cpu_attention.serves(wide, wide, wide, 0.0)
+    assert not cpu_attention.serves(q, torch.randn(10, 3, 32), torch.randn(10, 3, 32), 0.0)
+    cpu_attention.set_enabled(False)
+    try:
+        assert not cpu_attention.serves(q, q, q, 0.0)
+        assert "set_enabled(False)" in cpu_attention.reason()
+        assert "ATen" in cpu_attention.describe()
+    finally:
+        cpu_attention.set_enabled(True)
+
+
+@pytest.mark.parametrize("cu_q, cu_k", [([0, 5, 11], [0, 5, 10]), ([0, 6, 3], [0, 6, 3]),
+                                        ([1, 10], [1, 10])])
+def test_out_of_range_cu_seqlens_are_refused_before_any_read(cu_q, cu_k):
+    q = torch.randn(10, 1, 16)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        cpu_attention.varlen_forward(q, q, q, torch.tensor(cu_q), torch.tensor(cu_k), False, 0.25)
