@@ -64,13 +64,21 @@ class CPUExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext):
-        if isinstance(ext, CPUExtension):
+    def build_extensions(self):
+        for ext in list(self.extensions):
+            if not isinstance(ext, CPUExtension):
+                self.build_extension(ext)
+                continue
             try:
-                super().build_extension(ext)
+                self.build_extension(ext)
             except Exception as e:  # a missing or non-GCC compiler: ATen's attention serves
                 print(f"fastbert: could not build the CPU extension fastbert._cpu ({e}); ATen's "
                       f"CPU attention serves instead", file=sys.stderr, flush=True)
+                self.extensions.remove(ext)  # nothing to copy into the package
+
+    def build_extension(self, ext):
+        if isinstance(ext, CPUExtension):
+            super().build_extension(ext)
             return
         import pybind11
 

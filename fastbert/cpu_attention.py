@@ -1,6 +1,6 @@
 """fastbert's own fp32 CPU attention forward (the extension fastbert._cpu, csrc/cpu/): packed
 variable-length sequences with flash-attn's sliding window and causal mask, the torch backend's
-attention_varlen forward on CPU wherever it applies.
+attention_varlen inference forward on CPU wherever it applies.
 
 ATen's fused CPU attention runs its tiles on MKL's sgemm, which on AMD CPUs takes half-rate code
 paths (F.linear's own GEMMs there reach half of oneDNN's); its banded form also needs the keys
@@ -11,13 +11,13 @@ time. Measured on a Zen 5 CPU, 2 threads, ModernBERT-base's attention over 2,679
 (8 sequences of 209-494): global 2.1x, window 128 2.5x ATen's path (benchmarks/README.md).
 
     from fastbert import cpu_attention
-    if cpu_attention.serves(q, k, v, dropout_p):            # q, k, v (T, H, D) fp32 on CPU
+    if cpu_attention.serves(q, k, v, dropout_p):  # q, k, v (T, H, D) fp32 on CPU, no grad
         out, lse = cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window)
 
 The output contract is attention_varlen's (out (T, H, D), lse (H, T) fp32; zeros and lse = +inf
-for a query that sees no key), so a training forward's backward (ATen's, from out and lse) is
-unchanged. No dropout (the backward's mask would differ), no fp16/bf16 (ATen's brgemm serves
-those), head_dim a multiple of the vector width (16 or 8 floats) up to 256. Without the
+for a query that sees no key). It serves forwards without autograd (inference), head_dim a
+multiple of the vector width (16 or 8 floats) up to 256; training forwards, dropout and
+fp16/bf16 (ATen's brgemm serves those) stay on ATen's fused attention. Without the
 extension (not built: no C++ compiler, not x86-64, FASTBERT_BUILD_CPU=0) or the ISA, `reason()`
 says why and the ATen paths serve as before. `set_enabled(False)` switches it off.
 """
@@ -81,12 +81,15 @@ def takes(x: Tensor, dropout_p: float) -> bool:
 
 def serves(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     """Whether varlen_forward takes these inputs: `takes`, plain (T, H, D) CPU fp32 tensors of
-    one head count and head dim. (Attribute reads only: this runs once per attention call.)"""
+    one head count and head dim, none requiring grad (a training forward stays on ATen's, whose
+    backward recomputes its own forward's softmax from out and lse: a gradient test over a
+    whole model sat at the tolerance rule's bound with this kernel's out and lse in between).
+    Attribute reads only: this runs once per attention call."""
     d = q.shape[-1]
     if not _enabled or _WIDTH == 0 or dropout_p != 0.0 or d % _WIDTH or d > MAX_HEAD_DIM:
         return False
     for t in (q, k, v):
-        if (t.__class__ is not Tensor or t.ndim != 3 or t.device.type != "cpu"
+        if (t.requires_grad or t.__class__ is not Tensor or t.ndim != 3 or t.device.type != "cpu"
                 or t.dtype != torch.float32 or t.shape[1:] != q.shape[1:]):
             return False
     return True

@@ -35,10 +35,11 @@ MIN_TOKENS_PER_CALL = 12
 
 def describe_cpu() -> str:
     """One line: how the torch backend runs packed attention on a CPU."""
-    return (f"CPU packed attention (torch backend): ATen's fused kernel once per run of "
+    return (f"CPU packed attention (torch backend): forward (fp32, no dropout) on "
+            f"{cpu_attention.describe()}; otherwise ATen's fused kernel once per run of "
             f"equal-length sequences on views of the packed tokens, when a call averages >= "
-            f"{MIN_TOKENS_PER_CALL} query tokens (forward, no dropout); else one call on a "
-            f"padded view (and for backward and dropout)")
+            f"{MIN_TOKENS_PER_CALL} query tokens (forward, no dropout), a banded layout for a "
+            f"sliding window, else one call on a padded view (and for backward and dropout)")
 
 
 # --------------------------------------------------------------------------------------------
