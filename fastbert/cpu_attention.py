@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 try:
     from fastbert import _cpu
@@ -86,7 +87,8 @@ def serves(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     whole model sat at the tolerance rule's bound with this kernel's out and lse in between).
     Attribute reads only: this runs once per attention call."""
     d = q.shape[-1]
-    if not _enabled or _WIDTH == 0 or dropout_p != 0.0 or d % _WIDTH or d > MAX_HEAD_DIM:
+    if (not _enabled or _WIDTH == 0 or dropout_p != 0.0 or d % _WIDTH or d > MAX_HEAD_DIM
+            or forward_ad._current_level >= 0 or v.shape[0] != k.shape[0]):  # no dual tensors
         return False
     for t in (q, k, v):
         if (t.requires_grad or t.__class__ is not Tensor or t.ndim != 3 or t.device.type != "cpu"
@@ -103,15 +105,20 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
     if causal:
         right = 0 if right < 0 else min(right, 0)
     total, heads, dim = q.shape
+    reach = total + k.shape[0]  # a window this wide bounds nothing (and stays in int32 lanes)
+    left, right = (-1 if left >= reach else left), (-1 if right >= reach else right)
     # each head's features must be contiguous: a copy (held until the kernel returns) if not
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     (q_tok, q_head, _), (k_tok, k_head, _), (v_tok, v_head, _) = q.stride(), k.stride(), v.stride()
-    out = torch.empty(total, heads, dim)
-    lse = torch.empty(heads, total)
-    contiguous = torch.contiguous_format
-    offsets_q = cu_q.to(torch.int64, memory_format=contiguous)  # tiny; the kernel reads int64
-    offsets_k = offsets_q if cu_k is cu_q else cu_k.to(torch.int64, memory_format=contiguous)
+    out = torch.empty(total, heads, dim, dtype=torch.float32, device="cpu")
+    lse = torch.empty(heads, total, dtype=torch.float32, device="cpu")
+    offsets_q = cu_q.to(torch.int64).contiguous()  # tiny; the kernel reads int64
+    offsets_k = offsets_q if cu_k is cu_q else cu_k.to(torch.int64).contiguous()
+    if offsets_k.shape != offsets_q.shape:
+        raise ValueError(f"fastbert.cpu_attention.varlen_forward: cu_seqlens_k expected "
+                         f"{tuple(offsets_q.shape)} entries like cu_seqlens_q, got "
+                         f"{tuple(offsets_k.shape)}")
     _cpu.attention_varlen_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         offsets_q.data_ptr(), offsets_k.data_ptr(), offsets_q.shape[0] - 1, total, k.shape[0],

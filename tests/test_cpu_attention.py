@@ -3,6 +3,9 @@ reference by the tolerance rule on both of its instruction sets, packed sequence
 ones, unequal query and key lengths, sliding windows, causal; strided views of one projection;
 RoPE through attention_varlen; the route's conditions (inference forwards only) and bad
 cu_seqlens. The extension is built by `pip install` on x86-64 (CI builds it)."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -10,8 +13,11 @@ import fastbert
 from fastbert import cpu_attention
 from tests.helpers import assert_close_by_rule
 
-pytestmark = pytest.mark.skipif(cpu_attention._cpu is None or cpu_attention._WIDTH == 0,
-                                reason=f"{cpu_attention.reason()}")
+# CI builds the extension on x86-64: a build that failed there fails here, not skips
+_MISSING = cpu_attention._cpu is None or cpu_attention._WIDTH == 0
+if _MISSING and os.environ.get("CI"):
+    raise RuntimeError(f"CI: fastbert._cpu should have been built: {cpu_attention.reason()}")
+pytestmark = pytest.mark.skipif(_MISSING, reason=f"{cpu_attention.reason()}")
 
 
 def _isas():
@@ -71,10 +77,13 @@ CASES = [  # lengths_q, lengths_k (None: the same), heads, window, causal
 ]
 
 
-@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("head_dim", [8, 16, 48, 64, 128, 256])  # every PV tile width
 @pytest.mark.parametrize("lengths_q, lengths_k, heads, window, causal", CASES)
 def test_matches_reference(isa, lengths_q, lengths_k, heads, window, causal, head_dim):
     lengths_k = lengths_k or lengths_q
+    if head_dim % cpu_attention._WIDTH:  # 8 floats: the AVX2 kernel's width only
+        assert not cpu_attention.serves(*(torch.zeros(1, 1, head_dim),) * 3, 0.0)
+        return
     tq, tk = sum(lengths_q), sum(lengths_k)
     g = torch.Generator().manual_seed(sum(lengths_q) * 7 + head_dim)
     qkv = torch.randn(max(tq, tk), 3, heads, head_dim, generator=g)  # strided views, as a layer's
@@ -123,6 +132,29 @@ def test_rotary_through_the_kernel_is_apply_rotary_then_attention():
     torch.testing.assert_close(fused, aten, rtol=1e-5, atol=1e-5)
 
 
+def test_windows_wider_than_the_tokens_and_other_defaults():
+    """A window wider than all tokens bounds nothing (no int32 wrap in the kernel's lanes), and
+    the outputs are fp32 CPU tensors whatever torch's default dtype."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(50, 2, 16, generator=g) for _ in range(3))
+    cu = cu_of([20, 30])
+    full, _ = cpu_attention.varlen_forward(q, k, v, cu, cu, False, 0.25)
+    for window in ((sys.maxsize, 0), (-1, sys.maxsize), (2 ** 40, 2 ** 40)):
+        left, right = window
+        want = reference_varlen(q, k, v, [20, 30], [20, 30], 0.25, False,
+                                (-1 if left > 100 else left, -1 if right > 100 else right),
+                                torch.float32)[0]
+        got, _ = cpu_attention.varlen_forward(q, k, v, cu, cu, False, 0.25, window)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out, lse = cpu_attention.varlen_forward(q, k, v, cu, cu, False, 0.25)
+    finally:
+        torch.set_default_dtype(before)
+    assert out.dtype == lse.dtype == torch.float32 and torch.equal(out, full)
+
+
 def test_what_the_kernel_does_not_take():
     q = torch.randn(10, 2, 32)
     assert cpu_attention.serves(q, q, q, 0.0)
@@ -136,6 +168,9 @@ def test_what_the_kernel_does_not_take():
     wide = torch.randn(10, 1, 272)
     assert not cpu_attention.serves(wide, wide, wide, 0.0)
     assert not cpu_attention.serves(q, torch.randn(10, 3, 32), torch.randn(10, 3, 32), 0.0)
+    assert not cpu_attention.serves(q, q, q[:9], 0.0)  # v shorter than k
+    with torch.autograd.forward_ad.dual_level():  # forward-mode AD: no tangent through C++
+        assert not cpu_attention.serves(q, q, q, 0.0)
     cpu_attention.set_enabled(False)
     try:
         assert not cpu_attention.serves(q, q, q, 0.0)
@@ -146,7 +181,8 @@ def test_what_the_kernel_does_not_take():
 
 
 @pytest.mark.parametrize("cu_q, cu_k", [([0, 5, 11], [0, 5, 10]), ([0, 6, 3], [0, 6, 3]),
-                                        ([1, 10], [1, 10])])
+                                        ([1, 10], [1, 10]), ([0, 4, 9], [0, 4, 9]),
+                                        ([0, 5, 10], [0, 10])])
 def test_out_of_range_cu_seqlens_are_refused_before_any_read(cu_q, cu_k):
     q = torch.randn(10, 1, 16)
     with pytest.raises(ValueError, match="cu_seqlens"):

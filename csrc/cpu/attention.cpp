@@ -9,9 +9,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -71,27 +74,33 @@ std::string best_isa() {
   return "";
 }
 
-std::string chosen_isa = best_isa();
+// 2: AVX-512, 1: AVX2 + FMA, 0: neither. Atomic: read by kernels running without the GIL.
+std::atomic<int> chosen_isa{best_isa() == "avx512" ? 2 : best_isa() == "avx2" ? 1 : 0};
 
 // The instruction set the kernel runs with ("" where neither is available).
-std::string isa() { return chosen_isa; }
+std::string isa() {
+  const int which = chosen_isa.load();
+  return which == 2 ? "avx512" : which == 1 ? "avx2" : "";
+}
 
 // Run the kernel with `name` ("avx512", "avx2"; "" for the best): tests reach the AVX2 kernel
 // on an AVX-512 CPU this way.
 void set_isa(const std::string& name) {
   const std::string best = best_isa();
   if (name.empty()) {
-    chosen_isa = best;
+    chosen_isa = best == "avx512" ? 2 : best == "avx2" ? 1 : 0;
   } else if ((name == "avx2" && !best.empty()) || (name == "avx512" && best == "avx512")) {
-    chosen_isa = name;
+    chosen_isa = name == "avx512" ? 2 : 1;
   } else {
     throw std::invalid_argument("fastbert._cpu.set_isa: this CPU cannot run '" + name +
                                 "' (best: '" + best + "')");
   }
 }
 
-// Floats per vector register of the kernel's ISA: head_dim must be a multiple of it.
-int vector_width() { return chosen_isa == "avx512" ? 16 : chosen_isa == "avx2" ? 8 : 0; }
+// Floats per vector register of an ISA code: head_dim must be a multiple of it.
+int width_of(int which) { return which == 2 ? 16 : which == 1 ? 8 : 0; }
+
+int vector_width() { return width_of(chosen_isa.load()); }
 
 void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                               uintptr_t lse, uintptr_t cu_q, uintptr_t cu_k, int64_t seqs,
@@ -100,7 +109,8 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
                               int64_t k_tok, int64_t k_head, int64_t v_tok, int64_t v_head,
                               int64_t o_tok, int64_t o_head, int64_t lse_head, double scale,
                               int64_t left, int64_t right, int64_t threads) {
-  const int width = vector_width();
+  const int which = chosen_isa.load();  // one ISA for the whole call
+  const int width = width_of(which);
   if (width == 0)
     throw std::runtime_error("fastbert._cpu.attention_varlen_forward: this CPU has neither "
                              "AVX-512 nor AVX2 with FMA");
@@ -116,11 +126,12 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
   // cu_seqlens start at 0, never decrease and stay within the tensors (the op checked them
   // already; a wrong one here would read or write out of bounds)
   for (int64_t s = 0; s <= seqs; ++s) {
-    const bool bad_q = a.cu_q[s] < (s ? a.cu_q[s - 1] : 0) || a.cu_q[s] > total_q;
+    const bool bad_q = a.cu_q[s] < (s ? a.cu_q[s - 1] : 0) || a.cu_q[s] > total_q ||
+                       (s == seqs && a.cu_q[s] != total_q);  // every output row is written
     const bool bad_k = a.cu_k[s] < (s ? a.cu_k[s - 1] : 0) || a.cu_k[s] > total_k;
     if (bad_q || bad_k || (s == 0 && (a.cu_q[0] != 0 || a.cu_k[0] != 0)))
       throw std::invalid_argument("fastbert._cpu.attention_varlen_forward: cu_seqlens must "
-                                  "start at 0, never decrease and end within the tokens");
+                                  "start at 0, never decrease, end at the queries' count and within the keys'");
   }
   // sequence-major, then head, then row block: consecutive tasks share their K and V in cache
   constexpr int64_t rows_per_task = avx512::BM;
@@ -133,7 +144,7 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
   }
   const int workers = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(threads, static_cast<int64_t>(tasks.size()))));
-  if (width == 16)
+  if (which == 2)
     avx512::run(a, tasks, workers);
   else
     avx2::run(a, tasks, workers);

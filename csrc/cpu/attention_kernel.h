@@ -239,17 +239,34 @@ static void run_task(const Args& a, const Task& t, Scratch& sc) {
   }
 }
 
+// Tasks shared out by an atomic counter; a thread that cannot start leaves its share to the
+// others, and an error in a worker (its scratch not allocated) is raised after all have joined.
 static void run(const Args& a, const std::vector<Task>& tasks, int threads) {
   std::atomic<size_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_lock;
   auto worker = [&]() {
-    Scratch sc(a.dim);
-    for (size_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();)
-      run_task(a, tasks[t], sc);
+    try {
+      Scratch sc(a.dim);
+      for (size_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();)
+        run_task(a, tasks[t], sc);
+    } catch (...) {
+      std::lock_guard<std::mutex> hold(error_lock);
+      if (!error) error = std::current_exception();
+    }
   };
   std::vector<std::thread> pool;
-  for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
+  pool.reserve(threads);
+  for (int i = 1; i < threads; ++i) {
+    try {
+      pool.emplace_back(worker);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
   worker();
   for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace FB_NS
