@@ -59,8 +59,8 @@ class CPUExtension(Extension):
         import pybind11
         super().__init__("fastbert._cpu", sources=["csrc/cpu/attention.cpp"],
                          include_dirs=[str(ROOT), pybind11.get_include()], language="c++",
-                         extra_compile_args=["-O3", "-std=c++17", "-pthread"],
-                         extra_link_args=["-pthread"])
+                         extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+                         extra_link_args=["-fopenmp"])
 
 
 class CMakeBuild(build_ext):

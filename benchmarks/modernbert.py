@@ -9,7 +9,8 @@ Inference is also timed against `gemm-floor`, the patched forward's GEMMs alone,
 with native bf16 dot products with `fastbert.cpu.set_bf16(True)` (`patch_hf-bf16-gemms`: fp32
 activations, bf16 GEMMs with fp32 accumulation; opt-in, its results are not fp32's), and with
 `fastbert.cpu.PREPACK_FP32 = True` (`patch_hf-prepacked`: fp32 weights cached in oneDNN's layout;
-opt-in, fp32 results).
+opt-in, fp32 results), and with fastbert's CPU attention kernel switched off
+(`patch_hf-aten-attention`: ATen's fused attention, as before the kernel; an ablation).
 Shapes from benchmarks/suite.py's MODELS (e.g. "modernbert-base-3l": ModernBERT-base layers, one
 global and two local with window 128), the same weights for every provider, fp32 on CPU.
 """
@@ -90,6 +91,22 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
                 cpu.PREPACK_FP32 = False
         return call
 
+    def patched_aten_attention():
+        from fastbert import cpu_attention
+        if mode != "infer" or device.type != "cpu":
+            raise Unsupported("fastbert's CPU attention kernel serves CPU inference only")
+        if cpu_attention.reason() is not None:
+            raise Unsupported(cpu_attention.reason())
+        step = provider(patched, backend="auto")()
+
+        def call():
+            cpu_attention.set_enabled(False)  # per call, as the backend: providers are interleaved
+            try:
+                return step()
+            finally:
+                cpu_attention.set_enabled(True)
+        return call
+
     def gemm_floor():
         if mode != "infer":
             raise Skipped("the GEMM floor is timed for inference only")
@@ -101,6 +118,7 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
         "patch_hf": provider(patched, backend="auto"),
         "patch_hf-prepacked": patched_prepacked,
         "patch_hf-bf16-gemms": patched_bf16_gemms,
+        "patch_hf-aten-attention": patched_aten_attention,
         "gemm-floor": gemm_floor,
     }
     padding = 1.0 - sum(lengths) / (batch * seqlen)

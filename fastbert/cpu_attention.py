@@ -7,8 +7,11 @@ paths (F.linear's own GEMMs there reach half of oneDNN's); its banded form also 
 copied into per-block spans. This kernel (FlashAttention-2's loop: 32 query rows per task, S^T
 and O in per-thread tiles, the online softmax in base 2) reads q, k and v in place, visits only
 the keys a row block can see, and keeps its tiles in AVX-512 or AVX2+FMA registers, chosen at run
-time. Measured on a Zen 5 CPU, 2 threads, ModernBERT-base's attention over 2,679 packed tokens
-(8 sequences of 209-494): global 2.1x, window 128 2.5x ATen's path (benchmarks/README.md).
+time, threaded by OpenMP: built with -fopenmp, it binds to the libgomp torch has already loaded,
+so it runs on torch's thread team (torch.get_num_threads() threads) and no team spins against
+another. Measured on a Zen 5 CPU, 2 threads, interleaved with ATen's path through
+attention_varlen: ModernBERT-base's global layer over 2,679 packed tokens 2.07x, its window-128
+layers 2.22x, BERT-base B8 S128 2.30x (benchmarks/README.md).
 
     from fastbert import cpu_attention
     if cpu_attention.serves(q, k, v, dropout_p):  # q, k, v (T, H, D) fp32 on CPU, no grad

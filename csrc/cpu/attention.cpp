@@ -2,7 +2,8 @@
 // (cu_seqlens), with flash-attn's sliding window and causal mask. ATen's fused CPU attention
 // runs its tiles on MKL's sgemm, which on AMD CPUs takes half-rate code paths; this kernel
 // (attention_kernel.h) keeps its tiles in vector registers on AVX-512 or AVX2 + FMA, chosen
-// at run time. No torch, as fastbert._C: tensors arrive as addresses, sizes and strides.
+// at run time, threaded by OpenMP (torch's own team). No torch, as fastbert._C: tensors arrive
+// as addresses, sizes and strides.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -14,8 +15,6 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 namespace py = pybind11;

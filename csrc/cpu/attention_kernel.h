@@ -239,13 +239,16 @@ static void run_task(const Args& a, const Task& t, Scratch& sc) {
   }
 }
 
-// Tasks shared out by an atomic counter; a thread that cannot start leaves its share to the
-// others, and an error in a worker (its scratch not allocated) is raised after all have joined.
+// Tasks shared out by an atomic counter among an OpenMP team: torch loads its own libgomp first,
+// so this team is torch's (loaded by soname), and its threads do not spin against ours between
+// ATen's parallel regions and this one. An error in a worker (its scratch not allocated) is
+// raised after the team has joined.
 static void run(const Args& a, const std::vector<Task>& tasks, int threads) {
   std::atomic<size_t> next{0};
   std::exception_ptr error;
   std::mutex error_lock;
-  auto worker = [&]() {
+#pragma omp parallel num_threads(threads)
+  {
     try {
       Scratch sc(a.dim);
       for (size_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();)
@@ -254,18 +257,7 @@ static void run(const Args& a, const std::vector<Task>& tasks, int threads) {
       std::lock_guard<std::mutex> hold(error_lock);
       if (!error) error = std::current_exception();
     }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (int i = 1; i < threads; ++i) {
-    try {
-      pool.emplace_back(worker);
-    } catch (const std::system_error&) {
-      break;
-    }
   }
-  worker();
-  for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
 }
 
