@@ -60,6 +60,19 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
         import fastbert
         return fastbert.patch_hf(_hf_model(model, device, dtype, "sdpa"))
 
+    def patched_with(switch):
+        """patch_hf with a process-wide switch (switch(True) on, switch(False) back) flipped
+        around each call only, as a backend choice would be: providers are interleaved."""
+        step = provider(patched, backend="auto")()
+
+        def call():
+            switch(True)
+            try:
+                return step()
+            finally:
+                switch(False)
+        return call
+
     def patched_bf16_gemms():
         from fastbert import cpu
         if mode != "infer" or device.type != "cpu":
@@ -67,29 +80,13 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
         native, why = cpu.bf16_support()
         if not native:
             raise Unsupported(f"bf16 GEMMs on this CPU would be emulated: {why}")
-        step = provider(patched, backend="auto")()
-
-        def call():
-            cpu.set_bf16(True)  # per call, as the backend: providers are interleaved
-            try:
-                return step()
-            finally:
-                cpu.set_bf16(False)
-        return call
+        return patched_with(cpu.set_bf16)
 
     def patched_prepacked():
         from fastbert import cpu
         if mode != "infer" or device.type != "cpu":
             raise Unsupported("prepacked fp32 weights are an opt-in of fastbert's CPU inference")
-        step = provider(patched, backend="auto")()
-
-        def call():
-            cpu.PREPACK_FP32 = True  # per call, as the backend: providers are interleaved
-            try:
-                return step()
-            finally:
-                cpu.PREPACK_FP32 = False
-        return call
+        return patched_with(lambda on: setattr(cpu, "PREPACK_FP32", on))
 
     def patched_aten_attention():
         from fastbert import cpu_attention
@@ -97,15 +94,7 @@ def modernbert_case(device: torch.device, cfg: dict, model: str, batch: int, seq
             raise Unsupported("fastbert's CPU attention kernel serves CPU inference only")
         if cpu_attention.reason() is not None:
             raise Unsupported(cpu_attention.reason())
-        step = provider(patched, backend="auto")()
-
-        def call():
-            cpu_attention.set_enabled(False)  # per call, as the backend: providers are interleaved
-            try:
-                return step()
-            finally:
-                cpu_attention.set_enabled(True)
-        return call
+        return patched_with(lambda off: cpu_attention.set_enabled(not off))
 
     def gemm_floor():
         if mode != "infer":
