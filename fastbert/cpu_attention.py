@@ -88,10 +88,9 @@ def serves(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     one head count and head dim, none requiring grad (a training forward stays on ATen's, whose
     backward recomputes its own forward's softmax from out and lse: a gradient test over a
     whole model sat at the tolerance rule's bound with this kernel's out and lse in between).
-    Attribute reads only: this runs once per attention call."""
-    d = q.shape[-1]
-    if (not _enabled or _WIDTH == 0 or dropout_p != 0.0 or d % _WIDTH or d > MAX_HEAD_DIM
-            or forward_ad._current_level >= 0 or v.shape[0] != k.shape[0]):  # no dual tensors
+    Beyond `takes`, attribute reads only: this runs once per attention call."""
+    if (not takes(q, dropout_p) or forward_ad._current_level >= 0  # no dual tensors
+            or v.shape[0] != k.shape[0]):
         return False
     for t in (q, k, v):
         if (t.requires_grad or t.__class__ is not Tensor or t.ndim != 3 or t.device.type != "cpu"
