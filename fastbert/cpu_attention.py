@@ -1,6 +1,7 @@
 """fastbert's own fp32 CPU attention forward (the extension fastbert._cpu, csrc/cpu/): packed
-variable-length sequences with flash-attn's sliding window and causal mask, the torch backend's
-attention_varlen inference forward on CPU wherever it applies.
+variable-length sequences, and padded batches with a key-padding mask, with flash-attn's sliding
+window and causal mask: the torch backend's attention_varlen and attention inference forwards on
+CPU wherever they apply.
 
 ATen's fused CPU attention runs its tiles on MKL's sgemm, which on AMD CPUs takes half-rate code
 paths (F.linear's own GEMMs there reach half of oneDNN's); its banded form also needs the keys
@@ -16,9 +17,12 @@ layers 2.22x, BERT-base B8 S128 2.30x (benchmarks/README.md).
     from fastbert import cpu_attention
     if cpu_attention.serves(q, k, v, dropout_p):  # q, k, v (T, H, D) fp32 on CPU, no grad
         out, lse = cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window)
+    if cpu_attention.serves(q, k, v, dropout_p):  # q (B, Sq, H, D), k, v (B, Sk, H, D)
+        out, lse = cpu_attention.padded_forward(q, k, v, key_padding_mask, causal, scale, window)
 
-The output contract is attention_varlen's (out (T, H, D), lse (H, T) fp32; zeros and lse = +inf
-for a query that sees no key). It serves forwards without autograd (inference), head_dim a
+The output contracts are attention_varlen's (out (T, H, D), lse (H, T) fp32) and attention's
+(out (B, Sq, H, D), lse (B, H, Sq)): zeros and lse = +inf for a query that sees no key. A padded
+batch's padding keys before a row's first real key and after its last are never visited. It serves forwards without autograd (inference), head_dim a
 multiple of the vector width (16 or 8 floats) up to 256; training forwards, dropout and
 fp16/bf16 (ATen's brgemm serves those) stay on ATen's fused attention. Without the
 extension (not built: no C++ compiler, not x86-64, FASTBERT_BUILD_CPU=0) or the ISA, `reason()`
@@ -84,31 +88,40 @@ def takes(x: Tensor, dropout_p: float) -> bool:
 
 
 def serves(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
-    """Whether varlen_forward takes these inputs: `takes`, plain (T, H, D) CPU fp32 tensors of
-    one head count and head dim, none requiring grad (a training forward stays on ATen's, whose
+    """Whether varlen_forward (q, k, v (T, H, D)) or padded_forward (q (B, Sq, H, D), k and v
+    (B, Sk, H, D)) takes these inputs: `takes`, plain CPU fp32 tensors of one head count and
+    head dim (and one batch), none requiring grad (a training forward stays on ATen's, whose
     backward recomputes its own forward's softmax from out and lse: a gradient test over a
     whole model sat at the tolerance rule's bound with this kernel's out and lse in between).
     Beyond `takes`, attribute reads only: this runs once per attention call."""
+    ndim = q.ndim
     if (not takes(q, dropout_p) or forward_ad._current_level >= 0  # no dual tensors
-            or v.shape[0] != k.shape[0]):
+            or ndim not in (3, 4) or v.shape[:-2] != k.shape[:-2]
+            or (ndim == 4 and k.shape[0] != q.shape[0])):
         return False
     for t in (q, k, v):
-        if (t.requires_grad or t.__class__ is not Tensor or t.ndim != 3 or t.device.type != "cpu"
-                or t.dtype != torch.float32 or t.shape[1:] != q.shape[1:]):
+        if (t.requires_grad or t.__class__ is not Tensor or t.ndim != ndim
+                or t.device.type != "cpu" or t.dtype != torch.float32
+                or t.shape[-2:] != q.shape[-2:]):
             return False
     return True
+
+
+def _bounds(window: Tuple[int, int], causal: bool, reach: int) -> Tuple[int, int]:
+    """flash-attn's (left, right) with causal folded in (right <= 0), and a bound of `reach` or
+    more (it bounds nothing) made unbounded, so the kernel's lane arithmetic stays in int32."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return (-1 if left >= reach else left), (-1 if right >= reach else right)
 
 
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool,
                    scale: float, window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor]:
     """attention_varlen's forward on inputs `serves` took: (out (T, H, D), lse (H, T) fp32).
     window: flash-attn's (left, right), -1 unbounded; causal bounds right at 0."""
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
     total, heads, dim = q.shape
-    reach = total + k.shape[0]  # a window this wide bounds nothing (and stays in int32 lanes)
-    left, right = (-1 if left >= reach else left), (-1 if right >= reach else right)
+    left, right = _bounds(window, causal, total + k.shape[0])
     # each head's features must be contiguous: a copy (held until the kernel returns) if not
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -126,4 +139,33 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
         offsets_q.data_ptr(), offsets_k.data_ptr(), offsets_q.shape[0] - 1, total, k.shape[0],
         heads, dim, q_tok, q_head, k_tok, k_head, v_tok, v_head, heads * dim, dim, total, scale,
         left, right, torch.get_num_threads())
+    return out, lse
+
+
+def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                   causal: bool, scale: float,
+                   window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor]:
+    """attention's forward on inputs `serves` took: q (B, Sq, H, D), k and v (B, Sk, H, D),
+    key_padding_mask (B, Sk) bool (True = a real key) or None -> (out (B, Sq, H, D),
+    lse (B, H, Sq) fp32). Query i's diagonal is key i + Sk - Sq (bottom-right, as attention's)."""
+    batch, sq, heads, dim = q.shape
+    sk = k.shape[1]
+    left, right = _bounds(window, causal, sq + sk)
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(batch, sq, heads, dim, dtype=torch.float32, device="cpu")
+    lse = torch.empty(batch, heads, sq, dtype=torch.float32, device="cpu")
+    mask, mask_batch = 0, 0
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, sk):
+            raise ValueError(f"fastbert.cpu_attention.padded_forward: key_padding_mask expected "
+                             f"a ({batch}, {sk}) bool tensor, got {key_padding_mask.dtype} "
+                             f"{tuple(key_padding_mask.shape)}")
+        if key_padding_mask.stride(1) != 1:
+            key_padding_mask = key_padding_mask.contiguous()
+        mask, mask_batch = key_padding_mask.data_ptr(), key_padding_mask.stride(0)
+    _cpu.attention_padded_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), mask,
+        mask_batch, batch, sq, sk, heads, dim, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], scale, left, right, torch.get_num_threads())
     return out, lse

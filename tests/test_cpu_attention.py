@@ -1,8 +1,9 @@
 """fastbert's CPU attention kernel (fastbert._cpu, csrc/cpu/): forward and lse against the
 reference by the tolerance rule on both of its instruction sets, packed sequences with empty
-ones, unequal query and key lengths, sliding windows, causal; strided views of one projection;
-RoPE through attention_varlen; the route's conditions (inference forwards only) and bad
-cu_seqlens. The extension is built by `pip install` on x86-64 (CI builds it)."""
+ones, unequal query and key lengths, sliding windows, causal, decoding steps' few query rows;
+padded batches with key-padding masks (right, left, with holes, all padding); strided views of
+one projection; RoPE through attention_varlen; the route's conditions (inference forwards only)
+and bad cu_seqlens. The extension is built by `pip install` on x86-64 (CI builds it)."""
 import os
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import fastbert
-from fastbert import cpu_attention
+from fastbert import cpu_attention, reference
 from tests.helpers import assert_close_by_rule
 
 # CI builds the extension on x86-64: a build that failed there fails here, not skips
@@ -74,6 +75,7 @@ CASES = [  # lengths_q, lengths_k (None: the same), heads, window, causal
     ([40, 8], [0, 8], 1, (-1, -1), False),
     ([64], None, 2, (0, 0), False),
     ([30, 45], [90, 10], 2, (-1, 3), True),
+    ([2, 33, 3], [40, 33, 1], 2, (4, -1), True),  # 1-3 query rows: the row-at-a-time path
 ]
 
 
@@ -99,6 +101,79 @@ def test_matches_reference(isa, lengths_q, lengths_k, heads, window, causal, hea
     assert torch.equal(torch.isinf(lse), ~seen), "lse is +inf exactly where no key is visible"
     assert_close_by_rule(lse[seen], plain[1][seen], exact[1][seen], f"lse ({isa})")
     assert torch.equal(out[~seen.any(0)], torch.zeros_like(out[~seen.any(0)]))
+
+
+def _padding_mask(kind, batch, sk, g):
+    if kind == "none":
+        return None
+    mask = torch.ones(batch, sk, dtype=torch.bool)
+    if kind == "right":
+        mask[0, sk // 2:] = False
+    elif kind == "left":
+        mask[-1, :sk // 3] = False
+    elif kind == "holes":
+        mask = torch.rand(batch, sk, generator=g) > 0.4
+    elif kind == "all padding":
+        mask[0] = False
+    return mask
+
+
+PADDED_CASES = [  # batch, Sq, Sk, heads, window, causal
+    (3, 37, 37, 2, (-1, -1), False),
+    (2, 1, 70, 3, (-1, -1), True),  # a decoding step: one query, bottom-right causal
+    (2, 3, 100, 2, (20, -1), True),
+    (2, 50, 20, 2, (-1, -1), True),  # more queries than keys: the first rows see nothing
+    (4, 130, 130, 1, (8, 3), False),
+    (1, 5, 200, 2, (0, 0), False),
+]
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 256])
+@pytest.mark.parametrize("mask_kind", ["none", "right", "left", "holes", "all padding"])
+@pytest.mark.parametrize("batch, sq, sk, heads, window, causal", PADDED_CASES)
+def test_padded_batches_match_reference(isa, batch, sq, sk, heads, window, causal, mask_kind,
+                                        head_dim):
+    """The kernel through fastbert.attention's inference forward (the torch backend's route)."""
+    g = torch.Generator().manual_seed(batch * 1000 + sq + sk + head_dim)
+    qkv = torch.randn(batch, max(sq, sk), 3, heads, head_dim, generator=g)
+    q, k, v = qkv[:, :sq, 0], qkv[:, :sk, 1], qkv[:, :sk, 2]  # strided views, as a layer's
+    mask = _padding_mask(mask_kind, batch, sk, g)
+    scale = head_dim ** -0.5
+    assert cpu_attention.serves(q, k, v, 0.0)
+    calls = []
+    kernel = cpu_attention.padded_forward
+    try:
+        cpu_attention.padded_forward = lambda *a: calls.append(1) or kernel(*a)
+        with torch.inference_mode():
+            out = fastbert.attention(q, k, v, mask, causal=causal, window_size=window,
+                                     backend="torch")
+    finally:
+        cpu_attention.padded_forward = kernel
+    assert calls == [1], "the inference forward ran on the kernel"
+    _, lse = kernel(q, k, v, mask, causal, scale, window)
+    visible = reference.attention_visible(mask, causal, batch, sq, sk, q.device, window)
+    plain = reference.attention_forward(q, k, v, mask, causal, 0.0, scale, None, visible=visible)
+    exact = reference.attention_forward(q.double(), k.double(), v.double(), mask, causal, 0.0,
+                                        scale, None, visible=visible)
+    assert_close_by_rule(out, plain[0], exact[0], f"out ({isa})")
+    seen = torch.isfinite(exact[1])
+    assert torch.equal(torch.isinf(lse), ~seen), "lse is +inf exactly where no key is visible"
+    if seen.any():
+        assert_close_by_rule(lse[seen], plain[1][seen], exact[1][seen], f"lse ({isa})")
+    blind = ~seen.transpose(1, 2)  # (B, Sq, H): queries that see no key
+    assert torch.equal(out[blind], torch.zeros_like(out[blind]))
+
+
+def test_padded_training_forwards_stay_on_aten():
+    q, k, v = (torch.randn(2, 16, 2, 32, requires_grad=True) for _ in range(3))
+    calls = []
+    kernel = cpu_attention.padded_forward
+    try:
+        cpu_attention.padded_forward = lambda *a: calls.append(1) or kernel(*a)
+        fastbert.attention(q, k, v, backend="torch").sum().backward()
+    finally:
+        cpu_attention.padded_forward = kernel
+    assert calls == [] and q.grad is not None
 
 
 def test_features_with_a_stride_are_copied_first():

@@ -18,6 +18,7 @@ constexpr int R = FB_R;
 constexpr int BM = 32;       // query rows per task
 constexpr int QV = BM / W;   // vector registers per row of S^T
 constexpr int BN = 48;       // keys per block
+constexpr int FEW = 3;       // up to this many query rows (decoding): one row at a time
 static_assert(BM % W == 0 && BN % JG == 0 && BM % R == 0, "tile sizes must divide");
 
 typedef float vf __attribute__((vector_size(4 * W)));
@@ -79,13 +80,14 @@ static inline void scores_tile(const float* k, int64_t k_tok, const float* qt, i
     for (int c = 0; c < QV; ++c) store(st + j * BM + c * W, acc[j][c]);
 }
 
-// O[R][NV*W] += P[R][n] V[n][NV*W]: P read from S^T's lanes, V rows in place (stride v_tok).
-template <int NV>
-static inline void pv_tile(const float* pt, int n, const float* v, int64_t v_tok, float* o,
-                           int64_t dim) {
-  vf acc[R][NV];
+// O[RR][NV*W] += P[RR][n] V[n][NV*W]: P read from S^T's lanes (key j's at pt + j * p_key),
+// V rows in place (stride v_tok).
+template <int NV, int RR>
+static inline void pv_tile(const float* pt, int p_key, int n, const float* v, int64_t v_tok,
+                           float* o, int64_t dim) {
+  vf acc[RR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = load(o + r * dim + c * W);
   for (int j = 0; j < n; ++j) {
@@ -94,25 +96,26 @@ static inline void pv_tile(const float* pt, int n, const float* v, int64_t v_tok
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) vv[c] = load(row + c * W);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vf b = splat(pt[j * BM + r]);
+    for (int r = 0; r < RR; ++r) {
+      const vf b = splat(pt[j * p_key + r]);
 #pragma GCC unroll 4
       for (int c = 0; c < NV; ++c) acc[r][c] += b * vv[c];
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) store(o + r * dim + c * W, acc[r][c]);
 }
 
-static inline void pv(int nv, const float* pt, int n, const float* v, int64_t v_tok, float* o,
-                      int64_t dim) {
+template <int RR>
+static inline void pv(int nv, const float* pt, int p_key, int n, const float* v, int64_t v_tok,
+                      float* o, int64_t dim) {
   switch (nv) {
-    case 1: pv_tile<1>(pt, n, v, v_tok, o, dim); break;
-    case 2: pv_tile<2>(pt, n, v, v_tok, o, dim); break;
-    case 3: pv_tile<3>(pt, n, v, v_tok, o, dim); break;
-    default: pv_tile<4>(pt, n, v, v_tok, o, dim); break;
+    case 1: pv_tile<1, RR>(pt, p_key, n, v, v_tok, o, dim); break;
+    case 2: pv_tile<2, RR>(pt, p_key, n, v, v_tok, o, dim); break;
+    case 3: pv_tile<3, RR>(pt, p_key, n, v, v_tok, o, dim); break;
+    default: pv_tile<4, RR>(pt, p_key, n, v, v_tok, o, dim); break;
   }
 }
 
@@ -121,14 +124,95 @@ struct Scratch {
   explicit Scratch(int64_t dim) : qt(dim * BM), st(BN * BM), o(BM * dim), tail(JG * dim) {}
 };
 
-static void run_task(const Args& a, const Task& t, Scratch& sc) {
+// out[i] = O / l, lse[i] = log(l) + max; a row that saw no key gets zeros and lse = +inf (the op
+// contract). sum and mx are in base 2.
+static inline void finish_row(const Args& a, const Seq& sq, int64_t h, int64_t i,
+                              const float* orow, float sum, float mx) {
+  float* dst = a.out + sq.o_off + i * a.o_tok + h * a.o_head;
+  float* lse = a.lse + sq.lse_off + h * a.lse_head + i;
+  if (sum == 0.0f) {
+    std::fill(dst, dst + a.dim, 0.0f);
+    *lse = std::numeric_limits<float>::infinity();
+    return;
+  }
+  const vf inv = splat(1.0f / sum);
+  for (int64_t d = 0; d < a.dim; d += W) store(dst + d, load(orow + d) * inv);
+  *lse = (mx + std::log2(sum)) * 0.6931471805599453f;
+}
+
+// A decoding step's few query rows, one at a time, keys along the lanes: s = K q by dot products,
+// the softmax across the keys, o += p V. Where the tile below would spend its 32 lanes of
+// S^T, of the softmax and of P V's rows on each real row, this does each key's work once.
+static void run_rows(const Args& a, const Seq& sq, const Task& t, int rows, Scratch& sc) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   const int64_t dim = a.dim, h = t.head;
-  const int64_t q0 = a.cu_q[t.seq], lq = a.cu_q[t.seq + 1] - q0;
-  const int64_t k0 = a.cu_k[t.seq], lk = a.cu_k[t.seq + 1] - k0;
-  const int64_t keys_total = a.cu_k[a.seqs];
-  const int64_t shift = lk - lq;  // bottom-right alignment, as flash-attn's
+  const float qscale = a.scale * 1.4426950408889634f;  // scores in base 2
+  float* qrow = sc.qt.data();
+  float* s = sc.st.data();  // BN scores, then probabilities
+  float* orow = sc.o.data();
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = t.row0 + r;
+    const float* src = a.q + sq.q_off + i * a.q_tok + h * a.q_head;
+    for (int64_t d = 0; d < dim; ++d) qrow[d] = src[d] * qscale;
+    std::fill(orow, orow + dim, 0.0f);
+    const int64_t kbegin = a.left < 0 ? 0 : std::max<int64_t>(0, i + sq.shift - a.left);
+    const int64_t kend = a.right < 0 ? sq.lk : std::min<int64_t>(sq.lk, i + sq.shift + a.right + 1);
+    float m = -inf, l = 0.0f;
+    for (int64_t kb = kbegin; kb < kend; kb += BN) {
+      const int n = static_cast<int>(std::min<int64_t>(BN, kend - kb));
+      const float* kblock = a.k + sq.k_off + kb * a.k_tok + h * a.k_head;
+      const float* vblock = a.v + sq.v_off + kb * a.v_tok + h * a.v_head;
+      float mx = -inf;
+      for (int j = 0; j < n; ++j) {
+        // each key and value row once: too little work per row to hide a miss, so the rows
+        // ahead are requested now (keys a few rows ahead, this key's value row for P V below)
+        for (int64_t d = 0; d < dim; d += 16) {
+          __builtin_prefetch(kblock + (j + 4) * a.k_tok + d);
+          __builtin_prefetch(vblock + j * a.v_tok + d);
+        }
+        if (sq.key_mask != nullptr && !sq.key_mask[kb + j]) {
+          s[j] = -inf;
+          continue;
+        }
+        const float* key = kblock + j * a.k_tok;
+        vf acc = load(key) * load(qrow);
+        for (int64_t d = W; d < dim; d += W) acc += load(key + d) * load(qrow + d);
+        float dot = 0.0f;
+        for (int e = 0; e < W; ++e) dot += acc[e];
+        s[j] = dot;
+        mx = std::max(mx, dot);
+      }
+      if (mx == -inf) continue;  // every key of the block is padding
+      const float m_new = std::max(m, mx);
+      const float alpha = exp2_nonpositive(splat(m - m_new))[0];  // 0 for the first block
+      vf sum = splat(0.0f);
+      for (int j = 0; j < n; j += W) {  // lanes past n: -inf, p = 0
+        vf x;
+        for (int e = 0; e < W; ++e) x[e] = j + e < n ? s[j + e] : -inf;
+        const vf p = exp2_nonpositive(x - m_new);
+        store(s + j, p);
+        sum += p;
+      }
+      float block_sum = 0.0f;
+      for (int e = 0; e < W; ++e) block_sum += sum[e];
+      l = l * alpha + block_sum;
+      m = m_new;
+      if (alpha != 1.0f)
+        for (int64_t d = 0; d < dim; d += W) store(orow + d, load(orow + d) * alpha);
+      for (int64_t d = 0; d < dim; d += 4 * W) {
+        const int nv = static_cast<int>(std::min<int64_t>(4 * W, dim - d)) / W;
+        pv<1>(nv, s, 1, n, vblock + d, a.v_tok, orow + d, dim);
+      }
+    }
+    finish_row(a, sq, h, i, orow, l, m);
+  }
+}
+
+static void run_task(const Args& a, const Seq& sq, const Task& t, Scratch& sc) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const int64_t dim = a.dim, h = t.head, lq = sq.lq, lk = sq.lk, shift = sq.shift;
   const int rows = static_cast<int>(std::min<int64_t>(BM, lq - t.row0));
+  if (rows <= FEW) return run_rows(a, sq, t, rows, sc);
   auto lo = [&](int64_t i) { return a.left < 0 ? 0 : std::max<int64_t>(0, i + shift - a.left); };
   auto hi = [&](int64_t i) {
     return a.right < 0 ? lk - 1 : std::min<int64_t>(lk - 1, i + shift + a.right);
@@ -141,9 +225,10 @@ static void run_task(const Args& a, const Task& t, Scratch& sc) {
   float* o = sc.o.data();
   // Qt[d][lane] = q[row0 + lane][d] * scale * log2(e) (scores in base 2); idle lanes are 0
   const float qscale = a.scale * 1.4426950408889634f;
+  const int live = (rows + W - 1) / W;  // the vectors of S^T holding real rows
   for (int r = 0; r < BM; ++r) {
     if (r < rows) {
-      const float* src = a.q + (q0 + t.row0 + r) * a.q_tok + h * a.q_head;
+      const float* src = a.q + sq.q_off + (t.row0 + r) * a.q_tok + h * a.q_head;
       for (int64_t d = 0; d < dim; ++d) qt[d * BM + r] = src[d] * qscale;
     } else {
       for (int64_t d = 0; d < dim; ++d) qt[d * BM + r] = 0.0f;
@@ -166,9 +251,11 @@ static void run_task(const Args& a, const Task& t, Scratch& sc) {
 
   for (int64_t kb = kbegin; kb < kend; kb += BN) {
     const int n = static_cast<int>(std::min<int64_t>(BN, kend - kb));
-    const float* kblock = a.k + (k0 + kb) * a.k_tok + h * a.k_head;
+    const int64_t kblock_off = sq.k_off + kb * a.k_tok + h * a.k_head;
+    const float* kblock = a.k + kblock_off;
     for (int g = 0; g * JG < n; ++g) {
-      if (k0 + kb + (g + 1) * JG <= keys_total) {
+      // a tile reads JG key rows, some past the block's end: in place while inside the tensor
+      if (kblock_off + ((g + 1) * JG - 1) * a.k_tok + dim <= a.k_extent) {
         scores_tile(kblock + g * JG * a.k_tok, a.k_tok, qt, dim, st + g * JG * BM);
       } else {  // the last keys of the tensor: a zero-padded copy, never a read past its end
         float* tail = sc.tail.data();
@@ -180,20 +267,23 @@ static void run_task(const Args& a, const Task& t, Scratch& sc) {
         scores_tile(tail, dim, qt, dim, st + g * JG * BM);
       }
     }
-    // a block every row sees whole needs no mask (idle lanes are never read back)
-    if (!(kb >= lo(last) && kb + n - 1 <= hi(first))) {
+    // a block every row sees whole, with no padding key inside, needs no mask (idle lanes are
+    // never read back)
+    if (sq.key_mask != nullptr || !(kb >= lo(last) && kb + n - 1 <= hi(first))) {
       for (int j = 0; j < n; ++j) {
         const int32_t key = static_cast<int32_t>(kb + j);
-        for (int c = 0; c < QV; ++c) {
+        const vi real = vi{} + (sq.key_mask == nullptr || sq.key_mask[kb + j] ? -1 : 0);
+        for (int c = 0; c < live; ++c) {
           const vf s = load(st + j * BM + c * W);
-          store(st + j * BM + c * W, (key >= row_lo[c]) & (key <= row_hi[c]) ? s : splat(-inf));
+          store(st + j * BM + c * W,
+                (key >= row_lo[c]) & (key <= row_hi[c]) & real ? s : splat(-inf));
         }
       }
     }
     // online softmax down the keys, every query row in its own lane
     vf alpha[QV];
     bool rescale = false;
-    for (int c = 0; c < QV; ++c) {
+    for (int c = 0; c < live; ++c) {
       vf mx = splat(-inf);
       for (int j = 0; j < n; ++j) mx = vmax(mx, load(st + j * BM + c * W));
       const vf m_new = vmax(m[c], mx);
@@ -215,35 +305,28 @@ static void run_task(const Args& a, const Task& t, Scratch& sc) {
         float* orow = o + r * dim;
         for (int64_t d = 0; d < dim; d += W) store(orow + d, load(orow + d) * s);
       }
-    const float* vblock = a.v + (k0 + kb) * a.v_tok + h * a.v_head;
+    const float* vblock = a.v + sq.v_off + kb * a.v_tok + h * a.v_head;
     for (int r0 = 0; r0 < rows; r0 += R)
       for (int64_t d = 0; d < dim; d += 4 * W) {
         const int nv = static_cast<int>(std::min<int64_t>(4 * W, dim - d)) / W;
-        pv(nv, st + r0, n, vblock + d, a.v_tok, o + r0 * dim + d, dim);
+        if (r0 + R <= rows) {
+          pv<R>(nv, st + r0, BM, n, vblock + d, a.v_tok, o + r0 * dim + d, dim);
+        } else {  // the last rows one by one, no idle row computed
+          for (int r = r0; r < rows; ++r)
+            pv<1>(nv, st + r, BM, n, vblock + d, a.v_tok, o + r * dim + d, dim);
+        }
       }
   }
-  // out = O / l; a row that saw no key gets zeros and lse = +inf (the op contract)
-  for (int r = 0; r < rows; ++r) {
-    const int64_t i = q0 + t.row0 + r;
-    float* dst = a.out + i * a.o_tok + h * a.o_head;
-    const float sum = l[r / W][r % W], mx = m[r / W][r % W];
-    if (sum == 0.0f) {
-      std::fill(dst, dst + dim, 0.0f);
-      a.lse[h * a.lse_head + i] = inf;
-      continue;
-    }
-    const vf inv = splat(1.0f / sum);
-    const float* orow = o + r * dim;
-    for (int64_t d = 0; d < dim; d += W) store(dst + d, load(orow + d) * inv);
-    a.lse[h * a.lse_head + i] = (mx + std::log2(sum)) * 0.6931471805599453f;
-  }
+  for (int r = 0; r < rows; ++r)
+    finish_row(a, sq, h, t.row0 + r, o + r * dim, l[r / W][r % W], m[r / W][r % W]);
 }
 
 // Tasks shared out by an atomic counter among an OpenMP team: torch loads its own libgomp first,
 // so this team is torch's (loaded by soname), and its threads do not spin against ours between
 // ATen's parallel regions and this one. An error in a worker (its scratch not allocated) is
 // raised after the team has joined.
-static void run(const Args& a, const std::vector<Task>& tasks, int threads) {
+static void run(const Args& a, const std::vector<Seq>& seqs, const std::vector<Task>& tasks,
+                int threads) {
   std::atomic<size_t> next{0};
   std::exception_ptr error;
   std::mutex error_lock;
@@ -252,7 +335,7 @@ static void run(const Args& a, const std::vector<Task>& tasks, int threads) {
     try {
       Scratch sc(a.dim);
       for (size_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks.size();)
-        run_task(a, tasks[t], sc);
+        run_task(a, seqs[tasks[t].seq], tasks[t], sc);
     } catch (...) {
       std::lock_guard<std::mutex> hold(error_lock);
       if (!error) error = std::current_exception();
