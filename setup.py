@@ -57,9 +57,11 @@ class CPUExtension(Extension):
 
     def __init__(self):
         import pybind11
-        # depends: an edit to the kernel header alone rebuilds the extension
+        # depends: an edit to a kernel header alone rebuilds the extension
         super().__init__("fastbert._cpu", sources=["csrc/cpu/attention.cpp"],
-                         depends=["csrc/cpu/attention_kernel.h"], include_dirs=[str(ROOT), pybind11.get_include()], language="c++",
+                         depends=["csrc/cpu/attention_kernel.h",
+                                  "csrc/cpu/attention_backward.h"],
+                         include_dirs=[str(ROOT), pybind11.get_include()], language="c++",
                          extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
                          extra_link_args=["-fopenmp"])
 

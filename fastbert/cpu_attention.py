@@ -1,32 +1,37 @@
-"""fastbert's own fp32 CPU attention forward (the extension fastbert._cpu, csrc/cpu/): packed
-variable-length sequences, and padded batches with a key-padding mask, with flash-attn's sliding
-window and causal mask: the torch backend's attention_varlen and attention inference forwards on
-CPU wherever they apply.
+"""fastbert's own fp32 CPU attention, forward and backward (the extension fastbert._cpu,
+csrc/cpu/): packed variable-length sequences, and padded batches with a key-padding mask, with
+flash-attn's sliding window and causal mask: the torch backend's attention_varlen and attention
+on CPU wherever they apply.
 
 ATen's fused CPU attention runs its tiles on MKL's sgemm, which on AMD CPUs takes half-rate code
 paths (F.linear's own GEMMs there reach half of oneDNN's); its banded form also needs the keys
-copied into per-block spans. This kernel (FlashAttention-2's loop: 32 query rows per task, S^T
-and O in per-thread tiles, the online softmax in base 2) reads q, k and v in place, visits only
-the keys a row block can see, and keeps its tiles in AVX-512 or AVX2+FMA registers, chosen at run
-time, threaded by OpenMP: built with -fopenmp, it binds to the libgomp torch has already loaded,
-so it runs on torch's thread team (torch.get_num_threads() threads) and no team spins against
-another. Measured on a Zen 5 CPU, 2 threads, interleaved with ATen's path through
-attention_varlen: ModernBERT-base's global layer over 2,679 packed tokens 2.07x, its window-128
-layers 2.22x, BERT-base B8 S128 2.30x (benchmarks/README.md).
+copied into per-block spans, and its backward scatters packed tokens into a padded grid. This
+kernel (FlashAttention-2's loops: 32 query rows per task, S^T and O in per-thread tiles, the
+online softmax) reads q, k and v in place, visits only the keys a row block can see,
+and keeps its tiles in AVX-512 or AVX2+FMA registers, chosen at run time, threaded by OpenMP:
+built with -fopenmp, it binds to the libgomp torch has already loaded, so it runs on torch's
+thread team (torch.get_num_threads() threads) and no team spins against another. Its backward
+recomputes the softmax from the forward's lse (so forward and backward both run here or both on
+ATen: `serves` decides on attributes both calls see alike) in key tasks (dK, dV) and query tasks
+(dQ), no atomics. A decoding step's 1-3 query rows run one at a time, keys along the lanes.
+Measured on a Zen 5 CPU, 2 threads, interleaved with ATen's path: benchmarks/README.md.
 
     from fastbert import cpu_attention
-    if cpu_attention.serves(q, k, v, dropout_p):  # q, k, v (T, H, D) fp32 on CPU, no grad
+    if cpu_attention.serves(q, k, v, dropout_p):  # q, k, v (T, H, D) fp32 on CPU
         out, lse = cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window)
+        dq, dk, dv = cpu_attention.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal,
+                                                   scale, window)
     if cpu_attention.serves(q, k, v, dropout_p):  # q (B, Sq, H, D), k, v (B, Sk, H, D)
         out, lse = cpu_attention.padded_forward(q, k, v, key_padding_mask, causal, scale, window)
 
 The output contracts are attention_varlen's (out (T, H, D), lse (H, T) fp32) and attention's
-(out (B, Sq, H, D), lse (B, H, Sq)): zeros and lse = +inf for a query that sees no key. A padded
-batch's padding keys before a row's first real key and after its last are never visited. It serves forwards without autograd (inference), head_dim a
-multiple of the vector width (16 or 8 floats) up to 256; training forwards, dropout and
-fp16/bf16 (ATen's brgemm serves those) stay on ATen's fused attention. Without the
-extension (not built: no C++ compiler, not x86-64, FASTBERT_BUILD_CPU=0) or the ISA, `reason()`
-says why and the ATen paths serve as before. `set_enabled(False)` switches it off.
+(out (B, Sq, H, D), lse (B, H, Sq)): zeros and lse = +inf for a query that sees no key, zero
+gradients for it and for padding keys. A padded batch's padding keys before a row's first real
+key and after its last are never visited. It serves head_dim a multiple of the vector width (16
+or 8 floats) up to 256, without dropout; dropout and fp16/bf16 (ATen's brgemm serves those) stay
+on ATen's fused attention. Without the extension (not built: no C++ compiler, not x86-64,
+FASTBERT_BUILD_CPU=0) or the ISA, `reason()` says why and the ATen paths serve as before.
+`set_enabled(False)` switches it off.
 """
 from __future__ import annotations
 
@@ -88,23 +93,25 @@ def takes(x: Tensor, dropout_p: float) -> bool:
 
 
 def serves(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
-    """Whether varlen_forward (q, k, v (T, H, D)) or padded_forward (q (B, Sq, H, D), k and v
-    (B, Sk, H, D)) takes these inputs: `takes`, plain CPU fp32 tensors of one head count and
-    head dim (and one batch), none requiring grad (a training forward stays on ATen's, whose
-    backward recomputes its own forward's softmax from out and lse: a gradient test over a
-    whole model sat at the tolerance rule's bound with this kernel's out and lse in between).
-    Beyond `takes`, attribute reads only: this runs once per attention call."""
+    """Whether the varlen (q, k, v (T, H, D)) or padded (q (B, Sq, H, D), k and v (B, Sk, H, D))
+    kernels take these inputs: `takes`, plain CPU fp32 tensors of one head count and head dim
+    (and one batch). A backward asks with the tensors its forward saved, so both agree (the
+    backward recomputes its forward's softmax from lse). Beyond `takes`, attribute reads only:
+    this runs once per attention call."""
     ndim = q.ndim
     if (not takes(q, dropout_p) or forward_ad._current_level >= 0  # no dual tensors
             or ndim not in (3, 4) or v.shape[:-2] != k.shape[:-2]
             or (ndim == 4 and k.shape[0] != q.shape[0])):
         return False
     for t in (q, k, v):
-        if (t.requires_grad or t.__class__ is not Tensor or t.ndim != ndim
+        if (t.__class__ is not Tensor or t.ndim != ndim
                 or t.device.type != "cpu" or t.dtype != torch.float32
                 or t.shape[-2:] != q.shape[-2:]):
             return False
-    return True
+    return not _functorch_active()  # torch.func's wrapped tensors have no data pointer
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _bounds(window: Tuple[int, int], causal: bool, reach: int) -> Tuple[int, int]:
@@ -116,30 +123,75 @@ def _bounds(window: Tuple[int, int], causal: bool, reach: int) -> Tuple[int, int
     return (-1 if left >= reach else left), (-1 if right >= reach else right)
 
 
+def _flat_features(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """The tensors, copied (and held until the kernel returns) where a head's features are not
+    contiguous: the kernel reads each head's row as one run."""
+    if any(t.stride(-1) != 1 for t in tensors):
+        return tuple(t.contiguous() for t in tensors)
+    return tensors
+
+
+def _offsets(op: str, cu_q: Tensor, cu_k: Tensor) -> Tuple[Tensor, Tensor]:
+    offsets_q = cu_q.to(torch.int64).contiguous()  # tiny; the kernel reads int64
+    offsets_k = offsets_q if cu_k is cu_q else cu_k.to(torch.int64).contiguous()
+    if offsets_k.shape != offsets_q.shape:
+        raise ValueError(f"fastbert.cpu_attention.{op}: cu_seqlens_k expected "
+                         f"{tuple(offsets_q.shape)} entries like cu_seqlens_q, got "
+                         f"{tuple(offsets_k.shape)}")
+    return offsets_q, offsets_k
+
+
+def _mask(op: str, key_padding_mask: Optional[Tensor], batch: int, sk: int):
+    """(address, row stride) of a (B, Sk) bool mask for the kernel, (0, 0) for none."""
+    if key_padding_mask is None:
+        return 0, 0
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, sk):
+        raise ValueError(f"fastbert.cpu_attention.{op}: key_padding_mask expected a ({batch}, "
+                         f"{sk}) bool tensor, got {key_padding_mask.dtype} "
+                         f"{tuple(key_padding_mask.shape)}")
+    if key_padding_mask.stride(1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()
+    return key_padding_mask.data_ptr(), key_padding_mask.stride(0)
+
+
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool,
                    scale: float, window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor]:
     """attention_varlen's forward on inputs `serves` took: (out (T, H, D), lse (H, T) fp32).
     window: flash-attn's (left, right), -1 unbounded; causal bounds right at 0."""
     total, heads, dim = q.shape
     left, right = _bounds(window, causal, total + k.shape[0])
-    # each head's features must be contiguous: a copy (held until the kernel returns) if not
-    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    (q_tok, q_head, _), (k_tok, k_head, _), (v_tok, v_head, _) = q.stride(), k.stride(), v.stride()
+    q, k, v = _flat_features(q, k, v)
     out = torch.empty(total, heads, dim, dtype=torch.float32, device="cpu")
     lse = torch.empty(heads, total, dtype=torch.float32, device="cpu")
-    offsets_q = cu_q.to(torch.int64).contiguous()  # tiny; the kernel reads int64
-    offsets_k = offsets_q if cu_k is cu_q else cu_k.to(torch.int64).contiguous()
-    if offsets_k.shape != offsets_q.shape:
-        raise ValueError(f"fastbert.cpu_attention.varlen_forward: cu_seqlens_k expected "
-                         f"{tuple(offsets_q.shape)} entries like cu_seqlens_q, got "
-                         f"{tuple(offsets_k.shape)}")
+    offsets_q, offsets_k = _offsets("varlen_forward", cu_q, cu_k)
     _cpu.attention_varlen_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         offsets_q.data_ptr(), offsets_k.data_ptr(), offsets_q.shape[0] - 1, total, k.shape[0],
-        heads, dim, q_tok, q_head, k_tok, k_head, v_tok, v_head, heads * dim, dim, total, scale,
-        left, right, torch.get_num_threads())
+        heads, dim, q.stride()[:2], k.stride()[:2], v.stride()[:2], scale, left, right,
+        torch.get_num_threads())
     return out, lse
+
+
+def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    cu_q: Tensor, cu_k: Tensor, causal: bool, scale: float,
+                    window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor, Tensor]:
+    """varlen_forward's backward: (dq, dk, dv), each like its input, contiguous. lse is the
+    forward's (its softmax is recomputed from it, as FlashAttention's backward does)."""
+    total, heads, dim = q.shape
+    left, right = _bounds(window, causal, total + k.shape[0])
+    dout, q, k, v = _flat_features(dout, q, k, v)
+    delta = (dout * out).sum(-1).t().contiguous()  # (H, T): rowsum(dO * O)
+    dq = torch.empty(total, heads, dim, dtype=torch.float32, device="cpu")
+    dk = torch.empty(k.shape[0], heads, dim, dtype=torch.float32, device="cpu")
+    dv = torch.empty(k.shape[0], heads, dim, dtype=torch.float32, device="cpu")
+    offsets_q, offsets_k = _offsets("varlen_backward", cu_q, cu_k)
+    _cpu.attention_varlen_backward(
+        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.contiguous().data_ptr(),
+        delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), offsets_q.data_ptr(),
+        offsets_k.data_ptr(), offsets_q.shape[0] - 1, total, k.shape[0], heads, dim,
+        dout.stride()[:2], q.stride()[:2], k.stride()[:2], v.stride()[:2], scale, left, right,
+        torch.get_num_threads())
+    return dq, dk, dv
 
 
 def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
@@ -151,21 +203,34 @@ def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[T
     batch, sq, heads, dim = q.shape
     sk = k.shape[1]
     left, right = _bounds(window, causal, sq + sk)
-    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _flat_features(q, k, v)
+    mask, mask_batch = _mask("padded_forward", key_padding_mask, batch, sk)
     out = torch.empty(batch, sq, heads, dim, dtype=torch.float32, device="cpu")
     lse = torch.empty(batch, heads, sq, dtype=torch.float32, device="cpu")
-    mask, mask_batch = 0, 0
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, sk):
-            raise ValueError(f"fastbert.cpu_attention.padded_forward: key_padding_mask expected "
-                             f"a ({batch}, {sk}) bool tensor, got {key_padding_mask.dtype} "
-                             f"{tuple(key_padding_mask.shape)}")
-        if key_padding_mask.stride(1) != 1:
-            key_padding_mask = key_padding_mask.contiguous()
-        mask, mask_batch = key_padding_mask.data_ptr(), key_padding_mask.stride(0)
     _cpu.attention_padded_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), mask,
-        mask_batch, batch, sq, sk, heads, dim, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], scale, left, right, torch.get_num_threads())
+        mask_batch, batch, sq, sk, heads, dim, q.stride()[:3], k.stride()[:3], v.stride()[:3],
+        scale, left, right, torch.get_num_threads())
     return out, lse
+
+
+def padded_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+                    window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor, Tensor]:
+    """padded_forward's backward: (dq, dk, dv), each like its input, contiguous; padding keys get
+    zero gradients."""
+    batch, sq, heads, dim = q.shape
+    sk = k.shape[1]
+    left, right = _bounds(window, causal, sq + sk)
+    dout, q, k, v = _flat_features(dout, q, k, v)
+    mask, mask_batch = _mask("padded_backward", key_padding_mask, batch, sk)
+    delta = (dout * out).sum(-1).transpose(1, 2).contiguous()  # (B, H, Sq): rowsum(dO * O)
+    dq = torch.empty(batch, sq, heads, dim, dtype=torch.float32, device="cpu")
+    dk = torch.zeros(batch, sk, heads, dim, dtype=torch.float32, device="cpu")
+    dv = torch.zeros(batch, sk, heads, dim, dtype=torch.float32, device="cpu")
+    _cpu.attention_padded_backward(
+        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.contiguous().data_ptr(),
+        delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mask, mask_batch, batch,
+        sq, sk, heads, dim, dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3],
+        scale, left, right, torch.get_num_threads())
+    return dq, dk, dv

@@ -176,7 +176,8 @@ class _TorchVarlen:
         if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
-        # fastbert's CPU kernel reads q, k, v in place (dropout first: one test, no call)
+        # fastbert's CPU kernel reads q, k, v in place, forward and backward (dropout first: one
+        # test, no call)
         if dropout_p == 0.0 and cpu_attention.serves(q, k, v, dropout_p):
             if rotary is not None:
                 cos, sin, pos_q, pos_k = rotary
@@ -227,6 +228,9 @@ class _TorchVarlen:
                                   dropout_p, scale, seed, deterministic, window=ops.FULL_WINDOW):
         if q.shape[0] == 0 or k.shape[0] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        if dropout_p == 0.0 and cpu_attention.serves(q, k, v, dropout_p):  # as forward chose
+            return cpu_attention.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal,
+                                                 scale, window)
         band = _packed_band(q, cu_q, cu_k, causal, window, dropout_p, backward=True)
         if band is not None:
             grads = sliding.backward(dout[None], q[None], k[None], v[None], out[None], lse[None],

@@ -164,16 +164,69 @@ def test_padded_batches_match_reference(isa, batch, sq, sk, heads, window, causa
     assert torch.equal(out[blind], torch.zeros_like(out[blind]))
 
 
-def test_padded_training_forwards_stay_on_aten():
-    q, k, v = (torch.randn(2, 16, 2, 32, requires_grad=True) for _ in range(3))
+def _grads(fn, inputs, dout, dtype):
+    """(out, *grads of inputs) of fn in dtype, by torch autograd."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dout.to(dtype))
+    return (out, *(t.grad for t in leaves))
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("lengths_q, lengths_k, heads, window, causal", CASES)
+def test_backward_matches_reference(isa, lengths_q, lengths_k, heads, window, causal, head_dim):
+    lengths_k = lengths_k or lengths_q
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    g = torch.Generator().manual_seed(sum(lengths_k) * 11 + head_dim)
+    qkv = torch.randn(max(tq, tk), 3, heads, head_dim, generator=g)
+    q, k, v = qkv[:tq, 0], qkv[:tk, 1], qkv[:tk, 2]
+    dout = torch.randn(tq, heads, head_dim, generator=g)
+    scale, cu_q, cu_k = head_dim ** -0.5, cu_of(lengths_q), cu_of(lengths_k)
+    out, lse = cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window)
+    grads = cpu_attention.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale,
+                                          window)
+
+    def fn(q, k, v):
+        return reference_varlen(q, k, v, lengths_q, lengths_k, scale, causal, window, q.dtype)[0]
+    plain = _grads(fn, (q, k, v), dout, torch.float32)
+    exact = _grads(fn, (q, k, v), dout, torch.float64)
+    for name, got, p, e in zip(("dq", "dk", "dv"), grads, plain[1:], exact[1:]):
+        assert got.shape == p.shape and got.is_contiguous()
+        assert_close_by_rule(got, p, e, f"{name} ({isa})")
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "right", "left", "holes", "all padding"])
+@pytest.mark.parametrize("batch, sq, sk, heads, window, causal", PADDED_CASES)
+def test_padded_training_runs_the_kernel_forward_and_backward(isa, batch, sq, sk, heads, window,
+                                                             causal, mask_kind):
+    """fastbert.attention's autograd path on the kernel: output and every gradient by the rule;
+    padding keys and queries that see nothing get zero gradients."""
+    g = torch.Generator().manual_seed(batch * 100 + sq + sk)
+    q, k, v = (torch.randn(batch, s, heads, 32, generator=g) for s in (sq, sk, sk))
+    dout = torch.randn(batch, sq, heads, 32, generator=g)
+    mask = _padding_mask(mask_kind, batch, sk, g)
     calls = []
-    kernel = cpu_attention.padded_forward
+    forward, backward = cpu_attention.padded_forward, cpu_attention.padded_backward
     try:
-        cpu_attention.padded_forward = lambda *a: calls.append(1) or kernel(*a)
-        fastbert.attention(q, k, v, backend="torch").sum().backward()
+        cpu_attention.padded_forward = lambda *a: calls.append("fwd") or forward(*a)
+        cpu_attention.padded_backward = lambda *a: calls.append("bwd") or backward(*a)
+        got = _grads(lambda q, k, v: fastbert.attention(q, k, v, mask, causal=causal,
+                                                        window_size=window, backend="torch"),
+                     (q, k, v), dout, torch.float32)
     finally:
-        cpu_attention.padded_forward = kernel
-    assert calls == [] and q.grad is not None
+        cpu_attention.padded_forward, cpu_attention.padded_backward = forward, backward
+    assert calls == ["fwd", "bwd"]
+    visible = reference.attention_visible(mask, causal, batch, sq, sk, q.device, window)
+
+    def fn(q, k, v):
+        return reference.attention_forward(q, k, v, mask, causal, 0.0, 32 ** -0.5, None,
+                                           visible=visible)[0]
+    plain = _grads(fn, (q, k, v), dout, torch.float32)
+    exact = _grads(fn, (q, k, v), dout, torch.float64)
+    for name, a, p, e in zip(("out", "dq", "dk", "dv"), got, plain, exact):
+        assert_close_by_rule(a, p, e, f"{name} ({isa}, {mask_kind})")
+    if mask is not None:
+        assert not got[2][~mask].any() and not got[3][~mask].any(), "padding keys: zero grads"
 
 
 def test_features_with_a_stride_are_copied_first():
@@ -234,8 +287,6 @@ def test_what_the_kernel_does_not_take():
     q = torch.randn(10, 2, 32)
     assert cpu_attention.serves(q, q, q, 0.0)
     assert not cpu_attention.serves(q, q, q, 0.1)  # dropout: the backward's mask would differ
-    trained = q.clone().requires_grad_()
-    assert not cpu_attention.serves(trained, q, q, 0.0)  # a training forward: ATen's
     assert not cpu_attention.serves(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0.0)
     assert not cpu_attention.serves(q.double(), q.double(), q.double(), 0.0)
     odd = torch.randn(10, 2, 20)  # not a multiple of the vector width

@@ -97,7 +97,13 @@ def make_inputs(model, head: str, padded: bool = True):
 
 class LastHidden(nn.Module):
     """A base model (without pooler) seen as a head: the loss is a fixed random projection of the
-    hidden states at real tokens, as tests.test_hf.run does for BertModel."""
+    hidden states at real tokens, as tests.test_hf.run does for BertModel. The hidden states
+    (logits) and every gradient are compared; the projection is not, as test_hf.run does not
+    compare BertModel's: a sum of ~1,000 values, whose fp32 error one draw may cancel. Over 192
+    random draws of test_patched_matches_transformers_unpadded[{bert,roberta,electra}-Model] the
+    rule failed on it 14 times with ATen's attention and 19 with fastbert's CPU kernel (and on
+    one gradient, ELECTRA's embedding LayerNorm weight, once with the kernel)."""
+    loss_is_projection = True
 
     def __init__(self, base):
         super().__init__()

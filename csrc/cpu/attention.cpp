@@ -1,11 +1,12 @@
-// fastbert._cpu: fastbert's fp32 CPU attention forward for packed variable-length sequences
-// (cu_seqlens) and for padded batches with a key-padding mask, with flash-attn's sliding window
-// and causal mask. ATen's fused CPU attention
+// fastbert._cpu: fastbert's fp32 CPU attention, forward and backward, for packed
+// variable-length sequences (cu_seqlens) and for padded batches with a key-padding mask, with
+// flash-attn's sliding window and causal mask. ATen's fused CPU attention
 // runs its tiles on MKL's sgemm, which on AMD CPUs takes half-rate code paths; this kernel
 // (attention_kernel.h) keeps its tiles in vector registers on AVX-512 or AVX2 + FMA, chosen
 // at run time, threaded by OpenMP (torch's own team). No torch, as fastbert._C: tensors arrive
 // as addresses, sizes and strides.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -26,27 +27,41 @@ struct Args {
   const float* q;
   const float* k;
   const float* v;
-  float* out;
-  float* lse;
+  float* out;                  // (tokens, heads, dim) contiguous; dq too
+  const float* lse;            // (heads, tokens) per sequence (lse_off, lse_head); delta too
+  float* lse_out;
   int64_t dim;
   int64_t q_tok, q_head, k_tok, k_head, v_tok, v_head, o_tok, o_head, lse_head;
-  int64_t k_extent;            // elements of k from its first: no key row is read past it
+  int64_t q_extent, k_extent, v_extent;  // elements from each tensor's first: no row is read
+                                         // past them
   float scale;
   int64_t left, right;         // key j is visible from query i when
                                // i + shift - left <= j <= i + shift + right
 };
 
-// One sequence: where its queries, keys, values, outputs and lse start (elements), how many
-// queries and keys it has, and the diagonal's offset (bottom-right alignment, as flash-attn's:
-// keys - queries, less the padding keys cut off its front).
+// The backward's other tensors: dO read as q is, delta = rowsum(dO * O) laid out as lse, dQ as
+// out, dK and dV (tokens, heads, dim) contiguous.
+struct Grads {
+  const float* dout;
+  const float* delta;
+  float* dq;
+  float* dk;
+  float* dv;
+  int64_t do_tok, do_head, do_extent;
+};
+
+// One sequence: where its queries, keys, values, outputs, lse, dO and dK/dV start (elements),
+// how many queries and keys it has, and the diagonal's offset (bottom-right alignment, as
+// flash-attn's: keys - queries, less the padding keys cut off its front).
 struct Seq {
-  int64_t q_off, k_off, v_off, o_off, lse_off;
+  int64_t q_off, k_off, v_off, o_off, lse_off, do_off, dkv_off;
   int64_t lq, lk, shift;
   const uint8_t* key_mask;     // (lk,) 1 = a real key, where padding sits between real keys
 };
 
 struct Task {
-  int64_t seq, head, row0;     // query rows [row0, row0 + BM) of one sequence and head
+  int64_t seq, head, row0;     // rows [row0, row0 + BM) of one sequence and head: queries (the
+                               // forward, dQ) or keys (dK, dV)
 };
 
 #pragma GCC push_options
@@ -56,6 +71,7 @@ struct Task {
 #define FB_JG 12
 #define FB_R 4
 #include "csrc/cpu/attention_kernel.h"
+#include "csrc/cpu/attention_backward.h"
 #undef FB_NS
 #undef FB_W
 #undef FB_JG
@@ -69,6 +85,7 @@ struct Task {
 #define FB_JG 3
 #define FB_R 2
 #include "csrc/cpu/attention_kernel.h"
+#include "csrc/cpu/attention_backward.h"
 #undef FB_NS
 #undef FB_W
 #undef FB_JG
@@ -112,115 +129,229 @@ int width_of(int which) { return which == 2 ? 16 : which == 1 ? 8 : 0; }
 int vector_width() { return width_of(chosen_isa.load()); }
 
 // The ISA code this call runs with, after checking head_dim fits it.
-int checked_isa(const char* op, int64_t dim) {
+int checked_isa(const std::string& op, int64_t dim) {
   const int which = chosen_isa.load();  // one ISA for the whole call
   const int width = width_of(which);
-  if (width == 0)
-    throw std::runtime_error(std::string(op) + ": this CPU has neither AVX-512 nor AVX2 with FMA");
+  if (width == 0) throw std::runtime_error(op + ": this CPU has neither AVX-512 nor AVX2 with FMA");
   if (dim <= 0 || dim % width != 0 || dim > 256)
-    throw std::invalid_argument(std::string(op) + ": head_dim must be a multiple of " +
-                                std::to_string(width) + " up to 256, got " + std::to_string(dim));
+    throw std::invalid_argument(op + ": head_dim must be a multiple of " + std::to_string(width) +
+                                " up to 256, got " + std::to_string(dim));
   return which;
 }
 
-// Sequence-major, then head, then row block: consecutive tasks share their K and V in cache.
-void launch(int which, const Args& a, const std::vector<Seq>& seqs, int64_t heads,
-            int64_t threads) {
-  constexpr int64_t rows_per_task = avx512::BM;
-  static_assert(avx512::BM == avx2::BM, "both ISAs cut the same row blocks");
-  std::vector<Task> tasks;
-  for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s)
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t row0 = 0; row0 < seqs[s].lq; row0 += rows_per_task) tasks.push_back({s, h, row0});
-  const int workers = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(threads, static_cast<int64_t>(tasks.size()))));
-  if (which == 2)
-    avx512::run(a, seqs, tasks, workers);
-  else
-    avx2::run(a, seqs, tasks, workers);
+// The elements a (batch,) rows, heads, dim view spans from its first: the bound no read passes.
+int64_t extent(int64_t batch, int64_t batch_stride, int64_t rows, int64_t tok, int64_t heads,
+               int64_t head, int64_t dim) {
+  if (batch == 0 || rows == 0) return 0;
+  return (batch - 1) * batch_stride + (rows - 1) * tok + (heads - 1) * head + dim;
 }
 
-// q (total_q, heads, dim), k and v (total_k, heads, dim) at the given strides; sequence s is
-// rows cu_q[s]:cu_q[s+1] of q and cu_k[s]:cu_k[s+1] of k and v. out (total_q, heads, dim),
-// lse (heads, total_q) with row stride lse_head.
-void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
-                              uintptr_t lse, uintptr_t cu_q_ptr, uintptr_t cu_k_ptr, int64_t seqs,
-                              int64_t total_q, int64_t total_k,
-                              int64_t heads, int64_t dim, int64_t q_tok, int64_t q_head,
-                              int64_t k_tok, int64_t k_head, int64_t v_tok, int64_t v_head,
-                              int64_t o_tok, int64_t o_head, int64_t lse_head, double scale,
-                              int64_t left, int64_t right, int64_t threads) {
-  const char* op = "fastbert._cpu.attention_varlen_forward";
-  const int which = checked_isa(op, dim);
+// Strides in elements: (token, head) for packed tensors, (batch, token, head) for padded ones.
+using Strides = std::vector<int64_t>;
+
+void expect_strides(const std::string& op, const Strides& st, size_t n) {
+  if (st.size() != n)
+    throw std::invalid_argument(op + ": expected " + std::to_string(n) + " strides per tensor");
+}
+
+// The sequences of a packed batch. cu_seqlens start at 0, never decrease and stay within the
+// tensors (the op checked them already; a wrong one here would read or write out of bounds).
+std::vector<Seq> packed_sequences(const std::string& op, uintptr_t cu_q_ptr, uintptr_t cu_k_ptr,
+                                  int64_t seqs, int64_t total_q, int64_t total_k, int64_t row,
+                                  const Strides& q, const Strides& k, const Strides& v,
+                                  int64_t do_tok) {
   const auto* cu_q = reinterpret_cast<const int64_t*>(cu_q_ptr);
   const auto* cu_k = reinterpret_cast<const int64_t*>(cu_k_ptr);
-  // cu_seqlens start at 0, never decrease and stay within the tensors (the op checked them
-  // already; a wrong one here would read or write out of bounds)
   for (int64_t s = 0; s <= seqs; ++s) {
     const bool bad_q = cu_q[s] < (s ? cu_q[s - 1] : 0) || cu_q[s] > total_q ||
                        (s == seqs && cu_q[s] != total_q);  // every output row is written
     const bool bad_k = cu_k[s] < (s ? cu_k[s - 1] : 0) || cu_k[s] > total_k;
     if (bad_q || bad_k || (s == 0 && (cu_q[0] != 0 || cu_k[0] != 0)))
-      throw std::invalid_argument(std::string(op) + ": cu_seqlens must start at 0, never "
-                                  "decrease, end at the queries' count and within the keys'");
+      throw std::invalid_argument(op + ": cu_seqlens must start at 0, never decrease, end at "
+                                  "the queries' count and within the keys'");
   }
-  Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-         reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out),
-         reinterpret_cast<float*>(lse), dim, q_tok, q_head, k_tok, k_head, v_tok,
-         v_head, o_tok, o_head, lse_head,
-         total_k > 0 ? (total_k - 1) * k_tok + (heads - 1) * k_head + dim : 0,
-         static_cast<float>(scale), left, right};
   std::vector<Seq> list;
   for (int64_t s = 0; s < seqs; ++s) {
     const int64_t lq = cu_q[s + 1] - cu_q[s], lk = cu_k[s + 1] - cu_k[s];
-    list.push_back({cu_q[s] * q_tok, cu_k[s] * k_tok, cu_k[s] * v_tok, cu_q[s] * o_tok, cu_q[s],
-                    lq, lk, lk - lq, nullptr});
+    list.push_back({cu_q[s] * q[0], cu_k[s] * k[0], cu_k[s] * v[0], cu_q[s] * row, cu_q[s],
+                    cu_q[s] * do_tok, cu_k[s] * row, lq, lk, lk - lq, nullptr});
   }
-  launch(which, a, list, heads, threads);
+  return list;
 }
 
-// q (batch, sq, heads, dim), k and v (batch, sk, heads, dim) at the given strides; key_mask
-// (batch, sk) bytes at row stride mask_batch, 1 = a real key (0: no mask). out (batch, sq,
-// heads, dim) and lse (batch, heads, sq), both contiguous. Each row's padding keys before its
-// first real key and after its last are never visited; padding between real keys is masked.
-void attention_padded_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
-                              uintptr_t lse, uintptr_t key_mask, int64_t mask_batch,
-                              int64_t batch, int64_t sq, int64_t sk, int64_t heads, int64_t dim,
-                              int64_t q_batch, int64_t q_tok, int64_t q_head, int64_t k_batch,
-                              int64_t k_tok, int64_t k_head, int64_t v_batch, int64_t v_tok,
-                              int64_t v_head, double scale, int64_t left, int64_t right,
-                              int64_t threads) {
-  const char* op = "fastbert._cpu.attention_padded_forward";
-  const int which = checked_isa(op, dim);
-  if (batch < 0 || sq < 0 || sk < 0 || heads <= 0)
-    throw std::invalid_argument(std::string(op) + ": sizes must be nonnegative");
-  Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-         reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out),
-         reinterpret_cast<float*>(lse), dim, q_tok, q_head, k_tok, k_head, v_tok,
-         v_head, heads * dim, dim, sq,
-         batch > 0 && sk > 0 ? (batch - 1) * k_batch + (sk - 1) * k_tok + (heads - 1) * k_head + dim
-                             : 0,
-         static_cast<float>(scale), left, right};
+// The rows of a padded batch: each row's real keys' span [first, end) from its mask (bytes,
+// 1 = real; 0: no mask), so the padding before and after it is never visited, and the mask
+// itself where padding sits inside the span.
+std::vector<Seq> padded_rows(uintptr_t key_mask, int64_t mask_batch, int64_t batch, int64_t sq,
+                             int64_t sk, int64_t heads, int64_t dim, const Strides& q,
+                             const Strides& k, const Strides& v, int64_t do_batch) {
+  const int64_t row = heads * dim;
   const auto* mask = reinterpret_cast<const uint8_t*>(key_mask);
   std::vector<Seq> list;
   for (int64_t b = 0; b < batch; ++b) {
-    int64_t first = 0, end = sk, real = sk;  // the real keys' span, and how many are real
-    const uint8_t* row = mask != nullptr ? mask + b * mask_batch : nullptr;
-    if (row != nullptr) {
+    int64_t first = 0, end = sk, real = sk;
+    const uint8_t* keys = mask != nullptr ? mask + b * mask_batch : nullptr;
+    if (keys != nullptr) {
       first = sk, end = 0, real = 0;
       for (int64_t j = 0; j < sk; ++j)
-        if (row[j]) {
+        if (keys[j]) {
           first = std::min(first, j);
           end = j + 1;
           ++real;
         }
       if (real == 0) first = end = 0;
     }
-    list.push_back({b * q_batch, b * k_batch + first * k_tok, b * v_batch + first * v_tok,
-                    b * sq * heads * dim, b * heads * sq, sq, end - first, sk - sq - first,
-                    real < end - first ? row + first : nullptr});
+    list.push_back({b * q[0], b * k[0] + first * k[1], b * v[0] + first * v[1], b * sq * row,
+                    b * heads * sq, b * do_batch, (b * sk + first) * row, sq, end - first,
+                    sk - sq - first, real < end - first ? keys + first : nullptr});
   }
-  launch(which, a, list, heads, threads);
+  return list;
+}
+
+// Tasks over rows [0, length) of every sequence and head, BM rows each, sequence-major: the
+// tasks next to each other share their sequence's tensors in cache.
+std::vector<Task> tasks_over(const std::vector<Seq>& seqs, int64_t heads, bool keys) {
+  constexpr int64_t rows_per_task = avx512::BM;
+  static_assert(avx512::BM == avx2::BM, "both ISAs cut the same row blocks");
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t row0 = 0; row0 < (keys ? seqs[s].lk : seqs[s].lq); row0 += rows_per_task)
+        tasks.push_back({s, h, row0});
+  return tasks;
+}
+
+int workers(int64_t threads, size_t tasks) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
+}
+
+void forward(int which, const Args& a, const std::vector<Seq>& seqs, int64_t heads,
+             int64_t threads) {
+  const std::vector<Task> tasks = tasks_over(seqs, heads, false);
+  if (which == 2)
+    avx512::run(a, seqs, tasks, workers(threads, tasks.size()));
+  else
+    avx2::run(a, seqs, tasks, workers(threads, tasks.size()));
+}
+
+void backward(int which, const Args& a, const Grads& g, const std::vector<Seq>& seqs,
+              int64_t heads, int64_t threads) {
+  const std::vector<Task> key_tasks = tasks_over(seqs, heads, true);
+  const std::vector<Task> query_tasks = tasks_over(seqs, heads, false);
+  const int n = workers(threads, key_tasks.size() + query_tasks.size());
+  if (which == 2)
+    avx512::run_backward(a, g, seqs, key_tasks, query_tasks, n);
+  else
+    avx2::run_backward(a, g, seqs, key_tasks, query_tasks, n);
+}
+
+// q (total_q, heads, dim), k and v (total_k, heads, dim) at strides (token, head); sequence s is
+// rows cu_q[s]:cu_q[s+1] of q and cu_k[s]:cu_k[s+1] of k and v (int64). out (total_q, heads,
+// dim) and lse (heads, total_q), contiguous.
+void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                              uintptr_t lse, uintptr_t cu_q, uintptr_t cu_k, int64_t seqs,
+                              int64_t total_q, int64_t total_k, int64_t heads, int64_t dim,
+                              const Strides& qs, const Strides& ks, const Strides& vs,
+                              double scale, int64_t left, int64_t right, int64_t threads) {
+  const std::string op = "fastbert._cpu.attention_varlen_forward";
+  const int which = checked_isa(op, dim);
+  for (const Strides* st : {&qs, &ks, &vs}) expect_strides(op, *st, 2);
+  const std::vector<Seq> list = packed_sequences(op, cu_q, cu_k, seqs, total_q, total_k,
+                                                 heads * dim, qs, ks, vs, 0);
+  const Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+               reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), nullptr,
+               reinterpret_cast<float*>(lse), dim, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1],
+               heads * dim, dim, total_q,
+               extent(1, 0, total_q, qs[0], heads, qs[1], dim),
+               extent(1, 0, total_k, ks[0], heads, ks[1], dim),
+               extent(1, 0, total_k, vs[0], heads, vs[1], dim),
+               static_cast<float>(scale), left, right};
+  forward(which, a, list, heads, threads);
+}
+
+// The backward of attention_varlen_forward: dout read at strides (token, head); lse and
+// delta = rowsum(dout * out) (heads, total_q) contiguous; dq (total_q, heads, dim), dk and dv
+// (total_k, heads, dim) written whole (keys no sequence holds: zeros).
+void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
+                               uintptr_t lse, uintptr_t delta, uintptr_t dq, uintptr_t dk,
+                               uintptr_t dv, uintptr_t cu_q, uintptr_t cu_k, int64_t seqs,
+                               int64_t total_q, int64_t total_k, int64_t heads, int64_t dim,
+                               const Strides& dos, const Strides& qs, const Strides& ks,
+                               const Strides& vs, double scale, int64_t left, int64_t right,
+                               int64_t threads) {
+  const std::string op = "fastbert._cpu.attention_varlen_backward";
+  const int which = checked_isa(op, dim);
+  for (const Strides* st : {&dos, &qs, &ks, &vs}) expect_strides(op, *st, 2);
+  const std::vector<Seq> list = packed_sequences(op, cu_q, cu_k, seqs, total_q, total_k,
+                                                 heads * dim, qs, ks, vs, dos[0]);
+  const Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+               reinterpret_cast<const float*>(v), nullptr, reinterpret_cast<const float*>(lse),
+               nullptr, dim, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], heads * dim, dim, total_q,
+               extent(1, 0, total_q, qs[0], heads, qs[1], dim),
+               extent(1, 0, total_k, ks[0], heads, ks[1], dim),
+               extent(1, 0, total_k, vs[0], heads, vs[1], dim),
+               static_cast<float>(scale), left, right};
+  const Grads g{reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
+                reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk),
+                reinterpret_cast<float*>(dv), dos[0], dos[1],
+                extent(1, 0, total_q, dos[0], heads, dos[1], dim)};
+  const int64_t covered = reinterpret_cast<const int64_t*>(cu_k)[seqs] * heads * dim;
+  std::fill(g.dk + covered, g.dk + total_k * heads * dim, 0.0f);
+  std::fill(g.dv + covered, g.dv + total_k * heads * dim, 0.0f);
+  backward(which, a, g, list, heads, threads);
+}
+
+// q (batch, sq, heads, dim), k and v (batch, sk, heads, dim) at strides (batch, token, head);
+// key_mask (batch, sk) bytes at row stride mask_batch, 1 = a real key (0: no mask). out (batch,
+// sq, heads, dim) and lse (batch, heads, sq), contiguous.
+void attention_padded_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                              uintptr_t lse, uintptr_t key_mask, int64_t mask_batch,
+                              int64_t batch, int64_t sq, int64_t sk, int64_t heads, int64_t dim,
+                              const Strides& qs, const Strides& ks, const Strides& vs,
+                              double scale, int64_t left, int64_t right, int64_t threads) {
+  const std::string op = "fastbert._cpu.attention_padded_forward";
+  const int which = checked_isa(op, dim);
+  for (const Strides* st : {&qs, &ks, &vs}) expect_strides(op, *st, 3);
+  const std::vector<Seq> list = padded_rows(key_mask, mask_batch, batch, sq, sk, heads, dim,
+                                            qs, ks, vs, 0);
+  const Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+               reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), nullptr,
+               reinterpret_cast<float*>(lse), dim, qs[1], qs[2], ks[1], ks[2], vs[1], vs[2],
+               heads * dim, dim, sq,
+               extent(batch, qs[0], sq, qs[1], heads, qs[2], dim),
+               extent(batch, ks[0], sk, ks[1], heads, ks[2], dim),
+               extent(batch, vs[0], sk, vs[1], heads, vs[2], dim),
+               static_cast<float>(scale), left, right};
+  forward(which, a, list, heads, threads);
+}
+
+// The backward of attention_padded_forward: dout at strides (batch, token, head); lse and delta
+// (batch, heads, sq) contiguous; dq (batch, sq, heads, dim), dk and dv (batch, sk, heads, dim)
+// contiguous, dk and dv zeroed by the caller (padding keys outside a row's span are not written).
+void attention_padded_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
+                               uintptr_t lse, uintptr_t delta, uintptr_t dq, uintptr_t dk,
+                               uintptr_t dv, uintptr_t key_mask, int64_t mask_batch,
+                               int64_t batch, int64_t sq, int64_t sk, int64_t heads, int64_t dim,
+                               const Strides& dos, const Strides& qs, const Strides& ks,
+                               const Strides& vs, double scale, int64_t left, int64_t right,
+                               int64_t threads) {
+  const std::string op = "fastbert._cpu.attention_padded_backward";
+  const int which = checked_isa(op, dim);
+  for (const Strides* st : {&dos, &qs, &ks, &vs}) expect_strides(op, *st, 3);
+  const std::vector<Seq> list = padded_rows(key_mask, mask_batch, batch, sq, sk, heads, dim,
+                                            qs, ks, vs, dos[0]);
+  const Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+               reinterpret_cast<const float*>(v), nullptr, reinterpret_cast<const float*>(lse),
+               nullptr, dim, qs[1], qs[2], ks[1], ks[2], vs[1], vs[2], heads * dim, dim, sq,
+               extent(batch, qs[0], sq, qs[1], heads, qs[2], dim),
+               extent(batch, ks[0], sk, ks[1], heads, ks[2], dim),
+               extent(batch, vs[0], sk, vs[1], heads, vs[2], dim),
+               static_cast<float>(scale), left, right};
+  const Grads g{reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
+                reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk),
+                reinterpret_cast<float*>(dv), dos[1], dos[2],
+                extent(batch, dos[0], sq, dos[1], heads, dos[2], dim)};
+  backward(which, a, g, list, heads, threads);
 }
 
 }  // namespace fastbert_cpu
@@ -230,8 +361,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("isa", &fastbert_cpu::isa);
   m.def("set_isa", &fastbert_cpu::set_isa);
   m.def("vector_width", &fastbert_cpu::vector_width);
-  m.def("attention_varlen_forward", &fastbert_cpu::attention_varlen_forward,
-        py::call_guard<py::gil_scoped_release>());
-  m.def("attention_padded_forward", &fastbert_cpu::attention_padded_forward,
-        py::call_guard<py::gil_scoped_release>());
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("attention_varlen_forward", &fastbert_cpu::attention_varlen_forward, release);
+  m.def("attention_varlen_backward", &fastbert_cpu::attention_varlen_backward, release);
+  m.def("attention_padded_forward", &fastbert_cpu::attention_padded_forward, release);
+  m.def("attention_padded_backward", &fastbert_cpu::attention_padded_backward, release);
 }
