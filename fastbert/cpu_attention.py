@@ -17,19 +17,23 @@ ATen: `serves` decides on attributes both calls see alike) in key tasks (dK, dV)
 Measured on a Zen 5 CPU, 2 threads, interleaved with ATen's path: benchmarks/README.md.
 
     from fastbert import cpu_attention
-    if cpu_attention.serves(q, k, v, dropout_p):  # q, k, v (T, H, D) fp32 on CPU
-        out, lse = cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window)
+    if cpu_attention.serves(q, k, v):  # q, k, v (T, H, D) fp32 on CPU
+        out, lse = cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window,
+                                                dropout_p, seed)
         dq, dk, dv = cpu_attention.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal,
-                                                   scale, window)
-    if cpu_attention.serves(q, k, v, dropout_p):  # q (B, Sq, H, D), k, v (B, Sk, H, D)
-        out, lse = cpu_attention.padded_forward(q, k, v, key_padding_mask, causal, scale, window)
+                                                   scale, window, dropout_p, seed)
+    if cpu_attention.serves(q, k, v):  # q (B, Sq, H, D), k, v (B, Sk, H, D)
+        out, lse = cpu_attention.padded_forward(q, k, v, key_padding_mask, causal, scale, window,
+                                                dropout_p, seed)
 
 The output contracts are attention_varlen's (out (T, H, D), lse (H, T) fp32) and attention's
 (out (B, Sq, H, D), lse (B, H, Sq)): zeros and lse = +inf for a query that sees no key, zero
 gradients for it and for padding keys. A padded batch's padding keys before a row's first real
-key and after its last are never visited. It serves head_dim a multiple of the vector width (16
-or 8 floats) up to 256, without dropout; dropout and fp16/bf16 (ATen's brgemm serves those) stay
-on ATen's fused attention. Without the extension (not built: no C++ compiler, not x86-64,
+key and after its last are never visited. Dropout drops a probability where a hash of (seed,
+sequence, head, query, key) falls below dropout_p's share of 2^32 (MurmurHash3's finaliser), so
+the backward, given the forward's seed, drops the same ones; torch.manual_seed reproduces it (the
+op draws the seed from torch's generator). It serves head_dim a multiple of the vector width (16
+or 8 floats) up to 256; fp16/bf16 (ATen's brgemm serves those) stay on ATen's fused attention. Without the extension (not built: no C++ compiler, not x86-64,
 FASTBERT_BUILD_CPU=0) or the ISA, `reason()` says why and the ATen paths serve as before.
 `set_enabled(False)` switches it off.
 """
@@ -84,22 +88,22 @@ def describe() -> str:
             f"{_WIDTH} up to {MAX_HEAD_DIM})" if why is None else f"ATen's fused attention ({why})")
 
 
-def takes(x: Tensor, dropout_p: float) -> bool:
-    """Whether the kernel serves attention on q, k, v like x (its device, dtype, head dim) with
-    this dropout, before their layout is known."""
+def takes(x: Tensor) -> bool:
+    """Whether the kernel serves attention on q, k, v like x (its device, dtype, head dim),
+    before their layout is known."""
     d = x.shape[-1]
-    return (_enabled and _WIDTH != 0 and dropout_p == 0.0 and x.device.type == "cpu"
+    return (_enabled and _WIDTH != 0 and x.device.type == "cpu"
             and x.dtype == torch.float32 and d % _WIDTH == 0 and d <= MAX_HEAD_DIM)
 
 
-def serves(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+def serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the varlen (q, k, v (T, H, D)) or padded (q (B, Sq, H, D), k and v (B, Sk, H, D))
     kernels take these inputs: `takes`, plain CPU fp32 tensors of one head count and head dim
     (and one batch). A backward asks with the tensors its forward saved, so both agree (the
     backward recomputes its forward's softmax from lse). Beyond `takes`, attribute reads only:
     this runs once per attention call."""
     ndim = q.ndim
-    if (not takes(q, dropout_p) or forward_ad._current_level >= 0  # no dual tensors
+    if (not takes(q) or forward_ad._current_level >= 0  # no dual tensors
             or ndim not in (3, 4) or v.shape[:-2] != k.shape[:-2]
             or (ndim == 4 and k.shape[0] != q.shape[0])):
         return False
@@ -112,6 +116,7 @@ def serves(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+_SEED_BITS = (1 << 64) - 1
 
 
 def _bounds(window: Tuple[int, int], causal: bool, reach: int) -> Tuple[int, int]:
@@ -155,9 +160,12 @@ def _mask(op: str, key_padding_mask: Optional[Tensor], batch: int, sk: int):
 
 
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool,
-                   scale: float, window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor]:
+                   scale: float, window: Tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+                   seed: int = 0) -> Tuple[Tensor, Tensor]:
     """attention_varlen's forward on inputs `serves` took: (out (T, H, D), lse (H, T) fp32).
-    window: flash-attn's (left, right), -1 unbounded; causal bounds right at 0."""
+    window: flash-attn's (left, right), -1 unbounded; causal bounds right at 0. dropout_p on the
+    probabilities, its mask a hash of (seed, sequence, head, query, key): backward, given the
+    same seed, drops the same elements."""
     total, heads, dim = q.shape
     left, right = _bounds(window, causal, total + k.shape[0])
     q, k, v = _flat_features(q, k, v)
@@ -168,13 +176,14 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         offsets_q.data_ptr(), offsets_k.data_ptr(), offsets_q.shape[0] - 1, total, k.shape[0],
         heads, dim, q.stride()[:2], k.stride()[:2], v.stride()[:2], scale, left, right,
-        torch.get_num_threads())
+        dropout_p, seed & _SEED_BITS, torch.get_num_threads())
     return out, lse
 
 
 def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     cu_q: Tensor, cu_k: Tensor, causal: bool, scale: float,
-                    window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor, Tensor]:
+                    window: Tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+                    seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """varlen_forward's backward: (dq, dk, dv), each like its input, contiguous. lse is the
     forward's (its softmax is recomputed from it, as FlashAttention's backward does)."""
     total, heads, dim = q.shape
@@ -190,13 +199,13 @@ def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), offsets_q.data_ptr(),
         offsets_k.data_ptr(), offsets_q.shape[0] - 1, total, k.shape[0], heads, dim,
         dout.stride()[:2], q.stride()[:2], k.stride()[:2], v.stride()[:2], scale, left, right,
-        torch.get_num_threads())
+        dropout_p, seed & _SEED_BITS, torch.get_num_threads())
     return dq, dk, dv
 
 
 def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                   causal: bool, scale: float,
-                   window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor]:
+                   causal: bool, scale: float, window: Tuple[int, int] = (-1, -1),
+                   dropout_p: float = 0.0, seed: int = 0) -> Tuple[Tensor, Tensor]:
     """attention's forward on inputs `serves` took: q (B, Sq, H, D), k and v (B, Sk, H, D),
     key_padding_mask (B, Sk) bool (True = a real key) or None -> (out (B, Sq, H, D),
     lse (B, H, Sq) fp32). Query i's diagonal is key i + Sk - Sq (bottom-right, as attention's)."""
@@ -210,13 +219,14 @@ def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[T
     _cpu.attention_padded_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), mask,
         mask_batch, batch, sq, sk, heads, dim, q.stride()[:3], k.stride()[:3], v.stride()[:3],
-        scale, left, right, torch.get_num_threads())
+        scale, left, right, dropout_p, seed & _SEED_BITS, torch.get_num_threads())
     return out, lse
 
 
 def padded_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     key_padding_mask: Optional[Tensor], causal: bool, scale: float,
-                    window: Tuple[int, int] = (-1, -1)) -> Tuple[Tensor, Tensor, Tensor]:
+                    window: Tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+                    seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """padded_forward's backward: (dq, dk, dv), each like its input, contiguous; padding keys get
     zero gradients."""
     batch, sq, heads, dim = q.shape
@@ -232,5 +242,5 @@ def padded_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.contiguous().data_ptr(),
         delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mask, mask_batch, batch,
         sq, sk, heads, dim, dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3],
-        scale, left, right, torch.get_num_threads())
+        scale, left, right, dropout_p, seed & _SEED_BITS, torch.get_num_threads())
     return dq, dk, dv

@@ -420,7 +420,7 @@ def _fused_rotary(p: Plan, qk: torch.Tensor, window: int, dropout_p: float, cos,
     """The rotary arguments of _attention when its backend turns q and k (the public layers'
     varlen.rotary_in_kernel), else None: the layer turns them with _rotary first."""
     backend = p.attention[window, dropout_p][0]
-    if not varlen.turns_rotary(backend, p.grad and qk.requires_grad, qk, dropout_p) or \
+    if not varlen.turns_rotary(backend, p.grad and qk.requires_grad, qk) or \
             qk.dtype != p.dtype or \
             not varlen.rotary_pays_in_kernel((window, window)):
         return None

@@ -52,9 +52,9 @@ class TorchBackend:
 
     @staticmethod
     def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1, -1)):
-        # fastbert's CPU kernel, forward and backward in fp32 (dropout first: one test, no call)
-        if dropout_p == 0.0 and cpu_attention.serves(q, k, v, dropout_p):
-            return cpu_attention.padded_forward(q, k, v, mask, causal, scale, window)
+        if cpu_attention.serves(q, k, v):  # fastbert's CPU kernel, forward and backward in fp32
+            return cpu_attention.padded_forward(q, k, v, mask, causal, scale, window, dropout_p,
+                                                seed)
         band = sliding.bounded(window, causal)
         if band is not None:  # a local layer: O(S * window)
             block = sliding.forward_block(q, dropout_p)
@@ -79,9 +79,9 @@ class TorchBackend:
     @staticmethod
     def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
                            deterministic, window=(-1, -1)):
-        if dropout_p == 0.0 and cpu_attention.serves(q, k, v, dropout_p):  # as forward chose
+        if cpu_attention.serves(q, k, v):  # as forward chose
             return cpu_attention.padded_backward(dout, q, k, v, out, lse, mask, causal, scale,
-                                                 window)
+                                                 window, dropout_p, seed)
         band = sliding.bounded(window, causal)
         if band is not None:
             return sliding.backward(dout, q, k, v, out, lse,

@@ -176,14 +176,14 @@ class _TorchVarlen:
         if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or none sees a key (ATen divides by 0)
             return (q.new_zeros(q.shape[0], q.shape[1], v.shape[2]),
                     q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32))
-        # fastbert's CPU kernel reads q, k, v in place, forward and backward (dropout first: one
-        # test, no call)
-        if dropout_p == 0.0 and cpu_attention.serves(q, k, v, dropout_p):
+        # fastbert's CPU kernel reads q, k, v in place, forward and backward
+        if cpu_attention.serves(q, k, v):
             if rotary is not None:
                 cos, sin, pos_q, pos_k = rotary
                 q = TorchBackend.apply_rotary(q, cos, sin, pos_q, False, False)
                 k = TorchBackend.apply_rotary(k, cos, sin, pos_k, False, False)
-            return cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window)
+            return cpu_attention.varlen_forward(q, k, v, cu_q, cu_k, causal, scale, window,
+                                                dropout_p, seed)
         band = _packed_band(q, cu_q, cu_k, causal, window, dropout_p, backward=False)
         if band is not None:  # a local layer: O(T * window)
             if rotary is not None:
@@ -228,9 +228,9 @@ class _TorchVarlen:
                                   dropout_p, scale, seed, deterministic, window=ops.FULL_WINDOW):
         if q.shape[0] == 0 or k.shape[0] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        if dropout_p == 0.0 and cpu_attention.serves(q, k, v, dropout_p):  # as forward chose
+        if cpu_attention.serves(q, k, v):  # as forward chose
             return cpu_attention.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal,
-                                                 scale, window)
+                                                 scale, window, dropout_p, seed)
         band = _packed_band(q, cu_q, cu_k, causal, window, dropout_p, backward=True)
         if band is not None:
             grads = sliding.backward(dout[None], q[None], k[None], v[None], out[None], lse[None],
@@ -393,14 +393,14 @@ def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int, m
                          f"({longest}), got {max_seqlen}")
 
 
-def turns_rotary(backend: str, grad: bool, x: Tensor, dropout_p: float) -> bool:
+def turns_rotary(backend: str, grad: bool, x: Tensor) -> bool:
     """Whether `backend`'s forward on q, k, v like x turns q and k with no pass of its own (in a
     banded layer): Triton always; torch without autograd where ATen's banded path serves (its
     copy into the block layout turns them for free; with autograd its backward would turn q and
     k again and dq, dk back: two passes where apply_rotary's backward makes one), not where
     fastbert's CPU kernel does (it reads q and k in place: one apply_rotary pass on both)."""
     if backend == "torch":
-        return not grad and not cpu_attention.takes(x, dropout_p)
+        return not grad and not cpu_attention.takes(x)
     return backend == "triton"
 
 
@@ -429,7 +429,7 @@ def rotary_in_kernel(x: Tensor, dropout_p: float = 0.0, causal: bool = False,
     dtype = ops._autocast_dtype(x.device) or x.dtype
     backend = ops.resolve_backend(OP, "auto", x.device, dtype=dtype, head_dim=x.shape[-1],
                                   dropout_p=dropout_p, causal=causal, **ops.window_kw(window))
-    return turns_rotary(backend, torch.is_grad_enabled() and x.requires_grad, x, dropout_p)
+    return turns_rotary(backend, torch.is_grad_enabled() and x.requires_grad, x)
 
 
 def _check_rotary(q: Tensor, tables, offsets, batch: int, longest: int) -> None:

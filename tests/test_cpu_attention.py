@@ -1,6 +1,7 @@
 """fastbert's CPU attention kernel (fastbert._cpu, csrc/cpu/): forward and lse against the
 reference by the tolerance rule on both of its instruction sets, packed sequences with empty
-ones, unequal query and key lengths, sliding windows, causal, decoding steps' few query rows;
+ones, unequal query and key lengths, sliding windows, causal, decoding steps' few query rows,
+dropout (its mask read off the output, then the CUDA tests' dropout checks);
 padded batches with key-padding masks (right, left, with holes, all padding); strided views of
 one projection; RoPE through attention_varlen; the route's conditions (inference forwards only)
 and bad cu_seqlens. The extension is built by `pip install` on x86-64 (CI builds it)."""
@@ -12,7 +13,11 @@ import torch
 
 import fastbert
 from fastbert import cpu_attention, reference
+from fastbert.torch_backend import TorchBackend
+from fastbert.varlen import _TorchVarlen
 from tests.helpers import assert_close_by_rule
+from tests.test_cuda_attention import (ATTENTION_DROPOUT_CASES, check_attention_dropout,
+                                       check_attention_varlen)
 
 # CI builds the extension on x86-64: a build that failed there fails here, not skips
 _MISSING = cpu_attention._cpu is None or cpu_attention._WIDTH == 0
@@ -84,14 +89,14 @@ CASES = [  # lengths_q, lengths_k (None: the same), heads, window, causal
 def test_matches_reference(isa, lengths_q, lengths_k, heads, window, causal, head_dim):
     lengths_k = lengths_k or lengths_q
     if head_dim % cpu_attention._WIDTH:  # 8 floats: the AVX2 kernel's width only
-        assert not cpu_attention.serves(*(torch.zeros(1, 1, head_dim),) * 3, 0.0)
+        assert not cpu_attention.serves(*(torch.zeros(1, 1, head_dim),) * 3)
         return
     tq, tk = sum(lengths_q), sum(lengths_k)
     g = torch.Generator().manual_seed(sum(lengths_q) * 7 + head_dim)
     qkv = torch.randn(max(tq, tk), 3, heads, head_dim, generator=g)  # strided views, as a layer's
     q, k, v = qkv[:tq, 0], qkv[:tk, 1], qkv[:tk, 2]
     scale = head_dim ** -0.5
-    assert cpu_attention.serves(q, k, v, 0.0)
+    assert cpu_attention.serves(q, k, v)
     out, lse = cpu_attention.varlen_forward(q, k, v, cu_of(lengths_q), cu_of(lengths_k), causal,
                                             scale, window)
     plain = reference_varlen(q, k, v, lengths_q, lengths_k, scale, causal, window, torch.float32)
@@ -139,7 +144,7 @@ def test_padded_batches_match_reference(isa, batch, sq, sk, heads, window, causa
     q, k, v = qkv[:, :sq, 0], qkv[:, :sk, 1], qkv[:, :sk, 2]  # strided views, as a layer's
     mask = _padding_mask(mask_kind, batch, sk, g)
     scale = head_dim ** -0.5
-    assert cpu_attention.serves(q, k, v, 0.0)
+    assert cpu_attention.serves(q, k, v)
     calls = []
     kernel = cpu_attention.padded_forward
     try:
@@ -229,11 +234,47 @@ def test_padded_training_runs_the_kernel_forward_and_backward(isa, batch, sq, sk
         assert not got[2][~mask].any() and not got[3][~mask].any(), "padding keys: zero grads"
 
 
+def _counting(name):
+    """Replace cpu_attention.<name> with a wrapper counting its calls (restored by the caller)."""
+    kernel, calls = getattr(cpu_attention, name), []
+    setattr(cpu_attention, name, lambda *a: calls.append(name) or kernel(*a))
+    return kernel, calls
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("b, sq, sk, h, d, causal, mask_mode", ATTENTION_DROPOUT_CASES)
+def test_padded_dropout_matches_reference_with_its_mask(isa, b, sq, sk, h, d, causal, mask_mode,
+                                                        p):
+    """The kernel's keep mask read off its output (one-hot v), its rate, and forward and every
+    gradient by the rule given that mask: the CUDA backend's dropout check, on the torch
+    backend's CPU route."""
+    kernels = [_counting(name) for name in ("padded_forward", "padded_backward")]
+    try:
+        check_attention_dropout(TorchBackend, "cpu", b, sq, sk, h, d, torch.float32, causal,
+                                mask_mode, p)
+    finally:
+        for name, (kernel, _) in zip(("padded_forward", "padded_backward"), kernels):
+            setattr(cpu_attention, name, kernel)
+    assert kernels[0][1] and kernels[1][1], "the kernel ran forward and backward"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_dropout_matches_reference_with_its_mask(isa, causal):
+    kernels = [_counting(name) for name in ("varlen_forward", "varlen_backward")]
+    try:
+        check_attention_varlen([17, 0, 64, 40], [64, 5, 33, 40], 2, 64, torch.float32, causal,
+                               p=0.3, backend=_TorchVarlen, device="cpu")
+    finally:
+        for name, (kernel, _) in zip(("varlen_forward", "varlen_backward"), kernels):
+            setattr(cpu_attention, name, kernel)
+    assert kernels[0][1] and kernels[1][1], "the kernel ran forward and backward"
+
+
 def test_features_with_a_stride_are_copied_first():
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(30, 2, 64, generator=g)[..., ::2] for _ in range(3))
     cu = cu_of([12, 18])
-    assert cpu_attention.serves(q, k, v, 0.0)
+    assert cpu_attention.serves(q, k, v)
     out, _ = cpu_attention.varlen_forward(q, k, v, cu, cu, False, 0.2)
     want, _ = cpu_attention.varlen_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu,
                                            False, 0.2)
@@ -285,21 +326,20 @@ def test_windows_wider_than_the_tokens_and_other_defaults():
 
 def test_what_the_kernel_does_not_take():
     q = torch.randn(10, 2, 32)
-    assert cpu_attention.serves(q, q, q, 0.0)
-    assert not cpu_attention.serves(q, q, q, 0.1)  # dropout: the backward's mask would differ
-    assert not cpu_attention.serves(q.bfloat16(), q.bfloat16(), q.bfloat16(), 0.0)
-    assert not cpu_attention.serves(q.double(), q.double(), q.double(), 0.0)
+    assert cpu_attention.serves(q, q, q)
+    assert not cpu_attention.serves(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    assert not cpu_attention.serves(q.double(), q.double(), q.double())
     odd = torch.randn(10, 2, 20)  # not a multiple of the vector width
-    assert not cpu_attention.serves(odd, odd, odd, 0.0)
+    assert not cpu_attention.serves(odd, odd, odd)
     wide = torch.randn(10, 1, 272)
-    assert not cpu_attention.serves(wide, wide, wide, 0.0)
-    assert not cpu_attention.serves(q, torch.randn(10, 3, 32), torch.randn(10, 3, 32), 0.0)
-    assert not cpu_attention.serves(q, q, q[:9], 0.0)  # v shorter than k
+    assert not cpu_attention.serves(wide, wide, wide)
+    assert not cpu_attention.serves(q, torch.randn(10, 3, 32), torch.randn(10, 3, 32))
+    assert not cpu_attention.serves(q, q, q[:9])  # v shorter than k
     with torch.autograd.forward_ad.dual_level():  # forward-mode AD: no tangent through C++
-        assert not cpu_attention.serves(q, q, q, 0.0)
+        assert not cpu_attention.serves(q, q, q)
     cpu_attention.set_enabled(False)
     try:
-        assert not cpu_attention.serves(q, q, q, 0.0)
+        assert not cpu_attention.serves(q, q, q)
         assert "set_enabled(False)" in cpu_attention.reason()
         assert "ATen" in cpu_attention.describe()
     finally:

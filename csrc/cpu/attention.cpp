@@ -37,6 +37,12 @@ struct Args {
   float scale;
   int64_t left, right;         // key j is visible from query i when
                                // i + shift - left <= j <= i + shift + right
+  // dropout on the probabilities: an element is kept when its 32-bit hash (of seed, sequence,
+  // head, query and key) is >= drop_threshold (0: no dropout), then scaled by drop_scale
+  uint64_t seed;
+  uint32_t drop_threshold;
+  float drop_scale;
+  int64_t heads;
 };
 
 // The backward's other tensors: dO read as q is, delta = rowsum(dO * O) laid out as lse, dQ as
@@ -57,6 +63,8 @@ struct Seq {
   int64_t q_off, k_off, v_off, o_off, lse_off, do_off, dkv_off;
   int64_t lq, lk, shift;
   const uint8_t* key_mask;     // (lk,) 1 = a real key, where padding sits between real keys
+  int64_t index, key0, key_stride;  // dropout's counter for query i, key j (from 0 here):
+                                    // i * key_stride + key0 + j in sequence `index`
 };
 
 struct Task {
@@ -139,6 +147,14 @@ int checked_isa(const std::string& op, int64_t dim) {
   return which;
 }
 
+// The hash threshold that drops a fraction dropout_p of the elements (0: keeps every one).
+uint32_t drop_threshold(double dropout_p) {
+  if (!(dropout_p >= 0.0 && dropout_p < 1.0))
+    throw std::invalid_argument("fastbert._cpu: dropout_p must be in [0, 1), got " +
+                                std::to_string(dropout_p));
+  return static_cast<uint32_t>(std::min(4294967295.0, std::round(dropout_p * 4294967296.0)));
+}
+
 // The elements a (batch,) rows, heads, dim view spans from its first: the bound no read passes.
 int64_t extent(int64_t batch, int64_t batch_stride, int64_t rows, int64_t tok, int64_t heads,
                int64_t head, int64_t dim) {
@@ -174,7 +190,7 @@ std::vector<Seq> packed_sequences(const std::string& op, uintptr_t cu_q_ptr, uin
   for (int64_t s = 0; s < seqs; ++s) {
     const int64_t lq = cu_q[s + 1] - cu_q[s], lk = cu_k[s + 1] - cu_k[s];
     list.push_back({cu_q[s] * q[0], cu_k[s] * k[0], cu_k[s] * v[0], cu_q[s] * row, cu_q[s],
-                    cu_q[s] * do_tok, cu_k[s] * row, lq, lk, lk - lq, nullptr});
+                    cu_q[s] * do_tok, cu_k[s] * row, lq, lk, lk - lq, nullptr, s, 0, lk});
   }
   return list;
 }
@@ -203,7 +219,7 @@ std::vector<Seq> padded_rows(uintptr_t key_mask, int64_t mask_batch, int64_t bat
     }
     list.push_back({b * q[0], b * k[0] + first * k[1], b * v[0] + first * v[1], b * sq * row,
                     b * heads * sq, b * do_batch, (b * sk + first) * row, sq, end - first,
-                    sk - sq - first, real < end - first ? keys + first : nullptr});
+                    sk - sq - first, real < end - first ? keys + first : nullptr, b, first, sk});
   }
   return list;
 }
@@ -252,7 +268,8 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
                               uintptr_t lse, uintptr_t cu_q, uintptr_t cu_k, int64_t seqs,
                               int64_t total_q, int64_t total_k, int64_t heads, int64_t dim,
                               const Strides& qs, const Strides& ks, const Strides& vs,
-                              double scale, int64_t left, int64_t right, int64_t threads) {
+                              double scale, int64_t left, int64_t right, double dropout_p,
+                              uint64_t seed, int64_t threads) {
   const std::string op = "fastbert._cpu.attention_varlen_forward";
   const int which = checked_isa(op, dim);
   for (const Strides* st : {&qs, &ks, &vs}) expect_strides(op, *st, 2);
@@ -265,7 +282,8 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
                extent(1, 0, total_q, qs[0], heads, qs[1], dim),
                extent(1, 0, total_k, ks[0], heads, ks[1], dim),
                extent(1, 0, total_k, vs[0], heads, vs[1], dim),
-               static_cast<float>(scale), left, right};
+               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
+               static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
   forward(which, a, list, heads, threads);
 }
 
@@ -278,7 +296,7 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                                int64_t total_q, int64_t total_k, int64_t heads, int64_t dim,
                                const Strides& dos, const Strides& qs, const Strides& ks,
                                const Strides& vs, double scale, int64_t left, int64_t right,
-                               int64_t threads) {
+                               double dropout_p, uint64_t seed, int64_t threads) {
   const std::string op = "fastbert._cpu.attention_varlen_backward";
   const int which = checked_isa(op, dim);
   for (const Strides* st : {&dos, &qs, &ks, &vs}) expect_strides(op, *st, 2);
@@ -290,7 +308,8 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                extent(1, 0, total_q, qs[0], heads, qs[1], dim),
                extent(1, 0, total_k, ks[0], heads, ks[1], dim),
                extent(1, 0, total_k, vs[0], heads, vs[1], dim),
-               static_cast<float>(scale), left, right};
+               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
+               static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
   const Grads g{reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
                 reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk),
                 reinterpret_cast<float*>(dv), dos[0], dos[1],
@@ -308,7 +327,8 @@ void attention_padded_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
                               uintptr_t lse, uintptr_t key_mask, int64_t mask_batch,
                               int64_t batch, int64_t sq, int64_t sk, int64_t heads, int64_t dim,
                               const Strides& qs, const Strides& ks, const Strides& vs,
-                              double scale, int64_t left, int64_t right, int64_t threads) {
+                              double scale, int64_t left, int64_t right, double dropout_p,
+                              uint64_t seed, int64_t threads) {
   const std::string op = "fastbert._cpu.attention_padded_forward";
   const int which = checked_isa(op, dim);
   for (const Strides* st : {&qs, &ks, &vs}) expect_strides(op, *st, 3);
@@ -321,7 +341,8 @@ void attention_padded_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
                extent(batch, qs[0], sq, qs[1], heads, qs[2], dim),
                extent(batch, ks[0], sk, ks[1], heads, ks[2], dim),
                extent(batch, vs[0], sk, vs[1], heads, vs[2], dim),
-               static_cast<float>(scale), left, right};
+               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
+               static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
   forward(which, a, list, heads, threads);
 }
 
@@ -334,7 +355,7 @@ void attention_padded_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                                int64_t batch, int64_t sq, int64_t sk, int64_t heads, int64_t dim,
                                const Strides& dos, const Strides& qs, const Strides& ks,
                                const Strides& vs, double scale, int64_t left, int64_t right,
-                               int64_t threads) {
+                               double dropout_p, uint64_t seed, int64_t threads) {
   const std::string op = "fastbert._cpu.attention_padded_backward";
   const int which = checked_isa(op, dim);
   for (const Strides* st : {&dos, &qs, &ks, &vs}) expect_strides(op, *st, 3);
@@ -346,7 +367,8 @@ void attention_padded_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                extent(batch, qs[0], sq, qs[1], heads, qs[2], dim),
                extent(batch, ks[0], sk, ks[1], heads, ks[2], dim),
                extent(batch, vs[0], sk, vs[1], heads, vs[2], dim),
-               static_cast<float>(scale), left, right};
+               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
+               static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
   const Grads g{reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
                 reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk),
                 reinterpret_cast<float*>(dv), dos[1], dos[2],

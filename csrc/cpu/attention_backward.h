@@ -70,6 +70,8 @@ static void run_key_block(const Args& a, const Grads& g, const Seq& sq, const Ta
   for (int c = 0; c < QV; ++c) key[c] = lane_index() + static_cast<int32_t>(j0 + c * W);
   const float* lse = a.lse + sq.lse_off + h * a.lse_head;
   const float* delta = g.delta + sq.lse_off + h * a.lse_head;
+  const bool drop = a.drop_threshold != 0;
+  const uint32_t stream = drop ? dropout_stream(a, sq, h) : 0;
   for (int64_t ib = ibegin; ib < iend; ib += BN) {
     const int n = static_cast<int>(std::min<int64_t>(BN, iend - ib));
     const int64_t q_at = sq.q_off + ib * a.q_tok + h * a.q_head;
@@ -92,8 +94,13 @@ static void run_key_block(const Args& a, const Grads& g, const Seq& sq, const Ta
         float* sp = s + i * BM + c * W;
         float* dpp = dp + i * BM + c * W;
         const vf p = seen ? probability(load(sp), a.scale, row_lse) : splat(0.0f);
-        store(sp, p);
-        store(dpp, p * (load(dpp) - dl));
+        // dropout: dV takes P Z, dS = P (dP Z - delta), Z the forward's keep mask / (1 - p)
+        const vf z = drop ? dropout_factor(a, stream, __builtin_convertvector(key[c], vu) +
+                                                          static_cast<uint32_t>(
+                                                              qi * sq.key_stride + sq.key0))
+                          : splat(1.0f);
+        store(sp, p * z);
+        store(dpp, p * (load(dpp) * z - dl));
       }
     }
     accumulate(s, keys, n, g.dout + do_at, g.do_tok, dv, dim);  // dV += P^T dO
@@ -143,6 +150,12 @@ static void run_query_block(const Args& a, const Grads& g, const Seq& sq, const 
     row_lo[c] = a.left < 0 ? vi{} + INT32_MIN : i + static_cast<int32_t>(shift - a.left);
     row_hi[c] = a.right < 0 ? vi{} + INT32_MAX : i + static_cast<int32_t>(shift + a.right);
   }
+  const bool drop = a.drop_threshold != 0;
+  const uint32_t stream = drop ? dropout_stream(a, sq, h) : 0;
+  vu counter[QV];  // query lane i's counter for key 0
+  for (int c = 0; c < QV; ++c)
+    counter[c] = (lane_counter() + static_cast<uint32_t>(first + c * W)) *
+                     static_cast<uint32_t>(sq.key_stride) + static_cast<uint32_t>(sq.key0);
   for (int64_t kb = kbegin; kb < kend; kb += BN) {
     const int n = static_cast<int>(std::min<int64_t>(BN, kend - kb));
     const int64_t k_at = sq.k_off + kb * a.k_tok + h * a.k_head;
@@ -157,7 +170,9 @@ static void run_query_block(const Args& a, const Grads& g, const Seq& sq, const 
         float* dpp = dp + j * BM + c * W;
         const vi seen = (key >= row_lo[c]) & (key <= row_hi[c]);
         const vf p = real && seen ? probability(load(sp), a.scale, row_lse[c]) : splat(0.0f);
-        store(dpp, p * (load(dpp) - dl[c]));
+        const vf z = drop ? dropout_factor(a, stream, counter[c] + static_cast<uint32_t>(kb + j))
+                          : splat(1.0f);
+        store(dpp, p * (load(dpp) * z - dl[c]));
       }
     }
     accumulate(dp, rows, n, a.k + k_at, a.k_tok, dq, dim);  // dQ += dS K

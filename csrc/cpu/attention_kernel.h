@@ -24,6 +24,7 @@ static_assert(BM % W == 0 && BN % JG == 0 && BM % R == 0, "tile sizes must divid
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef float vfu __attribute__((vector_size(4 * W), aligned(4)));  // unaligned access
 typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
 
 static inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void store(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
@@ -54,6 +55,37 @@ static inline vf exp2_nonpositive(vf x) {
   const vf r = p * (vf)bits;  // a vector cast reinterprets the bits
   return x < -126.0f ? splat(0.0f) : r;
 }
+
+// MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2.
+static inline uint32_t fmix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  return x ^ (x >> 16);
+}
+static inline vu fmix(vu x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  return x ^ (x >> 16);
+}
+
+// Dropout's stream for one sequence and head: the call's seed mixed with (sequence, head).
+static inline uint32_t dropout_stream(const Args& a, const Seq& sq, int64_t h) {
+  const uint32_t which = static_cast<uint32_t>(sq.index * a.heads + h) * 0x9E3779B9u;
+  return fmix(static_cast<uint32_t>(a.seed) ^ fmix(static_cast<uint32_t>(a.seed >> 32) ^ which));
+}
+
+// drop_scale = 1 / (1 - p) for the elements (query i, key j: counter i * key_stride + key0 + j)
+// dropout keeps, 0 for those it drops: forward and backward draw the same mask from the counter.
+static inline vf dropout_factor(const Args& a, uint32_t stream, vu counter) {
+  const vu hash = fmix(counter * 0x9E3779B1u ^ stream);
+  return hash >= vu{} + a.drop_threshold ? splat(a.drop_scale) : splat(0.0f);
+}
+
+static inline vu lane_counter() { return __builtin_convertvector(lane_index(), vu); }
 
 // e^x for x <= 0. The scores, their running max and lse stay in natural units (the base change
 // is applied to each difference, close to 0 where the probabilities are large): the backward
@@ -176,6 +208,8 @@ static void run_rows(const Args& a, const Seq& sq, const Task& t, int rows, Scra
   float* qrow = sc.qt.data();
   float* s = sc.st.data();  // BN scores, then probabilities
   float* orow = sc.o.data();
+  const bool drop = a.drop_threshold != 0;
+  const uint32_t stream = drop ? dropout_stream(a, sq, h) : 0;
   for (int r = 0; r < rows; ++r) {
     const int64_t i = t.row0 + r;
     const float* src = a.q + sq.q_off + i * a.q_tok + h * a.q_head;
@@ -216,8 +250,9 @@ static void run_rows(const Args& a, const Seq& sq, const Task& t, int rows, Scra
         vf x;
         for (int e = 0; e < W; ++e) x[e] = j + e < n ? s[j + e] : -inf;
         const vf p = exp_nonpositive(x - m_new);
-        store(s + j, p);
-        sum += p;
+        sum += p;  // l sums every probability; dropout zeroes some of those P V sees
+        const uint32_t first = static_cast<uint32_t>(i * sq.key_stride + sq.key0 + kb + j);
+        store(s + j, drop ? p * dropout_factor(a, stream, lane_counter() + first) : p);
       }
       float block_sum = 0.0f;
       for (int e = 0; e < W; ++e) block_sum += sum[e];
@@ -245,6 +280,8 @@ static void run_task(const Args& a, const Seq& sq, const Task& t, Scratch& sc) {
   };
   const int64_t first = t.row0, last = t.row0 + rows - 1;
   const int64_t kbegin = lo(first), kend = hi(last) + 1;  // lo and hi grow with the row
+  const bool drop = a.drop_threshold != 0;
+  const uint32_t stream = drop ? dropout_stream(a, sq, h) : 0;
 
   float* qt = sc.qt.data();
   float* st = sc.st.data();
@@ -296,6 +333,9 @@ static void run_task(const Args& a, const Seq& sq, const Task& t, Scratch& sc) {
     vf alpha[QV];
     bool rescale = false;
     for (int c = 0; c < live; ++c) {
+      const vu counter = (lane_counter() + static_cast<uint32_t>(t.row0 + c * W)) *
+                             static_cast<uint32_t>(sq.key_stride) +
+                         static_cast<uint32_t>(sq.key0 + kb);
       vf mx = splat(-inf);
       for (int j = 0; j < n; ++j) mx = vmax(mx, load(st + j * BM + c * W));
       const vf m_new = vmax(m[c], mx);
@@ -303,8 +343,9 @@ static void run_task(const Args& a, const Seq& sq, const Task& t, Scratch& sc) {
       vf sum = splat(0.0f);
       for (int j = 0; j < n; ++j) {
         const vf p = exp_nonpositive(load(st + j * BM + c * W) - base);
-        store(st + j * BM + c * W, p);
-        sum += p;
+        sum += p;  // l sums every probability; dropout zeroes some of those P V sees
+        store(st + j * BM + c * W,
+              drop ? p * dropout_factor(a, stream, counter + static_cast<uint32_t>(j)) : p);
       }
       alpha[c] = exp_nonpositive(m[c] - base);  // 0 for a row's first visible block
       l[c] = l[c] * alpha[c] + sum;
