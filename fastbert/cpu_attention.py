@@ -33,12 +33,15 @@ key and after its last are never visited. Dropout drops a probability where a ha
 sequence, head, query, key) falls below dropout_p's share of 2^32 (MurmurHash3's finaliser), so
 the backward, given the forward's seed, drops the same ones; torch.manual_seed reproduces it (the
 op draws the seed from torch's generator). It serves head_dim a multiple of the vector width (16
-or 8 floats) up to 256; fp16/bf16 (ATen's brgemm serves those) stay on ATen's fused attention. Without the extension (not built: no C++ compiler, not x86-64,
-FASTBERT_BUILD_CPU=0) or the ISA, `reason()` says why and the ATen paths serve as before.
-`set_enabled(False)` switches it off.
+or 8 floats) up to 256; fp16/bf16 (ATen's brgemm serves those) stay on ATen's fused attention.
+Without the extension (not built: no C++ compiler, not x86-64, FASTBERT_BUILD_CPU=0) or the
+ISA, `reason()` says why and the ATen paths serve as before. `set_enabled(False)` switches it
+off (between steps: a backward follows its forward's path only if the switch stays put). No
+double backward (create_graph=True through it raises, as ATen's fused attention does).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -54,6 +57,7 @@ except ImportError as e:
 
 MAX_HEAD_DIM = 256
 _enabled = True
+_suspended = 0  # > 0 inside `suspended()`
 _WIDTH = _cpu.vector_width() if _cpu is not None else 0
 
 
@@ -61,6 +65,20 @@ def set_enabled(enabled: bool) -> None:
     """Switch the kernel on or off for this process (off: ATen's fused attention serves)."""
     global _enabled
     _enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def suspended():
+    """The kernel off for the calls inside. The public ops run their autograd.Function under it
+    while a torch.func transform is active: functorch runs that Function's forward on unwrapped
+    tensors (the kernel could serve them) but its backward on wrapped ones (it cannot), and a
+    backward on ATen's path after a forward on the kernel would draw another dropout mask."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
 
 
 def use_isa(name: str) -> None:
@@ -92,7 +110,7 @@ def takes(x: Tensor) -> bool:
     """Whether the kernel serves attention on q, k, v like x (its device, dtype, head dim),
     before their layout is known."""
     d = x.shape[-1]
-    return (_enabled and _WIDTH != 0 and x.device.type == "cpu"
+    return (_enabled and not _suspended and _WIDTH != 0 and x.device.type == "cpu"
             and x.dtype == torch.float32 and d % _WIDTH == 0 and d <= MAX_HEAD_DIM)
 
 
@@ -146,17 +164,40 @@ def _offsets(op: str, cu_q: Tensor, cu_k: Tensor) -> Tuple[Tensor, Tensor]:
     return offsets_q, offsets_k
 
 
-def _mask(op: str, key_padding_mask: Optional[Tensor], batch: int, sk: int):
-    """(address, row stride) of a (B, Sk) bool mask for the kernel, (0, 0) for none."""
+def _mask(op: str, key_padding_mask: Optional[Tensor], batch: int, sk: int) -> Optional[Tensor]:
+    """The (B, Sk) bool mask with its keys contiguous (a copy if not: the caller holds it while
+    the kernel reads it), or None."""
     if key_padding_mask is None:
-        return 0, 0
+        return None
     if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, sk):
         raise ValueError(f"fastbert.cpu_attention.{op}: key_padding_mask expected a ({batch}, "
                          f"{sk}) bool tensor, got {key_padding_mask.dtype} "
                          f"{tuple(key_padding_mask.shape)}")
-    if key_padding_mask.stride(1) != 1:
-        key_padding_mask = key_padding_mask.contiguous()
-    return key_padding_mask.data_ptr(), key_padding_mask.stride(0)
+    return key_padding_mask if key_padding_mask.stride(1) == 1 else key_padding_mask.contiguous()
+
+
+def _mask_args(mask: Optional[Tensor]) -> Tuple[int, int]:
+    """(address, row stride) of _mask's result for the kernel, (0, 0) for none."""
+    return (0, 0) if mask is None else (mask.data_ptr(), mask.stride(0))
+
+
+def _backward_inputs(op: str, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
+                     lse_shape) -> Tensor:
+    """lse contiguous (held by the caller while the kernel reads it), after checking that dout
+    and lse have the shapes the kernel will read (it trusts them: no read past their ends)."""
+    if dout.shape != q.shape or tuple(lse.shape) != tuple(lse_shape) or \
+            dout.dtype != torch.float32 or lse.dtype != torch.float32:
+        raise ValueError(f"fastbert.cpu_attention.{op}: expected fp32 dout {tuple(q.shape)} and "
+                         f"lse {tuple(lse_shape)}, got {dout.dtype} {tuple(dout.shape)} and "
+                         f"{lse.dtype} {tuple(lse.shape)}")
+    # backward(create_graph=True) would want a graph through the C++ kernel: none is recorded
+    if torch.is_grad_enabled() and (dout.requires_grad or q.requires_grad or k.requires_grad
+                                    or v.requires_grad):
+        raise NotImplementedError(
+            f"fastbert.cpu_attention.{op}: a double backward through fastbert's CPU attention "
+            f"kernel is not implemented (fastbert.cpu_attention.set_enabled(False) switches it "
+            f"off; ATen's fused CPU attention does not have one either)")
+    return lse.contiguous()
 
 
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool,
@@ -187,6 +228,7 @@ def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     """varlen_forward's backward: (dq, dk, dv), each like its input, contiguous. lse is the
     forward's (its softmax is recomputed from it, as FlashAttention's backward does)."""
     total, heads, dim = q.shape
+    lse = _backward_inputs("varlen_backward", dout, q, k, v, lse, (heads, total))
     left, right = _bounds(window, causal, total + k.shape[0])
     dout, q, k, v = _flat_features(dout, q, k, v)
     delta = (dout * out).sum(-1).t().contiguous()  # (H, T): rowsum(dO * O)
@@ -195,7 +237,7 @@ def varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     dv = torch.empty(k.shape[0], heads, dim, dtype=torch.float32, device="cpu")
     offsets_q, offsets_k = _offsets("varlen_backward", cu_q, cu_k)
     _cpu.attention_varlen_backward(
-        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.contiguous().data_ptr(),
+        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(),
         delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), offsets_q.data_ptr(),
         offsets_k.data_ptr(), offsets_q.shape[0] - 1, total, k.shape[0], heads, dim,
         dout.stride()[:2], q.stride()[:2], k.stride()[:2], v.stride()[:2], scale, left, right,
@@ -213,13 +255,13 @@ def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[T
     sk = k.shape[1]
     left, right = _bounds(window, causal, sq + sk)
     q, k, v = _flat_features(q, k, v)
-    mask, mask_batch = _mask("padded_forward", key_padding_mask, batch, sk)
+    mask = _mask("padded_forward", key_padding_mask, batch, sk)
     out = torch.empty(batch, sq, heads, dim, dtype=torch.float32, device="cpu")
     lse = torch.empty(batch, heads, sq, dtype=torch.float32, device="cpu")
     _cpu.attention_padded_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), mask,
-        mask_batch, batch, sq, sk, heads, dim, q.stride()[:3], k.stride()[:3], v.stride()[:3],
-        scale, left, right, dropout_p, seed & _SEED_BITS, torch.get_num_threads())
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        *_mask_args(mask), batch, sq, sk, heads, dim, q.stride()[:3], k.stride()[:3],
+        v.stride()[:3], scale, left, right, dropout_p, seed & _SEED_BITS, torch.get_num_threads())
     return out, lse
 
 
@@ -231,16 +273,17 @@ def padded_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     zero gradients."""
     batch, sq, heads, dim = q.shape
     sk = k.shape[1]
+    lse = _backward_inputs("padded_backward", dout, q, k, v, lse, (batch, heads, sq))
     left, right = _bounds(window, causal, sq + sk)
     dout, q, k, v = _flat_features(dout, q, k, v)
-    mask, mask_batch = _mask("padded_backward", key_padding_mask, batch, sk)
+    mask = _mask("padded_backward", key_padding_mask, batch, sk)
     delta = (dout * out).sum(-1).transpose(1, 2).contiguous()  # (B, H, Sq): rowsum(dO * O)
     dq = torch.empty(batch, sq, heads, dim, dtype=torch.float32, device="cpu")
     dk = torch.zeros(batch, sk, heads, dim, dtype=torch.float32, device="cpu")
     dv = torch.zeros(batch, sk, heads, dim, dtype=torch.float32, device="cpu")
     _cpu.attention_padded_backward(
-        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.contiguous().data_ptr(),
-        delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), mask, mask_batch, batch,
+        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(),
+        delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *_mask_args(mask), batch,
         sq, sk, heads, dim, dout.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3],
         scale, left, right, dropout_p, seed & _SEED_BITS, torch.get_num_threads())
     return dq, dk, dv

@@ -236,6 +236,16 @@ class _EagerOp(torch.autograd.Function):
 apply_eager = super(torch.autograd.Function, _EagerOp).apply
 
 
+def _kernel_choice_for_functorch():
+    """fastbert's CPU attention kernel suspended while a torch.func transform is active
+    (fastbert.cpu_attention.suspended says why): its forward and backward then both take the
+    other path."""
+    if torch._C._are_functorch_transforms_active():
+        from fastbert import cpu_attention
+        return cpu_attention.suspended()
+    return contextlib.nullcontext()
+
+
 def _profiled(name: str):
     # record_function costs ~10 us a call: only when a profiler listens
     if torch.autograd._profiler_enabled():
@@ -487,6 +497,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     args = (q, k, v, key_padding_mask, bool(causal), dropout_p, float(softmax_scale),
             _draw_seed(dropout_p), bool(deterministic), chosen, *window)
     if _eager(q, k, v, key_padding_mask):
-        return _EagerOp.apply("fastbert::attention", _attention_forward, _attention_setup,
-                              _attention_grad, *args)[0]
+        with _kernel_choice_for_functorch():
+            return _EagerOp.apply("fastbert::attention", _attention_forward, _attention_setup,
+                                  _attention_grad, *args)[0]
     return _attention_fwd(*args)[0]

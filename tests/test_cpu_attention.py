@@ -3,8 +3,9 @@ reference by the tolerance rule on both of its instruction sets, packed sequence
 ones, unequal query and key lengths, sliding windows, causal, decoding steps' few query rows,
 dropout (its mask read off the output, then the CUDA tests' dropout checks);
 padded batches with key-padding masks (right, left, with holes, all padding); strided views of
-one projection; RoPE through attention_varlen; the route's conditions (inference forwards only)
-and bad cu_seqlens. The extension is built by `pip install` on x86-64 (CI builds it)."""
+one projection; RoPE through attention_varlen; backward (packed and padded, strided views,
+dropout) against fp64 autograd; the route's conditions (forward and backward on one path, also
+under torch.func; no double backward) and bad cu_seqlens. The extension is built by `pip install` on x86-64 (CI builds it)."""
 import os
 import sys
 
@@ -200,15 +201,18 @@ def test_backward_matches_reference(isa, lengths_q, lengths_k, heads, window, ca
         assert_close_by_rule(got, p, e, f"{name} ({isa})")
 
 
+@pytest.mark.parametrize("head_dim", [16, 64])
 @pytest.mark.parametrize("mask_kind", ["none", "right", "left", "holes", "all padding"])
 @pytest.mark.parametrize("batch, sq, sk, heads, window, causal", PADDED_CASES)
 def test_padded_training_runs_the_kernel_forward_and_backward(isa, batch, sq, sk, heads, window,
-                                                             causal, mask_kind):
-    """fastbert.attention's autograd path on the kernel: output and every gradient by the rule;
-    padding keys and queries that see nothing get zero gradients."""
-    g = torch.Generator().manual_seed(batch * 100 + sq + sk)
-    q, k, v = (torch.randn(batch, s, heads, 32, generator=g) for s in (sq, sk, sk))
-    dout = torch.randn(batch, sq, heads, 32, generator=g)
+                                                             causal, mask_kind, head_dim):
+    """fastbert.attention's autograd path on the kernel (q, k, v strided views of one
+    projection): output and every gradient by the rule; padding keys and queries that see
+    nothing get zero gradients."""
+    g = torch.Generator().manual_seed(batch * 100 + sq + sk + head_dim)
+    qkv = torch.randn(batch, max(sq, sk), 3, heads, head_dim, generator=g)
+    q, k, v = qkv[:, :sq, 0], qkv[:, :sk, 1], qkv[:, :sk, 2]
+    dout = torch.randn(batch, sq, heads, head_dim, generator=g)
     mask = _padding_mask(mask_kind, batch, sk, g)
     calls = []
     forward, backward = cpu_attention.padded_forward, cpu_attention.padded_backward
@@ -224,7 +228,7 @@ def test_padded_training_runs_the_kernel_forward_and_backward(isa, batch, sq, sk
     visible = reference.attention_visible(mask, causal, batch, sq, sk, q.device, window)
 
     def fn(q, k, v):
-        return reference.attention_forward(q, k, v, mask, causal, 0.0, 32 ** -0.5, None,
+        return reference.attention_forward(q, k, v, mask, causal, 0.0, head_dim ** -0.5, None,
                                            visible=visible)[0]
     plain = _grads(fn, (q, k, v), dout, torch.float32)
     exact = _grads(fn, (q, k, v), dout, torch.float64)
@@ -232,6 +236,51 @@ def test_padded_training_runs_the_kernel_forward_and_backward(isa, batch, sq, sk
         assert_close_by_rule(a, p, e, f"{name} ({isa}, {mask_kind})")
     if mask is not None:
         assert not got[2][~mask].any() and not got[3][~mask].any(), "padding keys: zero grads"
+    if visible is not None:
+        blind = ~visible.any(-1).expand(batch, 1, sq)[:, 0]  # (B, Sq): queries that see no key
+        assert not got[1][blind].any() and not got[0][blind].any(), "blind queries: zeros"
+
+
+def test_keys_no_sequence_holds_get_zero_gradients():
+    q, k, v = (torch.randn(t, 2, 16) for t in (20, 26, 26))  # keys 20..25 in no sequence
+    cu = cu_of([8, 12])
+    out, lse = cpu_attention.varlen_forward(q, k, v, cu, cu, False, 0.25)
+    stale = [torch.full_like(k, float("nan")) for _ in range(4)]
+    del stale  # freed NaN buffers of dk's size: the allocator hands them out again
+    dq, dk, dv = cpu_attention.varlen_backward(torch.randn_like(q), q, k, v, out, lse, cu, cu,
+                                               False, 0.25)
+    assert not dk[20:].any() and not dv[20:].any() and dk[:20].any()
+
+
+def test_forward_and_backward_take_one_path_under_torch_func():
+    """torch.func runs an autograd.Function's forward on unwrapped tensors and its backward on
+    wrapped ones: the public ops suspend the kernel for both, so the gradient under
+    torch.func.grad (dropout included) is the one ATen's path gives under plain autograd."""
+    q, k, v = (torch.randn(2, 12, 2, 16) for _ in range(3))
+    kernels = [_counting(name) for name in ("padded_forward", "padded_backward")]
+    try:
+        torch.manual_seed(3)
+        got = torch.func.grad(lambda q: fastbert.attention(q, k, v, dropout_p=0.3).sum())(q)
+    finally:
+        for name, (kernel, _) in zip(("padded_forward", "padded_backward"), kernels):
+            setattr(cpu_attention, name, kernel)
+    assert not kernels[0][1] and not kernels[1][1]
+    cpu_attention.set_enabled(False)
+    try:
+        torch.manual_seed(3)
+        leaf = q.clone().requires_grad_()
+        fastbert.attention(leaf, k, v, dropout_p=0.3).sum().backward()
+    finally:
+        cpu_attention.set_enabled(True)
+    torch.testing.assert_close(got, leaf.grad)
+
+
+def test_double_backward_through_the_kernel_is_refused():
+    q = torch.randn(2, 8, 2, 16, requires_grad=True)
+    grad, = torch.autograd.grad(fastbert.attention(q, q, q).sum(), q)  # a plain backward
+    assert grad.shape == q.shape
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(fastbert.attention(q, q, q).sum(), q, create_graph=True)
 
 
 def _counting(name):

@@ -11,23 +11,24 @@
 namespace FB_NS {
 
 struct GradScratch {
-  std::vector<float> t1, t2, s, dp, acc1, acc2, tail;
+  std::vector<float> t1, t2, s, dp, acc1, acc2, rows, tail;
   explicit GradScratch(int64_t dim)
       : t1(dim * BM), t2(dim * BM), s(BN * BM), dp(BN * BM), acc1(BM * dim), acc2(BM * dim),
-        tail(JG * dim) {}
+        rows((BN + JG) * dim), tail(JG * dim) {}
 };
 
-// P = exp(s * scale - lse), as the forward made it (its scores are (q * scale) . k: the same
-// numbers when scale is a power of 2, as head_dim 16, 64, 256 give).
+// P = exp(s - lse) for scores s = (q * scale) . k, the forward's own numbers: both passes
+// scale q first and sum over the head dim in the forward's order.
 template <typename L>
-static inline vf probability(vf s, float scale, L lse) {
-  return exp_nonpositive(s * scale - lse);
+static inline vf probability(vf s, L lse) {
+  return exp_nonpositive(s - lse);
 }
 
-// T[d][lane] = rows[lane][d] for `count` rows at `src` (stride tok); idle lanes are 0.
-static inline void transpose_in(const float* src, int64_t tok, int count, int64_t dim, float* t) {
+// T[d][lane] = rows[lane][d] * mult for `count` rows at `src` (stride tok); idle lanes are 0.
+static inline void transpose_in(const float* src, int64_t tok, int count, int64_t dim, float* t,
+                                float mult = 1.0f) {
   for (int r = 0; r < BM; ++r)
-    for (int64_t d = 0; d < dim; ++d) t[d * BM + r] = r < count ? src[r * tok + d] : 0.0f;
+    for (int64_t d = 0; d < dim; ++d) t[d * BM + r] = r < count ? src[r * tok + d] * mult : 0.0f;
 }
 
 // acc[RR rows][D] += P^T[n][rows] X[n][D] for `rows` rows of P's lanes (P at pt, key j's at
@@ -40,7 +41,8 @@ static inline void accumulate(const float* pt, int rows, int n, const float* x, 
       if (r0 + R <= rows) {
         pv<R>(nv, pt + r0, BM, n, x + d, x_tok, acc + r0 * dim + d, dim);
       } else {
-        for (int r = r0; r < rows; ++r) pv<1>(nv, pt + r, BM, n, x + d, x_tok, acc + r * dim + d, dim);
+        for (int r = r0; r < rows; ++r)
+          pv<1>(nv, pt + r, BM, n, x + d, x_tok, acc + r * dim + d, dim);
       }
     }
 }
@@ -74,9 +76,14 @@ static void run_key_block(const Args& a, const Grads& g, const Seq& sq, const Ta
   const uint32_t stream = drop ? dropout_stream(a, sq, h) : 0;
   for (int64_t ib = ibegin; ib < iend; ib += BN) {
     const int n = static_cast<int>(std::min<int64_t>(BN, iend - ib));
-    const int64_t q_at = sq.q_off + ib * a.q_tok + h * a.q_head;
     const int64_t do_at = sq.do_off + ib * g.do_tok + h * g.do_head;
-    scores_block(a.q, q_at, a.q_tok, a.q_extent, n, kt, dim, s, sc.tail.data());
+    // the block's q rows scaled, as the forward's Qt: rows past n keep finite stale values
+    float* qs = sc.rows.data();
+    const float* q_rows = a.q + sq.q_off + ib * a.q_tok + h * a.q_head;
+    for (int i = 0; i < n; ++i)
+      for (int64_t d = 0; d < dim; ++d) qs[i * dim + d] = q_rows[i * a.q_tok + d] * a.scale;
+    scores_block(qs, 0, dim, static_cast<int64_t>(sc.rows.size()), n, kt, dim, s,
+                 sc.tail.data());
     scores_block(g.dout, do_at, g.do_tok, g.do_extent, n, vt, dim, dp, sc.tail.data());
     for (int i = 0; i < n; ++i) {
       const int64_t qi = ib + i;
@@ -93,7 +100,7 @@ static void run_key_block(const Args& a, const Grads& g, const Seq& sq, const Ta
           seen &= real;
         float* sp = s + i * BM + c * W;
         float* dpp = dp + i * BM + c * W;
-        const vf p = seen ? probability(load(sp), a.scale, row_lse) : splat(0.0f);
+        const vf p = seen ? probability(load(sp), row_lse) : splat(0.0f);
         // dropout: dV takes P Z, dS = P (dP Z - delta), Z the forward's keep mask / (1 - p)
         const vf z = drop ? dropout_factor(a, stream, __builtin_convertvector(key[c], vu) +
                                                           static_cast<uint32_t>(
@@ -104,14 +111,13 @@ static void run_key_block(const Args& a, const Grads& g, const Seq& sq, const Ta
       }
     }
     accumulate(s, keys, n, g.dout + do_at, g.do_tok, dv, dim);  // dV += P^T dO
-    accumulate(dp, keys, n, a.q + q_at, a.q_tok, dk, dim);      // dK += dS^T Q
+    accumulate(dp, keys, n, qs, dim, dk, dim);                   // dK += dS^T (Q scale)
   }
-  const vf sv = splat(a.scale);
   for (int r = 0; r < keys; ++r) {
     float* dk_row = g.dk + sq.dkv_off + (j0 + r) * a.o_tok + h * a.o_head;
     float* dv_row = g.dv + sq.dkv_off + (j0 + r) * a.o_tok + h * a.o_head;
     for (int64_t d = 0; d < dim; d += W) {
-      store(dk_row + d, load(dk + r * dim + d) * sv);
+      store(dk_row + d, load(dk + r * dim + d));
       store(dv_row + d, load(dv + r * dim + d));
     }
   }
@@ -133,7 +139,8 @@ static void run_query_block(const Args& a, const Grads& g, const Seq& sq, const 
   float* s = sc.s.data();
   float* dp = sc.dp.data();
   float* dq = sc.acc1.data();
-  transpose_in(a.q + sq.q_off + first * a.q_tok + h * a.q_head, a.q_tok, rows, dim, qt);
+  transpose_in(a.q + sq.q_off + first * a.q_tok + h * a.q_head, a.q_tok, rows, dim, qt,
+               a.scale);
   transpose_in(g.dout + sq.do_off + first * g.do_tok + h * g.do_head, g.do_tok, rows, dim, dot);
   std::fill(dq, dq + BM * dim, 0.0f);
   vf row_lse[QV], dl[QV];
@@ -169,7 +176,7 @@ static void run_query_block(const Args& a, const Grads& g, const Seq& sq, const 
         float* sp = s + j * BM + c * W;
         float* dpp = dp + j * BM + c * W;
         const vi seen = (key >= row_lo[c]) & (key <= row_hi[c]);
-        const vf p = real && seen ? probability(load(sp), a.scale, row_lse[c]) : splat(0.0f);
+        const vf p = real && seen ? probability(load(sp), row_lse[c]) : splat(0.0f);
         const vf z = drop ? dropout_factor(a, stream, counter[c] + static_cast<uint32_t>(kb + j))
                           : splat(1.0f);
         store(dpp, p * (load(dpp) * z - dl[c]));
