@@ -35,10 +35,10 @@ MIN_TOKENS_PER_CALL = 12
 
 def describe_cpu() -> str:
     """One line: how the torch backend runs packed attention on a CPU."""
-    return (f"CPU packed attention (torch backend): inference forward (fp32) on "
-            f"{cpu_attention.describe()}; otherwise ATen's fused kernel once per run of "
-            f"equal-length sequences on views of the packed tokens, when a call averages >= "
-            f"{MIN_TOKENS_PER_CALL} query tokens (forward, no dropout), a banded layout for a "
+    return (f"CPU packed attention (torch backend): fp32 forward and backward, dropout "
+            f"included, on {cpu_attention.describe()}; otherwise ATen's fused kernel once per "
+            f"run of equal-length sequences on views of the packed tokens, when a call averages "
+            f">= {MIN_TOKENS_PER_CALL} query tokens (forward, no dropout), a banded layout for a "
             f"sliding window, else one call on a padded view (and for backward and dropout)")
 
 
