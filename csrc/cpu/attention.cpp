@@ -165,6 +165,27 @@ int64_t extent(int64_t batch, int64_t batch_stride, int64_t rows, int64_t tok, i
 // Strides in elements: (token, head) for packed tensors, (batch, token, head) for padded ones.
 using Strides = std::vector<int64_t>;
 
+// (batch, token, head) strides of a packed tensor's (token, head): one batch row.
+Strides as_batched(const Strides& st) { return {0, st[0], st[1]}; }
+
+// The kernel's arguments for q, k, v at (batch, token, head) strides, `batch` rows of rows_q
+// queries and rows_k keys (packed: one); out and dQ/dK/dV contiguous, lse rows of lse_head.
+Args make_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse_in,
+               uintptr_t lse_out, int64_t batch, int64_t rows_q, int64_t rows_k, int64_t heads,
+               int64_t dim, const Strides& qs, const Strides& ks, const Strides& vs,
+               int64_t lse_head, double scale, int64_t left, int64_t right, double dropout_p,
+               uint64_t seed) {
+  return Args{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+              reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out),
+              reinterpret_cast<const float*>(lse_in), reinterpret_cast<float*>(lse_out), dim,
+              qs[1], qs[2], ks[1], ks[2], vs[1], vs[2], heads * dim, dim, lse_head,
+              extent(batch, qs[0], rows_q, qs[1], heads, qs[2], dim),
+              extent(batch, ks[0], rows_k, ks[1], heads, ks[2], dim),
+              extent(batch, vs[0], rows_k, vs[1], heads, vs[2], dim),
+              static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
+              static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
+}
+
 void expect_strides(const std::string& op, const Strides& st, size_t n) {
   if (st.size() != n)
     throw std::invalid_argument(op + ": expected " + std::to_string(n) + " strides per tensor");
@@ -275,15 +296,9 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
   for (const Strides* st : {&qs, &ks, &vs}) expect_strides(op, *st, 2);
   const std::vector<Seq> list = packed_sequences(op, cu_q, cu_k, seqs, total_q, total_k,
                                                  heads * dim, qs, ks, vs, 0);
-  const Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-               reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), nullptr,
-               reinterpret_cast<float*>(lse), dim, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1],
-               heads * dim, dim, total_q,
-               extent(1, 0, total_q, qs[0], heads, qs[1], dim),
-               extent(1, 0, total_k, ks[0], heads, ks[1], dim),
-               extent(1, 0, total_k, vs[0], heads, vs[1], dim),
-               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
-               static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
+  const Args a = make_args(q, k, v, out, 0, lse, 1, total_q, total_k, heads, dim,
+                           as_batched(qs), as_batched(ks), as_batched(vs), total_q, scale, left,
+                           right, dropout_p, seed);
   forward(which, a, list, heads, threads);
 }
 
@@ -302,14 +317,9 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
   for (const Strides* st : {&dos, &qs, &ks, &vs}) expect_strides(op, *st, 2);
   const std::vector<Seq> list = packed_sequences(op, cu_q, cu_k, seqs, total_q, total_k,
                                                  heads * dim, qs, ks, vs, dos[0]);
-  const Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-               reinterpret_cast<const float*>(v), nullptr, reinterpret_cast<const float*>(lse),
-               nullptr, dim, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], heads * dim, dim, total_q,
-               extent(1, 0, total_q, qs[0], heads, qs[1], dim),
-               extent(1, 0, total_k, ks[0], heads, ks[1], dim),
-               extent(1, 0, total_k, vs[0], heads, vs[1], dim),
-               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
-               static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
+  const Args a = make_args(q, k, v, 0, lse, 0, 1, total_q, total_k, heads, dim,
+                           as_batched(qs), as_batched(ks), as_batched(vs), total_q, scale, left,
+                           right, dropout_p, seed);
   const Grads g{reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
                 reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk),
                 reinterpret_cast<float*>(dv), dos[0], dos[1],
@@ -334,15 +344,8 @@ void attention_padded_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
   for (const Strides* st : {&qs, &ks, &vs}) expect_strides(op, *st, 3);
   const std::vector<Seq> list = padded_rows(key_mask, mask_batch, batch, sq, sk, heads, dim,
                                             qs, ks, vs, 0);
-  const Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-               reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), nullptr,
-               reinterpret_cast<float*>(lse), dim, qs[1], qs[2], ks[1], ks[2], vs[1], vs[2],
-               heads * dim, dim, sq,
-               extent(batch, qs[0], sq, qs[1], heads, qs[2], dim),
-               extent(batch, ks[0], sk, ks[1], heads, ks[2], dim),
-               extent(batch, vs[0], sk, vs[1], heads, vs[2], dim),
-               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
-               static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
+  const Args a = make_args(q, k, v, out, 0, lse, batch, sq, sk, heads, dim, qs, ks, vs, sq,
+                           scale, left, right, dropout_p, seed);
   forward(which, a, list, heads, threads);
 }
 
@@ -361,14 +364,8 @@ void attention_padded_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
   for (const Strides* st : {&dos, &qs, &ks, &vs}) expect_strides(op, *st, 3);
   const std::vector<Seq> list = padded_rows(key_mask, mask_batch, batch, sq, sk, heads, dim,
                                             qs, ks, vs, dos[0]);
-  const Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-               reinterpret_cast<const float*>(v), nullptr, reinterpret_cast<const float*>(lse),
-               nullptr, dim, qs[1], qs[2], ks[1], ks[2], vs[1], vs[2], heads * dim, dim, sq,
-               extent(batch, qs[0], sq, qs[1], heads, qs[2], dim),
-               extent(batch, ks[0], sk, ks[1], heads, ks[2], dim),
-               extent(batch, vs[0], sk, vs[1], heads, vs[2], dim),
-               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
-               static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
+  const Args a = make_args(q, k, v, 0, lse, 0, batch, sq, sk, heads, dim, qs, ks, vs, sq,
+                           scale, left, right, dropout_p, seed);
   const Grads g{reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
                 reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk),
                 reinterpret_cast<float*>(dv), dos[1], dos[2],

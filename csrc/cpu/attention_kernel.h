@@ -57,14 +57,9 @@ static inline vf exp2_nonpositive(vf x) {
 }
 
 // MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2.
-static inline uint32_t fmix(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85ebca6bu;
-  x ^= x >> 13;
-  x *= 0xc2b2ae35u;
-  return x ^ (x >> 16);
-}
-static inline vu fmix(vu x) {
+// (uint32_t or vu, lane by lane)
+template <typename U>
+static inline U fmix(U x) {
   x ^= x >> 16;
   x *= 0x85ebca6bu;
   x ^= x >> 13;
