@@ -42,6 +42,7 @@ double backward (create_graph=True through it raises, as ATen's fused attention 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -57,7 +58,6 @@ except ImportError as e:
 
 MAX_HEAD_DIM = 256
 _enabled = True
-_suspended = 0  # > 0 inside `suspended()`
 _WIDTH = _cpu.vector_width() if _cpu is not None else 0
 
 
@@ -67,18 +67,25 @@ def set_enabled(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
+class _ThreadState(threading.local):
+    suspended = 0  # > 0 inside `suspended()` on this thread
+
+
+_state = _ThreadState()
+
+
 @contextlib.contextmanager
 def suspended():
-    """The kernel off for the calls inside. The public ops run their autograd.Function under it
-    while a torch.func transform is active: functorch runs that Function's forward on unwrapped
-    tensors (the kernel could serve them) but its backward on wrapped ones (it cannot), and a
-    backward on ATen's path after a forward on the kernel would draw another dropout mask."""
-    global _suspended
-    _suspended += 1
+    """The kernel off for the forwards inside, on this thread. The public ops run their
+    autograd.Function under it while a torch.func transform is active: functorch runs that
+    Function's forward on unwrapped tensors (the kernel could serve them) but its backward on
+    wrapped ones (it cannot: `serves_backward`), and a backward on ATen's path after a forward on
+    the kernel would draw another dropout mask."""
+    _state.suspended += 1
     try:
         yield
     finally:
-        _suspended -= 1
+        _state.suspended -= 1
 
 
 def use_isa(name: str) -> None:
@@ -110,7 +117,7 @@ def takes(x: Tensor) -> bool:
     """Whether the kernel serves attention on q, k, v like x (its device, dtype, head dim),
     before their layout is known."""
     d = x.shape[-1]
-    return (_enabled and not _suspended and _WIDTH != 0 and x.device.type == "cpu"
+    return (_enabled and not _state.suspended and _WIDTH != 0 and x.device.type == "cpu"
             and x.dtype == torch.float32 and d % _WIDTH == 0 and d <= MAX_HEAD_DIM)
 
 
@@ -134,7 +141,15 @@ def serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _SEED_BITS = (1 << 64) - 1
+
+
+def serves_backward(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the backward of an attention call on these (saved) tensors runs on the kernel:
+    `serves`, and q not a functorch wrapper (torch.func.vjp's backward runs after its transform
+    has exited, on the dead wrappers of a forward that ran under `suspended()`)."""
+    return serves(q, k, v) and not _functorch_wrapped(q)
 
 
 def _bounds(window: Tuple[int, int], causal: bool, reach: int) -> Tuple[int, int]:

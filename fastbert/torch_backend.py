@@ -79,7 +79,7 @@ class TorchBackend:
     @staticmethod
     def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, seed,
                            deterministic, window=(-1, -1)):
-        if cpu_attention.serves(q, k, v):  # as forward chose
+        if cpu_attention.serves_backward(q, k, v):  # as forward chose
             return cpu_attention.padded_backward(dout, q, k, v, out, lse, mask, causal, scale,
                                                  window, dropout_p, seed)
         band = sliding.bounded(window, causal)

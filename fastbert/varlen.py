@@ -228,7 +228,7 @@ class _TorchVarlen:
                                   dropout_p, scale, seed, deterministic, window=ops.FULL_WINDOW):
         if q.shape[0] == 0 or k.shape[0] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        if cpu_attention.serves(q, k, v):  # as forward chose
+        if cpu_attention.serves_backward(q, k, v):  # as forward chose
             return cpu_attention.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal,
                                                  scale, window, dropout_p, seed)
         band = _packed_band(q, cu_q, cu_k, causal, window, dropout_p, backward=True)

@@ -17,8 +17,8 @@ from fastbert import cpu_attention, reference
 from fastbert.torch_backend import TorchBackend
 from fastbert.varlen import _TorchVarlen
 from tests.helpers import assert_close_by_rule
-from tests.test_cuda_attention import (ATTENTION_DROPOUT_CASES, check_attention_dropout,
-                                       check_attention_varlen)
+from tests.test_cuda_attention import (ATTENTION_DROPOUT_CASES, attention_keep_mask,
+                                       check_attention_dropout, check_attention_varlen)
 
 # CI builds the extension on x86-64: a build that failed there fails here, not skips
 _MISSING = cpu_attention._cpu is None or cpu_attention._WIDTH == 0
@@ -252,27 +252,76 @@ def test_keys_no_sequence_holds_get_zero_gradients():
     assert not dk[20:].any() and not dv[20:].any() and dk[:20].any()
 
 
-def test_forward_and_backward_take_one_path_under_torch_func():
+def _packed_call(q, k, v, p):
+    cu = cu_of([5, 7])
+    return fastbert.attention_varlen(q, k, v, cu, cu, 7, 7, dropout_p=p)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_and_backward_take_one_path_under_torch_func(transform, packed):
     """torch.func runs an autograd.Function's forward on unwrapped tensors and its backward on
-    wrapped ones: the public ops suspend the kernel for both, so the gradient under
-    torch.func.grad (dropout included) is the one ATen's path gives under plain autograd."""
-    q, k, v = (torch.randn(2, 12, 2, 16) for _ in range(3))
-    kernels = [_counting(name) for name in ("padded_forward", "padded_backward")]
+    wrapped ones (vjp: after the transform exits): the public ops suspend the kernel for the
+    forward and the backward refuses wrappers, so the gradient under torch.func (dropout
+    included) is the one ATen's path gives under plain autograd."""
+    shape = (12, 2, 16) if packed else (2, 12, 2, 16)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+
+    def attend(q):
+        return _packed_call(q, k, v, 0.3) if packed else fastbert.attention(q, k, v,
+                                                                             dropout_p=0.3)
+    names = ("varlen_forward", "varlen_backward") if packed else ("padded_forward",
+                                                                   "padded_backward")
+    kernels = [_counting(name) for name in names]
     try:
         torch.manual_seed(3)
-        got = torch.func.grad(lambda q: fastbert.attention(q, k, v, dropout_p=0.3).sum())(q)
+        if transform == "grad":
+            got = torch.func.grad(lambda q: attend(q).sum())(q)
+        else:
+            out, pullback = torch.func.vjp(attend, q)
+            got, = pullback(torch.ones_like(out))
     finally:
-        for name, (kernel, _) in zip(("padded_forward", "padded_backward"), kernels):
+        for name, (kernel, _) in zip(names, kernels):
             setattr(cpu_attention, name, kernel)
     assert not kernels[0][1] and not kernels[1][1]
     cpu_attention.set_enabled(False)
     try:
         torch.manual_seed(3)
         leaf = q.clone().requires_grad_()
-        fastbert.attention(leaf, k, v, dropout_p=0.3).sum().backward()
+        attend(leaf).sum().backward()
     finally:
         cpu_attention.set_enabled(True)
     torch.testing.assert_close(got, leaf.grad)
+
+
+@pytest.mark.parametrize("mask_kind", ["left", "holes"])
+@pytest.mark.parametrize("window", [(-1, -1), (6, 2)])
+def test_padded_dropout_with_front_padding_and_windows(isa, mask_kind, window):
+    """Rows whose first keys are padding (the kernel skips them: its dropout counter adds them
+    back) and sliding windows, with dropout: forward and every gradient by the rule given the
+    keep mask read off the output."""
+    b, sq, sk, h, d, p, seed = 2, 20, 40, 2, 64, 0.3, 11
+    mask = _padding_mask(mask_kind, b, sk, torch.Generator().manual_seed(5))
+    scale = d ** -0.5
+    keep, _ = attention_keep_mask(TorchBackend, "cpu", b, sq, sk, h, d, torch.float32, False,
+                                  mask, p, seed, scale, window)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(b, s, h, d, generator=g) for s in (sq, sk, sk))
+    dout = torch.randn(b, sq, h, d, generator=g)
+    out, lse = TorchBackend.attention_forward(q, k, v, mask, False, p, scale, seed, window=window)
+    grads = TorchBackend.attention_backward(dout, q, k, v, out, lse, mask, False, p, scale, seed,
+                                            False, window=window)
+    visible = reference.attention_visible(mask, False, b, sq, sk, "cpu", window)
+    results = {}
+    for name, dtype in (("plain", torch.float32), ("exact", torch.float64)):
+        args = [t.to(dtype) for t in (q, k, v)]
+        o, l = reference.attention_forward(*args, mask, False, p, scale, keep, visible=visible,
+                                           upcast=False)
+        results[name] = (o, *reference.attention_backward(dout.to(dtype), *args, o, l, mask,
+                                                          False, p, scale, keep, upcast=False,
+                                                          visible=visible))
+    for i, (name, got) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *grads))):
+        assert_close_by_rule(got, results["plain"][i], results["exact"][i], f"{name} ({isa})")
 
 
 def test_double_backward_through_the_kernel_is_refused():

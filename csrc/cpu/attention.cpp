@@ -183,7 +183,9 @@ Args make_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t l
               extent(batch, ks[0], rows_k, ks[1], heads, ks[2], dim),
               extent(batch, vs[0], rows_k, vs[1], heads, vs[2], dim),
               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
-              static_cast<float>(1.0 / (1.0 - dropout_p)), heads};
+              // 1 / the exact keep rate (2^32 - threshold) / 2^32, not 1 / (1 - dropout_p)
+              static_cast<float>(4294967296.0 / (4294967296.0 - drop_threshold(dropout_p))),
+              heads};
 }
 
 void expect_strides(const std::string& op, const Strides& st, size_t n) {
