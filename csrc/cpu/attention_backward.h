@@ -24,29 +24,6 @@ static inline vf probability(vf s, L lse) {
   return exp_nonpositive(s - lse);
 }
 
-// T[d][lane] = rows[lane][d] * mult for `count` rows at `src` (stride tok); idle lanes are 0.
-static inline void transpose_in(const float* src, int64_t tok, int count, int64_t dim, float* t,
-                                float mult = 1.0f) {
-  for (int r = 0; r < BM; ++r)
-    for (int64_t d = 0; d < dim; ++d) t[d * BM + r] = r < count ? src[r * tok + d] * mult : 0.0f;
-}
-
-// acc[RR rows][D] += P^T[n][rows] X[n][D] for `rows` rows of P's lanes (P at pt, key j's at
-// pt + j * BM), X rows in place at x (stride x_tok).
-static inline void accumulate(const float* pt, int rows, int n, const float* x, int64_t x_tok,
-                              float* acc, int64_t dim) {
-  for (int r0 = 0; r0 < rows; r0 += R)
-    for (int64_t d = 0; d < dim; d += 4 * W) {
-      const int nv = static_cast<int>(std::min<int64_t>(4 * W, dim - d)) / W;
-      if (r0 + R <= rows) {
-        pv<R>(nv, pt + r0, BM, n, x + d, x_tok, acc + r0 * dim + d, dim);
-      } else {
-        for (int r = r0; r < rows; ++r)
-          pv<1>(nv, pt + r, BM, n, x + d, x_tok, acc + r * dim + d, dim);
-      }
-    }
-}
-
 // dK and dV for keys [t.row0, t.row0 + BM) of one sequence and head: the keys are the lanes, the
 // query rows that can see any of them are visited in blocks of BN.
 static void run_key_block(const Args& a, const Grads& g, const Seq& sq, const Task& t,

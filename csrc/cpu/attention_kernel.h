@@ -73,7 +73,7 @@ static inline uint32_t dropout_stream(const Args& a, const Seq& sq, int64_t h) {
   return fmix(static_cast<uint32_t>(a.seed) ^ fmix(static_cast<uint32_t>(a.seed >> 32) ^ which));
 }
 
-// drop_scale = 1 / (1 - p) for the elements (query i, key j: counter i * key_stride + key0 + j)
+// drop_scale (1 / the keep rate) for the elements (query i, key j: counter i * key_stride + key0 + j)
 // dropout keeps, 0 for those it drops: forward and backward draw the same mask from the counter.
 static inline vf dropout_factor(const Args& a, uint32_t stream, vu counter) {
   const vu hash = fmix(counter * 0x9E3779B1u ^ stream);
@@ -177,6 +177,29 @@ struct Scratch {
   explicit Scratch(int64_t dim) : qt(dim * BM), st(BN * BM), o(BM * dim), tail(JG * dim) {}
 };
 
+// T[d][lane] = rows[lane][d] * mult for `count` rows at `src` (stride tok); idle lanes are 0.
+static inline void transpose_in(const float* src, int64_t tok, int count, int64_t dim, float* t,
+                                float mult = 1.0f) {
+  for (int r = 0; r < BM; ++r)
+    for (int64_t d = 0; d < dim; ++d) t[d * BM + r] = r < count ? src[r * tok + d] * mult : 0.0f;
+}
+
+// acc[RR rows][D] += P^T[n][rows] X[n][D] for `rows` rows of P's lanes (P at pt, key j's at
+// pt + j * BM), X rows in place at x (stride x_tok).
+static inline void accumulate(const float* pt, int rows, int n, const float* x, int64_t x_tok,
+                              float* acc, int64_t dim) {
+  for (int r0 = 0; r0 < rows; r0 += R)
+    for (int64_t d = 0; d < dim; d += 4 * W) {
+      const int nv = static_cast<int>(std::min<int64_t>(4 * W, dim - d)) / W;
+      if (r0 + R <= rows) {
+        pv<R>(nv, pt + r0, BM, n, x + d, x_tok, acc + r0 * dim + d, dim);
+      } else {
+        for (int r = r0; r < rows; ++r)
+          pv<1>(nv, pt + r, BM, n, x + d, x_tok, acc + r * dim + d, dim);
+      }
+    }
+}
+
 // out[i] = O / l, lse[i] = log(l) + max; a row that saw no key gets zeros and lse = +inf (the op
 // contract).
 static inline void finish_row(const Args& a, const Seq& sq, int64_t h, int64_t i,
@@ -199,7 +222,6 @@ static inline void finish_row(const Args& a, const Seq& sq, int64_t h, int64_t i
 static void run_rows(const Args& a, const Seq& sq, const Task& t, int rows, Scratch& sc) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   const int64_t dim = a.dim, h = t.head;
-  const float qscale = a.scale;
   float* qrow = sc.qt.data();
   float* s = sc.st.data();  // BN scores, then probabilities
   float* orow = sc.o.data();
@@ -208,7 +230,7 @@ static void run_rows(const Args& a, const Seq& sq, const Task& t, int rows, Scra
   for (int r = 0; r < rows; ++r) {
     const int64_t i = t.row0 + r;
     const float* src = a.q + sq.q_off + i * a.q_tok + h * a.q_head;
-    for (int64_t d = 0; d < dim; ++d) qrow[d] = src[d] * qscale;
+    for (int64_t d = 0; d < dim; ++d) qrow[d] = src[d] * a.scale;
     std::fill(orow, orow + dim, 0.0f);
     const int64_t kbegin = a.left < 0 ? 0 : std::max<int64_t>(0, i + sq.shift - a.left);
     const int64_t kend = a.right < 0 ? sq.lk : std::min<int64_t>(sq.lk, i + sq.shift + a.right + 1);
@@ -281,17 +303,9 @@ static void run_task(const Args& a, const Seq& sq, const Task& t, Scratch& sc) {
   float* qt = sc.qt.data();
   float* st = sc.st.data();
   float* o = sc.o.data();
-  // Qt[d][lane] = q[row0 + lane][d] * scale; idle lanes are 0
-  const float qscale = a.scale;
   const int live = (rows + W - 1) / W;  // the vectors of S^T holding real rows
-  for (int r = 0; r < BM; ++r) {
-    if (r < rows) {
-      const float* src = a.q + sq.q_off + (t.row0 + r) * a.q_tok + h * a.q_head;
-      for (int64_t d = 0; d < dim; ++d) qt[d * BM + r] = src[d] * qscale;
-    } else {
-      for (int64_t d = 0; d < dim; ++d) qt[d * BM + r] = 0.0f;
-    }
-  }
+  transpose_in(a.q + sq.q_off + t.row0 * a.q_tok + h * a.q_head, a.q_tok, rows, dim, qt,
+               a.scale);  // Qt = (q scale)^T
   std::fill(o, o + BM * dim, 0.0f);
   vf m[QV], l[QV];
   for (int c = 0; c < QV; ++c) {
@@ -353,17 +367,7 @@ static void run_task(const Args& a, const Seq& sq, const Task& t, Scratch& sc) {
         float* orow = o + r * dim;
         for (int64_t d = 0; d < dim; d += W) store(orow + d, load(orow + d) * s);
       }
-    const float* vblock = a.v + sq.v_off + kb * a.v_tok + h * a.v_head;
-    for (int r0 = 0; r0 < rows; r0 += R)
-      for (int64_t d = 0; d < dim; d += 4 * W) {
-        const int nv = static_cast<int>(std::min<int64_t>(4 * W, dim - d)) / W;
-        if (r0 + R <= rows) {
-          pv<R>(nv, st + r0, BM, n, vblock + d, a.v_tok, o + r0 * dim + d, dim);
-        } else {  // the last rows one by one, no idle row computed
-          for (int r = r0; r < rows; ++r)
-            pv<1>(nv, st + r, BM, n, vblock + d, a.v_tok, o + r * dim + d, dim);
-        }
-      }
+    accumulate(st, rows, n, a.v + sq.v_off + kb * a.v_tok + h * a.v_head, a.v_tok, o, dim);
   }
   for (int r = 0; r < rows; ++r)
     finish_row(a, sq, h, t.row0 + r, o + r * dim, l[r / W][r % W], m[r / W][r % W]);
