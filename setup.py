@@ -5,9 +5,9 @@ found and FASTBERT_BUILD_CUDA is not "0"; otherwise one line says why it was ski
 pure-Python package (torch and Triton backends) installs as usual.
 FASTBERT_CUDA_ARCHS picks the GPU architectures (CMake syntax, default "80;90a").
 
-The CPU extension `fastbert._cpu` (csrc/cpu/: fastbert's fp32 CPU attention) is built with the
-C++ compiler on x86-64 unless FASTBERT_BUILD_CPU is "0"; if it cannot be built, one line says why
-and ATen's CPU attention serves instead.
+The CPU extension `fastbert._cpu` (csrc/cpu/: fastbert's fp32 CPU attention and add+LayerNorm)
+is built with the C++ compiler on x86-64 unless FASTBERT_BUILD_CPU is "0"; if it cannot be built,
+one line says why and ATen's kernels serve instead.
 """
 import os
 import platform
@@ -58,9 +58,12 @@ class CPUExtension(Extension):
     def __init__(self):
         import pybind11
         # depends: an edit to a kernel header alone rebuilds the extension
-        super().__init__("fastbert._cpu", sources=["csrc/cpu/attention.cpp"],
-                         depends=["csrc/cpu/attention_kernel.h",
-                                  "csrc/cpu/attention_backward.h"],
+        super().__init__("fastbert._cpu",
+                         sources=["csrc/cpu/attention.cpp", "csrc/cpu/layer_norm.cpp"],
+                         depends=["csrc/cpu/common.h", "csrc/cpu/hash.h",
+                                  "csrc/cpu/attention_kernel.h",
+                                  "csrc/cpu/attention_backward.h",
+                                  "csrc/cpu/layer_norm_kernel.h"],
                          include_dirs=[str(ROOT), pybind11.get_include()], language="c++",
                          extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
                          extra_link_args=["-fopenmp"])
@@ -74,9 +77,9 @@ class CMakeBuild(build_ext):
                 continue
             try:
                 self.build_extension(ext)
-            except Exception as e:  # a missing or non-GCC compiler: ATen's attention serves
+            except Exception as e:  # a missing or non-GCC compiler: ATen's kernels serve
                 print(f"fastbert: could not build the CPU extension fastbert._cpu ({e}); ATen's "
-                      f"CPU attention serves instead", file=sys.stderr, flush=True)
+                      f"CPU kernels serve instead", file=sys.stderr, flush=True)
                 self.extensions.remove(ext)  # nothing to copy into the package
 
     def build_extension(self, ext):

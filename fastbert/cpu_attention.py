@@ -76,11 +76,12 @@ _state = _ThreadState()
 
 @contextlib.contextmanager
 def suspended():
-    """The kernel off for the forwards inside, on this thread. The public ops run their
-    autograd.Function under it while a torch.func transform is active: functorch runs that
-    Function's forward on unwrapped tensors (the kernel could serve them) but its backward on
-    wrapped ones (it cannot: `serves_backward`), and a backward on ATen's path after a forward on
-    the kernel would draw another dropout mask."""
+    """The kernels of fastbert._cpu (this one and fastbert.cpu_layer_norm's) off for the
+    forwards inside, on this thread. The public ops run their autograd.Function under it while
+    a torch.func transform is active: functorch runs that Function's forward on unwrapped
+    tensors (a kernel could serve them) but its backward on wrapped ones (it cannot:
+    `serves_backward`), and a backward on ATen's path after a forward on a kernel would draw
+    another dropout mask."""
     _state.suspended += 1
     try:
         yield
@@ -96,12 +97,21 @@ def use_isa(name: str) -> None:
     _WIDTH = _cpu.vector_width()
 
 
-def reason() -> Optional[str]:
-    """Why the kernel cannot serve at all here, or None."""
+def extension_reason() -> Optional[str]:
+    """Why no kernel of fastbert._cpu (attention, fastbert.cpu_layer_norm's) can run here, or
+    None."""
     if _cpu is None:
         return f"the extension fastbert._cpu is not built ({_import_error})"
     if _WIDTH == 0:
         return "this CPU has neither AVX-512 nor AVX2 with FMA"
+    return None
+
+
+def reason() -> Optional[str]:
+    """Why the kernel cannot serve at all here, or None."""
+    why = extension_reason()
+    if why is not None:
+        return why
     if not _enabled:
         return "switched off (fastbert.cpu_attention.set_enabled(False))"
     return None

@@ -1,12 +1,13 @@
 """The torch backend: the reference math (fastbert/reference.py) on ATen's fused CPU kernels
-where they measure faster, behind the same entry points as the Triton and CUDA backends (see
-fastbert/ops.py). Dropout masks come from a torch.Generator seeded by the call's seed, so backward
-regenerates forward's mask."""
+where they measure faster, and on fastbert's own fp32 CPU kernels (fastbert._cpu: attention,
+add+LayerNorm) where those serve, behind the same entry points as the Triton and CUDA backends
+(see fastbert/ops.py). Dropout masks come from a torch.Generator seeded by the call's seed (on
+fastbert._cpu's kernels, from a hash of it), so backward regenerates forward's mask."""
 from __future__ import annotations
 
 import torch
 
-from fastbert import cpu_attention, cpu_train, reference, window as sliding
+from fastbert import cpu_attention, cpu_layer_norm, cpu_train, reference, window as sliding
 
 
 class TorchBackend:
@@ -104,13 +105,24 @@ class TorchBackend:
     # which the tests hold them to): the reference's elementwise chains are many times slower.
     # Casts that are no-ops in fp32 are skipped, not called (see reference.py's docstring).
     @staticmethod
+    def _norm_keep(seed, x, p):
+        """add_layer_norm's keep mask: on CPU the hash fastbert's kernel draws (every dtype alike,
+        kernel or not), else reference.dropout_keep_mask's."""
+        if cpu_layer_norm.masks_here(x):
+            return cpu_layer_norm.keep_mask(seed, x.shape, p)
+        return reference.dropout_keep_mask(seed, x.shape, p, x.device)
+
+    @staticmethod
     def add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, store_sum=False,
                                out_dtype=None):
         """store_sum: the pre-norm sum as a fourth output. y and the sum in out_dtype (default
-        x's); residual may differ from x in dtype."""
+        x's); residual may differ from x in dtype. fp32 on fastbert's CPU kernel where it serves
+        (fastbert/cpu_layer_norm.py)."""
+        if cpu_layer_norm.serves(x, residual, out_dtype):
+            return cpu_layer_norm.add_layer_norm_forward(x, residual, weight, bias, eps,
+                                                         dropout_p, seed, store_sum)
         out_dtype = out_dtype or x.dtype
-        keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
-            if dropout_p > 0.0 else None
+        keep = TorchBackend._norm_keep(seed, x, dropout_p) if dropout_p > 0.0 else None
         # fp64 where any of x, residual and y is (reference.acc_dtype), else fp32: a mixed call
         # under autocast keeps an fp64 residual's precision (inline: a call per norm counts)
         f64 = torch.float64
@@ -130,8 +142,10 @@ class TorchBackend:
 
     @staticmethod
     def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None):
-        keep = reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device) \
-            if dropout_p > 0.0 else None
+        if cpu_layer_norm.serves_backward(x, residual, dy):
+            return cpu_layer_norm.add_layer_norm_backward(dy, x, residual, weight, mean, rstd,
+                                                          dropout_p, seed, dsum)
+        keep = TorchBackend._norm_keep(seed, x, dropout_p) if dropout_p > 0.0 else None
         f64 = torch.float64  # as in the forward
         acc = f64 if (x.dtype == f64 or dy.dtype == f64 or (residual is not None and
                                                             residual.dtype == f64)) \

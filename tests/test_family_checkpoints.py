@@ -10,7 +10,7 @@ import torch
 
 import fastbert
 from fastbert.family import FAMILIES
-from tests.helpers import assert_close_by_rule
+from tests.helpers import FLOOR, assert_close_by_rule
 from tests.test_family import ARCHS, make_inputs, make_model, randomize_by_type_
 from tests.test_hf import grads_by_hf_name
 
@@ -101,7 +101,15 @@ def test_checkpoint_loads_and_matches_transformers(arch, head, tmp_path):
         assert_close_by_rule(got[name], plain[name], exact[name], name=f"{arch} {head} {name}")
     assert plain_grads.keys() <= got_grads.keys(), plain_grads.keys() - got_grads.keys()
     for name, g in plain_grads.items():
-        assert_close_by_rule(got_grads[name], g, exact_grads[name], name=f"{arch} {head} d{name}")
+        # a parameter's gradient sums over every token: its floor scales with its magnitude, as
+        # the op tests' dweight (DESIGN.md: fp32 agrees to ~1e-5 relative). fastbert's CPU
+        # kernels round independently of transformers' ATen ops, whose errors the plain run
+        # shares at every LayerNorm: the max-error ratio of two independent fp32 runs reached
+        # 3x on one (32,) LayerNorm weight in 30 draws (1.05e-4 of 33.8, 3e-6 relative), while
+        # the kernels' geometric-mean ratio over every gradient was 0.99 (ATen's path 1.03)
+        floor = FLOOR[g.dtype] * max(1.0, exact_grads[name].abs().max().item())
+        assert_close_by_rule(got_grads[name], g, exact_grads[name], name=f"{arch} {head} d{name}",
+                             floor=floor)
 
 
 @pytest.mark.parametrize("arch,head", CASES)

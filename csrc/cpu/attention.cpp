@@ -8,6 +8,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "csrc/cpu/common.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -136,11 +138,16 @@ int width_of(int which) { return which == 2 ? 16 : which == 1 ? 8 : 0; }
 
 int vector_width() { return width_of(chosen_isa.load()); }
 
+int isa_for(const std::string& op) {
+  const int which = chosen_isa.load();  // one ISA for the whole call
+  if (which == 0) throw std::runtime_error(op + ": this CPU has neither AVX-512 nor AVX2 with FMA");
+  return which;
+}
+
 // The ISA code this call runs with, after checking head_dim fits it.
 int checked_isa(const std::string& op, int64_t dim) {
-  const int which = chosen_isa.load();  // one ISA for the whole call
+  const int which = isa_for(op);
   const int width = width_of(which);
-  if (width == 0) throw std::runtime_error(op + ": this CPU has neither AVX-512 nor AVX2 with FMA");
   if (dim <= 0 || dim % width != 0 || dim > 256)
     throw std::invalid_argument(op + ": head_dim must be a multiple of " + std::to_string(width) +
                                 " up to 256, got " + std::to_string(dim));
@@ -153,6 +160,10 @@ uint32_t drop_threshold(double dropout_p) {
     throw std::invalid_argument("fastbert._cpu: dropout_p must be in [0, 1), got " +
                                 std::to_string(dropout_p));
   return static_cast<uint32_t>(std::min(4294967295.0, std::round(dropout_p * 4294967296.0)));
+}
+
+float drop_scale(uint32_t threshold) {
+  return static_cast<float>(4294967296.0 / (4294967296.0 - threshold));
 }
 
 // The elements a (batch,) rows, heads, dim view spans from its first: the bound no read passes.
@@ -183,9 +194,7 @@ Args make_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t l
               extent(batch, ks[0], rows_k, ks[1], heads, ks[2], dim),
               extent(batch, vs[0], rows_k, vs[1], heads, vs[2], dim),
               static_cast<float>(scale), left, right, seed, drop_threshold(dropout_p),
-              // 1 / the exact keep rate (2^32 - threshold) / 2^32, not 1 / (1 - dropout_p)
-              static_cast<float>(4294967296.0 / (4294967296.0 - drop_threshold(dropout_p))),
-              heads};
+              drop_scale(drop_threshold(dropout_p)), heads};
 }
 
 void expect_strides(const std::string& op, const Strides& st, size_t n) {
@@ -387,4 +396,5 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("attention_varlen_backward", &fastbert_cpu::attention_varlen_backward, release);
   m.def("attention_padded_forward", &fastbert_cpu::attention_padded_forward, release);
   m.def("attention_padded_backward", &fastbert_cpu::attention_padded_backward, release);
+  fastbert_cpu::register_layer_norm(m);
 }

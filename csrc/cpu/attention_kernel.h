@@ -56,21 +56,12 @@ static inline vf exp2_nonpositive(vf x) {
   return x < -126.0f ? splat(0.0f) : r;
 }
 
-// MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2.
-// (uint32_t or vu, lane by lane)
-template <typename U>
-static inline U fmix(U x) {
-  x ^= x >> 16;
-  x *= 0x85ebca6bu;
-  x ^= x >> 13;
-  x *= 0xc2b2ae35u;
-  return x ^ (x >> 16);
-}
+#include "csrc/cpu/hash.h"
 
 // Dropout's stream for one sequence and head: the call's seed mixed with (sequence, head).
 static inline uint32_t dropout_stream(const Args& a, const Seq& sq, int64_t h) {
   const uint32_t which = static_cast<uint32_t>(sq.index * a.heads + h) * 0x9E3779B9u;
-  return fmix(static_cast<uint32_t>(a.seed) ^ fmix(static_cast<uint32_t>(a.seed >> 32) ^ which));
+  return seed_stream(a.seed, which);
 }
 
 // drop_scale (1 / the keep rate) for the elements (query i, key j: counter i * key_stride + key0 + j)
