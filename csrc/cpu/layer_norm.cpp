@@ -69,8 +69,8 @@ int norm_workers(int64_t threads, int64_t rows, int64_t cols) {
 
 NormArgs norm_args(const std::string& op, int64_t rows, int64_t cols, double dropout_p,
                    uint64_t seed) {
-  if (rows < 0 || cols < 1)
-    throw std::invalid_argument(op + ": expected rows >= 0 and cols >= 1, got " +
+  if (rows < 0 || cols < 1 || cols > (int64_t{1} << 30))
+    throw std::invalid_argument(op + ": expected rows >= 0 and 1 <= cols <= 2^30, got " +
                                 std::to_string(rows) + " and " + std::to_string(cols));
   NormArgs a{};
   a.rows = rows;
