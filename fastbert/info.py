@@ -42,10 +42,11 @@ def collect() -> dict:
     info["cuda_extension"] = cuda.extension_info()
     info["backends"] = backends
     info["auto_order"] = auto_order(device)
-    from fastbert import cpu, cpu_train, varlen
+    from fastbert import cpu, cpu_layer_norm, cpu_train, varlen
     info["cpu_inference"] = cpu.describe()
     info["cpu_training"] = cpu_train.describe()
     info["cpu_attention"] = varlen.describe_cpu()
+    info["cpu_layer_norm"] = cpu_layer_norm.describe()
     return info
 
 
