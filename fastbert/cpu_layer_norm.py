@@ -7,8 +7,10 @@ passes, each regenerated in the backward. This kernel makes a row's sum, statist
 in one visit of the row (it stays in L1), stores the sum only where the pre-norm form returns
 it, and its backward recomputes the sum from x and the residual, dropout's mask included: a hash
 of (seed, row, column), MurmurHash3's finaliser as fastbert.cpu_attention's, so the backward
-drops what the forward dropped. Rows in blocks of 32 over torch's OpenMP team; dweight and dbias
-are summed per block, then per thread, then over threads in order (the same on every call).
+drops what the forward dropped. Rows in blocks of 32 over torch's OpenMP team (a static
+schedule); row statistics, dweight and dbias are summed in fp64 lanes, dweight and dbias per
+thread, then over the threads in order (the same result on every call with the same thread
+count).
 
     from fastbert import cpu_layer_norm
     if cpu_layer_norm.serves(x, residual, out_dtype):  # x, residual (rows, C) fp32 on CPU
@@ -20,10 +22,12 @@ are summed per block, then per thread, then over threads in order (the same on e
 The contract is the torch backend's (fastbert/ops.py): mean and rstd (rows,) fp32; store_sum
 adds the pre-norm sum as a fourth output; dsum is the gradient reaching it. Weight and bias may
 be any float dtype (read in fp32; dweight and dbias come back in weight's). fp16/bf16 and fp64
-activations stay on ATen's kernels; so does everything when the extension is not built
-(`reason()` says why). `set_enabled(False)` switches it off (between steps: a backward follows
-its forward's path only if the switch stays put). No double backward (create_graph=True through
-it raises).
+activations, views that are not contiguous, and anything under forward-mode AD or a torch.func
+transform stay on ATen's kernels; so does everything when the extension is not built
+(`reason()` says why), and `set_enabled(False)` switches it off. ATen's path on CPU drops by the
+same hash mask (`keep_mask`; it scales kept elements by 1 / (1 - p), the kernel by 1 / its exact
+keep rate, within 1e-9), so a backward that takes the other path than its forward still
+matches it. No double backward (create_graph=True through it raises).
 """
 from __future__ import annotations
 
@@ -71,23 +75,24 @@ def masks_here(x: Tensor) -> bool:
     return _AVAILABLE and x.device.type == "cpu"
 
 
-def serves(x: Tensor, residual: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> bool:
+def serves(x: Tensor, residual: Optional[Tensor], out_dtype: Optional[torch.dtype],
+           backward: bool = False) -> bool:
     """Whether the kernel takes add_layer_norm on x (rows, C) and residual (or None) with y in
-    out_dtype (None: x's): plain fp32 CPU tensors. A backward asks with its forward's x and
-    residual, and its dy (y's dtype), so both agree (the backward redraws the forward's dropout
-    mask). Attribute reads only: this runs once per norm."""
+    out_dtype (None: x's): plain contiguous fp32 CPU tensors (the kernel reads rows of C
+    floats from their addresses). A backward asks with its forward's x and residual, and its dy's
+    dtype (y's), and `backward=True`: then x must not be a functorch wrapper either (torch.func.
+    vjp's backward runs after its transform has exited, on the dead wrappers of a forward that
+    ran under cpu_attention.suspended()). Attribute reads and a few checks: this runs once per
+    norm."""
     return (_enabled and _AVAILABLE and not _state.suspended and x.__class__ is Tensor
             and x.dtype == _FP32 and x.device.type == "cpu" and x.ndim == 2
             and (out_dtype is None or out_dtype == _FP32)
-            and (residual is None or (residual.__class__ is Tensor and residual.dtype == _FP32))
-            and forward_ad._current_level < 0 and not _functorch_active())
-
-
-def serves_backward(x: Tensor, residual: Optional[Tensor], dy: Tensor) -> bool:
-    """`serves` for the backward of a forward on x and residual: x not a functorch wrapper
-    (torch.func.vjp's backward runs after its transform has exited, on the dead wrappers of a
-    forward that ran under cpu_attention.suspended())."""
-    return serves(x, residual, dy.dtype) and not _functorch_wrapped(x)
+            and (residual is None or (residual.__class__ is Tensor and residual.dtype == _FP32
+                                      and residual.shape == x.shape
+                                      and residual.device.type == "cpu"
+                                      and residual.is_contiguous()))
+            and forward_ad._current_level < 0 and not _functorch_active()
+            and x.is_contiguous() and not (backward and _functorch_wrapped(x)))
 
 
 def keep_mask(seed: int, shape, dropout_p: float) -> Tensor:
@@ -98,9 +103,9 @@ def keep_mask(seed: int, shape, dropout_p: float) -> Tensor:
     rows, cols = shape
     if _functorch_active():  # a plain tensor (a transform's factory calls make wrappers)
         with torch._C._DisableFuncTorch():
-            keep = torch.empty(rows, cols, dtype=torch.bool)
+            keep = torch.empty(rows, cols, dtype=torch.bool, device="cpu")
     else:
-        keep = torch.empty(rows, cols, dtype=torch.bool)
+        keep = torch.empty(rows, cols, dtype=torch.bool, device="cpu")
     _cpu.add_layer_norm_keep_mask(keep.data_ptr(), rows, cols, dropout_p, seed & _SEED_BITS,
                                   torch.get_num_threads())
     return keep
@@ -110,15 +115,14 @@ def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor
                            eps: float, dropout_p: float, seed: int, store_sum: bool = False,
                            out_dtype: Optional[torch.dtype] = None):
     """(y, mean, rstd), and the pre-norm sum dropout(x) + residual as a fourth output with
-    store_sum, on inputs `serves` took, x and residual contiguous as every backend receives
-    them (fastbert/ops.py); out_dtype is fp32 there."""
+    store_sum, on inputs `serves` took (out_dtype None or fp32: y is fp32)."""
     w = weight.contiguous() if weight.dtype == _FP32 else weight.to(_FP32).contiguous()
     b = bias.contiguous() if bias.dtype == _FP32 else bias.to(_FP32).contiguous()
     rows, cols = x.shape
-    y = torch.empty(rows, cols, dtype=_FP32)
-    mean = torch.empty(rows, dtype=_FP32)
-    rstd = torch.empty(rows, dtype=_FP32)
-    s = torch.empty(rows, cols, dtype=_FP32) if store_sum else None
+    y = torch.empty(rows, cols, dtype=_FP32, device="cpu")
+    mean = torch.empty(rows, dtype=_FP32, device="cpu")
+    rstd = torch.empty(rows, dtype=_FP32, device="cpu")
+    s = torch.empty(rows, cols, dtype=_FP32, device="cpu") if store_sum else None
     _cpu.add_layer_norm_forward(
         x.data_ptr(), residual.data_ptr() if residual is not None else 0, w.data_ptr(),
         b.data_ptr(), y.data_ptr(), s.data_ptr() if s is not None else 0, mean.data_ptr(),
@@ -131,27 +135,28 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
                             dsum: Optional[Tensor] = None):
     """(dx, dresidual or None, dweight, dbias) of add_layer_norm_forward from its mean and rstd
     (the sum recomputed, dropout's mask redrawn from seed); dsum: the gradient reaching the sum
-    (store_sum's output), or None. dy, x, residual and dsum contiguous, as every backend
-    receives them."""
+    (store_sum's output), or None. dy, x, residual and dsum contiguous (x and residual as
+    `serves` took them; dy and dsum as every backend receives them)."""
     rows, cols = x.shape
-    if dy.shape != x.shape or mean.shape != (rows,) or rstd.shape != (rows,) or \
-            mean.dtype != _FP32 or rstd.dtype != _FP32 or \
+    if dy.shape != x.shape or dy.dtype != _FP32 or mean.shape != (rows,) or \
+            rstd.shape != (rows,) or mean.dtype != _FP32 or rstd.dtype != _FP32 or \
             (dsum is not None and (dsum.shape != x.shape or dsum.dtype != _FP32)):
         raise ValueError(f"fastbert.cpu_layer_norm.add_layer_norm_backward: expected fp32 dy and "
                          f"dsum {tuple(x.shape)} like x, mean and rstd ({rows},); got dy "
                          f"{dy.dtype} {tuple(dy.shape)}, mean {mean.dtype} {tuple(mean.shape)}, "
                          f"rstd {rstd.dtype} {tuple(rstd.shape)}")
-    if torch.is_grad_enabled() and (dy.requires_grad or x.requires_grad or
-                                    weight.requires_grad):
+    if torch.is_grad_enabled() and (dy.requires_grad or x.requires_grad or weight.requires_grad
+                                    or (residual is not None and residual.requires_grad)
+                                    or (dsum is not None and dsum.requires_grad)):
         raise NotImplementedError(
             "fastbert.cpu_layer_norm.add_layer_norm_backward: a double backward through "
             "fastbert's CPU add+LayerNorm kernel is not implemented "
             "(fastbert.cpu_layer_norm.set_enabled(False) switches it off)")
     w = weight.contiguous() if weight.dtype == _FP32 else weight.to(_FP32).contiguous()
-    dx = torch.empty(rows, cols, dtype=_FP32)
-    dres = torch.empty(rows, cols, dtype=_FP32) if residual is not None else None
-    dweight = torch.empty(cols, dtype=_FP32)
-    dbias = torch.empty(cols, dtype=_FP32)
+    dx = torch.empty(rows, cols, dtype=_FP32, device="cpu")
+    dres = torch.empty(rows, cols, dtype=_FP32, device="cpu") if residual is not None else None
+    dweight = torch.empty(cols, dtype=_FP32, device="cpu")
+    dbias = torch.empty(cols, dtype=_FP32, device="cpu")
     _cpu.add_layer_norm_backward(
         dy.data_ptr(), dsum.data_ptr() if dsum is not None else 0, x.data_ptr(),
         residual.data_ptr() if residual is not None else 0, w.data_ptr(), mean.data_ptr(),

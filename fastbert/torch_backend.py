@@ -2,7 +2,8 @@
 where they measure faster, and on fastbert's own fp32 CPU kernels (fastbert._cpu: attention,
 add+LayerNorm) where those serve, behind the same entry points as the Triton and CUDA backends
 (see fastbert/ops.py). Dropout masks come from a torch.Generator seeded by the call's seed (on
-fastbert._cpu's kernels, from a hash of it), so backward regenerates forward's mask."""
+fastbert._cpu's attention kernel, and add_layer_norm's on CPU in every dtype, from a hash of
+it), so backward regenerates forward's mask."""
 from __future__ import annotations
 
 import torch
@@ -142,7 +143,7 @@ class TorchBackend:
 
     @staticmethod
     def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None):
-        if cpu_layer_norm.serves_backward(x, residual, dy):
+        if cpu_layer_norm.serves(x, residual, dy.dtype, backward=True):
             return cpu_layer_norm.add_layer_norm_backward(dy, x, residual, weight, mean, rstd,
                                                           dropout_p, seed, dsum)
         keep = TorchBackend._norm_keep(seed, x, dropout_p) if dropout_p > 0.0 else None

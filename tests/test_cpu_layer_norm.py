@@ -78,7 +78,7 @@ def test_dropout_matches_reference_with_its_mask(isa, rows, hidden, with_residua
 def test_keep_mask_is_the_kernels(isa, seed):
     """keep_mask draws what the kernel drops (on both ISAs), whatever the thread count; its
     columns are independent (pairs kept together at (1 - p)^2)."""
-    rows, hidden, p = 64, 256, 0.3
+    rows, hidden, p = 1024, 256, 0.3  # 2 threads' work or more
     keep = cpu_layer_norm.keep_mask(seed, (rows, hidden), p)
     assert torch.equal(keep, layer_norm_keep_mask(cpu_layer_norm, "cpu", rows, hidden,
                                                   torch.float32, p, seed))
@@ -224,6 +224,46 @@ def test_double_backward_is_refused():
     with pytest.raises((NotImplementedError, RuntimeError), match="double backward|derivative"):
         gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         gx.sum().backward()
+
+
+def test_double_backward_through_the_residual_alone_is_refused():
+    """create_graph=True where only the residual needs a gradient: refused, not a gradient
+    without a graph."""
+    x, w, b = torch.randn(6, 32), torch.randn(32), torch.randn(32)
+    r = torch.randn(6, 32, requires_grad=True)
+    y = fastbert.add_layer_norm(x, r, w, b)
+    with pytest.raises((NotImplementedError, RuntimeError), match="double backward|derivative"):
+        gr, = torch.autograd.grad(y.square().sum(), r, create_graph=True)
+        gr.sum().backward()
+
+
+def test_outputs_on_the_cpu_under_another_default_device():
+    """The kernel writes its outputs through their addresses: they are CPU tensors whatever
+    torch's default device (`with torch.device("meta")` made meta outputs it wrote through)."""
+    x, r = torch.randn(5, 40), torch.randn(5, 40)
+    w, b = torch.randn(40), torch.randn(40)
+    want = fastbert.add_layer_norm(x, r, w, b, dropout_p=0.0)
+    with torch.device("meta"):
+        got = fastbert.add_layer_norm(x, r, w, b)
+        keep = cpu_layer_norm.keep_mask(3, (5, 40), 0.5)
+        y, mean, rstd = cpu_layer_norm.add_layer_norm_forward(x, r, w, b, 1e-12, 0.5, 3)
+        grads = cpu_layer_norm.add_layer_norm_backward(x, x, r, w, mean, rstd, 0.5, 3)
+    assert got.device.type == keep.device.type == "cpu" and torch.equal(got, want)
+    assert all(t.device.type == "cpu" for t in (y, mean, rstd, *grads))
+
+
+def test_views_that_are_not_rows_stay_on_aten():
+    """A residual broadcast along the rows (stride 0) or a column slice is no (rows, C)
+    buffer: `serves` refuses it, and the torch backend's ATen path computes it."""
+    base = torch.randn(6, 48)
+    w, b = torch.randn(32), torch.randn(32)
+    x = torch.randn(6, 32)
+    for residual in (torch.randn(32).expand(6, 32), base[:, :32]):
+        assert not cpu_layer_norm.serves(x, residual, None)
+        y = TorchBackend.add_layer_norm_forward(x, residual, w, b, 1e-5, 0.0, 0)[0]
+        want = torch.nn.functional.layer_norm(x + residual, (32,), w, b, 1e-5)
+        torch.testing.assert_close(y, want)
+    assert not cpu_layer_norm.serves(base[:, :32], None, None)
 
 
 def test_what_the_kernel_does_not_take():

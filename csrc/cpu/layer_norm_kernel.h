@@ -165,10 +165,10 @@ static void backward(const NormArgs& a, float* dweight, float* dbias, int thread
   }
   for (int t = 1; t < threads; ++t) {
 #pragma omp simd
-    for (int j = 0; j < 2 * n; ++j) sums[j] += sums[2 * n * t + j];
+    for (int64_t j = 0; j < 2 * n; ++j) sums[j] += sums[2 * n * t + j];
   }
 #pragma omp simd
-  for (int j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     dweight[j] = static_cast<float>(sums[j]);
     dbias[j] = static_cast<float>(sums[n + j]);
   }
