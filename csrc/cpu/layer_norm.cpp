@@ -67,23 +67,31 @@ int norm_workers(int64_t threads, int64_t rows, int64_t cols) {
   return static_cast<int>(std::max<int64_t>(1, std::min({threads, blocks, by_work})));
 }
 
-NormArgs norm_args(const std::string& op, int64_t rows, int64_t cols, double dropout_p,
+template <typename T>
+T* at(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+// The arguments both directions read: x, residual (0: none), weight, mean and rstd at their
+// addresses, after checking the sizes and dropout_p.
+NormArgs norm_args(const std::string& op, uintptr_t x, uintptr_t residual, uintptr_t weight,
+                   uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t cols, double dropout_p,
                    uint64_t seed) {
   if (rows < 0 || cols < 1 || cols > (int64_t{1} << 30))
     throw std::invalid_argument(op + ": expected rows >= 0 and 1 <= cols <= 2^30, got " +
                                 std::to_string(rows) + " and " + std::to_string(cols));
   NormArgs a{};
+  a.x = at<const float>(x);
+  a.residual = at<const float>(residual);
+  a.weight = at<const float>(weight);
+  a.mean = at<float>(mean);
+  a.rstd = at<float>(rstd);
   a.rows = rows;
   a.cols = cols;
   a.seed = seed;
   a.drop_threshold = drop_threshold(dropout_p);
   a.drop_scale = drop_scale(a.drop_threshold);
   return a;
-}
-
-template <typename T>
-T* at(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
 }
 
 // x, residual (0: none), y, sum (0: not stored) (rows, cols); weight, bias (cols,); mean and
@@ -94,15 +102,10 @@ void add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, u
                             uint64_t seed, int64_t threads) {
   const std::string op = "fastbert._cpu.add_layer_norm_forward";
   const int which = isa_for(op);
-  NormArgs a = norm_args(op, rows, cols, dropout_p, seed);
-  a.x = at<const float>(x);
-  a.residual = at<const float>(residual);
-  a.weight = at<const float>(weight);
+  NormArgs a = norm_args(op, x, residual, weight, mean, rstd, rows, cols, dropout_p, seed);
   a.bias = at<const float>(bias);
   a.y = at<float>(y);
   a.sum = at<float>(sum);
-  a.mean = at<float>(mean);
-  a.rstd = at<float>(rstd);
   a.eps = static_cast<float>(eps);
   const int n = norm_workers(threads, rows, cols);
   if (which == 2)
@@ -121,14 +124,9 @@ void add_layer_norm_backward(uintptr_t dy, uintptr_t dsum, uintptr_t x, uintptr_
                              int64_t threads) {
   const std::string op = "fastbert._cpu.add_layer_norm_backward";
   const int which = isa_for(op);
-  NormArgs a = norm_args(op, rows, cols, dropout_p, seed);
+  NormArgs a = norm_args(op, x, residual, weight, mean, rstd, rows, cols, dropout_p, seed);
   a.dy = at<const float>(dy);
   a.dsum = at<const float>(dsum);
-  a.x = at<const float>(x);
-  a.residual = at<const float>(residual);
-  a.weight = at<const float>(weight);
-  a.mean = at<float>(mean);
-  a.rstd = at<float>(rstd);
   a.dx = at<float>(dx);
   a.dresidual = at<float>(dresidual);
   if ((residual == 0) != (dresidual == 0))
@@ -147,7 +145,7 @@ void add_layer_norm_keep_mask(uintptr_t keep, int64_t rows, int64_t cols, double
                               uint64_t seed, int64_t threads) {
   const std::string op = "fastbert._cpu.add_layer_norm_keep_mask";
   const int which = isa_for(op);
-  const NormArgs a = norm_args(op, rows, cols, dropout_p, seed);
+  const NormArgs a = norm_args(op, 0, 0, 0, 0, 0, rows, cols, dropout_p, seed);
   const int n = norm_workers(threads, rows, cols);
   if (which == 2)
     avx512::keep_mask(a, at<uint8_t>(keep), n);
