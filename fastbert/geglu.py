@@ -94,7 +94,7 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     else:
         args = (x2, weight.contiguous(), b, approximate, chosen)
         if ops._eager(x2, weight, bias):
-            out = ops._EagerOp.apply("fastbert::linear_geglu", _forward, _setup, _grad, *args)[0]
+            out = ops.eager_apply("fastbert::linear_geglu", _forward, _setup, _grad, *args)[0]
         else:
             out = _fwd(*args)[0]
     return ops.own_view(out, (*lead, n2 // 2))

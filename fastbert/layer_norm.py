@@ -226,8 +226,8 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: 
         args = (x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
                 ops._draw_seed(dropout_p), chosen, out_dtype)
         if ops._eager(x2, r2, weight, bias):
-            y = ops._EagerOp.apply("fastbert::add_layer_norm", _add_layer_norm_forward,
-                               _add_layer_norm_setup, _add_layer_norm_grad, *args)[0]
+            y = ops.eager_apply("fastbert::add_layer_norm", _add_layer_norm_forward,
+                                _add_layer_norm_setup, _add_layer_norm_grad, *args)[0]
         else:
             y = _add_layer_norm_fwd(*args)[0]
     return ops.own_view(y, shape)
@@ -243,10 +243,10 @@ def _add_layer_norm_residual(x2, r2, weight, bias, eps, dropout_p, chosen, shape
         args = (x2, r2, weight.contiguous(), bias.contiguous(), float(eps), dropout_p,
                 ops._draw_seed(dropout_p), chosen, out_dtype)
         if ops._eager(x2, r2, weight, bias):
-            y, s = ops._EagerOp.apply("fastbert::add_layer_norm_residual",
-                                  _add_layer_norm_residual_forward,
-                                  _add_layer_norm_residual_setup, _add_layer_norm_residual_grad,
-                                  *args)[:2]
+            y, s = ops.eager_apply("fastbert::add_layer_norm_residual",
+                                   _add_layer_norm_residual_forward,
+                                   _add_layer_norm_residual_setup, _add_layer_norm_residual_grad,
+                                   *args)[:2]
         else:
             y, s = _add_layer_norm_residual_fwd(*args)[:2]
     return ops.own_view(y, shape), ops.own_view(s, shape)

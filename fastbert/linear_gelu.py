@@ -91,8 +91,8 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, approximate: st
     else:
         args = (x2, weight.contiguous(), bias.contiguous(), approximate, True, chosen)
         if ops._eager(x2, weight, bias):
-            out = ops._EagerOp.apply("fastbert::linear_bias_gelu", _linear_bias_gelu_forward,
-                                 _linear_bias_gelu_setup, _linear_bias_gelu_grad, *args)[0]
+            out = ops.eager_apply("fastbert::linear_bias_gelu", _linear_bias_gelu_forward,
+                                  _linear_bias_gelu_setup, _linear_bias_gelu_grad, *args)[0]
         else:
             out = _linear_bias_gelu_fwd(*args)[0]
     return ops.own_view(out, (*lead, n))

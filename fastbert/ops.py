@@ -237,14 +237,17 @@ class _EagerOp(torch.autograd.Function):
 apply_eager = super(torch.autograd.Function, _EagerOp).apply
 
 
-def _kernel_choice_for_functorch():
-    """fastbert's CPU attention kernel suspended while a torch.func transform is active
-    (fastbert.cpu_attention.suspended says why): its forward and backward then both take the
-    other path."""
-    if torch._C._are_functorch_transforms_active():
-        from fastbert import cpu_attention
-        return cpu_attention.suspended()
-    return contextlib.nullcontext()
+def eager_apply(name: str, forward, setup, grad, *inputs):
+    """_EagerOp on a public op's training call: autograd.Function's C apply (apply_eager), or,
+    while a torch.func transform is active, Function.apply (it binds the arguments for functorch,
+    ~45 us a call through inspect, which is why it is not the default) with fastbert._cpu's
+    kernels suspended (fastbert.cpu_attention.suspended says why): a forward and its backward
+    then both take the other path."""
+    if not torch._C._are_functorch_transforms_active():
+        return apply_eager(name, forward, setup, grad, *inputs)
+    from fastbert import cpu_attention
+    with cpu_attention.suspended():
+        return _EagerOp.apply(name, forward, setup, grad, *inputs)
 
 
 def _profiled(name: str):
@@ -498,7 +501,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     args = (q, k, v, key_padding_mask, bool(causal), dropout_p, float(softmax_scale),
             _draw_seed(dropout_p), bool(deterministic), chosen, *window)
     if _eager(q, k, v, key_padding_mask):
-        with _kernel_choice_for_functorch():
-            return _EagerOp.apply("fastbert::attention", _attention_forward, _attention_setup,
-                                  _attention_grad, *args)[0]
+        return eager_apply("fastbert::attention", _attention_forward, _attention_setup,
+                           _attention_grad, *args)[0]
     return _attention_fwd(*args)[0]

@@ -143,5 +143,5 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, cu_seqlens: Optional[Te
     if ops._inference(x):
         return _rotary(*args)
     if ops._eager(x, cos, sin):
-        return ops._EagerOp.apply("fastbert::apply_rotary", _rotary, _setup, _grad, *args)
+        return ops.eager_apply("fastbert::apply_rotary", _rotary, _setup, _grad, *args)
     return _rotary_op(*args)

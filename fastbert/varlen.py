@@ -523,7 +523,6 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if ops._inference(q, k, v):  # no autograd: skip the custom op's dispatch
         return _varlen_forward(*args)[0]
     if ops._eager(q, k, v, cu_q, cu_k):
-        with ops._kernel_choice_for_functorch():
-            return ops._EagerOp.apply("fastbert::attention_varlen", _varlen_forward, _setup,
-                                      _grad, *args)[0]
+        return ops.eager_apply("fastbert::attention_varlen", _varlen_forward, _setup, _grad,
+                               *args)[0]
     return _varlen_fwd(*args)[0]
