@@ -132,12 +132,11 @@ def add_layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Tensor
 
 def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
                             mean: Tensor, rstd: Tensor, dropout_p: float, seed: int,
-                            dsum: Optional[Tensor] = None, dresidual_as_dx: bool = False):
+                            dsum: Optional[Tensor] = None):
     """(dx, dresidual or None, dweight, dbias) of add_layer_norm_forward from its mean and rstd
     (the sum recomputed, dropout's mask redrawn from seed); dsum: the gradient reaching the sum
     (store_sum's output), or None. dy, x, residual and dsum contiguous (x and residual as
-    `serves` took them; dy and dsum as every backend receives them). dresidual_as_dx: without
-    dropout, dresidual is dx itself (one gradient written, as autograd hands on an add's)."""
+    `serves` took them; dy and dsum as every backend receives them)."""
     rows, cols = x.shape
     if dy.shape != x.shape or dy.dtype != _FP32 or mean.shape != (rows,) or \
             rstd.shape != (rows,) or mean.dtype != _FP32 or rstd.dtype != _FP32 or \
@@ -155,17 +154,14 @@ def add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], w
             "(fastbert.cpu_layer_norm.set_enabled(False) switches it off)")
     w = weight.contiguous() if weight.dtype == _FP32 else weight.to(_FP32).contiguous()
     dx = torch.empty(rows, cols, dtype=_FP32, device="cpu")
-    shared = dresidual_as_dx and dropout_p == 0.0
-    dres = torch.empty(rows, cols, dtype=_FP32, device="cpu") \
-        if residual is not None and not shared else None
+    dres = torch.empty(rows, cols, dtype=_FP32, device="cpu") if residual is not None else None
     dweight = torch.empty(cols, dtype=_FP32, device="cpu")
     dbias = torch.empty(cols, dtype=_FP32, device="cpu")
     _cpu.add_layer_norm_backward(
         dy.data_ptr(), dsum.data_ptr() if dsum is not None else 0, x.data_ptr(),
         residual.data_ptr() if residual is not None else 0, w.data_ptr(), mean.data_ptr(),
         rstd.data_ptr(), dx.data_ptr(), dres.data_ptr() if dres is not None else 0,
-        dweight.data_ptr(), dbias.data_ptr(), rows, cols, dropout_p, seed & _SEED_BITS,
-        torch.get_num_threads())
+        dweight.data_ptr(), dbias.data_ptr(), rows, cols, dropout_p, seed & _SEED_BITS, torch.get_num_threads())
     if weight.dtype != _FP32:
         dweight, dbias = dweight.to(weight.dtype), dbias.to(weight.dtype)
-    return dx, (dx if shared and residual is not None else dres), dweight, dbias
+    return dx, dres, dweight, dbias

@@ -56,17 +56,12 @@ def _(x, residual, weight, bias, eps, dropout_p, seed, backend, out_dtype=None):
 
 def _add_layer_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Tensor,
                              mean: Tensor, rstd: Tensor, dropout_p: float, seed: Optional[Tensor],
-                             backend: str, dsum: Optional[Tensor] = None,
-                             dresidual_as_dx: bool = False
+                             backend: str, dsum: Optional[Tensor] = None
                              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dsum: the gradient reaching the pre-norm sum as an output (return_residual), or None.
-    dresidual_as_dx: the eager path's backward (never the custom op's: its outputs may not
-    alias) lets the torch backend hand dx on as dresidual where they are equal, as autograd
-    does for an add, rather than write a second copy."""
-    share = {"dresidual_as_dx": True} if dresidual_as_dx and backend == "torch" else {}
+    """dsum: the gradient reaching the pre-norm sum as an output (return_residual), or None."""
     dx, dres, dw, db = ops._backend_module(backend).add_layer_norm_backward(
         dy.contiguous(), x, residual, weight, mean, rstd, dropout_p, ops._seed_int(seed),
-        dsum=dsum.contiguous() if dsum is not None else None, **share)
+        dsum=dsum.contiguous() if dsum is not None else None)
     # custom ops cannot return None; an empty tensor stands for "no residual"
     return dx, (dres if dres is not None else x.new_empty(0)), dw, db
 
@@ -76,8 +71,7 @@ _add_layer_norm_bwd = torch.library.custom_op("fastbert::add_layer_norm_bwd",
 
 
 @_add_layer_norm_bwd.register_fake
-def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, backend, dsum=None,
-      dresidual_as_dx=False):
+def _(dy, x, residual, weight, mean, rstd, dropout_p, seed, backend, dsum=None):
     dres = torch.empty_like(residual) if residual is not None else x.new_empty(0)
     return torch.empty_like(x), dres, torch.empty_like(weight), torch.empty_like(weight)
 
@@ -95,13 +89,9 @@ def _add_layer_norm_grad(ctx, dy, dmean, drstd):
     if dy is None:
         return (None,) * 9
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    if getattr(ctx, "eager", False):  # ops._backward_impl, with dresidual handed on as dx
-        dx, dres, dw, db = _add_layer_norm_backward(dy, x, residual, weight, mean, rstd,
-                                                    ctx.dropout_p, seed, ctx.backend,
-                                                    dresidual_as_dx=True)
-    else:
-        dx, dres, dw, db = _add_layer_norm_bwd(dy, x, residual, weight, mean, rstd,
-                                               ctx.dropout_p, seed, ctx.backend)
+    backward = ops._backward_impl(ctx, _add_layer_norm_bwd, _add_layer_norm_backward)
+    dx, dres, dw, db = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed,
+                                ctx.backend)
     return dx, (dres if residual is not None else None), dw, db, None, None, None, None, None
 
 
@@ -144,13 +134,9 @@ def _add_layer_norm_residual_grad(ctx, dy, dsum, dmean, drstd):
     if dy is None:  # only the sum is used: nothing flows through the norm
         dy = torch.zeros_like(dsum)
     x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    if getattr(ctx, "eager", False):  # as in _add_layer_norm_grad
-        dx, dres, dw, db = _add_layer_norm_backward(dy, x, residual, weight, mean, rstd,
-                                                    ctx.dropout_p, seed, ctx.backend, dsum,
-                                                    dresidual_as_dx=True)
-    else:
-        dx, dres, dw, db = _add_layer_norm_bwd(dy, x, residual, weight, mean, rstd,
-                                               ctx.dropout_p, seed, ctx.backend, dsum)
+    backward = ops._backward_impl(ctx, _add_layer_norm_bwd, _add_layer_norm_backward)
+    dx, dres, dw, db = backward(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed,
+                                ctx.backend, dsum)
     return dx, (dres if residual is not None else None), dw, db, None, None, None, None, None
 
 

@@ -16,8 +16,7 @@ Each backend is a module exposing the same kernel entry points (`fastbert/torch_
         residual may differ in dtype)
     add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None)
         -> (dx, dresidual, dweight, dbias) (dsum: the gradient reaching s, or None), each
-        gradient in its input's dtype (the torch backend's also takes dresidual_as_dx=True,
-        from the eager path only: dresidual may then be dx itself where they are equal)
+        gradient in its input's dtype
     linear_bias_gelu_forward(x, weight, bias, approximate) -> (out, pre)
     linear_bias_gelu_backward(dout, x, weight, pre, approximate) -> (dx, dweight, dbias)
     attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

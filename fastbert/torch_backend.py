@@ -142,13 +142,10 @@ class TorchBackend:
         return y, mean.view(-1), rstd.view(-1), s
 
     @staticmethod
-    def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None,
-                                dresidual_as_dx=False):
-        """dresidual_as_dx: without dropout and with x and the residual of one dtype, dresidual
-        may be dx itself (autograd's eager path; never through the custom op)."""
+    def add_layer_norm_backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, dsum=None):
         if cpu_layer_norm.serves(x, residual, dy.dtype, backward=True):
             return cpu_layer_norm.add_layer_norm_backward(dy, x, residual, weight, mean, rstd,
-                                                          dropout_p, seed, dsum, dresidual_as_dx)
+                                                          dropout_p, seed, dsum)
         keep = TorchBackend._norm_keep(seed, x, dropout_p) if dropout_p > 0.0 else None
         f64 = torch.float64  # as in the forward
         acc = f64 if (x.dtype == f64 or dy.dtype == f64 or (residual is not None and
@@ -162,16 +159,10 @@ class TorchBackend:
         if dsum is not None:  # the gradient reaching the sum as an output (return_residual)
             ds = ds + (dsum if dsum.dtype == acc else dsum.to(acc))
         dx = ds * keep / (1.0 - dropout_p) if dropout_p > 0.0 else ds  # float * bool
-        dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
-        if residual is None:
-            dres = None
-        elif dresidual_as_dx and dropout_p == 0.0 and residual.dtype == x.dtype:
-            dres = dx
-        else:
-            dres = ds.to(residual.dtype, copy=True)
+        dres = ds.to(residual.dtype, copy=True) if residual is not None else None
         if dweight.dtype != weight.dtype:
             dweight, dbias = dweight.to(weight.dtype), dbias.to(weight.dtype)
-        return dx, dres, dweight, dbias
+        return dx if dx.dtype == x.dtype else dx.to(x.dtype), dres, dweight, dbias
 
     @staticmethod
     def linear_bias_gelu_forward(x, weight, bias, approximate):

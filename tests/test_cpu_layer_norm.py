@@ -217,23 +217,6 @@ def test_torch_func_with_dropout(transform):
     torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernel, ATen's path
-@pytest.mark.parametrize("p", [0.0, 0.2])
-def test_dresidual_handed_on_as_dx(dtype, p):
-    """The eager path's backward (dresidual_as_dx) writes one gradient for x and the residual
-    where they are equal (no dropout), as autograd hands on an add's; with dropout they differ
-    and both are written. The values are the separate gradients' either way."""
-    x, r, dy = (torch.randn(20, 48, dtype=dtype) for _ in range(3))
-    w, b = torch.randn(48, dtype=dtype), torch.randn(48, dtype=dtype)
-    _, mean, rstd = TorchBackend.add_layer_norm_forward(x, r, w, b, 1e-5, p, 9)
-    apart = TorchBackend.add_layer_norm_backward(dy, x, r, w, mean, rstd, p, 9)
-    shared = TorchBackend.add_layer_norm_backward(dy, x, r, w, mean, rstd, p, 9,
-                                                  dresidual_as_dx=True)
-    assert (shared[1] is shared[0]) == (p == 0.0) and apart[1] is not apart[0]
-    for a, b in zip(apart, shared):
-        assert torch.equal(a, b)
-
-
 def test_double_backward_is_refused():
     x = torch.randn(6, 32, requires_grad=True)
     w, b = torch.randn(32, requires_grad=True), torch.randn(32)

@@ -115,8 +115,8 @@ void add_layer_norm_forward(uintptr_t x, uintptr_t residual, uintptr_t weight, u
 }
 
 // The backward of add_layer_norm_forward from its mean and rstd: dy, dsum (0: none; the
-// gradient reaching a stored sum), dx, dresidual (rows, cols); dweight and dbias (cols,).
-// dresidual is 0 where there is no residual, and may be 0 without dropout: dx is it then.
+// gradient reaching a stored sum), dx, dresidual (0 where there is no residual) (rows, cols);
+// dweight and dbias (cols,).
 void add_layer_norm_backward(uintptr_t dy, uintptr_t dsum, uintptr_t x, uintptr_t residual,
                              uintptr_t weight, uintptr_t mean, uintptr_t rstd, uintptr_t dx,
                              uintptr_t dresidual, uintptr_t dweight, uintptr_t dbias,
@@ -129,9 +129,8 @@ void add_layer_norm_backward(uintptr_t dy, uintptr_t dsum, uintptr_t x, uintptr_
   a.dsum = at<const float>(dsum);
   a.dx = at<float>(dx);
   a.dresidual = at<float>(dresidual);
-  if ((residual == 0 && dresidual != 0) || (residual != 0 && dresidual == 0 && dropout_p > 0))
-    throw std::invalid_argument(op + ": dresidual is written only where there is a residual, "
-                                "and must be with dropout (dx then differs from it)");
+  if ((residual == 0) != (dresidual == 0))
+    throw std::invalid_argument(op + ": dresidual is written exactly when there is a residual");
   const int n = norm_workers(threads, rows, cols);
   std::vector<double> sums(2 * cols * n, 0.0);  // allocated before the team starts
   if (which == 2)

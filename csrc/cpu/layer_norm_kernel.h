@@ -102,12 +102,11 @@ static void backward_rows(const NormArgs& a, int64_t begin, int64_t end, double*
     const float c1 = static_cast<float>(gxhat / static_cast<double>(n));
     const float c2 = static_cast<float>(gsum / static_cast<double>(n));
     const float* dsum = DSUM ? a.dsum + r * n : nullptr;
-    float* dres = RES && a.dresidual != nullptr ? a.dresidual + r * n : nullptr;
-    const bool write_dres = dres != nullptr;  // else dx is dresidual too (no dropout)
+    float* dres = RES ? a.dresidual + r * n : nullptr;
 #pragma omp simd
     for (int j = 0; j < n; ++j) {
       const float ds = inv * (dy[j] * w[j] - c2 - dx[j] * c1) + (DSUM ? dsum[j] : 0.0f);
-      if (write_dres) dres[j] = ds;
+      if (RES) dres[j] = ds;
       dx[j] = DROP ? ds * drop(j) : ds;
     }
   }
