@@ -234,16 +234,18 @@ class _EagerOp(torch.autograd.Function):
 # own C implementation, without Function.apply's Python wrapper, which binds the arguments to
 # forward's signature with inspect (~130 Python calls a call, nothing to bind here) for functorch
 apply_eager = super(torch.autograd.Function, _EagerOp).apply
+_unwrap_dead_wrappers = torch._functorch.utils.unwrap_dead_wrappers
 
 
 def eager_apply(name: str, forward, setup, grad, *inputs):
-    """_EagerOp on a public op's training call: autograd.Function's C apply (apply_eager), or,
-    while a torch.func transform is active, Function.apply (it binds the arguments for functorch,
-    ~45 us a call through inspect, which is why it is not the default) with fastbert._cpu's
-    kernels suspended (fastbert.cpu_attention.suspended says why): a forward and its backward
-    then both take the other path."""
+    """_EagerOp on a public op's training call: autograd.Function's C apply (apply_eager) on the
+    inputs with dead functorch wrappers unwrapped (tensors that escaped a finished torch.func
+    transform, as Function.apply unwraps them), or, while a transform is active,
+    Function.apply itself (it also binds the arguments with inspect, ~45 us a call, which is why
+    it is not the default) with fastbert._cpu's kernels suspended (fastbert.cpu_attention.
+    suspended says why): a forward and its backward then both take the other path."""
     if not torch._C._are_functorch_transforms_active():
-        return apply_eager(name, forward, setup, grad, *inputs)
+        return apply_eager(name, forward, setup, grad, *_unwrap_dead_wrappers(inputs))
     from fastbert import cpu_attention
     with cpu_attention.suspended():
         return _EagerOp.apply(name, forward, setup, grad, *inputs)

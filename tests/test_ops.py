@@ -661,3 +661,57 @@ def test_set_backend_and_env():
     env["FASTBERT_BACKEND"] = "bogus"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "FASTBERT_BACKEND" in out.stderr
+
+
+def _leaked_from_vjp(x):
+    """x * 1.5 computed inside a torch.func.vjp that has returned: a dead functorch wrapper
+    still in x's graph (what a custom Function's backward sees of its saved tensors)."""
+    leak = []
+
+    def f(t):
+        h = t * 1.5
+        leak.append(h)
+        return h.sum()
+    torch.func.vjp(f, x)
+    return leak[0]
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_varlen", "apply_rotary"])
+def test_public_ops_take_tensors_left_by_a_finished_vjp(monkeypatch, op):
+    """ops.eager_apply unwraps dead wrappers as Function.apply does: the gradient through an op
+    on one is Function.apply's (without the unwrap: an error, or no gradient at all)."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 8, 2, 16, generator=g), torch.randn(2, 8, 2, 16, generator=g)
+    kv = torch.randn(16, 2, 16, generator=g)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    cos, sin = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    shape, call = {
+        "attention": ((2, 8, 2, 16), lambda h: fastbert.attention(h, k, v)),
+        "attention_varlen": ((16, 2, 16),
+                             lambda h: fastbert.attention_varlen(h, kv, kv, cu, cu, 11, 11)),
+        "apply_rotary": ((2, 16, 2, 16), lambda h: fastbert.apply_rotary(h, cos, sin)),
+    }[op]
+    base = torch.randn(*shape, generator=g)
+    grads = []
+    for apply in (ops.apply_eager, ops._EagerOp.apply):
+        monkeypatch.setattr(ops, "apply_eager", apply)
+        x = base.clone().requires_grad_()
+        grad, = torch.autograd.grad(call(_leaked_from_vjp(x)).square().sum(), x,
+                                    allow_unused=True)
+        grads.append(grad)
+    assert grads[0] is not None and grads[1] is not None
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [4, 512])  # ATen's path, fastbert's CPU kernel
+def test_add_layer_norm_leaves_get_gradients_of_their_own(rows):
+    """x and the residual as leaves: two .grad tensors, each accumulating its own gradient
+    (one buffer handed to both doubled each step's sum into the other)."""
+    x, r = torch.randn(rows, 32, requires_grad=True), torch.randn(rows, 32, requires_grad=True)
+    w, b = torch.randn(32), torch.randn(32)
+    fastbert.add_layer_norm(x, r, w, b).square().sum().backward()
+    once = x.grad.clone()
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    fastbert.add_layer_norm(x, r, w, b).square().sum().backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+    torch.testing.assert_close(r.grad, 2 * once)
