@@ -186,9 +186,8 @@ Args make_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t l
                int64_t dim, const Strides& qs, const Strides& ks, const Strides& vs,
                int64_t lse_head, double scale, int64_t left, int64_t right, double dropout_p,
                uint64_t seed) {
-  return Args{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-              reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out),
-              reinterpret_cast<const float*>(lse_in), reinterpret_cast<float*>(lse_out), dim,
+  return Args{at<const float>(q), at<const float>(k), at<const float>(v), at<float>(out),
+              at<const float>(lse_in), at<float>(lse_out), dim,
               qs[1], qs[2], ks[1], ks[2], vs[1], vs[2], heads * dim, dim, lse_head,
               extent(batch, qs[0], rows_q, qs[1], heads, qs[2], dim),
               extent(batch, ks[0], rows_k, ks[1], heads, ks[2], dim),
@@ -208,8 +207,8 @@ std::vector<Seq> packed_sequences(const std::string& op, uintptr_t cu_q_ptr, uin
                                   int64_t seqs, int64_t total_q, int64_t total_k, int64_t row,
                                   const Strides& q, const Strides& k, const Strides& v,
                                   int64_t do_tok) {
-  const auto* cu_q = reinterpret_cast<const int64_t*>(cu_q_ptr);
-  const auto* cu_k = reinterpret_cast<const int64_t*>(cu_k_ptr);
+  const auto* cu_q = at<const int64_t>(cu_q_ptr);
+  const auto* cu_k = at<const int64_t>(cu_k_ptr);
   for (int64_t s = 0; s <= seqs; ++s) {
     const bool bad_q = cu_q[s] < (s ? cu_q[s - 1] : 0) || cu_q[s] > total_q ||
                        (s == seqs && cu_q[s] != total_q);  // every output row is written
@@ -234,7 +233,7 @@ std::vector<Seq> padded_rows(uintptr_t key_mask, int64_t mask_batch, int64_t bat
                              int64_t sk, int64_t heads, int64_t dim, const Strides& q,
                              const Strides& k, const Strides& v, int64_t do_batch) {
   const int64_t row = heads * dim;
-  const auto* mask = reinterpret_cast<const uint8_t*>(key_mask);
+  const auto* mask = at<const uint8_t>(key_mask);
   std::vector<Seq> list;
   for (int64_t b = 0; b < batch; ++b) {
     int64_t first = 0, end = sk, real = sk;
@@ -331,11 +330,9 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
   const Args a = make_args(q, k, v, 0, lse, 0, 1, total_q, total_k, heads, dim,
                            as_batched(qs), as_batched(ks), as_batched(vs), total_q, scale, left,
                            right, dropout_p, seed);
-  const Grads g{reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
-                reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk),
-                reinterpret_cast<float*>(dv), dos[0], dos[1],
-                extent(1, 0, total_q, dos[0], heads, dos[1], dim)};
-  const int64_t covered = reinterpret_cast<const int64_t*>(cu_k)[seqs] * heads * dim;
+  const Grads g{at<const float>(dout), at<const float>(delta), at<float>(dq), at<float>(dk),
+                at<float>(dv), dos[0], dos[1], extent(1, 0, total_q, dos[0], heads, dos[1], dim)};
+  const int64_t covered = at<const int64_t>(cu_k)[seqs] * heads * dim;
   std::fill(g.dk + covered, g.dk + total_k * heads * dim, 0.0f);
   std::fill(g.dv + covered, g.dv + total_k * heads * dim, 0.0f);
   backward(which, a, g, list, heads, threads);
@@ -377,9 +374,8 @@ void attention_padded_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                                             qs, ks, vs, dos[0]);
   const Args a = make_args(q, k, v, 0, lse, 0, batch, sq, sk, heads, dim, qs, ks, vs, sq,
                            scale, left, right, dropout_p, seed);
-  const Grads g{reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(delta),
-                reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk),
-                reinterpret_cast<float*>(dv), dos[1], dos[2],
+  const Grads g{at<const float>(dout), at<const float>(delta), at<float>(dq), at<float>(dk),
+                at<float>(dv), dos[1], dos[2],
                 extent(batch, dos[0], sq, dos[1], heads, dos[2], dim)};
   backward(which, a, g, list, heads, threads);
 }

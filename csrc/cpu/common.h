@@ -13,6 +13,12 @@ namespace fastbert_cpu {
 // (attention.cpp; tests force AVX2 through set_isa).
 extern std::atomic<int> chosen_isa;
 
+// The tensor at `address` (the Python side passes data_ptr()s).
+template <typename T>
+T* at(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
 // The ISA code for a call of `op`, or a clear error on a CPU with neither ISA.
 int isa_for(const std::string& op);
 

@@ -67,11 +67,6 @@ int norm_workers(int64_t threads, int64_t rows, int64_t cols) {
   return static_cast<int>(std::max<int64_t>(1, std::min({threads, blocks, by_work})));
 }
 
-template <typename T>
-T* at(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
 // The arguments both directions read: x, residual (0: none), weight, mean and rstd at their
 // addresses, after checking the sizes and dropout_p.
 NormArgs norm_args(const std::string& op, uintptr_t x, uintptr_t residual, uintptr_t weight,
