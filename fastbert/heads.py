@@ -182,12 +182,17 @@ def _mean_rows(out, attention_mask: Optional[Tensor]) -> Tensor:
     return (grid * weights).sum(1) / weights.sum(1)
 
 
-def _first_token_rows(out) -> Tensor:
-    """(B, C): each sequence's first token, from the encoder's rows (packed or the full grid)."""
+def _first_token_rows(out, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """(B, C): each sequence's first token, from the encoder's rows (packed or the full grid). On the
+    grid, position 0, or with a mask each row's first real token (transformers' multiple choice)."""
     packed = out.packed
     if packed.cu_seqlens is not None:
         return first_tokens(out.last_hidden_state, packed.cu_seqlens)
-    return out.last_hidden_state.view(packed.batch, packed.seqlen, -1)[:, 0]
+    grid = out.last_hidden_state.view(packed.batch, packed.seqlen, -1)
+    if attention_mask is None:
+        return grid[:, 0]
+    first = attention_mask.ne(0).int().argmax(-1).to(grid.device)  # (B,): the first maximum
+    return grid[torch.arange(grid.shape[0], device=grid.device), first]
 
 
 def _linear(config: BertConfig, n_in: int, n_out: int) -> nn.Linear:
@@ -448,7 +453,7 @@ class BertForMultipleChoice(BertPreTrainedModel):
         elif self.classifier.pooling == "mean":
             logits = self.classifier(_mean_rows(out, flat[1]))
         else:
-            logits = self.classifier(_first_token_rows(out))
+            logits = self.classifier(_first_token_rows(out, flat[1]))
         logits = logits.view(-1, choices)
         loss = _cross_entropy(logits, labels) if labels is not None else None
         return MultipleChoiceModelOutput(loss, logits)

@@ -136,6 +136,20 @@ def test_checkpoint_loads_and_matches_transformers(cls, overrides, unpad, tmp_pa
 
 
 @pytest.mark.parametrize("unpad", [True, False])
+def test_multiple_choice_pools_each_choice_first_real_token(unpad, tmp_path):
+    """Left-padded choices: transformers' multiple choice pools each row's first real token
+    (attention_mask.argmax), the padded path as well as the unpadded one."""
+    cls = mb.ModernBertForMultipleChoice
+    hf_model = _hf_model(cls, classifier_pooling="cls")
+    hf_model.save_pretrained(str(tmp_path))
+    ours = _load_ours(cls, tmp_path, unpad=unpad)
+    ids, mask = padded_batch()
+    ids, mask = ids.flip(1), mask.flip(1)  # padding on the left
+    assert not mask[:, 0].all()
+    _agree(ours, hf_model, _inputs(cls, ids, mask), mask.bool())
+
+
+@pytest.mark.parametrize("unpad", [True, False])
 def test_left_padding_and_padding_between_real_tokens(unpad, tmp_path):
     """As transformers: padding between real tokens keeps the window counting positions (the
     unpadded model takes its padded path for such a batch, where the window is shorter)."""
