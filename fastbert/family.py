@@ -254,7 +254,7 @@ FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
                          global_attn_every_n_layers=3, layer_types=None, rope_parameters=None,
                          global_rope_theta=160000.0, local_rope_theta=10000.0,
                          initializer_cutoff_factor=2.0, sparse_prediction=False,
-                         sparse_pred_ignore_index=-100),
+                         sparse_pred_ignore_index=-100, deterministic_flash_attn=False),
            field_defaults=dict(vocab_size=50368, num_hidden_layers=22, intermediate_size=1152,
                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                max_position_embeddings=8192, layer_norm_eps=1e-5,

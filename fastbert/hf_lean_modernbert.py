@@ -47,7 +47,7 @@ class Plan:
     __slots__ = ("grad", "cast", "dtype", "cpu_linear", "cu_seqlens", "max_seqlen", "scale",
                  "positions", "rotary", "rotary_backend", "attention", "norms", "norm",
                  "norm_backend", "geglu", "geglu_cpu", "geglu_backend", "approximate",
-                 "zero_bias", "local_window", "train_linear")
+                 "zero_bias", "local_window", "train_linear", "deterministic")
 
 
 def _plain_norm(norm: nn.Module) -> bool:
@@ -118,6 +118,7 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch, local: int) -> 
     attention = set()  # (window, attention dropout) of the layers
     norm_dropout = {0.0}  # the dropouts the pre-norm adds apply
     norms, wi = [model._modules["final_norm"]], None
+    deterministic = False  # the config's deterministic_flash_attn, each attention's copy of it
     for layer in layers:
         if module_called(layer):
             return None  # the layer runs through its module call (hf_patch_modernbert._layers)
@@ -127,6 +128,7 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch, local: int) -> 
         if attn.head_dim != head_dim or hf_layers.gelu_approximate(mlp["act"]) != approximate:
             return None
         attention.add((_window(attn, local), attn.attention_dropout if attn.training else 0.0))
+        deterministic = deterministic or attn.deterministic_flash_attn
         drop = am["out_drop"]
         if type(drop) is nn.Dropout:
             norm_dropout.add(drop.p if drop.training else 0.0)
@@ -136,7 +138,7 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch, local: int) -> 
             wi = mlp["Wi"]
         norms += [m["attn_norm"], m["mlp_norm"]]
     p = _resolve(x, packed, approximate, head_dim, head_dim ** -0.5, attention, norm_dropout,
-                 norms, wi)
+                 norms, wi, deterministic)
     if p is not None:
         p.local_window = local
     return p
@@ -144,10 +146,11 @@ def plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch, local: int) -> 
 
 def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: int,
              scale: float, attention: set, norm_dropout: set, norms: list,
-             wi: Optional[nn.Linear]) -> Optional[Plan]:
+             wi: Optional[nn.Linear], deterministic: bool) -> Optional[Plan]:
     """The plan of a forward whose layers the caller checked: attention: the layers'
     (window, attention dropout) pairs; norm_dropout: the dropouts of the pre-norm adds; norms:
-    the layers' norms; wi: a plain GeGLU input projection (its shape), or None."""
+    the layers' norms; wi: a plain GeGLU input projection (its shape), or None; deterministic:
+    attention backward without atomics (the config's deterministic_flash_attn)."""
     device, dtype, cu = x.device, x.dtype, packed.cu_seqlens
     norms = [n for n in norms if n is not None and _plain_norm(n)]
     p = Plan()
@@ -157,6 +160,7 @@ def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: i
     p.approximate = approximate
     p.cu_seqlens, p.max_seqlen = cu.contiguous(), int(packed.max_seqlen)
     p.scale = scale
+    p.deterministic = bool(deterministic)
     # apply_rotary's positions for the (1, T, 2H, D) layout both layers turn
     p.positions = torch.arange(x.shape[0], device=device).view(1, -1)
     p.rotary_backend = ops.resolve_backend(rotary.OP, "auto", device, dtype=compute,
@@ -234,6 +238,7 @@ def prenorm_plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Opti
     if approximate not in ("none", "tanh"):
         return None  # linear_geglu says what is wrong
     attention, norm_dropout, norms, wi = set(), {0.0}, [model._modules["final_norm"]], None
+    deterministic = False
     for layer in layers:
         if type(layer) is not PreNormLayer or lean._hooked(layer) \
                 or layer.gelu_approximate != approximate or layer.head_dim != head_dim:
@@ -241,6 +246,7 @@ def prenorm_plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Opti
         m = layer._modules
         attn_p = layer.attn_dropout if layer.training else 0.0
         attention.add((layer.window, attn_p))
+        deterministic = deterministic or layer.deterministic
         norm_dropout.add(attn_p)
         if not _weights_of(dtype, (m["qkv"], m["attn_out"], m["ffn_in"], m["ffn_out"])):
             return None
@@ -248,7 +254,7 @@ def prenorm_plan(model: nn.Module, x: torch.Tensor, packed: PackedBatch) -> Opti
             wi = m["ffn_in"]
         norms += [m.get("attn_norm"), m["ffn_norm"]]
     return _resolve(x, packed, approximate, head_dim, 1.0 / math.sqrt(head_dim), attention,
-                    norm_dropout, norms, wi)
+                    norm_dropout, norms, wi, deterministic)
 
 
 def prenorm_run(model: nn.Module, x: torch.Tensor, p: Plan, rotary_tables: dict):
@@ -438,7 +444,7 @@ def _attention(p: Plan, q, k, v, window: int, dropout_p: float,
         return ops.apply_eager("fastbert::attention_varlen", varlen._varlen_forward,
                                varlen._setup, varlen._grad, q, k, v, p.cu_seqlens, p.cu_seqlens,
                                p.max_seqlen, p.max_seqlen, False, dropout_p, p.scale,
-                               ops._draw_seed(dropout_p), False, backend, window, window,
+                               ops._draw_seed(dropout_p), p.deterministic, backend, window, window,
                                *(tables or ()))[0]
     seed = ops._seed_int(ops._draw_seed(dropout_p)) if dropout_p > 0.0 else 0
     if tables is not None:

@@ -127,7 +127,8 @@ def _attend(attn: nn.Module, h: torch.Tensor, packed: PackedBatch, cos: torch.Te
     y = fastbert.attention_varlen(q, k, v.squeeze(1), packed.cu_seqlens,
                                   packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                                   window_size=(window, window), dropout_p=dropout_p,
-                                  softmax_scale=d ** -0.5, **turn)
+                                  softmax_scale=d ** -0.5,
+                                  deterministic=attn.deterministic_flash_attn, **turn)
     return _out_dropout(attn.out_drop, linear(y.reshape(t, y.shape[1] * y.shape[2]), attn.Wo))
 
 

@@ -139,6 +139,8 @@ class PreNormLayer(nn.Module):
         self.attn_dropout = config.attention_probs_dropout_prob  # probabilities and output
         self.hidden_dropout = config.hidden_dropout_prob  # ModernBERT's mlp_dropout
         self.gelu_approximate = config.gelu_approximate
+        # attention backward without atomics (flash-attn's deterministic=, as transformers passes)
+        self.deterministic = bool(config.setting("deterministic_flash_attn", False))
         norm_bias = config.setting("norm_bias", True)
         attention_bias, mlp_bias = (config.setting(name, True)
                                     for name in ("attention_bias", "mlp_bias"))
@@ -177,9 +179,11 @@ class PreNormLayer(nn.Module):
         if packed is not None:
             y = fastbert.attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens,
                                           packed.max_seqlen, packed.max_seqlen,
-                                          window_size=window, dropout_p=attn_p, **turn)
+                                          window_size=window, dropout_p=attn_p,
+                                          deterministic=self.deterministic, **turn)
         else:
-            y = fastbert.attention(q, k, v, attention_mask, window_size=window, dropout_p=attn_p)
+            y = fastbert.attention(q, k, v, attention_mask, window_size=window, dropout_p=attn_p,
+                                   deterministic=self.deterministic)
         # the attention's residual add and ffn_norm in one pass
         h, x = _add_norm(self.ffn_norm, linear(y.flatten(-2), self.attn_out), x, attn_p)
         f = self._geglu(h)

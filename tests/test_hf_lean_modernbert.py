@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import fastbert
-from fastbert import hf_lean_modernbert
+from fastbert import hf_lean_modernbert, varlen
 from tests.test_lean import _counts, _inputs
 
 transformers = pytest.importorskip("transformers")
@@ -263,3 +263,27 @@ def test_triton_backend_bitwise_equal_to_the_public_ops(monkeypatch):
                 assert all(torch.equal(a, b) for a, b in zip(lean_run, public_run))
     finally:
         fastbert.set_backend(previous)
+
+
+@pytest.mark.parametrize("lean_path", [True, False], ids=["planned", "public ops"])
+@pytest.mark.parametrize("model_kind", ["patched", "own"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_flash_attn_reaches_attention_backward(monkeypatch, model_kind, lean_path,
+                                                             deterministic):
+    """config.deterministic_flash_attn: transformers passes it to flash-attn as deterministic=;
+    every attention of a training step gets it (GPU backends then run backward without
+    atomics)."""
+    seen = []
+    setup = varlen._setup
+    monkeypatch.setattr(varlen, "_setup", lambda ctx, inputs, output: (
+        seen.append(inputs[11]), setup(ctx, inputs, output))[1])
+    if not lean_path:
+        monkeypatch.setattr(hf_lean_modernbert, "plan", lambda *args: None)
+        monkeypatch.setattr(hf_lean_modernbert, "prenorm_plan", lambda *args: None)
+    if model_kind == "patched":
+        model = fastbert.patch_hf(_model(deterministic_flash_attn=deterministic))
+    else:
+        model = _own(deterministic_flash_attn=deterministic)
+    ids, mask = _inputs()
+    _run(model, ids, mask, True)
+    assert seen == [deterministic] * TINY["num_hidden_layers"]
