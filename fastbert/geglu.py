@@ -11,7 +11,8 @@ bias may be None; dbias is what a bias would get (dropped when there is none).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,6 +29,13 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str
 
 
 _fwd = torch.library.custom_op("fastbert::linear_geglu_fwd", mutates_args=())(_forward)
+
+
+def forward_for_inference(backend: str) -> Callable[..., Tuple[Tensor, Tensor]]:
+    """The backend's linear_geglu_forward for calls no gradient will follow: Triton's skips the
+    (M, 2N) pre-activation store (its `pre` comes back empty)."""
+    forward = ops._backend_module(backend).linear_geglu_forward
+    return functools.partial(forward, store_pre=False) if backend == "triton" else forward
 
 
 @_fwd.register_fake
@@ -90,7 +98,7 @@ def linear_geglu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     x2 = x2.contiguous()
     b = bias.contiguous() if bias is not None else None
     if ops._inference(x2, weight, bias):
-        out = _forward(x2, weight.contiguous(), b, approximate, chosen)[0]
+        out = forward_for_inference(chosen)(x2, weight.contiguous(), b, approximate)[0]
     else:
         args = (x2, weight.contiguous(), b, approximate, chosen)
         if ops._eager(x2, weight, bias):

@@ -194,7 +194,7 @@ def _resolve(x: torch.Tensor, packed: PackedBatch, approximate: str, head_dim: i
         w = wi._parameters["weight"]
         p.geglu_backend = ops.resolve_backend(geglu.OP, "auto", device, dtype=compute,
                                               in_features=w.shape[1], out_features=w.shape[0])
-        p.geglu = ops._backend_module(p.geglu_backend).linear_geglu_forward
+        p.geglu = geglu.forward_for_inference(p.geglu_backend)  # called without grad only
         p.geglu_cpu = p.cpu_linear if p.geglu_backend == "torch" else None
     # a bias-free LayerNorm gets the zero bias the public op makes per call, made once
     p.zero_bias = None

@@ -49,6 +49,22 @@ def test_forward_and_backward_by_rule(with_bias, approximate, dtype, m, k, n):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_inference_forward_skips_the_pre_activation(with_bias):
+    """store_pre=False (the op without grad, the lean ModernBERT plan in inference): the same
+    output bit for bit, no (M, 2N) pre-activation written."""
+    torch.manual_seed(2)
+    x = torch.randn(45, 32, device=DEVICE)
+    w = torch.randn(2 * 24, 32, device=DEVICE) * 32 ** -0.5
+    b = torch.randn(2 * 24, device=DEVICE) if with_bias else None
+    out, pre = geglu.linear_geglu_forward(x, w, b, "none")
+    lean_out, no_pre = fastbert.geglu.forward_for_inference("triton")(x, w, b, "none")
+    assert torch.equal(lean_out, out) and tuple(no_pre.shape) == (0, 48)
+    with torch.no_grad():
+        assert torch.equal(fastbert.linear_geglu(x, w, b, backend="triton"), out)
+
+
+@pytest.mark.interpreter
 def test_op_on_triton_matches_torch_backend_with_gradients():
     torch.manual_seed(1)
     x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
@@ -62,17 +78,20 @@ def test_op_on_triton_matches_torch_backend_with_gradients():
 
 
 @pytest.mark.compile
+@pytest.mark.parametrize("store_pre", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernels_compile_and_report_spills(capability, dtype):
+def test_kernels_compile_and_report_spills(capability, dtype, store_pre):
     """Every GPU config of the forward (ModernBERT has no Wi bias; training stores the
-    pre-activation) and the backward pass compile for sm_80/sm_90; which spill is reported."""
+    pre-activation, inference not) and the backward pass compile for sm_80/sm_90; which spill
+    is reported."""
     from fastbert.triton import linear_gelu as lg
     from tests.helpers import compile_resources
     from tests.test_triton_linear_gelu import _bwd_signature, _fwd_signature
     spilling = []
     for config in geglu.GPU_CONFIGS:
-        constexprs = dict(HAS_BIAS=False, **lg.forward_constexprs(dtype, "none"), **config.kwargs)
+        constexprs = dict(HAS_BIAS=False, **lg.forward_constexprs(dtype, "none", store_pre),
+                          **config.kwargs)
         usage = compile_resources("fastbert.triton.geglu", "_linear_geglu_fwd_kernel",
                                   _fwd_signature(dtype), constexprs, capability,
                                   config.num_warps, config.num_stages)

@@ -135,13 +135,14 @@ def unsupported(dtype: torch.dtype, in_features: int, out_features: int) -> Opti
     return None
 
 
-def linear_geglu_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                         approximate: str) -> Tuple[Tensor, Tensor]:
-    """-> (out (M, N), pre (M, 2N))."""
+def linear_geglu_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
+                         store_pre: bool = True) -> Tuple[Tensor, Tensor]:
+    """-> (out (M, N), pre (M, 2N)). With store_pre=False (no gradient will be asked for) the
+    pre-activation is not written and `pre` is an empty (0, 2N) tensor: an M x 2N store saved."""
     m, k = x.shape
     n = weight.shape[0] // 2
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    pre = torch.empty(m, 2 * n, dtype=x.dtype, device=x.device)
+    pre = torch.empty(m if store_pre else 0, 2 * n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out, pre
 
@@ -149,8 +150,8 @@ def linear_geglu_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     launch(_linear_geglu_fwd_kernel, grid, x, weight, bias if bias is not None else weight, out,
-           pre, m, n, k, rows_bucket(m), HAS_BIAS=bias is not None,
-           **forward_constexprs(x.dtype, approximate))
+           pre if store_pre else out, m, n, k, rows_bucket(m), HAS_BIAS=bias is not None,
+           **forward_constexprs(x.dtype, approximate, store_pre))
     return out, pre
 
 
