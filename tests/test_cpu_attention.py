@@ -16,7 +16,7 @@ import fastbert
 from fastbert import cpu_attention, reference
 from fastbert.torch_backend import TorchBackend
 from fastbert.varlen import _TorchVarlen
-from tests.helpers import assert_close_by_rule
+from tests.helpers import assert_close_by_rule, check_out_of_band_tiles_are_never_read
 from tests.test_cuda_attention import (ATTENTION_DROPOUT_CASES, attention_keep_mask,
                                        check_attention_dropout, check_attention_varlen)
 
@@ -239,6 +239,15 @@ def test_padded_training_runs_the_kernel_forward_and_backward(isa, batch, sq, sk
     if visible is not None:
         blind = ~visible.any(-1).expand(batch, 1, sq)[:, 0]  # (B, Sq): queries that see no key
         assert not got[1][blind].any() and not got[0][blind].any(), "blind queries: zeros"
+
+
+@pytest.mark.parametrize("queries_cut", [False, True])
+def test_out_of_band_keys_and_queries_are_never_read(isa, queries_cut):
+    """A local layer costs O(S * window): NaN outside every band changes no bit (forward and
+    backward), as for the GPU kernels."""
+    torch.manual_seed(4)
+    assert cpu_attention.serves(*(torch.empty(1, 1, 1, 16),) * 3)
+    check_out_of_band_tiles_are_never_read(TorchBackend, "cpu", 16, torch.float32, queries_cut)
 
 
 def test_keys_no_sequence_holds_get_zero_gradients():

@@ -11,7 +11,6 @@ with dropout, given the keep mask read off the kernels' output).
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from tests.cuda_helpers import HALF_DTYPES
 from tests.cuda_helpers import emulated_backend  # noqa: F401 (fixture)
 # autouse fixtures: imported, so they apply to every test in this module
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
-from tests.helpers import random_padding_mask
+from tests.helpers import check_out_of_band_tiles_are_never_read, random_padding_mask
 from tests.test_cuda_attention import (_cu, check_attention, check_attention_dropout,
                                        check_attention_varlen)
 
@@ -127,48 +126,6 @@ def test_emulated_window_dropout_matches_reference(emulated_backend, b, sq, sk, 
     torch.manual_seed(11)
     check_attention_dropout(emulated_backend, "cpu", b, sq, sk, h, d, dtype, causal, mask_mode, p,
                             window=window)
-
-
-def check_out_of_band_tiles_are_never_read(backend, device, d, dtype, queries_cut):
-    """40 queries against 400 keys, window (8, 8): the band (bottom-right aligned) holds keys
-    352..407 only, so keys 0..319 (five 64-key tiles, ten 32-key ones) are outside every band;
-    with NaN there, a kernel that visited their tiles would spread it (P = 0 times NaN is NaN).
-    Forward, dQ (deterministic) and dK/dV must equal bit for bit the kernels' results on the
-    last 80 keys alone, and the cut keys' dK, dV be 0. queries_cut: the mirror case (400 queries,
-    40 keys: queries 0..351 see nothing), NaN in q and dO rows 0..319, for the dK/dV kernel's
-    loop over query tiles; their out and dQ must be 0."""
-    window, cut, kept = (8, 8), 320, 80
-    sq, sk = (cut + kept, 40) if queries_cut else (40, cut + kept)
-    q, k, v = (torch.randn(1, s, 2, d, dtype=dtype, device=device) for s in (sq, sk, sk))
-    dout = torch.randn_like(q)
-    scale = 1.0 / math.sqrt(d)
-
-    def run(q, k, v, dout):
-        out, lse = backend.attention_forward(q, k, v, None, False, 0.0, scale, 0, window=window)
-        grads = backend.attention_backward(dout, q, k, v, out, lse, None, False, 0.0, scale, 0,
-                                           True, window=window)
-        atomic = backend.attention_backward(dout, q, k, v, out, lse, None, False, 0.0, scale, 0,
-                                            False, window=window)
-        assert torch.equal(grads[1], atomic[1]) and torch.equal(grads[2], atomic[2])
-        assert not atomic[0].isnan().any()
-        return (out, lse) + grads
-
-    kept_inputs = ((q[:, cut:], k, v, dout[:, cut:]) if queries_cut else
-                   (q, k[:, cut:], v[:, cut:], dout))
-    want = run(*kept_inputs)
-    poisoned = [t.clone() for t in (q, k, v, dout)]
-    for t in (poisoned[0], poisoned[3]) if queries_cut else poisoned[1:3]:
-        t[:, :cut] = float("nan")
-    out, lse, dq, dk, dv = run(*poisoned)
-    if queries_cut:
-        assert (out[:, :cut] == 0).all() and (dq[:, :cut] == 0).all()
-        assert (lse[..., :cut] == float("inf")).all()
-        got = (out[:, cut:], lse[..., cut:], dq[:, cut:], dk, dv)
-    else:
-        assert (dk[:, :cut] == 0).all() and (dv[:, :cut] == 0).all()
-        got = (out, lse, dq, dk[:, cut:], dv[:, cut:])
-    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        assert torch.equal(g, w), name
 
 
 @pytest.mark.compile

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 import fastbert
-from fastbert import reference
+from fastbert import ops, reference
 from fastbert.triton import attention as kernels
 from fastbert.triton.attention_kernels import _philox_7_rounds
 from tests.helpers import (TRITON_TYPE, aot_compile, assert_close_by_rule, assert_fp32_close,
@@ -216,7 +216,7 @@ def test_backward_with_padding_keys_scoring_far_above_the_real_ones(dtype, head_
                     shift=4.0, padding_high=True)
 
 
-def recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed):
+def recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed, window=(-1, -1)):
     """The kernel's dropout keep-mask (B, H, Sq, Sk): with v = identity rows (Sk <= D), the output
     row of query i is its dropped probability row, nonzero exactly where a visible key was kept."""
     assert sk <= d
@@ -224,9 +224,11 @@ def recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed):
     eye = torch.zeros(b, sk, h, d, dtype=dtype, device=q.device)
     eye[:, torch.arange(sk), :, torch.arange(sk)] = 1.0
     scale = 1.0 / math.sqrt(d)
-    out, _ = kernels.attention_forward(q, k, eye, mask, causal, p, scale, seed)
+    out, _ = kernels.attention_forward(q, k, eye, mask, causal, p, scale, seed,
+                                       **ops.window_kw(window))
     dropped = out[..., :sk].permute(0, 2, 1, 3)  # (B, H, Sq, Sk)
-    probs, _ = reference.attention_forward(q.double(), k.double(), eye.double(), mask, causal)
+    probs, _ = reference.attention_forward(q.double(), k.double(), eye.double(), None, False,
+                                           visible=_visible(mask, causal, b, sq, sk, window))
     probs = probs[..., :sk].permute(0, 2, 1, 3)  # (B, H, Sq, Sk), the undropped probabilities
     return dropped, probs
 
@@ -310,34 +312,47 @@ def test_dropout_elements_sharing_a_philox_call_are_independent():
         assert abs(both - q) < 5 * math.sqrt(q * (1 - q) / groups.shape[0]), (i, j, both)
 
 
+def _visible(mask, causal, b, sq, sk, window):
+    """The reference's (B, 1, Sq, Sk) visibility: key padding, causal and the window."""
+    return reference.attention_visible(mask, causal, b, sq, sk, "cpu", window)
+
+
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype,causal,mask_mode,sq,deterministic,seed", [
-    (F32, False, None, 48, True, 7),
-    (F32, True, "with_empty", 20, False, 2 ** 40 + 3),  # a 64-bit seed, as ops.py draws them
-    (BF16, True, "random", 48, True, 11),
-    (F16, False, "scattered", 48, False, 12),
-], ids=["f32", "f32-causal-padded-seed64", "bf16-causal-padded", "f16-scattered"])
-def test_dropout_backward_uses_forward_mask(dtype, causal, mask_mode, sq, deterministic, seed):
+@pytest.mark.parametrize("dtype,causal,mask_mode,sq,deterministic,seed,window", [
+    (F32, False, None, 48, True, 7, (-1, -1)),
+    # a 64-bit seed, as ops.py draws them
+    (F32, True, "with_empty", 20, False, 2 ** 40 + 3, (-1, -1)),
+    (BF16, True, "random", 48, True, 11, (-1, -1)),
+    (F16, False, "scattered", 48, False, 12, (-1, -1)),
+    (F16, False, "random", 48, True, 13, (5, 9)),
+    (F32, True, "with_empty", 40, False, 14, (12, -1)),
+], ids=["f32", "f32-causal-padded-seed64", "bf16-causal-padded", "f16-scattered",
+        "f16-window-padded", "f32-causal-window-padded"])
+def test_dropout_backward_uses_forward_mask(dtype, causal, mask_mode, sq, deterministic, seed,
+                                            window):
     """Recover the kernel's keep-mask, then the kernel's forward and all three gradients on fresh
-    inputs with the same seed must match the reference given that mask."""
+    inputs with the same seed must match the reference given that mask (windows compose)."""
     b, sk, h, d, p = 2, 48, 2, 64, 0.25
     mask = make_mask(b, sk, mask_mode)
-    dropped, probs = recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed)
+    dropped, probs = recover_keep(b, sq, sk, h, d, dtype, causal, mask, p, seed, window)
     keep = (dropped != 0) | (probs == 0)  # where P = 0 the keep bit does not matter
     q, k, v = make_qkv(b, sq, sk, h, d, dtype)
     dout = torch.randn_like(q)
     scale = 1.0 / math.sqrt(d)
-    out, lse = kernels.attention_forward(q, k, v, mask, causal, p, scale, seed)
+    band = ops.window_kw(window)
+    out, lse = kernels.attention_forward(q, k, v, mask, causal, p, scale, seed, **band)
     grads = kernels.attention_backward(dout, q, k, v, out, lse, mask, causal, p, scale, seed,
-                                       deterministic)
+                                       deterministic, **band)
+    visible = _visible(mask, causal, b, sq, sk, window)
     q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
-    e_out, e_lse = reference.attention_forward(q64, k64, v64, mask, causal, p, scale, keep)
-    e_grads = reference.attention_backward(do64, q64, k64, v64, e_out, e_lse, mask, causal, p,
-                                           scale, keep)
-    pl_out, pl_lse = reference.attention_forward(q, k, v, mask, causal, p, scale, keep,
-                                                 upcast=False)
-    pl_grads = reference.attention_backward(dout, q, k, v, pl_out, pl_lse, mask, causal, p, scale,
-                                            keep, upcast=False)
+    e_out, e_lse = reference.attention_forward(q64, k64, v64, None, False, p, scale, keep,
+                                               visible=visible)
+    e_grads = reference.attention_backward(do64, q64, k64, v64, e_out, e_lse, None, False, p,
+                                           scale, keep, visible=visible)
+    pl_out, pl_lse = reference.attention_forward(q, k, v, None, False, p, scale, keep,
+                                                 upcast=False, visible=visible)
+    pl_grads = reference.attention_backward(dout, q, k, v, pl_out, pl_lse, None, False, p, scale,
+                                            keep, upcast=False, visible=visible)
     for name, got, plain, want in zip(("out", "dq", "dk", "dv"), (out,) + tuple(grads),
                                       (pl_out,) + tuple(pl_grads), (e_out,) + tuple(e_grads)):
         if dtype == torch.float32:

@@ -15,7 +15,8 @@ import torch
 from fastbert import reference
 from fastbert.triton import attention as kernels
 from fastbert.triton import attention_varlen as varlen
-from tests.helpers import assert_close_by_rule, poison_, random_padding_mask, rule_factor
+from tests.helpers import (assert_close_by_rule, check_out_of_band_tiles_are_never_read, poison_,
+                           random_padding_mask, rule_factor)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -114,3 +115,11 @@ def test_window_with_dropout_stays_in_the_band():
                                            True, window=(3, 2))
     touched = (dk.abs().sum((-1, -2)) + dv.abs().sum((-1, -2)))[0].nonzero().flatten().tolist()
     assert touched and set(touched) <= set(range(37, 43))
+
+
+@pytest.mark.parametrize("queries_cut", [False, True])
+def test_out_of_band_tiles_are_never_read(queries_cut):
+    torch.manual_seed(3)
+    # queries_cut: the dQ kernel's 128-query tiles; rows 256..383 share one with in-band rows
+    check_out_of_band_tiles_are_never_read(kernels, DEVICE, 32, torch.float16, queries_cut,
+                                           cut=256 if queries_cut else 320)
