@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _module
 
 import fastbert
-from fastbert import cpu_train, model
+from fastbert import cpu_train, lean, model
 from fastbert.model import linear
 from fastbert.padding import PackedBatch, _sequence_and_position
 
@@ -78,7 +79,23 @@ def gelu_approximate(act) -> Optional[str]:
 
 
 def _dropout_p(module: nn.Module) -> float:
+    """The attention-probability dropout: transformers reads it off the attention module's
+    `dropout` (its p, the attention's own training flag) without calling it."""
     return module.dropout.p if module.training else 0.0
+
+
+def output_dropout_p(module: nn.Module) -> Optional[float]:
+    """The p of the `dropout` module a *Output (or DistilBERT's FFN) calls, as that module stands
+    (its own training flag), for add_layer_norm to fuse; None where it must be called: not a
+    plain nn.Dropout (replaced, by nn.Identity say) or hooked, its own hooks or global ones.
+    Attribute reads only: this runs per layer and forward."""
+    drop = module._modules["dropout"]
+    if (drop.__class__ is not nn.Dropout or drop._forward_hooks or drop._forward_pre_hooks
+            or drop._backward_hooks or drop._backward_pre_hooks
+            or _module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+        return None
+    return drop.p if drop.training else 0.0
 
 
 def _add_norm(x, residual, norm: nn.Module, dropout_p: float = 0.0):
@@ -254,9 +271,13 @@ def self_attention_forward(self, hidden_states, attention_mask=None, cache=None,
 
 
 def add_norm_forward(self, hidden_states, input_tensor):
-    """*SelfOutput/*Output: LN(dropout(dense(h)) + residual), the add+dropout+LN fused."""
-    return _add_norm(linear(hidden_states, self.dense), input_tensor, self.LayerNorm,
-                     _dropout_p(self))
+    """*SelfOutput/*Output: LN(dropout(dense(h)) + residual), the add+dropout+LN fused (a
+    dropout module that must be called runs first, output_dropout_p)."""
+    h = linear(hidden_states, self.dense)
+    p = output_dropout_p(self)
+    if p is None:
+        return _add_norm(self.dropout(h), input_tensor, self.LayerNorm)
+    return _add_norm(h, input_tensor, self.LayerNorm, p)
 
 
 def intermediate_forward(self, hidden_states):
@@ -285,12 +306,18 @@ def distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs)
     a, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     h = _add_norm(a, hidden_states, self.sa_layer_norm)
     ffn = self.ffn
+    if lean._hooked(ffn) or lean.global_hooks():  # its hooks fire: called as a module
+        return _add_norm(ffn(h), h, self.output_layer_norm)
     approximate = gelu_approximate(ffn.activation)
     if approximate is not None and plain(ffn.lin1) and ffn.lin1.bias is not None:
         f = fastbert.linear_bias_gelu(h, ffn.lin1.weight, ffn.lin1.bias, approximate=approximate)
     else:
         f = ffn.activation(linear(h, ffn.lin1))
-    return _add_norm(linear(f, ffn.lin2), h, self.output_layer_norm, _dropout_p(ffn))
+    f = linear(f, ffn.lin2)
+    p = output_dropout_p(ffn)
+    if p is None:
+        return _add_norm(ffn.dropout(f), h, self.output_layer_norm)
+    return _add_norm(f, h, self.output_layer_norm, p)
 
 
 def layer_norm_forward(self, x):

@@ -70,8 +70,8 @@ def _bert_settings(layer: nn.Module, layer_class: type, attention_class: type):
         return None
     if _hooked(sa) or _hooked(so) or _hooked(intermediate) or _hooked(output):
         return None
-    hidden_p = hf_layers._dropout_p(so)
-    if hf_layers._dropout_p(output) != hidden_p:
+    hidden_p = hf_layers.output_dropout_p(so)
+    if hidden_p is None or hf_layers.output_dropout_p(output) != hidden_p:
         return None
     return _attention_settings(sa, hidden_p,
                                hf_layers.gelu_approximate(intermediate.intermediate_act_fn))
@@ -87,8 +87,10 @@ def _distilbert_settings(block: nn.Module):
     if not _patched_as(sa, hf_layers.distilbert_attention_forward) or _hooked(sa) \
             or _hooked(ffn):
         return None
-    return _attention_settings(sa, hf_layers._dropout_p(ffn),
-                               hf_layers.gelu_approximate(ffn.activation))
+    hidden_p = hf_layers.output_dropout_p(ffn)
+    if hidden_p is None:
+        return None
+    return _attention_settings(sa, hidden_p, hf_layers.gelu_approximate(ffn.activation))
 
 
 def _attention_settings(sa: nn.Module, hidden_p: float, approximate: Optional[str]) -> tuple:

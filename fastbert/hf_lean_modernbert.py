@@ -332,7 +332,7 @@ def layer_forward(layer: nn.Module, carry: list, p: Plan, cos: torch.Tensor,
     drop, dropout_p = am["out_drop"], 0.0  # fused into the add (_out_dropout's rule)
     if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
         dropout_p = drop.p if drop.training else 0.0
-    elif type(drop) is not nn.Identity:
+    elif type(drop) is not nn.Identity or drop._forward_hooks or drop._forward_pre_hooks:
         a = drop(a)
     h, x = _add_norm(p, m["mlp_norm"], a, x, dropout_p)
     del a
@@ -362,7 +362,8 @@ def _linear(p: Plan, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def _norm(p: Plan, norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]):
     """norm(x) (delta None), else norm(x + delta): fastbert.add_layer_norm(delta, x, ...) for a
     plain LayerNorm, as the patched forward's first attn_norm and final_norm."""
-    if norm is None or type(norm) is nn.Identity and delta is None:
+    if norm is None or (type(norm) is nn.Identity and delta is None
+                        and not norm._forward_hooks and not norm._forward_pre_hooks):
         return x  # layer 0's attn_norm (None in prenorm.py's layer)
     if not (type(norm) is nn.LayerNorm and not norm._forward_hooks  # _plain_norm(norm), inline
             and not norm._forward_pre_hooks and norm._parameters["weight"] is not None

@@ -8,6 +8,7 @@ transformers is imported only inside patch_hf, so importing this module stays li
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fastbert
 from fastbert import hf_layers, hf_lean
@@ -107,10 +109,31 @@ def _packed_layers(encoder, hidden_states, packed: PackedBatch, kwargs):
     if plan is not None:  # one function per layer (fastbert/hf_lean.py)
         x = hf_lean.run(encoder, x, plan)[None]
     else:
+        t = x.shape[0]
+        extra = _chunk_padding(encoder, t) if packed.indices is not None else 0
+        rows = packed
+        if extra:  # the added rows: a sequence of their own, dropped after the layers
+            x = F.pad(x, (0, 0, 0, extra))
+            cu = torch.cat([packed.cu_seqlens, packed.cu_seqlens[-1:] + extra])
+            rows = PackedBatch(cu, max(packed.max_seqlen, extra), packed.indices, packed.batch,
+                               packed.seqlen)
         x = x[None]
         for layer in encoder.layer:
-            x = layer(x, None, fastbert_packed=packed, **kwargs)
+            x = layer(x, None, fastbert_packed=rows, **kwargs)
+        x = x[:, :t]
     return packed.grid(x[0]) if packed.indices is not None else x
+
+
+def _chunk_padding(encoder, t: int) -> int:
+    """Rows to add to a padded batch's T real tokens so that each layer's chunked feed-forward
+    (chunk_size_feed_forward > 0: transformers splits the sequence dim and needs a multiple)
+    divides them."""
+    chunk = 1
+    for layer in encoder.layer:
+        size = getattr(layer, "chunk_size_feed_forward", 0)
+        if size:
+            chunk = math.lcm(chunk, size)
+    return -t % chunk
 
 
 def _lean_padded_plan(encoder, hidden_states, attention_mask, args, kwargs):

@@ -43,6 +43,7 @@ import fastbert
 from fastbert import hf_lean_modernbert, varlen
 from fastbert.hf_lean import _hooked as hooked
 from fastbert.hf_layers import base_class, gelu_approximate, plain, serves_attention
+from fastbert.lean import global_hooks
 from fastbert.model import _can_pack_data_dependent, linear
 from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
 
@@ -65,11 +66,13 @@ def _add_norm(module: nn.Module, delta: torch.Tensor, x: torch.Tensor, dropout_p
 
 def _out_dropout(drop: nn.Module, a: torch.Tensor):
     """(a, p): the attention output and the dropout the residual add applies to it (fused into
-    it for a plain nn.Dropout or Identity; anything else is called as a module)."""
-    if type(drop) is nn.Identity:
-        return a, 0.0
-    if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
-        return a, drop.p if drop.training else 0.0
+    it for a plain nn.Dropout or Identity; anything else, or one hooks would see, is called as
+    a module)."""
+    if not (hooked(drop) or global_hooks()):
+        if type(drop) is nn.Identity:
+            return a, 0.0
+        if type(drop) is nn.Dropout:
+            return a, drop.p if drop.training else 0.0
     return drop(a), 0.0
 
 
@@ -88,18 +91,20 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
     """One ModernBertEncoderLayer on packed tokens whose input is x + delta (T, C); delta is the
     previous layer's MLP output not yet added (None for the first layer), so each residual add
     shares a pass with the norm after it. cos, sin (T, D / 2) per token. Returns (x, delta).
-    A hooked attention or MLP is called as a module (on the packed tokens, as _layer_forward)."""
+    A hooked attention or MLP is called as a module (on the packed tokens, as _layer_forward),
+    as both are where hooks for every module are set."""
     attn, mlp = layer.attn, layer.mlp
+    as_modules = global_hooks()
     if delta is None:
         h = _norm(layer.attn_norm, x)
     else:
         h, x = _add_norm(layer.attn_norm, delta, x, 0.0)
-    if hooked(attn):
+    if as_modules or hooked(attn):
         a, p = attn(h, position_embeddings=(cos, sin), fastbert_packed=packed)[0], 0.0
     else:
         a, p = _attend(attn, h, packed, cos, sin)
     h, x = _add_norm(layer.mlp_norm, a, x, p)
-    if hooked(mlp):
+    if as_modules or hooked(mlp):
         return x, mlp(h)
     return x, linear(mlp.drop(_geglu(mlp, h)), mlp.Wo)
 

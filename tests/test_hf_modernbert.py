@@ -487,3 +487,48 @@ def test_patching_twice_and_copies_are_harmless():
     ids, mask = padded_batch()
     torch.testing.assert_close(twin(ids, attention_mask=mask).last_hidden_state,
                                model(ids, attention_mask=mask).last_hidden_state)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_patched_on_gpu_by_tolerance_rule(dtype, packed):
+    """The headline use: a transformers ModernBERT MLM cast to a half dtype on a GPU, patched
+    (auto backends), training step's loss, logits at real tokens and every gradient against the
+    unpatched model (sdpa) in that dtype and in fp64; a window shorter than the sequence."""
+    config = tiny_config(vocab_size=512, hidden_size=256, num_attention_heads=4,
+                         intermediate_size=384, max_position_embeddings=256, local_attention=32,
+                         reference_compile=False)
+    torch.manual_seed(0)
+    base = mb.ModernBertForMaskedLM(config).train()
+    patched = fastbert.patch_hf(copy.deepcopy(base)).to("cuda", dtype)
+    plain, exact = copy.deepcopy(base).to("cuda", dtype), base.to("cuda", torch.float64)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(4, 512, (3, 130), device="cuda", generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 70:] = 0
+    mask[2, 9:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    ref_inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    if packed:  # DataCollatorWithFlattening's form for the patched model
+        position_ids = torch.cat([torch.arange(int(n), device="cuda") for n in mask.sum(1)])
+        inputs = dict(input_ids=ids[real][None], position_ids=position_ids[None],
+                      labels=labels[real][None])
+    else:
+        inputs = ref_inputs
+    results = []
+    for model, kw in ((patched, inputs), (plain, ref_inputs), (exact, ref_inputs)):
+        out = model(**kw)
+        out.loss.backward()
+        logits = out.logits[0] if packed and model is patched else out.logits[real]
+        results.append((out.loss.detach(), logits.detach(),
+                        {n: p.grad for n, p in model.named_parameters()}))
+    (loss, logits, grads), (p_loss, p_logits, p_grads), (e_loss, e_logits, e_grads) = results
+    assert_close_by_rule(loss, p_loss, e_loss, "loss", factor=3.0)
+    assert_close_by_rule(logits, p_logits, e_logits, "logits", factor=3.0)
+    assert grads.keys() == p_grads.keys()
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+        assert_close_by_rule(g, p_grads[name], e_grads[name], f"grad {name}", factor=3.0,
+                             floor=2e-2 * e_grads[name].abs().max().item())

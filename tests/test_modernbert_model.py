@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.modernbert import modeling_modernbert as mb  # noqa: E402
 
 import fastbert  # noqa: E402
+from fastbert import cuda as cuda_backend  # noqa: E402
 from fastbert import lean  # noqa: E402
 from fastbert.family import FAMILIES  # noqa: E402
 from fastbert.model import BertConfig  # noqa: E402
@@ -485,9 +486,15 @@ def test_model_on_triton_interpreter_matches_torch_backend(unpad):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("unpad", [True, False])
-def test_model_on_triton_gpu_by_tolerance_rule(unpad, dtype):
+def test_model_on_gpu_backends_by_tolerance_rule(unpad, dtype, backend):
+    """The own ModernBERT MLM on each GPU backend (windowed attention, RoPE, GeGLU, pre-norm
+    LayerNorm) against the torch backend in that dtype and in fp64."""
+    reason = cuda_backend.unavailable_reason() if backend == "cuda" else None
+    if reason is not None:
+        pytest.skip(f"CUDA extension: {reason}")
     config = _fresh_config(vocab_size=512, hidden_size=256, num_attention_heads=4,
                            intermediate_size=384, max_position_embeddings=256, unpad=unpad,
                            extra=dict(local_attention=32))
@@ -498,7 +505,7 @@ def test_model_on_triton_gpu_by_tolerance_rule(unpad, dtype):
     mask[1, 70:] = 0
     mask[2, 9:] = 0
     inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-    kernel = _run_on_backend(model, "triton", dtype, inputs)
+    kernel = _run_on_backend(model, backend, dtype, inputs)
     plain = _run_on_backend(model, "torch", dtype, inputs)
     exact = _run_on_backend(model, "torch", torch.float64, inputs)
     real = mask.bool()

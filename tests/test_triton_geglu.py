@@ -103,3 +103,26 @@ def test_kernels_compile_and_report_spills(capability, dtype, store_pre):
                                    BLOCK_N=geglu.BWD_BLOCK_N), capability, lg.BWD_NUM_WARPS, 3)
     assert usage["stack"] == 0 and usage["spill_stores"] == 0, usage
     assert not spilling, f"forward configs that spill on sm_{capability}: {spilling}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden,intermediate", [(768, 1152), (1024, 2624)],
+                         ids=["ModernBERT-base", "ModernBERT-large"])
+def test_gpu_modernbert_sizes_by_rule(hidden, intermediate):
+    """Wi of ModernBERT-base/large (no bias) on 8 x 512 tokens in bf16: the compiled GEMM with
+    the GeGLU epilogue and backward against the reference by the rule; inference's output
+    without the pre-activation store bit for bit the same."""
+    torch.manual_seed(3)
+    m, dtype = 4096, torch.bfloat16
+    x = torch.randn(m, hidden, dtype=dtype, device=DEVICE)
+    w = (torch.randn(2 * intermediate, hidden, device=DEVICE) * hidden ** -0.5).to(dtype)
+    dout = torch.randn(m, intermediate, dtype=dtype, device=DEVICE)
+    out, pre = geglu.linear_geglu_forward(x, w, None, "none")
+    got = (out, *geglu.linear_geglu_backward(dout, x, w, pre, "none")[:2])
+    plain_out, plain_pre = reference.linear_geglu_forward(x, w, None, "none", upcast=False)
+    plain = (plain_out, *_grads(dout, x, w, plain_pre, "none")[:2])
+    exact_out, exact_pre = reference.linear_geglu_forward(x.double(), w.double(), None, "none")
+    exact = (exact_out, *_grads(dout.double(), x.double(), w.double(), exact_pre, "none")[:2])
+    for name, a, p, e in zip(("out", "dx", "dweight"), got, plain, exact):
+        assert_close_by_rule(a, p, e, f"geglu {name}", factor=rule_factor(dtype))
+    assert torch.equal(fastbert.geglu.forward_for_inference("triton")(x, w, None, "none")[0], out)

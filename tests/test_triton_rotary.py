@@ -81,3 +81,21 @@ def test_kernel_compiles_without_spills(capability, dtype):
                      BLOCK_H=rotary.HEADS_PER_PROGRAM, BLOCK_HALF=32, BLOCK_D=1),
                 capability, num_warps=4, num_stages=3)
             assert usage["stack"] == 0 and usage["spill_stores"] == 0, usage
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gpu_modernbert_base_sizes_by_rule(interleaved):
+    """ModernBERT-base's q and k heads (2 x 12, head dim 64) of 8 x 512 tokens in bf16, the
+    compiled kernel against the reference by the rule."""
+    torch.manual_seed(4)
+    cos, sin = _cos_sin(512, 32)
+    x = torch.randn(8, 512, 24, 64, dtype=torch.bfloat16, device=DEVICE)
+    positions = torch.arange(512, device=DEVICE).view(1, 512)
+    got = rotary.apply_rotary(x, cos.float().to(DEVICE), sin.float().to(DEVICE), positions,
+                              interleaved, False)
+    plain = reference.rotary_forward(x, cos.to(DEVICE, x.dtype), sin.to(DEVICE, x.dtype),
+                                     positions, interleaved, False, upcast=False)
+    exact = reference.rotary_forward(x.double(), cos.to(DEVICE), sin.to(DEVICE), positions,
+                                     interleaved, False)
+    assert_close_by_rule(got, plain, exact, "rotary", factor=rule_factor(x.dtype))

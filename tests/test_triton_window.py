@@ -20,7 +20,6 @@ from tests.helpers import (assert_close_by_rule, check_out_of_band_tiles_are_nev
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-pytestmark = pytest.mark.interpreter
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +57,7 @@ CASES = [  # (sq, sk, causal, window)
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("sq,sk,causal,window", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -74,6 +74,7 @@ def test_padded_window(sq, sk, causal, window, dtype, deterministic):
     _check((out, *grads), q, k, v, mask, causal, window, dout, f"{window} causal={causal}")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("causal,window", [(False, (5, 9)), (True, (12, -1)), (False, (64, 64))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -102,6 +103,7 @@ def test_varlen_window(causal, window, dtype, deterministic):
         _check(got, *one[:3], None, causal, window, one[3], f"varlen seq {b} {window}")
 
 
+@pytest.mark.interpreter
 def test_window_with_dropout_stays_in_the_band():
     """Dropout composes: a query's output, and its gradient, reach only the keys in its band."""
     torch.manual_seed(2)
@@ -117,9 +119,26 @@ def test_window_with_dropout_stays_in_the_band():
     assert touched and set(touched) <= set(range(37, 43))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("queries_cut", [False, True])
 def test_out_of_band_tiles_are_never_read(queries_cut):
     torch.manual_seed(3)
     # queries_cut: the dQ kernel's 128-query tiles; rows 256..383 share one with in-band rows
     check_out_of_band_tiles_are_never_read(kernels, DEVICE, 32, torch.float16, queries_cut,
                                            cut=256 if queries_cut else 320)
+
+
+# gpu tier: a few of the cases above on the GPU's compiled kernels (each new specialization
+# compiles; scripts/gpu_check.sh gives the Triton gpu tests 150 s)
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("sq,sk,causal,window", [CASES[0], CASES[4]])
+def test_gpu_padded_window(sq, sk, causal, window, deterministic):
+    test_padded_window(sq, sk, causal, window, torch.bfloat16, deterministic)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_window_and_out_of_band_tiles():
+    test_varlen_window(False, (64, 64), torch.float16, False)
+    # 256 poisoned keys: a multiple of every key tile (sm_80's dK/dV takes 128)
+    check_out_of_band_tiles_are_never_read(kernels, DEVICE, 64, torch.float16, False, cut=256)

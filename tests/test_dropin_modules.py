@@ -1,0 +1,150 @@
+"""The drop-in rule for the small modules patch_hf fuses: the dropout a *Output (or DistilBERT's
+FFN) applies before its add+LayerNorm, ModernBERT's Identity norms and dropouts, modules seen by
+hooks registered for every module, and BERT's chunked feed-forward. Each patched model gives the
+unpatched one's outputs and gradients by the tolerance rule, and every hook fires as often.
+(A user audit found each of these silently different or failing.)"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastbert
+from tests.helpers import assert_close_by_rule
+from tests.test_dropin import NO_DROPOUT
+from tests.test_dropin import _bert_in_archs  # noqa: F401 (autouse fixture: "bert" in ARCHS)
+from tests.test_family import make_inputs, make_model
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.modernbert import modeling_modernbert as mb  # noqa: E402
+
+from tests.test_hf_modernbert import compare, padded_batch, tiny_config, triplet  # noqa: E402
+
+# hidden dropout on, attention dropout off: what these tests switch is the output dropout
+HIDDEN_DROPOUT = {"bert": dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0),
+                  "distilbert": dict(dropout=0.1, attention_dropout=0.0)}
+
+
+def _output_dropouts(model):
+    """The dropout modules whose p patch_hf fuses into add_layer_norm."""
+    for name, module in model.named_modules():
+        if name.endswith(("output.dropout", "ffn.dropout")):
+            yield name, module
+
+
+def _agree_on_real_tokens(model, reference, inputs, what):
+    real = inputs["attention_mask"].bool()
+    exact = copy.deepcopy(reference).double()
+    got, plain, want = (m(**inputs).last_hidden_state for m in (model, reference, exact))
+    assert_close_by_rule(got[real], plain[real], want[real], what)
+    for out in (got, plain, want):
+        out[real].pow(2).mean().backward()
+    for (name, p), q, e in zip(model.named_parameters(), reference.parameters(),
+                               exact.parameters()):
+        if q.grad is None:  # the pooler: not in this loss
+            assert p.grad is None, name
+            continue
+        assert_close_by_rule(p.grad, q.grad, e.grad, f"{what}: grad {name}")
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+@pytest.mark.parametrize("change", ["dropout modules in eval", "replaced by Identity", "hooked"])
+def test_output_dropout_follows_its_own_module(arch, change):
+    """A training model whose output dropouts are switched to eval (training without dropout),
+    replaced by nn.Identity, or carry a forward hook: the patched model follows the module (the
+    fused dropout used the parent's training flag and p, skipped the hook, and an Identity had
+    no p to read)."""
+    reference = make_model(arch, "Model", **HIDDEN_DROPOUT[arch]).train()
+    for module in reference.modules():  # the embeddings' dropout: the models draw apart
+        if type(module) is nn.Dropout:
+            module.eval()
+    model = fastbert.patch_hf(copy.deepcopy(reference))
+    calls = {id(model): 0, id(reference): 0}
+    for m in (model, reference):
+        for module in m.modules():
+            if type(module) is nn.Dropout:
+                module.train()  # the output dropouts, switched below, as the model is
+        for module in m.modules():
+            if "Embeddings" in type(module).__name__:
+                module.dropout.eval()
+        for name, drop in list(_output_dropouts(m)):
+            if change == "dropout modules in eval":
+                drop.eval()
+            elif change == "replaced by Identity":
+                parent, _, leaf = name.rpartition(".")
+                setattr(m.get_submodule(parent), leaf, nn.Identity())
+            else:  # an identity dropout (eval) whose hook scales what it returns
+                drop.eval()
+
+                def scale(module, args, output, key=id(m)):
+                    if output.dtype == torch.float32:  # not the fp64 copy's calls
+                        calls[key] += 1
+                    return output * 1.5
+                drop.register_forward_hook(scale)
+    inputs = make_inputs(model, "Model")
+    _agree_on_real_tokens(model, reference, inputs, change)
+    assert calls[id(model)] == calls[id(reference)]
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_hooks_for_every_module_see_the_modules_unpatched_calls(arch):
+    """nn.modules.module.register_module_forward_hook: the patched model calls every module the
+    unpatched one calls (ModernBERT's attention, MLP and out_drop were run inline; BERT's output
+    dropouts were fused), and a hook that changes an MLP's output is honoured."""
+    if arch == "modernbert":
+        models = triplet(mb.ModernBertModel, tiny_config())
+    else:
+        plain = make_model("bert", "Model", **NO_DROPOUT["bert"]).train()
+        models = (fastbert.patch_hf(copy.deepcopy(plain)), plain, copy.deepcopy(plain).double())
+    names = [{id(m): n for n, m in model.named_modules()} for model in models]
+    called = [[] for _ in models]
+
+    def hook(module, args, output):
+        for record, by_id in zip(called, names):
+            if id(module) in by_id:
+                record.append(by_id[id(module)])
+        # patch_hf's classes are named Fastbert<name> (they read as transformers' own)
+        if type(module).__name__.removeprefix("Fastbert") in ("ModernBertMLP", "BertIntermediate"):
+            return output * 2.0
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        ids, mask = padded_batch() if arch == "modernbert" else (None, None)
+        if arch == "modernbert":
+            compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
+                    real=mask.bool())
+        else:
+            _agree_on_real_tokens(models[0], models[1], make_inputs(models[0], "Model"),
+                                  "global hook")
+    finally:
+        handle.remove()
+    assert sorted(set(called[0])) == sorted(set(called[1]))
+
+
+@pytest.mark.parametrize("where", ["layers.0.attn_norm", "layers.1.attn.out_drop"])
+def test_modernbert_hooked_identity_modules_are_called(where):
+    """ModernBERT's Identity attn_norm (layer 0) and out_drop (attention dropout 0) with a hook
+    that changes their output: called and honoured (they were skipped as no-ops)."""
+    models = triplet(mb.ModernBertModel, tiny_config())
+    calls = []
+    for m in models:
+        module = m.get_submodule(where)
+        assert type(module) is nn.Identity
+        module.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 1.5)
+    ids, mask = padded_batch()
+    compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
+            real=mask.bool())
+    assert len(calls) == 3  # once per model
+
+
+def test_chunked_feed_forward_on_a_padded_batch():
+    """chunk_size_feed_forward: transformers splits the sequence dim into chunks and needs a
+    multiple; the unpadded tokens of a padded batch rarely are (13 here, chunks of 4). It
+    raised; now the patched model gives the unpatched one's answer."""
+    reference = make_model("bert", "Model", **NO_DROPOUT["bert"],
+                           chunk_size_feed_forward=4).train()
+    model = fastbert.patch_hf(copy.deepcopy(reference))
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # 13 real tokens
+    _agree_on_real_tokens(model, reference, dict(input_ids=ids, attention_mask=mask),
+                          "chunked feed-forward")
