@@ -146,11 +146,12 @@ def work(kernel: str, constexprs: dict, element_size: int, shape, stream_size: i
                     dram_bytes=c["BLOCK_M"] * (2 * shape.head_dim * element_size + 4))
     if kernel == "_key_range_kernel":
         return Work(f"{c['BLOCK']} mask bytes", dram_bytes=c["BLOCK"])
-    if kernel == "_add_layer_norm_fwd_kernel":  # x (+ residual) in, y out, mean and rstd
-        per_column = element_size + (1 + c["HAS_RESIDUAL"]) * stream_size
+    if kernel == "_add_layer_norm_fwd_kernel":  # x (+ residual) in, y (+ the sum) out, mean, rstd
+        per_column = element_size + (1 + c["HAS_RESIDUAL"] + c.get("STORE_SUM", 0)) * stream_size
         return Work("row", dram_bytes=per_column * shape.hidden + 8)
-    if kernel == "_add_layer_norm_bwd_kernel":  # dy, x (+ residual) in; dx (+ dresidual) out
-        per_column = 2 * element_size + (1 + 2 * c["HAS_RESIDUAL"]) * stream_size
+    if kernel == "_add_layer_norm_bwd_kernel":  # dy, x (+ residual, dsum) in; dx (+ dresidual) out
+        per_column = 2 * element_size + (1 + 2 * c["HAS_RESIDUAL"] + c.get("HAS_DSUM", 0)) \
+            * stream_size
         return Work("row", dram_bytes=per_column * shape.hidden + 8)
     if kernel == "_gelu_bwd_dbias_kernel":  # dout, pre in; dpre out
         return Work(f"{c['BLOCK_M']}x{c['BLOCK_N']} tile",

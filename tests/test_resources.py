@@ -145,9 +145,10 @@ ATTENTION_LAYOUTS = (
 )
 _FLAG_NAMES = {"IS_CAUSAL": "causal", "HAS_MASK": "mask", "HAS_DROPOUT": "dropout"}
 # ModernBERT-base/large have BERT-base/large's head dim 64; their local layers also launch the
-# packed (varlen) kernels with a sliding window of 64 keys each side (issue 20), without
-# attention dropout (0.0 in every ModernBERT config). (Listed with dropout, the sm_80 varlen
-# deterministic dQ kernel spills 52 B: not a variant these models launch.)
+# packed (varlen) kernels with a sliding window of 64 keys each side (issue 20), and the padded
+# ones (fastbert's own model with unpad=False, or a mask with holes) with the window beside the
+# key mask, without attention dropout (0.0 in every ModernBERT config). (Listed with dropout,
+# the sm_80 varlen deterministic dQ kernel spills 52 B: not a variant these models launch.)
 MODERNBERT_WINDOW = (64, 64)
 # On the Triton backend ModernBERT's forward turns q and k inside the attention kernel
 # (ROTARY_HALF = head dim / 2, attention_varlen's rotary=), in its global and local layers.
@@ -156,12 +157,12 @@ MODERNBERT_ROTARY_HALF = 32
 
 def _flag_sets(shape: ModelShape, layout: AttentionLayout, phase: str) -> list:
     """(causal, dropout, window, rotary half) per launch: the flag sets above without a window,
-    and ModernBERT's local layers (head dim 64, packed) with theirs, without dropout, both
-    phases; its forwards (global and local) with RoPE in the kernel."""
+    and ModernBERT's local layers (head dim 64, packed or padded) with theirs, without dropout,
+    both phases; its packed forwards (global and local) with RoPE in the kernel."""
     sets = [(causal, dropout, (-1, -1), 0) for causal, dropout in _attention_flag_sets(phase)]
-    if shape.head_dim == 64 and layout.name == "varlen":
+    if shape.head_dim == 64:
         sets += [(causal, False, MODERNBERT_WINDOW, 0) for causal in CAUSAL]
-        if phase == "forward":
+        if phase == "forward" and layout.name == "varlen":
             sets += [(False, False, window, MODERNBERT_ROTARY_HALF)
                      for window in ((-1, -1), MODERNBERT_WINDOW)]
     return sets
@@ -253,7 +254,7 @@ def layer_norm_variants():
     # Rows wider than any model here (up to MAX_HIDDEN, walked in chunks) are listed too: the
     # op serves them, and held whole in registers they spilled (issue 19).
     forward_kinds = [(False, False), (True, True), (True, False)]
-    backward_kinds = [(False, False), (True, True)]
+    backward_kinds = [(False, False), (True, True), (True, False)]
     widths = {model: shape.hidden for model, shape in MODELS.items()}
     widths.update({f"hidden {h}": h for h in (ln.MAX_BLOCK_N, ln.MAX_HIDDEN)})
     for model, hidden in widths.items():
@@ -271,16 +272,20 @@ def layer_norm_variants():
                 for kernel, signature, kinds in (
                         (ln._add_layer_norm_fwd_kernel, ln_tests._fwd_signature, forward_kinds),
                         (ln._add_layer_norm_bwd_kernel, ln_tests._bwd_signature, backward_kinds)):
-                    for residual, dropout in kinds:
-                        if stream is not None and not residual:
+                    # the pre-norm form (ModernBERT-base/large's widths are BERT's): the forward
+                    # stores the sum, the backward takes its gradient
+                    pre_norm = ("STORE_SUM" if kernel is ln._add_layer_norm_fwd_kernel
+                                else "HAS_DSUM")
+                    for (residual, dropout), summed in itertools.product(kinds, (False, True)):
+                        if (stream is not None or summed) and not residual \
+                                or summed and model not in ("base", "large"):
                             continue
                         sig = signature(dtype, weight_dtype, "i64" if dropout else "i32", stream)
-                        # the pre-norm form's flags (ModernBERT) off: BERT's post-norm layers
-                        pre_norm = ("STORE_SUM" if kernel is ln._add_layer_norm_fwd_kernel
-                                    else "HAS_DSUM")
                         constexprs = {"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout,
-                                      "BLOCK_N": block_n, "WHOLE_ROW": whole_row, pre_norm: False}
-                        used = [k for k, on in (("residual", residual), ("dropout", dropout)) if on]
+                                      "BLOCK_N": block_n, "WHOLE_ROW": whole_row,
+                                      pre_norm: summed}
+                        used = [k for k, on in (("residual", residual), ("dropout", dropout),
+                                                ("pre-norm sum", summed)) if on]
                         weight = "fp32" if weight_dtype != dtype else "as input"
                         tile = f"{block_n}{'' if whole_row else ' chunks'} w{warps}"
                         what = f"{'+'.join(used) or 'plain'}, weight {weight}, {tile}"
@@ -400,6 +405,9 @@ def test_variant_list_covers_the_model():
             (c, d) for c in CAPABILITIES for d in [TRITON_TYPE[d] for d in DTYPES] + list(extra)}
     fwd = [r for r in att if r.kernel == "_attn_fwd_kernel" and "padded" in r.what]
     flag_sets = {r.what.split()[2] for r in fwd}
+    windowed = {s for s in flag_sets if s.endswith("window")}  # ModernBERT's local layers
+    assert "mask+window" in windowed
+    flag_sets -= windowed
     if FULL:  # every combination of causal, mask, dropout
         assert flag_sets == {"+".join(flags) for n in range(1, 4) for flags in
                              itertools.combinations(_FLAG_NAMES.values(), n)} | {"plain"}
