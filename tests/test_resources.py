@@ -147,8 +147,8 @@ _FLAG_NAMES = {"IS_CAUSAL": "causal", "HAS_MASK": "mask", "HAS_DROPOUT": "dropou
 # ModernBERT-base/large have BERT-base/large's head dim 64; their local layers also launch the
 # packed (varlen) kernels with a sliding window of 64 keys each side (issue 20), and the padded
 # ones (fastbert's own model with unpad=False, or a mask with holes) with the window beside the
-# key mask, without attention dropout (0.0 in every ModernBERT config). (Listed with dropout,
-# the sm_80 varlen deterministic dQ kernel spills 52 B: not a variant these models launch.)
+# key mask; with and without attention dropout (0.0 in ModernBERT's configs, set when
+# fine-tuning).
 MODERNBERT_WINDOW = (64, 64)
 # On the Triton backend ModernBERT's forward turns q and k inside the attention kernel
 # (ROTARY_HALF = head dim / 2, attention_varlen's rotary=), in its global and local layers.
@@ -157,11 +157,12 @@ MODERNBERT_ROTARY_HALF = 32
 
 def _flag_sets(shape: ModelShape, layout: AttentionLayout, phase: str) -> list:
     """(causal, dropout, window, rotary half) per launch: the flag sets above without a window,
-    and ModernBERT's local layers (head dim 64, packed or padded) with theirs, without dropout,
-    both phases; its packed forwards (global and local) with RoPE in the kernel."""
+    and ModernBERT's local layers (head dim 64, packed or padded) with theirs, with and without
+    dropout, both phases; its packed forwards (global and local) with RoPE in the kernel."""
     sets = [(causal, dropout, (-1, -1), 0) for causal, dropout in _attention_flag_sets(phase)]
     if shape.head_dim == 64:
-        sets += [(causal, False, MODERNBERT_WINDOW, 0) for causal in CAUSAL]
+        sets += [(causal, dropout, MODERNBERT_WINDOW, 0)
+                 for causal, dropout in itertools.product(CAUSAL, (False, True))]
         if phase == "forward" and layout.name == "varlen":
             sets += [(False, False, window, MODERNBERT_ROTARY_HALF)
                      for window in ((-1, -1), MODERNBERT_WINDOW)]
@@ -172,14 +173,16 @@ def _constexpr_names(fn) -> set:
     return {p.name for p in fn.params if p.is_constexpr}
 
 
-def _tiles(kernel: AttentionKernel, bd, dtype, capability, dropout, has_mask, causal):
+def _tiles(kernel: AttentionKernel, bd, dtype, capability, dropout, has_mask, causal, window):
     if kernel.config is None:
         return {}, 4, 3  # the launcher passes no num_warps/num_stages: Triton's defaults
     config = getattr(attention, kernel.config)
     parameters = inspect.signature(config).parameters
-    # the forward's depends on dropout, the mask and causal
-    args = (bd, dtype, capability, dropout, has_mask, causal)[:len(parameters)]
-    m, n, warps, stages = config(*args)
+    # the forward's depends on dropout, the mask and causal; forward's and dK/dV's on a window
+    positional = len(parameters) - ("window" in parameters)
+    args = (bd, dtype, capability, dropout, has_mask, causal)[:positional]
+    m, n, warps, stages = config(*args, **({"window": attention.banded(window)}
+                                           if "window" in parameters else {}))
     return {"BLOCK_M": m, "BLOCK_N": n}, warps, stages
 
 
@@ -205,7 +208,7 @@ def attention_variants():
                 if kernel.phase == "mask" and not has_mask:
                     continue
                 tiles, warps, stages = _tiles(kernel, bd, dtype, capability, dropout, has_mask,
-                                              causal)
+                                              causal, window)
                 flags = dict(IS_CAUSAL=causal, HAS_MASK=has_mask, HAS_DROPOUT=dropout,
                              EXACT_DOT=attention.exact_dot(dtype), BLOCK_D=bd, **tiles,
                              WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1],

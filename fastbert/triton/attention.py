@@ -80,13 +80,18 @@ def use_deterministic(deterministic: bool) -> bool:
 # Under Triton before 3.9 (TRITON_BEFORE_3_9), with dropout, sm_90's 64x64 dK/dV tile
 # spills 12-24 B and sm_80's head-dim-32 forward 32 B, so those take the tiles its ptxas
 # compiles spill-free (32x128 on 8 warps; 64x64 on 4).
+# A sliding window (ModernBERT's local layers) with dropout, fine-tuning with attention
+# dropout: sm_80's forward on 4 warps spilled 4 B, sm_90's dK/dV 64x64 tile beside a key mask
+# 36 B; they take 8 warps and the 32x128 tile.
 def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False,
-               mask: bool = False, causal: bool = False):
+               mask: bool = False, causal: bool = False, window: bool = False):
     if dtype == torch.float32:
         return (64, 32, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
         if arch >= 90:
             return (128, 64, 8, 3) if dropout else (128, 64, 4, 2)
+        if dropout and window:
+            return (128, 64, 8, 2)
         if dropout and bd <= 32 and TRITON_BEFORE_3_9:
             return (64, 64, 4, 2)
         if mask and TRITON_BEFORE_3_9:
@@ -99,11 +104,13 @@ def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = Fals
     return (64, 32, 8, 2)
 
 
-def dkdv_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False):
+def dkdv_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False,
+                mask: bool = False, window: bool = False):
     if dtype == torch.float32:
         return (32, 64, 4, 2) if bd <= 64 else (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if bd <= 64:
-        return (64, 64, 4, 1) if arch >= 90 and not (dropout and TRITON_BEFORE_3_9) else (32, 128, 8, 1)
+        wide = dropout and (TRITON_BEFORE_3_9 or (window and mask))
+        return (64, 64, 4, 1) if arch >= 90 and not wide else (32, 128, 8, 1)
     return (32, 64, 8, 2) if bd <= 128 else (16, 32, 8, 2)
 
 
@@ -162,6 +169,11 @@ def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, has_mask=False,
     return None
 
 
+def banded(window) -> bool:
+    """Whether a (left, right) window bounds the keys (the tile configs take it)."""
+    return tuple(window) != (-1, -1)
+
+
 def flags(causal, dropout_p, dtype, has_mask=False, varlen=False, window=(-1, -1)) -> dict:
     """The constexprs of a launch; a sliding window compiles its (left, right) in (-1:
     unbounded), so each model's one window is one variant and the others are unchanged."""
@@ -180,7 +192,7 @@ def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1,
         mask_u8, kv_range = _mask_args(mask)
         bd = block_d(d)
         block_m, block_n, warps, stages = fwd_config(bd, q.dtype, arch(q.device), dropout_p > 0,
-                                                     mask is not None, causal)
+                                                     mask is not None, causal, banded(window))
         launch(_attn_fwd_kernel, (triton.cdiv(sq, block_m), h, b),
             q, k, v, out, lse, mask_u8, kv_range, None, None,
             q.stride(0), q.stride(1), q.stride(2),
@@ -233,7 +245,8 @@ def launch_backward(dout, q, k, v, out, lse, mask_u8, kv_range, cu_q, cu_k, batc
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kg_strides = (dk.stride(0), dk.stride(row_dim), dk.stride(-2))
 
-    block_m, block_n, warps, stages = dkdv_config(bd, q.dtype, gpu, dropout_p > 0)
+    block_m, block_n, warps, stages = dkdv_config(bd, q.dtype, gpu, dropout_p > 0,
+                                                  mask_u8 is not None, banded(window))
     launch(_attn_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, block_n), h, batch),
         q, k, v, dout, lse, delta, dq_acc, dk, dv, mask_u8, kv_range, cu_q, cu_k,
         *qkv_strides, *do_strides, *kg_strides, *lse_strides,

@@ -17,8 +17,8 @@ import triton
 import torch
 
 from fastbert.triton import attention as dense
-from fastbert.triton.attention import (LOG2E, _attn_fwd_kernel, arch, block_d, flags, fwd_config,
-                                       launch_backward, on_device, use_deterministic)
+from fastbert.triton.attention import (LOG2E, _attn_fwd_kernel, arch, banded, block_d, flags,
+                                       fwd_config, launch_backward, on_device, use_deterministic)
 from fastbert.triton.launch import launch
 
 
@@ -27,12 +27,13 @@ def unsupported(dtype, head_dim, dropout_p=0.0, causal=False, window=(-1, -1)) -
     return dense.unsupported(dtype, head_dim, dropout_p, causal, window=window)
 
 
-def rotary_fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False):
+def rotary_fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = False,
+                      window: bool = False):
     """fwd_config for the forward that turns q and k (ROTARY_HALF): the key tile, its
     half-swapped copy and the cos/sin tiles live in registers beside the scores, so 16-bit tiles
     run on 8 warps (at 128 x 64 x 64 on 4 warps it spilled 96 B on sm_90 and 8 B on sm_80,
     triton 3.9; on 8 it takes 189-195 registers)."""
-    m, n, warps, stages = fwd_config(bd, dtype, arch, dropout)
+    m, n, warps, stages = fwd_config(bd, dtype, arch, dropout, window=window)
     return m, n, warps if dtype == torch.float32 else max(warps, 8), stages
 
 
@@ -50,7 +51,8 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     lse = dense._alloc((h, total_q), torch.float32, q.device)
     bd = block_d(d)
     config = fwd_config if rotary is None else rotary_fwd_config
-    block_m, block_n, warps, stages = config(bd, q.dtype, arch(q.device), dropout_p > 0)
+    block_m, block_n, warps, stages = config(bd, q.dtype, arch(q.device), dropout_p > 0,
+                                             window=banded(window))
     with on_device(q.device):
         launch(_attn_fwd_kernel, (triton.cdiv(max_seqlen_q, block_m), h, batch),
             q, k, v, out, lse, None, None, cu_seqlens_q, cu_seqlens_k,
