@@ -308,6 +308,38 @@ def test_token_classification_and_question_answering():
                          end_positions=torch.tensor([4, 9, 5])), ["start_logits", "end_logits"])
 
 
+def test_token_classification_packed():
+    """DataCollatorWithFlattening's (1, T) form with per-token labels, against the padded batch."""
+    models = triplet(mb.ModernBertForTokenClassification, tiny_config())
+    ids, position_ids, padded, mask = packed_batch()
+    labels = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(6))
+    padded_labels = torch.full_like(padded, -100).masked_scatter(mask, labels[0])
+    compare(models, dict(input_ids=ids, position_ids=position_ids, labels=labels),
+            ["loss", "logits"], real=torch.ones_like(ids, dtype=torch.bool),
+            ref_kwargs=dict(input_ids=padded, attention_mask=mask, labels=padded_labels),
+            ref_real=mask)
+
+
+@pytest.mark.parametrize("cls", [mb.ModernBertForMaskedLM, mb.ModernBertForSequenceClassification],
+                         ids=["mlm", "classification"])
+def test_configs_with_biases(cls):
+    """Every bias ModernBERT's config can switch on (norms, attention, MLP, classifier head) and
+    the decoder's switched off, padded and packed."""
+    config = tiny_config(norm_bias=True, attention_bias=True, mlp_bias=True, classifier_bias=True,
+                         decoder_bias=False, classifier_pooling="mean")
+    models = triplet(cls, config)
+    for m in models:  # biases off zero, so a dropped one shows
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel(), dtype=p.dtype).view(p.shape))
+    ids, mask = padded_batch()
+    labels = (ids.masked_fill(mask == 0, -100) if cls is mb.ModernBertForMaskedLM
+              else torch.tensor([0, 2, 1]))
+    compare(models, dict(input_ids=ids, attention_mask=mask, labels=labels), ["loss", "logits"],
+            real=mask.bool() if cls is mb.ModernBertForMaskedLM else None)
+
+
 def test_question_answering_masks_padding_out_of_the_span_loss():
     from fastbert.heads import span_loss
     ids, mask = padded_batch()

@@ -17,7 +17,7 @@ from transformers.models.modernbert import modeling_modernbert as mb  # noqa: E4
 
 import fastbert  # noqa: E402
 from fastbert import cuda as cuda_backend  # noqa: E402
-from fastbert import lean  # noqa: E402
+from fastbert import data, lean  # noqa: E402
 from fastbert.family import FAMILIES  # noqa: E402
 from fastbert.model import BertConfig  # noqa: E402
 from tests.helpers import assert_close_by_rule  # noqa: E402
@@ -40,7 +40,12 @@ HEADS = [(mb.ModernBertModel, {}), (mb.ModernBertForMaskedLM, {}),
          (mb.ModernBertForTokenClassification, {}),
          (mb.ModernBertForQuestionAnswering, dict(num_labels=2)),
          (mb.ModernBertForMultipleChoice, dict(classifier_pooling="cls")),
-         (mb.ModernBertForMultipleChoice, dict(classifier_pooling="mean"))]
+         (mb.ModernBertForMultipleChoice, dict(classifier_pooling="mean")),
+         # every bias the config can switch on, the decoder's off
+         (mb.ModernBertForMaskedLM, dict(norm_bias=True, attention_bias=True, mlp_bias=True,
+                                         decoder_bias=False)),
+         (mb.ModernBertForSequenceClassification, dict(norm_bias=True, attention_bias=True,
+                                                       mlp_bias=True, classifier_bias=True))]
 
 
 def _hf_model(cls, **overrides):
@@ -376,6 +381,35 @@ def test_hub_style_config(tmp_path):
     assert [layer.rope_theta for layer in ours.bert.encoder.layer] == [5000.0, 300.0, 5000.0]
     ids, mask = padded_batch()
     _agree(ours, hf_model, _inputs(mb.ModernBertForMaskedLM, ids, mask), mask.bool())
+
+
+def test_tokenizer_of_a_modernbert_folder_matches_transformers(tmp_path):
+    """ModernBERT's tokenizer.json kind: byte-level BPE with BERT's [CLS]/[SEP] specials and a
+    template post-processor. fastbert.data.Tokenizer gives transformers' ids, single and pair."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = ["The bank raised rates again.", "Rates went up, then down; café prices too!",
+              "He scored twice in the second half.", "Numbers: 12345 and 3.14."] * 5
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+        mask_token="[MASK]", unk_token="[UNK]").save_pretrained(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = data.Tokenizer.from_pretrained(str(tmp_path))
+    for a, b in [("The bank raised rates.", None), ("  café, 12345!", "Rates went up."),
+                 ("unseen wörds ✓", "He scored twice")]:
+        want = theirs(a, b)["input_ids"]
+        assert ours.encode(a, b)["input_ids"] == want, (a, b)
+    assert want[0] == cls and want[-1] == sep
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
