@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
 import fastbert
-from fastbert import cpu_train, lean, model
+from fastbert import cpu_train, model
 from fastbert.model import linear
 from fastbert.padding import PackedBatch, _sequence_and_position
 
@@ -87,13 +87,13 @@ def _dropout_p(module: nn.Module) -> float:
 def output_dropout_p(module: nn.Module) -> Optional[float]:
     """The p of the `dropout` module a *Output (or DistilBERT's FFN) calls, as that module stands
     (its own training flag), for add_layer_norm to fuse; None where it must be called: not a
-    plain nn.Dropout (replaced, by nn.Identity say) or hooked, its own hooks or global ones.
-    Attribute reads only: this runs per layer and forward."""
+    plain nn.Dropout (replaced, by nn.Identity say) or hooked: its own hooks, or forward hooks
+    for every module (what model.plain checks of the modules it fuses). Attribute reads only:
+    this runs per layer and forward."""
     drop = module._modules["dropout"]
     if (drop.__class__ is not nn.Dropout or drop._forward_hooks or drop._forward_pre_hooks
             or drop._backward_hooks or drop._backward_pre_hooks
-            or _module._global_forward_hooks or _module._global_forward_pre_hooks
-            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+            or _module._global_forward_hooks or _module._global_forward_pre_hooks):
         return None
     return drop.p if drop.training else 0.0
 
@@ -306,7 +306,9 @@ def distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs)
     a, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     h = _add_norm(a, hidden_states, self.sa_layer_norm)
     ffn = self.ffn
-    if lean._hooked(ffn) or lean.global_hooks():  # its hooks fire: called as a module
+    if (ffn._forward_hooks or ffn._forward_pre_hooks or ffn._backward_hooks
+            or ffn._backward_pre_hooks or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks):  # its hooks fire: called as a module
         return _add_norm(ffn(h), h, self.output_layer_norm)
     approximate = gelu_approximate(ffn.activation)
     if approximate is not None and plain(ffn.lin1) and ffn.lin1.bias is not None:

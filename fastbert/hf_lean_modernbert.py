@@ -330,10 +330,11 @@ def layer_forward(layer: nn.Module, carry: list, p: Plan, cos: torch.Tensor,
     a = _linear(p, y.reshape(t, y.shape[1] * y.shape[2]), am["Wo"])  # T may be 0
     del y
     drop, dropout_p = am["out_drop"], 0.0  # fused into the add (_out_dropout's rule)
-    if type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
-        dropout_p = drop.p if drop.training else 0.0
-    elif type(drop) is not nn.Identity or drop._forward_hooks or drop._forward_pre_hooks:
+    if drop._forward_hooks or drop._forward_pre_hooks or drop._backward_hooks \
+            or drop._backward_pre_hooks or type(drop) not in (nn.Dropout, nn.Identity):
         a = drop(a)
+    elif type(drop) is nn.Dropout:
+        dropout_p = drop.p if drop.training else 0.0
     h, x = _add_norm(p, m["mlp_norm"], a, x, dropout_p)
     del a
     mlp = m["mlp"]
@@ -341,7 +342,7 @@ def layer_forward(layer: nn.Module, carry: list, p: Plan, cos: torch.Tensor,
     f, drop = _geglu(p, mm["Wi"], h, mlp), mm["drop"]
     del h
     if type(drop) is not nn.Dropout or drop._forward_hooks or drop._forward_pre_hooks \
-            or drop.inplace:
+            or drop._backward_hooks or drop._backward_pre_hooks or drop.inplace:
         f = drop(f)
     elif drop.training and drop.p > 0.0:
         f = torch.dropout(f, drop.p, True)  # what F.dropout calls
@@ -363,7 +364,8 @@ def _norm(p: Plan, norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tenso
     """norm(x) (delta None), else norm(x + delta): fastbert.add_layer_norm(delta, x, ...) for a
     plain LayerNorm, as the patched forward's first attn_norm and final_norm."""
     if norm is None or (type(norm) is nn.Identity and delta is None
-                        and not norm._forward_hooks and not norm._forward_pre_hooks):
+                        and not norm._forward_hooks and not norm._forward_pre_hooks
+                        and not norm._backward_hooks and not norm._backward_pre_hooks):
         return x  # layer 0's attn_norm (None in prenorm.py's layer)
     if not (type(norm) is nn.LayerNorm and not norm._forward_hooks  # _plain_norm(norm), inline
             and not norm._forward_pre_hooks and norm._parameters["weight"] is not None

@@ -129,8 +129,9 @@ def _chunk_padding(encoder, t: int) -> int:
     (chunk_size_feed_forward > 0: transformers splits the sequence dim and needs a multiple)
     divides them."""
     chunk = 1
-    for layer in encoder.layer:
-        size = getattr(layer, "chunk_size_feed_forward", 0)
+    for layer in encoder.layer:  # DistilBERT keeps it on the block's FFN
+        size = getattr(layer, "chunk_size_feed_forward", 0) or getattr(
+            getattr(layer, "ffn", None), "chunk_size_feed_forward", 0)
         if size:
             chunk = math.lcm(chunk, size)
     return -t % chunk

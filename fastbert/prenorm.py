@@ -131,6 +131,8 @@ class PreNormLayer(nn.Module):
     """One ModernBERT encoder layer (module docstring). index: the layer's place in the
     encoder, which fixes its kind (global or local) and whether it has attn_norm."""
 
+    deterministic = False  # what layers pickled before deterministic_flash_attn was read have
+
     def __init__(self, config: BertConfig, index: int):
         super().__init__()
         c, eps = config.hidden_size, config.layer_norm_eps

@@ -253,14 +253,14 @@ def check_mixed_dtype_layer_norm(backend, device="cpu", rows=19, hidden=96, drop
 def check_out_of_band_tiles_are_never_read(backend, device, d, dtype, queries_cut, cut=320):
     """A backend module's attention_forward/backward with a window visits no key tile outside
     every band (a local layer costs O(S * window)). 40 queries against 400 keys, window (8, 8):
-    the band (bottom-right aligned) holds keys 352..407 only, so keys 0..319 (five 64-key tiles,
-    ten 32-key ones) are outside every band; with NaN there, a kernel that visited their tiles
-    would spread it (P = 0 times NaN is NaN). Forward, dQ (deterministic) and dK/dV must equal
-    bit for bit the kernels' results on the last 80 keys alone, and the cut keys' dK, dV be 0.
-    queries_cut: the mirror case (400 queries, 40 keys: queries 0..351 see nothing), NaN in q
-    and dO rows 0..319, for the dK/dV kernel's loop over query tiles; their out and dQ must be
-    0. cut: the poisoned rows, a multiple of the backend's tiles (a poisoned row in a tile with
-    in-band rows gets NaN in its own dQ: P (dP - delta) is 0 * NaN)."""
+    the band (bottom-right aligned) holds keys 352..399 only, so keys 0..cut-1 (cut = 320: five
+    64-key tiles, ten 32-key ones) are outside every band; with NaN there, a kernel that visited
+    their tiles would spread it (P = 0 times NaN is NaN). Forward, dQ (deterministic) and dK/dV
+    must equal bit for bit the kernels' results on the last 400 - cut keys alone, and the cut
+    keys' dK, dV be 0. queries_cut: the mirror case (400 queries, 40 keys: queries 0..351 see
+    nothing), NaN in q and dO rows 0..cut-1, for the dK/dV kernel's loop over query tiles;
+    their out and dQ must be 0. cut: a multiple of the backend's tiles (a poisoned row in a
+    tile with in-band rows gets NaN in its own dQ: P (dP - delta) is 0 * NaN)."""
     window, kept = (8, 8), 400 - cut
     sq, sk = (cut + kept, 40) if queries_cut else (40, cut + kept)
     q, k, v = (torch.randn(1, s, 2, d, dtype=dtype, device=device) for s in (sq, sk, sk))

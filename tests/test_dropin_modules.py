@@ -3,6 +3,7 @@ FFN) applies before its add+LayerNorm, ModernBERT's Identity norms and dropouts,
 hooks registered for every module, and BERT's chunked feed-forward. Each patched model gives the
 unpatched one's outputs and gradients by the tolerance rule, and every hook fires as often.
 (A user audit found each of these silently different or failing.)"""
+import collections
 import copy
 
 import pytest
@@ -86,7 +87,7 @@ def test_output_dropout_follows_its_own_module(arch, change):
     assert calls[id(model)] == calls[id(reference)]
 
 
-@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "modernbert"])
 def test_hooks_for_every_module_see_the_modules_unpatched_calls(arch):
     """nn.modules.module.register_module_forward_hook: the patched model calls every module the
     unpatched one calls (ModernBERT's attention, MLP and out_drop were run inline; BERT's output
@@ -94,7 +95,7 @@ def test_hooks_for_every_module_see_the_modules_unpatched_calls(arch):
     if arch == "modernbert":
         models = triplet(mb.ModernBertModel, tiny_config())
     else:
-        plain = make_model("bert", "Model", **NO_DROPOUT["bert"]).train()
+        plain = make_model(arch, "Model", **NO_DROPOUT[arch]).train()
         models = (fastbert.patch_hf(copy.deepcopy(plain)), plain, copy.deepcopy(plain).double())
     names = [{id(m): n for n, m in model.named_modules()} for model in models]
     called = [[] for _ in models]
@@ -104,7 +105,8 @@ def test_hooks_for_every_module_see_the_modules_unpatched_calls(arch):
             if id(module) in by_id:
                 record.append(by_id[id(module)])
         # patch_hf's classes are named Fastbert<name> (they read as transformers' own)
-        if type(module).__name__.removeprefix("Fastbert") in ("ModernBertMLP", "BertIntermediate"):
+        if type(module).__name__.removeprefix("Fastbert") in ("ModernBertMLP", "BertIntermediate",
+                                                              "FFN"):
             return output * 2.0
     handle = nn.modules.module.register_module_forward_hook(hook)
     try:
@@ -117,34 +119,47 @@ def test_hooks_for_every_module_see_the_modules_unpatched_calls(arch):
                                   "global hook")
     finally:
         handle.remove()
-    assert sorted(set(called[0])) == sorted(set(called[1]))
+    assert collections.Counter(called[0]) == collections.Counter(called[1])
 
 
-@pytest.mark.parametrize("where", ["layers.0.attn_norm", "layers.1.attn.out_drop"])
-def test_modernbert_hooked_identity_modules_are_called(where):
-    """ModernBERT's Identity attn_norm (layer 0) and out_drop (attention dropout 0) with a hook
-    that changes their output: called and honoured (they were skipped as no-ops)."""
+@pytest.mark.parametrize("hook", ["forward", "backward"])
+@pytest.mark.parametrize("where", ["layers.0.attn_norm", "layers.1.attn.out_drop",
+                                   "layers.1.mlp.drop"])
+def test_modernbert_hooked_identity_modules_are_called(where, hook):
+    """ModernBERT's Identity attn_norm (layer 0) and out_drop (attention dropout 0), and the
+    MLP's dropout, with a forward hook that changes their output or a backward hook: called and
+    honoured (the Identity ones were skipped as no-ops; the lean plan skipped backward hooks)."""
     models = triplet(mb.ModernBertModel, tiny_config())
     calls = []
     for m in models:
         module = m.get_submodule(where)
-        assert type(module) is nn.Identity
-        module.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 1.5)
+        if hook == "forward":
+            module.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 1.5)
+        else:
+            module.register_full_backward_hook(lambda mod, g_in, g_out: calls.append(1))
     ids, mask = padded_batch()
     compare(models, dict(input_ids=ids, attention_mask=mask), ["last_hidden_state"],
             real=mask.bool())
     assert len(calls) == 3  # once per model
 
 
-def test_chunked_feed_forward_on_a_padded_batch():
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_chunked_feed_forward_on_a_padded_batch(arch):
     """chunk_size_feed_forward: transformers splits the sequence dim into chunks and needs a
     multiple; the unpadded tokens of a padded batch rarely are (13 here, chunks of 4). It
-    raised; now the patched model gives the unpatched one's answer."""
-    reference = make_model("bert", "Model", **NO_DROPOUT["bert"],
-                           chunk_size_feed_forward=4).train()
+    raised; now the patched model gives the unpatched one's answer (DistilBERT's FFN, chunked
+    inside, runs as its module when hooked)."""
+    reference = make_model(arch, "Model", **NO_DROPOUT[arch], chunk_size_feed_forward=4).train()
     model = fastbert.patch_hf(copy.deepcopy(reference))
+    calls = []
+    if arch == "distilbert":
+        for m in (model, reference):
+            for layer in m.transformer.layer:
+                layer.ffn.register_forward_hook(lambda *args: calls.append(1))
     ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0  # 13 real tokens
     _agree_on_real_tokens(model, reference, dict(input_ids=ids, attention_mask=mask),
                           "chunked feed-forward")
+    if arch == "distilbert":  # patched, unpatched and its fp64 copy: each layer's FFN
+        assert len(calls) == 3 * model.config.n_layers

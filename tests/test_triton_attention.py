@@ -314,7 +314,7 @@ def test_dropout_elements_sharing_a_philox_call_are_independent():
 
 def _visible(mask, causal, b, sq, sk, window):
     """The reference's (B, 1, Sq, Sk) visibility: key padding, causal and the window."""
-    return reference.attention_visible(mask, causal, b, sq, sk, "cpu", window)
+    return reference.attention_visible(mask, causal, b, sq, sk, DEVICE, window)
 
 
 @pytest.mark.interpreter

@@ -50,7 +50,7 @@ def test_forward_and_backward_by_rule(with_bias, approximate, dtype, m, k, n):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_inference_forward_skips_the_pre_activation(with_bias):
+def test_inference_forward_skips_the_pre_activation(with_bias, monkeypatch):
     """store_pre=False (the op without grad, the lean ModernBERT plan in inference): the same
     output bit for bit, no (M, 2N) pre-activation written."""
     torch.manual_seed(2)
@@ -60,8 +60,14 @@ def test_inference_forward_skips_the_pre_activation(with_bias):
     out, pre = geglu.linear_geglu_forward(x, w, b, "none")
     lean_out, no_pre = fastbert.geglu.forward_for_inference("triton")(x, w, b, "none")
     assert torch.equal(lean_out, out) and tuple(no_pre.shape) == (0, 48)
+    stored = []
+    forward = geglu.linear_geglu_forward
+    backend = fastbert.ops._backend_module("triton")  # fastbert.triton: what the op calls
+    monkeypatch.setattr(backend, "linear_geglu_forward", lambda *args, store_pre=True: (
+        stored.append(store_pre), forward(*args, store_pre=store_pre))[1])
     with torch.no_grad():
         assert torch.equal(fastbert.linear_geglu(x, w, b, backend="triton"), out)
+    assert stored == [False]
 
 
 @pytest.mark.interpreter

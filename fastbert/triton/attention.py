@@ -90,10 +90,10 @@ def fwd_config(bd: int, dtype: torch.dtype, arch: int = 90, dropout: bool = Fals
     if bd <= 64:
         if arch >= 90:
             return (128, 64, 8, 3) if dropout else (128, 64, 4, 2)
-        if dropout and window:
-            return (128, 64, 8, 2)
         if dropout and bd <= 32 and TRITON_BEFORE_3_9:
             return (64, 64, 4, 2)
+        if dropout and window:
+            return (128, 64, 8, 2)
         if mask and TRITON_BEFORE_3_9:
             return (128, 64, 8, 2) if dropout else (128, 64, 4, 3)
         if mask and causal and bd > 32:  # 2 stages spilled 44 B (260 B with dropout), 3 none
