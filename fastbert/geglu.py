@@ -79,8 +79,8 @@ def _grad(ctx, dout, dpre):
 _fwd.register_autograd(_grad, setup_context=_setup)
 
 
-def linear_geglu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                 approximate: str = "none", backend: str = "auto") -> Tensor:
+def linear_geglu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                 approximate: str = "none", *, backend: str = "auto") -> Tensor:
     """gelu(x @ W_a.T + b_a) * (x @ W_g.T + b_g) with weight = [W_a; W_g] (2N, K) and bias
     = [b_a; b_g] (2N,) or None; x (..., K) -> (..., N). approximate: "none" is the exact erf
     GELU, "tanh" the approximation."""

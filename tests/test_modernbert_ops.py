@@ -189,6 +189,9 @@ def test_linear_geglu_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w, b: fastbert.linear_geglu(x, w, b), (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w: fastbert.linear_geglu(x, w, approximate="tanh"),
                                     (x, w))
+    # flash-attn-style positional form, as issue 20 writes the signature
+    torch.testing.assert_close(fastbert.linear_geglu(x, w, b, "tanh"),
+                               fastbert.linear_geglu(x, w, b, approximate="tanh"))
 
 
 GEGLU_BAD = [
