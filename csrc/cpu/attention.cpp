@@ -67,6 +67,21 @@ struct Seq {
   const uint8_t* key_mask;     // (lk,) 1 = a real key, where padding sits between real keys
   int64_t index, key0, key_stride;  // dropout's counter for query i, key j (from 0 here):
                                     // i * key_stride + key0 + j in sequence `index`
+
+  // The window's edges (Args::left, right; -1: none): query i sees keys [key_begin, key_end),
+  // key j is seen by queries [query_begin, query_end). Both grow with i (j).
+  int64_t key_begin(const Args& a, int64_t i) const {
+    return a.left < 0 ? 0 : std::max<int64_t>(0, i + shift - a.left);
+  }
+  int64_t key_end(const Args& a, int64_t i) const {
+    return a.right < 0 ? lk : std::min<int64_t>(lk, i + shift + a.right + 1);
+  }
+  int64_t query_begin(const Args& a, int64_t j) const {
+    return a.right < 0 ? 0 : std::max<int64_t>(0, j - shift - a.right);
+  }
+  int64_t query_end(const Args& a, int64_t j) const {
+    return a.left < 0 ? lq : std::min<int64_t>(lq, j - shift + a.left + 1);
+  }
 };
 
 struct Task {

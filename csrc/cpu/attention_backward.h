@@ -28,13 +28,11 @@ static inline vf probability(vf s, L lse) {
 // query rows that can see any of them are visited in blocks of BN.
 static void run_key_block(const Args& a, const Grads& g, const Seq& sq, const Task& t,
                           GradScratch& sc) {
-  const int64_t dim = a.dim, h = t.head, lq = sq.lq, shift = sq.shift;
+  const int64_t dim = a.dim, h = t.head, shift = sq.shift;
   const int keys = static_cast<int>(std::min<int64_t>(BM, sq.lk - t.row0));
   const int live = (keys + W - 1) / W;
   const int64_t j0 = t.row0, jl = t.row0 + keys - 1;
-  // query i sees key j when i + shift - left <= j <= i + shift + right
-  const int64_t ibegin = a.right < 0 ? 0 : std::max<int64_t>(0, j0 - shift - a.right);
-  const int64_t iend = a.left < 0 ? lq : std::min<int64_t>(lq, jl - shift + a.left + 1);
+  const int64_t ibegin = sq.query_begin(a, j0), iend = sq.query_end(a, jl);
   float* kt = sc.t1.data();
   float* vt = sc.t2.data();
   float* s = sc.s.data();
@@ -105,12 +103,11 @@ static void run_key_block(const Args& a, const Grads& g, const Seq& sq, const Ta
 static void run_query_block(const Args& a, const Grads& g, const Seq& sq, const Task& t,
                             GradScratch& sc) {
   constexpr float inf = std::numeric_limits<float>::infinity();
-  const int64_t dim = a.dim, h = t.head, lk = sq.lk, shift = sq.shift;
+  const int64_t dim = a.dim, h = t.head, shift = sq.shift;
   const int rows = static_cast<int>(std::min<int64_t>(BM, sq.lq - t.row0));
   const int live = (rows + W - 1) / W;
   const int64_t first = t.row0, last = t.row0 + rows - 1;
-  const int64_t kbegin = a.left < 0 ? 0 : std::max<int64_t>(0, first + shift - a.left);
-  const int64_t kend = a.right < 0 ? lk : std::min<int64_t>(lk, last + shift + a.right + 1);
+  const int64_t kbegin = sq.key_begin(a, first), kend = sq.key_end(a, last);
   float* qt = sc.t1.data();
   float* dot = sc.t2.data();
   float* s = sc.s.data();

@@ -223,8 +223,7 @@ static void run_rows(const Args& a, const Seq& sq, const Task& t, int rows, Scra
     const float* src = a.q + sq.q_off + i * a.q_tok + h * a.q_head;
     for (int64_t d = 0; d < dim; ++d) qrow[d] = src[d] * a.scale;
     std::fill(orow, orow + dim, 0.0f);
-    const int64_t kbegin = a.left < 0 ? 0 : std::max<int64_t>(0, i + sq.shift - a.left);
-    const int64_t kend = a.right < 0 ? sq.lk : std::min<int64_t>(sq.lk, i + sq.shift + a.right + 1);
+    const int64_t kbegin = sq.key_begin(a, i), kend = sq.key_end(a, i);
     float m = -inf, l = 0.0f;
     for (int64_t kb = kbegin; kb < kend; kb += BN) {
       const int n = static_cast<int>(std::min<int64_t>(BN, kend - kb));
@@ -282,12 +281,8 @@ static void run_task(const Args& a, const Seq& sq, const Task& t, Scratch& sc) {
   const int64_t dim = a.dim, h = t.head, lq = sq.lq, lk = sq.lk, shift = sq.shift;
   const int rows = static_cast<int>(std::min<int64_t>(BM, lq - t.row0));
   if (rows <= FEW) return run_rows(a, sq, t, rows, sc);
-  auto lo = [&](int64_t i) { return a.left < 0 ? 0 : std::max<int64_t>(0, i + shift - a.left); };
-  auto hi = [&](int64_t i) {
-    return a.right < 0 ? lk - 1 : std::min<int64_t>(lk - 1, i + shift + a.right);
-  };
   const int64_t first = t.row0, last = t.row0 + rows - 1;
-  const int64_t kbegin = lo(first), kend = hi(last) + 1;  // lo and hi grow with the row
+  const int64_t kbegin = sq.key_begin(a, first), kend = sq.key_end(a, last);
   const bool drop = a.drop_threshold != 0;
   const uint32_t stream = drop ? dropout_stream(a, sq, h) : 0;
 
@@ -318,7 +313,8 @@ static void run_task(const Args& a, const Seq& sq, const Task& t, Scratch& sc) {
                  st, sc.tail.data());
     // a block every row sees whole, with no padding key inside, needs no mask (idle lanes are
     // never read back)
-    if (sq.key_mask != nullptr || !(kb >= lo(last) && kb + n - 1 <= hi(first))) {
+    if (sq.key_mask != nullptr
+        || !(kb >= sq.key_begin(a, last) && kb + n <= sq.key_end(a, first))) {
       for (int j = 0; j < n; ++j) {
         const int32_t key = static_cast<int32_t>(kb + j);
         const vi real = vi{} + (sq.key_mask == nullptr || sq.key_mask[kb + j] ? -1 : 0);
