@@ -46,6 +46,16 @@ def plain(module: nn.Module, kind: type = nn.Linear) -> bool:
 SERVED_ATTENTION = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3"})
 
 
+def refuse_jit_trace():
+    """Raised where a patched model's forward starts under torch.jit.trace (callers check
+    torch.jit.is_tracing(), which torch.compile reads as False)."""
+    raise RuntimeError(
+        "fastbert.patch_hf: torch.jit.trace (and torch.onnx.export(dynamo=False), which traces) "
+        "cannot record a patched model: its fused ops run outside the TorchScript graph, which "
+        "would keep their results as constants. Trace or export the unpatched model (the same "
+        "weights), or use torch.export or torch.compile, which see fastbert's ops.")
+
+
 def serves_attention(config) -> bool:
     """Whether fastbert computes the attention `config` selects (read per call: the model's
     set_attn_implementation may change it after patching)."""

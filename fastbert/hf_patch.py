@@ -39,7 +39,8 @@ def _packing(encoder, hidden_states, attention_mask, args, kwargs, unpad: bool):
     - Packed input (batch 1, as transformers' DataCollatorWithFlattening makes it): explicit
       cu_seq_lens_q/max_length_q, or position_ids restarting per sequence; always run per sequence
       (both modes), as transformers' flash-attention path does.
-    - unpad: a padded batch's real tokens (from the mask the model hands its layers), unless the
+    - unpad: a padded batch's real tokens (from the mask the model hands its layers), unless a
+      row starts with padding (heads read position 0, pack_mask's refuse_left_padding) or the
       call needs every layer's padded output (hidden states / attentions requested)."""
     b, t = hidden_states.shape[:2]
     cross = [a for a in (*args, kwargs.get("encoder_hidden_states")) if a is not None]
@@ -67,7 +68,12 @@ def _packing(encoder, hidden_states, attention_mask, args, kwargs, unpad: bool):
                        for f in ("output_hidden_states", "output_attentions"))
     if not unpad or mask is None or wants_layers or mask.shape != hidden_states.shape[:2]:
         return None
-    return pack_mask(mask)
+    packed = pack_mask(mask, refuse_left_padding=True)
+    if packed is None and not bool(mask.any(1).all()):
+        # a row of padding only: transformers' mask lets its queries attend to every padding key
+        # alike (fastbert's attention gives such a query zeros), so its own attention runs
+        kwargs["fastbert_dense_mask"] = True
+    return packed
 
 
 def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
@@ -86,7 +92,8 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     packed = _packing(self, hidden_states, attention_mask, args, kwargs, self.fastbert_unpad)
     kwargs.pop("fastbert_position_ids", None)
     if packed is None:
-        plan = _lean_padded_plan(self, hidden_states, attention_mask, args, kwargs)
+        plan = None if kwargs.get("fastbert_dense_mask") else _lean_padded_plan(
+            self, hidden_states, attention_mask, args, kwargs)
         if plan is None:
             return base_class(type(self)).forward(self, hidden_states, attention_mask, *args,
                                                   **kwargs)
@@ -158,7 +165,9 @@ def _mark_dense_mask(module, args, kwargs):
     (per-query structure: block-diagonal packing, a custom pattern) is no padding mask, so this
     call's encoder and attention modules run transformers' own forward; fastbert_dense_mask
     reaches them through transformers' **kwargs. (Hooks, not patched classes: transformers keys
-    its output capturing on the model class's name.)"""
+    its output capturing on the model class's name.) Under torch.jit.trace it refuses the call."""
+    if torch.jit.is_tracing():
+        hf_layers.refuse_jit_trace()
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if type(mask) is torch.Tensor and mask.dim() > 2:
         kwargs["fastbert_dense_mask"] = True
@@ -177,6 +186,23 @@ def _distilbert_pre_hook(module, args, kwargs):
 _pass_position_ids = _distilbert_pre_hook  # its earlier name, which older pickles refer to
 
 
+_span_loss_warned = False
+
+
+def _warn_once_of_masked_span_loss(real: Optional[torch.Tensor]) -> None:
+    """The first span loss over a batch with padding says how it differs from transformers' (which
+    counts padding positions in the start/end softmax); checked until said once."""
+    global _span_loss_warned
+    if _span_loss_warned or real is None or bool(real.all()):
+        return
+    _span_loss_warned = True
+    warnings.warn("fastbert.patch_hf: the question-answering loss of a padded batch leaves padding "
+                  "positions out of the start/end softmax (unpadded, their logits are the "
+                  "classifier's bias) and ignores a label at padding; transformers' loss counts "
+                  "them. The BERT family's patch_hf(model, unpad=False) gives transformers' "
+                  "loss.", stacklevel=3)
+
+
 def _question_answering_forward(self, *args, start_positions=None, end_positions=None,
                                 **kwargs):
     """*ForQuestionAnswering.forward, unpadded: the span loss never picks a padding position (its
@@ -191,6 +217,7 @@ def _question_answering_forward(self, *args, start_positions=None, end_positions
         real = mask.bool() if mask is not None and mask.dim() == 2 else None
         out["loss"] = span_loss(out.start_logits, out.end_logits, start_positions,
                                 end_positions, real)
+        _warn_once_of_masked_span_loss(real)
         out = type(out)(**{"loss": out["loss"], **{k: v for k, v in out.items() if k != "loss"}})
     if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict",
                                                                      True)):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
 import fastbert
-from fastbert import hf_lean_modernbert, varlen
+from fastbert import hf_layers, hf_lean_modernbert, varlen
 from fastbert.hf_lean import _hooked as hooked
 from fastbert.hf_layers import base_class, gelu_approximate, plain, serves_attention
 from fastbert.model import _can_pack_data_dependent, linear
@@ -160,15 +160,17 @@ def _pack(model: nn.Module, attention_mask, position_ids, kwargs, batch: int, se
           device, local: int) -> Optional[PackedBatch]:
     """The real tokens as packed sequences (hf_patch._packing's rules for packed input); None
     for a mask with padding between real tokens where a local layer's window is shorter than the
-    rows (transformers' window counts positions, which packing would close up: such a batch runs
-    transformers' forward). local: the config's sliding_window."""
+    rows (transformers' window counts positions, which packing would close up), or with a row
+    that starts with padding (cls pooling reads position 0): such a batch runs transformers'
+    forward. local: the config's sliding_window."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None and batch == 1:
         return PackedBatch(cu.to(torch.int32), int(kwargs.get("max_length_q") or seqlen),
                            batch=1, seqlen=seqlen)
     if attention_mask is not None:  # one host sync answers holes, padding and the token count
         short = local < seqlen - 1 and "sliding_attention" in model.config.layer_types
-        packed = pack_mask(attention_mask, whole_grid=True, refuse_holes=short)
+        packed = pack_mask(attention_mask, whole_grid=True, refuse_holes=short,
+                           refuse_left_padding=True)
         if packed is None or packed.indices is not None:
             return packed
     if position_ids is not None and batch == 1 and seqlen > 1:
@@ -211,6 +213,8 @@ def _layers(model: nn.Module, x: torch.Tensor, packed: PackedBatch, rotary: dict
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                    inputs_embeds=None, **kwargs):
     """ModernBertModel.forward, unpadded (see the module docstring)."""
+    if torch.jit.is_tracing():
+        hf_layers.refuse_jit_trace()
     config = self.config
     wants_layers = any(kwargs.get(f, getattr(config, f, False))
                        for f in ("output_hidden_states", "output_attentions"))

@@ -40,7 +40,7 @@ class PackedBatch:
 
 
 def pack_mask(attention_mask: Tensor, *, refuse_holes: bool = False,
-              whole_grid: bool = False) -> Optional[PackedBatch]:
+              refuse_left_padding: bool = False, whole_grid: bool = False) -> Optional[PackedBatch]:
     """(B, S) mask, nonzero = real token, any pattern (right or left padding, holes): the tokens of
     row b, in order, become sequence b. One host sync, which answers every question asked of the
     mask (a GPU forward with several would stall the host each time):
@@ -49,6 +49,9 @@ def pack_mask(attention_mask: Tensor, *, refuse_holes: bool = False,
       packing closes such gaps, so distances between packed tokens are no longer positions'
       distances, which a sliding window measures. None while torch.compile traces (the answer
       would need a data-dependent guard): the caller then takes the path exact for any mask.
+    - refuse_left_padding: None where some row's first token is padding (left padding, a row of
+      padding only): heads read position 0 (a pooler, [CLS] pooling), where transformers
+      computes a padding token's state and the packed path leaves zeros.
     - whole_grid: a mask with no padding gives the grid itself (indices None, nothing to gather).
     """
     b, s = attention_mask.shape
@@ -57,9 +60,10 @@ def pack_mask(attention_mask: Tensor, *, refuse_holes: bool = False,
     cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     flat = real.flatten()
     tracing = torch.compiler.is_compiling()
-    if tracing and refuse_holes:
+    if tracing and (refuse_holes or refuse_left_padding):
         return None
-    if tracing or (flat.device.type == "cpu" and not (refuse_holes or whole_grid)):
+    if tracing or (flat.device.type == "cpu"
+                   and not (refuse_holes or refuse_left_padding or whole_grid)):
         # nothing to read: no question asked on the CPU (where nonzero's own sync is free), or
         # none answerable while tracing
         return PackedBatch(cu_seqlens, s, torch.nonzero(flat).flatten(), b, s)
@@ -67,8 +71,10 @@ def pack_mask(attention_mask: Tensor, *, refuse_holes: bool = False,
     if refuse_holes:  # runs of real tokens per row
         runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)
         facts.append((runs > 1).any().to(torch.int32))
-    total, *holes = torch.stack(facts).tolist()  # the one host sync
-    if refuse_holes and holes[0]:
+    if refuse_left_padding and s:
+        facts.append((~real[:, 0]).any().to(torch.int32))
+    total, *refused = torch.stack(facts).tolist()  # the one host sync
+    if any(refused):
         return None
     if whole_grid and total == b * s:
         return PackedBatch(cu_seqlens, s, batch=b, seqlen=s)

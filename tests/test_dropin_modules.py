@@ -5,6 +5,7 @@ unpatched one's outputs and gradients by the tolerance rule, and every hook fire
 (A user audit found each of these silently different or failing.)"""
 import collections
 import copy
+import warnings
 
 import pytest
 import torch
@@ -163,3 +164,63 @@ def test_chunked_feed_forward_on_a_padded_batch(arch):
                           "chunked feed-forward")
     if arch == "distilbert":  # patched, unpatched and its fp64 copy: each layer's FFN
         assert len(calls) == 3 * model.config.n_layers
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "modernbert"])
+@pytest.mark.parametrize("padding", ["left", "a row of padding only", "every row padding"])
+def test_batches_whose_rows_start_with_padding_run_padded(arch, padding):
+    """A row whose first token is padding: heads read position 0 (the pooler, [CLS] pooling),
+    where transformers computes a padding token's state; the packed path left zeros there
+    (logits off by 100 %), and a batch of padding only crashed. Such a batch runs padded."""
+    if arch == "modernbert":
+        models = triplet(mb.ModernBertForSequenceClassification,
+                         tiny_config(classifier_pooling="cls"))
+        ids, mask = padded_batch()
+    else:
+        plain = make_model(arch, "ForSequenceClassification", **NO_DROPOUT[arch]).train()
+        for module in plain.modules():  # the classifier's dropout too
+            if type(module) is nn.Dropout:
+                module.p = 0.0
+        models = (fastbert.patch_hf(copy.deepcopy(plain)), plain, copy.deepcopy(plain).double())
+        inputs = make_inputs(models[0], "ForSequenceClassification")
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if padding == "left":
+        ids, mask = ids.flip(1), mask.flip(1)
+    elif padding == "a row of padding only":
+        mask = mask.clone()
+        mask[1] = 0
+    else:
+        mask = torch.zeros_like(mask)
+    labels = torch.tensor([0, 2, 1])[:ids.shape[0]]
+    compare(models, dict(input_ids=ids, attention_mask=mask, labels=labels), ["loss", "logits"])
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_jit_trace_is_refused_with_the_reason(arch):
+    """torch.jit.trace recorded fastbert's CPU kernels as constants (wrong numbers on other
+    inputs, or an internal assert): a patched model refuses it, saying what works instead."""
+    if arch == "modernbert":
+        model = triplet(mb.ModernBertModel, tiny_config())[0].eval()
+        ids, mask = padded_batch()
+    else:
+        model = fastbert.patch_hf(make_model("bert", "Model")).eval()
+        inputs = make_inputs(model, "Model")
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with pytest.raises(RuntimeError, match="torch.jit.trace .* cannot record a patched model"):
+        torch.jit.trace(model, (ids, mask), strict=False)
+
+
+def test_padded_span_loss_warns_once(monkeypatch):
+    from fastbert import hf_patch
+    monkeypatch.setattr(hf_patch, "_span_loss_warned", False)
+    model = fastbert.patch_hf(make_model("bert", "ForQuestionAnswering"))
+    inputs = make_inputs(model, "Model")
+    spans = dict(start_positions=torch.tensor([1, 2, 0]), end_positions=torch.tensor([3, 4, 2]))
+    full = dict(inputs, attention_mask=torch.ones_like(inputs["attention_mask"]))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model(**full, **spans)  # no padding: transformers' loss, nothing to say
+        model(**inputs, **spans)
+        model(**inputs, **spans)
+    said = [w for w in record if "question-answering loss" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in record]
