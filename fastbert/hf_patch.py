@@ -68,12 +68,20 @@ def _packing(encoder, hidden_states, attention_mask, args, kwargs, unpad: bool):
                        for f in ("output_hidden_states", "output_attentions"))
     if not unpad or mask is None or wants_layers or mask.shape != hidden_states.shape[:2]:
         return None
-    packed = pack_mask(mask, refuse_left_padding=True)
-    if packed is None and not bool(mask.any(1).all()):
-        # a row of padding only: transformers' mask lets its queries attend to every padding key
-        # alike (fastbert's attention gives such a query zeros), so its own attention runs
-        kwargs["fastbert_dense_mask"] = True
-    return packed
+    return pack_mask(mask, refuse_left_padding=True)
+
+
+def _eager_rows_of_padding(encoder, attention_mask) -> bool:
+    """Whether a padded batch has a row of padding only under transformers' eager attention,
+    whose mask (the dtype's minimum added to every score) lets that row's queries attend to all
+    keys alike; fastbert's attention gives them zeros, as sdpa does. Such a batch runs
+    transformers' attention. One host read, on eager models' padded path only (not while
+    torch.compile traces: there fastbert's zeros stay)."""
+    if getattr(_config_of(encoder), "_attn_implementation", None) != "eager" \
+            or torch.compiler.is_compiling():
+        return False
+    mask = key_padding_mask(attention_mask)
+    return mask is not None and mask.dim() == 2 and not bool(mask.any(1).all())
 
 
 def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
@@ -84,6 +92,8 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     model's own function and kwargs all apply), with the packing passed down to the attention as
     `fastbert_packed`. A padded batch takes the same plan, else the original loop over the
     patched layers."""
+    if torch.jit.is_tracing():  # a bare patched encoder (models refuse in their pre-hook)
+        hf_layers.refuse_jit_trace()
     if kwargs.get("fastbert_dense_mask") or not hf_layers.serves_attention(_config_of(self)):
         # a caller's 4-D mask (its attention modules see the flag) or a custom attention function
         kwargs.pop("fastbert_position_ids", None)
@@ -92,6 +102,8 @@ def _encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     packed = _packing(self, hidden_states, attention_mask, args, kwargs, self.fastbert_unpad)
     kwargs.pop("fastbert_position_ids", None)
     if packed is None:
+        if _eager_rows_of_padding(self, attention_mask):
+            kwargs["fastbert_dense_mask"] = True  # the attention modules run transformers' own
         plan = None if kwargs.get("fastbert_dense_mask") else _lean_padded_plan(
             self, hidden_states, attention_mask, args, kwargs)
         if plan is None:
@@ -193,14 +205,14 @@ def _warn_once_of_masked_span_loss(real: Optional[torch.Tensor]) -> None:
     """The first span loss over a batch with padding says how it differs from transformers' (which
     counts padding positions in the start/end softmax); checked until said once."""
     global _span_loss_warned
-    if _span_loss_warned or real is None or bool(real.all()):
+    if _span_loss_warned or real is None or torch.compiler.is_compiling() or bool(real.all()):
         return
     _span_loss_warned = True
     warnings.warn("fastbert.patch_hf: the question-answering loss of a padded batch leaves padding "
                   "positions out of the start/end softmax (unpadded, their logits are the "
                   "classifier's bias) and ignores a label at padding; transformers' loss counts "
                   "them. The BERT family's patch_hf(model, unpad=False) gives transformers' "
-                  "loss.", stacklevel=3)
+                  "loss.", stacklevel=5)  # the caller of the model
 
 
 def _question_answering_forward(self, *args, start_positions=None, end_positions=None,
