@@ -386,8 +386,10 @@ def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
     unpad: the encoder runs on the real tokens only (packed once per forward, attention by
     fastbert.attention_varlen) and repads its output with zeros, so hidden states at padding
     positions are zeros instead of values computed from padding tokens; outputs at real tokens
-    are unchanged. A span-QA loss then masks padding out of the start/end softmax (transformers
-    normalises over padding too); unpad=False keeps transformers' loss exactly.
+    are unchanged. A batch with a row that starts with padding runs padded instead (heads read
+    position 0: transformers' numbers there). A span-QA loss then masks padding out of the
+    start/end softmax (transformers normalises over padding too; a one-time warning says so);
+    unpad=False keeps transformers' loss exactly.
 
     Everything is checked before anything is patched: a model with no encoder of these families,
     or a module fastbert cannot serve (flex attention's BlockMask, a head dim over
