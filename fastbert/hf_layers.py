@@ -253,11 +253,15 @@ def _attend(sa: nn.Module, projections, h: torch.Tensor, attention_mask,
 def key_padding_mask(attention_mask):
     """HF hands its attention modules an expanded mask: (B, 1, Sq, Sk) additive float (0 = visible)
     or bool (True = visible), a 2-D (B, Sk) mask, or None. fastbert wants (B, Sk), True = real key.
-    The last query row sees every unpadded key even under a causal mask, so it is the padding mask."""
+    A square mask's diagonal is it (a token sees itself unless it is padding, under causal or
+    block-diagonal masks too: transformers >= 5.25 makes the latter from packed position ids);
+    otherwise (queries against a cache) the last query row, which sees every unpadded key."""
     if attention_mask is None:
         return None
     if attention_mask.dim() == 4:
-        row = attention_mask[:, 0, -1, :]  # (B, Sk)
+        square = attention_mask.shape[-2] == attention_mask.shape[-1]
+        row = (torch.diagonal(attention_mask[:, 0], dim1=-2, dim2=-1) if square
+               else attention_mask[:, 0, -1, :])  # (B, Sk)
         return row if row.dtype == torch.bool else row == 0
     return attention_mask != 0
 
