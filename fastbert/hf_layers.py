@@ -94,16 +94,25 @@ def _dropout_p(module: nn.Module) -> float:
     return module.dropout.p if module.training else 0.0
 
 
+def for_every_module() -> bool:
+    """Whether forward hooks for every module are set (what model.plain checks of the modules it
+    fuses): the modules they would see are called."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+def hooks_see(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks: its own (forward or backward), or forward hooks
+    for every module. A module the patched forwards would otherwise fuse is then called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or for_every_module())
+
+
 def output_dropout_p(module: nn.Module) -> Optional[float]:
     """The p of the `dropout` module a *Output (or DistilBERT's FFN) calls, as that module stands
     (its own training flag), for add_layer_norm to fuse; None where it must be called: not a
-    plain nn.Dropout (replaced, by nn.Identity say) or hooked: its own hooks, or forward hooks
-    for every module (what model.plain checks of the modules it fuses). Attribute reads only:
-    this runs per layer and forward."""
+    plain nn.Dropout (replaced, by nn.Identity say) or one hooks would see."""
     drop = module._modules["dropout"]
-    if (drop.__class__ is not nn.Dropout or drop._forward_hooks or drop._forward_pre_hooks
-            or drop._backward_hooks or drop._backward_pre_hooks
-            or _module._global_forward_hooks or _module._global_forward_pre_hooks):
+    if drop.__class__ is not nn.Dropout or hooks_see(drop):
         return None
     return drop.p if drop.training else 0.0
 
@@ -320,9 +329,7 @@ def distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs)
     a, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     h = _add_norm(a, hidden_states, self.sa_layer_norm)
     ffn = self.ffn
-    if (ffn._forward_hooks or ffn._forward_pre_hooks or ffn._backward_hooks
-            or ffn._backward_pre_hooks or _module._global_forward_hooks
-            or _module._global_forward_pre_hooks):  # its hooks fire: called as a module
+    if hooks_see(ffn):  # called as a module, so its hooks fire
         return _add_norm(ffn(h), h, self.output_layer_norm)
     approximate = gelu_approximate(ffn.activation)
     if approximate is not None and plain(ffn.lin1) and ffn.lin1.bias is not None:

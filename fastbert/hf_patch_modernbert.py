@@ -38,12 +38,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules import module as _module
 
 import fastbert
 from fastbert import hf_layers, hf_lean_modernbert, varlen
 from fastbert.hf_lean import _hooked as hooked
-from fastbert.hf_layers import base_class, gelu_approximate, plain, serves_attention
+from fastbert.hf_layers import (base_class, for_every_module, gelu_approximate, hooks_see, plain,
+                                serves_attention)
 from fastbert.model import _can_pack_data_dependent, linear
 from fastbert.padding import PackedBatch, pack_mask, pack_position_ids
 
@@ -64,18 +64,11 @@ def _add_norm(module: nn.Module, delta: torch.Tensor, x: torch.Tensor, dropout_p
     return module(s), s
 
 
-def _for_every_module() -> bool:
-    """Whether forward hooks for every module are set (model.plain's rule): the modules they
-    would see are called."""
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
-
-
 def _out_dropout(drop: nn.Module, a: torch.Tensor):
     """(a, p): the attention output and the dropout the residual add applies to it (fused into
     it for a plain nn.Dropout or Identity; anything else, or one hooks would see, is called as
     a module)."""
-    if not (drop._forward_hooks or drop._forward_pre_hooks or drop._backward_hooks
-            or drop._backward_pre_hooks or _for_every_module()):
+    if not hooks_see(drop):
         if type(drop) is nn.Identity:
             return a, 0.0
         if type(drop) is nn.Dropout:
@@ -101,7 +94,7 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, delta, packed: PackedBatch,
     A hooked attention or MLP is called as a module (on the packed tokens, as _layer_forward),
     as both are where hooks for every module are set."""
     attn, mlp = layer.attn, layer.mlp
-    as_modules = _for_every_module()
+    as_modules = for_every_module()
     if delta is None:
         h = _norm(layer.attn_norm, x)
     else:
