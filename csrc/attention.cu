@@ -12,6 +12,7 @@
 #include "csrc/common.h"
 #include "csrc/launchers.h"
 #include "kernels/attention_bwd.cuh"
+#include "kernels/attention_fp32.cuh"
 #include "kernels/attention_fwd.cuh"
 
 namespace fastbert {
@@ -132,16 +133,28 @@ attn::Params<T> make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
   return p;
 }
 
+// fp32 runs the SIMT kernels (kernels/attention_fp32.cuh), fp16 / bf16 the tensor-core ones.
+template <typename T> constexpr bool kSimt = std::is_same<T, float>::value;
+
 template <typename T>
 void run_forward(const attn::Params<T>& p, int64_t D, double dropout_p, cudaStream_t stream,
                  const char* op) {
   dispatch_head_dim(op, D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
     dispatch_dropout(dropout_p, [&](auto drop) {
-      using Tr = attn::FwdTraits<kD, decltype(drop)::value>;
-      launch<T>(attn::fwd_kernel<T, kD, decltype(drop)::value>,
-                dim3(cdiv(p.Sq, Tr::kBlockM), (unsigned)p.H, (unsigned)p.B), Tr::kThreads,
-                Tr::kSmemBytes, stream, p, op, "attention fwd_kernel");
+      constexpr bool kDrop = decltype(drop)::value;
+      if constexpr (kSimt<T>) {
+        using Tr = attn::Fp32FwdTraits<kD>;
+        launch<T>(attn::fwd_kernel_fp32<kD, kDrop>,
+                  dim3(cdiv(p.Sq, Tr::kBlockM), (unsigned)p.H, (unsigned)p.B),
+                  attn::kFp32Threads, Tr::kSmemBytes, stream, p, op,
+                  "attention fwd_kernel_fp32");
+      } else {
+        using Tr = attn::FwdTraits<kD, kDrop>;
+        launch<T>(attn::fwd_kernel<T, kD, kDrop>,
+                  dim3(cdiv(p.Sq, Tr::kBlockM), (unsigned)p.H, (unsigned)p.B), Tr::kThreads,
+                  Tr::kSmemBytes, stream, p, op, "attention fwd_kernel");
+      }
     });
   });
 }
@@ -153,21 +166,35 @@ void run_backward(const attn::Params<T>& p, int64_t D, int64_t total_q, double d
   dispatch_head_dim(op, D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
     if (p.Sq > 0) {
-      constexpr int kRows = attn::kDeltaThreads / (kD / 8);
+      constexpr int kRows = attn::DeltaTraits<T, kD>::kRows;
       attn::delta_kernel<T, kD>
           <<<dim3(cdiv(p.Sq, kRows), p.H, p.B), attn::kDeltaThreads, 0, stream>>>(p);
       check_launch(op, "attention delta_kernel");
     }
     dispatch_dropout(dropout_p, [&](auto drop) {
       constexpr bool kDrop = decltype(drop)::value;
-      using Bw = attn::BwdTraits<kD>;
-      using Dq = attn::DqTraits<kD>;
-      if (p.Sk > 0)
-        launch<T>(attn::dkdv_kernel<T, kD, kDrop>, dim3(cdiv(p.Sk, Bw::kBlockN), p.H, p.B),
-                  Bw::kThreads, Bw::kSmemBytes, stream, p, op, "attention dkdv_kernel");
-      if (p.dq_accum == nullptr && p.Sq > 0)
-        launch<T>(attn::dq_kernel<T, kD, kDrop>, dim3(cdiv(p.Sq, Dq::kBlockM), p.H, p.B),
-                  Dq::kThreads, Dq::kSmemBytes, stream, p, op, "attention dq_kernel");
+      const bool dq_kernel = p.dq_accum == nullptr && p.Sq > 0;
+      if constexpr (kSimt<T>) {
+        using Bw = attn::Fp32BwdTraits<kD>;
+        using Dq = attn::Fp32DqTraits<kD>;
+        if (p.Sk > 0)
+          launch<T>(attn::dkdv_kernel_fp32<kD, kDrop>, dim3(cdiv(p.Sk, Bw::kBlockN), p.H, p.B),
+                    attn::kFp32Threads, Bw::kSmemBytes, stream, p, op,
+                    "attention dkdv_kernel_fp32");
+        if (dq_kernel)
+          launch<T>(attn::dq_kernel_fp32<kD, kDrop>, dim3(cdiv(p.Sq, Dq::kBlockM), p.H, p.B),
+                    attn::kFp32Threads, Dq::kSmemBytes, stream, p, op,
+                    "attention dq_kernel_fp32");
+      } else {
+        using Bw = attn::BwdTraits<kD>;
+        using Dq = attn::DqTraits<kD>;
+        if (p.Sk > 0)
+          launch<T>(attn::dkdv_kernel<T, kD, kDrop>, dim3(cdiv(p.Sk, Bw::kBlockN), p.H, p.B),
+                    Bw::kThreads, Bw::kSmemBytes, stream, p, op, "attention dkdv_kernel");
+        if (dq_kernel)
+          launch<T>(attn::dq_kernel<T, kD, kDrop>, dim3(cdiv(p.Sq, Dq::kBlockM), p.H, p.B),
+                    Dq::kThreads, Dq::kSmemBytes, stream, p, op, "attention dq_kernel");
+      }
     });
   });
   if (p.dq_accum != nullptr && total_q > 0) {
@@ -223,12 +250,21 @@ std::string probe_device(int device) {
   return why;
 }
 
-int64_t attention_smem_bytes(int64_t D) {
+int64_t attention_smem_bytes(int64_t D, int dtype) {
   int64_t bytes = 0;
-  dispatch_head_dim(kOp, D, [&](auto d) {
-    constexpr int kD = decltype(d)::value;
-    bytes = (int64_t)std::max({attn::FwdTraits<kD, false>::kSmemBytes,
-                               attn::BwdTraits<kD>::kSmemBytes, attn::DqTraits<kD>::kSmemBytes});
+  dispatch_float(dtype, kOp, [&](auto t) {
+    dispatch_head_dim(kOp, D, [&](auto d) {
+      constexpr int kD = decltype(d)::value;
+      if constexpr (kSimt<decltype(t)>) {
+        bytes = (int64_t)std::max({attn::Fp32FwdTraits<kD>::kSmemBytes,
+                                   attn::Fp32DqTraits<kD>::kSmemBytes,
+                                   attn::Fp32BwdTraits<kD>::kSmemBytes});
+      } else {
+        bytes = (int64_t)std::max({attn::FwdTraits<kD, false>::kSmemBytes,
+                                   attn::BwdTraits<kD>::kSmemBytes,
+                                   attn::DqTraits<kD>::kSmemBytes});
+      }
+    });
   });
   return bytes;
 }
@@ -250,6 +286,18 @@ std::map<std::string, int64_t> attention_tile_info(int64_t D, bool dropout) {
     using Dq = attn::DqTraits<kD>;
     info["dq_threads"] = Dq::kThreads, info["dq_block_m"] = Dq::kBlockM;
     info["dq_block_n"] = Dq::kBlockN, info["dq_smem"] = (int64_t)Dq::kSmemBytes;
+    // the fp32 (SIMT) kernels
+    using Fw32 = attn::Fp32FwdTraits<kD>;
+    using Bw32 = attn::Fp32BwdTraits<kD>;
+    using Dq32 = attn::Fp32DqTraits<kD>;
+    info["fwd_fp32_threads"] = info["dkdv_fp32_threads"] = info["dq_fp32_threads"] =
+        attn::kFp32Threads;
+    info["fwd_fp32_block_m"] = Fw32::kBlockM, info["fwd_fp32_block_n"] = Fw32::kBlockN;
+    info["fwd_fp32_smem"] = (int64_t)Fw32::kSmemBytes;
+    info["dkdv_fp32_block_m"] = Bw32::kBlockM, info["dkdv_fp32_block_n"] = Bw32::kBlockN;
+    info["dkdv_fp32_smem"] = (int64_t)Bw32::kSmemBytes;
+    info["dq_fp32_block_m"] = Dq32::kBlockM, info["dq_fp32_block_n"] = Dq32::kBlockN;
+    info["dq_fp32_smem"] = (int64_t)Dq32::kSmemBytes;
   });
   return info;
 }
@@ -273,7 +321,7 @@ void attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, ui
   check_shapes(kOp, B, Sq, Sk, H, D, {{"q", q}, {"k", k}, {"v", v}, {"out", out}},
                {{"q", q_st}, {"k", k_st}, {"v", v_st}, {"out", out_st}});
   if (Sq == 0) return;
-  dispatch_half(dtype, kOp, [&](auto t) {
+  dispatch_float(dtype, kOp, [&](auto t) {
     using T = decltype(t);
     attn::Params<T> p = make_params<T>(q, k, v, out, lse, B, Sq, Sk, H, q_st, k_st, v_st, out_st,
                                        causal, window_left, window_right, scale, dropout_p, seed);
@@ -300,7 +348,7 @@ void attention_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, u
                {{"dout", dout_st}, {"q", q_st}, {"k", k_st}, {"v", v_st}, {"out", out_st},
                 {"dq", dq_st}, {"dk", dk_st}, {"dv", dv_st}});
   if (Sq == 0 && Sk == 0) return;
-  dispatch_half(dtype, kOp, [&](auto t) {
+  dispatch_float(dtype, kOp, [&](auto t) {
     using T = decltype(t);
     attn::Params<T> p = make_params<T>(q, k, v, out, lse, B, Sq, Sk, H, q_st, k_st, v_st, out_st,
                                        causal, window_left, window_right, scale, dropout_p, seed);
@@ -324,7 +372,7 @@ void attention_varlen_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t c
   check_shapes(kVarlenOp, B, max_q, max_k, H, D, {{"q", q}, {"k", k}, {"v", v}, {"out", out}},
                {{"q", q_st}, {"k", k_st}, {"v", v_st}, {"out", out_st}});
   if (total_q == 0 || max_q == 0) return;
-  dispatch_half(dtype, kVarlenOp, [&](auto t) {
+  dispatch_float(dtype, kVarlenOp, [&](auto t) {
     using T = decltype(t);
     attn::Params<T> p =
         make_params<T>(q, k, v, out, lse, B, max_q, max_k, H, q_st, k_st, v_st, out_st, causal,
@@ -354,7 +402,7 @@ void attention_varlen_backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr
                {{"dout", dout_st}, {"q", q_st}, {"k", k_st}, {"v", v_st}, {"out", out_st},
                 {"dq", dq_st}, {"dk", dk_st}, {"dv", dv_st}});
   if (max_q == 0 && max_k == 0) return;
-  dispatch_half(dtype, kVarlenOp, [&](auto t) {
+  dispatch_float(dtype, kVarlenOp, [&](auto t) {
     using T = decltype(t);
     attn::Params<T> p =
         make_params<T>(q, k, v, out, lse, B, max_q, max_k, H, q_st, k_st, v_st, out_st, causal,

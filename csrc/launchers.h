@@ -20,11 +20,12 @@ void set_device(int device);
 // why (no device, driver older than the runtime, no kernel image for this GPU). Never throws.
 std::string probe_device(int device);
 
-// Shared memory one attention block needs for head dim D (the larger of forward and backward),
-// and the most the current device allows a block to opt into.
-int64_t attention_smem_bytes(int64_t D);
+// Shared memory one attention block needs for head dim D in `dtype` (fastbert/cuda.py's code; the
+// largest of forward and backward), and the most the current device allows a block to opt into.
+int64_t attention_smem_bytes(int64_t D, int dtype);
 // Block shapes of the attention kernels for head dim D: threads, query / key tile sizes and
-// dynamic shared memory of fwd (with or without dropout), dkdv and dq (for the static checks).
+// dynamic shared memory of fwd (with or without dropout), dkdv and dq, and of their fp32
+// versions (fwd_fp32, dkdv_fp32, dq_fp32), for the static checks.
 std::map<std::string, int64_t> attention_tile_info(int64_t D, bool dropout);
 int64_t max_smem_per_block();
 

@@ -30,7 +30,7 @@ except ImportError as e:  # not built (no nvcc at install time, or FASTBERT_BUIL
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 ATTENTION_HEAD_DIMS = (32, 64, 128)
-ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LAYER_NORM_MAX_HIDDEN = 4096  # the backward keeps 2 * hidden fp32 sums per row in shared memory
 
 
@@ -90,11 +90,11 @@ def unsupported(op: str, **kw) -> Optional[str]:
     dtype = kw.get("dtype")
     if op in ("fastbert.attention", "fastbert.attention_varlen"):
         if dtype not in ATTENTION_DTYPES:
-            return f"the CUDA attention kernels take float16 or bfloat16, got {dtype}"
+            return f"the CUDA attention kernels take float16, bfloat16 or float32, got {dtype}"
         if kw.get("head_dim") not in ATTENTION_HEAD_DIMS:
             return (f"the CUDA attention kernels support head dims {ATTENTION_HEAD_DIMS}, "
                     f"got {kw.get('head_dim')}")
-        reason = _attention_smem_reason(kw["head_dim"])
+        reason = _attention_smem_reason(kw["head_dim"], dtype)
         if reason is not None:
             return reason
     elif op == "fastbert.add_layer_norm":
@@ -120,21 +120,22 @@ def unsupported(op: str, **kw) -> Optional[str]:
     return None
 
 
-_smem_reasons: dict = {}  # (device, head dim) -> reason or None
+_smem_reasons: dict = {}  # (device, head dim, dtype) -> reason or None
 
 
-def _attention_smem_reason(head_dim: int) -> Optional[str]:
-    """GPUs with less shared memory per block (e.g. sm_86/89: 99 KiB) cannot run head dim 128."""
+def _attention_smem_reason(head_dim: int, dtype: torch.dtype) -> Optional[str]:
+    """A GPU with less shared memory per block than a kernel asks for cannot run it."""
     if unavailable_reason() is not None:  # reported on its own
         return None
     device = torch.cuda.current_device()
-    key = (device, head_dim)
+    key = (device, head_dim, dtype)
     if key not in _smem_reasons:
         _C.set_device(device)
-        need, have = _C.attention_smem_bytes(head_dim), _C.max_smem_per_block()
+        need = _C.attention_smem_bytes(head_dim, _DTYPE_CODES[dtype])
+        have = _C.max_smem_per_block()
         _smem_reasons[key] = None if need <= have else (
-            f"head dim {head_dim} needs {need} bytes of shared memory per block, this GPU "
-            f"allows {have}")
+            f"head dim {head_dim} in {dtype} needs {need} bytes of shared memory per block, "
+            f"this GPU allows {have}")
     return _smem_reasons[key]
 
 

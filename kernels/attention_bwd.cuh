@@ -22,26 +22,34 @@ namespace attn {
 
 constexpr int kDeltaThreads = 128;
 
-// grid (cdiv(Sq, rows per block), H, B); kLanes = D / 8 lanes share one row (16 bytes each).
+// Rows per delta_kernel block: kVec = 16 / sizeof(T) elements per lane (16 bytes), D / kVec lanes
+// per row.
+template <typename T, int D> struct DeltaTraits {
+  static constexpr int kVec = 16 / sizeof(T), kLanes = D / kVec, kRows = kDeltaThreads / kLanes;
+};
+
+// grid (cdiv(Sq, kRows), H, B).
 template <typename T, int D> __global__ void __launch_bounds__(kDeltaThreads)
 delta_kernel(const Params<T> p) {
-  constexpr int kLanes = D / 8, kRows = kDeltaThreads / kLanes;
+  using Tr = DeltaTraits<T, D>;
+  constexpr int kVec = Tr::kVec, kLanes = Tr::kLanes, kRows = Tr::kRows;
   const int h = blockIdx.y, b = blockIdx.z;
   const Seq seq = sequence(p, b);
   if ((int)blockIdx.x * kRows >= seq.Sq) return;
-  const int row = blockIdx.x * kRows + threadIdx.x / kLanes, col = (threadIdx.x % kLanes) * 8;
+  const int row = blockIdx.x * kRows + threadIdx.x / kLanes, col = (threadIdx.x % kLanes) * kVec;
   float sum = 0.f;
   if (row < seq.Sq) {
-    const Vec<T, 8> o = load_vec<T, 8>(row0(p.out, p.out_st, b, seq.q0, h) +
-                                       (int64_t)row * p.out_st.s + col);
-    const Vec<T, 8> d = load_vec<T, 8>(row0(p.dout, p.dout_st, b, seq.q0, h) +
-                                       (int64_t)row * p.dout_st.s + col);
+    const Vec<T, kVec> o = load_vec<T, kVec>(row0(p.out, p.out_st, b, seq.q0, h) +
+                                             (int64_t)row * p.out_st.s + col);
+    const Vec<T, kVec> d = load_vec<T, kVec>(row0(p.dout, p.dout_st, b, seq.q0, h) +
+                                             (int64_t)row * p.dout_st.s + col);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) sum += to_float(o.v[i]) * to_float(d.v[i]);
+    for (int i = 0; i < kVec; ++i) sum += to_float(o.v[i]) * to_float(d.v[i]);
     if (p.dq_accum != nullptr) {
       float* acc = row0(p.dq_accum, p.acc_st, b, seq.q0, h) + (int64_t)row * p.acc_st.s + col;
-      reinterpret_cast<float4*>(acc)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-      reinterpret_cast<float4*>(acc)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int i = 0; i < kVec / 4; ++i)
+        reinterpret_cast<float4*>(acc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
   }
 #pragma unroll
@@ -291,9 +299,16 @@ __global__ void dq_convert_kernel(const float* acc, T* dq, int64_t n8, float sca
        i += (int64_t)gridDim.x * blockDim.x) {
     const float4 x = reinterpret_cast<const float4*>(acc)[2 * i];
     const float4 y = reinterpret_cast<const float4*>(acc)[2 * i + 1];
-    const uint4 out = {pack2<T>(x.x * scale, x.y * scale), pack2<T>(x.z * scale, x.w * scale),
-                       pack2<T>(y.x * scale, y.y * scale), pack2<T>(y.z * scale, y.w * scale)};
-    reinterpret_cast<uint4*>(dq)[i] = out;
+    if constexpr (sizeof(T) == 4) {
+      reinterpret_cast<float4*>(dq)[2 * i] =
+          make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale);
+      reinterpret_cast<float4*>(dq)[2 * i + 1] =
+          make_float4(y.x * scale, y.y * scale, y.z * scale, y.w * scale);
+    } else {
+      const uint4 out = {pack2<T>(x.x * scale, x.y * scale), pack2<T>(x.z * scale, x.w * scale),
+                         pack2<T>(y.x * scale, y.y * scale), pack2<T>(y.z * scale, y.w * scale)};
+      reinterpret_cast<uint4*>(dq)[i] = out;
+    }
   }
 }
 

@@ -687,7 +687,9 @@ int emu_set_device(int device) { return guarded([&] { fastbert::set_device(devic
 int emu_probe_device(int device) {
   return guarded([&] { g_error = fastbert::probe_device(device); });
 }
-int64_t emu_attention_smem_bytes(int64_t D) { return fastbert::attention_smem_bytes(D); }
+int64_t emu_attention_smem_bytes(int64_t D, int dtype) {
+  return fastbert::attention_smem_bytes(D, dtype);
+}
 // "name=value" lines in emu_error()
 int emu_attention_tile_info(int64_t D, int dropout) {
   return guarded([&] {

@@ -155,7 +155,7 @@ class EmuC:
         lib.emu_launched_kernels.restype = ctypes.c_char_p
         lib.emu_attention_tile_info.argtypes = [L, I]
         lib.emu_attention_smem_bytes.restype = lib.emu_max_smem_per_block.restype = L
-        lib.emu_attention_smem_bytes.argtypes = [L]
+        lib.emu_attention_smem_bytes.argtypes = [L, I]
         lib.emu_guard_begin.argtypes = [I, P, P, P, P]
         # ..., causal, window left, window right, scale, dropout p, seed, dtype, stream
         tail = [I, L, L, D, D, U, I, P]
@@ -223,8 +223,8 @@ class EmuC:
         self._status(self.lib.emu_probe_device(device))
         return self.lib.emu_error().decode()
 
-    def attention_smem_bytes(self, d):
-        return self.lib.emu_attention_smem_bytes(d)
+    def attention_smem_bytes(self, d, dtype):
+        return self.lib.emu_attention_smem_bytes(d, dtype)
 
     def max_smem_per_block(self):
         return self.lib.emu_max_smem_per_block()

@@ -48,7 +48,7 @@ from tests.helpers import assert_close_by_rule, check_mixed_dtype_layer_norm, ra
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("op, kw, words", [
-    ("fastbert.attention", dict(dtype=torch.float32, head_dim=64, dropout_p=0.0), "float16"),
+    ("fastbert.attention", dict(dtype=torch.float64, head_dim=64, dropout_p=0.0), "float32"),
     ("fastbert.attention", dict(dtype=torch.float16, head_dim=80, dropout_p=0.0), "head dims"),
     ("fastbert.add_layer_norm", dict(dtype=torch.float16, hidden=8192, dropout_p=0.0), "4096"),
     ("fastbert.linear_bias_gelu", dict(dtype=torch.float64, in_features=8, out_features=8),
@@ -65,6 +65,8 @@ def test_unsupported_says_why(op, kw, words):
     ("fastbert.attention", dict(dtype=torch.bfloat16, head_dim=128, dropout_p=0.0, causal=False,
                                 has_mask=False)),
     ("fastbert.attention", dict(dtype=torch.bfloat16, head_dim=64, dropout_p=0.1, causal=False,
+                                has_mask=True)),
+    ("fastbert.attention", dict(dtype=torch.float32, head_dim=128, dropout_p=0.1, causal=True,
                                 has_mask=True)),
     ("fastbert.add_layer_norm", dict(dtype=torch.float32, hidden=4096, dropout_p=0.0)),
     ("fastbert.add_layer_norm", dict(dtype=torch.float16, hidden=768, dropout_p=0.1)),

@@ -27,7 +27,7 @@ import fastbert
 from fastbert import cuda as cuda_backend
 from fastbert import reference
 from fastbert import ops
-from tests.cuda_helpers import HALF_DTYPES, assert_keep_rate
+from tests.cuda_helpers import assert_keep_rate
 from tests.cuda_helpers import emulated_backend  # noqa: F401 (fixture)
 # autouse fixtures: imported, so they apply to every test in this module
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
@@ -109,7 +109,7 @@ ATTENTION_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 @pytest.mark.parametrize("d", cuda_backend.ATTENTION_HEAD_DIMS)
 @pytest.mark.parametrize("b, sq, sk, h, causal, mask_mode", ATTENTION_CASES)
 def test_attention_matches_reference(b, sq, sk, h, causal, mask_mode, d, dtype):
@@ -117,7 +117,7 @@ def test_attention_matches_reference(b, sq, sk, h, causal, mask_mode, d, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 def test_attention_bert_shapes(dtype):
     check_attention(8, 512, 512, 12, 64, dtype, False, "third")
     check_attention(2, 384, 384, 16, 128, dtype, True, "random")
@@ -145,7 +145,7 @@ def test_attention_is_deterministic():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 def test_public_attention_op_runs_these_kernels(dtype):
     """fastbert.attention(backend="cuda") with packed views and autograd gives bit for bit what
     the (separately validated) kernel entry points give."""
@@ -285,7 +285,7 @@ VARLEN_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 @pytest.mark.parametrize("d", cuda_backend.ATTENTION_HEAD_DIMS)
 @pytest.mark.parametrize("lens_q, lens_k, h, causal", VARLEN_CASES)
 def test_attention_varlen_matches_reference(lens_q, lens_k, h, causal, d, dtype):
@@ -293,7 +293,7 @@ def test_attention_varlen_matches_reference(lens_q, lens_k, h, causal, d, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_varlen_dropout_matches_reference_with_its_mask(causal, dtype):
     check_attention_varlen([17, 0, 64, 40], [64, 5, 33, 40], 2, 64, dtype, causal, p=0.3)
@@ -333,7 +333,7 @@ def test_attention_varlen_is_deterministic_when_asked():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 def test_public_attention_varlen_op_runs_these_kernels(dtype):
     """fastbert.attention_varlen(backend="cuda") with autograd gives bit for bit what the kernel
     entry points give."""
@@ -445,7 +445,7 @@ ATTENTION_DROPOUT_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("b, sq, sk, h, d, causal, mask_mode", ATTENTION_DROPOUT_CASES)
 def test_attention_dropout_matches_reference_with_its_mask(b, sq, sk, h, d, causal, mask_mode,
@@ -538,6 +538,11 @@ EMULATED_DENSE_CASES = [
     (2, 40, 100, 1, 128, torch.float16, True, None, False),
     (2, 100, 40, 1, 64, torch.bfloat16, True, "with_empty", False),
     (2, 33, 33, 2, 32, torch.bfloat16, True, "third", True),
+    # fp32: the SIMT kernels (kernels/attention_fp32.cuh)
+    (2, 17, 17, 1, 32, torch.float32, False, "with_empty", True),
+    (1, 130, 130, 1, 64, torch.float32, False, "random", False),
+    (2, 40, 100, 1, 128, torch.float32, True, None, False),
+    (2, 100, 40, 1, 64, torch.float32, True, "with_empty", False),
 ]
 
 
@@ -556,6 +561,8 @@ EMULATED_VARLEN_CASES = [
     ([33, 70, 0, 3], [50, 20, 9, 0], 1, 128, torch.bfloat16, True, 0.0),
     ([17, 0, 64, 40], [64, 5, 33, 40], 1, 64, torch.float16, True, 0.3),
     ([17, 0, 40], [30, 5, 31], 1, 32, torch.bfloat16, False, 0.5),
+    ([5, 0, 64, 129, 1], [5, 0, 64, 129, 1], 1, 64, torch.float32, True, 0.0),
+    ([33, 70, 0, 3], [50, 20, 9, 0], 1, 128, torch.float32, False, 0.3),
 ]
 
 
@@ -573,6 +580,9 @@ def test_emulated_attention_varlen_matches_reference(emulated_backend, lens_q, l
     (2, 70, 64, 1, 64, torch.bfloat16, False, "with_empty", 0.1),
     (2, 40, 29, 2, 32, torch.float16, True, "third", 0.5),
     (1, 50, 100, 1, 128, torch.float16, True, "random", 0.2),
+    (2, 70, 64, 1, 64, torch.float32, False, "with_empty", 0.1),
+    (2, 40, 29, 2, 32, torch.float32, True, "third", 0.5),
+    (1, 50, 100, 1, 128, torch.float32, True, "random", 0.2),
 ])
 def test_emulated_attention_dropout_matches_reference(emulated_backend, b, sq, sk, h, d, dtype,
                                                       causal, mask_mode, p):

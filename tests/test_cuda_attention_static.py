@@ -242,8 +242,9 @@ def test_dropout_pair_words_model(rows_are_queries):
 # compile: the attention kernels' machine code (SASS of the built extension, every arch)
 # --------------------------------------------------------------------------------------------
 
-_ATTENTION_KERNEL = re.compile(
-    r"attn\d+(fwd_kernel|dkdv_kernel|dq_kernel)I(6__half|13__nv_bfloat16)Li(\d+)ELb([01])E")
+# fwd_kernel<__half, 64, false> or fwd_kernel_fp32<64, false> (and dkdv_kernel, dq_kernel)
+_ATTENTION_KERNEL = re.compile(r"attn\d+(fwd_kernel|dkdv_kernel|dq_kernel)(_fp32)?I"
+                               r"(6__half|13__nv_bfloat16)?Li(\d+)ELb([01])E")
 _SMEM_PER_SM = {"A100": 167936, "H100": 233472}  # bytes a block may share an SM with others
 _SMEM_RESERVED_PER_BLOCK = 1024
 
@@ -256,6 +257,12 @@ def _cuobjdump():
         bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         exe = str(bundled) if bundled.exists() else None
     return exe
+
+
+def _kernel_key(arch, m):
+    """(arch, kind, dtype, D, dropout) of a _ATTENTION_KERNEL match; fp32 kinds end in _fp32."""
+    dtype = "fp32" if m[2] else "bf16" if "bfloat" in m[3] else "fp16"
+    return arch, m[1] + (m[2] or ""), dtype, int(m[4]), m[5] == "1"
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +285,7 @@ def attention_sass():
             arch = line.split("=")[1].strip()
         elif "Function : " in line:
             m = _ATTENTION_KERNEL.search(line)
-            current = None if m is None else (arch, m[1], "bf16" if "bfloat" in m[2] else "fp16",
-                                              int(m[3]), m[4] == "1")
+            current = None if m is None else _kernel_key(arch, m)
             if current is not None:
                 kernels[current] = {"sass": []}
         elif current is not None and re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line):
@@ -290,7 +296,7 @@ def attention_sass():
             arch = line.split("=")[1].strip()
         m = _ATTENTION_KERNEL.search(line)
         if m is not None and "Function" in line:
-            current = (arch, m[1], "bf16" if "bfloat" in m[2] else "fp16", int(m[3]), m[4] == "1")
+            current = _kernel_key(arch, m)
         elif current is not None and "REG:" in line:
             kernels[current].update({k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)})
             current = None
@@ -323,9 +329,10 @@ def test_attention_sass_is_flash_attention_class(attention_sass):
     are the epilogue's (S, P and O never go through shared memory)."""
     import fastbert._C as ext
 
-    assert len(attention_sass) == len({k[0] for k in attention_sass}) * 2 * 3 * 2 * 3
+    half = {key: k for key, k in attention_sass.items() if key[2] != "fp32"}
+    assert len(half) == len({k[0] for k in half}) * 2 * 3 * 2 * 3
     rows = []
-    for (arch, kind, dtype, d, dropout), k in sorted(attention_sass.items()):
+    for (arch, kind, dtype, d, dropout), k in sorted(half.items()):
         sass = k["sass"]
         tiles = ext.attention_tile_info(d, dropout)
         tag = f"{arch} {kind}<{dtype}, D={d}, dropout={dropout}>"
@@ -364,4 +371,51 @@ def test_attention_blocks_per_sm(attention_sass):
         assert blocks >= 2, (tag, k["REG"], smem, by_regs, by_smem)
         rows.append(f"{tag:52s} threads {threads:3d}  smem {smem:6d} B  REG {k['REG']:3d}  "
                     f"blocks/SM on {gpu}: {blocks}")
+    print("\n" + "\n".join(rows))
+
+
+def _expected_lds128(kind, d, t):
+    """16-byte shared loads (LDS.128) of an fp32 kernel: its loop bodies as written (dot_rows and
+    accumulate_rows unrolled twice, each operand row one LDS.128 per 4 floats of the inner loop;
+    the dK/dV kernel's dQ product unrolled 4 times, its dS^T column reads vectorised)."""
+    if kind == "fwd_kernel_fp32":  # S = Q K^T (4 rows x kBlockN / 8 keys), O += P V
+        return 2 * (4 + t["fwd_fp32_block_n"] // 8) + 2 * (4 + d // 8)
+    if kind == "dq_kernel_fp32":  # S, dP (R rows x kBlockN / 8 keys); dQ += dS K
+        rows = t["dq_fp32_block_m"] // 16
+        return 4 * (rows + t["dq_fp32_block_n"] // 8) + 2 * (rows + d // 8)
+    lanes = 128 // (t["dkdv_fp32_block_n"] // 4)  # S^T, dP^T (queries per thread x 4 keys)
+    rows, acc = t["dkdv_fp32_block_m"] // lanes, d // lanes  # dV, dK; dQ
+    dq_rows = t["dkdv_fp32_block_m"] * d // 4 // 128
+    return 4 * (rows + 4) + 4 * (4 + acc) + 4 * (1 + dq_rows // 4)
+
+
+@pytest.mark.compile
+def test_fp32_attention_sass_is_simt_flash_attention(attention_sass):
+    """The fp32 kernels (kernels/attention_fp32.cuh), every arch, head dim and dropout variant:
+    FFMA on fp32 operands (no HMMA: TF32 would round the inputs to 10 bits), every shared-memory
+    operand read as a 16-byte LDS.128 in exactly the count the loop bodies ask for, >= 8 FFMA per
+    LDS.128 (each thread's 4 x 8 / 4 x 4 register tiles; 6 in the D = 128 deterministic dQ
+    kernel's 2 x 4), tiles loaded by cp.async (LDGSTS), no
+    generic LD.E and no local memory (spills or stack)."""
+    import fastbert._C as ext
+
+    fp32 = {key: k for key, k in attention_sass.items() if key[2] == "fp32"}
+    assert len(fp32) == len({k[0] for k in fp32}) * 3 * 2 * 3
+    rows = []
+    for (arch, kind, dtype, d, dropout), k in sorted(fp32.items()):
+        sass = k["sass"]
+        tag = f"{arch} {kind}<D={d}, dropout={dropout}>"
+        counts = {name: _count(sass, pat) for name, pat in (
+            ("FFMA", r"FFMA\s"), ("LDS.128", r"LDS\.128"), ("HMMA", r"HMMA"),
+            ("LDGSTS", r"LDGSTS"), ("LD.E", r"LD\.E"), ("local", r"(LDL|STL)\b"))}
+        assert counts["HMMA"] == 0 and counts["LD.E"] == 0 and counts["local"] == 0, (tag, counts)
+        assert k["STACK"] == 0 and k["LOCAL"] == 0, (tag, k)
+        assert counts["LDGSTS"] > 0, (tag, counts)
+        assert counts["LDS.128"] == _expected_lds128(kind, d, ext.attention_tile_info(d, dropout)),\
+            (tag, counts)
+        # the deterministic dQ kernel at D = 128 tiles 2 query rows a thread (two blocks per A100 SM)
+        intensity = 6 if kind == "dq_kernel_fp32" and d == 128 else 8
+        assert counts["FFMA"] >= intensity * counts["LDS.128"], (tag, counts)
+        rows.append(f"{tag:46s} REG {k['REG']:3d}  FFMA {counts['FFMA']:4d}  LDS.128 "
+                    f"{counts['LDS.128']:3d}  instructions {len(sass)}")
     print("\n" + "\n".join(rows))

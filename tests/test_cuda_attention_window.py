@@ -18,7 +18,6 @@ import torch
 import fastbert
 from fastbert import cuda as cuda_backend
 from fastbert import ops
-from tests.cuda_helpers import HALF_DTYPES
 from tests.cuda_helpers import emulated_backend  # noqa: F401 (fixture)
 # autouse fixtures: imported, so they apply to every test in this module
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
@@ -26,7 +25,7 @@ from tests.helpers import check_out_of_band_tiles_are_never_read, random_padding
 from tests.test_cuda_attention import (_cu, check_attention, check_attention_dropout,
                                        check_attention_varlen)
 
-F16, BF16 = torch.float16, torch.bfloat16
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
 def hole_mask(b, sk, start, end, device):
@@ -85,6 +84,10 @@ EMULATED_WINDOW_CASES = [
     (1, 150, 150, 1, 128, BF16, False, "third", (10, -1), False),  # right side unbounded
     (1, 330, 330, 1, 32, F16, False, None, (150, 90), False),  # band spans several tiles
     (2, 70, 90, 1, 64, BF16, True, "with_empty", (0, 0), True),  # one key per query
+    # fp32: the SIMT kernels
+    (1, 300, 300, 1, 64, F32, False, "hole", (16, 16), True),
+    (2, 100, 40, 1, 128, F32, True, None, (5, 5), True),
+    (1, 330, 330, 1, 32, F32, False, None, (150, 90), False),
 ]
 
 
@@ -103,6 +106,7 @@ EMULATED_VARLEN_WINDOW_CASES = [
     ([5, 0, 200, 129, 1], [5, 0, 200, 129, 1], 64, F16, False, 0.0, (8, 3)),
     ([33, 170, 0, 3], [50, 120, 9, 0], 128, BF16, True, 0.0, (20, -1)),  # Sq != Sk per sequence
     ([17, 0, 64, 40], [64, 5, 33, 40], 64, F16, False, 0.3, (6, 2)),  # dropout
+    ([33, 170, 0, 3], [50, 120, 9, 0], 128, F32, True, 0.3, (20, -1)),
 ]
 
 
@@ -120,6 +124,7 @@ def test_emulated_varlen_window_matches_reference(emulated_backend, lens_q, lens
 @pytest.mark.parametrize("b, sq, sk, h, d, dtype, causal, mask_mode, p, window", [
     (2, 70, 64, 1, 64, BF16, False, "with_empty", 0.1, (3, 9)),
     (1, 50, 100, 1, 128, F16, True, "random", 0.2, (30, -1)),
+    (2, 70, 64, 1, 64, F32, False, "with_empty", 0.1, (3, 9)),
 ])
 def test_emulated_window_dropout_matches_reference(emulated_backend, b, sq, sk, h, d, dtype,
                                                    causal, mask_mode, p, window):
@@ -129,7 +134,7 @@ def test_emulated_window_dropout_matches_reference(emulated_backend, b, sq, sk, 
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("d, dtype", [(64, F16), (128, BF16)])
+@pytest.mark.parametrize("d, dtype", [(64, F16), (128, BF16), (64, F32), (128, F32)])
 @pytest.mark.parametrize("queries_cut", [False, True])
 def test_emulated_out_of_band_tiles_are_never_read(emulated_backend, d, dtype, queries_cut):
     torch.manual_seed(d)
@@ -212,7 +217,7 @@ WINDOW_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 @pytest.mark.parametrize("d", cuda_backend.ATTENTION_HEAD_DIMS)
 @pytest.mark.parametrize("b, sq, sk, h, causal, mask_mode, window, empty", WINDOW_CASES)
 def test_window_matches_reference(b, sq, sk, h, causal, mask_mode, window, empty, d, dtype):
@@ -220,7 +225,7 @@ def test_window_matches_reference(b, sq, sk, h, causal, mask_mode, window, empty
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 def test_window_modernbert_shape(dtype):
     """ModernBERT's local layers: a 128-token window (64 each side) at 2048 tokens, so most key
     tiles are skipped."""
@@ -237,7 +242,7 @@ VARLEN_WINDOW_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 @pytest.mark.parametrize("d", cuda_backend.ATTENTION_HEAD_DIMS)
 @pytest.mark.parametrize("lens_q, lens_k, h, causal, window", VARLEN_WINDOW_CASES)
 def test_varlen_window_matches_reference(lens_q, lens_k, h, causal, window, d, dtype):
@@ -245,7 +250,7 @@ def test_varlen_window_matches_reference(lens_q, lens_k, h, causal, window, d, d
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 @pytest.mark.parametrize("b, sq, sk, h, d, causal, mask_mode, p, window", [
     (2, 70, 64, 3, 64, False, "with_empty", 0.1, (3, 9)),
     (2, 130, 128, 2, 128, True, "random", 0.5, (30, -1)),
@@ -258,7 +263,7 @@ def test_window_dropout_matches_reference_with_its_mask(b, sq, sk, h, d, causal,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", cuda_backend.ATTENTION_DTYPES)
 def test_varlen_window_dropout_matches_reference_with_its_mask(dtype):
     check_attention_varlen([17, 0, 64, 40], [64, 5, 33, 40], 2, 64, dtype, True, p=0.3,
                            window=(6, 2))

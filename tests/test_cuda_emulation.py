@@ -83,11 +83,12 @@ def test_every_kernel_runs_under_the_emulation(emulated_backend):
     emulated_backend.add_layer_norm_backward(y, x, x, w, mean, rstd, 0.1, 1)
     out, pre = emulated_backend.linear_bias_gelu_forward(x, w.view(1, 40), w[:1], "none")
     emulated_backend.linear_bias_gelu_backward(out, x, w.view(1, 40), pre, "none")
-    q = torch.randn(1, 5, 1, 32, dtype=F16)
-    out, lse = emulated_backend.attention_forward(q, q, q, None, False, 0.0, 0.2, 0)
-    for deterministic in (False, True):
-        emulated_backend.attention_backward(out, q, q, q, out, lse, None, False, 0.0, 0.2, 0,
-                                            deterministic)
+    for dtype in (F16, torch.float32):  # tensor-core and SIMT (fp32) attention
+        q = torch.randn(1, 5, 1, 32, dtype=dtype)
+        out, lse = emulated_backend.attention_forward(q, q, q, None, False, 0.0, 0.2, 0)
+        for deterministic in (False, True):
+            emulated_backend.attention_backward(out, q, q, q, out, lse, None, False, 0.0, 0.2,
+                                                0, deterministic)
     positions = torch.arange(3)
     for interleaved in (False, True):
         emulated_backend.apply_rotary(x.view(3, 5, 8), w[:6].view(2, 3), w[6:12].view(2, 3),
