@@ -27,7 +27,7 @@ import fastbert
 from fastbert import cuda as cuda_backend
 from fastbert import reference
 from fastbert import ops
-from tests.cuda_helpers import assert_keep_rate
+from tests.cuda_helpers import assert_keep_rate, philox4x32_10
 from tests.cuda_helpers import emulated_backend  # noqa: F401 (fixture)
 # autouse fixtures: imported, so they apply to every test in this module
 from tests.cuda_helpers import extension_runs_here, poisoned_outputs  # noqa: F401
@@ -588,3 +588,30 @@ def test_emulated_attention_dropout_matches_reference(emulated_backend, b, sq, s
                                                       causal, mask_mode, p):
     torch.manual_seed(7)
     check_attention_dropout(emulated_backend, "cpu", b, sq, sk, h, d, dtype, causal, mask_mode, p)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("d", [32, 128])
+def test_emulated_dropout_is_the_documented_philox_stream_in_every_dtype(emulated_backend, d):
+    """The fp16, bf16 and fp32 kernels keep exactly the (query i, key j) pairs that
+    kernels/attention_common.cuh documents: word 2 (i & 1) + (j & 1) of philox4x32-10(counter
+    (j / 2, i / 2, h, b), key = seed) >= round(p * 2^32). So a seed drops the same pairs
+    whatever the dtype, and each kernel's lane-to-element mapping of the Philox words is right."""
+    b, sq, sk, h, p, seed = 2, 37, min(d, 45), 2, 0.3, 0x1234_5678_9ABC_DEF0
+    threshold = round(p * 2**32)
+    want = torch.empty(b, h, sq, sk, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(sq):
+                for j in range(0, sk, 2):
+                    words = philox4x32_10((j // 2, i // 2, hi, bi),
+                                          (seed & 0xFFFFFFFF, seed >> 32))
+                    for jj in range(j, min(j + 2, sk)):
+                        want[bi, hi, i, jj] = words[2 * (i & 1) + (jj & 1)] >= threshold
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        torch.manual_seed(3)
+        keep, visible = attention_keep_mask(emulated_backend, "cpu", b, sq, sk, h, d, dtype,
+                                            False, None, p, seed, 1.0 / math.sqrt(d))
+        assert visible.all()
+        assert torch.equal(keep, want), dtype
+
