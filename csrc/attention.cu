@@ -1,5 +1,5 @@
 // Host launchers for attention, dense (B, S, H, D) and packed varlen (total, H, D):
-// kernels/attention_fwd.cuh and kernels/attention_bwd.cuh.
+// kernels/attention_fwd.cuh and kernels/attention_bwd.cuh (fp16 / bf16), kernels/attention_fp32.cuh.
 #include <algorithm>
 #include <initializer_list>
 #include <map>
@@ -197,11 +197,13 @@ void run_backward(const attn::Params<T>& p, int64_t D, int64_t total_q, double d
       }
     });
   });
-  if (p.dq_accum != nullptr && total_q > 0) {
-    const int64_t n8 = total_q * p.H * D / 8;
-    const unsigned blocks = (unsigned)std::min<int64_t>((n8 + 255) / 256, 65535);
-    attn::dq_convert_kernel<T><<<blocks, 256, 0, stream>>>(p.dq_accum, p.dq, n8, p.scale);
-    check_launch(op, "attention dq_convert_kernel");
+  if constexpr (!kSimt<T>) {  // fp32's atomics land in dq itself
+    if (p.dq_accum != nullptr && total_q > 0) {
+      const int64_t n8 = total_q * p.H * D / 8;
+      const unsigned blocks = (unsigned)std::min<int64_t>((n8 + 255) / 256, 65535);
+      attn::dq_convert_kernel<T><<<blocks, 256, 0, stream>>>(p.dq_accum, p.dq, n8, p.scale);
+      check_launch(op, "attention dq_convert_kernel");
+    }
   }
 }
 
@@ -220,6 +222,9 @@ void set_grad_fields(attn::Params<T>& p, uintptr_t dout, uintptr_t dq, uintptr_t
   p.dk_st = to_strides(dk_st);
   p.dv_st = to_strides(dv_st);
   p.acc_st = p.dq_st;  // the accumulator has dq's (contiguous) layout, in fp32
+  // fp32: the atomics add into dq itself, pre-scaled (no accumulator, no convert pass)
+  if constexpr (kSimt<T>)
+    if (p.dq_accum != nullptr) p.dq_accum = p.dq;
 }
 
 }  // namespace

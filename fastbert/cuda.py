@@ -193,6 +193,14 @@ def _require_extension(op: str) -> None:
 # attention
 # --------------------------------------------------------------------------------------------
 
+def _dq_accumulator(deterministic: bool, dq: Tensor) -> Optional[Tensor]:
+    """The fp32 buffer the atomic dQ path adds into, zeroed by the delta kernel (None: the
+    deterministic dQ kernel): an fp32 dq is its own accumulator."""
+    if _deterministic(deterministic):
+        return None
+    return dq if dq.dtype == torch.float32 else _empty(dq.shape, torch.float32, dq.device)
+
+
 def attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, window=(-1, -1)):
     op = "fastbert.attention"
     _require_extension(op)
@@ -222,8 +230,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, causal, dropout_p, scale, 
     dk = _empty((b, sk, h, d), q.dtype, q.device)
     dv = _empty((b, sk, h, d), q.dtype, q.device)
     delta = _empty((b, h, sq), torch.float32, q.device)
-    # fp32 dQ accumulator for the atomic path, zeroed by the delta kernel
-    acc = None if _deterministic(deterministic) else _empty((b, sq, h, d), torch.float32, q.device)
+    acc = _dq_accumulator(deterministic, dq)
     if b == 0 or h == 0:
         return dq, dk, dv
     with _on_device(q.device):
@@ -274,8 +281,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     dk = _empty((total_k, h, d), q.dtype, q.device)
     dv = _empty((total_k, h, d), q.dtype, q.device)
     delta = _empty((h, total_q), torch.float32, q.device)
-    acc = None if _deterministic(deterministic) else _empty((total_q, h, d), torch.float32,
-                                                            q.device)
+    acc = _dq_accumulator(deterministic, dq)
     if batch == 0 or h == 0 or (total_q == 0 and total_k == 0):
         return dq, dk, dv
     with _on_device(q.device):

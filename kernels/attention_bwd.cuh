@@ -299,16 +299,9 @@ __global__ void dq_convert_kernel(const float* acc, T* dq, int64_t n8, float sca
        i += (int64_t)gridDim.x * blockDim.x) {
     const float4 x = reinterpret_cast<const float4*>(acc)[2 * i];
     const float4 y = reinterpret_cast<const float4*>(acc)[2 * i + 1];
-    if constexpr (sizeof(T) == 4) {
-      reinterpret_cast<float4*>(dq)[2 * i] =
-          make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale);
-      reinterpret_cast<float4*>(dq)[2 * i + 1] =
-          make_float4(y.x * scale, y.y * scale, y.z * scale, y.w * scale);
-    } else {
-      const uint4 out = {pack2<T>(x.x * scale, x.y * scale), pack2<T>(x.z * scale, x.w * scale),
-                         pack2<T>(y.x * scale, y.y * scale), pack2<T>(y.z * scale, y.w * scale)};
-      reinterpret_cast<uint4*>(dq)[i] = out;
-    }
+    const uint4 out = {pack2<T>(x.x * scale, x.y * scale), pack2<T>(x.z * scale, x.w * scale),
+                       pack2<T>(y.x * scale, y.y * scale), pack2<T>(y.z * scale, y.w * scale)};
+    reinterpret_cast<uint4*>(dq)[i] = out;
   }
 }
 

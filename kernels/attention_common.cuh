@@ -13,7 +13,8 @@
 // forward (and the dQ kernel) a lane holds queries g, g+8 and keys 2c, 2c+1 of each 8-key fragment;
 // in the dK/dV kernel it holds keys g, g+8 and queries 2c, 2c+1. Either way the lanes g (even) and
 // g+1 (lane ^ 4) together need the blocks of rows {g, g+1} and {g+8, g+9}: each draws one of them
-// and they swap half of it (draw_pair_words), so every Philox call serves 4 elements.
+// and they swap half of it (draw_pair_words), so every Philox call serves 4 elements. The fp32
+// kernels map the same words to their own threads (attention_fp32.cuh keep_bits_*).
 #pragma once
 #include <stdint.h>
 

@@ -5,16 +5,20 @@
 //
 // Same contract, masking, band skipping, varlen addressing, lse / delta layout and Philox dropout
 // stream as kernels/attention_fwd.cuh and attention_bwd.cuh (attention_common.cuh), so a seed
-// drops the same (query, key) pairs in every dtype. The delta and dQ-convert kernels are shared.
+// drops the same (query, key) pairs in every dtype. The delta kernel is shared; fp32's atomic dQ
+// lands in dQ itself, pre-scaled, so it needs no convert pass.
 //
 // Thread tiling: 128 threads; each owns a small register tile of every product and reads its
-// operands from shared memory as 16-byte vectors (LDS.128) whose rows are D + 4 floats apart, so
-// the 8 lanes of a quarter-warp reading 8 consecutive rows hit 8 different 4-bank groups.
-// - forward / dQ kernel: 64 queries per block, thread (rg = tid / 8, cg = tid % 8) owns query
-//   rows 4rg .. 4rg + 3; of S it holds key columns cg + 8j, and of O (or dQ) the columns
-//   4cg + 32c .. + 3. A row's 8 owners are adjacent lanes: its max and sum are 3 shuffles. P (or
-//   dS) goes through shared memory between S = Q K^T and O += P V.
-// - dK/dV kernel: a block of kBlockN keys, thread (kg, l) owns keys 4kg .. 4kg + 3 and queries
+// operands from shared memory as 16-byte vectors (LDS.128). Rows are D + 4 floats apart (an odd
+// number of 16-byte chunks), so rows 1 or 2 apart start in different 4-bank groups. A thread's
+// rows come in pairs (RowPairs: rows base, base + 1, base + split, base + split + 1): a pair holds
+// both queries (or keys) of a Philox 2 x 2 block, and the 4 row groups of a warp, whose bases are
+// 2 apart, read 4 different bank groups (4 apart they would share 2: a 2-way conflict).
+// - forward / dQ kernel: 16R queries per block, thread (rg = tid / 8, cg = tid % 8) owns R query
+//   rows from 2rg (pairs 16R / 2 apart); of S it holds key columns cg + 8j, and of O (or dQ) the
+//   columns 4cg + 32c .. + 3. A row's 8 owners are adjacent lanes: its max and sum are 3 shuffles.
+//   P (or dS) goes through shared memory between S = Q K^T and O += P V.
+// - dK/dV kernel: a block of kBlockN keys, thread (kg, l) owns 4 keys (two pairs) and queries
 //   l + kLanes i of each 32-query tile; dK and dV columns 4l + 4 kLanes c .. + 3.
 #pragma once
 #include "kernels/attention_common.cuh"
@@ -24,15 +28,24 @@ namespace attn {
 
 constexpr int kFp32Threads = 128;
 
+// A thread's rows of a tile: row i = base + (i & 1) + (i >> 1) * split (base and split even).
+struct RowPairs {
+  int base, split;
+  __device__ __forceinline__ int operator()(int i) const {
+    return base + (i & 1) + (i >> 1) * split;
+  }
+};
+
 // Rows [r0, r0 + kRows) of a sequence of `len` rows into a [kRows][D + 4] shared tile (cp.async,
 // 16 bytes each); rows past the end are zero-filled, so they add nothing to any product.
 template <int kRows, int D>
 __device__ __forceinline__ void load_rows_fp32(float* dst, const float* src, int64_t stride,
                                                int r0, int len) {
-  constexpr int kChunks = D / 4;
+  constexpr int kChunks = D / 4, kSteps = kRows * kChunks / kFp32Threads;
+  static_assert(kRows * kChunks % kFp32Threads == 0, "whole steps: the loop unrolls");
 #pragma unroll
-  for (int i = threadIdx.x; i < kRows * kChunks; i += kFp32Threads) {
-    const int r = i / kChunks, c = (i % kChunks) * 4;
+  for (int k = 0; k < kSteps; ++k) {
+    const int i = threadIdx.x + k * kFp32Threads, r = i / kChunks, c = (i % kChunks) * 4;
     const bool valid = r0 + r < len;
     cp_async_16(dst + r * (D + 4) + c, valid ? src + (int64_t)(r0 + r) * stride + c : src, valid);
   }
@@ -46,18 +59,18 @@ __device__ __forceinline__ float lane_of(const float4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// acc[i][j] += dot(a row i, b row j) over D: rows of [.][D + 4] shared tiles, a's rows a_step
-// floats apart, b's b_step.
+// acc[i][j] += dot(a row i, b row j) over D, rows of [.][D + 4] shared tiles: a's row i at
+// (i & 1) * a1 + (i >> 1) * a2 floats from a, b's row j at (j & 1) * b1 + (j >> 1) * b2.
 template <int R, int C, int D>
-__device__ __forceinline__ void dot_rows(float (&acc)[R][C], const float* a, int a_step,
-                                         const float* b, int b_step) {
+__device__ __forceinline__ void dot_rows(float (&acc)[R][C], const float* a, int a1, int a2,
+                                         const float* b, int b1, int b2) {
 #pragma unroll 2
   for (int d = 0; d < D; d += 4) {
     float4 av[R], bv[C];
 #pragma unroll
-    for (int i = 0; i < R; ++i) av[i] = lds4(a + i * a_step + d);
+    for (int i = 0; i < R; ++i) av[i] = lds4(a + (i & 1) * a1 + (i >> 1) * a2 + d);
 #pragma unroll
-    for (int j = 0; j < C; ++j) bv[j] = lds4(b + j * b_step + d);
+    for (int j = 0; j < C; ++j) bv[j] = lds4(b + (j & 1) * b1 + (j >> 1) * b2 + d);
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
@@ -67,16 +80,16 @@ __device__ __forceinline__ void dot_rows(float (&acc)[R][C], const float* a, int
   }
 }
 
-// acc[i][4c + e] += sum_n w[i][n] * x[n][4c * ... + e] for n < N: w's rows w_step floats apart
-// (n contiguous), x a [N][kLd] tile read at columns x + c * x_step .. + 3.
+// acc[i][4c + e] += sum_n w[i][n] * x[n][c * x_step + e] for n < N: w's row i at (i & 1) * w1 +
+// (i >> 1) * w2 floats from w (n contiguous), x a [N][kLd] tile.
 template <int R, int C4, int N, int kLd>
-__device__ __forceinline__ void accumulate_rows(float (&acc)[R][4 * C4], const float* w,
-                                                int w_step, const float* x, int x_step) {
+__device__ __forceinline__ void accumulate_rows(float (&acc)[R][4 * C4], const float* w, int w1,
+                                                int w2, const float* x, int x_step) {
 #pragma unroll 2
   for (int n = 0; n < N; n += 4) {
     float4 wv[R];
 #pragma unroll
-    for (int i = 0; i < R; ++i) wv[i] = lds4(w + i * w_step + n);
+    for (int i = 0; i < R; ++i) wv[i] = lds4(w + (i & 1) * w1 + (i >> 1) * w2 + n);
 #pragma unroll
     for (int nn = 0; nn < 4; ++nn)
 #pragma unroll
@@ -94,22 +107,23 @@ __device__ __forceinline__ void accumulate_rows(float (&acc)[R][4 * C4], const f
   }
 }
 
-// Keep bits (bit i * kCols + j) of a row-tiled thread's scores: queries q0 .. q0 + R - 1 (R = 2
-// or 4, q0 % R == 0) x keys k0 + 8j, the lane of key k0 ^ 1 being lane ^ 1. Word (query parity
-// qp, key parity kp) of a 2 x 2 Philox block is x[2 qp + kp]. At R = 4 the even-key lane draws
-// queries q0, q0 + 1's block and the odd-key lane q0 + 2, q0 + 3's; each keeps the words of its
-// own key and sends the other's: 4 elements per call. At R = 2 each lane draws its own block.
+// Keep bits (bit i * kCols + j) of a row-tiled thread's scores: queries rows(i), i < R (R = 2: one
+// pair, 4: two), x keys k0 + 8j, the lane of key k0 ^ 1 being lane ^ 1. Word (query parity qp,
+// key parity kp) of a 2 x 2 Philox block is x[2 qp + kp]. At R = 4 the even-key lane draws the
+// first query pair's block and the odd-key lane the second's; each keeps the words of its own
+// key and sends the other's: 4 elements per call. At R = 2 each lane draws its own block.
 template <int R, int kCols>
 __device__ __forceinline__ uint32_t keep_bits_query_rows(const DropoutParams& d, int b, int h,
-                                                         int q0, int k0) {
+                                                         const RowPairs& rows, int k0) {
   static_assert(R == 2 || R == 4, "two or four query rows per thread");
   const bool odd = k0 & 1;
+  const int drawn = R == 4 && odd ? rows(2) : rows(0);  // the query pair this lane draws
   uint32_t bits = 0;
 #pragma unroll 1
   for (int j = 0; j < kCols; ++j) {
     const int key = k0 + 8 * j;
-    const Philox4 r = philox4x32((uint32_t)key >> 1, (uint32_t)(q0 + (R == 4 && odd ? 2 : 0)) >> 1,
-                                 (uint32_t)h, (uint32_t)b, d.key0, d.key1);
+    const Philox4 r = philox4x32((uint32_t)key >> 1, (uint32_t)drawn >> 1, (uint32_t)h,
+                                 (uint32_t)b, d.key0, d.key1);
     const uint32_t own0 = odd ? r.x[1] : r.x[0], own1 = odd ? r.x[3] : r.x[2];
     uint32_t w[4] = {own0, own1, 0u, 0u};
     if constexpr (R == 4) {
@@ -125,18 +139,19 @@ __device__ __forceinline__ uint32_t keep_bits_query_rows(const DropoutParams& d,
 }
 
 // Keep bits (bit 4i + e) of a dK/dV-tiled thread: queries q0 + kStep i (kStep even; the lane of
-// query q0 ^ 1 is lane ^ 1) x keys k0 .. k0 + 3 (k0 % 4 == 0). The even-query lane draws keys k0,
-// k0 + 1's block, the odd-query lane k0 + 2, k0 + 3's, and they swap halves.
+// query q0 ^ 1 is lane ^ 1) x keys keys(e), e < 4. The even-query lane draws the first key pair's
+// block, the odd-query lane the second's, and they swap halves.
 template <int kRows, int kStep>
 __device__ __forceinline__ uint32_t keep_bits_key_rows(const DropoutParams& d, int b, int h,
-                                                       int q0, int k0) {
+                                                       int q0, const RowPairs& keys) {
   const bool odd = q0 & 1;
+  const int drawn = odd ? keys(2) : keys(0);  // the key pair this lane draws
   uint32_t bits = 0;
 #pragma unroll 1
   for (int i = 0; i < kRows; ++i) {
     const int query = q0 + kStep * i;
-    const Philox4 r = philox4x32((uint32_t)(k0 + (odd ? 2 : 0)) >> 1, (uint32_t)query >> 1,
-                                 (uint32_t)h, (uint32_t)b, d.key0, d.key1);
+    const Philox4 r = philox4x32((uint32_t)drawn >> 1, (uint32_t)query >> 1, (uint32_t)h,
+                                 (uint32_t)b, d.key0, d.key1);
     const uint32_t own0 = odd ? r.x[2] : r.x[0], own1 = odd ? r.x[3] : r.x[1];
     const uint32_t got0 = __shfl_xor_sync(0xffffffffu, odd ? r.x[0] : r.x[2], 1);
     const uint32_t got1 = __shfl_xor_sync(0xffffffffu, odd ? r.x[1] : r.x[3], 1);
@@ -155,6 +170,7 @@ __device__ __forceinline__ uint32_t keep_bits_key_rows(const DropoutParams& d, i
 template <int D, int R> struct Fp32RowTraits {
   static constexpr int kRows = R;
   static constexpr int kBlockM = 16 * R;              // queries per block
+  static constexpr int kSplit = kBlockM / 2;          // between a thread's two query pairs
   static constexpr int kBlockN = D == 128 ? 32 : 64;  // keys per tile (registers, shared memory)
   static constexpr int kCols = kBlockN / 8;           // score columns per thread
   static constexpr int kOut = D / 8;                  // output columns per thread
@@ -180,12 +196,22 @@ template <int D> struct Fp32DqTraits : Fp32RowTraits<D, D == 128 ? 2 : 4> {
       ((size_t)(2 * B::kBlockM + B::kBlockN) * B::kLd + kVFloats) * sizeof(float);
 };
 
+// Whether every key of the tile n0 .. n0 + kBlockN - 1 is visible to each of a thread's R rows
+// (no per-element masking needed).
+template <int R, int kBlockN>
+__device__ __forceinline__ bool tile_all_visible(uint64_t bits, const Band& band,
+                                                 const RowPairs& rows, int n0) {
+  constexpr uint64_t kFull = kBlockN == 64 ? ~0ull : (1ull << kBlockN) - 1;
+  bool inside = (bits & kFull) == kFull && band.inside(rows(0), rows(1), n0, n0 + kBlockN - 1);
+  if constexpr (R == 4) inside = inside && band.inside(rows(2), rows(3), n0, n0 + kBlockN - 1);
+  return inside;
+}
+
 template <int D, bool kDropout>
 __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<float> p) {
   using Tr = Fp32FwdTraits<D>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kLd = Tr::kLd, kPLd = Tr::kPLd;
-  constexpr int kCols = Tr::kCols, kOut = Tr::kOut;
-  constexpr uint64_t kFull = kBlockN == 64 ? ~0ull : (1ull << kBlockN) - 1;
+  constexpr int kCols = Tr::kCols, kOut = Tr::kOut, kSplit = Tr::kSplit;
   extern __shared__ __align__(128) unsigned char smem[];
   float* q_s = reinterpret_cast<float*>(smem);
   float* k_s = q_s + kBlockM * kLd;
@@ -196,8 +222,8 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
   const Seq seq = sequence(p, b);
   const int m0 = blockIdx.x * kBlockM;
   if (m0 >= seq.Sq) return;
-  const int r0 = (threadIdx.x >> 3) * 4, cg = threadIdx.x & 7;
-  const int row = m0 + r0;  // this thread's queries row .. row + 3
+  const int r0 = (threadIdx.x >> 3) * 2, cg = threadIdx.x & 7;
+  const RowPairs rows{m0 + r0, kSplit};  // this thread's queries rows(0 .. 3)
   const Band band = band_of(p, seq);
   const float* k = row0(p.k, p.k_st, b, seq.k0, h);
   const float* v = row0(p.v, p.v_st, b, seq.k0, h);
@@ -205,7 +231,8 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
   const int t_begin = band.key_begin(m0) / kBlockN;
   const int n_end = band.key_end(min(m0 + kBlockM, seq.Sq) - 1, seq.Sk);
   const int t_end = (n_end + kBlockN - 1) / kBlockN;
-  load_rows_fp32<kBlockM, D>(q_s, row0(p.q, p.q_st, b, seq.q0, h), p.q_st.s, m0, seq.Sq);
+  if (t_begin < t_end)  // (the first tile's wait covers it)
+    load_rows_fp32<kBlockM, D>(q_s, row0(p.q, p.q_st, b, seq.q0, h), p.q_st.s, m0, seq.Sq);
 
   float o[4][kOut], m[4], l[4];
 #pragma unroll
@@ -224,15 +251,15 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
     __syncthreads();
     const uint64_t bits = key_bits(mask, n0, seq.Sk);
     uint32_t keep = ~0u;
-    if constexpr (kDropout) keep = keep_bits_query_rows<4, kCols>(p.dropout, b, h, row, n0 + cg);
+    if constexpr (kDropout) keep = keep_bits_query_rows<4, kCols>(p.dropout, b, h, rows, n0 + cg);
     float s[4][kCols];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < kCols; ++j) s[i][j] = 0.f;
-    dot_rows<4, kCols, D>(s, q_s + r0 * kLd, kLd, k_s + cg * kLd, 8 * kLd);
-    const bool all_visible =
-        (bits & kFull) == kFull && band.inside(row, row + 3, n0, n0 + kBlockN - 1);
+    dot_rows<4, kCols, D>(s, q_s + r0 * kLd, kLd, kSplit * kLd, k_s + cg * kLd, 8 * kLd,
+                          16 * kLd);
+    const bool all_visible = tile_all_visible<4, kBlockN>(bits, band, rows, n0);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float mx = m[i];
@@ -240,7 +267,7 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
       for (int j = 0; j < kCols; ++j) {
         const int col = cg + 8 * j;
         s[i][j] *= p.scale_log2;
-        if (!all_visible && !(((bits >> col) & 1) && band.has(row + i, n0 + col)))
+        if (!all_visible && !(((bits >> col) & 1) && band.has(rows(i), n0 + col)))
           s[i][j] = -INFINITY;
         mx = fmaxf(mx, s[i][j]);
       }
@@ -258,11 +285,12 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
         float pv = exp2f(s[i][j] - base);
         l[i] += pv;  // the normaliser is that of the undropped probabilities
         if constexpr (kDropout) pv = (keep >> (i * kCols + j)) & 1 ? pv : 0.f;
-        p_s[(r0 + i) * kPLd + cg + 8 * j] = pv;
+        p_s[(rows(i) - m0) * kPLd + cg + 8 * j] = pv;
       }
     }
     __syncthreads();
-    accumulate_rows<4, kOut / 4, kBlockN, kLd>(o, p_s + r0 * kPLd, kPLd, v_s + 4 * cg, 32);
+    accumulate_rows<4, kOut / 4, kBlockN, kLd>(o, p_s + r0 * kPLd, kPLd, kSplit * kPLd,
+                                               v_s + 4 * cg, 32);
   }
 
   const float keep_scale = kDropout ? p.dropout.keep_scale : 1.f;
@@ -272,12 +300,13 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
     for (int x = 1; x <= 4; x <<= 1) l[i] += __shfl_xor_sync(0xffffffffu, l[i], x);
-    if (row + i >= seq.Sq) continue;
-    if (cg == 0) lse[row + i] = l[i] > 0.f ? (m[i] + log2f(l[i])) * kLn2 : INFINITY;
+    const int row = rows(i);
+    if (row >= seq.Sq) continue;
+    if (cg == 0) lse[row] = l[i] > 0.f ? (m[i] + log2f(l[i])) * kLn2 : INFINITY;
     const float mult = l[i] > 0.f ? keep_scale / l[i] : 0.f;
 #pragma unroll
     for (int c = 0; c < kOut / 4; ++c)
-      *reinterpret_cast<float4*>(out + (int64_t)(row + i) * p.out_st.s + 32 * c) =
+      *reinterpret_cast<float4*>(out + (int64_t)row * p.out_st.s + 32 * c) =
           make_float4(o[i][4 * c] * mult, o[i][4 * c + 1] * mult, o[i][4 * c + 2] * mult,
                       o[i][4 * c + 3] * mult);
   }
@@ -291,6 +320,9 @@ template <int D> struct Fp32BwdTraits {
   static constexpr int kLanes = kFp32Threads / (kBlockN / 4);  // threads sharing a key group
   static constexpr int kRows = kBlockM / kLanes;          // queries per thread in S and dP
   static constexpr int kAcc = D / kLanes;                 // dK / dV columns per thread
+  // key group kg's keys: RowPairs{kKeyBase * kg, kKeySplit}. With 8 lanes a group, a warp's 4
+  // groups start 2 keys apart (pairs kBlockN / 2 apart); with 16, its 2 groups 4 apart
+  static constexpr int kKeyBase = kLanes == 8 ? 2 : 4, kKeySplit = kLanes == 8 ? kBlockN / 2 : 2;
   static constexpr int kLd = D + 4, kTLd = kBlockM + 4;
   // the atomic dQ product: kBlockM x D, thread (qg, ch) owns kDqRows rows x columns 4ch .. + 3
   static constexpr int kDqChunks = D / 4, kDqRows = kBlockM * kDqChunks / kFp32Threads;
@@ -298,9 +330,10 @@ template <int D> struct Fp32BwdTraits {
   static constexpr size_t kSmemBytes =
       ((size_t)(2 * kBlockN + 2 * kBlockM) * kLd + 2 * kBlockM + 2 * kBlockN * kTLd) *
       sizeof(float);
-  static_assert(kAcc % 4 == 0 && kDqRows >= 1, "tiling");
+  static_assert(kAcc % 4 == 0 && kDqRows >= 1 && (kLanes == 8 || kLanes == 16), "tiling");
 };
 
+// dQ's atomics land in dq itself (fp32: dq_accum == dq, zeroed by delta_kernel), pre-scaled.
 template <int D, bool kDropout>
 __global__ void __launch_bounds__(kFp32Threads, 2) dkdv_kernel_fp32(const Params<float> p) {
   using Tr = Fp32BwdTraits<D>;
@@ -313,21 +346,22 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dkdv_kernel_fp32(const Params
   float* do_s = q_s + kBlockM * kLd;
   float* lse_s = do_s + kBlockM * kLd;
   float* delta_s = lse_s + kBlockM;
-  float* pt_s = delta_s + kBlockM;  // P^T as dropout saw it, then dS^T
-  float* dst_s = pt_s + kBlockN * kTLd;
+  float* pt_s = delta_s + kBlockM;  // P^T as dropout saw it
+  float* dst_s = pt_s + kBlockN * kTLd;  // dS^T
 
   const int h = blockIdx.y, b = blockIdx.z;
   const Seq seq = sequence(p, b);
   const int n0 = blockIdx.x * kBlockN;
   if (n0 >= seq.Sk) return;
   const int kg = threadIdx.x / kLanes, ln = threadIdx.x % kLanes;
-  const int key = n0 + 4 * kg;  // this thread's keys key .. key + 3
+  const RowPairs tile_keys{Tr::kKeyBase * kg, Tr::kKeySplit};  // in the block's key tile
+  const RowPairs keys{n0 + tile_keys.base, Tr::kKeySplit};     // in the sequence
   const Band band = band_of(p, seq);
   const uint8_t* mask = p.mask ? p.mask + (int64_t)b * p.Sk : nullptr;
   bool real[4];
 #pragma unroll
   for (int e = 0; e < 4; ++e)
-    real[e] = key + e < seq.Sk && (mask == nullptr || mask[key + e] != 0);
+    real[e] = keys(e) < seq.Sk && (mask == nullptr || mask[keys(e)] != 0);
   const float* q = row0(p.q, p.q_st, b, seq.q0, h);
   const float* dout = row0(p.dout, p.dout_st, b, seq.q0, h);
   const float* lse = p.lse + b * p.lse_b + h * p.lse_h + seq.q0;
@@ -361,21 +395,24 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dkdv_kernel_fp32(const Params
 
     uint32_t keep = ~0u;
     if constexpr (kDropout)
-      keep = keep_bits_key_rows<kRows, kLanes>(p.dropout, b, h, m0 + ln, key);
+      keep = keep_bits_key_rows<kRows, kLanes>(p.dropout, b, h, m0 + ln, keys);
     float s[kRows][4], dp[kRows][4];
 #pragma unroll
     for (int i = 0; i < kRows; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    dot_rows<kRows, 4, D>(s, q_s + ln * kLd, kLanes * kLd, k_s + 4 * kg * kLd, kLd);
-    dot_rows<kRows, 4, D>(dp, do_s + ln * kLd, kLanes * kLd, v_s + 4 * kg * kLd, kLd);
+    const int key_row = tile_keys.base * kLd, key_split = Tr::kKeySplit * kLd;
+    dot_rows<kRows, 4, D>(s, q_s + ln * kLd, kLanes * kLd, 2 * kLanes * kLd, k_s + key_row, kLd,
+                          key_split);
+    dot_rows<kRows, 4, D>(dp, do_s + ln * kLd, kLanes * kLd, 2 * kLanes * kLd, v_s + key_row,
+                          kLd, key_split);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int r = ln + kLanes * i;
       const float lse2 = lse_s[r] * kLog2e, dl = delta_s[r];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool visible = real[e] && m0 + r < seq.Sq && band.has(m0 + r, key + e);
+        const bool visible = real[e] && m0 + r < seq.Sq && band.has(m0 + r, keys(e));
         const float pv = visible ? exp2f(s[i][e] * p.scale_log2 - lse2) : 0.f;
         float dpv = dp[i][e], p_used = pv;
         if constexpr (kDropout) {
@@ -383,17 +420,18 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dkdv_kernel_fp32(const Params
           dpv *= kept;
           p_used *= kept;
         }
-        pt_s[(4 * kg + e) * kTLd + r] = p_used;
-        dst_s[(4 * kg + e) * kTLd + r] = pv * (dpv - dl);
+        pt_s[tile_keys(e) * kTLd + r] = p_used;
+        dst_s[tile_keys(e) * kTLd + r] = pv * (dpv - dl);
       }
     }
     __syncthreads();
     // dV += P^T dO, dK += dS^T Q (the scale is applied at the end)
-    accumulate_rows<4, kAcc / 4, kBlockM, kLd>(dv, pt_s + 4 * kg * kTLd, kTLd, do_s + 4 * ln,
+    const int t_row = tile_keys.base * kTLd, t_split = Tr::kKeySplit * kTLd;
+    accumulate_rows<4, kAcc / 4, kBlockM, kLd>(dv, pt_s + t_row, kTLd, t_split, do_s + 4 * ln,
                                                4 * kLanes);
-    accumulate_rows<4, kAcc / 4, kBlockM, kLd>(dk, dst_s + 4 * kg * kTLd, kTLd, q_s + 4 * ln,
+    accumulate_rows<4, kAcc / 4, kBlockM, kLd>(dk, dst_s + t_row, kTLd, t_split, q_s + 4 * ln,
                                                4 * kLanes);
-    if (p.dq_accum != nullptr) {  // dQ += dS K over this block's keys, into the fp32 accumulator
+    if (p.dq_accum != nullptr) {  // dQ += scale * dS K over this block's keys, into dq
       constexpr int kDqRows = Tr::kDqRows;
       const int qr = threadIdx.x / Tr::kDqChunks * kDqRows, col = threadIdx.x % Tr::kDqChunks * 4;
       float acc[kDqRows][4];
@@ -416,7 +454,8 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dkdv_kernel_fp32(const Params
       for (int i = 0; i < kDqRows; ++i) {
         if (m0 + qr + i >= seq.Sq) continue;
 #pragma unroll
-        for (int x = 0; x < 4; ++x) atomicAdd(dst + (int64_t)(m0 + qr + i) * p.acc_st.s + x, acc[i][x]);
+        for (int x = 0; x < 4; ++x)
+          atomicAdd(dst + (int64_t)(m0 + qr + i) * p.acc_st.s + x, acc[i][x] * p.scale);
       }
     }
   }
@@ -425,14 +464,14 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dkdv_kernel_fp32(const Params
   float* dv_out = row0(p.dv, p.dv_st, b, seq.k0, h) + 4 * ln;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    if (key + e >= seq.Sk) continue;
+    const int key = keys(e);
+    if (key >= seq.Sk) continue;
 #pragma unroll
     for (int c = 0; c < kAcc / 4; ++c) {
-      const int64_t at = (int64_t)(key + e) * p.dk_st.s + 4 * kLanes * c;
-      *reinterpret_cast<float4*>(dk_out + at) =
+      *reinterpret_cast<float4*>(dk_out + (int64_t)key * p.dk_st.s + 4 * kLanes * c) =
           make_float4(dk[e][4 * c] * p.scale, dk[e][4 * c + 1] * p.scale,
                       dk[e][4 * c + 2] * p.scale, dk[e][4 * c + 3] * p.scale);
-      *reinterpret_cast<float4*>(dv_out + (int64_t)(key + e) * p.dv_st.s + 4 * kLanes * c) =
+      *reinterpret_cast<float4*>(dv_out + (int64_t)key * p.dv_st.s + 4 * kLanes * c) =
           make_float4(dv[e][4 * c], dv[e][4 * c + 1], dv[e][4 * c + 2], dv[e][4 * c + 3]);
     }
   }
@@ -445,6 +484,7 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dq_kernel_fp32(const Params<f
   using Tr = Fp32DqTraits<D>;
   constexpr int R = Tr::kRows, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
   constexpr int kLd = Tr::kLd, kPLd = Tr::kPLd, kCols = Tr::kCols, kOut = Tr::kOut;
+  constexpr int kSplit = Tr::kSplit;
   extern __shared__ __align__(128) unsigned char smem[];
   float* q_s = reinterpret_cast<float*>(smem);
   float* do_s = q_s + kBlockM * kLd;
@@ -456,8 +496,8 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dq_kernel_fp32(const Params<f
   const Seq seq = sequence(p, b);
   const int m0 = blockIdx.x * kBlockM;
   if (m0 >= seq.Sq) return;
-  const int r0 = (threadIdx.x >> 3) * R, cg = threadIdx.x & 7;
-  const int row = m0 + r0;
+  const int r0 = (threadIdx.x >> 3) * 2, cg = threadIdx.x & 7;
+  const RowPairs rows{m0 + r0, kSplit};  // this thread's queries rows(0 .. R - 1)
   const Band band = band_of(p, seq);
   const float* k = row0(p.k, p.k_st, b, seq.k0, h);
   const float* v = row0(p.v, p.v_st, b, seq.k0, h);
@@ -465,15 +505,18 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dq_kernel_fp32(const Params<f
   const int t_begin = band.key_begin(m0) / kBlockN;
   const int n_end = band.key_end(min(m0 + kBlockM, seq.Sq) - 1, seq.Sk);
   const int t_end = (n_end + kBlockN - 1) / kBlockN;
-  load_rows_fp32<kBlockM, D>(q_s, row0(p.q, p.q_st, b, seq.q0, h), p.q_st.s, m0, seq.Sq);
-  load_rows_fp32<kBlockM, D>(do_s, row0(p.dout, p.dout_st, b, seq.q0, h), p.dout_st.s, m0,
-                             seq.Sq);
+  if (t_begin < t_end) {  // (the first tile's wait covers them)
+    load_rows_fp32<kBlockM, D>(q_s, row0(p.q, p.q_st, b, seq.q0, h), p.q_st.s, m0, seq.Sq);
+    load_rows_fp32<kBlockM, D>(do_s, row0(p.dout, p.dout_st, b, seq.q0, h), p.dout_st.s, m0,
+                               seq.Sq);
+  }
   float lse2[R], dl[R];
   const int64_t stat0 = b * p.lse_b + h * p.lse_h + seq.q0;
 #pragma unroll
   for (int i = 0; i < R; ++i) {  // rows past the end: lse = +inf, so P = 0
-    lse2[i] = row + i < seq.Sq ? p.lse[stat0 + row + i] * kLog2e : INFINITY;
-    dl[i] = row + i < seq.Sq ? p.delta[stat0 + row + i] : 0.f;
+    const int row = rows(i);
+    lse2[i] = row < seq.Sq ? p.lse[stat0 + row] * kLog2e : INFINITY;
+    dl[i] = row < seq.Sq ? p.delta[stat0 + row] : 0.f;
   }
 
   float dq[R][kOut];
@@ -491,38 +534,42 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dq_kernel_fp32(const Params<f
     __syncthreads();
     const uint64_t bits = key_bits(mask, n0, seq.Sk);
     uint32_t keep = ~0u;
-    if constexpr (kDropout) keep = keep_bits_query_rows<R, kCols>(p.dropout, b, h, row, n0 + cg);
+    if constexpr (kDropout) keep = keep_bits_query_rows<R, kCols>(p.dropout, b, h, rows, n0 + cg);
     float s[R][kCols], dp[R][kCols];
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
       for (int j = 0; j < kCols; ++j) s[i][j] = dp[i][j] = 0.f;
-    dot_rows<R, kCols, D>(s, q_s + r0 * kLd, kLd, k_s + cg * kLd, 8 * kLd);
-    dot_rows<R, kCols, D>(dp, do_s + r0 * kLd, kLd, v_s + cg * kLd, 8 * kLd);
+    dot_rows<R, kCols, D>(s, q_s + r0 * kLd, kLd, kSplit * kLd, k_s + cg * kLd, 8 * kLd,
+                          16 * kLd);
+    dot_rows<R, kCols, D>(dp, do_s + r0 * kLd, kLd, kSplit * kLd, v_s + cg * kLd, 8 * kLd,
+                          16 * kLd);
     __syncthreads();  // V is read: dS takes its place
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
         const int col = cg + 8 * j;
-        const bool visible = ((bits >> col) & 1) && band.has(row + i, n0 + col);
+        const bool visible = ((bits >> col) & 1) && band.has(rows(i), n0 + col);
         const float pv = visible ? exp2f(s[i][j] * p.scale_log2 - lse2[i]) : 0.f;
         float dpv = dp[i][j];
         if constexpr (kDropout)
           dpv = (keep >> (i * kCols + j)) & 1 ? dpv * p.dropout.keep_scale : 0.f;
-        ds_s[(r0 + i) * kPLd + col] = pv * (dpv - dl[i]);
+        ds_s[(rows(i) - m0) * kPLd + col] = pv * (dpv - dl[i]);
       }
     __syncthreads();
-    accumulate_rows<R, kOut / 4, kBlockN, kLd>(dq, ds_s + r0 * kPLd, kPLd, k_s + 4 * cg, 32);
+    accumulate_rows<R, kOut / 4, kBlockN, kLd>(dq, ds_s + r0 * kPLd, kPLd, kSplit * kPLd,
+                                               k_s + 4 * cg, 32);
   }
 
   float* out = row0(p.dq, p.dq_st, b, seq.q0, h) + 4 * cg;
 #pragma unroll
   for (int i = 0; i < R; ++i) {
-    if (row + i >= seq.Sq) continue;
+    const int row = rows(i);
+    if (row >= seq.Sq) continue;
 #pragma unroll
     for (int c = 0; c < kOut / 4; ++c)
-      *reinterpret_cast<float4*>(out + (int64_t)(row + i) * p.dq_st.s + 32 * c) =
+      *reinterpret_cast<float4*>(out + (int64_t)row * p.dq_st.s + 32 * c) =
           make_float4(dq[i][4 * c] * p.scale, dq[i][4 * c + 1] * p.scale,
                       dq[i][4 * c + 2] * p.scale, dq[i][4 * c + 3] * p.scale);
   }
