@@ -354,9 +354,11 @@ def _problems(model: nn.Module, encoders: list) -> list:
 
     for name, module in model.named_modules():
         family = next((f for e, f in encoders if module is e), None)
-        if family is not None and family.name != "BERT" and not _new_attention_api(family):
-            problems.append(f"{where(name, module)}: this transformers version's {family.name} "
-                            f"attention has the pre-5.0 interface")
+        if family is not None and not _new_attention_api(family):
+            import transformers
+            problems.append(f"{where(name, module)}: transformers {transformers.__version__}'s "
+                            f"{family.name} layers have the pre-5.0 interface (patch_hf needs "
+                            f"transformers >= 5.0: pip install -U transformers)")
         if family is not None:
             implementation = getattr(_config_of(module), "_attn_implementation", None)
             if implementation in _UNSERVED_ATTENTION:
@@ -394,7 +396,8 @@ def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
     Everything is checked before anything is patched: a model with no encoder of these families,
     or a module fastbert cannot serve (flex attention's BlockMask, a head dim over
     fastbert.ops.MAX_HEAD_DIM), raises ValueError/TypeError naming the module and leaves the model
-    untouched. On transformers < 5 a BERT's attention is left unpatched (with a warning)."""
+    untouched; so is a model of transformers < 5 (whose layers' interface predates the one patched
+    here)."""
     if not isinstance(model, nn.Module):  # e.g. a Hub name: patch_hf patches a model already loaded
         raise TypeError(f"patch_hf: expected a transformers model (an nn.Module), got "
                         f"{type(model).__name__} {model!r}; load it first, e.g. "
@@ -413,11 +416,6 @@ def patch_hf(model: nn.Module, unpad: bool = True) -> nn.Module:
     if problems:
         raise ValueError("patch_hf: cannot serve " + "; ".join(problems) + " (nothing was patched)")
 
-    bert = families[0]
-    if not _new_attention_api(bert):
-        warnings.warn("patch_hf: this transformers version's BertSelfAttention has the pre-5.0 "
-                      "interface; its attention is left unpatched")
-        bert.forwards.pop(bert.attention)
     for encoder, family in encoders:
         _patch_encoder(encoder, family)
         encoder.fastbert_unpad = bool(unpad)

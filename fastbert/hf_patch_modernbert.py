@@ -259,10 +259,16 @@ def models(model: nn.Module) -> list:
 
 
 def _problems(found: list) -> list:
+    import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     problems = []
     for m in found:
         config = m.config
+        if not hasattr(config, "rope_parameters"):  # transformers 4.x: another module layout
+            problems.append(f"{type(m).__name__}: transformers {transformers.__version__}'s "
+                            f"ModernBERT predates the 5.0 layout patch_hf serves (patch_hf "
+                            f"needs transformers >= 5.0: pip install -U transformers)")
+            continue
         head_dim = config.hidden_size // config.num_attention_heads
         if head_dim > fastbert.ops.MAX_HEAD_DIM:
             problems.append(f"{type(m).__name__}: head dim {head_dim} is over fastbert's "

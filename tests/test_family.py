@@ -319,3 +319,22 @@ def test_refuses_flex_attention_masks():
                                          r"attn_implementation='flex_attention'"):
         fastbert.patch_hf(model)
     assert kinds_of(model) == before
+
+
+@pytest.mark.parametrize("family", ["bert", "electra", "roberta", "distilbert"])
+def test_refuses_the_layers_of_transformers_4(family, monkeypatch):
+    """transformers 4.x layers (attention with head_mask, no **kwargs) are refused before
+    anything is patched, with the version to install (checked by hand on transformers 4.57.6:
+    a patched 4.57 BERT raised TypeError in its first masked forward before this)."""
+    from fastbert import hf_patch
+
+    monkeypatch.setattr(hf_patch, "_new_attention_api", lambda family: False)
+    model = (transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64)) if family == "bert" else make_model(family, "Model"))
+    before = kinds_of(model)
+    with pytest.raises(ValueError, match=r"pre-5\.0 interface \(patch_hf needs transformers "
+                                         r">= 5\.0: pip install -U transformers\)"):
+        fastbert.patch_hf(model)
+    assert kinds_of(model) == before
+

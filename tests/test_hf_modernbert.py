@@ -497,7 +497,7 @@ def test_local_layers_run_windowed_varlen(monkeypatch):
     assert seen == [None, (4, 4), (4, 4)]  # global (no window), then local layers with +-4
 
 
-def test_unservable_configs_are_refused_before_patching():
+def test_unservable_configs_are_refused_before_patching(monkeypatch):
     big = mb.ModernBertModel(tiny_config(hidden_size=520, num_attention_heads=2,
                                          intermediate_size=8))
     with pytest.raises(ValueError, match="head dim 260 is over fastbert's 256"):
@@ -510,6 +510,13 @@ def test_unservable_configs_are_refused_before_patching():
     assert type(model.model) is mb.ModernBertModel
     with pytest.raises(ValueError, match="ModernBERT runs unpadded only"):
         fastbert.patch_hf(mb.ModernBertModel(tiny_config()), unpad=False)
+    old = mb.ModernBertModel(tiny_config())  # transformers 4.x's config has no rope_parameters
+    del old.config.rope_parameters
+    monkeypatch.delattr(type(old.config), "rope_parameters")
+    with pytest.raises(ValueError, match=r"predates the 5\.0 layout patch_hf serves \(patch_hf "
+                                         r"needs transformers >= 5\.0"):
+        fastbert.patch_hf(old)
+    assert type(old) is mb.ModernBertModel
 
 
 def test_patching_twice_and_copies_are_harmless():
