@@ -196,6 +196,42 @@ template <int D> struct Fp32DqTraits : Fp32RowTraits<D, D == 128 ? 2 : 4> {
       ((size_t)(2 * B::kBlockM + B::kBlockN) * B::kLd + kVFloats) * sizeof(float);
 };
 
+// What a query-tiled block (forward, dQ) reads of its sequence: the key and value rows, the key
+// mask, its band and the key tiles [t_begin, t_end) that band reaches from queries m0 .. m0 +
+// kBlockM - 1. `empty`: the block starts past the sequence's end (it returns at once).
+template <int kBlockM, int kBlockN> struct QueryBlock {
+  Seq seq;
+  Band band;
+  const float* k;
+  const float* v;
+  const uint8_t* mask;
+  int m0, t_begin, t_end;
+  bool empty;
+  __device__ __forceinline__ QueryBlock(const Params<float>& p, int b, int h) {
+    seq = sequence(p, b);
+    m0 = blockIdx.x * kBlockM;
+    empty = m0 >= seq.Sq;
+    band = band_of(p, seq);
+    k = row0(p.k, p.k_st, b, seq.k0, h);
+    v = row0(p.v, p.v_st, b, seq.k0, h);
+    mask = p.mask ? p.mask + (int64_t)b * p.Sk : nullptr;
+    t_begin = band.key_begin(m0) / kBlockN;
+    t_end = (band.key_end(min(m0 + kBlockM, seq.Sq) - 1, seq.Sk) + kBlockN - 1) / kBlockN;
+  }
+  // K and V rows n0 .. n0 + kBlockN - 1 into shared memory, once no thread reads the last tile's
+  // (nor what shares their space).
+  template <int D>
+  __device__ __forceinline__ void load_kv(float* k_s, float* v_s, const Params<float>& p,
+                                          int n0) const {
+    __syncthreads();
+    load_rows_fp32<kBlockN, D>(k_s, k, p.k_st.s, n0, seq.Sk);
+    load_rows_fp32<kBlockN, D>(v_s, v, p.v_st.s, n0, seq.Sk);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+  }
+};
+
 // Whether every key of the tile n0 .. n0 + kBlockN - 1 is visible to each of a thread's R rows
 // (no per-element masking needed).
 template <int R, int kBlockN>
@@ -219,19 +255,13 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
   float* p_s = v_s + kBlockN * kLd;
 
   const int h = blockIdx.y, b = blockIdx.z;
-  const Seq seq = sequence(p, b);
-  const int m0 = blockIdx.x * kBlockM;
-  if (m0 >= seq.Sq) return;
-  const int r0 = (threadIdx.x >> 3) * 2, cg = threadIdx.x & 7;
+  const QueryBlock<kBlockM, kBlockN> blk(p, b, h);
+  if (blk.empty) return;
+  const Seq& seq = blk.seq;
+  const Band& band = blk.band;
+  const int m0 = blk.m0, r0 = (threadIdx.x >> 3) * 2, cg = threadIdx.x & 7;
   const RowPairs rows{m0 + r0, kSplit};  // this thread's queries rows(0 .. 3)
-  const Band band = band_of(p, seq);
-  const float* k = row0(p.k, p.k_st, b, seq.k0, h);
-  const float* v = row0(p.v, p.v_st, b, seq.k0, h);
-  const uint8_t* mask = p.mask ? p.mask + (int64_t)b * p.Sk : nullptr;
-  const int t_begin = band.key_begin(m0) / kBlockN;
-  const int n_end = band.key_end(min(m0 + kBlockM, seq.Sq) - 1, seq.Sk);
-  const int t_end = (n_end + kBlockN - 1) / kBlockN;
-  if (t_begin < t_end)  // (the first tile's wait covers it)
+  if (blk.t_begin < blk.t_end)  // (the first tile's wait covers it)
     load_rows_fp32<kBlockM, D>(q_s, row0(p.q, p.q_st, b, seq.q0, h), p.q_st.s, m0, seq.Sq);
 
   float o[4][kOut], m[4], l[4];
@@ -241,15 +271,10 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
 #pragma unroll
     for (int f = 0; f < kOut; ++f) o[i][f] = 0.f;
   }
-  for (int t = t_begin; t < t_end; ++t) {
+  for (int t = blk.t_begin; t < blk.t_end; ++t) {
     const int n0 = t * kBlockN;
-    __syncthreads();  // nobody still reads the previous tile's K, V, P
-    load_rows_fp32<kBlockN, D>(k_s, k, p.k_st.s, n0, seq.Sk);
-    load_rows_fp32<kBlockN, D>(v_s, v, p.v_st.s, n0, seq.Sk);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-    const uint64_t bits = key_bits(mask, n0, seq.Sk);
+    blk.template load_kv<D>(k_s, v_s, p, n0);  // (the previous tile's P is read by then too)
+    const uint64_t bits = key_bits(blk.mask, n0, seq.Sk);
     uint32_t keep = ~0u;
     if constexpr (kDropout) keep = keep_bits_query_rows<4, kCols>(p.dropout, b, h, rows, n0 + cg);
     float s[4][kCols];
@@ -493,19 +518,13 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dq_kernel_fp32(const Params<f
   float* ds_s = v_s;  // [kBlockM][kPLd], once nobody reads V
 
   const int h = blockIdx.y, b = blockIdx.z;
-  const Seq seq = sequence(p, b);
-  const int m0 = blockIdx.x * kBlockM;
-  if (m0 >= seq.Sq) return;
-  const int r0 = (threadIdx.x >> 3) * 2, cg = threadIdx.x & 7;
+  const QueryBlock<kBlockM, kBlockN> blk(p, b, h);
+  if (blk.empty) return;
+  const Seq& seq = blk.seq;
+  const Band& band = blk.band;
+  const int m0 = blk.m0, r0 = (threadIdx.x >> 3) * 2, cg = threadIdx.x & 7;
   const RowPairs rows{m0 + r0, kSplit};  // this thread's queries rows(0 .. R - 1)
-  const Band band = band_of(p, seq);
-  const float* k = row0(p.k, p.k_st, b, seq.k0, h);
-  const float* v = row0(p.v, p.v_st, b, seq.k0, h);
-  const uint8_t* mask = p.mask ? p.mask + (int64_t)b * p.Sk : nullptr;
-  const int t_begin = band.key_begin(m0) / kBlockN;
-  const int n_end = band.key_end(min(m0 + kBlockM, seq.Sq) - 1, seq.Sk);
-  const int t_end = (n_end + kBlockN - 1) / kBlockN;
-  if (t_begin < t_end) {  // (the first tile's wait covers them)
+  if (blk.t_begin < blk.t_end) {  // (the first tile's wait covers them)
     load_rows_fp32<kBlockM, D>(q_s, row0(p.q, p.q_st, b, seq.q0, h), p.q_st.s, m0, seq.Sq);
     load_rows_fp32<kBlockM, D>(do_s, row0(p.dout, p.dout_st, b, seq.q0, h), p.dout_st.s, m0,
                                seq.Sq);
@@ -524,15 +543,10 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dq_kernel_fp32(const Params<f
   for (int i = 0; i < R; ++i)
 #pragma unroll
     for (int f = 0; f < kOut; ++f) dq[i][f] = 0.f;
-  for (int t = t_begin; t < t_end; ++t) {
+  for (int t = blk.t_begin; t < blk.t_end; ++t) {
     const int n0 = t * kBlockN;
-    __syncthreads();  // nobody still reads the previous tile's K or dS
-    load_rows_fp32<kBlockN, D>(k_s, k, p.k_st.s, n0, seq.Sk);
-    load_rows_fp32<kBlockN, D>(v_s, v, p.v_st.s, n0, seq.Sk);
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-    const uint64_t bits = key_bits(mask, n0, seq.Sk);
+    blk.template load_kv<D>(k_s, v_s, p, n0);  // (dS, in V's space, is read by then too)
+    const uint64_t bits = key_bits(blk.mask, n0, seq.Sk);
     uint32_t keep = ~0u;
     if constexpr (kDropout) keep = keep_bits_query_rows<R, kCols>(p.dropout, b, h, rows, n0 + cg);
     float s[R][kCols], dp[R][kCols];
