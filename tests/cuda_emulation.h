@@ -8,7 +8,8 @@
 // (-fsanitize=kernel-address and -fsanitize=alignment, with the runtime's callbacks), which lets
 // the runtime check global accesses against guard regions and alignment (memcheck) and shared ones
 // for conflicts between barriers (racecheck); barriers reached by part of a block are reported as
-// synccheck errors.
+// synccheck errors. With bankcheck on, the shared accesses (and ldmatrix's and cp.async's shared
+// requests) are also grouped into warp instructions and their bank conflicts counted.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -50,6 +51,9 @@ void warp_sync(const char* file, int line);  // __syncwarp: orders shared access
 const uint32_t* warp_exchange(const uint32_t* mine, int words, const char* file, int line);
 // An access the instrumentation does not see (emulated instructions), checked explicitly.
 void check_access(const void* p, size_t bytes, bool write);
+// bankcheck: this lane's part of a shared-memory request an emulated instruction makes (kind 2
+// ldmatrix, 3 cp.async), `pc` its call site; instrumented accesses are counted by themselves.
+void count_shared_request(const void* p, size_t bytes, int kind, const void* pc);
 void check_aligned(const void* p, size_t align, const char* what);
 unsigned char* dynamic_smem();
 void* static_shared(size_t bytes, size_t align, const void* key);
@@ -189,27 +193,35 @@ template <typename T> inline uint32_t pack2(float lo, float hi) {
   return float_to_bits<T>(lo) | (uint32_t)float_to_bits<T>(hi) << 16;
 }
 
+// Element i of the shared row at `row` (ldmatrix's own read, checked explicitly: a separate
+// uninstrumented function, so that bankcheck does not count it as a kernel's access).
+EMU_UNCHECKED inline uint16_t ldmatrix_element(uint32_t row, int i) {
+  const unsigned char* p = emu::dynamic_smem() + row + 2 * i;
+  emu::check_access(p, 2, false);
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
 // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; lane l gets element
 // (l / 4, 2 (l % 4) + {0, 1}) of each (transposed: (2 (l % 4) + {0, 1}, l / 4)).
 EMU_UNCHECKED inline void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
   emu::check_aligned(emu::dynamic_smem() + addr, 16, "ldmatrix row");
+  // bankcheck: the lane's 16-byte row (one x4 request: 4 matrices of 8 rows)
+  emu::count_shared_request(emu::dynamic_smem() + addr, 16, 2, __builtin_return_address(0));
   const uint32_t* rows = emu::warp_exchange(&addr, 1, __FILE__, __LINE__);
   const int l = emu::lane(), g = l / 4, t = l % 4;
-  auto at = [](uint32_t row, int i) {
-    const unsigned char* p = emu::dynamic_smem() + row + 2 * i;
-    emu::check_access(p, 2, false);
-    uint16_t v;
-    std::memcpy(&v, p, 2);
-    return v;
-  };
+  auto at = ldmatrix_element;
   for (int i = 0; i < 4; ++i) {
     const uint16_t lo = trans ? at(rows[8 * i + 2 * t], g) : at(rows[8 * i + g], 2 * t);
     const uint16_t hi = trans ? at(rows[8 * i + 2 * t + 1], g) : at(rows[8 * i + g], 2 * t + 1);
     r[i] = lo | (uint32_t)hi << 16;
   }
 }
-inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, false); }
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, true); }
+// Always inlined, here and for cp.async: bankcheck names the call sites in the kernels.
+#define EMU_INLINE __attribute__((always_inline)) inline
+EMU_INLINE void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, false); }
+EMU_INLINE void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, true); }
 
 // mma.m16n8k16, fp32 accumulate, from all 32 lanes' fragments: A (16 x 16) element (r, c) is in
 // lane (r % 8) * 4 + (c % 8) / 2, register (r >= 8) + 2 (c >= 8), half c % 2; B (16 x 8) element
@@ -237,10 +249,10 @@ EMU_UNCHECKED inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint3
   }
 }
 
-inline void cp_async_16(void* dst, const void* src, bool valid) {
+EMU_INLINE void cp_async_16(void* dst, const void* src, bool valid) {
   emu::queue_copy(dst, src, 16, valid);
 }
-inline void cp_async_4(void* dst, const void* src, bool valid) {
+EMU_INLINE void cp_async_4(void* dst, const void* src, bool valid) {
   emu::queue_copy(dst, src, 4, valid);
 }
 inline void cp_async_commit() {}

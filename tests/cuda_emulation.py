@@ -18,9 +18,15 @@ regions (extents from the call's shapes and strides, overlapping views merged), 
 copies them back, and raises `EmulationFinding` with what memcheck, racecheck or synccheck found
 (kernel, block, thread, buffer, byte offset). Launcher errors raise ValueError / RuntimeError as
 the pybind11 module does.
+
+bankcheck (`EmuC.bankcheck()`, off by default): shared-memory bank conflicts counted per kernel
+and access site, as wavefronts against the ideal (tests/cuda_emulation.cpp states the model);
+`EmuC.bank_report()` returns them, `format_bank_report` makes a table. It counts the kernels'
+plain shared loads and stores (instrumented) and the emulated ldmatrix and cp.async requests.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -31,10 +37,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUMENT = ["-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
               "--param", "asan-stack=0", "--param", "asan-globals=0",
-              "--param", "asan-use-after-return=0", "-fsanitize=alignment"]
+              "--param", "asan-use-after-return=0", "-fsanitize=alignment",
+              # an aggregate (float4, uint4, ...) load or store stays one access, as the GPU's
+              # LDS.128 / STS.128 (GCC would split a float4 copy into four 4-byte loads)
+              "-fno-tree-sra"]
 
 P, I, L, D, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_uint64
 ELEMENT_BYTES = {0: 2, 1: 2, 2: 4}  # fastbert/cuda.py's dtype codes
+# the checks' own test kernels, built only into the emulation
+SELFTESTS = ("tests/cuda_emulation_selftest.cu", "tests/cuda_emulation_bank_selftest.cu")
 
 
 class EmulationFinding(AssertionError):
@@ -97,7 +108,7 @@ def rewrite(text: str, name: str) -> str:
 def build(tmp_dir: Path, compiler: str, include: Path) -> Path:
     """Rewrites kernels/, csrc/ and the self-test kernels into tmp_dir and links the library."""
     src = tmp_dir / "src"
-    for pattern in ("kernels/*.cuh", "csrc/*.cu", "csrc/*.h", "tests/cuda_emulation_selftest.cu"):
+    for pattern in ("kernels/*.cuh", "csrc/*.cu", "csrc/*.h") + SELFTESTS:
         for path in ROOT.glob(pattern):
             name = str(path.relative_to(ROOT))
             (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +116,7 @@ def build(tmp_dir: Path, compiler: str, include: Path) -> Path:
     common = [compiler, "-std=c++20", "-fPIC", "-w", f"-I{src}", f"-I{ROOT}", f"-I{include}"]
     sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/*.cu"))
     jobs, objects = [], []
-    for name in sources + ["tests/cuda_emulation_selftest.cu"]:
+    for name in sources + list(SELFTESTS):
         obj = tmp_dir / (Path(name).stem + ".o")
         jobs.append(common + ["-O1", "-x", "c++", "-include", "tests/cuda_emulation.h"] +
                     INSTRUMENT + ["-c", str(src / name), "-o", str(obj)])
@@ -124,6 +135,58 @@ def build(tmp_dir: Path, compiler: str, include: Path) -> Path:
     subprocess.run([compiler, "-shared", "-o", str(lib)] + [str(o) for o in objects],
                    check=True)
     return lib
+
+
+# --------------------------------------------------------------------------------------------
+# bankcheck's report
+# --------------------------------------------------------------------------------------------
+
+def short_kernel_name(name: str) -> str:
+    """A demangled function name without return type, namespaces and parameters:
+    "void ns::kernel<64, false>(ns::Params<float>)" -> "kernel<64, false>"."""
+    depth = 0
+    for i, ch in enumerate(name):  # the parameter list: the first "(" outside template arguments
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            name = name[:i]
+            break
+    depth, start = 0, 0
+    for i, ch in enumerate(name):  # the return type ends at the last space outside them
+        depth += (ch == "<") - (ch == ">")
+        if ch == " " and depth == 0:
+            start = i + 1
+    head, angle, rest = name[start:].partition("<")
+    return head.split("::")[-1] + angle + rest
+
+
+def short_site_name(site: str) -> str:
+    """"void ns::dot_rows<4, 4, 64>(float (&) [4][4], ...)+0x145" -> "dot_rows<4, 4, 64>+0x145"."""
+    function, plus, offset = site.rpartition("+")
+    return short_kernel_name(function) + plus + offset if plus else site
+
+
+def format_bank_report(report: dict, kinds=None) -> str:
+    """A table of bank_report(): a row per kernel and kind of access (all kinds, or `kinds`):
+    warp instructions, wavefronts, ideal wavefronts, their ratio, the strict-phase count and the
+    worst site of that kind."""
+    rows = [("kernel", "kind", "instr", "wavefronts", "ideal", "ratio", "phased", "worst site")]
+    for kernel in sorted(report):
+        entry = report[kernel]
+        for kind in sorted(entry["kinds"]):
+            if kinds is not None and kind not in kinds:
+                continue
+            t = entry["kinds"][kind]
+            sites = [(s["worst"][0] - s["worst"][1], name, s) for name, s in entry["sites"].items()
+                     if s["kind"] == kind]
+            _, name, site = max(sites, key=lambda x: (x[0], x[2]["worst"][0]))
+            worst = (f"{name} ({site['width']} B: {site['worst'][0]} wavefronts, ideal "
+                     f"{site['worst'][1]})")
+            rows.append((kernel, kind, str(t["instructions"]), str(t["wavefronts"]),
+                         str(t["ideal"]), f"{t['wavefronts'] / max(t['ideal'], 1):.2f}",
+                         str(t["phased"]), worst))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
+                     for row in rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +237,9 @@ class EmuC:
         lib.emu_geglu_backward_parts.argtypes = [L, L, P]
         lib.emu_geglu_backward.argtypes = [P] * 5 + [L, L, L, I, I, P]
         lib.emu_selftest.argtypes = [I, P, P, I]
+        lib.emu_bank_selftest.argtypes = [I, P, P, I]
+        lib.emu_set_bankcheck.argtypes = [I]
+        lib.emu_bank_report.restype = ctypes.c_char_p
 
     # ---- plumbing ------------------------------------------------------------------------
 
@@ -213,6 +279,58 @@ class EmuC:
         finally:
             self.lib.emu_guard_end()
         self._status(status, self._take_findings())
+
+    # ---- bankcheck ---------------------------------------------------------------------------
+
+    def set_bankcheck(self, on: bool) -> None:
+        """Counts bank conflicts of the launches from now on (on), or stops counting."""
+        self.lib.emu_set_bankcheck(int(bool(on)))
+
+    def reset_bank_report(self) -> None:
+        self.lib.emu_reset_bank_report()
+
+    @contextlib.contextmanager
+    def bankcheck(self):
+        """Counting on, from an empty report, inside the block; off after it."""
+        self.reset_bank_report()
+        self.set_bankcheck(True)
+        try:
+            yield self
+        finally:
+            self.set_bankcheck(False)
+
+    def bank_report(self) -> dict:
+        """What bankcheck counted since the last reset, per kernel (short name with template
+        arguments, e.g. "fwd_kernel_fp32<64, false>"):
+        {"instructions", "wavefronts", "ideal", "phased": totals over its warp instructions,
+         "worst": the instruction with the most wavefronts over its ideal, as a dict (site, kind,
+         width, wavefronts, ideal, phased),
+         "kinds": {"load" | "store" | "ldmatrix" | "cp.async": the same four totals},
+         "sites": {site ("function+0xoffset": the function holding the access, the kernel
+                   or a helper it calls and GCC did not inline): totals, "kind", "width" (bytes
+                   per lane) and "worst" (wavefronts, ideal, phased)}}."""
+        report = {}
+        for line in self.lib.emu_bank_report().decode().splitlines():
+            kernel, site, kind, width, *numbers = line.split("\t")
+            n, w, i, ph, worst_w, worst_i, worst_ph = map(int, numbers)
+            totals = {"instructions": n, "wavefronts": w, "ideal": i, "phased": ph}
+            entry = report.setdefault(short_kernel_name(kernel), {
+                "instructions": 0, "wavefronts": 0, "ideal": 0, "phased": 0, "worst": None,
+                "kinds": {}, "sites": {}})
+            kinds = entry["kinds"].setdefault(kind, dict.fromkeys(totals, 0))
+            for name, value in totals.items():
+                entry[name] += value
+                kinds[name] += value
+            site = short_site_name(site)
+            entry["sites"][site] = dict(totals, kind=kind, width=int(width),
+                                        worst=(worst_w, worst_i, worst_ph))
+            worst = entry["worst"]
+            if worst is None or (worst_w - worst_i, worst_w) > (worst["wavefronts"] -
+                                                               worst["ideal"],
+                                                               worst["wavefronts"]):
+                entry["worst"] = {"site": site, "kind": kind, "width": int(width),
+                                  "wavefronts": worst_w, "ideal": worst_i, "phased": worst_ph}
+        return report
 
     # ---- fastbert._C's entry points --------------------------------------------------------
 
@@ -402,6 +520,15 @@ class EmuC:
             dtype, stream))
 
     # ---- the checks' own test kernels (tests/cuda_emulation_selftest.cu) --------------------
+
+    def bank_selftest(self, case: int, x, y, n: int) -> int:
+        """Runs bank pattern `case` of tests/cuda_emulation_bank_selftest.cu (one warp), like
+        selftest; bankcheck counts it when on."""
+        codes = []
+        self.guarded({"x": x, "y": y},
+                     lambda b: codes.append(self.lib.emu_bank_selftest(case, b["x"], b["y"], n))
+                     or 0)
+        return codes[0]
 
     def selftest(self, case: int, x, y, n: int) -> int:
         """Runs self-test kernel `case` on float buffers x and y ((address, bytes) each) of n

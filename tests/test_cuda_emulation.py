@@ -3,7 +3,9 @@ emulation (tests/cuda_emulation.py: csrc/*.cu's real launchers and kernels/*.cuh
 fastbert/cuda.py's entry points), checked by the gpu tier's own checks in tests/test_cuda.py and
 tests/test_cuda_modernbert.py, with the emulation's memcheck, racecheck and synccheck on every
 call; and those checks themselves, on kernels with one deliberate bug each
-(tests/cuda_emulation_selftest.cu). The attention kernels run under the same
+(tests/cuda_emulation_selftest.cu). The emulation's bank-conflict counter (bankcheck) on
+shared-memory patterns whose cost is known (tests/cuda_emulation_bank_selftest.cu), and its report
+for the attention kernels (`pytest -s` prints it). The attention kernels run under the same
 emulation in tests/test_cuda_attention.py. The dropout masks of the LayerNorm and attention
 kernels are recomputed here from their documented Philox layouts, and the LayerNorm masks compared
 with the Triton kernel's (README, Backends: they differ).
@@ -144,6 +146,135 @@ def test_emulation_checks_find_the_planted_bug(emulated_backend, case, finding):
     with pytest.raises(cuda_emulation.EmulationFinding) as found:
         run()
     assert finding in str(found.value)
+
+
+# --------------------------------------------------------------------------------------------
+# compile: bankcheck, the shared-memory bank-conflict counter
+# --------------------------------------------------------------------------------------------
+
+BANK_PATTERNS = [
+    # case of tests/cuda_emulation_bank_selftest.cu (one warp, one shared access per lane), bytes
+    # per lane, wavefronts, ideal, phased (strict half/quarter-warp phases)
+    (0, 4, 1, 1, 1),     # 32 lanes, consecutive words
+    (1, 4, 2, 1, 2),     # stride 2 words: 2-way
+    (2, 4, 32, 1, 32),   # stride 32 words: all in bank 0
+    (3, 4, 1, 1, 1),     # every lane the same word: broadcast
+    (4, 4, 1, 1, 1),     # lane pairs share words: multicast
+    (5, 16, 4, 4, 4),    # float4, consecutive: 512 bytes, 4 wavefronts, no conflict
+    (6, 16, 32, 4, 32),  # float4, rows of 64 floats: all 32 rows in banks 0..3, 8x the ideal
+    (7, 16, 4, 4, 4),    # float4, rows of 68 floats (padded): no conflict
+    (8, 16, 8, 1, 8),    # float4 by 8 lanes, rows of 64 floats: 8-way
+    (9, 16, 1, 1, 1),    # float4 by 8 lanes, rows of 68 floats: one wavefront
+    (10, 16, 1, 1, 4),   # float4, every lane the same address: broadcast
+    (11, 16, 8, 4, 32),  # float4, 8 rows of 64 x 4 columns: 2-way over the warp, 8-way a phase
+    (12, 8, 2, 2, 2),    # float2, consecutive: 256 bytes
+    (13, 4, 2, 1, 2),    # store, stride 2 words
+    (14, 2, 1, 1, 1),    # 2-byte, consecutive: 64 bytes
+]
+
+
+def _run_bank_pattern(emu, case):
+    n = 64
+    x, y = torch.randn(n), torch.empty(n)
+    assert emu.bank_selftest(case, (x.data_ptr(), 4 * n), (y.data_ptr(), 4 * n), n) == 0
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("case, width, wavefronts, ideal, phased", BANK_PATTERNS)
+def test_bankcheck_counts_known_patterns(emulated_backend, case, width, wavefronts, ideal, phased):
+    """One warp instruction of a known shared-memory pattern: wavefronts = max(ceil(distinct
+    bytes / 128), the most distinct words in one bank), ideal = ceil(distinct bytes / 128)."""
+    emu = emulated_backend._C
+    with emu.bankcheck():
+        _run_bank_pattern(emu, case)
+    report = emu.bank_report()
+    assert list(report) == ["bank_pattern_kernel"]
+    entry = report["bank_pattern_kernel"]
+    assert (entry["instructions"], entry["wavefronts"], entry["ideal"], entry["phased"]) == (
+        1, wavefronts, ideal, phased)
+    assert entry["worst"]["width"] == width
+    assert entry["worst"]["kind"] == ("store" if case == 13 else "load")
+    assert entry["worst"]["site"].startswith("bank_pattern_kernel+0x")
+
+
+@pytest.mark.compile
+def test_bankcheck_groups_executions_of_one_site_into_warp_instructions(emulated_backend):
+    """A loop at one program counter: the k-th iteration of every lane is one warp instruction
+    (strides 1, 2, 4, 8 words: 1 + 2 + 4 + 8 wavefronts)."""
+    emu = emulated_backend._C
+    with emu.bankcheck():
+        _run_bank_pattern(emu, 15)
+    entry = emu.bank_report()["bank_pattern_kernel"]
+    assert (entry["instructions"], entry["wavefronts"], entry["ideal"]) == (4, 15, 4)
+    assert entry["worst"]["wavefronts"] == 8
+
+
+@pytest.mark.compile
+def test_bankcheck_is_off_by_default_and_resets(emulated_backend):
+    emu = emulated_backend._C
+    emu.reset_bank_report()
+    _run_bank_pattern(emu, 2)
+    assert emu.bank_report() == {}
+    with emu.bankcheck():
+        _run_bank_pattern(emu, 2)
+        _run_bank_pattern(emu, 0)
+    assert emu.bank_report()["bank_pattern_kernel"]["wavefronts"] == 33
+    _run_bank_pattern(emu, 2)  # off again
+    assert emu.bank_report()["bank_pattern_kernel"]["wavefronts"] == 33
+    emu.reset_bank_report()
+    assert emu.bank_report() == {}
+
+
+def _attention_bank_report(backend, dtype):
+    """bankcheck's report of the attention kernels on a small dense case: b=1, sq=sk=70, h=1,
+    head dims 32, 64, 128, forward and backward (atomic and deterministic dQ), without and with
+    dropout."""
+    emu = backend._C
+    torch.manual_seed(0)
+    with emu.bankcheck():
+        for d in (32, 64, 128):
+            q, k, v = (torch.randn(1, 70, 1, d, dtype=dtype) for _ in range(3))
+            for p in (0.0, 0.2):
+                out, lse = backend.attention_forward(q, k, v, None, False, p, d ** -0.5, 11)
+                dout = torch.randn_like(out)
+                for deterministic in (False, True):
+                    backend.attention_backward(dout, q, k, v, out, lse, None, False, p,
+                                               d ** -0.5, 11, deterministic)
+    return emu.bank_report()
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_attention_shared_memory_bank_report(emulated_backend, dtype):
+    """Prints (pytest -s) the attention kernels' bank conflicts: per kernel and kind of access,
+    warp instructions, wavefronts, ideal wavefronts, their ratio, the strict-phase count and the
+    worst site. "load" / "store" are the kernels' plain shared accesses (instrumented), "ldmatrix"
+    and "cp.async" the emulated instructions' shared requests (a lane's 16-byte row / destination).
+    Every kernel that touches shared memory is counted, never below the ideal. The fp32 kernels
+    (kernels/attention_fp32.cuh) are bank-conflict-free in every access (wavefronts == ideal,
+    whole-warp model: their 4-consecutive-row tiling before review gave 2x on the P stores and
+    1.3-1.4x on loads here); the fp16 kernels' ldmatrix and cp.async requests are too."""
+    report = _attention_bank_report(emulated_backend, dtype)
+    print(f"\nshared-memory bank report, {dtype} attention (b=1, sq=sk=70, h=1, d=32/64/128, "
+          f"forward, backward, dropout 0 / 0.2):")
+    print(cuda_emulation.format_bank_report(report, kinds=("load", "store")))
+    if any(k in entry["kinds"] for entry in report.values() for k in ("ldmatrix", "cp.async")):
+        print("emulated instructions:")
+        print(cuda_emulation.format_bank_report(report, kinds=("ldmatrix", "cp.async")))
+    assert report
+    if dtype == F16:  # the tensor-core kernels' ldmatrix and cp.async requests are counted
+        assert {"ldmatrix", "cp.async"} <= {k for entry in report.values() for k in entry["kinds"]}
+    for kernel, entry in report.items():
+        assert entry["instructions"] > 0, kernel
+        assert entry["wavefronts"] >= entry["ideal"], kernel
+        for kind, totals in entry["kinds"].items():
+            assert totals["wavefronts"] >= totals["ideal"] > 0, (kernel, kind)
+            assert totals["phased"] >= totals["wavefronts"], (kernel, kind)
+            if "_fp32" in kernel or kind in ("ldmatrix", "cp.async"):
+                assert totals["wavefronts"] == totals["ideal"], (kernel, kind, totals)
+    if dtype == F32:
+        assert {k.split("<")[0] for k in report} >= {"fwd_kernel_fp32", "dkdv_kernel_fp32",
+                                                     "dq_kernel_fp32"}, list(report)
 
 
 @pytest.mark.compile
