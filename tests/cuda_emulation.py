@@ -20,8 +20,8 @@ copies them back, and raises `EmulationFinding` with what memcheck, racecheck or
 the pybind11 module does.
 
 bankcheck (`EmuC.bankcheck()`, off by default): shared-memory bank conflicts counted per kernel
-and access site, as wavefronts against the ideal (tests/cuda_emulation.cpp states the model);
-`EmuC.bank_report()` returns them, `format_bank_report` makes a table. It counts the kernels'
+and access site, as wavefronts against the ideal (tests/cuda_emulation_bankcheck.cpp states the
+model); `EmuC.bank_report()` returns them, `format_bank_report` makes a table. It counts the kernels'
 plain shared loads and stores (instrumented) and the emulated ldmatrix and cp.async requests.
 """
 from __future__ import annotations
@@ -121,10 +121,10 @@ def build(tmp_dir: Path, compiler: str, include: Path) -> Path:
         jobs.append(common + ["-O1", "-x", "c++", "-include", "tests/cuda_emulation.h"] +
                     INSTRUMENT + ["-c", str(src / name), "-o", str(obj)])
         objects.append(obj)
-    runtime = tmp_dir / "cuda_emulation.o"
-    jobs.append(common + ["-O2", "-c", str(ROOT / "tests" / "cuda_emulation.cpp"), "-o",
-                          str(runtime)])
-    objects.append(runtime)
+    for runtime in ("cuda_emulation.cpp", "cuda_emulation_bankcheck.cpp"):  # not instrumented
+        obj = tmp_dir / (Path(runtime).stem + ".o")
+        jobs.append(common + ["-O2", "-c", str(ROOT / "tests" / runtime), "-o", str(obj)])
+        objects.append(obj)
     procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in jobs]  # parallel
     stderrs = [proc.communicate()[1] for proc in procs]
     failed = [" ".join(cmd) + "\n" + err[-6000:]
