@@ -1,5 +1,5 @@
 // Host launchers for attention, dense (B, S, H, D) and packed varlen (total, H, D):
-// kernels/attention_fwd.cuh and kernels/attention_bwd.cuh (fp16 / bf16), kernels/attention_fp32.cuh.
+// kernels/attention_fwd.cuh and kernels/attention_bwd.cuh (fp16 / bf16), attention_fp32.cuh (fp32).
 #include <algorithm>
 #include <initializer_list>
 #include <map>

@@ -21,8 +21,9 @@ the pybind11 module does.
 
 bankcheck (`EmuC.bankcheck()`, off by default): shared-memory bank conflicts counted per kernel
 and access site, as wavefronts against the ideal (tests/cuda_emulation_bankcheck.cpp states the
-model); `EmuC.bank_report()` returns them, `format_bank_report` makes a table. It counts the kernels'
-plain shared loads and stores (instrumented) and the emulated ldmatrix and cp.async requests.
+model); `EmuC.bank_report()` returns them, `format_bank_report` makes a table. It counts the
+kernels' plain shared loads and stores (instrumented) and the emulated ldmatrix and cp.async
+requests.
 """
 from __future__ import annotations
 

@@ -413,7 +413,7 @@ def test_fp32_attention_sass_is_simt_flash_attention(attention_sass):
         assert counts["LDGSTS"] > 0, (tag, counts)
         assert counts["LDS.128"] == _expected_lds128(kind, d, ext.attention_tile_info(d, dropout)),\
             (tag, counts)
-        # the deterministic dQ kernel at D = 128 tiles 2 query rows a thread (two blocks per A100 SM)
+        # the deterministic dQ kernel at D = 128 tiles 2 query rows a thread (2 blocks per A100 SM)
         intensity = 6 if kind == "dq_kernel_fp32" and d == 128 else 8
         assert counts["FFMA"] >= intensity * counts["LDS.128"], (tag, counts)
         rows.append(f"{tag:46s} REG {k['REG']:3d}  FFMA {counts['FFMA']:4d}  LDS.128 "
