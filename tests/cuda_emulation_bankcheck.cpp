@@ -3,7 +3,8 @@
 // counts. Not a finding: a report (emu_bank_report). A warp instruction is the k-th execution of
 // one program counter (the instrumentation callback's return address; ldmatrix's and cp.async's
 // call sites) by the lanes of one warp, k counted per thread since the warp's last barrier
-// (__syncthreads, __syncwarp or warp collective: the lanes are converged there). Its cost, with 32 banks of 4 bytes:
+// (__syncthreads, __syncwarp or warp collective: the lanes are converged there). Its cost, with
+// 32 banks of 4 bytes:
 //   wavefronts = max(ceil(distinct bytes / 128), max over banks of the distinct 4-byte words
 //                the warp touches in that bank)   (same word from several lanes: broadcast)
 //   ideal      = max(1, ceil(distinct bytes / 128))
