@@ -261,8 +261,21 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
   const Band& band = blk.band;
   const int m0 = blk.m0, r0 = (threadIdx.x >> 3) * 2, cg = threadIdx.x & 7;
   const RowPairs rows{m0 + r0, kSplit};  // this thread's queries rows(0 .. 3)
-  if (blk.t_begin < blk.t_end)  // (the first tile's wait covers it)
+  // K and V tiles stream through shared memory in cp.async groups of their own: the next tile's
+  // K loads while this tile's softmax and P V run, its V while the next S = Q K^T runs.
+  auto load_k = [&](int t) {
+    load_rows_fp32<kBlockN, D>(k_s, blk.k, p.k_st.s, t * kBlockN, seq.Sk);
+  };
+  auto load_v = [&](int t) {
+    load_rows_fp32<kBlockN, D>(v_s, blk.v, p.v_st.s, t * kBlockN, seq.Sk);
+  };
+  if (blk.t_begin < blk.t_end) {
     load_rows_fp32<kBlockM, D>(q_s, row0(p.q, p.q_st, b, seq.q0, h), p.q_st.s, m0, seq.Sq);
+    load_k(blk.t_begin);
+    cp_async_commit();
+    load_v(blk.t_begin);
+    cp_async_commit();
+  }
 
   float o[4][kOut], m[4], l[4];
 #pragma unroll
@@ -273,7 +286,9 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
   }
   for (int t = blk.t_begin; t < blk.t_end; ++t) {
     const int n0 = t * kBlockN;
-    blk.template load_kv<D>(k_s, v_s, p, n0);  // (the previous tile's P is read by then too)
+    const bool more = t + 1 < blk.t_end;
+    cp_async_wait_group<1>();  // Q and this tile's K have landed (its V may still fly) ...
+    __syncthreads();           // ... for every thread
     const uint64_t bits = key_bits(blk.mask, n0, seq.Sk);
     uint32_t keep = ~0u;
     if constexpr (kDropout) keep = keep_bits_query_rows<4, kCols>(p.dropout, b, h, rows, n0 + cg);
@@ -284,6 +299,9 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
       for (int j = 0; j < kCols; ++j) s[i][j] = 0.f;
     dot_rows<4, kCols, D>(s, q_s + r0 * kLd, kLd, kSplit * kLd, k_s + cg * kLd, 8 * kLd,
                           16 * kLd);
+    __syncthreads();  // every thread has read K: the next tile's may come
+    if (more) load_k(t + 1);
+    cp_async_commit();
     const bool all_visible = tile_all_visible<4, kBlockN>(bits, band, rows, n0);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -313,9 +331,13 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
         p_s[(rows(i) - m0) * kPLd + cg + 8 * j] = pv;
       }
     }
-    __syncthreads();
+    cp_async_wait_group<1>();  // this tile's V has landed (the next K may still fly) ...
+    __syncthreads();           // ... for every thread, and P is written
     accumulate_rows<4, kOut / 4, kBlockN, kLd>(o, p_s + r0 * kPLd, kPLd, kSplit * kPLd,
                                                v_s + 4 * cg, 32);
+    __syncthreads();  // every thread has read V and P
+    if (more) load_v(t + 1);
+    cp_async_commit();
   }
 
   const float keep_scale = kDropout ? p.dropout.keep_scale : 1.f;

@@ -98,7 +98,9 @@ struct Fiber {
   Wait wait = Wait::kNone;
   const char* file = nullptr;
   int line = 0;
-  std::vector<std::tuple<void*, const void*, int, bool>> copies;  // cp.async in flight
+  // cp.async in flight: destination, source, bytes, valid, group (commits before its issue)
+  std::vector<std::tuple<void*, const void*, int, bool, int>> copies;
+  int committed = 0;  // cp.async groups committed
 };
 
 struct Barrier {
@@ -456,14 +458,26 @@ void queue_copy(void* dst, const void* src, int bytes, bool valid) {
   check_access(dst, bytes, true);
   if (valid) check_access(src, bytes, false);
   count_shared_request(dst, bytes, bank::kCpAsync, __builtin_return_address(0));
-  me().copies.emplace_back(dst, src, bytes, valid);
+  me().copies.emplace_back(dst, src, bytes, valid, me().committed);
 }
 
-void wait_copies() {
-  for (auto& [dst, src, bytes, valid] : me().copies) {
-    if (valid) std::memcpy(dst, src, bytes); else std::memset(dst, 0, bytes);
+void commit_copies() { ++me().committed; }
+
+void wait_copies(int pending, bool all) {
+  auto& copies = me().copies;
+  const int landed = all ? INT32_MAX : me().committed - pending;  // groups before this one land
+  auto keep = copies.begin();
+  for (auto& copy : copies) {
+    auto& [dst, src, bytes, valid, group] = copy;
+    if (group >= landed) {
+      *keep++ = copy;
+    } else if (valid) {
+      std::memcpy(dst, src, bytes);
+    } else {
+      std::memset(dst, 0, bytes);
+    }
   }
-  me().copies.clear();
+  copies.erase(keep, copies.end());
 }
 
 cudaError_t run_grid(const void* kernel, const Config& c, void (*body)(void*), void* ctx) {

@@ -59,7 +59,10 @@ unsigned char* dynamic_smem();
 void* static_shared(size_t bytes, size_t align, const void* key);
 // cp.async: the copy is queued by the issuing thread and lands at its wait.
 void queue_copy(void* dst, const void* src, int bytes, bool valid);
-void wait_copies();
+void commit_copies();  // closes this thread's current group of copies
+// Lands this thread's copies but those of its newest `pending` committed groups (all: also the
+// uncommitted ones, as cp.async.wait_all does).
+void wait_copies(int pending, bool all);
 
 struct Config {
   dim3 grid, block;
@@ -255,8 +258,9 @@ EMU_INLINE void cp_async_16(void* dst, const void* src, bool valid) {
 EMU_INLINE void cp_async_4(void* dst, const void* src, bool valid) {
   emu::queue_copy(dst, src, 4, valid);
 }
-inline void cp_async_commit() {}
-inline void cp_async_wait_all() { emu::wait_copies(); }
+inline void cp_async_commit() { emu::commit_copies(); }
+inline void cp_async_wait_all() { emu::wait_copies(0, true); }
+template <int N> inline void cp_async_wait_group() { emu::wait_copies(N, false); }
 
 }  // namespace attn
 }  // namespace fastbert
