@@ -218,14 +218,23 @@ template <int kBlockM, int kBlockN> struct QueryBlock {
     t_begin = band.key_begin(m0) / kBlockN;
     t_end = (band.key_end(min(m0 + kBlockM, seq.Sq) - 1, seq.Sk) + kBlockN - 1) / kBlockN;
   }
-  // K and V rows n0 .. n0 + kBlockN - 1 into shared memory, once no thread reads the last tile's
-  // (nor what shares their space).
+  // The K (or V) rows of key tile t into shared memory (cp.async, not waited for).
+  template <int D>
+  __device__ __forceinline__ void load_k(float* k_s, const Params<float>& p, int t) const {
+    load_rows_fp32<kBlockN, D>(k_s, k, p.k_st.s, t * kBlockN, seq.Sk);
+  }
+  template <int D>
+  __device__ __forceinline__ void load_v(float* v_s, const Params<float>& p, int t) const {
+    load_rows_fp32<kBlockN, D>(v_s, v, p.v_st.s, t * kBlockN, seq.Sk);
+  }
+  // K and V of key tile t, landed for every thread, once no thread reads the last tile's (nor
+  // what shares their space).
   template <int D>
   __device__ __forceinline__ void load_kv(float* k_s, float* v_s, const Params<float>& p,
-                                          int n0) const {
+                                          int t) const {
     __syncthreads();
-    load_rows_fp32<kBlockN, D>(k_s, k, p.k_st.s, n0, seq.Sk);
-    load_rows_fp32<kBlockN, D>(v_s, v, p.v_st.s, n0, seq.Sk);
+    load_k<D>(k_s, p, t);
+    load_v<D>(v_s, p, t);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -263,17 +272,11 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
   const RowPairs rows{m0 + r0, kSplit};  // this thread's queries rows(0 .. 3)
   // K and V tiles stream through shared memory in cp.async groups of their own: the next tile's
   // K loads while this tile's softmax and P V run, its V while the next S = Q K^T runs.
-  auto load_k = [&](int t) {
-    load_rows_fp32<kBlockN, D>(k_s, blk.k, p.k_st.s, t * kBlockN, seq.Sk);
-  };
-  auto load_v = [&](int t) {
-    load_rows_fp32<kBlockN, D>(v_s, blk.v, p.v_st.s, t * kBlockN, seq.Sk);
-  };
   if (blk.t_begin < blk.t_end) {
     load_rows_fp32<kBlockM, D>(q_s, row0(p.q, p.q_st, b, seq.q0, h), p.q_st.s, m0, seq.Sq);
-    load_k(blk.t_begin);
+    blk.template load_k<D>(k_s, p, blk.t_begin);
     cp_async_commit();
-    load_v(blk.t_begin);
+    blk.template load_v<D>(v_s, p, blk.t_begin);
     cp_async_commit();
   }
 
@@ -300,7 +303,7 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
     dot_rows<4, kCols, D>(s, q_s + r0 * kLd, kLd, kSplit * kLd, k_s + cg * kLd, 8 * kLd,
                           16 * kLd);
     __syncthreads();  // every thread has read K: the next tile's may come
-    if (more) load_k(t + 1);
+    if (more) blk.template load_k<D>(k_s, p, t + 1);
     cp_async_commit();
     const bool all_visible = tile_all_visible<4, kBlockN>(bits, band, rows, n0);
 #pragma unroll
@@ -336,7 +339,7 @@ __global__ void __launch_bounds__(kFp32Threads, 2) fwd_kernel_fp32(const Params<
     accumulate_rows<4, kOut / 4, kBlockN, kLd>(o, p_s + r0 * kPLd, kPLd, kSplit * kPLd,
                                                v_s + 4 * cg, 32);
     __syncthreads();  // every thread has read V and P
-    if (more) load_v(t + 1);
+    if (more) blk.template load_v<D>(v_s, p, t + 1);
     cp_async_commit();
   }
 
@@ -567,7 +570,7 @@ __global__ void __launch_bounds__(kFp32Threads, 2) dq_kernel_fp32(const Params<f
     for (int f = 0; f < kOut; ++f) dq[i][f] = 0.f;
   for (int t = blk.t_begin; t < blk.t_end; ++t) {
     const int n0 = t * kBlockN;
-    blk.template load_kv<D>(k_s, v_s, p, n0);  // (dS, in V's space, is read by then too)
+    blk.template load_kv<D>(k_s, v_s, p, t);  // (dS, in V's space, is read by then too)
     const uint64_t bits = key_bits(blk.mask, n0, seq.Sk);
     uint32_t keep = ~0u;
     if constexpr (kDropout) keep = keep_bits_query_rows<R, kCols>(p.dropout, b, h, rows, n0 + cg);
